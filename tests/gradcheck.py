@@ -1,0 +1,98 @@
+"""Gradient checking helpers shared by the tests: the dot-product (adjoint) test of HIPS/autograd
+and JAX ``check_grads``: for random directions u (at the outputs) and v (at the inputs),
+``<v, VJP(u)> == <u, (f(x + eps v) - f(x - eps v)) / 2 eps>``. Run in float64."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from gradserve.worker.autodiff import backward, compile_program, forward
+from gradserve.worker.graph import Node
+from gradserve.worker.validate import OPSET, _onnx_attrs
+
+
+def run_op(op_type: str, inputs: Sequence[np.ndarray | None], attrs: dict[str, Any] | None = None, n_outputs: int = 1):
+    """Forward of one op through the engine; returns the list of outputs."""
+    names = [f"x{i}" if x is not None else "" for i, x in enumerate(inputs)]
+    outs = [f"y{i}" for i in range(n_outputs)]
+    node = Node("n", op_type, names, outs, dict(attrs or {}))
+    prog = compile_program([node], [n for n in names if n], outs, [])
+    tape = forward(prog, {n: x for n, x in zip(names, inputs) if n})
+    return [tape.outputs[o] for o in outs]
+
+
+def check_vjp(
+    op_type: str,
+    inputs: Sequence[np.ndarray | None],
+    attrs: dict[str, Any] | None = None,
+    wrt: Sequence[int] | None = None,
+    n_outputs: int = 1,
+    grad_outputs: Sequence[int] | None = None,
+    eps: float = 1e-6,
+    rtol: float = 1e-6,
+    seed: int = 0,
+    check_shapes: bool = True,
+) -> None:
+    """Assert the op's VJP matches central finite differences along random directions.
+
+    ``wrt``: indices of inputs to check (default: all floating inputs). ``grad_outputs``: outputs
+    that receive an error (default: all floating outputs). Also checks, where ONNX shape inference
+    can tell, that the forward's output shapes and dtypes agree with the ONNX spec.
+    """
+    rng = np.random.default_rng(seed)
+    attrs = dict(attrs or {})
+    names = [f"x{i}" if x is not None else "" for i, x in enumerate(inputs)]
+    outs = [f"y{i}" for i in range(n_outputs)]
+    if wrt is None:
+        wrt = [i for i, x in enumerate(inputs) if x is not None and x.dtype.kind == "f"]
+    node = Node("n", op_type, names, outs, attrs)
+    feeds = {n: x for n, x in zip(names, inputs) if n}
+    prog = compile_program([node], list(feeds), outs, [names[i] for i in wrt])
+    tape = forward(prog, feeds)
+    ys = [tape.outputs[o] for o in outs]
+    if check_shapes:
+        _check_against_onnx(node, feeds, ys)
+    if grad_outputs is None:
+        grad_outputs = [k for k, y in enumerate(ys) if y.dtype.kind == "f"]
+    us = {outs[k]: rng.standard_normal(ys[k].shape) for k in grad_outputs}
+    errs = backward(prog, tape, us)
+    vs = {names[i]: rng.standard_normal(inputs[i].shape) for i in wrt}
+
+    def f(t: float) -> float:
+        shifted = dict(feeds)
+        for n, v in vs.items():
+            shifted[n] = feeds[n] + t * v
+        p = compile_program([node], list(feeds), outs, [])
+        out = forward(p, shifted).outputs
+        return sum(float(np.vdot(us[o], out[o])) for o in us)
+
+    numeric = (f(eps) - f(-eps)) / (2 * eps)
+    analytic = sum(float(np.vdot(vs[n], errs[n])) if n in errs else 0.0 for n in vs)
+    scale = max(abs(numeric), abs(analytic), 1e-8)
+    assert abs(numeric - analytic) <= rtol * scale + 1e-9, (
+        f"{op_type} VJP mismatch: analytic {analytic!r} vs finite differences {numeric!r}"
+    )
+
+
+def _check_against_onnx(node: Node, feeds: dict[str, np.ndarray], ys: list[np.ndarray]) -> None:
+    graph_inputs = [
+        helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), x.shape) for n, x in feeds.items()
+    ]
+    onnx_node = helper.make_node(node.op_type, node.inputs, node.outputs, **_onnx_attrs(node))
+    outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.outputs]
+    model = helper.make_model(
+        helper.make_graph([onnx_node], "t", graph_inputs, outputs), opset_imports=[helper.make_opsetid("", OPSET)]
+    )
+    model.ir_version = 8
+    inferred = shape_inference.infer_shapes(model, strict_mode=True)
+    for vi, y in zip(inferred.graph.output, ys):
+        t = vi.type.tensor_type
+        if t.elem_type:
+            assert helper.tensor_dtype_to_np_dtype(t.elem_type) == y.dtype, f"{node.op_type} output dtype {y.dtype}"
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            want = tuple(d.dim_value for d in t.shape.dim)
+            assert want == y.shape, f"{node.op_type}: output shape {y.shape}, ONNX says {want}"

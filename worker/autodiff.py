@@ -1,0 +1,157 @@
+"""Forward and reverse pass over a (sub)graph: the core every engine runs.
+
+:func:`compile_program` turns topologically sorted nodes into a :class:`Program` that knows which
+values need an error and when each activation can be dropped. :func:`forward` runs it and records a
+:class:`Tape`; :func:`backward` walks the tape in reverse, calling each op's VJP and *summing* the
+errors of a value that feeds several consumers (the multivariate chain rule). A Program is a whole
+model for the inline engine, or one partition for a Ray worker: the same code path either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from gradserve.worker.graph import GraphError, Node
+from gradserve.worker.ops import OpContext, OpDef, get_op, stand_in
+
+
+class NodeError(GraphError):
+    """An op failed at run time; the message names the node."""
+
+
+@dataclass
+class Program:
+    """A runnable (sub)graph.
+
+    ``sources`` are the values it is given (feeds, parameters, constants, boundary activations),
+    ``outputs`` the values it must hand back after forward (the loss, boundary activations), and
+    ``wrt`` the sources whose error dL/d(value) backward must return.
+    """
+
+    nodes: list[Node]
+    ops: list[OpDef]
+    sources: frozenset[str]
+    outputs: frozenset[str]
+    wrt: frozenset[str]
+    needs: list[tuple[bool, ...]]  # per node, per input: does that input need an error?
+    records: list[bool]  # per node: keep a tape entry (some input needs an error)
+    drop_after: list[list[str]]  # per node: values no later node reads
+
+
+@dataclass
+class Tape:
+    """What a forward pass leaves for the backward pass: one context per recorded node."""
+
+    entries: list[OpContext | None]
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def compile_program(
+    nodes: list[Node], sources: Iterable[str], outputs: Iterable[str], wrt: Iterable[str]
+) -> Program:
+    """Prepare topologically sorted ``nodes`` for running."""
+    sources, outputs, wrt = frozenset(sources), frozenset(outputs), frozenset(wrt)
+    ops = [get_op(n.op_type) for n in nodes]
+    for node, op in zip(nodes, ops):
+        if op is None:
+            raise GraphError(f"{node}: unsupported op type '{node.op_type}'")
+    # Values whose error is wanted, propagated forward: a value requires grad if any differentiable
+    # input of its producer does.
+    requires = set(wrt)
+    needs, records = [], []
+    for node, op in zip(nodes, ops):
+        flags = tuple(bool(i) and i in requires and op.can_differentiate(k) for k, i in enumerate(node.inputs))
+        needs.append(flags)
+        records.append(any(flags))
+        if any(flags):
+            requires.update(o for o in node.outputs if o)
+    last_use: dict[str, int] = {}
+    for idx, node in enumerate(nodes):
+        for i in node.inputs:
+            if i:
+                last_use[i] = idx
+    drop_after: list[list[str]] = [[] for _ in nodes]
+    for value, idx in last_use.items():
+        if value not in outputs and value not in sources:
+            drop_after[idx].append(value)
+    return Program(nodes, ops, sources, outputs, wrt, needs, records, drop_after)
+
+
+def forward(program: Program, values: Mapping[str, np.ndarray]) -> Tape:
+    """Run the program on ``values`` (all its sources); return the tape with the outputs."""
+    env = dict(values)
+    entries: list[OpContext | None] = [None] * len(program.nodes)
+    for idx, (node, op) in enumerate(zip(program.nodes, program.ops)):
+        args = [env[i] if i else None for i in node.inputs]
+        ctx = OpContext(node.attrs, node=node.name)
+        ctx.n_outputs = len(node.outputs)  # type: ignore[attr-defined]
+        try:
+            result = op.forward(ctx, *args)
+        except (GraphError, MemoryError):
+            raise
+        except Exception as exc:
+            raise NodeError(f"{node}: {type(exc).__name__}: {exc}") from exc
+        outs = result if isinstance(result, tuple) else (result,)
+        if len(outs) < len([o for o in node.outputs if o]):
+            raise NodeError(f"{node}: produced {len(outs)} outputs, the node declares {len(node.outputs)}")
+        for name, value in zip(node.outputs, outs):
+            if name:
+                env[name] = value
+        if program.records[idx]:
+            ctx.inputs = [
+                a if a is None or op.keeps_input(k) else stand_in(a) for k, a in enumerate(args)
+            ]
+            ctx.outputs = [o if op.keep_outputs else stand_in(o) for o in outs[: len(node.outputs)]]
+            ctx.needs = program.needs[idx]
+            entries[idx] = ctx
+        for value in program.drop_after[idx]:
+            env.pop(value, None)
+    missing = [o for o in program.outputs if o not in env]
+    if missing:
+        raise GraphError(f"values {missing} were not computed")
+    return Tape(entries, {o: env[o] for o in program.outputs})
+
+
+def backward(program: Program, tape: Tape, errors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Reverse pass: given dL/d(output) for some outputs, return dL/d(value) for the ``wrt`` values
+    that the errors reach. Consumes the tape (each entry is freed once used)."""
+    errs: dict[str, np.ndarray] = dict(errors)
+    owned: set[str] = set()  # error buffers we allocated and may add into in place
+    for idx in range(len(program.nodes) - 1, -1, -1):
+        ctx = tape.entries[idx]
+        if ctx is None:
+            continue
+        tape.entries[idx] = None
+        node, op = program.nodes[idx], program.ops[idx]
+        grads_out = [errs.pop(o, None) if o else None for o in node.outputs]
+        if all(g is None for g in grads_out):
+            continue
+        try:
+            result = op.vjp(ctx, *grads_out)
+        except Exception as exc:
+            raise NodeError(f"{node}: backward failed: {type(exc).__name__}: {exc}") from exc
+        grads_in = result if isinstance(result, (tuple, list)) else (result,)
+        for k, (name, g) in enumerate(zip(node.inputs, grads_in)):
+            if g is None or not ctx.needs[k]:
+                continue
+            x = ctx.inputs[k]
+            if g.shape != x.shape:
+                raise NodeError(f"{node}: VJP gave input '{name}' an error of shape {g.shape}, expected {x.shape}")
+            if g.dtype != x.dtype:
+                g = g.astype(x.dtype)
+            _accumulate(errs, owned, name, g)
+    return {name: errs[name] for name in program.wrt if name in errs}
+
+
+def _accumulate(errs: dict[str, np.ndarray], owned: set[str], name: str, g: np.ndarray) -> None:
+    """Sum a new error into ``errs[name]`` (the sum over a value's consumers)."""
+    if name not in errs:
+        errs[name] = g
+    elif name in owned:
+        np.add(errs[name], g, out=errs[name])
+    else:
+        errs[name] = errs[name] + g  # never write into a buffer a VJP may still share
+        owned.add(name)

@@ -1,0 +1,138 @@
+"""The op registry: one table mapping an ONNX op type to its numpy forward and its VJP.
+
+An op is registered with :func:`defop`::
+
+    defop("Exp", lambda c, x: np.exp(x), lambda c, g: g * c.y, keep="y")
+
+``forward(c, *inputs)`` returns an array or a tuple of arrays. ``vjp(c, *grads)`` receives the error
+(dL/d output) at each output -- ``None`` where no error reaches that output -- and returns the error
+at each input (a tuple, or a single array for one-input ops), ``None`` for inputs that get no gradient.
+The VJP is ``J^T x error`` computed directly; no Jacobian is ever built.
+
+``c`` is an :class:`OpContext`: the node's attributes, its inputs and outputs, whatever the forward
+chose to ``c.save(...)``, and ``c.needs[i]`` -- whether input i wants an error at all, so expensive
+input errors (dL/dX of the first layer) are skipped. ``keep`` says which values the VJP reads: the
+runner keeps only those alive after the forward pass, and hands the VJP cheap zero-stride stand-ins
+with the right shape and dtype for the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+
+class OpError(ValueError):
+    """An op applied to attributes or inputs it cannot handle."""
+
+
+@dataclass
+class OpContext:
+    """What a VJP knows about one application of an op (the analogue of torch's ``ctx``)."""
+
+    attrs: dict[str, Any]
+    inputs: Sequence[np.ndarray] = ()
+    outputs: Sequence[np.ndarray] = ()
+    saved: dict[str, Any] = field(default_factory=dict)
+    needs: Sequence[bool] = ()
+    node: str = ""
+
+    def save(self, **values: Any) -> None:
+        """Stash intermediate results of the forward pass for the VJP."""
+        self.saved.update(values)
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attrs.get(name, default)
+
+    @property
+    def x(self) -> np.ndarray:
+        """The first input."""
+        return self.inputs[0]
+
+    @property
+    def y(self) -> np.ndarray:
+        """The first output."""
+        return self.outputs[0]
+
+
+Forward = Callable[..., "np.ndarray | tuple[np.ndarray, ...]"]
+Vjp = Callable[..., "np.ndarray | tuple[np.ndarray | None, ...] | None"]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One entry of the registry."""
+
+    op_type: str
+    forward: Forward
+    vjp: Vjp | None
+    keep_inputs: bool | tuple[int, ...]
+    keep_outputs: bool
+    differentiable: tuple[int, ...] | None  # input indices that can get an error; None = all
+
+    def keeps_input(self, i: int) -> bool:
+        return self.keep_inputs is True or (isinstance(self.keep_inputs, tuple) and i in self.keep_inputs)
+
+    def can_differentiate(self, i: int) -> bool:
+        return self.vjp is not None and (self.differentiable is None or i in self.differentiable)
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def defop(
+    op_type: str,
+    forward: Forward,
+    vjp: Vjp | None = None,
+    *,
+    keep: str | Iterable[str] = ("x", "y"),
+    differentiable: Iterable[int] | None = None,
+) -> OpDef:
+    """Register an op. ``keep`` names what the VJP reads: ``"x"`` (all inputs), ``"x0"``/``"x1"``...
+    (single inputs), ``"y"`` (outputs), or ``()`` (shapes only). ``vjp=None`` marks an op whose
+    inputs never get an error (shape ops, comparisons, Cast to int...)."""
+    if op_type in REGISTRY:
+        raise RuntimeError(f"op {op_type} registered twice")
+    keeps = {keep} if isinstance(keep, str) else set(keep)
+    keep_inputs: bool | tuple[int, ...] = True if "x" in keeps else tuple(
+        sorted(int(k[1:]) for k in keeps if k.startswith("x") and k[1:].isdigit())
+    )
+    opdef = OpDef(
+        op_type,
+        forward,
+        vjp,
+        keep_inputs,
+        "y" in keeps,
+        None if differentiable is None else tuple(differentiable),
+    )
+    REGISTRY[op_type] = opdef
+    return opdef
+
+
+def get_op(op_type: str) -> OpDef | None:
+    return REGISTRY.get(op_type)
+
+
+def unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Undo numpy broadcasting: sum ``g`` over the axes along which an operand of ``shape`` was
+    broadcast, so the error has the operand's shape."""
+    if g.shape == tuple(shape):
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, d in enumerate(shape) if d == 1 and g.shape[i + lead] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
+
+
+def stand_in(array: np.ndarray) -> np.ndarray:
+    """A zero-memory array with ``array``'s shape and dtype, for VJPs that only read shapes."""
+    return np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape)
+
+
+def normalize_axis(axis: int, ndim: int, node: str = "") -> int:
+    if not -ndim <= axis < max(ndim, 1):
+        raise OpError(f"{node}: axis {axis} out of range for rank {ndim}")
+    return axis % max(ndim, 1)

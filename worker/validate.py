@@ -1,0 +1,226 @@
+"""Checks a model before anything runs: structure, ops, feeds, and shapes/dtypes by inference.
+
+Structure and feeds are checked here; shapes and dtypes by ONNX's own shape inference (our op types
+*are* ONNX ops, so the ONNX spec's inference rules are the independent authority). Every error is a
+:class:`GraphError` naming the node or tensor at fault.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from gradserve.worker.graph import GraphError, Model, Node
+from gradserve.worker.ops import get_op
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def check_structure(model: Model) -> list[Node]:
+    """Validate names, ops and acyclicity; return the nodes that reach the loss, in topological order."""
+    sources: dict[str, str] = {}
+    for kind, names in (("input", [s.name for s in model.inputs]), ("parameter", model.params), ("constant", model.constants)):
+        for name in names:
+            if name in sources:
+                raise GraphError(f"{kind} '{name}' has the same name as a {sources[name]}")
+            sources[name] = kind
+    producer: dict[str, Node] = {}
+    seen_nodes: set[str] = set()
+    for node in model.nodes:
+        if node.name in seen_nodes:
+            raise GraphError(f"two nodes are named '{node.name}'")
+        seen_nodes.add(node.name)
+        if get_op(node.op_type) is None:
+            raise GraphError(f"{node}: unsupported op type '{node.op_type}'")
+        for out in node.outputs:
+            if not out:
+                continue
+            if out in sources:
+                raise GraphError(f"{node}: output '{out}' has the name of a {sources[out]}")
+            if out in producer:
+                raise GraphError(f"{node}: output '{out}' is also produced by {producer[out]}")
+            producer[out] = node
+    for node in model.nodes:
+        for inp in node.inputs:
+            if inp and inp not in producer and inp not in sources:
+                raise GraphError(f"{node}: input '{inp}' is not produced by any node, input, parameter or constant")
+    if not model.loss:
+        raise GraphError("the model names no loss value")
+    if model.loss not in producer and model.loss not in sources:
+        raise GraphError(f"loss '{model.loss}' is not produced by any node")
+
+    # Prune: keep only nodes the loss depends on (walk back from it).
+    needed: set[str] = set()
+    stack = [model.loss]
+    while stack:
+        value = stack.pop()
+        node = producer.get(value)
+        if node is not None and node.name not in needed:
+            needed.add(node.name)
+            stack.extend(i for i in node.inputs if i)
+    kept = [n for n in model.nodes if n.name in needed]
+    return toposort(kept, producer)
+
+
+def toposort(nodes: list[Node], producer: Mapping[str, Node] | None = None) -> list[Node]:
+    """Kahn's algorithm, stable with respect to the given order; a cycle is a GraphError naming it."""
+    if producer is None:
+        producer = {o: n for n in nodes for o in n.outputs if o}
+    names = {n.name for n in nodes}
+    deps = {n.name: {producer[i].name for i in n.inputs if i in producer and producer[i].name in names} for n in nodes}
+    users: dict[str, list[Node]] = {n.name: [] for n in nodes}
+    for n in nodes:
+        for d in deps[n.name]:
+            users[d].append(n)
+    remaining = {k: len(v) for k, v in deps.items()}
+    ready = deque(n for n in nodes if remaining[n.name] == 0)
+    order: list[Node] = []
+    while ready:
+        n = ready.popleft()
+        order.append(n)
+        for u in users[n.name]:
+            remaining[u.name] -= 1
+            if remaining[u.name] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):
+        stuck = sorted(k for k, v in remaining.items() if v > 0)
+        raise GraphError(f"the graph has a cycle through nodes {', '.join(repr(s) for s in stuck[:8])}")
+    return order
+
+
+def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], required: set[str] | None = None) -> None:
+    """Every declared input the pruned graph reads is fed with the declared dtype and a matching shape."""
+    symbols: dict[str, tuple[int, str]] = {}
+    for spec in model.inputs:
+        if spec.name not in feeds:
+            if required is None or spec.name in required:
+                raise GraphError(f"feed '{spec.name}' is missing (declared input of dtype {spec.dtype.name}, shape {_fmt(spec.shape)})")
+            continue
+        value = feeds[spec.name]
+        if not isinstance(value, np.ndarray):
+            raise GraphError(f"feed '{spec.name}' is a {type(value).__name__}, not a numpy array")
+        if value.dtype != spec.dtype:
+            raise GraphError(f"feed '{spec.name}' has dtype {value.dtype}, the model declares {spec.dtype.name}")
+        if value.ndim != len(spec.shape):
+            raise GraphError(f"feed '{spec.name}' has shape {value.shape}, the model declares {_fmt(spec.shape)}")
+        for axis, (got, want) in enumerate(zip(value.shape, spec.shape)):
+            if isinstance(want, (int, np.integer)) and got != want:
+                raise GraphError(f"feed '{spec.name}' has shape {value.shape}, the model declares {_fmt(spec.shape)}")
+            if isinstance(want, str) and want != "?":
+                if want in symbols and symbols[want][0] != got:
+                    first = symbols[want]
+                    raise GraphError(
+                        f"feed '{spec.name}' axis {axis} is {got} but '{want}' is {first[0]} in feed '{first[1]}'"
+                    )
+                symbols.setdefault(want, (got, spec.name))
+    declared = {s.name for s in model.inputs}
+    for name in feeds:
+        if name not in declared:
+            raise GraphError(f"feed '{name}' is not an input of the model (inputs: {', '.join(sorted(declared)) or 'none'})")
+
+
+def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray]) -> dict[str, ValueInfo]:
+    """Shape and dtype of every value, by ONNX shape inference on the concrete feed shapes.
+
+    Raises GraphError naming the node when an op gets inputs of the wrong count, shape or dtype.
+    """
+    known: dict[str, ValueInfo] = {}
+    graph_inputs = []
+    for name, value in list(feeds.items()) + list(model.params.items()):
+        known[name] = ValueInfo(tuple(value.shape), value.dtype)
+        graph_inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+    initializers = []
+    for name, value in model.constants.items():
+        known[name] = ValueInfo(tuple(value.shape), value.dtype)
+        initializers.append(onnx.numpy_helper.from_array(value, name))
+    onnx_nodes = []
+    for node in nodes:
+        try:
+            onnx_nodes.append(helper.make_node(node.op_type, node.inputs, node.outputs, name=node.name, **_onnx_attrs(node)))
+        except Exception as exc:
+            raise GraphError(f"{node}: bad attributes: {exc}") from None
+    graph = helper.make_graph(onnx_nodes, "check", graph_inputs, [], initializer=initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    proto.ir_version = 8
+    for node, onnx_node in zip(nodes, onnx_nodes):
+        try:
+            onnx.checker.check_node(onnx_node, _checker_context())
+        except onnx.checker.ValidationError as exc:
+            raise GraphError(f"{node}: {_first_line(str(exc))}") from None
+    try:
+        inferred = shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except (shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        raise GraphError(_name_node(str(exc), nodes)) from None
+    for vi in inferred.graph.value_info:
+        t = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        if t.HasField("shape") and all(d >= 0 for d in dims):
+            known[vi.name] = ValueInfo(dims, helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return known
+
+
+def check_loss(model: Model, shapes: Mapping[str, ValueInfo]) -> None:
+    info = shapes.get(model.loss)
+    if info is None:
+        return  # unknown statically; the engine checks at run time
+    if int(np.prod(info.shape, dtype=np.int64)) != 1:
+        raise GraphError(f"loss '{model.loss}' must be a scalar, but has shape {info.shape}")
+    if info.dtype.kind != "f":
+        raise GraphError(f"loss '{model.loss}' must be floating point, but is {info.dtype.name}")
+
+
+_CONTEXT = None
+
+
+def _checker_context():
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = onnx.checker.C.CheckerContext()
+        ctx.ir_version = 8
+        ctx.opset_imports = {"": OPSET}
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+def _onnx_attrs(node: Node) -> dict:
+    out = {}
+    for key, value in node.attrs.items():
+        if isinstance(value, np.ndarray):
+            value = onnx.numpy_helper.from_array(value)
+        out[key] = value
+    return out
+
+
+def _first_line(msg: str) -> str:
+    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip() and not ln.startswith("==>")]
+    return lines[0] if lines else msg.strip()
+
+
+def _name_node(msg: str, nodes: list[Node]) -> str:
+    """ONNX says 'node name: X'; turn its message into ours, naming node and op."""
+    match = re.search(r"\(op_type:(\w+), node name: ([^)]*)\)", msg)
+    detail = re.sub(r"^\[\w+\]\s*", "", re.sub(r"\(op_type:[^)]*\):?\s*", "", _first_line(msg)))
+    detail = re.sub(r"^\[\w+\]\s*", "", detail)
+    if match:
+        return f"node '{match.group(2)}' ({match.group(1)}): {detail}"
+    return f"shape check failed: {detail}"
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
