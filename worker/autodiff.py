@@ -36,6 +36,7 @@ class Program:
     sources: frozenset[str]
     outputs: frozenset[str]
     wrt: frozenset[str]
+    requires_grad: frozenset[str]  # values that depend on a ``wrt`` value through differentiable inputs
     needs: list[tuple[bool, ...]]  # per node, per input: does that input need an error?
     records: list[bool]  # per node: keep a tape entry (some input needs an error)
     drop_after: list[list[str]]  # per node: values no later node reads
@@ -47,6 +48,9 @@ class Tape:
 
     entries: list[OpContext | None]
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    # With ``defer`` in backward: the VJPs still owed to deferred values, as (node index, context
+    # whose ``needs`` marks only the deferred inputs, errors at the node's outputs).
+    deferred: list[tuple[int, OpContext, list]] = field(default_factory=list)
 
 
 def compile_program(
@@ -77,7 +81,7 @@ def compile_program(
     for value, idx in last_use.items():
         if value not in outputs and value not in sources:
             drop_after[idx].append(value)
-    return Program(nodes, ops, sources, outputs, wrt, needs, records, drop_after)
+    return Program(nodes, ops, sources, outputs, wrt, frozenset(requires), needs, records, drop_after)
 
 
 def forward(program: Program, values: Mapping[str, np.ndarray]) -> Tape:
@@ -115,9 +119,17 @@ def forward(program: Program, values: Mapping[str, np.ndarray]) -> Tape:
     return Tape(entries, {o: env[o] for o in program.outputs})
 
 
-def backward(program: Program, tape: Tape, errors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def backward(
+    program: Program, tape: Tape, errors: Mapping[str, np.ndarray], defer: Iterable[str] = ()
+) -> dict[str, np.ndarray]:
     """Reverse pass: given dL/d(output) for some outputs, return dL/d(value) for the ``wrt`` values
-    that the errors reach. Consumes the tape (each entry is freed once used)."""
+    that the errors reach. Consumes the tape (each entry is freed once used).
+
+    ``defer`` names source values (typically parameters) whose errors are *not* computed now: the
+    VJP work they need is queued on the tape for :func:`backward_deferred`. This is the zero-bubble
+    split: errors that another worker is waiting for first, weight gradients after.
+    """
+    defer = frozenset(defer)
     errs: dict[str, np.ndarray] = dict(errors)
     owned: set[str] = set()  # error buffers we allocated and may add into in place
     for idx in range(len(program.nodes) - 1, -1, -1):
@@ -125,25 +137,53 @@ def backward(program: Program, tape: Tape, errors: Mapping[str, np.ndarray]) -> 
         if ctx is None:
             continue
         tape.entries[idx] = None
-        node, op = program.nodes[idx], program.ops[idx]
+        node = program.nodes[idx]
         grads_out = [errs.pop(o, None) if o else None for o in node.outputs]
         if all(g is None for g in grads_out):
             continue
-        try:
-            result = op.vjp(ctx, *grads_out)
-        except Exception as exc:
-            raise NodeError(f"{node}: backward failed: {type(exc).__name__}: {exc}") from exc
-        grads_in = result if isinstance(result, (tuple, list)) else (result,)
-        for k, (name, g) in enumerate(zip(node.inputs, grads_in)):
-            if g is None or not ctx.needs[k]:
-                continue
-            x = ctx.inputs[k]
-            if g.shape != x.shape:
-                raise NodeError(f"{node}: VJP gave input '{name}' an error of shape {g.shape}, expected {x.shape}")
-            if g.dtype != x.dtype:
-                g = g.astype(x.dtype)
-            _accumulate(errs, owned, name, g)
+        if defer:
+            later = tuple(n and i in defer for i, n in zip(node.inputs, ctx.needs))
+            if any(later):
+                tape.deferred.append((idx, _with_needs(ctx, later), grads_out))
+                ctx = _with_needs(ctx, tuple(n and not d for n, d in zip(ctx.needs, later)))
+                if not any(ctx.needs):
+                    continue
+        _apply_vjp(program, idx, ctx, grads_out, errs, owned)
     return {name: errs[name] for name in program.wrt if name in errs}
+
+
+def backward_deferred(program: Program, tape: Tape) -> dict[str, np.ndarray]:
+    """Run the VJP work :func:`backward` deferred; return the errors of the deferred values, summed
+    over every backward pass recorded on this tape since the last call."""
+    errs: dict[str, np.ndarray] = {}
+    owned: set[str] = set()
+    defer_done = tape.deferred
+    tape.deferred = []
+    for idx, ctx, grads_out in defer_done:  # ctx.needs marks just the inputs held back
+        _apply_vjp(program, idx, ctx, grads_out, errs, owned)
+    return errs
+
+
+def _with_needs(ctx: OpContext, needs: tuple[bool, ...]) -> OpContext:
+    return OpContext(ctx.attrs, ctx.inputs, ctx.outputs, ctx.saved, needs, ctx.node)
+
+
+def _apply_vjp(program: Program, idx: int, ctx: OpContext, grads_out: list, errs: dict, owned: set) -> None:
+    node, op = program.nodes[idx], program.ops[idx]
+    try:
+        result = op.vjp(ctx, *grads_out)
+    except Exception as exc:
+        raise NodeError(f"{node}: backward failed: {type(exc).__name__}: {exc}") from exc
+    grads_in = result if isinstance(result, (tuple, list)) else (result,)
+    for k, (name, g) in enumerate(zip(node.inputs, grads_in)):
+        if g is None or not ctx.needs[k]:
+            continue
+        x = ctx.inputs[k]
+        if g.shape != x.shape:
+            raise NodeError(f"{node}: VJP gave input '{name}' an error of shape {g.shape}, expected {x.shape}")
+        if g.dtype != x.dtype:
+            g = g.astype(x.dtype)
+        _accumulate(errs, owned, name, g)
 
 
 def _accumulate(errs: dict[str, np.ndarray], owned: set[str], name: str, g: np.ndarray) -> None:

@@ -1,0 +1,199 @@
+"""The ``gradserve`` command line.
+
+    gradserve grad MODEL --feeds FEEDS.npz --out GRADS.npz        loss and dL/dw of a model
+    gradserve plan MODEL --partitions K --feeds FEEDS.npz          how a model would be split
+    gradserve serve [--address HOST:PORT]                         run the gRPC service
+    gradserve demo                                                the seed example and an MLP
+
+Errors in the model or feeds print one line naming the culprit and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from gradserve.worker.graph import GraphError
+
+log = logging.getLogger("gradserve")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _read_feeds(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:  # never unpickle: feeds may come from anywhere
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise CliError(f"feeds file {path} does not exist") from None
+    except (ValueError, OSError) as exc:
+        raise CliError(f"cannot read feeds file {path}: {exc}") from None
+
+
+def _load_model(path: str, loss: str | None):
+    from gradserve.client.local import load_model
+
+    if not Path(path).exists():
+        raise CliError(f"model file {path} does not exist")
+    return load_model(path, loss=loss)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="an .onnx file, or a model saved by gradserve (Model.save)")
+    p.add_argument(
+        "--loss",
+        metavar="SPEC",
+        help="for ONNX models whose output is not a scalar loss: 'mse' or 'cross_entropy', optionally "
+        "with the output and target names, e.g. 'cross_entropy:logits:labels' (default target: 'target')",
+    )
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where to compute")
+    g.add_argument("--engine", choices=["inline", "ray"], default="inline",
+                   help="inline: this process; ray: partitions on Ray worker actors (default: inline)")
+    g.add_argument("--partitions", type=int, default=1, metavar="K", help="ray engine: split the graph into K partitions")
+    g.add_argument("--micro-batches", type=int, default=1, metavar="M",
+                   help="ray engine: pipeline M micro-batches through the partitions (GPipe)")
+    g.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="ray engine: R data-parallel copies of the pipeline, each on a slice of the batch")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (e.g. 'auto' or HOST:PORT); default: start an embedded one")
+    g.add_argument("--server", metavar="HOST:PORT", help="send the job to a gradserve server instead")
+    g.add_argument("--token-file", metavar="FILE", help="with --server: file holding the bearer token")
+    g.add_argument("--tls-ca", metavar="FILE", help="with --server: CA certificate to verify the server's TLS certificate")
+
+
+def cmd_grad(args: argparse.Namespace) -> int:
+    model = _load_model(args.model, args.loss)
+    feeds = _read_feeds(args.feeds)
+    input_grads = [s for s in (args.input_grads or "").split(",") if s]
+    if args.server:
+        from gradserve.client.remote import Client
+
+        with Client(args.server, token_file=args.token_file, ca_file=args.tls_ca) as client:
+            result = client.gradients(
+                model, feeds, partitions=args.partitions, micro_batches=args.micro_batches,
+                replicas=args.replicas, input_grads=input_grads, progress=not args.quiet,
+            )
+    else:
+        from gradserve.client.local import local
+
+        options = {}
+        if args.engine == "ray":
+            options = dict(partitions=args.partitions, micro_batches=args.micro_batches,
+                           replicas=args.replicas, ray_address=args.ray_address)
+        elif (args.partitions, args.micro_batches, args.replicas, args.ray_address) != (1, 1, 1, None):
+            raise CliError("--partitions/--micro-batches/--replicas/--ray-address need --engine ray or --server")
+        with local(args.engine, **options) as engine:
+            result = engine.gradients(model, feeds, input_grads=input_grads)
+    np.savez(args.out, **result.to_npz_dict())
+    if not args.quiet:
+        print(f"loss = {result.loss:.6g}")
+        for name, g in result.grads.items():
+            print(f"  dL/d{name}: shape {g.shape}, |g| = {float(np.linalg.norm(g)):.6g}")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from gradserve.server.partition import plan_model
+
+    model = _load_model(args.model, args.loss)
+    feeds = _read_feeds(args.feeds) if args.feeds else None
+    split_at = [s for s in (args.split_at or "").split(",") if s] or None
+    plan = plan_model(model, feeds, partitions=args.partitions, split_at=split_at)
+    print(plan.describe())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gradserve.server.service import serve_forever
+
+    serve_forever(args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gradserve.client.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradserve",
+        description="Compute the loss and dL/dw of a model -- inline, on Ray workers, or on a gradserve server.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0],
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("grad", help="compute the loss and dL/dw of a model on a batch of feeds",
+                       description="Compute the loss and dL/dw for every parameter. GRADS.npz gets 'loss' "
+                       "plus one array per parameter, keyed by the parameter's name.")
+    _add_model_args(p)
+    p.add_argument("--feeds", required=True, metavar="FEEDS.npz", help="one array per model input, keyed by input name")
+    p.add_argument("--out", required=True, metavar="GRADS.npz", help="where to write the loss and gradients")
+    p.add_argument("--input-grads", metavar="NAMES", help="comma-separated inputs whose dL/dx to return too")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_grad)
+
+    p = sub.add_parser("plan", help="show how a model would be split into partitions",
+                       description="Print the partition plan: per partition its nodes, parameters and "
+                       "estimated FLOPs, and every tensor that crosses a partition boundary.")
+    _add_model_args(p)
+    p.add_argument("--partitions", type=int, default=2, metavar="K", help="number of partitions (default 2)")
+    p.add_argument("--feeds", metavar="FEEDS.npz", help="feeds that fix the input shapes (default: batch size 1)")
+    p.add_argument("--split-at", metavar="NODES", help="comma-separated node names that start a new partition")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("serve", help="run the gRPC gradient service",
+                       description="Serve GradientService over gRPC; prints 'listening on HOST:PORT' when ready.")
+    from gradserve.client.serve_args import add_serve_args
+
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="run the seed example and an MLP and check the gradients",
+                       description="Builds the seed regression example and an MLP, computes their gradients "
+                       "and checks them against closed forms and the inline engine.")
+    p.add_argument("--engine", choices=["inline", "ray", "server"], default="server",
+                   help="inline, ray (embedded Ray), or server (a local gRPC server on embedded Ray; default)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (CliError, GraphError, ValueError) as exc:
+        print(f"gradserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradserve: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # remote errors and the like: one line, no traceback, unless -vv
+        if args.verbose >= 2:
+            raise
+        print(f"gradserve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The inline engine: the whole model, forward and reverse, in this process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from gradserve.server.events import Progress, ProgressEvent, check_cancelled
+from gradserve.server.prepare import prepare
+from gradserve.server.result import Result
+from gradserve.worker.autodiff import backward, compile_program, forward
+from gradserve.worker.graph import GraphError, Model
+
+
+class InlineEngine:
+    """Computes the loss and dL/dw in the calling process. No Ray, no server: the reference every
+    other engine is checked against."""
+
+    name = "inline"
+
+    def gradients(
+        self,
+        model: Model,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        input_grads: Iterable[str] = (),
+        progress: Progress = None,
+        cancelled: threading.Event | None = None,
+    ) -> Result:
+        """Loss and dL/dw for every parameter of ``model`` on ``feeds``; ``input_grads`` names
+        inputs whose dL/dx is returned too. ``progress`` is called with a ProgressEvent per phase;
+        setting ``cancelled`` stops the job with JobCancelled at the next phase boundary."""
+        report = progress or (lambda event: None)
+        t0 = time.perf_counter()
+        job = prepare(model, feeds, input_grads)
+        sources = [*feeds, *model.params, *model.constants]
+        program = compile_program(list(job.nodes), sources, [job.loss], job.wrt)
+        t1 = time.perf_counter()
+        check_cancelled(cancelled)
+        report(ProgressEvent("forward", 0, done=False))
+        tape = forward(program, {**model.constants, **model.params, **feeds})
+        loss = tape.outputs[job.loss]
+        if loss.size != 1:
+            raise GraphError(f"loss '{job.loss}' must be a scalar, but has shape {loss.shape}")
+        t2 = time.perf_counter()
+        report(ProgressEvent("forward", 0))
+        check_cancelled(cancelled)
+        report(ProgressEvent("backward", 0, done=False))
+        errors = backward(program, tape, {job.loss: np.ones_like(loss)})
+        t3 = time.perf_counter()
+        report(ProgressEvent("backward", 0))
+        grads = {p: errors[p] if p in errors else np.zeros_like(model.params[p]) for p in job.params}
+        inputs = {x: errors[x] if x in errors else np.zeros_like(feeds[x]) for x in job.input_grads}
+        info = {"engine": self.name, "seconds": {"prepare": t1 - t0, "forward": t2 - t1, "backward": t3 - t2}}
+        return Result(float(loss.reshape(())), grads, inputs, info)
+
+    def close(self) -> None:
+        """Nothing to release; present so every engine can be used the same way."""
+
+    def __enter__(self) -> "InlineEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

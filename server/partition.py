@@ -1,0 +1,236 @@
+"""The partitioner: split a prepared job's graph into K partitions for K workers.
+
+Partitions are contiguous runs of a topological order, so every boundary edge points from a lower
+partition to a higher one and the partitions form a DAG that pipelines. The cut points are chosen by
+dynamic programming to minimise the slowest partition's estimated cost, where a partition's cost is
+its compute plus the bytes it must receive (a transfer is priced at ``flops_per_byte`` FLOPs).
+Skip connections, values consumed by several partitions and parameters used in several partitions
+are all allowed: a parameter is placed in every partition that reads it and its gradient is the sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from gradserve.server.cost import node_flops
+from gradserve.server.prepare import PreparedJob, prepare
+from gradserve.worker.graph import GraphError, Model, Node
+from gradserve.worker.validate import ValueInfo
+
+# Roughly how many FLOPs one byte of boundary transfer is worth on one machine (memory/IPC bound).
+FLOPS_PER_BYTE = 4.0
+
+
+@dataclass
+class Boundary:
+    """A value produced in one partition and read in others."""
+
+    name: str
+    producer: int
+    consumers: list[int]
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+@dataclass
+class Partition:
+    """What one worker runs: its nodes (topologically sorted) and what it needs and hands on."""
+
+    index: int
+    nodes: list[Node]
+    params: list[str]
+    constants: list[str]
+    feeds: list[str]
+    inputs: list[str]  # boundary values it receives
+    outputs: list[str]  # boundary values it hands on (and the loss, in the loss partition)
+    flops: int
+
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+
+@dataclass
+class Plan:
+    partitions: list[Partition]
+    boundaries: dict[str, Boundary]
+    loss: str
+    loss_partition: int
+    param_partitions: dict[str, list[int]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """A human-readable account of the plan (what ``gradserve plan`` prints)."""
+        total = sum(p.flops for p in self.partitions) or 1
+        lines = [f"plan: {len(self.partitions)} partitions, loss '{self.loss}' in partition {self.loss_partition}"]
+        for p in self.partitions:
+            lines.append(
+                f"partition {p.index}: {len(p.nodes)} nodes, {_fmt_flops(p.flops)} FLOPs "
+                f"({100 * p.flops / total:.0f}%), {len(p.params)} parameters"
+            )
+            lines.append(f"  nodes: {_list(p.node_names())}")
+            if p.params:
+                lines.append(f"  parameters: {_list(p.params)}")
+            if p.feeds:
+                lines.append(f"  feeds: {_list(p.feeds)}")
+        if self.boundaries:
+            lines.append("boundary tensors:")
+            for b in self.boundaries.values():
+                lines.append(
+                    f"  {b.name}: partition {b.producer} -> {', '.join(map(str, b.consumers))}, "
+                    f"{b.dtype}{list(b.shape)}, {_fmt_bytes(b.nbytes)}"
+                )
+        else:
+            lines.append("boundary tensors: none")
+        shared = {p: parts for p, parts in self.param_partitions.items() if len(parts) > 1}
+        for name, parts in shared.items():
+            lines.append(f"shared parameter {name}: partitions {', '.join(map(str, parts))} (gradients summed)")
+        return "\n".join(lines)
+
+
+def plan_job(job: PreparedJob, model: Model, partitions: int, split_at: Sequence[str] | None = None) -> Plan:
+    """Split ``job`` into at most ``partitions`` parts (fewer when the graph has fewer nodes)."""
+    nodes = list(job.nodes)
+    if partitions < 1:
+        raise GraphError(f"partitions must be at least 1, got {partitions}")
+    if not nodes:
+        raise GraphError("the loss does not depend on any node; nothing to partition")
+    if split_at:
+        cuts = _manual_cuts(nodes, split_at)
+    else:
+        cuts = _best_cuts(nodes, job.shapes, min(partitions, len(nodes)))
+    return _build(nodes, cuts, job, model)
+
+
+def plan_model(
+    model: Model, feeds: Mapping[str, np.ndarray] | None, partitions: int, split_at: Sequence[str] | None = None
+) -> Plan:
+    """Plan ``model`` for the given feeds (or, without feeds, a batch of one)."""
+    if feeds is None:
+        feeds = {
+            s.name: np.zeros(tuple(d if isinstance(d, int) else 1 for d in s.shape), s.dtype) for s in model.inputs
+        }
+    return plan_job(prepare(model, feeds), model, partitions, split_at)
+
+
+def _manual_cuts(nodes: list[Node], split_at: Sequence[str]) -> list[int]:
+    index = {n.name: i for i, n in enumerate(nodes)}
+    cuts = []
+    for name in split_at:
+        if name not in index:
+            raise GraphError(f"split point '{name}' is not a node that reaches the loss")
+        if index[name] > 0:
+            cuts.append(index[name])
+    return sorted(set(cuts))
+
+
+def _best_cuts(nodes: list[Node], shapes: Mapping[str, ValueInfo], k: int) -> list[int]:
+    """Cut positions (start indices of partitions 1..k-1) minimising the slowest partition."""
+    n = len(nodes)
+    if k <= 1:
+        return []
+    flops = np.array([node_flops(nd, shapes) for nd in nodes], dtype=np.float64)
+    prefix = np.concatenate([[0.0], np.cumsum(flops)])
+    producer_pos = {o: i for i, nd in enumerate(nodes) for o in nd.outputs if o}
+    # recv[i][j]: bytes partition [i, j) receives from earlier partitions = values read in [i, j)
+    # but produced before i. Computed incrementally per start i.
+    recv = np.zeros((n + 1, n + 1))
+    for i in range(n):
+        seen: set[str] = set()
+        total = 0.0
+        for j in range(i, n):
+            for v in nodes[j].inputs:
+                if v in producer_pos and producer_pos[v] < i and v not in seen:
+                    seen.add(v)
+                    info = shapes.get(v)
+                    total += info.nbytes if info is not None else 0
+            recv[i][j + 1] = total
+    cost = lambda i, j: prefix[j] - prefix[i] + FLOPS_PER_BYTE * recv[i][j]  # noqa: E731
+    INF = float("inf")
+    best = np.full((k + 1, n + 1), INF)
+    choice = np.zeros((k + 1, n + 1), dtype=np.int64)
+    best[0][0] = 0.0
+    for parts in range(1, k + 1):
+        for j in range(parts, n + 1):
+            for i in range(parts - 1, j):
+                if best[parts - 1][i] == INF:
+                    continue
+                c = max(best[parts - 1][i], cost(i, j))
+                if c < best[parts][j]:
+                    best[parts][j], choice[parts][j] = c, i
+    cuts, j = [], n
+    for parts in range(k, 0, -1):
+        i = int(choice[parts][j])
+        if parts > 1:
+            cuts.append(i)
+        j = i
+    return sorted(cuts)
+
+
+def _build(nodes: list[Node], cuts: list[int], job: PreparedJob, model: Model) -> Plan:
+    bounds = [0, *cuts, len(nodes)]
+    groups = [nodes[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    where: dict[str, int] = {}
+    for p, group in enumerate(groups):
+        for nd in group:
+            for o in nd.outputs:
+                if o:
+                    where[o] = p
+    feeds = {s.name for s in model.inputs}
+    boundaries: dict[str, Boundary] = {}
+    parts: list[Partition] = []
+    param_parts: dict[str, list[int]] = {}
+    for p, group in enumerate(groups):
+        reads = [i for nd in group for i in nd.inputs if i]
+        uniq = list(dict.fromkeys(reads))
+        params = [v for v in uniq if v in model.params]
+        for v in params:
+            param_parts.setdefault(v, []).append(p)
+        inputs = [v for v in uniq if v in where and where[v] != p]
+        for v in inputs:
+            info = job.shapes.get(v)
+            b = boundaries.get(v)
+            if b is None:
+                b = boundaries[v] = Boundary(
+                    v, where[v], [], info.shape if info else (), info.dtype.name if info else "?", info.nbytes if info else 0
+                )
+            b.consumers.append(p)
+        parts.append(
+            Partition(
+                index=p,
+                nodes=group,
+                params=params,
+                constants=[v for v in uniq if v in model.constants],
+                feeds=[v for v in uniq if v in feeds],
+                inputs=inputs,
+                outputs=[],
+                flops=int(sum(node_flops(nd, job.shapes) for nd in group)),
+            )
+        )
+    for b in boundaries.values():
+        parts[b.producer].outputs.append(b.name)
+    loss_part = where.get(job.loss, 0)
+    if job.loss not in parts[loss_part].outputs:
+        parts[loss_part].outputs.append(job.loss)
+    return Plan(parts, boundaries, job.loss, loss_part, param_parts)
+
+
+def _fmt_flops(f: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if f >= scale:
+            return f"{f / scale:.2f}{unit}"
+    return str(int(f))
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= scale:
+            return f"{b / scale:.1f} {unit}"
+    return f"{int(b)} B"
+
+
+def _list(items: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -1,0 +1,345 @@
+"""The Ray engine: a model's partitions on Ray worker actors, errors flowing back between them.
+
+Per job the driver (this object) plans, then submits every step of a GPipe schedule at once as actor
+calls whose arguments are ObjectRefs: activations flow forward worker to worker, errors flow back,
+and Ray starts each step as soon as its inputs exist. The driver holds references and metadata only;
+it waits on steps with ``fetch_local=False`` to report progress and fetches nothing but the loss and
+the final dL/dw. Actors and parameters are cached per model (content hash): a job with new feeds
+only sends the feeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import ray
+
+from gradserve.server.batching import split_batch
+from gradserve.server.events import JobCancelled, Progress, ProgressEvent
+from gradserve.server.partition import Plan, plan_job
+from gradserve.server.prepare import prepare
+from gradserve.server.result import Result
+from gradserve.server.schedule import gpipe
+from gradserve.worker.actor import StageActor
+from gradserve.worker.autodiff import compile_program
+from gradserve.worker.graph import GraphError, Model
+from gradserve.worker.stage import StageSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Deployment:
+    """One (model, plan, replicas) configuration loaded on pool actors, ready for jobs."""
+
+    key: str
+    plan: Plan
+    specs: list[StageSpec]
+    actors: list[list[Any]]  # [replica][partition]
+    where: list[list[dict]]  # node placement per actor
+
+
+class RayEngine:
+    """Partitions each model over Ray worker actors (see the module docs).
+
+    ``partitions``/``micro_batches``/``replicas`` are defaults that each job may override.
+    ``ray_address``: join that cluster; None starts an embedded single-node Ray unless this process
+    already is connected. ``threads_per_worker``: BLAS threads per actor (default: the node's CPUs).
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        partitions: int = 1,
+        micro_batches: int = 1,
+        replicas: int = 1,
+        ray_address: str | None = None,
+        threads_per_worker: int | None = None,
+        max_deployments: int = 8,
+    ):
+        self.partitions, self.micro_batches, self.replicas = partitions, micro_batches, replicas
+        self._owns_ray = False
+        if not ray.is_initialized():
+            ray.init(
+                address=ray_address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+                configure_logging=False,
+            )
+            self._owns_ray = True
+            log.info("ray: %s", "joined cluster at " + ray_address if ray_address else "started embedded single-node Ray")
+        self.threads = threads_per_worker or os.cpu_count() or 1
+        self._params: "OrderedDict[str, dict[str, ray.ObjectRef]]" = OrderedDict()
+        self._deployments: "OrderedDict[tuple, _Deployment]" = OrderedDict()
+        self._max = max_deployments
+        self._pool: list[Any] = []  # StageActors, created on demand, spread over the cluster's nodes
+        self._where: list[dict] = []
+        self._lock = threading.Lock()  # guards the caches and the pool
+        # A job's steps are submitted under this lock, so the submissions of all jobs form one
+        # global order in which every step comes after the steps it depends on; since each actor
+        # runs its steps in submission order, concurrent jobs on shared actors cannot deadlock.
+        self._submit = threading.Lock()
+
+    # -- public ------------------------------------------------------------------------------------
+    def gradients(
+        self,
+        model: Model,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        input_grads: Iterable[str] = (),
+        partitions: int | None = None,
+        micro_batches: int | None = None,
+        replicas: int | None = None,
+        progress: Progress = None,
+        cancelled: threading.Event | None = None,
+        split_at: list[str] | None = None,
+    ) -> Result:
+        """Loss and dL/dw, computed by the partitioned pipeline; equal to the inline engine's."""
+        k = partitions or self.partitions
+        m = micro_batches or self.micro_batches
+        r = replicas or self.replicas
+        if k < 1 or m < 1 or r < 1:
+            raise GraphError(f"partitions, micro_batches and replicas must be >= 1 (got {k}, {m}, {r})")
+        t0 = time.perf_counter()
+        full = prepare(model, feeds, input_grads)
+        chunks = split_batch(model, list(full.nodes), feeds, m * r)
+        job = prepare(model, chunks[0].feeds, input_grads)  # shapes of one micro-batch, for planning
+        fingerprint = model.fingerprint()
+        deployment = self._deploy(model, fingerprint, job, k, r, split_at)
+        t1 = time.perf_counter()
+        job_id = uuid.uuid4().hex[:12]
+        loss, grads, input_grad_refs, seconds = self._run(job_id, deployment, job, chunks, m, r, progress, cancelled)
+        params = {p: grads.get(p) if grads.get(p) is not None else np.zeros_like(model.params[p]) for p in job.params}
+        inputs = {}
+        for x in job.input_grads:
+            parts = [input_grad_refs.get((c, x)) for c in range(len(chunks))]  # fetched arrays
+            parts = [p if p is not None else np.zeros_like(ch.feeds[x]) for p, ch in zip(parts, chunks)]
+            inputs[x] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        info = {
+            "engine": self.name,
+            "partitions": len(deployment.plan.partitions),
+            "micro_batches": m,
+            "replicas": r,
+            "placement": deployment.where,
+            "seconds": {"prepare_and_deploy": t1 - t0, **seconds},
+        }
+        return Result(loss, params, inputs, info)
+
+    def plan(self, model: Model, feeds: Mapping[str, np.ndarray], partitions: int | None = None) -> Plan:
+        job = prepare(model, feeds)
+        return plan_job(job, model, partitions or self.partitions)
+
+    def close(self) -> None:
+        """Kill every actor, drop cached parameters; shut Ray down if this engine started it."""
+        with self._lock:
+            for actor in self._pool:
+                ray.kill(actor)
+            self._pool.clear()
+            self._where.clear()
+            self._deployments.clear()
+            self._params.clear()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
+
+    def __enter__(self) -> "RayEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- deployment --------------------------------------------------------------------------------
+    def _param_refs(self, model: Model, fingerprint: str) -> dict[str, ray.ObjectRef]:
+        refs = self._params.get(fingerprint)
+        if refs is None:
+            refs = {name: ray.put(value) for name, value in model.params.items()}
+            self._params[fingerprint] = refs
+            log.info("model %s: %d parameters placed in the object store", fingerprint[:12], len(refs))
+        self._params.move_to_end(fingerprint)
+        return refs
+
+    def _actors(self, n: int) -> list[Any]:
+        """At least ``n`` pool actors (caller holds the lock)."""
+        env = {"env_vars": {v: str(self.threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+        new = [
+            StageActor.options(scheduling_strategy="SPREAD", runtime_env=env).remote()
+            for _ in range(n - len(self._pool))
+        ]
+        if new:
+            self._where += ray.get([a.where.remote() for a in new])
+            self._pool += new
+            log.info("worker pool: %d actors on %d nodes", len(self._pool), len({w["node_id"] for w in self._where}))
+        return self._pool[:n]
+
+    def _deploy(self, model: Model, fingerprint: str, job, k: int, r: int, split_at) -> _Deployment:
+        key = (fingerprint, job.input_grads, k, r, tuple(split_at or ()))
+        with self._lock:
+            dep = self._deployments.get(key)
+            if dep is not None:
+                self._deployments.move_to_end(key)
+                return dep
+            plan = plan_job(job, model, k, split_at)
+            whole = compile_program(list(job.nodes), [*job.shapes], [job.loss], job.wrt)
+            specs = [
+                StageSpec(
+                    p.nodes, p.feeds, p.inputs, p.outputs, p.params, p.constants,
+                    [v for v in p.inputs if v in whole.requires_grad] + [f for f in p.feeds if f in job.input_grads],
+                )
+                for p in plan.partitions
+            ]
+            k = len(specs)
+            refs = self._param_refs(model, fingerprint)
+            pool = self._actors(k * r)
+            stage_key = uuid.uuid4().hex[:12]
+            actors = [pool[i * k:(i + 1) * k] for i in range(r)]
+            loads = [
+                actor.load.remote(
+                    stage_key, spec, {c: model.constants[c] for c in spec.constants}, spec.params,
+                    *[refs[p] for p in spec.params],
+                )
+                for row in actors
+                for actor, spec in zip(row, specs)
+            ]
+            ray.get(loads)
+            where = [[self._where[i * k + p] for p in range(k)] for i in range(r)]
+            dep = _Deployment(stage_key, plan, specs, actors, where)
+            self._deployments[key] = dep
+            log.info(
+                "model %s: %d partitions x %d replicas on nodes %s",
+                fingerprint[:12], k, r, sorted({w["node_id"][:8] for row in where for w in row}),
+            )
+            while len(self._deployments) > self._max:
+                _, old = self._deployments.popitem(last=False)
+                for row in old.actors:
+                    for actor in row:
+                        actor.unload.remote(old.key)
+            return dep
+
+    # -- one job -----------------------------------------------------------------------------------
+    def _run(self, job_id, dep: _Deployment, job, chunks, m: int, r: int, progress, cancelled):
+        report = progress or (lambda event: None)
+        t0 = time.perf_counter()
+        steps = _Submitted()
+        try:
+            with self._submit:
+                for replica in range(r):
+                    self._submit_replica(steps, job_id, dep, job, chunks, replica, m)
+                # weight_grads takes the stage's own backward results as arguments: it runs after
+                # them and fails if one of them failed (they live in that node's store: no transfer).
+                weight_refs = [
+                    actor.weight_grads.remote(dep.key, job_id, *steps.backward.get((replica, p), []))
+                    for replica, row in enumerate(dep.actors)
+                    for p, actor in enumerate(row)
+                ]
+            t1 = time.perf_counter()
+            self._watch(steps.markers, report, cancelled)
+            t2 = time.perf_counter()
+            losses = ray.get(steps.loss)
+            loss = float(sum(float(np.asarray(v).reshape(())) * ch.weight for v, ch in zip(losses, chunks)))
+            grads: dict[str, np.ndarray] = {}
+            for part in ray.get(weight_refs):
+                for name, g in part.items():
+                    grads[name] = grads[name] + g if name in grads else g
+            inputs = {k: _sum(ray.get(refs)) for k, refs in steps.input_grads.items()}
+            t3 = time.perf_counter()
+        except BaseException as exc:
+            self._abort(job_id, dep, list(steps.markers))
+            raise _unwrap(exc) from None
+        return loss, grads, inputs, {"submit": t1 - t0, "compute": t2 - t1, "fetch": t3 - t2}
+
+    def _submit_replica(self, steps: "_Submitted", job_id: str, dep: _Deployment, job, chunks, replica: int, m: int) -> None:
+        """Submit the GPipe schedule of one replica's micro-batches; record the refs in ``steps``."""
+        specs, actors = dep.specs, dep.actors[replica]
+        first = replica * m
+        feeds = {c: {k: ray.put(v) for k, v in chunks[c].feeds.items()} for c in range(first, first + m)}
+        acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in feeds}  # activations per chunk
+        errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in feeds}  # errors sent back
+        for step in gpipe(len(specs), m):
+            c, spec, actor = first + step.micro_batch, specs[step.partition], actors[step.partition]
+            if step.phase == "forward":
+                names = [*spec.feeds, *spec.inputs]
+                args = [feeds[c][f] for f in spec.feeds] + [acts[c][v] for v in spec.inputs]
+                outs = _as_list(
+                    actor.forward.options(num_returns=len(spec.outputs)).remote(dep.key, job_id, c, names, *args)
+                )
+                acts[c].update(zip(spec.outputs, outs))
+                if job.loss in spec.outputs:
+                    steps.loss.append(acts[c][job.loss])
+            else:
+                names, args = [], []
+                for v in spec.outputs:
+                    if v == job.loss:  # seed: the chunk's weight in the total loss
+                        info = job.shapes[job.loss]
+                        names.append(v)
+                        args.append(np.full(info.shape, chunks[c].weight, dtype=info.dtype))
+                    for ref in errs[c].get(v, []):  # one error per consuming partition, summed there
+                        names.append(v)
+                        args.append(ref)
+                n = max(1, len(spec.wrt_inputs))
+                outs = _as_list(actor.backward.options(num_returns=n).remote(dep.key, job_id, c, names, *args))
+                steps.backward.setdefault((replica, step.partition), []).extend(outs)
+                for v, ref in zip(spec.wrt_inputs, outs):
+                    if v in spec.inputs:
+                        errs[c].setdefault(v, []).append(ref)
+                    else:
+                        steps.input_grads.setdefault((c, v), []).append(ref)
+            steps.markers[outs[0]] = ProgressEvent(
+                step.phase, step.partition, step.micro_batch, replica, node=dep.where[replica][step.partition]["node_id"]
+            )
+
+    def _watch(self, markers: dict, report, cancelled: threading.Event | None) -> None:
+        """Wait for every step, reporting progress; raise the first failure or JobCancelled."""
+        pending = list(markers)
+        while pending:
+            if cancelled is not None and cancelled.is_set():
+                raise JobCancelled("job cancelled")
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.1, fetch_local=False)
+            for ref in done:  # failures surface when the loss and gradients are fetched
+                report(markers[ref])
+
+    def _abort(self, job_id: str, dep: _Deployment, refs: list) -> None:
+        for ref in refs:
+            try:
+                ray.cancel(ref)
+            except Exception:  # already finished, or not cancellable: nothing to do
+                pass
+        ray.get([actor.end_job.remote(job_id) for row in dep.actors for actor in row])  # frees tapes
+        log.info("job %s aborted; per-job state freed on %d actors", job_id, sum(len(r) for r in dep.actors))
+
+
+@dataclass
+class _Submitted:
+    """The references a submitted job produces."""
+
+    markers: dict = field(default_factory=dict)  # first output of each step -> its progress event
+    loss: list = field(default_factory=list)  # loss per chunk
+    backward: dict = field(default_factory=dict)  # (replica, partition) -> backward outputs
+    input_grads: dict = field(default_factory=dict)  # (chunk, input) -> refs to sum
+
+
+def _as_list(refs: Any) -> list:
+    return refs if isinstance(refs, list) else [refs]
+
+
+def _sum(values: list) -> np.ndarray | None:
+    present = [v for v in values if v is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The user-facing error inside a Ray task error (a GraphError naming the node, usually)."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, BaseException):
+            return cause
+    return exc

@@ -1,0 +1,91 @@
+"""What one worker computes for one partition: forward, backward, weight gradients.
+
+A :class:`Stage` holds a partition's compiled program, its parameters and constants, and per-job
+state (tapes per micro-batch, accumulated weight gradients) keyed by job id. It knows nothing of
+Ray, plans or gRPC: the Ray actor in :mod:`gradserve.worker.actor` wraps it, and tests drive it
+directly. Backward is split as in zero-bubble pipelining: :meth:`backward` returns the errors other
+stages wait for; :meth:`weight_grads` computes dL/dw afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from gradserve.worker.autodiff import Program, Tape, backward, backward_deferred, compile_program, forward
+from gradserve.worker.graph import Node
+
+
+@dataclass
+class StageSpec:
+    """The static description of a partition, as the planner hands it to a worker."""
+
+    nodes: list[Node]
+    feeds: list[str]
+    inputs: list[str]  # boundary values received
+    outputs: list[str]  # boundary values handed on (and the loss)
+    params: list[str]
+    constants: list[str]
+    wrt_inputs: list[str]  # boundary inputs and feeds whose error is sent back
+
+
+@dataclass
+class _JobState:
+    tapes: dict[int, Tape] = field(default_factory=dict)  # micro-batch -> tape awaiting backward
+    deferred: list[Tape] = field(default_factory=list)  # tapes holding deferred weight-gradient work
+
+
+class Stage:
+    """One partition, ready to run many jobs (each keyed by ``job_id``, micro-batches by ``mb``)."""
+
+    def __init__(self, spec: StageSpec, params: Mapping[str, np.ndarray], constants: Mapping[str, np.ndarray]):
+        self.spec = spec
+        self.params = {p: params[p] for p in spec.params}
+        self.constants = {c: constants[c] for c in spec.constants}
+        sources = [*spec.feeds, *spec.inputs, *spec.params, *spec.constants]
+        self.program: Program = compile_program(spec.nodes, sources, spec.outputs, [*spec.params, *spec.wrt_inputs])
+        self.jobs: dict[str, _JobState] = {}
+
+    def forward(self, job_id: str, mb: int, values: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the partition on feeds + boundary inputs; return the outputs in ``spec.outputs`` order."""
+        env = {**self.constants, **self.params, **values}
+        tape = forward(self.program, env)
+        self.jobs.setdefault(job_id, _JobState()).tapes[mb] = tape
+        return [tape.outputs[o] for o in self.spec.outputs]
+
+    def backward(
+        self, job_id: str, mb: int, errors: Sequence[tuple[str, np.ndarray | None]]
+    ) -> list[np.ndarray | None]:
+        """Errors at this partition's outputs in, as (value, error) pairs -- a value read by several
+        partitions gets one pair from each, and they are summed here, where it was produced. Errors
+        at ``spec.wrt_inputs`` out (``None`` where none reaches an input). Weight gradients are
+        deferred to :meth:`weight_grads`."""
+        state = self.jobs[job_id]
+        tape = state.tapes.pop(mb)
+        given: dict[str, np.ndarray] = {}
+        for name, err in errors:
+            if err is not None:
+                given[name] = given[name] + err if name in given else err
+        errs = backward(self.program, tape, given, defer=self.spec.params)
+        state.deferred.append(tape)
+        return [errs.get(v) for v in self.spec.wrt_inputs]
+
+    def weight_grads(self, job_id: str) -> dict[str, np.ndarray]:
+        """dL/dw for this partition's parameters, summed over the job's micro-batches; ends the job."""
+        state = self.jobs.pop(job_id, None)
+        if state is None:
+            return {}
+        grads: dict[str, np.ndarray] = {}
+        for tape in state.deferred:
+            for name, g in backward_deferred(self.program, tape).items():
+                grads[name] = grads[name] + g if name in grads else g
+        return grads
+
+    def end_job(self, job_id: str) -> None:
+        """Drop everything held for ``job_id`` (after success, failure or cancel)."""
+        self.jobs.pop(job_id, None)
+
+    def job_count(self) -> int:
+        return len(self.jobs)
