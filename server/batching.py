@@ -74,40 +74,52 @@ def split_batch(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray]
 
 def loss_reduction(model: Model, nodes: list[Node]) -> tuple[str, object]:
     """How the loss reduces over the batch: ("sum", None), ("mean", None) or ("count", (labels,
-    ignore_index)). Raises GraphError when it is neither."""
+    ignore_index)). Raises GraphError when it is none of them."""
     producer = {o: n for n in nodes for o in n.outputs if o}
-    value = model.loss
-    while True:
+    return _reduction(model, producer, model.loss)
+
+
+def _reduction(model: Model, producer: dict[str, Node], value: str) -> tuple[str, object]:
+    node = producer.get(value)
+    while node is not None and (
+        node.op_type in _SCALAR_PASS or (node.op_type in _SCALE_BY_CONSTANT and _constant_factor(model, node))
+    ):
+        value = _constant_factor(model, node) or node.inputs[0]
         node = producer.get(value)
-        if node is None:
-            raise GraphError(f"loss '{model.loss}' is not computed from the batch; nothing to split")
-        op = node.op_type
-        if op in _SCALAR_PASS:
-            value = node.inputs[0]
-            continue
-        if op in _SCALE_BY_CONSTANT:
-            fixed = [i for i in node.inputs if i in model.constants]
-            varying = [i for i in node.inputs if i not in model.constants]
-            if len(fixed) == 1 and len(varying) == 1 and (op == "Mul" or node.inputs[1] in fixed):
-                value = varying[0]
-                continue
-        if op == "ReduceMean":
-            return "mean", None
-        if op == "ReduceSum":
+    if node is None:
+        raise GraphError(f"loss '{model.loss}' is not computed from the batch; nothing to split")
+    op = node.op_type
+    if op in ("Add", "Sub"):
+        kinds = {_reduction(model, producer, i) for i in node.inputs}
+        if len(kinds) == 1 and next(iter(kinds))[0] != "count":
+            return kinds.pop()
+    if op == "ReduceMean":
+        return "mean", None
+    if op == "ReduceSum":
+        return "sum", None
+    if op in ("SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"):
+        reduction = node.attrs.get("reduction", "mean")
+        if reduction == "sum":
             return "sum", None
-        if op in ("SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"):
-            reduction = node.attrs.get("reduction", "mean")
-            if isinstance(reduction, bytes):
-                reduction = reduction.decode()
-            if reduction == "sum":
-                return "sum", None
-            if reduction == "mean":
-                if len(node.inputs) > 2 and node.inputs[2]:
-                    raise GraphError(f"{node}: a class-weighted mean cannot be split into micro-batches exactly")
-                if "ignore_index" in node.attrs:
-                    return "count", (node.inputs[1], int(node.attrs["ignore_index"]))
-                return "mean", None
-        raise GraphError(
-            f"{node}: the loss must be a sum or mean over the batch (ReduceSum, ReduceMean or a "
-            f"cross-entropy, times constants) to split it into micro-batches or replicas"
-        )
+        if reduction == "mean":
+            if len(node.inputs) > 2 and node.inputs[2]:
+                raise GraphError(f"{node}: a class-weighted mean cannot be split into micro-batches exactly")
+            if "ignore_index" in node.attrs:
+                return "count", (node.inputs[1], int(node.attrs["ignore_index"]))
+            return "mean", None
+    raise GraphError(
+        f"{node}: the loss must be a sum or mean over the batch (ReduceSum, ReduceMean or a "
+        "cross-entropy, times constants, or a sum of such terms) to split it into micro-batches or replicas"
+    )
+
+
+def _constant_factor(model: Model, node: Node) -> str | None:
+    """For Mul/Div by a constant, the other (varying) operand; else None."""
+    if node.op_type not in _SCALE_BY_CONSTANT or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if b in model.constants:
+        return a
+    if node.op_type == "Mul" and a in model.constants:
+        return b
+    return None

@@ -1,5 +1,23 @@
+import os
 import sys
 from pathlib import Path
 
-# tests/ helpers (gradcheck.py, models.py) are imported as plain modules.
+import pytest
+
+# tests/ helpers (gradcheck.py, models.py, dags.py) are imported as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_engine():
+    """One embedded Ray (and one worker pool) for the whole test session: Ray takes seconds to start."""
+    import ray
+
+    from gradserve.server.ray_engine import RayEngine
+
+    engine = RayEngine(threads_per_worker=1)
+    yield engine
+    engine.close()
+    if ray.is_initialized():
+        ray.shutdown()

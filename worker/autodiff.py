@@ -9,6 +9,7 @@ model for the inline engine, or one partition for a Ray worker: the same code pa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -90,8 +91,7 @@ def forward(program: Program, values: Mapping[str, np.ndarray]) -> Tape:
     entries: list[OpContext | None] = [None] * len(program.nodes)
     for idx, (node, op) in enumerate(zip(program.nodes, program.ops)):
         args = [env[i] if i else None for i in node.inputs]
-        ctx = OpContext(node.attrs, node=node.name)
-        ctx.n_outputs = len(node.outputs)  # type: ignore[attr-defined]
+        ctx = OpContext(node.attrs, node=node.name, n_outputs=len(node.outputs))
         try:
             result = op.forward(ctx, *args)
         except (GraphError, MemoryError):
@@ -165,7 +165,7 @@ def backward_deferred(program: Program, tape: Tape) -> dict[str, np.ndarray]:
 
 
 def _with_needs(ctx: OpContext, needs: tuple[bool, ...]) -> OpContext:
-    return OpContext(ctx.attrs, ctx.inputs, ctx.outputs, ctx.saved, needs, ctx.node)
+    return dataclasses.replace(ctx, needs=needs)
 
 
 def _apply_vjp(program: Program, idx: int, ctx: OpContext, grads_out: list, errs: dict, owned: set) -> None:

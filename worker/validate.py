@@ -215,8 +215,8 @@ def _first_line(msg: str) -> str:
 def _name_node(msg: str, nodes: list[Node]) -> str:
     """ONNX says 'node name: X'; turn its message into ours, naming node and op."""
     match = re.search(r"\(op_type:(\w+), node name: ([^)]*)\)", msg)
-    detail = re.sub(r"^\[\w+\]\s*", "", re.sub(r"\(op_type:[^)]*\):?\s*", "", _first_line(msg)))
-    detail = re.sub(r"^\[\w+\]\s*", "", detail)
+    detail = re.sub(r"\(op_type:[^)]*\):?\s*", "", _first_line(msg))
+    detail = re.sub(r"^((Inference error\(s\):|\[\w+\])\s*)*", "", detail)
     if match:
         return f"node '{match.group(2)}' ({match.group(1)}): {detail}"
     return f"shape check failed: {detail}"

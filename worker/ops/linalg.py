@@ -1,1 +1,94 @@
-"""(being written)"""
+"""Matrix products: MatMul (numpy ``matmul`` semantics) and Gemm.
+
+These are the hot path of an MLP, so the VJPs are plain BLAS calls on 2-D operands: transposes are
+passed as views (numpy hands BLAS the transpose flag instead of copying), an input error that no one
+needs (``c.needs``) is never computed, and a batched activation times a 2-D weight gets its weight
+error from one folded ``(batch*m, k)^T @ (batch*m, n)`` product rather than a batched product summed
+afterwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradserve.worker.ops.registry import OpError, defop, unbroadcast
+
+
+def _t(a: np.ndarray) -> np.ndarray:
+    """Swap the last two axes (a view)."""
+    return a.T if a.ndim == 2 else np.swapaxes(a, -1, -2)
+
+
+def _matmul_vjp(c, g):
+    a, b = c.inputs
+    if a.ndim == 1 and b.ndim == 1:  # a dot product: g is a scalar
+        return (g * b if c.needs[0] else None), (g * a if c.needs[1] else None)
+    # Promote 1-D operands to matrices as matmul does (a row for a, a column for b) and give g the
+    # axes matmul dropped, so the rest is the matrix case.
+    a2 = a if a.ndim > 1 else a[None, :]
+    b2 = b if b.ndim > 1 else b[:, None]
+    g2 = g if a.ndim > 1 else np.expand_dims(g, -2)
+    g2 = g2 if b.ndim > 1 else g2[..., None]
+    da = db = None
+    if c.needs[0]:
+        da = unbroadcast(np.matmul(g2, _t(b2)), a2.shape).reshape(a.shape)
+    if c.needs[1]:
+        if b2.ndim == 2 and a2.ndim > 2:
+            # Weight shared across the batch: fold the batch into the rows, one BLAS call.
+            k, n = a2.shape[-1], g2.shape[-1]
+            db = (a2.reshape(-1, k).T @ g2.reshape(-1, n)).reshape(b.shape)
+        else:
+            db = unbroadcast(np.matmul(_t(a2), g2), b2.shape).reshape(b.shape)
+    return da, db
+
+
+defop("MatMul", lambda c, a, b: np.matmul(a, b), _matmul_vjp, keep="x")
+
+
+def _gemm_args(c):
+    return (float(c.attr("alpha", 1.0)), float(c.attr("beta", 1.0)),
+            bool(c.attr("transA", 0)), bool(c.attr("transB", 0)))
+
+
+def _gemm(c, a, b, cin=None):
+    alpha, beta, ta, tb = _gemm_args(c)
+    if a.ndim != 2 or b.ndim != 2:
+        raise OpError(f"Gemm needs 2-D A and B, got shapes {a.shape} and {b.shape}")
+    y = (a.T if ta else a) @ (b.T if tb else b)
+    if alpha != 1.0:
+        y *= alpha  # y is ours: scale in place
+    if cin is not None and beta != 0.0:
+        # In-place add also enforces ONNX's unidirectional broadcast of C to (M, N).
+        y += cin if beta == 1.0 else cin * beta
+    return y
+
+
+def _gemm_vjp(c, g):
+    alpha, beta, ta, tb = _gemm_args(c)
+    a, b = c.inputs[0], c.inputs[1]
+    cin = c.inputs[2] if len(c.inputs) > 2 else None
+    da = db = dc = None
+    # With A' = op(A), B' = op(B): dA' = g B'^T, dB' = A'^T g; transposing back where op transposed.
+    if c.needs[0]:
+        if not ta:
+            da = g @ (b if tb else b.T)
+        else:
+            da = (b.T if tb else b) @ g.T
+        if alpha != 1.0:
+            da *= alpha
+    if c.needs[1]:
+        if not tb:
+            db = (a if ta else a.T) @ g
+        else:
+            db = g.T @ (a.T if ta else a)
+        if alpha != 1.0:
+            db *= alpha
+    if cin is not None and len(c.needs) > 2 and c.needs[2]:
+        dc = unbroadcast(g, cin.shape)
+        if beta != 1.0:
+            dc = dc * beta
+    return da, db, dc
+
+
+# C is only read for its shape; A and B each feed the other's error.
+defop("Gemm", _gemm, _gemm_vjp, keep=("x0", "x1"))

@@ -1,1 +1,172 @@
-"""(being written)"""
+"""Reductions (ReduceSum/Mean/Max/Min/Prod/SumSquare/L1/L2/LogSumExp), Softmax/LogSoftmax/Hardmax
+and ArgMax/ArgMin, with ONNX opset 17 semantics.
+
+In opset 17 only ReduceSum takes ``axes`` as an optional int64 *input* (and has
+``noop_with_empty_axes``); the other reductions take ``axes`` as an attribute. No axes means all
+axes. Each forward saves the normalized axes; the VJP lays the error out with the reduced axes kept
+(size 1) and broadcasts it back over the input.
+
+ReduceMax/ReduceMin split the error *evenly* among tied extremes (as ``torch.amax`` does), so the
+error summed over a slice is always the incoming one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradserve.worker.ops.registry import OpError, defop, normalize_axis
+
+
+def _norm_axes(c, x: np.ndarray, axes) -> tuple[int, ...]:
+    """Normalize ``axes`` (None/empty = all) to sorted non-negative ints; duplicates are an error."""
+    if axes is None or len(axes) == 0:
+        return tuple(range(x.ndim))
+    out = tuple(sorted(normalize_axis(int(a), x.ndim, c.node) for a in axes))
+    if len(set(out)) != len(out):
+        raise OpError(f"{c.node}: repeated axes {list(axes)}")
+    return out
+
+
+def _keep_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+def _kd(c, a: np.ndarray) -> np.ndarray:
+    """``a`` (an output or its error) with the reduced axes present, size 1."""
+    return a.reshape(_keep_shape(c.x.shape, c.saved["axes"]))
+
+
+def _reducer(fn):
+    """Forward of an attribute-axes reduction: ``fn(x, axes) -> reduced with keepdims``."""
+
+    def forward(c, x):
+        axes = _norm_axes(c, x, c.attr("axes"))
+        c.save(axes=axes)
+        y = fn(x, axes)
+        return y if c.attr("keepdims", 1) else y.reshape([d for i, d in enumerate(x.shape) if i not in axes])
+
+    return forward
+
+
+def _reduce_sum(c, x, axes=None):
+    if (axes is None or axes.size == 0) and c.attr("noop_with_empty_axes", 0):
+        c.save(axes=None)
+        return x
+    axes = _norm_axes(c, x, None if axes is None else axes.reshape(-1).tolist())
+    c.save(axes=axes)
+    return np.sum(x, axis=axes, keepdims=bool(c.attr("keepdims", 1)))
+
+
+def _sum_vjp(c, g):
+    if c.saved["axes"] is None:  # noop_with_empty_axes: the identity
+        return g, None
+    return np.broadcast_to(_kd(c, g), c.x.shape).copy(), None
+
+
+def _count(c) -> int:
+    return int(np.prod([c.x.shape[a] for a in c.saved["axes"]], dtype=np.int64))
+
+
+def _extreme_vjp(c, g):
+    hit = c.x == _kd(c, c.y)
+    ties = hit.sum(axis=c.saved["axes"], keepdims=True)
+    return hit * (_kd(c, g) / ties).astype(g.dtype, copy=False)
+
+
+def _prod_vjp(c, g):
+    # d prod / d x_i = product of the others. y / x_i unless x_i == 0: with exactly one zero in the
+    # slice, that zero gets the product of the nonzeros; with two or more, everything gets 0.
+    x, axes = c.x, c.saved["axes"]
+    zero = x == 0
+    n_zero = zero.sum(axis=axes, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plain = _kd(c, c.y) / x
+    others = np.prod(np.where(zero, 1, x), axis=axes, keepdims=True)
+    d = np.where(n_zero == 0, plain, np.where(zero & (n_zero == 1), others, 0))
+    return _kd(c, g) * d.astype(x.dtype, copy=False)
+
+
+def _l2_vjp(c, g):
+    y = _kd(c, c.y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(y > 0, _kd(c, g) / y, 0)  # the subgradient 0 at the origin, like torch
+    return c.x * scale.astype(c.x.dtype, copy=False)
+
+
+def _logsumexp(x, axes):
+    m = np.max(x, axis=axes, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)  # all -inf (or an inf) slices: no shift, no nan
+    with np.errstate(divide="ignore"):  # an all -inf slice sums to 0: log gives the right -inf
+        return np.log(np.sum(np.exp(x - m), axis=axes, keepdims=True)) + m
+
+
+defop("ReduceSum", _reduce_sum, _sum_vjp, keep=(), differentiable=(0,))
+defop("ReduceMean", _reducer(lambda x, a: np.mean(x, axis=a, keepdims=True)),
+      lambda c, g: np.broadcast_to(_kd(c, g), c.x.shape) * (1 / _count(c)), keep=())
+defop("ReduceMax", _reducer(lambda x, a: np.max(x, axis=a, keepdims=True)), _extreme_vjp)
+defop("ReduceMin", _reducer(lambda x, a: np.min(x, axis=a, keepdims=True)), _extreme_vjp)
+defop("ReduceProd", _reducer(lambda x, a: np.prod(x, axis=a, keepdims=True)), _prod_vjp)
+defop("ReduceSumSquare", _reducer(lambda x, a: np.sum(x * x, axis=a, keepdims=True)),
+      lambda c, g: _kd(c, g) * (2 * c.x), keep="x")
+defop("ReduceL1", _reducer(lambda x, a: np.sum(np.abs(x), axis=a, keepdims=True)),
+      lambda c, g: _kd(c, g) * np.sign(c.x), keep="x")
+defop("ReduceL2", _reducer(lambda x, a: np.sqrt(np.sum(x * x, axis=a, keepdims=True))), _l2_vjp)
+defop("ReduceLogSumExp", _reducer(_logsumexp), lambda c, g: _kd(c, g) * np.exp(c.x - _kd(c, c.y)))
+
+
+# -- softmax family: one axis (opset 13 semantics), default the last ----------------------------------
+def _axis(c, x, default=-1) -> int:
+    return normalize_axis(int(c.attr("axis", default)), x.ndim, c.node)
+
+
+def _softmax(c, x):
+    axis = _axis(c, x)
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
+
+
+def _softmax_vjp(c, g):
+    y = c.y
+    gy = g * y
+    gy -= y * np.sum(gy, axis=_axis(c, y), keepdims=True)  # y * (g - <g, y>)
+    return gy
+
+
+def _log_softmax(c, x):
+    axis = _axis(c, x)
+    s = x - np.max(x, axis=axis, keepdims=True)
+    s -= np.log(np.sum(np.exp(s), axis=axis, keepdims=True))
+    return s
+
+
+defop("Softmax", _softmax, _softmax_vjp, keep="y")
+defop("LogSoftmax", _log_softmax,
+      lambda c, g: g - np.exp(c.y) * np.sum(g, axis=_axis(c, c.y), keepdims=True), keep="y")
+
+
+# -- index-valued: no error -------------------------------------------------------------------------
+def _arg(fn):
+    def forward(c, x):
+        axis = _axis(c, x, 0)
+        keepdims = bool(c.attr("keepdims", 1))
+        if c.attr("select_last_index", 0):
+            # The last extreme is the first one of the reversed axis.
+            idx = x.shape[axis] - 1 - fn(np.flip(x, axis), axis=axis, keepdims=keepdims)
+        else:
+            idx = fn(x, axis=axis, keepdims=keepdims)
+        return idx.astype(np.int64, copy=False)
+
+    return forward
+
+
+def _hardmax(c, x):
+    axis = _axis(c, x)
+    y = np.zeros_like(x)
+    np.put_along_axis(y, np.argmax(x, axis=axis, keepdims=True), 1, axis=axis)
+    return y
+
+
+defop("ArgMax", _arg(np.argmax))
+defop("ArgMin", _arg(np.argmin))
+defop("Hardmax", _hardmax)

@@ -38,6 +38,7 @@ class OpContext:
     saved: dict[str, Any] = field(default_factory=dict)
     needs: Sequence[bool] = ()
     node: str = ""
+    n_outputs: int = 1  # how many outputs the node declares (some ONNX outputs are optional)
 
     def save(self, **values: Any) -> None:
         """Stash intermediate results of the forward pass for the VJP."""

@@ -1,0 +1,91 @@
+"""Inline engine vs PyTorch autograd on the same models, in the same run (issue: foundation).
+
+    .venv/bin/python benchmarks/inline_vs_torch.py [--repeat 7]
+
+Times one full gradient computation (forward + backward, loss and dL/dw for every parameter):
+torch autograd on the torch model, and gradserve's inline engine on the same model exported to
+ONNX. Targets: ratio <= 1.15 on the MLP, <= 1.5 on the CNN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import gradserve
+from common import export_onnx, median_seconds, table
+
+
+class WithLoss(nn.Module):
+    def __init__(self, net: nn.Module, kind: str):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, x, target):
+        out = self.net(x)
+        return F.mse_loss(out, target) if self.kind == "mse" else F.cross_entropy(out, target)
+
+
+def mlp_case():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [nn.Linear(1024, 1024), nn.ReLU()]
+    net = WithLoss(nn.Sequential(*layers[:-1]), "mse")
+    x, y = torch.randn(512, 1024), torch.randn(512, 1024)
+    return "MLP 4x1024, batch 512, float32", net, x, y
+
+
+def cnn_case():
+    torch.manual_seed(0)
+    body = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+    net = WithLoss(body, "ce")
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    return "CNN 3 conv (32x32, batch 64), BatchNorm, float32", net, x, y
+
+
+def run_case(name, net, x, y, repeat):
+    net.train()
+    params = [p for p in net.parameters()]
+
+    def torch_step():
+        for p in params:
+            p.grad = None
+        loss = net(x, y)
+        loss.backward()
+        return loss
+
+    model = gradserve.load_onnx(export_onnx(net, [x, y], ["x", "target"]))
+    feeds = {"x": x.numpy(), "target": y.numpy()}
+    engine = gradserve.local()
+    # Correctness first: the benchmark is meaningless if the numbers differ.
+    result = engine.gradients(model, feeds)
+    assert abs(result.loss - float(torch_step())) <= 1e-4 * max(1.0, abs(result.loss)), "loss differs from torch"
+    t_torch = median_seconds(torch_step, repeat)
+    t_ours = median_seconds(lambda: engine.gradients(model, feeds), repeat)
+    return name, f"{t_torch * 1e3:.1f}", f"{t_ours * 1e3:.1f}", f"{t_ours / t_torch:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=7, help="timed runs per model (median reported)")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of: mlp, cnn")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cases = {"mlp": mlp_case, "cnn": cnn_case}
+    rows = [run_case(*cases[name](), args.repeat) for name in args.models.split(",")]
+    print(f"median of {args.repeat} runs, {os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}")
+    print(table(rows, ("model", "torch ms", "gradserve inline ms", "ratio")))
+
+
+if __name__ == "__main__":
+    main()
