@@ -247,15 +247,23 @@ class RayEngine:
             losses = ray.get(steps.loss)
             loss = float(sum(float(np.asarray(v).reshape(())) * ch.weight for v, ch in zip(losses, chunks)))
             grads: dict[str, np.ndarray] = {}
-            for part in ray.get(weight_refs):
-                for name, g in part.items():
+            stage_seconds = []
+            for part, seconds in ray.get(weight_refs):
+                stage_seconds.append(seconds)
+                for name, g in part.items():  # a parameter used in several partitions: summed
                     grads[name] = grads[name] + g if name in grads else g
             inputs = {k: _sum(ray.get(refs)) for k, refs in steps.input_grads.items()}
             t3 = time.perf_counter()
         except BaseException as exc:
-            self._abort(job_id, dep, list(steps.markers))
+            self._abort(job_id, dep)
             raise _unwrap(exc) from None
-        return loss, grads, inputs, {"submit": t1 - t0, "compute": t2 - t1, "fetch": t3 - t2}
+        busy = [sum(s.values()) for s in stage_seconds]
+        return loss, grads, inputs, {
+            "submit": t1 - t0,
+            "run": t2 - t1,  # from the last submission until every step finished
+            "fetch": t3 - t2,
+            "stage_compute": busy,  # per (replica, partition): seconds inside ops
+        }
 
     def _submit_replica(self, steps: "_Submitted", job_id: str, dep: _Deployment, job, chunks, replica: int, m: int) -> None:
         """Submit the GPipe schedule of one replica's micro-batches; record the refs in ``steps``."""
@@ -307,14 +315,12 @@ class RayEngine:
             for ref in done:  # failures surface when the loss and gradients are fetched
                 report(markers[ref])
 
-    def _abort(self, job_id: str, dep: _Deployment, refs: list) -> None:
-        for ref in refs:
-            try:
-                ray.cancel(ref)
-            except Exception:  # already finished, or not cancellable: nothing to do
-                pass
-        ray.get([actor.end_job.remote(job_id) for row in dep.actors for actor in row])  # frees tapes
-        log.info("job %s aborted; per-job state freed on %d actors", job_id, sum(len(r) for r in dep.actors))
+    def _abort(self, job_id: str, dep: _Deployment) -> None:
+        """Stop the job's queued steps and free its state on every actor it used."""
+        actors = [actor for row in dep.actors for actor in row]
+        ray.get([actor.cancel.remote(job_id) for actor in actors])  # takes effect at once
+        ray.get([actor.end_job.remote(job_id) for actor in actors])  # after the skipped steps
+        log.info("job %s aborted; per-job state freed on %d actors", job_id, len(actors))
 
 
 @dataclass

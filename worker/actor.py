@@ -5,6 +5,10 @@ of several models, keyed by a stage key. Tensors move between actors as ObjectRe
 top-level arguments, so Ray resolves them worker to worker through the object store (zero-copy and
 read-only on one node); the driver passes references and never touches the tensors. Outputs are
 returned as separate objects (``num_returns``) so each consumer fetches only the values it reads.
+
+Steps run one at a time in submission order. :meth:`StageHost.cancel` runs in a separate
+concurrency group, so it takes effect at once: the job's queued steps then return placeholders
+instead of computing (Ray's own task cancellation would break the actor's in-order queue).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class StageHost:
 
     def __init__(self) -> None:
         self.stages: dict[str, Stage] = {}
+        self.cancelled: set[str] = set()
 
     def load(self, key: str, spec: StageSpec, constants: dict[str, np.ndarray], names: Sequence[str], *params: np.ndarray) -> None:
         self.stages[key] = Stage(spec, dict(zip(names, params)), constants)
@@ -31,33 +36,55 @@ class StageHost:
         self.stages.pop(key, None)
 
     def forward(self, key: str, job_id: str, mb: int, names: Sequence[str], *values: np.ndarray) -> Any:
-        outs = self.stages[key].forward(job_id, mb, dict(zip(names, values)))
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        stage = self.stages[key]
+        if job_id in self.cancelled:
+            return _placeholders(len(stage.spec.outputs))
+        return _returns(stage.forward(job_id, mb, dict(zip(names, values))))
 
     def backward(self, key: str, job_id: str, mb: int, names: Sequence[str], *errors: np.ndarray | None) -> Any:
-        errs = self.stages[key].backward(job_id, mb, list(zip(names, errors)))
-        if not errs:
-            return None  # one placeholder return, so the caller can still wait on the step
-        return errs[0] if len(errs) == 1 else tuple(errs)
+        stage = self.stages[key]
+        if job_id in self.cancelled:
+            return _placeholders(max(1, len(stage.spec.wrt_inputs)))
+        errs = stage.backward(job_id, mb, list(zip(names, errors)))
+        return _returns(errs) if errs else None  # one placeholder return, so the step can be awaited
 
-    def weight_grads(self, key: str, job_id: str, *after: Any) -> dict[str, np.ndarray]:
-        """dL/dw of the stage. ``after``: the job's backward results on this stage, passed only so
-        Ray runs this once they exist, and fails it if one of them failed."""
+    def weight_grads(self, key: str, job_id: str, *after: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """dL/dw of the stage and its compute seconds. ``after``: the job's backward results on this
+        stage, passed only so Ray runs this once they exist, and fails it if one of them failed."""
+        if job_id in self.cancelled:
+            return {}, {}
         return self.stages[key].weight_grads(job_id)
 
+    @ray.method(concurrency_group="control")
+    def cancel(self, job_id: str) -> None:
+        """From now on, skip the job's queued steps (runs at once, beside any running step)."""
+        self.cancelled.add(job_id)
+
     def end_job(self, job_id: str) -> None:
-        """Free whatever any stage holds for ``job_id``."""
+        """Free whatever any stage holds for ``job_id``. Queued after the job's steps, so it runs
+        once they are done or skipped."""
         for stage in self.stages.values():
             stage.end_job(job_id)
+        self.cancelled.discard(job_id)
 
+    @ray.method(concurrency_group="control")
     def job_count(self) -> int:
         """Jobs with state on this actor (0 when idle: nothing leaks)."""
         return sum(stage.job_count() for stage in self.stages.values())
 
+    @ray.method(concurrency_group="control")
     def where(self) -> dict[str, Any]:
         """The cluster node and process this actor runs in."""
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address()}
 
 
-StageActor = ray.remote(StageHost)
+def _returns(values: list) -> Any:
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _placeholders(n: int) -> Any:
+    return None if n == 1 else (None,) * n
+
+
+StageActor = ray.remote(concurrency_groups={"control": 1})(StageHost)

@@ -9,6 +9,7 @@ stages wait for; :meth:`weight_grads` computes dL/dw afterwards.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -35,6 +36,7 @@ class StageSpec:
 class _JobState:
     tapes: dict[int, Tape] = field(default_factory=dict)  # micro-batch -> tape awaiting backward
     deferred: list[Tape] = field(default_factory=list)  # tapes holding deferred weight-gradient work
+    seconds: dict[str, float] = field(default_factory=lambda: {"forward": 0.0, "backward": 0.0, "weights": 0.0})
 
 
 class Stage:
@@ -50,9 +52,12 @@ class Stage:
 
     def forward(self, job_id: str, mb: int, values: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the partition on feeds + boundary inputs; return the outputs in ``spec.outputs`` order."""
+        t = time.perf_counter()
         env = {**self.constants, **self.params, **values}
         tape = forward(self.program, env)
-        self.jobs.setdefault(job_id, _JobState()).tapes[mb] = tape
+        state = self.jobs.setdefault(job_id, _JobState())
+        state.tapes[mb] = tape
+        state.seconds["forward"] += time.perf_counter() - t
         return [tape.outputs[o] for o in self.spec.outputs]
 
     def backward(
@@ -62,6 +67,7 @@ class Stage:
         partitions gets one pair from each, and they are summed here, where it was produced. Errors
         at ``spec.wrt_inputs`` out (``None`` where none reaches an input). Weight gradients are
         deferred to :meth:`weight_grads`."""
+        t = time.perf_counter()
         state = self.jobs[job_id]
         tape = state.tapes.pop(mb)
         given: dict[str, np.ndarray] = {}
@@ -70,18 +76,22 @@ class Stage:
                 given[name] = given[name] + err if name in given else err
         errs = backward(self.program, tape, given, defer=self.spec.params)
         state.deferred.append(tape)
+        state.seconds["backward"] += time.perf_counter() - t
         return [errs.get(v) for v in self.spec.wrt_inputs]
 
-    def weight_grads(self, job_id: str) -> dict[str, np.ndarray]:
-        """dL/dw for this partition's parameters, summed over the job's micro-batches; ends the job."""
+    def weight_grads(self, job_id: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """dL/dw for this partition's parameters, summed over the job's micro-batches, and the
+        seconds this stage computed (forward, backward, weights); ends the job."""
+        t = time.perf_counter()
         state = self.jobs.pop(job_id, None)
         if state is None:
-            return {}
+            return {}, {}
         grads: dict[str, np.ndarray] = {}
         for tape in state.deferred:
             for name, g in backward_deferred(self.program, tape).items():
                 grads[name] = grads[name] + g if name in grads else g
-        return grads
+        state.seconds["weights"] = time.perf_counter() - t
+        return grads, state.seconds
 
     def end_job(self, job_id: str) -> None:
         """Drop everything held for ``job_id`` (after success, failure or cancel)."""

@@ -1,0 +1,95 @@
+"""Ray engine vs inline engine on the same models, in the same run (issue: distributed engine).
+
+    .venv/bin/python benchmarks/ray_vs_inline.py [--repeat 5] [--threads N]
+
+Times one gradient job on an already-uploaded model (parameters placed, actors deployed: the
+warm-up runs do that) for the inline engine and for the ray engine with K=2 partitions, with and
+without 4 micro-batches; and the fixed per-job overhead of the ray engine on a tiny model.
+Targets: K=2 <= 1.3x inline, K=2 with M=4 <= 1.1x inline, tiny-model overhead < 15 ms median.
+Also prints where the time goes: compute inside ops (per stage) vs the rest (transfer + scheduling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+import gradserve
+from common import median_seconds, table
+from gradserve.server.ray_engine import RayEngine
+
+
+def mlp(layers: int, width: int, batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, width))
+    y = m.input("y", (None, width))
+    h = x
+    for i in range(layers):
+        w = m.param(f"w{i}", (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32))
+        b = m.param(f"b{i}", np.zeros(width, np.float32))
+        h = h @ w + b
+        if i < layers - 1:
+            h = m.relu(h)
+    model = m.loss(m.mse(h, y))
+    feeds = {"x": rng.standard_normal((batch, width)).astype(np.float32), "y": rng.standard_normal((batch, width)).astype(np.float32)}
+    return model, feeds
+
+
+def tiny():
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, 1), np.float64)
+    y = m.input("y", (None, 1), np.float64)
+    w, b = m.param("w", np.array([[0.5]])), m.param("b", np.array([0.1]))
+    model = m.loss((0.5 * (y - m.sigmoid(x @ w + b)) ** 2).sum())
+    return model, {"x": np.ones((4, 1)), "y": np.zeros((4, 1))}
+
+
+def breakdown(engine, model, feeds, **options) -> str:
+    """compute (busiest stage) / rest, from one extra run."""
+    t = time.perf_counter()
+    result = engine.gradients(model, feeds, **options)
+    wall = time.perf_counter() - t
+    busy = result.info["seconds"]["stage_compute"]
+    return f"stages busy {'/'.join(f'{b * 1e3:.0f}' for b in busy)} ms of {wall * 1e3:.0f} ms wall"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per configuration (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS threads per Ray worker (default: all cores)")
+    parser.add_argument("--skip-deep", action="store_true", help="skip the 8 x 2048 model")
+    args = parser.parse_args()
+    inline = gradserve.local()
+    rows = []
+    cases = [("MLP 4x1024, batch 512", *mlp(4, 1024, 512))]
+    if not args.skip_deep:
+        cases.append(("MLP 8x2048, batch 512", *mlp(8, 2048, 512)))
+    with RayEngine(threads_per_worker=args.threads) as engine:
+        for name, model, feeds in cases:
+            t_inline = median_seconds(lambda: inline.gradients(model, feeds), args.repeat)
+            rows.append((name, "inline", f"{t_inline * 1e3:.0f}", "1.00", ""))
+            for m in (1, 4):
+                opts = dict(partitions=2, micro_batches=m)
+                t = median_seconds(lambda: engine.gradients(model, feeds, **opts), args.repeat)
+                rows.append((name, f"ray K=2 M={m}", f"{t * 1e3:.0f}", f"{t / t_inline:.2f}", breakdown(engine, model, feeds, **opts)))
+        model, feeds = tiny()
+        for k in (1, 2):
+            times = []
+            for _ in range(3):
+                engine.gradients(model, feeds, partitions=k)
+            for _ in range(max(20, args.repeat)):
+                t = time.perf_counter()
+                engine.gradients(model, feeds, partitions=k)
+                times.append(time.perf_counter() - t)
+            rows.append(("tiny (seed example)", f"ray K={k}", f"{statistics.median(times) * 1e3:.1f}", "", "fixed per-job overhead"))
+    print(f"median of {args.repeat} runs, {os.cpu_count()} cores, BLAS threads per worker: {args.threads or os.cpu_count()}")
+    print(table(rows, ("model", "engine", "ms/job", "vs inline", "breakdown")))
+
+
+if __name__ == "__main__":
+    main()
