@@ -1,13 +1,128 @@
 """Command-line options of ``gradserve serve`` (kept apart so the CLI can list them without
-importing the server)."""
+importing the server), and their translation into server settings."""
 
 from __future__ import annotations
 
 import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradserve.server.limits import Limits
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1048576"`` -> bytes (binary units; a trailing "B"/"iB" is allowed)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G, 1048576)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Declare the ``gradserve serve`` options on ``p``."""
     p.add_argument("--address", default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="where to listen (default 127.0.0.1:50051; port 0 picks a free port)")
+    p.add_argument("--engine", choices=["ray", "inline"], default=None,
+                   help="ray: partitions on Ray worker actors; inline: the whole graph in the server process "
+                   "(default: ray, or inline while the ray engine is not installed)")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="join this Ray cluster ('auto' or HOST:PORT); default: start an embedded single-node Ray")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--auth-token-file", metavar="FILE",
+                     help="require 'authorization: Bearer <token>' (the token in FILE) on every call but health checks")
+    sec.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain); needs --tls-key")
+    sec.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    lim = p.add_argument_group("limits (sizes take K/M/G suffixes)")
+    lim.add_argument("--max-model-bytes", type=byte_size, default=_default("max_model_bytes"), metavar="SIZE",
+                     help="parameters + constants of one model (default 4G)")
+    lim.add_argument("--max-store-bytes", type=byte_size, default=_default("max_store_bytes"), metavar="SIZE",
+                     help="all stored models together; least recently used are dropped (default 16G)")
+    lim.add_argument("--max-feed-bytes", type=byte_size, default=_default("max_feed_bytes"), metavar="SIZE",
+                     help="the feeds of one job (default 2G)")
+    lim.add_argument("--max-tensor-elements", type=_positive_int, default=_default("max_tensor_elements"),
+                     metavar="N", help="elements of any one tensor (default 2^30)")
+    lim.add_argument("--max-concurrent-jobs", type=_positive_int, default=_default("max_concurrent_jobs"),
+                     metavar="N", help="jobs computing at once; more wait in a queue (default 2)")
+    lim.add_argument("--max-queued-jobs", type=int, default=_default("max_queued_jobs"), metavar="N",
+                     help="jobs waiting beyond those; more are refused (default 64)")
+    lim.add_argument("--max-message-bytes", type=byte_size, default=_default("max_message_bytes"),
+                     metavar="SIZE", help="one gRPC message; tensors travel in 1M chunks (default 16M)")
+    lim.add_argument("--max-pending-bytes", type=byte_size, default=_default("max_pending_bytes"), metavar="SIZE",
+                     help="uploads being received plus feeds of queued and running jobs, together (default 8G)")
+    lim.add_argument("--result-ttl", type=float, default=_default("result_ttl"), metavar="SECONDS",
+                     help="how long an unfetched result is kept (default 600)")
+    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM, let running jobs finish this long before cancelling them (default 10)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="what the server logs (default info: every job with its model, options and timings)")
+
+
+def _default(name: str) -> Any:
+    """The default of a :class:`gradserve.server.limits.Limits` field: one source of truth."""
+    return Limits.__dataclass_fields__[name].default
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    address: str
+    engine: str | None
+    ray_address: str | None
+    auth_token: str | None
+    tls_cert: bytes | None
+    tls_key: bytes | None
+    limits: Limits
+    grace: float
+    log_level: str
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    """Check the parsed options and read the files they name; ``ValueError`` says what is wrong."""
+    from gradserve.server.auth import read_token_file
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.engine == "inline" and args.ray_address:
+        raise ValueError("--ray-address needs --engine ray")
+    limits = Limits(
+        max_model_bytes=args.max_model_bytes,
+        max_store_bytes=max(args.max_store_bytes, args.max_model_bytes),
+        max_feed_bytes=args.max_feed_bytes,
+        max_tensor_elements=args.max_tensor_elements,
+        max_concurrent_jobs=args.max_concurrent_jobs,
+        max_queued_jobs=max(0, args.max_queued_jobs),
+        max_message_bytes=args.max_message_bytes,
+        max_pending_bytes=args.max_pending_bytes,
+        result_ttl=args.result_ttl,
+    )
+    return ServerSettings(
+        address=args.address,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        auth_token=read_token_file(args.auth_token_file) if args.auth_token_file else None,
+        tls_cert=_read(args.tls_cert, "TLS certificate") if args.tls_cert else None,
+        tls_key=_read(args.tls_key, "TLS key") if args.tls_key else None,
+        limits=limits,
+        grace=args.grace,
+        log_level=args.log_level,
+    )

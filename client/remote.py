@@ -1,0 +1,402 @@
+"""The client library of the gRPC GradientService.
+
+    with gradserve.Client("host:50051", token_file="token", ca_file="ca.pem") as client:
+        result = client.gradients(model, {"x": x, "y": y})       # same Result as the local engines
+        job = client.submit(model, feeds)                          # or asynchronously
+        for status in job.watch():
+            print(status.state, status.steps_done, "/", status.steps_total)
+        result = job.result()
+
+Models are content-addressed: :meth:`Client.upload` sends a model only if the server does not
+already have it, so passing the same model to many jobs costs one small call each. Errors raised
+by the server arrive as :class:`RemoteError` subclasses carrying the gRPC code and the server's
+message; :class:`InvalidArgument` is also a :class:`~gradserve.worker.graph.GraphError`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import grpc
+import numpy as np
+
+from gradserve.proto import chunks, tensors
+from gradserve.proto.v1 import service_pb2, service_pb2_grpc
+from gradserve.server.events import JobCancelled, ProgressEvent
+from gradserve.server.result import Result
+from gradserve.worker.graph import GraphError, Model, graph_from_proto
+
+_MAX_MESSAGE = 64 << 20  # what this client accepts; servers send 1 MiB chunks anyway
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+class RemoteError(Exception):
+    """An error answered by the server: ``code`` is the grpc.StatusCode, ``details`` its message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        Exception.__init__(self, details)
+        self.code = code
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.details
+
+
+class InvalidArgument(RemoteError, GraphError):
+    """The model, feeds or request are wrong; the message names the node or tensor."""
+
+
+class NotFound(RemoteError, LookupError):
+    """Unknown model id or job id."""
+
+
+class ResourceExhausted(RemoteError):
+    """A server limit was hit (model or tensor size, queue length); the message names it."""
+
+
+class Unauthenticated(RemoteError, PermissionError):
+    """Missing or wrong bearer token."""
+
+
+class Cancelled(RemoteError, JobCancelled):
+    """The job (or call) was cancelled."""
+
+
+class DeadlineExceeded(RemoteError, TimeoutError):
+    """The call did not finish within its timeout."""
+
+
+class Unavailable(RemoteError, ConnectionError):
+    """The server cannot be reached (down, wrong address, TLS mismatch) or is shutting down."""
+
+
+class Internal(RemoteError):
+    """The server failed unexpectedly; its log has the details."""
+
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.INTERNAL: Internal,
+}
+
+
+def remote_error(err: grpc.RpcError) -> RemoteError:
+    """The :class:`RemoteError` subclass for a failed call."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(code)
+    return _ERRORS.get(code, RemoteError)(code, details)
+
+
+def _calling(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as err:
+        raise remote_error(err) from None
+
+
+def _streaming(responses: Iterator) -> Iterator:
+    try:
+        yield from responses
+    except grpc.RpcError as err:
+        raise remote_error(err) from None
+
+
+# -- job status ------------------------------------------------------------------------------------
+
+_STATE_NAMES = {
+    service_pb2.QUEUED: "queued", service_pb2.RUNNING: "running", service_pb2.DONE: "done",
+    service_pb2.FAILED: "failed", service_pb2.CANCELLED: "cancelled",
+}
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Where a remote job is: ``state`` is queued, running, done, failed or cancelled; ``event``
+    the progress event this status reports (or the latest); ``seconds`` when it happened."""
+
+    job_id: str
+    state: str
+    steps_done: int
+    steps_total: int
+    event: ProgressEvent | None = None
+    seconds: float = 0.0
+    error_code: str = ""
+    message: str = ""
+    queued_seconds: float = 0.0
+    running_seconds: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+    @classmethod
+    def from_proto(cls, msg: service_pb2.JobStatus) -> "JobStatus":
+        event = None
+        if msg.HasField("event"):
+            e = msg.event
+            event = ProgressEvent(e.phase, e.partition, e.micro_batch, e.replica, e.done, e.node)
+        return cls(msg.job_id, _STATE_NAMES.get(msg.state, "unknown"), msg.steps_done, msg.steps_total, event,
+                   msg.event.seconds, msg.error_code, msg.message, msg.queued_seconds, msg.running_seconds)
+
+
+class Job:
+    """A job submitted with :meth:`Client.submit`."""
+
+    def __init__(self, client: "Client", job_id: str, model_id: str) -> None:
+        self.client = client
+        self.id = job_id
+        self.model_id = model_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> JobStatus:
+        """The job's state and latest progress now."""
+        msg = self.client._call(self.client._stub.GetStatus, service_pb2.JobRef(job_id=self.id))
+        return JobStatus.from_proto(msg)
+
+    def watch(self, timeout: float | None = None) -> Iterator[JobStatus]:
+        """Statuses as they happen (one per progress event and state change), ending with the
+        final state. ``timeout`` bounds the whole watch (DeadlineExceeded)."""
+        stream = self.client._stub.Watch(service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata,
+                                         timeout=self.client._timeout(timeout))
+        for msg in _streaming(stream):
+            yield JobStatus.from_proto(msg)
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Wait for the job and return its Result (fetchable once). A failed job raises the error
+        it failed with; a cancelled one raises :class:`Cancelled`."""
+        stream = self.client._stub.FetchResult(service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata,
+                                               timeout=self.client._timeout(timeout))
+        return _read_result(stream)
+
+    def cancel(self) -> JobStatus:
+        """Ask the server to stop the job (at the engine's next phase boundary)."""
+        msg = self.client._call(self.client._stub.Cancel, service_pb2.JobRef(job_id=self.id))
+        return JobStatus.from_proto(msg)
+
+
+# -- wire helpers ----------------------------------------------------------------------------------
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    tensors.dtype_code(array.dtype)  # unsupported dtypes fail here, naming the dtype, before any call
+    # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into 1-d ones.
+    return np.asarray(array, dtype=array.dtype.newbyteorder("="), order="C")
+
+
+def model_manifest(model: Model) -> tuple[service_pb2.ModelManifest, dict[str, np.ndarray]]:
+    """The manifest announcing ``model`` and the arrays whose chunks follow it.
+
+    The model id is the fingerprint of the model *as the server will rebuild it* from the graph
+    message (defaults filled in, constants decoded), so both sides hash exactly the same thing.
+    """
+    graph = model.graph_proto()
+    canonical = graph_from_proto(graph)
+    params = {}
+    for name, value in model.params.items():
+        try:
+            params[name] = _native(value)
+        except ValueError as exc:
+            raise GraphError(f"parameter '{name}': {exc}") from None
+    canonical.params = params
+    model_id = canonical.fingerprint()
+    constants = canonical.constants
+    del graph.constants[:]  # constants travel chunked, like parameters, however big they are
+    manifest = service_pb2.ModelManifest(
+        graph=graph, parameters=chunks.headers(params), constants=chunks.headers(constants), model_id=model_id
+    )
+    return manifest, {**params, **constants}
+
+
+def _read_result(responses: Iterator[service_pb2.ResultChunk]) -> Result:
+    stream = _streaming(responses)
+    first = next(stream, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise RemoteError(grpc.StatusCode.INTERNAL, "the server's result stream does not start with a header")
+    header = first.header
+    asm = chunks.Assembler(what="result")
+    grads = asm.declare(header.grads, "gradient")
+    input_grads = asm.declare(header.input_grads, "input gradient")
+    for msg in stream:
+        if msg.WhichOneof("part") != "data":
+            raise RemoteError(grpc.StatusCode.INTERNAL, "the server's result stream has a second header")
+        asm.add(msg.data)
+    arrays = asm.finish()
+    try:
+        info = json.loads(header.info_json) if header.info_json else {}
+    except json.JSONDecodeError:
+        info = {}
+    return Result(header.loss, {n: arrays[n] for n in grads}, {n: arrays[n] for n in input_grads}, info)
+
+
+# -- the client ------------------------------------------------------------------------------------
+
+
+class Client:
+    """A connection to a gradserve server at ``address`` ("host:port").
+
+    ``token``/``token_file``: the bearer token the server requires (``--auth-token-file``).
+    ``ca_file``: PEM CA certificate to verify the server's TLS certificate; without it the
+    connection is plaintext. ``timeout``: default seconds for each call (None: no limit).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if token and token_file:
+            raise ValueError("give token or token_file, not both")
+        if token_file:
+            from gradserve.server.auth import read_token_file
+
+            token = read_token_file(token_file)
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE)]
+        if ca_file:
+            try:
+                ca = Path(ca_file).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read CA file {ca_file}: {exc.strerror or exc}") from None
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self._stub = service_pb2_grpc.GradientServiceStub(self._channel)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _timeout(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
+        return _calling(method, request, metadata=self._metadata, timeout=self._timeout(timeout))
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- models -----------------------------------------------------------------------------------
+    def has_model(self, model_id: str) -> bool:
+        """Whether the server has the model with this id."""
+        return self._call(self._stub.HasModel, service_pb2.ModelRef(model_id=model_id)).present
+
+    def upload(self, model: Model) -> str:
+        """Make sure the server has ``model``; return its id (the content hash). Sends nothing
+        but one small call when the server already has it."""
+        manifest, arrays = model_manifest(model)
+        if self.has_model(manifest.model_id):
+            return manifest.model_id
+
+        def messages() -> Iterator[service_pb2.UploadChunk]:
+            yield service_pb2.UploadChunk(manifest=manifest)
+            for chunk in chunks.chunks(arrays):
+                yield service_pb2.UploadChunk(data=chunk)
+
+        return self._call(self._stub.UploadModel, messages()).model_id
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def _job_messages(self, model_id: str, feeds: Mapping[str, Any], partitions: int, micro_batches: int,
+                      replicas: int, input_grads: Iterable[str]) -> Iterator[service_pb2.JobChunk]:
+        arrays = {}
+        for name, value in feeds.items():
+            try:
+                arrays[name] = _native(value)
+            except ValueError as exc:
+                raise GraphError(f"feed '{name}': {exc}") from None
+        for name, value in (("partitions", partitions), ("micro_batches", micro_batches), ("replicas", replicas)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        options = service_pb2.JobOptions(
+            model_id=model_id, partitions=partitions, micro_batches=micro_batches, replicas=replicas,
+            input_grads=list(input_grads), feeds=chunks.headers(arrays),
+        )
+
+        def messages() -> Iterator[service_pb2.JobChunk]:
+            yield service_pb2.JobChunk(options=options)
+            for chunk in chunks.chunks(arrays):
+                yield service_pb2.JobChunk(feed=chunk)
+
+        return messages()
+
+    def _model_id(self, model_or_id: Model | str) -> str:
+        return model_or_id if isinstance(model_or_id, str) else self.upload(model_or_id)
+
+    def submit(
+        self,
+        model_or_id: Model | str,
+        feeds: Mapping[str, Any],
+        *,
+        partitions: int = 1,
+        micro_batches: int = 1,
+        replicas: int = 1,
+        input_grads: Iterable[str] = (),
+    ) -> Job:
+        """Start a job and return at once; uploads the model first if the server lacks it."""
+        model_id = self._model_id(model_or_id)
+        messages = self._job_messages(model_id, feeds, partitions, micro_batches, replicas, input_grads)
+        handle = self._call(self._stub.Submit, messages)
+        return Job(self, handle.job_id, handle.model_id)
+
+    def gradients(
+        self,
+        model_or_id: Model | str,
+        feeds: Mapping[str, Any],
+        *,
+        partitions: int = 1,
+        micro_batches: int = 1,
+        replicas: int = 1,
+        input_grads: Iterable[str] = (),
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> Result:
+        """The loss and dL/dw (and dL/dx for ``input_grads``) of a model on ``feeds``, computed by
+        the server: the same :class:`Result` the local engines return. ``progress=True`` shows a
+        progress line on stderr for jobs that take longer than a second; ``timeout`` bounds the
+        job (DeadlineExceeded, and the server cancels it)."""
+        model_id = self._model_id(model_or_id)
+        if not progress:
+            messages = self._job_messages(model_id, feeds, partitions, micro_batches, replicas, input_grads)
+            stream = self._stub.Run(messages, metadata=self._metadata, timeout=self._timeout(timeout))
+            return _read_result(stream)
+        from gradserve.client.progress import ProgressLine
+
+        deadline = None if self._timeout(timeout) is None else time.monotonic() + self._timeout(timeout)
+        left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+        job = self.submit(model_id, feeds, partitions=partitions, micro_batches=micro_batches, replicas=replicas,
+                          input_grads=input_grads)
+        display = ProgressLine()
+        try:
+            for status in job.watch(timeout=left()):
+                display.update(status)
+            display.close()
+            return job.result(timeout=left())
+        except (KeyboardInterrupt, DeadlineExceeded):
+            display.close()
+            try:
+                job.cancel()  # nobody will fetch it: free the server
+            except RemoteError:
+                pass
+            raise

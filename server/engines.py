@@ -1,0 +1,100 @@
+"""Which engine the server computes with, and how a job is handed to it.
+
+The server takes an *engine factory* (any callable returning an object with
+``.gradients(model, feeds, *, input_grads, progress, cancelled, ...)`` and ``.close()``);
+:func:`engine_factory` builds the one ``gradserve serve --engine`` asks for. The Ray engine is
+imported lazily, only when chosen, so the inline engine works without Ray ever loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from typing import Any, Callable
+
+from gradserve.server.jobs import Job, JobOptions
+from gradserve.server.result import Result
+
+log = logging.getLogger("gradserve.server")
+
+Engine = Any  # duck-typed: .gradients(...) -> Result and .close()
+EngineFactory = Callable[[], Engine]
+
+ENGINES = ("ray", "inline")
+
+
+class EngineUnavailable(RuntimeError):
+    """The chosen engine cannot be constructed here."""
+
+
+def _ray_engine_class() -> type | None:
+    try:
+        from gradserve.server.ray_engine import RayEngine
+    except ModuleNotFoundError as exc:
+        if exc.name == "gradserve.server.ray_engine":
+            return None  # not written/installed yet; any other missing module is a real error
+        raise
+    return RayEngine
+
+
+def engine_factory(kind: str | None = None, *, ray_address: str | None = None) -> EngineFactory:
+    """A factory for the engine named ``kind``: "ray", "inline", or None for "ray when it is
+    available, else inline" (with a warning). Asking for "ray" explicitly when it is missing
+    raises :class:`EngineUnavailable` with a message saying what to do."""
+    if kind not in (None, *ENGINES):
+        raise EngineUnavailable(f"unknown engine {kind!r} (choose one of {', '.join(ENGINES)})")
+    if kind == "inline":
+        if ray_address:
+            raise EngineUnavailable("--ray-address needs --engine ray")
+        return _inline
+    ray_engine = _ray_engine_class()
+    if ray_engine is None:
+        if kind == "ray":
+            raise EngineUnavailable(
+                "the ray engine is not available in this installation (gradserve.server.ray_engine is "
+                "missing); run with --engine inline"
+            )
+        log.warning("the ray engine is not available in this installation; serving with the inline engine")
+        return _inline
+    return lambda: ray_engine(ray_address=ray_address)
+
+
+def _inline() -> Engine:
+    from gradserve.server.inline import InlineEngine
+
+    return InlineEngine()
+
+
+class EngineRunner:
+    """Runs jobs on one engine; the job registry's ``runner``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.name = getattr(engine, "name", type(engine).__name__)
+        try:
+            params = inspect.signature(engine.gradients).parameters
+        except (TypeError, ValueError):
+            params = {}
+        # Engines that split the work (Ray) take partitions/micro_batches/replicas per call; the
+        # inline engine runs the whole graph at once, so for it those options mean nothing.
+        self.splits = "partitions" in params
+
+    def effective(self, options: JobOptions) -> JobOptions:
+        """The options as this engine will honour them."""
+        if self.splits:
+            return options
+        return dataclasses.replace(options, partitions=1, micro_batches=1, replicas=1)
+
+    def __call__(self, job: Job) -> Result:
+        assert job.model is not None and job.feeds is not None
+        kwargs: dict[str, Any] = dict(input_grads=job.options.input_grads, progress=job.add_event, cancelled=job.cancelled)
+        if self.splits:
+            kwargs.update(partitions=job.options.partitions, micro_batches=job.options.micro_batches,
+                          replicas=job.options.replicas)
+        return self.engine.gradients(job.model, job.feeds, **kwargs)
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,50 @@
+"""What one server accepts (no heavy imports: the CLI reads the defaults to build its help)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit breached is answered with RESOURCE_EXHAUSTED and a message naming the limit and
+    the offending tensor or job."""
+
+    max_model_bytes: int = 4 << 30        # parameters + constants of one model
+    max_store_bytes: int = 16 << 30       # all stored models together (least recently used go first)
+    max_feed_bytes: int = 2 << 30         # the feeds of one job
+    max_tensor_elements: int = 1 << 30    # elements of any one tensor
+    max_concurrent_jobs: int = 2          # jobs computing at once (more wait in the queue)
+    max_queued_jobs: int = 64             # jobs waiting beyond those
+    max_message_bytes: int = 16 << 20     # one gRPC message (chunks are 1 MiB; the graph travels whole)
+    max_pending_bytes: int = 8 << 30      # uploads being received + feeds of queued/running jobs, together
+    result_ttl: float = 600.0             # seconds an unfetched result (and a finished job's record) is kept
+
+
+class ByteBudget:
+    """Bytes that requests in flight may hold at once (uploads being received, feeds of queued and
+    running jobs): without it, many requests each under the per-request limits could together
+    exhaust the server's memory."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int, what: str) -> int:
+        """Take ``nbytes`` for ``what``; LimitExceeded (RESOURCE_EXHAUSTED) when they do not fit."""
+        from gradserve.proto.chunks import LimitExceeded
+
+        with self._lock:
+            if self.used + nbytes > self.capacity:
+                raise LimitExceeded(
+                    f"{what} needs {nbytes} bytes, but requests in flight already hold {self.used} of the server's "
+                    f"{self.capacity} bytes for pending data -- retry later"
+                )
+            self.used += nbytes
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - nbytes)

@@ -1,0 +1,194 @@
+"""The gRPC GradientService server and ``gradserve serve``.
+
+:class:`GradientServer` wires everything together: the servicer (:mod:`gradserve.server.servicer`),
+the model store, the job registry on top of one engine, bearer-token auth, TLS, health checking
+and reflection. :func:`serve_forever` is what ``gradserve serve`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradserve.server.auth import BearerTokenInterceptor
+from gradserve.server.engines import EngineFactory, EngineRunner, engine_factory
+from gradserve.server.jobs import JobRegistry
+from gradserve.server.limits import Limits
+from gradserve.server.models import ModelStore
+from gradserve.server.servicer import SERVICE_NAME, GradientServicer, generic_handler
+
+__all__ = ["GradientServer", "Limits", "SERVICE_NAME", "serve_forever"]
+
+log = logging.getLogger("gradserve.server")
+
+
+class GradientServer:
+    """A GradientService server, usable from Python and tests::
+
+        server = GradientServer(lambda: InlineEngine(), "127.0.0.1:0")
+        address = server.start()          # "127.0.0.1:PORT"
+        ...
+        server.stop(grace=5)
+
+    ``engine_factory`` builds the one engine all jobs share (default: the Ray engine when it is
+    available, else the inline engine). ``auth_token`` requires ``authorization: Bearer <token>``
+    on every call but health checks; ``tls_cert``/``tls_key`` (PEM bytes) serve TLS.
+    """
+
+    def __init__(
+        self,
+        engine_factory: EngineFactory | None = None,
+        address: str = "127.0.0.1:0",
+        *,
+        limits: Limits = Limits(),
+        auth_token: str | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        rpc_threads: int = 64,
+    ) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("TLS needs both a certificate and its private key")
+        self._factory = engine_factory
+        self.requested_address = address
+        self.limits = limits
+        self._auth_token = auth_token
+        self._tls = (tls_key, tls_cert) if tls_cert is not None else None
+        self._rpc_threads = rpc_threads
+        self.address: str | None = None
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._runner: EngineRunner | None = None
+        self.registry: JobRegistry | None = None
+        self.store: ModelStore | None = None
+        self.servicer: GradientServicer | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> str:
+        """Build the engine, bind, start serving; return the bound ``HOST:PORT``."""
+        factory = self._factory or engine_factory(None)
+        self._runner = EngineRunner(factory())
+        try:
+            return self._start()
+        except BaseException:
+            self._runner.close()  # do not leak an engine (e.g. Ray workers) when binding fails
+            if self.registry is not None:
+                self.registry.shutdown(0)
+            raise
+
+    def _start(self) -> str:
+        assert self._runner is not None
+        limits = self.limits
+        self.store = ModelStore(max(limits.max_store_bytes, limits.max_model_bytes))
+        self.registry = JobRegistry(self._runner, max_concurrent=limits.max_concurrent_jobs,
+                                    max_queued=limits.max_queued_jobs, result_ttl=limits.result_ttl)
+        self.servicer = GradientServicer(self.store, self.registry, self._runner, limits)
+        interceptors = [BearerTokenInterceptor(self._auth_token)] if self._auth_token else []
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=self._rpc_threads, thread_name_prefix="gradserve-rpc"),
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", limits.max_message_bytes),
+                ("grpc.max_send_message_length", limits.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # port 0 must mean a port nobody else holds
+            ],
+        )
+        server.add_generic_rpc_handlers((generic_handler(self.servicer),))
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+        try:
+            if self._tls:
+                port = server.add_secure_port(self.requested_address, grpc.ssl_server_credentials([self._tls]))
+            else:
+                port = server.add_insecure_port(self.requested_address)
+        except RuntimeError as exc:  # grpc raises RuntimeError for a busy or malformed address
+            raise OSError(f"cannot listen on {self.requested_address}: {exc}") from None
+        if not port:
+            raise OSError(f"cannot listen on {self.requested_address}")
+        server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = self.requested_address.rpartition(":")[0] or "0.0.0.0"
+        self.address = f"{host}:{port}"
+        log.info("serving %s on %s (engine %s, %s, %s)", SERVICE_NAME, self.address, self._runner.name,
+                 "TLS" if self._tls else "plaintext", "token auth" if self._auth_token else "no auth")
+        return self.address
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: uploads, uploads_skipped, upload_chunks, has_model_calls, jobs."""
+        assert self.servicer is not None, "server not started"
+        with self.servicer._stats_lock:
+            return dict(self.servicer.stats)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting calls, let running jobs finish for up to ``grace`` seconds (then cancel
+        them), end open calls, release the engine. Idempotent."""
+        if self._stopped.is_set() or self._server is None:
+            return
+        self._stopped.set()
+        log.info("shutting down (grace %.1fs)", grace)
+        assert self._health and self.registry and self._runner
+        self._health.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
+        done = self._server.stop(grace)         # no new calls; open ones get up to `grace`
+        self.registry.shutdown(grace)
+        done.wait(grace + 5.0)
+        try:
+            self._runner.close()
+        except Exception:  # noqa: BLE001 -- shutting down anyway; say what failed
+            log.exception("closing the engine failed")
+        log.info("stopped")
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`stop` was called (True) or ``timeout`` passed (False)."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "GradientServer":
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(args: Any) -> None:
+    """Run ``gradserve serve``: options from ``client/serve_args.py``; stops on SIGINT/SIGTERM."""
+    from gradserve.client.serve_args import server_settings
+
+    settings = server_settings(args)
+    level = getattr(logging, settings.log_level.upper())
+    logging.getLogger("gradserve").setLevel(level)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = GradientServer(
+        engine_factory(settings.engine, ray_address=settings.ray_address),
+        settings.address,
+        limits=settings.limits,
+        auth_token=settings.auth_token,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+    )
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop.set())
+    address = server.start()
+    print(f"listening on {address}", flush=True)  # scripts wait for this line
+    try:
+        while not stop.wait(1.0):  # wake up now and then: signals are handled between waits
+            pass
+    finally:
+        print("shutting down", file=sys.stderr, flush=True)
+        server.stop(settings.grace)

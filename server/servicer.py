@@ -1,0 +1,334 @@
+"""The RPC handlers of GradientService (``proto/v1/service.proto``).
+
+Requests are parsed here, not by gRPC: gRPC answers a message it cannot parse with a bare
+INTERNAL, while a client that sends garbage deserves INVALID_ARGUMENT and a message saying so.
+Every handler maps its exceptions to a status through :mod:`gradserve.server.errors`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from gradserve.proto import chunks
+from gradserve.proto.v1 import service_pb2
+from gradserve.server.engines import EngineRunner
+from gradserve.server.errors import BadRequest, abort
+from gradserve.server.jobs import FINISHED, MAX_KEPT_EVENTS, Job, JobRegistry, JobSnapshot, parse_options
+from gradserve.server.limits import ByteBudget, Limits
+from gradserve.server.models import ModelStore
+from gradserve.server.prepare import prepare
+from gradserve.server.result import Result
+from gradserve.worker.graph import GraphError, graph_from_proto
+from gradserve.worker.validate import check_structure
+
+log = logging.getLogger("gradserve.server")
+
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name  # gradserve.v1.GradientService
+_STATES = {
+    "queued": service_pb2.QUEUED, "running": service_pb2.RUNNING, "done": service_pb2.DONE,
+    "failed": service_pb2.FAILED, "cancelled": service_pb2.CANCELLED,
+}
+_POLL = 0.5  # seconds between checks that a waiting streaming call's client is still there
+
+
+# -- request parsing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """Stands in for a request message that did not parse (see :func:`_lenient`)."""
+
+    type_name: str
+    error: str
+
+
+def _lenient(cls: type) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        msg = cls()
+        try:
+            msg.ParseFromString(data)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return _Malformed(cls.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
+        return msg
+
+    return parse
+
+
+def _checked(msg: Any) -> Any:
+    if isinstance(msg, _Malformed):
+        raise BadRequest(f"request is not a valid {msg.type_name} message: {msg.error}")
+    return msg
+
+
+def _first(requests: Iterator[Any], part: str, rpc: str) -> Any:
+    """The first message of a request stream, which must carry ``part``."""
+    first = _checked(next(requests, None))
+    if first is None:
+        raise BadRequest(f"{rpc}: empty request stream")
+    if first.WhichOneof("part") != part:
+        raise BadRequest(f"{rpc}: the first message must carry the {part}")
+    return getattr(first, part)
+
+
+def _rest(requests: Iterator[Any], part: str, rpc: str) -> Iterator[Any]:
+    """The remaining messages of a request stream, each of which must carry ``part``."""
+    for msg in requests:
+        msg = _checked(msg)
+        if msg.WhichOneof("part") != part:
+            raise BadRequest(f"{rpc}: after the first message, every message must carry a {part} chunk")
+        yield getattr(msg, part)
+
+
+def _request(request: Any) -> Any:
+    # A unary request is checked here; a request stream message by message in _first/_rest.
+    return request if hasattr(request, "__next__") else _checked(request)
+
+
+def _rpc(method: Callable) -> Callable:
+    """Map any exception of a servicer method to its gRPC status (:mod:`gradserve.server.errors`),
+    for unary and streaming responses alike."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def streaming(self, request, context):
+            try:
+                yield from method(self, _request(request), context)
+            except Exception as exc:  # noqa: BLE001 -- mapped to a status, unexpected ones logged
+                abort(context, exc)
+        return streaming
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, _request(request), context)
+        except Exception as exc:  # noqa: BLE001
+            abort(context, exc)
+    return unary
+
+
+# -- the servicer ----------------------------------------------------------------------------------
+
+
+class GradientServicer:
+    """The RPC handlers. State lives in the model store and the job registry."""
+
+    def __init__(self, store: ModelStore, registry: JobRegistry, runner: EngineRunner, limits: Limits) -> None:
+        self.store, self.registry, self.runner, self.limits = store, registry, runner, limits
+        self.pending = ByteBudget(limits.max_pending_bytes)
+        self._stats_lock = threading.Lock()
+        self.stats = {"uploads": 0, "uploads_skipped": 0, "upload_chunks": 0, "has_model_calls": 0, "jobs": 0}
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
+
+    def _assembler(self, what: str, max_total_bytes: int) -> chunks.Assembler:
+        return chunks.Assembler(
+            what=what,
+            max_total_bytes=max_total_bytes,
+            max_elements=self.limits.max_tensor_elements,
+            max_chunk_bytes=4 * chunks.CHUNK_BYTES,
+        )
+
+    # -- models -----------------------------------------------------------------------------------
+    @_rpc
+    def HasModel(self, request: service_pb2.ModelRef, context: grpc.ServicerContext) -> service_pb2.ModelInfo:
+        self._count("has_model_calls")
+        stored = self.store.info(request.model_id)
+        if stored is None:
+            return service_pb2.ModelInfo(model_id=request.model_id, present=False)
+        return service_pb2.ModelInfo(model_id=stored.model_id, present=True, parameter_bytes=stored.nbytes,
+                                     parameter_count=len(stored.model.params))
+
+    @_rpc
+    def UploadModel(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.UploadReply:
+        t0 = time.perf_counter()
+        manifest = _first(request_iterator, "manifest", "UploadModel")
+        model_id = manifest.model_id
+        if len(model_id) != 64 or any(c not in "0123456789abcdef" for c in model_id):
+            raise BadRequest("UploadModel: model_id must be the model's SHA-256 fingerprint (64 lowercase hex digits)")
+        if self.store.has(model_id):
+            # Content-addressed: the same id is the same model, so nothing needs to be read.
+            self._count("uploads_skipped")
+            return service_pb2.UploadReply(model_id=model_id, already_present=True)
+        asm = self._assembler("model", self.limits.max_model_bytes)
+        params = asm.declare(manifest.parameters, "parameter")
+        consts = asm.declare(manifest.constants, "constant")
+        model = graph_from_proto(manifest.graph)
+        held = self.pending.reserve(asm.total_bytes, f"the upload of model {model_id[:16]}")
+        try:
+            for chunk in _rest(request_iterator, "data", "UploadModel"):
+                asm.add(chunk)
+                self._count("upload_chunks")
+            arrays = asm.finish()
+        finally:
+            self.pending.release(held)  # from here on the model store accounts for the bytes
+        for name in consts:
+            if name in model.constants:
+                raise GraphError(f"constant '{name}' is sent both inline and in chunks")
+            model.constants[name] = arrays[name]
+        model.params = {name: arrays[name] for name in params}
+        actual = model.fingerprint()
+        if actual != model_id:
+            raise BadRequest(
+                f"UploadModel: the data received hashes to {actual}, not to the declared model_id {model_id} "
+                "(corrupted in transit, or the client computed the id differently)"
+            )
+        check_structure(model)  # unknown ops, dangling inputs... rejected now, naming the node
+        stored = self.store.put(model_id, model)
+        self._count("uploads")
+        log.info("model %s uploaded: %d parameters, %d bytes in %.3fs", model_id[:16], len(model.params),
+                 stored.nbytes, time.perf_counter() - t0)
+        return service_pb2.UploadReply(model_id=model_id, bytes_received=asm.received_bytes)
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def _submit(self, request_iterator: Iterator, rpc: str) -> Job:
+        opts = _first(request_iterator, "options", rpc)
+        model = self.store.get(opts.model_id)
+        requested = parse_options(opts.partitions, opts.micro_batches, opts.replicas, opts.input_grads)
+        options = self.runner.effective(requested)
+        if options != requested:
+            log.info("engine %s runs the whole graph: ignoring partitions/micro_batches/replicas", self.runner.name)
+        asm = self._assembler("feed", self.limits.max_feed_bytes)
+        asm.declare(opts.feeds, "feed")
+        # The feeds stay in memory until the job ends: they count against the pending budget
+        # until then, so a flood of queued jobs cannot exhaust the server's memory.
+        held = self.pending.reserve(asm.total_bytes, "the feeds of this job")
+        try:
+            for chunk in _rest(request_iterator, "feed", rpc):
+                asm.add(chunk)
+            feeds = asm.finish()
+            # Check model against feeds now, so a bad batch fails the Submit itself (naming the
+            # tensor) instead of a job later; the engine reuses the cached preparation.
+            prepare(model, feeds, options.input_grads)
+            job = self.registry.submit(opts.model_id, model, feeds, options,
+                                       on_finish=lambda: self.pending.release(held))
+        except BaseException:
+            self.pending.release(held)
+            raise
+        self._count("jobs")
+        return job
+
+    def _result_messages(self, job: Job, result: Result) -> Iterator[service_pb2.ResultChunk]:
+        snap = job.snapshot()
+        info = dict(result.info)
+        info["server"] = {"job_id": job.id, "model_id": job.model_id, "engine": self.runner.name,
+                          "queued_seconds": snap.queued_seconds, "running_seconds": snap.running_seconds}
+        header = service_pb2.ResultHeader(
+            job_id=job.id, loss=result.loss,
+            grads=chunks.headers(result.grads), input_grads=chunks.headers(result.input_grads),
+            info_json=json.dumps(info, default=str),
+        )
+        yield service_pb2.ResultChunk(header=header)
+        for chunk in chunks.chunks({**result.grads, **result.input_grads}):
+            yield service_pb2.ResultChunk(data=chunk)
+
+    def _await(self, job: Job, context: grpc.ServicerContext) -> bool:
+        """Wait for ``job`` while the client is there; False if the client went away."""
+        while not job.wait(_POLL):
+            if not context.is_active():
+                return False
+        return True
+
+    @_rpc
+    def Run(self, request_iterator: Iterator, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
+        job = self._submit(request_iterator, "Run")
+        # A synchronous job is only wanted while its caller waits: cancel it when the call ends.
+        context.add_callback(job.cancelled.set)
+        try:
+            if not self._await(job, context):
+                log.info("job %s: client went away, cancelling", job.id)
+                return
+            result = self.registry.take_result(job)
+            yield from self._result_messages(job, result)
+        finally:
+            self.registry.remove(job.id)
+
+    @_rpc
+    def Submit(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.JobHandle:
+        job = self._submit(request_iterator, "Submit")
+        return service_pb2.JobHandle(job_id=job.id, model_id=job.model_id)
+
+    @_rpc
+    def GetStatus(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> service_pb2.JobStatus:
+        return status_message(self.registry.get(request.job_id).snapshot())
+
+    @_rpc
+    def Watch(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> Iterator[service_pb2.JobStatus]:
+        job = self.registry.get(request.job_id)
+        seen = 0          # progress events already sent
+        sent_state = None
+        while context.is_active():
+            with job.cond:
+                count = job.event_count
+            while seen < count:
+                kept = seen < MAX_KEPT_EVENTS  # past the cap only the latest event is known
+                snap = job.snapshot(seen if kept else None)
+                yield status_message(snap)
+                seen = seen + 1 if kept else count
+                sent_state = snap.state
+            snap = job.snapshot()
+            if snap.state != sent_state:
+                yield status_message(snap)
+                sent_state = snap.state
+            if snap.state in FINISHED and seen >= snap.events:
+                return
+            job.wait_change(seen, snap.state, _POLL)
+
+    @_rpc
+    def Cancel(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> service_pb2.JobStatus:
+        return status_message(self.registry.cancel(request.job_id).snapshot())
+
+    @_rpc
+    def FetchResult(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
+        job = self.registry.get(request.job_id)
+        if not self._await(job, context):
+            return
+        result = self.registry.take_result(job)
+        yield from self._result_messages(job, result)
+
+
+def status_message(snap: JobSnapshot) -> service_pb2.JobStatus:
+    """The wire form of a job snapshot."""
+    msg = service_pb2.JobStatus(
+        job_id=snap.job_id, model_id=snap.model_id, state=_STATES[snap.state], events=snap.events,
+        steps_done=snap.steps_done, steps_total=snap.steps_total, error_code=snap.error_code,
+        message=snap.message, queued_seconds=snap.queued_seconds, running_seconds=snap.running_seconds,
+    )
+    if snap.event is not None:
+        e = snap.event.event
+        msg.event.CopyFrom(service_pb2.ProgressEvent(
+            phase=e.phase, partition=e.partition, micro_batch=e.micro_batch, replica=e.replica,
+            done=e.done, node=e.node, seconds=snap.event.seconds,
+        ))
+    return msg
+
+
+def generic_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
+    """Method handlers built from the service descriptor, with lenient request parsing."""
+    service = service_pb2.DESCRIPTOR.services_by_name["GradientService"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(service_pb2, method.input_type.name)
+        response_cls = getattr(service_pb2, method.output_type.name)
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)

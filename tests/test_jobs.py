@@ -1,0 +1,100 @@
+"""The job registry (states, cancellation, expiry, budget release) and the one exception -> gRPC
+status mapping, without any sockets."""
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from gradserve.proto.chunks import LimitExceeded
+from gradserve.proto.tensors import TensorDecodeError
+from gradserve.server.errors import BadRequest, NotFound, ServiceError, Unavailable, status_for
+from gradserve.server.events import JobCancelled, check_cancelled
+from gradserve.server.jobs import JobOptions, JobRegistry
+from gradserve.server.limits import ByteBudget
+from gradserve.server.result import Result
+from gradserve.worker.graph import GraphError
+
+
+def _result(job):
+    check_cancelled(job.cancelled)
+    return Result(1.5, {"w": np.ones(2)})
+
+
+def test_result_is_handed_out_once_then_the_record_expires():
+    registry = JobRegistry(_result, max_concurrent=1, result_ttl=0.2)
+    try:
+        released = []
+        job = registry.submit("m", object(), {}, JobOptions(), on_finish=lambda: released.append(1))
+        assert job.wait(5) and job.state == "done" and released == [1]
+        assert job.model is None and job.feeds is None  # nothing pinned after the job
+        assert registry.take_result(job).loss == 1.5
+        with pytest.raises(NotFound, match="already fetched"):
+            registry.take_result(job)
+        time.sleep(0.3)
+        registry.sweep()
+        with pytest.raises(NotFound, match="never submitted, or expired"):
+            registry.get(job.id)
+    finally:
+        registry.shutdown(1)
+
+
+def test_failures_keep_their_status_and_queue_is_bounded():
+    gate = threading.Event()
+
+    def runner(job):
+        gate.wait(5)
+        raise GraphError("node 'n' (Foo): boom")
+
+    registry = JobRegistry(runner, max_concurrent=1, max_queued=1)
+    try:
+        first = registry.submit("m", object(), {}, JobOptions())
+        second = registry.submit("m", object(), {}, JobOptions())
+        with pytest.raises(LimitExceeded, match="queues 1 more"):
+            registry.submit("m", object(), {}, JobOptions())
+        assert registry.cancel(second.id).state == "cancelled"
+        gate.set()
+        assert first.wait(5) and first.state == "failed"
+        with pytest.raises(ServiceError) as info:
+            registry.take_result(first)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "node 'n'" in str(info.value)
+        assert first.snapshot().error_code == "INVALID_ARGUMENT"
+    finally:
+        registry.shutdown(1)
+    with pytest.raises(Unavailable):
+        registry.submit("m", object(), {}, JobOptions())
+
+
+def test_byte_budget():
+    budget = ByteBudget(100)
+    held = budget.reserve(60, "a")
+    with pytest.raises(LimitExceeded, match="b needs 50 bytes"):
+        budget.reserve(50, "b")
+    budget.release(held)
+    budget.reserve(100, "c")
+
+
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (GraphError("node 'x' (Add): bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (TensorDecodeError("parameter 'w': bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (BadRequest("no manifest"), grpc.StatusCode.INVALID_ARGUMENT),
+        (NotFound("job 'j' is not known"), grpc.StatusCode.NOT_FOUND),
+        (LimitExceeded("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (JobCancelled("job cancelled"), grpc.StatusCode.CANCELLED),
+        (TimeoutError("slow"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (Unavailable("shutting down"), grpc.StatusCode.UNAVAILABLE),
+        (ServiceError(grpc.StatusCode.ABORTED, "replayed"), grpc.StatusCode.ABORTED),
+    ],
+)
+def test_status_mapping_keeps_the_message(exc, code):
+    assert status_for(exc) == (code, str(exc))
+
+
+def test_unexpected_errors_are_internal_and_short():
+    code, message = status_for(KeyError("secret internal detail"))
+    assert code == grpc.StatusCode.INTERNAL
+    assert "secret" not in message and "KeyError" in message

@@ -1,0 +1,574 @@
+"""The gRPC service end to end over real sockets: a GradientServer on a free port in this process
+(inline engine, so it is fast), driven through gradserve.Client, raw stubs and the CLI.
+
+Covers uploads (content-addressed, >4 MiB, re-upload free), sync and async jobs, Watch, cancel,
+health and reflection, concurrency, every kind of bad request (right status code, message naming
+the culprit, server still fine afterwards), limits, bearer-token auth, TLS, shutdown and the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import gradserve
+from gradserve.client.cli import main as cli_main
+from gradserve.client.progress import ProgressLine
+from gradserve.client.remote import (
+    Cancelled,
+    Client,
+    DeadlineExceeded,
+    InvalidArgument,
+    JobStatus,
+    NotFound,
+    RemoteError,
+    ResourceExhausted,
+    Unauthenticated,
+    model_manifest,
+)
+from gradserve.proto.v1 import service_pb2, service_pb2_grpc
+from gradserve.server.events import JobCancelled, ProgressEvent, check_cancelled
+from gradserve.server.inline import InlineEngine
+from gradserve.server.limits import Limits
+from gradserve.server.service import GradientServer
+from gradserve.worker.graph import GraphError, InputSpec, Model, Node
+
+SERVICE = "gradserve.v1.GradientService"
+REFERENCE = InlineEngine()
+
+
+# -- models and helpers ----------------------------------------------------------------------------
+
+
+def mlp(seed: int, n_in: int = 4, hidden: int = 8) -> Model:
+    rng = np.random.default_rng(seed)
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, n_in))
+    y = m.input("y", (None, 1))
+    w1 = m.param("w1", rng.standard_normal((n_in, hidden)).astype(np.float32))
+    b1 = m.param("b1", np.zeros(hidden, np.float32))
+    w2 = m.param("w2", rng.standard_normal((hidden, 1)).astype(np.float32))
+    return m.loss(m.mse(m.tanh(x @ w1 + b1) @ w2, y))
+
+
+def batch(seed: int, n: int = 16, n_in: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1000 + seed)
+    return {"x": rng.standard_normal((n, n_in)).astype(np.float32),
+            "y": rng.standard_normal((n, 1)).astype(np.float32)}
+
+
+def assert_same(result, reference) -> None:
+    assert result.loss == pytest.approx(reference.loss, rel=1e-6)
+    assert list(result.grads) == list(reference.grads)
+    for name, g in reference.grads.items():
+        assert result.grads[name].shape == np.shape(g), name
+        np.testing.assert_allclose(result.grads[name], g, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert list(result.input_grads) == list(reference.input_grads)
+    for name, g in reference.input_grads.items():
+        np.testing.assert_allclose(result.input_grads[name], g, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def check_still_serving(client: Client, seed: int = 99) -> None:
+    """After a bad request: a normal job on the same server still gives the right answer."""
+    model, feeds = mlp(seed), batch(seed)
+    assert_same(client.gradients(model, feeds), REFERENCE.gradients(model, feeds))
+
+
+@contextlib.contextmanager
+def serving(engine_factory=InlineEngine, **kwargs):
+    server = GradientServer(engine_factory, "127.0.0.1:0", **kwargs)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=1.0)
+
+
+class GatedEngine:
+    """The inline engine behind a gate: a job reports 'forward started', then waits (honouring
+    cancellation) until the test opens the gate. Makes slow jobs deterministic."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.closed = False
+        self.inner = InlineEngine()
+
+    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None):
+        if progress:
+            progress(ProgressEvent("forward", 0, done=False))
+        self.started.set()
+        while not self.gate.wait(0.01):
+            check_cancelled(cancelled)
+        return self.inner.gradients(model, feeds, input_grads=input_grads, cancelled=cancelled)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving(InlineEngine, limits=Limits(max_concurrent_jobs=4)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.address, timeout=30) as c:
+        yield c
+
+
+# -- uploads and jobs ------------------------------------------------------------------------------
+
+
+def test_upload_then_upload_again_costs_nothing(server, client):
+    model = mlp(1)
+    before = server.stats
+    model_id = client.upload(model)
+    assert model_id == model.fingerprint()
+    middle = server.stats
+    assert middle["uploads"] == before["uploads"] + 1
+    assert middle["upload_chunks"] > before["upload_chunks"]
+    assert client.has_model(model_id)
+
+    assert client.upload(model) == model_id
+    after = server.stats
+    # The second upload was one HasModel call: no upload stream, not a single chunk.
+    assert after["uploads"] == middle["uploads"]
+    assert after["upload_chunks"] == middle["upload_chunks"]
+    assert after["has_model_calls"] == middle["has_model_calls"] + 2  # has_model above, then upload
+
+    # Even a client that streams the model regardless is answered at once.
+    manifest, _ = model_manifest(model)
+    reply = service_pb2_grpc.GradientServiceStub(client._channel).UploadModel(
+        iter([service_pb2.UploadChunk(manifest=manifest)]), timeout=10)
+    assert reply.already_present and reply.model_id == model_id
+
+
+def test_sync_job_equals_inline_engine(client):
+    model, feeds = mlp(2), batch(2)
+    result = client.gradients(model, feeds, input_grads=["x"])
+    assert_same(result, REFERENCE.gradients(model, feeds, input_grads=["x"]))
+    assert result.info["server"]["model_id"] == model.fingerprint()
+    # By id, once uploaded.
+    assert_same(client.gradients(model.fingerprint(), feeds), REFERENCE.gradients(model, feeds))
+
+
+def test_async_job_status_watch_result(client):
+    model, feeds = mlp(3), batch(3)
+    job = client.submit(model, feeds)
+    statuses = list(job.watch(timeout=10))
+    states = [s.state for s in statuses]
+    assert states[-1] == "done" and states.count("done") == 1
+    progress = [s for s in statuses if s.state == "running"]
+    assert [(s.event.phase, s.event.done) for s in progress] == [
+        ("forward", False), ("forward", True), ("backward", False), ("backward", True)]
+    assert [s.steps_done for s in progress] == [0, 1, 1, 2]
+    assert statuses[-1].steps_done == statuses[-1].steps_total == 2
+    assert job.status().state == "done"
+    assert_same(job.result(timeout=10), REFERENCE.gradients(model, feeds))
+    with pytest.raises(NotFound, match="already fetched"):
+        job.result(timeout=10)
+
+
+def test_progress_display_path(client, capsys):
+    model, feeds = mlp(4), batch(4)
+    assert_same(client.gradients(model, feeds, progress=True), REFERENCE.gradients(model, feeds))
+    assert capsys.readouterr().err == ""  # a job under a second shows no progress at all
+
+
+def test_progress_line_rendering():
+    out = io.StringIO()
+    line = ProgressLine(out, delay=0)
+    event = ProgressEvent("backward", 1, micro_batch=2)
+    line.update(JobStatus("j", "running", 3, 4, event))
+    line.update(JobStatus("j", "done", 4, 4, event))
+    line.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[" + "#" * 18 + "." * 6 + "] 3/4 running backward p1 mb2")
+    assert lines[1].startswith("[" + "#" * 24 + "] 4/4 done")
+
+
+def test_model_and_batch_over_4_mib(server, client):
+    rng = np.random.default_rng(5)
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, 1200))
+    w = m.param("w", (rng.standard_normal((1200, 1200)) * 0.03).astype(np.float32))  # 5.5 MiB
+    h = m.tanh(x @ w)
+    model = m.loss((h * h).mean())
+    feeds = {"x": rng.standard_normal((1000, 1200)).astype(np.float32)}  # 4.6 MiB
+    before = server.stats["upload_chunks"]
+    result = client.gradients(model, feeds, input_grads=["x"])  # dL/dx is 4.6 MiB too
+    assert server.stats["upload_chunks"] - before == 6
+    assert_same(result, REFERENCE.gradients(model, feeds, input_grads=["x"]))
+
+
+def test_four_clients_at_once(server):
+    barrier = threading.Barrier(4)
+
+    def work(seed):
+        model, feeds = mlp(40 + seed, n_in=32, hidden=128), batch(40 + seed, n=512, n_in=32)
+        with Client(server.address, timeout=30) as c:
+            model_id = c.upload(model)
+            barrier.wait(timeout=10)
+            results = [c.gradients(model_id, feeds) for _ in range(3)]
+        reference = REFERENCE.gradients(model, feeds)
+        for r in results:
+            assert_same(r, reference)
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
+
+
+@pytest.mark.slow
+def test_ray_engine_behind_the_service(ray_engine):
+    """The service on the Ray engine (the default outside tests): partitions and micro-batches
+    reach the engine, progress arrives per step, and the result equals the inline engine's."""
+
+    class Shared:  # the session's engine is closed by its fixture, not by this server
+        name = "ray"
+        gradients = ray_engine.gradients
+
+    with serving(lambda: Shared()) as srv, Client(srv.address, timeout=120) as c:
+        model, feeds = mlp(30), batch(30, n=16)
+        job = c.submit(model, feeds, partitions=2, micro_batches=2, input_grads=["x"])
+        statuses = list(job.watch(timeout=120))
+        assert statuses[-1].state == "done" and statuses[-1].steps_total == 8
+        result = job.result(timeout=60)
+        assert result.info["partitions"] == 2 and result.info["micro_batches"] == 2
+        assert_same(result, REFERENCE.gradients(model, feeds, input_grads=["x"]))
+
+
+# -- health and reflection -------------------------------------------------------------------------
+
+
+def test_health_check(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)]
+        replies = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    assert SERVICE in {s.name for s in replies[0].list_services_response.service}
+    assert replies[1].file_descriptor_response.file_descriptor_proto  # the .proto is served too
+
+
+# -- bad requests ----------------------------------------------------------------------------------
+
+
+def _raw_upload(client, messages):
+    """UploadModel with raw bytes as the messages: what a broken or hostile client can send."""
+    call = client._channel.stream_unary(f"/{SERVICE}/UploadModel")
+    return call(iter(messages), timeout=10)
+
+
+def _upload_with_chunks(client, model, data_chunks, model_id=None):
+    manifest, _ = model_manifest(model)
+    if model_id:
+        manifest.model_id = model_id
+    msgs = [service_pb2.UploadChunk(manifest=manifest)] + [service_pb2.UploadChunk(data=c) for c in data_chunks]
+    return service_pb2_grpc.GradientServiceStub(client._channel).UploadModel(iter(msgs), timeout=10)
+
+
+def _code_and_details(fn):
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details()
+
+
+def test_garbage_message_bytes(client):
+    # A length-delimited field claiming far more bytes than follow: not a parseable message.
+    code, details = _code_and_details(lambda: _raw_upload(client, [b"\x0a\xff\xff\xff\x0f garbage"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid gradserve.v1.UploadChunk" in details
+    check_still_serving(client)
+
+
+def test_garbage_chunk_payload_names_the_tensor(client):
+    model = mlp(6)
+    garbage = service_pb2.TensorChunk(name="w1", offset=0, data=b"garbage")
+    code, details = _code_and_details(lambda: _upload_with_chunks(client, model, [garbage]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameter 'w1'" in details and "got 7" in details
+    bad_offset = service_pb2.TensorChunk(name="b1", offset=4, data=b"\0" * 4)
+    code, details = _code_and_details(lambda: _upload_with_chunks(client, model, [bad_offset]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "parameter 'b1'" in details and "expected offset 0" in details
+    check_still_serving(client)
+
+
+def test_content_hash_is_verified(client):
+    model = mlp(7)
+    _, arrays = model_manifest(model)
+    from gradserve.proto import chunks
+
+    code, details = _code_and_details(
+        lambda: _upload_with_chunks(client, model, list(chunks.chunks(arrays)), model_id="0" * 64))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "hashes to" in details
+    assert not client.has_model("0" * 64)
+
+
+def test_first_message_must_be_the_manifest(client):
+    stub = service_pb2_grpc.GradientServiceStub(client._channel)
+    chunk = service_pb2.UploadChunk(data=service_pb2.TensorChunk(name="w", data=b"\0"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.UploadModel(iter([chunk]), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "manifest" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Run(iter([service_pb2.JobChunk(feed=chunk.data)]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options" in info.value.details()
+
+
+def test_unknown_op_names_the_node(client):
+    model = Model(
+        nodes=[Node("frob", "Frobnicate", ["x", "w"], ["loss"])],
+        inputs=[InputSpec("x", np.dtype(np.float32), ())],
+        params={"w": np.ones((), np.float32)},
+        loss="loss",
+    )
+    with pytest.raises(InvalidArgument, match="node 'frob' \\(Frobnicate\\).*unsupported op type") as info:
+        client.upload(model)
+    assert isinstance(info.value, GraphError) and isinstance(info.value, ValueError)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    check_still_serving(client)
+
+
+@pytest.mark.parametrize(
+    "feeds, options, match",
+    [
+        ({"x": np.zeros((16, 5), np.float32), "y": np.zeros((16, 1), np.float32)}, {}, "'x'"),  # bad shape
+        ({"x": np.zeros((16, 4), np.float32)}, {}, "feed 'y' is missing"),
+        ({"x": np.zeros((16, 4), np.int64), "y": np.zeros((16, 1), np.float32)}, {}, "'x'"),  # bad dtype
+        (batch(8), {"input_grads": ["nope"]}, "'nope'"),
+    ],
+    ids=["bad-shape", "missing-feed", "bad-dtype", "unknown-input-grad"],
+)
+def test_bad_feeds_name_the_tensor(client, feeds, options, match):
+    model = mlp(8)
+    with pytest.raises(InvalidArgument, match=match):
+        client.gradients(model, feeds, **options)
+    with pytest.raises(InvalidArgument, match=match):  # the async path checks at Submit
+        client.submit(model, feeds, **options)
+    check_still_serving(client)
+
+
+def test_unknown_ids(client):
+    with pytest.raises(NotFound, match="model 'no-such-model'"):
+        client.gradients("no-such-model", batch(0))
+    job = gradserve.client.remote.Job(client, "job-0-nope", "")
+    for action in (job.status, job.cancel, lambda: list(job.watch(timeout=5)), lambda: job.result(timeout=5)):
+        with pytest.raises(NotFound, match="job 'job-0-nope'"):
+            action()
+    check_still_serving(client)
+
+
+def test_limits_answer_resource_exhausted():
+    limits = Limits(max_model_bytes=4096, max_tensor_elements=5000, max_feed_bytes=8192, max_pending_bytes=6000)
+    with serving(limits=limits) as srv, Client(srv.address, timeout=30) as c:
+        with pytest.raises(ResourceExhausted, match="parameter 'w1'.*model data .*the limit is 4096"):
+            c.upload(mlp(9, n_in=64, hidden=32))  # w1 alone is 8 KiB
+        model = mlp(9)
+        with pytest.raises(ResourceExhausted, match="feed 'x' of shape \\(2000, 4\\).*the limit is 5000"):
+            c.gradients(model, batch(9, n=2000))
+        with pytest.raises(ResourceExhausted, match="feed data"):
+            c.gradients(model, batch(9, n=1000))  # 16 KiB + 4 KiB of feeds
+        with pytest.raises(ResourceExhausted, match="feeds of this job needs 6400 bytes.*requests in flight"):
+            c.gradients(model, batch(9, n=320))  # under the feed limit, over the pending budget
+        assert not c.has_model(mlp(9, n_in=64, hidden=32).fingerprint())
+        check_still_serving(c)
+        assert srv.servicer.pending.used == 0
+
+
+# -- cancellation, queueing, shutdown --------------------------------------------------------------
+
+
+def test_cancel_running_and_queued_jobs():
+    engine = GatedEngine()
+    with serving(lambda: engine, limits=Limits(max_concurrent_jobs=1, max_queued_jobs=1)) as srv, \
+            Client(srv.address, timeout=30) as c:
+        model, feeds = mlp(11), batch(11)
+        running = c.submit(model, feeds)
+        assert engine.started.wait(5)
+        assert running.status().state == "running"
+        queued = c.submit(model, feeds)
+        assert queued.status().state == "queued"
+        with pytest.raises(ResourceExhausted, match="at most 1 at once and queues 1 more"):
+            c.submit(model, feeds)
+
+        assert queued.cancel().state == "cancelled"
+        with pytest.raises(Cancelled):
+            queued.result(timeout=5)
+        status = running.cancel()
+        assert status.state == "cancelled" or status.message == "cancel requested"
+        statuses = list(running.watch(timeout=5))
+        assert statuses[-1].state == "cancelled" and statuses[-1].error_code == "CANCELLED"
+        with pytest.raises(Cancelled) as info:
+            running.result(timeout=5)
+        assert isinstance(info.value, JobCancelled)
+
+        engine.gate.set()  # the engine is free again: jobs run normally
+        assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
+        assert srv.servicer.pending.used == 0  # every job's feeds were released, cancelled or not
+
+
+def test_sync_job_is_cancelled_when_the_client_gives_up():
+    engine = GatedEngine()
+    with serving(lambda: engine) as srv, Client(srv.address) as c:
+        with pytest.raises(DeadlineExceeded):
+            c.gradients(mlp(12), batch(12), timeout=0.5)
+        deadline = time.monotonic() + 5
+        while srv.registry.jobs() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv.registry.jobs() == []  # cancelled and forgotten, not left running
+
+
+def test_graceful_shutdown_cancels_jobs_after_grace_and_closes_engine():
+    engine = GatedEngine()
+    srv = GradientServer(lambda: engine, "127.0.0.1:0")
+    srv.start()
+    with Client(srv.address, timeout=10) as c:
+        c.submit(mlp(13), batch(13))
+        assert engine.started.wait(5)
+        (job,) = srv.registry.jobs()
+        t0 = time.monotonic()
+        srv.stop(grace=0.3)
+        assert time.monotonic() - t0 < 5
+        assert job.state == "cancelled" and engine.closed
+        with pytest.raises(RemoteError):
+            c.has_model("x")
+
+
+# -- auth and TLS ----------------------------------------------------------------------------------
+
+
+def test_bearer_token_auth(tmp_path):
+    token = "s3cret-t0ken"
+    (tmp_path / "token").write_text(token + "\n")
+    model, feeds = mlp(14), batch(14)
+    with serving(auth_token=token) as srv:
+        for kwargs in ({}, {"token": "wrong"}, {"token": token + "x"}):
+            with Client(srv.address, timeout=10, **kwargs) as c:
+                with pytest.raises(Unauthenticated, match="bearer token"):
+                    c.gradients(model, feeds)
+                stub = service_pb2_grpc.GradientServiceStub(c._channel)  # a streaming call too
+                with pytest.raises(grpc.RpcError) as info:
+                    list(stub.Run(iter([service_pb2.JobChunk()]), timeout=10))
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(srv.address, token_file=tmp_path / "token", timeout=10) as c:
+            assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
+        with grpc.insecure_channel(srv.address) as channel:  # health needs no token
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return d / "cert.pem", d / "key.pem"
+
+
+def test_tls(tls_files):
+    cert, key = tls_files
+    model, feeds = mlp(15), batch(15)
+    with serving(tls_cert=cert.read_bytes(), tls_key=key.read_bytes()) as srv:
+        with Client(srv.address, ca_file=cert, timeout=10) as c:
+            assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
+        with Client(srv.address, timeout=3) as plain:
+            with pytest.raises(RemoteError) as info:
+                plain.has_model("x")
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+def _files(tmp_path, seed):
+    model, feeds = mlp(seed), batch(seed)
+    model.save(tmp_path / "model.gsm")
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    return str(tmp_path / "model.gsm"), str(tmp_path / "feeds.npz")
+
+
+def _assert_same_npz(a, b):
+    with np.load(a) as x, np.load(b) as y:
+        assert sorted(x.files) == sorted(y.files)
+        for k in x.files:
+            np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_cli_grad_via_server_writes_the_same_npz(server, tmp_path, capsys):
+    model_path, feeds_path = _files(tmp_path, 16)
+    local, remote = str(tmp_path / "local.npz"), str(tmp_path / "remote.npz")
+    assert cli_main(["grad", model_path, "--feeds", feeds_path, "--out", local, "--engine", "inline", "-q"]) == 0
+    assert cli_main(["grad", model_path, "--feeds", feeds_path, "--out", remote, "--server", server.address]) == 0
+    assert "loss =" in capsys.readouterr().out
+    _assert_same_npz(local, remote)
+    # A server-side error is one line, exit status 2, like a local one.
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 4), np.float32))
+    assert cli_main(["grad", model_path, "--feeds", str(tmp_path / "bad.npz"), "--out", remote,
+                     "--server", server.address, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "feed 'y' is missing" in err
+
+
+def test_cli_serve_with_token_file(tmp_path, capsys):
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-token\n")
+    model_path, feeds_path = _files(tmp_path, 17)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline", "--address", "127.0.0.1:0",
+         "--auth-token-file", str(token_file), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready, "server did not start"
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line + proc.stderr.read()
+        address = line.split()[-1]
+        out = str(tmp_path / "remote.npz")
+        args = ["grad", model_path, "--feeds", feeds_path, "--out", out, "--server", address, "-q"]
+        assert cli_main(args) == 1  # no token
+        assert "Unauthenticated" in capsys.readouterr().err
+        assert cli_main([*args, "--token-file", str(token_file)]) == 0
+        assert cli_main(["grad", model_path, "--feeds", feeds_path, "--out", str(tmp_path / "local.npz"), "-q"]) == 0
+        _assert_same_npz(str(tmp_path / "local.npz"), out)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
