@@ -78,3 +78,12 @@ def test_console_script_help():
     assert proc.returncode == 0
     for command in ("grad", "plan", "serve", "demo"):
         assert command in proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_through_a_local_server():
+    proc = subprocess.run([sys.executable, "-m", "gradserve.client.cli", "demo"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "server listening on 127.0.0.1:" in proc.stdout
+    assert "all gradients match their references" in proc.stdout
+    assert "server stopped" in proc.stdout
