@@ -1,0 +1,476 @@
+"""Importing ONNX models: an ``onnx.ModelProto`` becomes a gradserve :class:`Model`.
+
+    model = load_onnx("net.onnx")                                   # the graph's output is the loss
+    model = load_onnx("net.onnx", loss="cross_entropy:logits:labels")  # append a loss to logits
+
+Floating initializers become parameters (dL/dw is returned for them), other initializers constants,
+and the remaining graph inputs feeds. Constant subgraphs -- ``Constant`` nodes, anything computed only
+from constants, and ``Shape`` of values whose shape the declared input shapes fix -- are evaluated
+once here with gradserve's own ops, so the exporter's shape bookkeeping does not run per job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference, version_converter
+
+from gradserve.proto import tensors
+from gradserve.worker.graph import Dim, GraphError, InputSpec, Model, Node
+from gradserve.worker.ops import OpContext, get_op
+from gradserve.worker.validate import toposort
+
+log = logging.getLogger("gradserve.onnx")
+
+TARGET_OPSET = 17  # the opset our ops implement (see worker/validate.py)
+TESTED_OPSETS = range(13, 18)
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Ops whose result is not a function of their inputs: never folded, even with constant inputs.
+_NONDETERMINISTIC = {"Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                     "Multinomial", "Bernoulli"}
+# A folded value larger than this (and than its inputs) stays a node: folding e.g. ConstantOfShape
+# of an activation's shape would otherwise ship a full-size tensor of zeros with every model.
+_FOLD_LIMIT_BYTES = 1 << 20
+
+ModelSource = Union[str, Path, bytes, onnx.ModelProto]
+InferredShape = tuple[Union[int, str, None], ...]  # per dim: a size, a symbol, or None (unknown)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss appended to an ONNX graph whose output is not the loss.
+
+    ``kind`` is ``"mse"`` (PyTorch ``MSELoss``: mean of squared differences over all elements) or
+    ``"cross_entropy"`` (mean softmax cross-entropy of (N, C, ...) logits against int64 class labels).
+    ``output`` is the graph value compared (default: the sole graph output); ``target`` names a new
+    feed holding the targets: like ``output`` for mse, int64 of shape (N, ...) for cross_entropy.
+    """
+
+    kind: str
+    output: str | None = None
+    target: str = "target"
+
+    KINDS = ("mse", "cross_entropy")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise GraphError(f"unknown loss kind '{self.kind}' (choose {' or '.join(self.KINDS)})")
+        if not self.target:
+            raise GraphError("a loss spec needs a target input name")
+
+    @classmethod
+    def parse(cls, text: str) -> "LossSpec":
+        """Parse the CLI form ``KIND[:OUTPUT[:TARGET]]``, e.g. ``"mse"`` or
+        ``"cross_entropy:logits:labels"``. (An output whose name contains ':' needs ``LossSpec(...)``.)"""
+        parts = text.strip().split(":")
+        if len(parts) > 3:
+            raise GraphError(f"loss spec '{text}' has too many parts (expected KIND[:OUTPUT[:TARGET]])")
+        kind = parts[0].strip().lower().replace("-", "_")
+        output = parts[1].strip() if len(parts) > 1 and parts[1].strip() else None
+        target = parts[2].strip() if len(parts) > 2 and parts[2].strip() else "target"
+        return cls(kind, output, target)
+
+
+def load_onnx(path_or_bytes: ModelSource, loss: str | LossSpec | None = None) -> Model:
+    """Convert an ONNX model (a path, serialized bytes or a ``ModelProto``) into a :class:`Model`.
+
+    ``loss`` is None when the graph's single output is the scalar loss; otherwise the name of a value
+    in the graph, or a :class:`LossSpec` (or its string form, see :meth:`LossSpec.parse`) to append.
+    A string is a value name if the graph has such a value, else a loss spec.
+    Raises GraphError for anything that is not an ONNX model or uses ops gradserve does not have.
+    """
+    proto = _read(path_or_bytes)
+    proto, opset = _normalize_opset(proto)
+    importer = _Importer(proto, opset)
+    importer.resolve_loss(loss)
+    importer.fold_constants()
+    return importer.finish()
+
+
+# -- reading ----------------------------------------------------------------------------------------
+def _read(source: ModelSource) -> onnx.ModelProto:
+    if isinstance(source, onnx.ModelProto):
+        proto = source
+    else:
+        try:
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                proto = onnx.load_from_string(bytes(source))
+            else:
+                proto = onnx.load(str(source))  # from a path so external tensor data is found
+        except OSError:  # a missing or unreadable file is not a malformed model
+            raise
+        except Exception as exc:  # protobuf raises DecodeError, others on truncated data
+            raise GraphError(f"not an ONNX model: {exc}") from None
+    # Protobuf parses many byte strings (the empty one, other messages) without complaint; a real
+    # ModelProto always has an IR version and a graph.
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise GraphError("not an ONNX model: no IR version or graph in the data")
+    return proto
+
+
+def _normalize_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Our ops follow opset 17; convert other opsets of the default domain with ONNX's converter
+    where it can, and otherwise go on, since most ops are unchanged across opsets."""
+    opset = next((o.version for o in proto.opset_import if o.domain in _DEFAULT_DOMAINS), None)
+    if opset is None:
+        raise GraphError("the model does not import the default ONNX domain (ai.onnx)")
+    if opset == TARGET_OPSET:
+        return proto, opset
+    try:
+        converted = version_converter.convert_version(proto, TARGET_OPSET)
+        log.info("converted the model from opset %d to %d", opset, TARGET_OPSET)
+        return converted, opset
+    except Exception as exc:  # the converter lacks adapters for some ops
+        level = logging.DEBUG if opset in TESTED_OPSETS else logging.WARNING
+        log.log(level, "model uses opset %d and could not be converted to opset %d, which gradserve's ops "
+                "follow; ops whose definition changed may fail (%s)", opset, TARGET_OPSET, exc)
+        return proto, opset
+
+
+# -- conversion -------------------------------------------------------------------------------------
+class _Importer:
+    """The model under conversion: nodes, leaves, inferred shapes, then loss and folding."""
+
+    def __init__(self, proto: onnx.ModelProto, opset: int):
+        self.opset = opset
+        graph = proto.graph
+        self.shapes, self.dtypes = _infer(proto)
+        if graph.sparse_initializer:
+            raise GraphError(f"sparse initializer '{graph.sparse_initializer[0].values.name}' is not supported")
+        self.params: dict[str, np.ndarray] = {}
+        self.constants: dict[str, np.ndarray] = {}
+        for init in graph.initializer:
+            value = _to_array(init, f"initializer '{init.name}'")
+            (self.params if value.dtype.kind == "f" else self.constants)[init.name] = value
+        # Before IR 4 initializers were also listed as inputs; they are not feeds.
+        self.inputs = [self._input_spec(vi) for vi in graph.input
+                       if vi.name not in self.params and vi.name not in self.constants]
+        self.outputs = [vi.name for vi in graph.output]
+        self.nodes: list[Node] = []
+        used_names: set[str] = set()
+        for index, onnx_node in enumerate(graph.node):
+            node = self._convert_node(onnx_node, index, used_names)
+            if node is not None:
+                self.nodes.append(node)
+        self.loss = ""
+
+    # -- leaves and nodes ---------------------------------------------------------------------------
+    def _input_spec(self, vi: onnx.ValueInfoProto) -> InputSpec:
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not t.elem_type:
+            raise GraphError(f"input '{vi.name}' is not a tensor of known dtype")
+        dtype = _np_dtype(t.elem_type, f"input '{vi.name}'")
+        if not t.HasField("shape"):
+            raise GraphError(f"input '{vi.name}' declares no shape (its rank must be known)")
+        dims = (_dim(d) for d in t.shape.dim)
+        return InputSpec(vi.name, dtype, tuple("?" if d is None else d for d in dims))
+
+    def _convert_node(self, n: onnx.NodeProto, index: int, used_names: set[str]) -> Node | None:
+        name = n.name or f"{n.op_type}_{index}"
+        base, k = name, 1
+        while name in used_names:  # ONNX does not require unique node names; we do
+            name, k = f"{base}_{k}", k + 1
+        used_names.add(name)
+        node = Node(name, n.op_type, list(n.input), list(n.output))
+        if n.domain not in _DEFAULT_DOMAINS:
+            raise GraphError(f"{node}: domain '{n.domain}' is not supported (only the default ONNX domain)")
+        node.attrs = {a.name: _attr_value(a, f"{node}: attribute '{a.name}'") for a in n.attribute}
+        if n.op_type == "Constant":
+            self.constants[n.output[0]] = _constant_value(node)
+            return None
+        if get_op(n.op_type) is None:
+            note = "" if self.opset in TESTED_OPSETS else f" (the model uses opset {self.opset}; gradserve implements {TARGET_OPSET})"
+            raise GraphError(f"{node}: unsupported op type{note}")
+        return node
+
+    # -- loss ---------------------------------------------------------------------------------------
+    def resolve_loss(self, loss: str | LossSpec | None) -> None:
+        """Set ``self.loss``, appending loss nodes and a target input for a LossSpec."""
+        if isinstance(loss, str) and loss in self._value_names():
+            self.loss = loss
+            return
+        if isinstance(loss, str):
+            try:
+                loss = LossSpec.parse(loss)
+            except GraphError as exc:
+                raise GraphError(f"loss '{loss}' is neither a value of the graph nor a loss spec: {exc}") from None
+        if isinstance(loss, LossSpec):
+            self._append_loss(loss)
+            return
+        if loss is not None:
+            raise TypeError(f"loss must be a value name, a LossSpec or None, not {type(loss).__name__}")
+        if len(self.outputs) != 1:
+            raise GraphError(
+                f"the model has {len(self.outputs)} outputs ({', '.join(self.outputs)}); name the loss "
+                "value or a loss spec with --loss / loss="
+            )
+        out = self.outputs[0]
+        shape = self.shapes.get(out)
+        if shape is not None and not all(d == 1 for d in shape):
+            raise GraphError(
+                f"the model's output '{out}' has shape {_fmt(shape)}, not a scalar loss; pass a loss with "
+                "--loss / loss= (e.g. 'mse' or 'cross_entropy:OUTPUT:TARGET')"
+            )
+        self.loss = out
+
+    def _append_loss(self, spec: LossSpec) -> None:
+        output = spec.output
+        if output is None:
+            if len(self.outputs) != 1:
+                raise GraphError(f"the model has {len(self.outputs)} outputs ({', '.join(self.outputs)}); "
+                                 f"say which one the loss reads, e.g. '{spec.kind}:OUTPUT:{spec.target}'")
+            output = self.outputs[0]
+        names = self._value_names()
+        if output not in names:
+            raise GraphError(f"loss spec names output '{output}', which is not a value of the graph")
+        if spec.target in names:
+            raise GraphError(f"the loss target '{spec.target}' would be a new input, but the graph already "
+                             "has a value of that name; choose another target name")
+        names.add(spec.target)
+        shape = self.shapes.get(output)
+        dtype = self.dtypes.get(output)
+        if shape is None or dtype is None:
+            raise GraphError(f"cannot tell the shape and dtype of output '{output}', so the loss target "
+                             "cannot be declared")
+        if dtype.kind != "f":
+            raise GraphError(f"output '{output}' has dtype {dtype.name}; a loss needs floating values")
+        dims = tuple("?" if d is None else d for d in shape)
+        loss_name = self._fresh("loss", names)
+        if spec.kind == "mse":
+            self.inputs.append(InputSpec(spec.target, dtype, dims))
+            diff, square = self._fresh("loss/diff", names), self._fresh("loss/square", names)
+            self._add_node("Sub", [output, spec.target], diff)
+            self._add_node("Mul", [diff, diff], square)
+            self._add_node("ReduceMean", [square], loss_name, keepdims=0)
+        else:
+            if len(dims) < 2:
+                raise GraphError(f"cross_entropy needs logits of shape (N, C, ...), but output '{output}' "
+                                 f"has shape {_fmt(shape)}")
+            self.inputs.append(InputSpec(spec.target, np.dtype(np.int64), dims[:1] + dims[2:]))
+            self._add_node("SoftmaxCrossEntropyLoss", [output, spec.target], loss_name, reduction="mean")
+        self.loss = loss_name
+
+    def _add_node(self, op_type: str, inputs: list[str], output: str, **attrs: Any) -> None:
+        taken = {n.name for n in self.nodes}
+        name = self._fresh(f"loss/{op_type}", taken)
+        if get_op(op_type) is None:
+            raise GraphError(f"node '{name}' ({op_type}): unsupported op type (needed for the loss)")
+        self.nodes.append(Node(name, op_type, inputs, [output], attrs))
+
+    def _value_names(self) -> set[str]:
+        names = {s.name for s in self.inputs} | set(self.params) | set(self.constants)
+        return names | {o for n in self.nodes for o in n.outputs if o}
+
+    @staticmethod
+    def _fresh(stem: str, taken: set[str]) -> str:
+        name, k = stem, 1
+        while name in taken:
+            name, k = f"{stem}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    # -- constant folding ---------------------------------------------------------------------------
+    def fold_constants(self) -> None:
+        """Replace every node computable now (constant inputs, or Shape/Size of a statically shaped
+        value) by constants, in one pass in graph order so folded values feed later folds."""
+        kept: list[Node] = []
+        self._partial_shapes: dict[str, InferredShape] = {}  # outputs of Shape nodes that stay: known dims
+        for node in toposort(self.nodes):  # ONNX demands this order; hand-made graphs may not keep it
+            values = self._fold(node)
+            if values is None:
+                kept.append(node)
+                continue
+            for name, value in zip(node.outputs, values):
+                if name:
+                    self.constants[name] = value
+        self.nodes = kept
+
+    def _fold(self, node: Node) -> list[np.ndarray] | None:
+        if node.op_type in _NONDETERMINISTIC:
+            return None
+        if node.op_type in ("Shape", "Size") and node.inputs and node.inputs[0] not in self.constants:
+            return self._fold_shape(node)
+        if node.op_type == "Gather" and node.inputs[0] in self._partial_shapes:
+            return self._fold_shape_gather(node)
+        if not all(i in self.constants for i in node.inputs if i):
+            return None
+        args = [self.constants[i] if i else None for i in node.inputs]
+        ctx = OpContext(dict(node.attrs), node=node.name)
+        ctx.n_outputs = len(node.outputs)  # type: ignore[attr-defined]  # as the engine's runner does
+        try:
+            result = get_op(node.op_type).forward(ctx, *args)
+        except Exception as exc:
+            raise GraphError(f"{node}: evaluating it on constant inputs failed: {type(exc).__name__}: {exc}") from exc
+        # Copies: an op may return a view (Reshape) or a zero-stride broadcast (Expand) of its input.
+        outs = [np.array(r) for r in (result if isinstance(result, tuple) else (result,))]
+        size_in = sum(a.nbytes for a in args if a is not None)
+        if sum(o.nbytes for o in outs) > max(_FOLD_LIMIT_BYTES, size_in):
+            return None
+        return outs
+
+    def _fold_shape(self, node: Node) -> list[np.ndarray] | None:
+        x = node.inputs[0]
+        shape = self.shapes.get(x)
+        if shape is None and x in self.params:
+            shape = self.params[x].shape
+        if shape is None:
+            return None
+        if node.op_type == "Size":
+            return [np.asarray(int(np.prod(shape)), np.int64)] if all(isinstance(d, int) for d in shape) else None
+        rank = len(shape)
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        end = min(max(end + rank if end < 0 else end, 0), rank)
+        dims = shape[start:end]
+        # A symbolic or unknown dim (the batch) is only known per job: such a Shape stays a node,
+        # but Gathers of its static dims can still fold (x.shape[1] with a dynamic batch).
+        if not all(isinstance(d, int) for d in dims):
+            self._partial_shapes[node.outputs[0]] = dims
+            return None
+        return [np.asarray(dims, np.int64).reshape(len(dims))]
+
+    def _fold_shape_gather(self, node: Node) -> list[np.ndarray] | None:
+        """Gather of static entries of a Shape that stays (exporters emit one per ``x.size(i)``)."""
+        indices = self.constants.get(node.inputs[1])
+        if indices is None or indices.dtype.kind not in "iu" or node.attrs.get("axis", 0) != 0:
+            return None
+        dims = self._partial_shapes[node.inputs[0]]
+        if not np.all((indices >= -len(dims)) & (indices < len(dims))):
+            return None  # out of range: leave it to fail with the engine's message
+        picked = [dims[int(i)] for i in indices.reshape(-1)]
+        if not all(isinstance(d, int) for d in picked):
+            return None
+        return [np.asarray(picked, np.int64).reshape(indices.shape)]
+
+    # -- result -------------------------------------------------------------------------------------
+    def finish(self) -> Model:
+        """The Model: nodes the loss does not depend on (other graph outputs, Shapes whose every
+        use was folded) and constants nothing reads are dropped."""
+        self.nodes = _live_nodes(self.nodes, self.loss)
+        read = {i for n in self.nodes for i in n.inputs if i} | {self.loss}
+        constants = {k: v for k, v in self.constants.items() if k in read}
+        for kind, values in (("parameter", self.params), ("constant", constants)):
+            for name, value in values.items():
+                _check_dtype(value.dtype, f"{kind} '{name}'")
+        for spec in self.inputs:
+            _check_dtype(spec.dtype, f"input '{spec.name}'")
+        return Model(nodes=self.nodes, inputs=self.inputs, params=self.params, loss=self.loss, constants=constants)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _infer(proto: onnx.ModelProto) -> tuple[dict[str, InferredShape], dict[str, np.dtype]]:
+    """Shapes (ints, symbols, None for unknown) and dtypes of every value ONNX can infer from the
+    declared input shapes. data_prop lets ONNX see through Shape -> Gather -> Concat -> Reshape."""
+    try:
+        inferred = shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as exc:  # an inconsistent graph: the engine's strict check will name the node
+        log.debug("ONNX shape inference failed at import: %s", exc)
+        inferred = proto
+    shapes: dict[str, InferredShape] = {}
+    dtypes: dict[str, np.dtype] = {}
+    g = inferred.graph
+    for vi in [*g.input, *g.value_info, *g.output]:
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            continue
+        if t.elem_type:
+            try:
+                dtypes[vi.name] = helper.tensor_dtype_to_np_dtype(t.elem_type)
+            except Exception:  # exotic element types: leave unknown
+                pass
+        if t.HasField("shape"):
+            shapes[vi.name] = tuple(_dim(d) for d in t.shape.dim)
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes, dtypes
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if d.HasField("dim_value"):
+        return int(d.dim_value)
+    if d.HasField("dim_param") and d.dim_param:
+        return d.dim_param
+    return None
+
+
+def _live_nodes(nodes: list[Node], loss: str) -> list[Node]:
+    producer = {o: n for n in nodes for o in n.outputs if o}
+    live: set[str] = set()
+    stack = [loss]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in live:
+            live.add(node.name)
+            stack.extend(i for i in node.inputs if i)
+    return [n for n in nodes if n.name in live]
+
+
+def _to_array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
+    try:
+        return np.array(numpy_helper.to_array(tensor))  # a writable copy, not a view of the proto
+    except Exception as exc:
+        raise GraphError(f"{what}: cannot read its data: {exc}") from None
+
+
+def _np_dtype(elem_type: int, what: str) -> np.dtype:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:
+        raise GraphError(f"{what}: ONNX element type {elem_type} is not supported") from None
+
+
+def _check_dtype(dtype: np.dtype, what: str) -> None:
+    try:
+        tensors.dtype_code(dtype)
+    except ValueError as exc:
+        raise GraphError(f"{what}: {exc}") from None
+
+
+def _attr_value(a: onnx.AttributeProto, what: str) -> Any:
+    """An ONNX attribute as plain Python: int, float, str, lists of those, or a numpy array."""
+    kind = a.type
+    if kind == onnx.AttributeProto.TENSOR:
+        return _to_array(a.t, what)
+    if kind in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        raise GraphError(f"{what}: subgraphs (If/Loop/Scan bodies) are not supported")
+    if kind in (onnx.AttributeProto.TENSORS, onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS,
+                onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS):
+        raise GraphError(f"{what}: attributes of type {onnx.AttributeProto.AttributeType.Name(kind)} are not supported")
+    value = helper.get_attribute_value(a)
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if kind == onnx.AttributeProto.INT:
+        return int(value)
+    if kind == onnx.AttributeProto.FLOAT:
+        return float(value)
+    if kind == onnx.AttributeProto.STRINGS:
+        return [v.decode("utf-8") for v in value]
+    if kind == onnx.AttributeProto.INTS:
+        return [int(v) for v in value]
+    if kind == onnx.AttributeProto.FLOATS:
+        return [float(v) for v in value]
+    raise GraphError(f"{what}: attribute without a value")
+
+
+_CONSTANT_ATTRS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+
+def _constant_value(node: Node) -> np.ndarray:
+    """The tensor a Constant node holds (one of value, value_float(s), value_int(s))."""
+    if "value" in node.attrs:
+        return np.array(node.attrs["value"])
+    for key, dtype in _CONSTANT_ATTRS.items():
+        if key in node.attrs:
+            return np.array(node.attrs[key], dtype=dtype)
+    raise GraphError(f"{node}: only tensor, float(s) and int(s) constants are supported "
+                     f"(got {', '.join(node.attrs) or 'no value'})")
+
+
+def _fmt(shape: Iterable[Dim]) -> str:
+    dims = ["?" if d is None else str(d) for d in shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
