@@ -22,6 +22,8 @@ from gradserve.worker.validate import ValueInfo
 
 # Roughly how many FLOPs one byte of boundary transfer is worth on one machine (memory/IPC bound).
 FLOPS_PER_BYTE = 4.0
+# Beyond this many nodes, cuts are chosen among this many evenly spaced positions.
+MAX_CANDIDATES = 160
 
 
 @dataclass
@@ -127,45 +129,52 @@ def _manual_cuts(nodes: list[Node], split_at: Sequence[str]) -> list[int]:
 
 
 def _best_cuts(nodes: list[Node], shapes: Mapping[str, ValueInfo], k: int) -> list[int]:
-    """Cut positions (start indices of partitions 1..k-1) minimising the slowest partition."""
+    """Cut positions (start indices of partitions 1..k-1) minimising the slowest partition.
+
+    Dynamic programming over candidate cut positions: every position for graphs of up to
+    ``MAX_CANDIDATES`` nodes, evenly spaced ones beyond, so planning stays in milliseconds.
+    """
     n = len(nodes)
     if k <= 1:
         return []
+    cands = list(range(n + 1)) if n <= MAX_CANDIDATES else sorted({0, n, *np.linspace(0, n, MAX_CANDIDATES).round().astype(int)})
     flops = np.array([node_flops(nd, shapes) for nd in nodes], dtype=np.float64)
     prefix = np.concatenate([[0.0], np.cumsum(flops)])
     producer_pos = {o: i for i, nd in enumerate(nodes) for o in nd.outputs if o}
-    # recv[i][j]: bytes partition [i, j) receives from earlier partitions = values read in [i, j)
-    # but produced before i. Computed incrementally per start i.
-    recv = np.zeros((n + 1, n + 1))
-    for i in range(n):
+    size = {v: (shapes[v].nbytes if v in shapes else 0) for v in producer_pos}
+    index = {pos: a for a, pos in enumerate(cands)}
+    m = len(cands)
+    # recv[a][b]: bytes the partition [cands[a], cands[b]) receives from earlier partitions (values
+    # it reads that were produced before it starts), built incrementally per start.
+    recv = np.zeros((m, m))
+    for a, start in enumerate(cands[:-1]):
         seen: set[str] = set()
         total = 0.0
-        for j in range(i, n):
+        for j in range(start, n):
             for v in nodes[j].inputs:
-                if v in producer_pos and producer_pos[v] < i and v not in seen:
+                if v in producer_pos and producer_pos[v] < start and v not in seen:
                     seen.add(v)
-                    info = shapes.get(v)
-                    total += info.nbytes if info is not None else 0
-            recv[i][j + 1] = total
-    cost = lambda i, j: prefix[j] - prefix[i] + FLOPS_PER_BYTE * recv[i][j]  # noqa: E731
+                    total += size[v]
+            if j + 1 in index:
+                recv[a][index[j + 1]] = total
+    cost = lambda a, b: prefix[cands[b]] - prefix[cands[a]] + FLOPS_PER_BYTE * recv[a][b]  # noqa: E731
     INF = float("inf")
-    best = np.full((k + 1, n + 1), INF)
-    choice = np.zeros((k + 1, n + 1), dtype=np.int64)
+    best = np.full((k + 1, m), INF)
+    choice = np.zeros((k + 1, m), dtype=np.int64)
     best[0][0] = 0.0
     for parts in range(1, k + 1):
-        for j in range(parts, n + 1):
-            for i in range(parts - 1, j):
-                if best[parts - 1][i] == INF:
-                    continue
-                c = max(best[parts - 1][i], cost(i, j))
-                if c < best[parts][j]:
-                    best[parts][j], choice[parts][j] = c, i
-    cuts, j = [], n
+        for b in range(parts, m):
+            for a in range(parts - 1, b):
+                if best[parts - 1][a] < INF:
+                    c = max(best[parts - 1][a], cost(a, b))
+                    if c < best[parts][b]:
+                        best[parts][b], choice[parts][b] = c, a
+    cuts, b = [], m - 1
     for parts in range(k, 0, -1):
-        i = int(choice[parts][j])
+        a = int(choice[parts][b])
         if parts > 1:
-            cuts.append(i)
-        j = i
+            cuts.append(cands[a])
+        b = a
     return sorted(cuts)
 
 
