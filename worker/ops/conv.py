@@ -1,13 +1,13 @@
 """Convolution (ONNX ``Conv``, any number of spatial dims) as im2col + BLAS matmul.
 
-Layout: the input is padded once into a channel-major buffer ``xT`` of shape (C, N, *padded), which
-the forward saves for the VJP. Columns are built for a block of images at a time into a reused,
-cache-sized buffer and multiplied by the weights with one (batched-over-groups) matmul; the VJP
-rebuilds the same blocks to form dW and scatters dcols back (col2im: one strided add per kernel
-offset). Rebuilding a block in cache is cheaper than writing, keeping and re-reading the full
-(C*k*k, N*H*W) column matrix, and keeps the memory a layer holds between passes to one copy of x.
+The input is padded once into a channel-major copy ``xT`` (C, N, *padded), which the forward saves
+for the VJP (X itself is not kept). Columns are built a block at a time into a reused, cache-sized
+buffer and multiplied by the weights in one matmul per block (batched over groups); the VJP
+rebuilds the same blocks for dW and scatters W^T x error back into the padded input (col2im: one
+add per kernel offset). Rebuilding a block in cache costs less than writing, holding and re-reading
+the full (C*prod(kernel), N*H*W) column matrix.
 
-The pooling ops reuse :func:`geometry`, :func:`spatial_attrs` and :func:`pad_input` from here.
+The pooling ops reuse the attribute parsing, output geometry and padding helpers from here.
 """
 
 from __future__ import annotations
@@ -22,17 +22,23 @@ from gradserve.worker.ops.registry import OpError, defop
 
 # Elements per block of columns: a few MB, so a block and its matmul result stay in L2/L3.
 _BLOCK_ELEMS = 1 << 20
+# Largest prod(padded)/prod(out) for which stride-1 convs use the shifted (flat) grid.
+_FLAT_MAX_RATIO = 2.0
 
 _scratch = threading.local()
+_SCRATCH_MAX_BYTES = 64 << 20
 
 
 def scratch(name: str, shape, dtype) -> np.ndarray:
     """A per-thread reusable buffer for temporaries that never leave the op. Fresh multi-MB arrays
-    cost page faults (and zeroing) on first touch, which for a conv layer adds up to more than
-    the copies themselves; reusing the buffers keeps them mapped and warm."""
+    cost page faults (and zeroing) on first touch, which for a conv layer adds up to a good part of
+    the copies themselves; reusing the buffers keeps them mapped and warm. Very large requests are
+    not cached, so the pool never holds more than a few of those sizes per thread."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     size = math.prod(shape)
     dtype = np.dtype(dtype)
+    if size * dtype.itemsize > _SCRATCH_MAX_BYTES:
+        return np.empty(shape, dtype)
     pool = _scratch.__dict__
     buf = pool.get((name, dtype))
     if buf is None or buf.size < size:
@@ -40,7 +46,7 @@ def scratch(name: str, shape, dtype) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
-def _str(value, default: str) -> str:
+def str_attr(value, default: str) -> str:
     if value is None:
         return default
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -57,8 +63,8 @@ def spatial_attrs(c, n: int, kernel: tuple[int, ...] | None = None):
     if len(strides) != n or len(dilations) != n or len(pads) != 2 * n:
         raise OpError(f"strides/dilations/pads do not match {n} spatial dims")
     if min(strides + dilations + kernel) < 1 or min(pads) < 0:
-        raise OpError(f"strides, dilations and kernel_shape must be positive and pads non-negative")
-    auto_pad = _str(c.attr("auto_pad"), "NOTSET")
+        raise OpError("strides, dilations and kernel_shape must be positive and pads non-negative")
+    auto_pad = str_attr(c.attr("auto_pad"), "NOTSET")
     if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         raise OpError(f"unknown auto_pad '{auto_pad}'")
     return kernel, strides, dilations, pads, auto_pad
@@ -108,12 +114,10 @@ def pad_input(x: np.ndarray, lo, extent, fill=0.0, channel_major=False) -> np.nd
     if not channel_major and all(b == 0 for b in lo) and tuple(extent) == x.shape[2:]:
         return x
     lead = (x.shape[1], x.shape[0]) if channel_major else x.shape[:2]
-    buf = np.full(lead + tuple(extent), fill, dtype=x.dtype) if fill != 0 else np.zeros(lead + tuple(extent), x.dtype)
+    buf = np.zeros(lead + tuple(extent), x.dtype) if fill == 0 else np.full(lead + tuple(extent), fill, x.dtype)
     valid = [max(0, min(x.shape[2 + d], extent[d] - lo[d])) for d in range(n_sp)]
     src = x[(slice(None), slice(None)) + tuple(slice(0, v) for v in valid)]
-    if channel_major:
-        src = src.swapaxes(0, 1)
-    buf[(slice(None), slice(None)) + tuple(slice(b, b + v) for b, v in zip(lo, valid))] = src
+    buf[(slice(None), slice(None)) + tuple(slice(b, b + v) for b, v in zip(lo, valid))] = src.swapaxes(0, 1) if channel_major else src
     return buf
 
 
@@ -166,7 +170,7 @@ class _Conv:
         self.Kg = self.Cg * self.Kp
         # The shifted (flat) grid wastes prod(extent)/prod(out) - 1 of the matmul work; worth it
         # for the usual "same" convolutions, not for tiny maps with large kernels.
-        self.flat = all(s == 1 for s in self.strides) and math.prod(self.extent) <= 2 * math.prod(self.out)
+        self.flat = all(s == 1 for s in self.strides) and math.prod(self.extent) <= _FLAT_MAX_RATIO * math.prod(self.out)
         self.grid = self.extent if self.flat else self.out
         self.L = math.prod(self.grid)
         self.P = self.N * self.L
@@ -223,14 +227,13 @@ class _Conv:
     def to_grid(self, g: np.ndarray) -> np.ndarray:
         """An output-shaped (N, M, *out) array as (M, N*L) on the grid (zeros at padding positions),
         in a scratch buffer."""
-        gT = g.swapaxes(0, 1)
-        if not self.flat:
-            full = scratch("conv_g", gT.shape, g.dtype)
-            np.copyto(full, gT)
-            return full.reshape(self.M, self.P)
         full = scratch("conv_g", (self.M, self.N) + self.grid, g.dtype)
-        full.fill(0)
-        full[(slice(None), slice(None)) + tuple(slice(0, o) for o in self.out)] = gT
+        lead = (slice(None), slice(None))
+        real = tuple(slice(0, o) for o in self.out)
+        full[lead + real] = g.swapaxes(0, 1)
+        if self.flat:
+            for d, o in enumerate(self.out):  # zero the padding positions only: a disjoint cover of them
+                full[lead + real[:d] + (slice(o, None),)] = 0
         return full.reshape(self.M, self.P)
 
     def from_grid(self, yT: np.ndarray) -> np.ndarray:
@@ -280,16 +283,20 @@ def _conv_vjp(c, g):
         if need_w:
             dw3 += np.matmul(cv.cols(xT, p0, p1, buf), gb.swapaxes(1, 2))
         if need_x:
-            dcols = np.matmul(w3T, gb, out=dbuf[: cv.C * cv.Kp * (p1 - p0)].reshape(G, Kg, p1 - p0))
+            out = dbuf[: cv.C * cv.Kp * (p1 - p0)].reshape(G, Kg, p1 - p0)
+            # one output channel per group (depthwise): an outer product, which BLAS does slowly
+            dcols = np.multiply(w3T, gb, out=out) if Mg == 1 else np.matmul(w3T, gb, out=out)
             cv.col2im(dxT, dcols, p0, p1)
     dw = dw3.swapaxes(1, 2).reshape(w.shape) if need_w else None
     dx = None
     if need_x:
         # crop the padding; input rows/cols that no window reads keep a zero error
-        dx = np.zeros(cv.in_shape, dtype=g.dtype)
         sizes = [max(0, min(s, e - b)) for b, s, e in zip(cv.lo, cv.in_shape[2:], cv.extent)]
-        src = dxT[(slice(None), slice(None)) + tuple(slice(b, b + n) for b, n in zip(cv.lo, sizes))]
-        dx[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes)] = src.swapaxes(0, 1)
+        covered = tuple(sizes) == cv.in_shape[2:]
+        dx = np.empty(cv.in_shape, dtype=g.dtype) if covered else np.zeros(cv.in_shape, dtype=g.dtype)
+        src = dxT[(slice(None), slice(None)) + tuple(slice(b, b + n) for b, n in zip(cv.lo, sizes))].swapaxes(0, 1)
+        dst = dx[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes)]
+        np.copyto(dst, src)
     return dx, dw, db
 
 

@@ -1,1 +1,120 @@
-"""(being written)"""
+"""Classification losses: SoftmaxCrossEntropyLoss and NegativeLogLikelihoodLoss.
+
+Both take class scores (N, C) or (N, C, d1, ...) and integer labels (N,) or (N, d1, ...), with
+optional per-class weights and ignore_index. Per-element weights w = weights[label] (0 where the
+label is ignored); reduction 'mean' divides by sum(w), which is the count of non-ignored targets
+when no weights are given (ONNX spec). Labels and weights get no error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradserve.worker.ops.conv import str_attr
+from gradserve.worker.ops.registry import OpError, defop
+
+
+def _targets(c, x: np.ndarray, labels: np.ndarray, weights: np.ndarray | None):
+    """(labels with ignored entries replaced by 0, per-element weight w, reduction)."""
+    if x.ndim < 2:
+        raise OpError(f"scores must be (N, C, ...), got shape {x.shape}")
+    if labels.shape != (x.shape[0],) + x.shape[2:]:
+        raise OpError(f"labels of shape {labels.shape} do not match scores of shape {x.shape}")
+    if labels.dtype.kind not in "iu":
+        raise OpError(f"labels must be integers, got {labels.dtype}")
+    reduction = str_attr(c.attr("reduction"), "mean")
+    if reduction not in ("mean", "sum", "none"):
+        raise OpError(f"unknown reduction '{reduction}'")
+    n_classes = x.shape[1]
+    ignore = c.attr("ignore_index")
+    valid = labels != int(ignore) if ignore is not None else np.ones(labels.shape, bool)
+    safe = np.where(valid, labels, 0)
+    if safe.size and (safe.min() < 0 or safe.max() >= n_classes):
+        raise OpError(f"labels must lie in [0, {n_classes}) (or equal ignore_index), got values in [{labels.min()}, {labels.max()}]")
+    if weights is not None:
+        if weights.shape != (n_classes,):
+            raise OpError(f"weights must have shape ({n_classes},), got {weights.shape}")
+        w = np.where(valid, weights[safe], 0).astype(x.dtype)
+    else:
+        w = valid.astype(x.dtype)
+    return safe.astype(np.intp), w, reduction
+
+
+def _reduce(c, per: np.ndarray, w: np.ndarray, reduction: str, dtype) -> np.ndarray:
+    if reduction == "none":
+        return per.astype(dtype, copy=False)
+    total = per.sum()
+    if reduction == "sum":
+        return np.asarray(total, dtype)
+    denom = w.sum()
+    c.save(denom=denom)
+    with np.errstate(invalid="ignore", divide="ignore"):  # every target ignored: NaN, like torch and ONNX
+        return np.asarray(total / denom, dtype)
+
+
+def _coef(c, g: np.ndarray, w: np.ndarray, reduction: str) -> np.ndarray:
+    """Error at each element's loss term, times its weight: dL/d(-picked log-probability)."""
+    if reduction != "mean":
+        return g * w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return w * (g / c.saved["denom"])
+
+
+def _pick(a: np.ndarray, safe: np.ndarray) -> np.ndarray:
+    return np.take_along_axis(a, safe[:, None], axis=1)[:, 0]
+
+
+# -- SoftmaxCrossEntropyLoss --------------------------------------------------------------------------
+def _sce(c, scores, labels, weights=None):
+    safe, w, reduction = _targets(c, scores, labels, weights)
+    work = np.promote_types(scores.dtype, np.float32)
+    s = scores.astype(work, copy=False)
+    shifted = s - s.max(axis=1, keepdims=True)
+    log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    per = -_pick(log_prob, safe) * w
+    loss = _reduce(c, per, w, reduction, scores.dtype)
+    c.save(log_prob=log_prob, safe=safe, w=w, reduction=reduction)
+    if getattr(c, "n_outputs", 1) >= 2:
+        return loss, log_prob.astype(scores.dtype, copy=False)
+    return loss
+
+
+def _sce_vjp(c, g_loss, g_logp=None):
+    if not c.needs[0]:
+        return None, None, None
+    log_prob, safe, w = c.saved["log_prob"], c.saved["safe"], c.saved["w"]
+    prob = np.exp(log_prob)
+    dx = np.zeros_like(log_prob) if g_loss is None else None
+    if g_loss is not None:
+        coef = _coef(c, np.asarray(g_loss, log_prob.dtype), w, c.saved["reduction"])
+        # d(-log p_t)/d scores = softmax - onehot(t)
+        dx = prob * coef[:, None]
+        np.put_along_axis(dx, safe[:, None], _pick(dx, safe)[:, None] - coef[:, None], axis=1)
+    if g_logp is not None:
+        dx += g_logp - prob * g_logp.sum(axis=1, keepdims=True)
+    return dx.astype(c.inputs[0].dtype, copy=False), None, None
+
+
+defop("SoftmaxCrossEntropyLoss", _sce, _sce_vjp, keep=(), differentiable=(0,))
+
+
+# -- NegativeLogLikelihoodLoss ------------------------------------------------------------------------
+def _nll(c, x, target, weights=None):
+    safe, w, reduction = _targets(c, x, target, weights)
+    per = -_pick(x, safe) * w
+    c.save(safe=safe, w=w, reduction=reduction)
+    return _reduce(c, per, w, reduction, x.dtype)
+
+
+def _nll_vjp(c, g):
+    if not c.needs[0]:
+        return None, None, None
+    x = c.inputs[0]
+    safe, w = c.saved["safe"], c.saved["w"]
+    coef = _coef(c, np.asarray(g, x.dtype), w, c.saved["reduction"])
+    dx = np.zeros(x.shape, x.dtype)
+    np.put_along_axis(dx, safe[:, None], -coef[:, None].astype(x.dtype), axis=1)
+    return dx, None, None
+
+
+defop("NegativeLogLikelihoodLoss", _nll, _nll_vjp, keep=(), differentiable=(0,))

@@ -1,1 +1,221 @@
-"""(being written)"""
+"""Normalisation: BatchNormalization (training and inference mode), LayerNormalization,
+InstanceNormalization.
+
+Statistics are computed in at least float32 (float16 inputs are upcast, as ONNX asks), two-pass
+(centred) for accuracy. The forwards save the centred input (BatchNormalization) or the normalised
+input (the others) with the per-group 1/std; that and the small parameters are all the VJPs read,
+so the runner need not keep X alive. An elementwise pass over an activation costs about as much
+as its arithmetic, so the code counts passes: group sums use einsum (no temporary) and results
+are built in place in a single new array.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradserve.worker.ops.registry import OpError, defop, normalize_axis, unbroadcast
+
+
+def _work_dtype(dtype) -> np.dtype:
+    return np.promote_types(dtype, np.float32)
+
+
+def _normalize(x3: np.ndarray, eps: float, mean: np.ndarray | None = None, var: np.ndarray | None = None, scaled: bool = True):
+    """x3 (A, G, B): statistics per G over axes A and B (given ones if ``mean``/``var`` are passed).
+    Returns (xhat, mean, var, inv) with xhat = (x - mean) * inv -- or just x - mean if not
+    ``scaled`` -- and mean/var/inv of shape (G,)."""
+    wd = _work_dtype(x3.dtype)
+    count = x3.shape[0] * x3.shape[2]
+    if mean is None:
+        mean = x3.sum(axis=2, dtype=wd).sum(axis=0) / count
+    mean = mean.astype(wd, copy=False)
+    xhat = np.subtract(x3, mean[:, None], dtype=wd)
+    if var is None:
+        var = np.einsum("agb,agb->g", xhat, xhat) / count  # population variance, two-pass
+    var = var.astype(wd, copy=False)
+    inv = 1.0 / np.sqrt(var + wd.type(eps))
+    if scaled:
+        xhat *= inv[:, None]
+    return xhat, mean, var, inv
+
+
+def _normalize_grad(gx3: np.ndarray, xhat: np.ndarray, inv: np.ndarray, scale: np.ndarray | None = None, centred: bool = False):
+    """Input error of xhat = (x - mean) * inv through the statistics of each group G of (A, G, B):
+    scale * inv * (gx - mean(gx) - xhat * mean(gx * xhat)); ``gx3`` is dL/d(xhat * scale) when
+    ``scale`` (G,) is given, else dL/dxhat. With ``centred`` the array passed is x - mean rather
+    than xhat. One new array, three in-place passes. Also returns the group sums of gx and gx*xhat."""
+    count = xhat.shape[0] * xhat.shape[2]
+    sum_g = gx3.sum(axis=2, dtype=xhat.dtype).sum(axis=0)
+    sum_gx = np.einsum("agb,agb->g", gx3, xhat)
+    if centred:
+        sum_gx *= inv
+    dx = xhat * (-sum_gx / count * (inv if centred else 1))[:, None]
+    dx += gx3
+    dx -= (sum_g / count)[:, None]
+    dx *= (inv if scale is None else inv * scale)[:, None]
+    return dx, sum_g, sum_gx
+
+
+# -- BatchNormalization -------------------------------------------------------------------------------
+def _bn_view(x: np.ndarray) -> np.ndarray:
+    """(N, C, rest) view; ONNX allows a 1-D input of size N, meaning C = 1."""
+    if x.ndim == 1:
+        return x.reshape(-1, 1, 1)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _batchnorm(c, x, scale, bias, mean, var):
+    eps = float(c.attr("epsilon", 1e-5))
+    training = bool(c.attr("training_mode", 0))
+    n_out = getattr(c, "n_outputs", 1)
+    if not training and n_out > 1:
+        raise OpError("BatchNormalization outputs running_mean/running_var only with training_mode=1")
+    x3 = _bn_view(x)
+    channels = x3.shape[1]
+    for name, t in (("scale", scale), ("B", bias), ("input_mean", mean), ("input_var", var)):
+        if t.shape != (channels,):
+            raise OpError(f"{name} must have shape ({channels},), got {t.shape}")
+    # keep x - mean (not xhat): y = (x - mean) * (scale * inv) + B is then two passes
+    xc, mu, v, inv = _normalize(x3, eps, None if training else mean, None if training else var, scaled=False)
+    y = np.multiply(xc, (scale * inv).astype(xc.dtype)[:, None], dtype=x.dtype)
+    y += bias.astype(x.dtype)[:, None]
+    c.save(xc=xc, mu=mu, v=v, inv=inv)
+    y = y.reshape(x.shape)
+    if not training or n_out == 1:
+        return y
+    mom = float(c.attr("momentum", 0.9))
+    running_mean = (mean * mom + mu * (1 - mom)).astype(mean.dtype)
+    running_var = (var * mom + v * (1 - mom)).astype(var.dtype)
+    return (y, running_mean, running_var)[:n_out]
+
+
+def _batchnorm_vjp(c, gy, g_rm=None, g_rv=None):
+    x, scale = c.inputs[0], c.inputs[1]
+    xc, inv = c.saved["xc"], c.saved["inv"]
+    training = bool(c.attr("training_mode", 0))
+    needs = list(c.needs) + [False] * (5 - len(c.needs))
+    count = xc.shape[0] * xc.shape[2]
+    dx = dscale = dbias = dmean = dvar = None
+    if gy is not None:
+        g3 = _bn_view(gy)
+        if training and needs[0]:
+            dx, sum_g, sum_gx = _normalize_grad(g3, xc, inv, scale.astype(xc.dtype), centred=True)
+        else:
+            sum_g = g3.sum(axis=2, dtype=xc.dtype).sum(axis=0)
+            sum_gx = np.einsum("agb,agb->g", g3, xc) * inv  # sum of g * xhat
+        if not training:
+            dx = g3 * (scale * inv)[:, None] if needs[0] else None
+            dmean = -sum_g * scale * inv if needs[3] else None
+            dvar = -0.5 * scale * inv * inv * sum_gx if needs[4] else None
+        dscale = sum_gx if needs[1] else None
+        dbias = sum_g if needs[2] else None
+    if training and (g_rm is not None or g_rv is not None):
+        # running stats = momentum * input stats + (1 - momentum) * batch statistics
+        mom = float(c.attr("momentum", 0.9))
+        if g_rm is not None:
+            dmean = mom * g_rm
+        if g_rv is not None:
+            dvar = mom * g_rv
+        if needs[0]:
+            # d mean/dx = 1/count; d var/dx = 2 (x - mean)/count
+            extra = np.zeros(xc.shape, xc.dtype) if dx is None else dx
+            if g_rm is not None:
+                extra += ((1 - mom) / count * g_rm)[:, None]
+            if g_rv is not None:
+                extra += xc * ((1 - mom) * 2.0 / count * g_rv)[:, None]
+            dx = extra
+    if dx is not None:
+        dx = dx.reshape(x.shape)
+    return dx, dscale, dbias, dmean, dvar
+
+
+# the VJP reads the saved x - mean, not X: the runner may free the activation
+defop("BatchNormalization", _batchnorm, _batchnorm_vjp, keep=("x1", "x2", "x3", "x4"))
+
+
+# -- LayerNormalization -------------------------------------------------------------------------------
+_STASH = {1: np.float32, 10: np.float16, 11: np.float64}
+
+
+def _layernorm(c, x, scale, bias=None):
+    axis = normalize_axis(int(c.attr("axis", -1)), x.ndim)
+    # stash_type names the dtype of Mean/InvStdDev; the statistics themselves are computed in at
+    # least float32 but never below the input's precision (float64 graphs stay float64 throughout)
+    stash = np.dtype(_STASH.get(int(c.attr("stash_type", 1)), np.float32))
+    rows = x.reshape(1, math.prod(x.shape[:axis]), -1)  # (1, rows, normalised) for _normalize
+    xhat, mean, _, inv = _normalize(rows, float(c.attr("epsilon", 1e-5)))
+    xhat = xhat.reshape(x.shape)
+    y = np.multiply(xhat, scale, dtype=x.dtype)
+    if bias is not None:
+        y += bias
+    c.save(xhat=xhat, inv=inv, axis=axis)
+    n_out = getattr(c, "n_outputs", 1)
+    if n_out == 1:
+        return y
+    stat_shape = x.shape[:axis] + (1,) * (x.ndim - axis)
+    return (y, mean.reshape(stat_shape).astype(stash), inv.reshape(stat_shape).astype(stash))[:n_out]
+
+
+def _layernorm_vjp(c, gy, g_mean=None, g_inv=None):
+    x, scale = c.inputs[0], c.inputs[1]
+    bias = c.inputs[2] if len(c.inputs) > 2 else None
+    xhat, inv, axis = c.saved["xhat"], c.saved["inv"], c.saved["axis"]
+    needs = list(c.needs) + [False] * (3 - len(c.needs))
+    n_rows = math.prod(x.shape[:axis])
+    size = xhat.size // max(n_rows, 1)
+    dx = dscale = dbias = None
+    if gy is not None:
+        simple = scale.shape == x.shape[axis:]  # Scale/B cover exactly the normalised dims
+        if needs[1]:
+            if simple:
+                dscale = np.einsum("rh,rh->h", gy.reshape(n_rows, -1), xhat.reshape(n_rows, -1)).reshape(scale.shape)
+            else:
+                dscale = unbroadcast(gy * xhat, scale.shape)
+        if needs[2] and bias is not None:
+            dbias = gy.reshape(n_rows, -1).sum(axis=0).reshape(bias.shape) if bias.shape == x.shape[axis:] else unbroadcast(gy, bias.shape)
+        if needs[0]:
+            gx = (gy * scale).reshape(1, n_rows, -1)
+            dx = _normalize_grad(gx, xhat.reshape(1, n_rows, -1), inv)[0].reshape(x.shape)
+    if needs[0] and (g_mean is not None or g_inv is not None):
+        extra = np.zeros((n_rows, size), xhat.dtype) if dx is None else dx.reshape(n_rows, size)
+        if g_mean is not None:
+            extra += g_mean.reshape(n_rows, 1) / size
+        if g_inv is not None:
+            # d inv / d x = -inv^3 (x - mean) / size = -inv^2 xhat / size
+            extra -= xhat.reshape(n_rows, size) * (g_inv.reshape(n_rows) * inv * inv / size)[:, None]
+        dx = extra.reshape(x.shape)
+    return dx, dscale, dbias
+
+
+defop("LayerNormalization", _layernorm, _layernorm_vjp, keep=("x1", "x2"))
+
+
+# -- InstanceNormalization ----------------------------------------------------------------------------
+def _instancenorm(c, x, scale, bias):
+    if x.ndim < 3:
+        raise OpError(f"InstanceNormalization needs an (N, C, *spatial) input, got shape {x.shape}")
+    xhat, _, _, inv = _normalize(x.reshape(1, x.shape[0] * x.shape[1], -1), float(c.attr("epsilon", 1e-5)))
+    xhat = xhat.reshape(x.shape[0], x.shape[1], -1)
+    y = np.multiply(xhat, scale[:, None], dtype=x.dtype)
+    y += bias[:, None]
+    c.save(xhat=xhat, inv=inv)
+    return y.reshape(x.shape)
+
+
+def _instancenorm_vjp(c, g):
+    x, scale = c.inputs[0], c.inputs[1]
+    xhat, inv = c.saved["xhat"], c.saved["inv"]
+    n, ch = x.shape[:2]
+    g3 = g.reshape(n, ch, -1)
+    dx = None
+    if c.needs[0]:
+        gx = (g3 * scale[:, None]).reshape(1, n * ch, -1)
+        dx = _normalize_grad(gx, xhat.reshape(1, n * ch, -1), inv)[0].reshape(x.shape)
+    dscale = np.einsum("ncl,ncl->c", g3, xhat) if c.needs[1] else None
+    dbias = g3.sum(axis=(0, 2)) if c.needs[2] else None
+    return dx, dscale, dbias
+
+
+defop("InstanceNormalization", _instancenorm, _instancenorm_vjp, keep=("x1", "x2"))
