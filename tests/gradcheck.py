@@ -12,6 +12,7 @@ from onnx import helper, shape_inference
 
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import Node
+from gradserve.worker.ops import get_op
 from gradserve.worker.validate import OPSET, _onnx_attrs
 
 
@@ -47,8 +48,9 @@ def check_vjp(
     attrs = dict(attrs or {})
     names = [f"x{i}" if x is not None else "" for i, x in enumerate(inputs)]
     outs = [f"y{i}" for i in range(n_outputs)]
-    if wrt is None:
-        wrt = [i for i, x in enumerate(inputs) if x is not None and x.dtype.kind == "f"]
+    if wrt is None:  # every floating input the op declares differentiable
+        op = get_op(op_type)
+        wrt = [i for i, x in enumerate(inputs) if x is not None and x.dtype.kind == "f" and op.can_differentiate(i)]
     node = Node("n", op_type, names, outs, attrs)
     feeds = {n: x for n, x in zip(names, inputs) if n}
     prog = compile_program([node], list(feeds), outs, [names[i] for i in wrt])

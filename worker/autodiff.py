@@ -91,7 +91,8 @@ def forward(program: Program, values: Mapping[str, np.ndarray]) -> Tape:
     entries: list[OpContext | None] = [None] * len(program.nodes)
     for idx, (node, op) in enumerate(zip(program.nodes, program.ops)):
         args = [env[i] if i else None for i in node.inputs]
-        ctx = OpContext(node.attrs, node=node.name, n_outputs=len(node.outputs))
+        # ``needs`` is known before the forward runs, so a forward can skip saving what no VJP reads.
+        ctx = OpContext(node.attrs, node=node.name, n_outputs=len(node.outputs), needs=program.needs[idx])
         try:
             result = op.forward(ctx, *args)
         except (GraphError, MemoryError):
@@ -109,7 +110,6 @@ def forward(program: Program, values: Mapping[str, np.ndarray]) -> Tape:
                 a if a is None or op.keeps_input(k) else stand_in(a) for k, a in enumerate(args)
             ]
             ctx.outputs = [o if op.keep_outputs else stand_in(o) for o in outs[: len(node.outputs)]]
-            ctx.needs = program.needs[idx]
             entries[idx] = ctx
         for value in program.drop_after[idx]:
             env.pop(value, None)

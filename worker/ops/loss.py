@@ -74,7 +74,7 @@ def _sce(c, scores, labels, weights=None):
     per = -_pick(log_prob, safe) * w
     loss = _reduce(c, per, w, reduction, scores.dtype)
     c.save(log_prob=log_prob, safe=safe, w=w, reduction=reduction)
-    if getattr(c, "n_outputs", 1) >= 2:
+    if c.n_outputs >= 2:
         return loss, log_prob.astype(scores.dtype, copy=False)
     return loss
 

@@ -69,7 +69,7 @@ def _bn_view(x: np.ndarray) -> np.ndarray:
 def _batchnorm(c, x, scale, bias, mean, var):
     eps = float(c.attr("epsilon", 1e-5))
     training = bool(c.attr("training_mode", 0))
-    n_out = getattr(c, "n_outputs", 1)
+    n_out = c.n_outputs
     if not training and n_out > 1:
         raise OpError("BatchNormalization outputs running_mean/running_var only with training_mode=1")
     x3 = _bn_view(x)
@@ -151,7 +151,7 @@ def _layernorm(c, x, scale, bias=None):
     if bias is not None:
         y += bias
     c.save(xhat=xhat, inv=inv, axis=axis)
-    n_out = getattr(c, "n_outputs", 1)
+    n_out = c.n_outputs
     if n_out == 1:
         return y
     stat_shape = x.shape[:axis] + (1,) * (x.ndim - axis)

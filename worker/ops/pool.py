@@ -73,7 +73,7 @@ def _maxpool(c, x):
         found |= hit
         which += hit.astype(which.dtype) * which.dtype.type(k)
     c.save(pool=p, which=which)
-    if getattr(c, "n_outputs", 1) < 2:
+    if c.n_outputs < 2:
         return best
     return best, _indices(c, p, which)
 
