@@ -10,7 +10,10 @@ ONNX. Targets: ratio <= 1.15 on the MLP, <= 1.5 on the CNN.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -53,36 +56,61 @@ def cnn_case():
     return "CNN 3 conv (32x32, batch 64), BatchNorm, float32", net, x, y
 
 
-def run_case(name, net, x, y, repeat):
+def run_side(side: str, case: str, repeat: int) -> dict:
+    """Time one side on one model (in its own process, see main)."""
+    name, net, x, y = CASES[case]()
     net.train()
-    params = [p for p in net.parameters()]
+    if side == "torch":
+        params = list(net.parameters())
 
-    def torch_step():
-        for p in params:
-            p.grad = None
-        loss = net(x, y)
-        loss.backward()
-        return loss
+        def step():
+            for p in params:
+                p.grad = None
+            loss = net(x, y)
+            loss.backward()
+            return float(loss)
 
-    model = gradserve.load_onnx(export_onnx(net, [x, y], ["x", "target"]))
-    feeds = {"x": x.numpy(), "target": y.numpy()}
-    engine = gradserve.local()
-    # Correctness first: the benchmark is meaningless if the numbers differ.
-    result = engine.gradients(model, feeds)
-    assert abs(result.loss - float(torch_step())) <= 1e-4 * max(1.0, abs(result.loss)), "loss differs from torch"
-    t_torch = median_seconds(torch_step, repeat)
-    t_ours = median_seconds(lambda: engine.gradients(model, feeds), repeat)
-    return name, f"{t_torch * 1e3:.1f}", f"{t_ours * 1e3:.1f}", f"{t_ours / t_torch:.2f}"
+    else:
+        model = gradserve.load_onnx(export_onnx(net, [x, y], ["x", "target"]))
+        feeds = {"x": x.numpy(), "target": y.numpy()}
+        engine = gradserve.local()
+        expected = float(net(x, y))
+        loss = engine.gradients(model, feeds).loss
+        # Correctness first: the timing is meaningless if the numbers differ.
+        assert abs(loss - expected) <= 1e-4 * max(1.0, abs(expected)), f"loss {loss} differs from torch's {expected}"
+
+        def step():
+            return engine.gradients(model, feeds).loss
+
+    return {"name": name, "seconds": median_seconds(step, repeat)}
+
+
+CASES = {"mlp": mlp_case, "cnn": cnn_case}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per model (median reported)")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of: mlp, cnn")
+    parser.add_argument("--side", choices=["torch", "gradserve"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    cases = {"mlp": mlp_case, "cnn": cnn_case}
-    rows = [run_case(*cases[name](), args.repeat) for name in args.models.split(",")]
+    if args.side:  # child process: one side, one model, JSON out
+        print(json.dumps(run_side(args.side, args.models, args.repeat)))
+        return
+    # Each side runs in a fresh process: torch's OpenMP threads keep spinning after each op and slow
+    # down OpenBLAS's threads (and vice versa) when both live in one process.
+    rows = []
+    for case in args.models.split(","):
+        timed = {}
+        for side in ("torch", "gradserve"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--side", side, "--models", case, "--repeat", str(args.repeat)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            timed[side] = json.loads(out.strip().splitlines()[-1])
+        t_torch, t_ours = timed["torch"]["seconds"], timed["gradserve"]["seconds"]
+        rows.append((timed["torch"]["name"], f"{t_torch * 1e3:.1f}", f"{t_ours * 1e3:.1f}", f"{t_ours / t_torch:.2f}"))
     print(f"median of {args.repeat} runs, {os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}")
     print(table(rows, ("model", "torch ms", "gradserve inline ms", "ratio")))
 

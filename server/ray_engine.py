@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gradserve.server.batching import split_batch
 from gradserve.server.events import JobCancelled, Progress, ProgressEvent
@@ -169,12 +170,23 @@ class RayEngine:
         return refs
 
     def _actors(self, n: int) -> list[Any]:
-        """At least ``n`` pool actors (caller holds the lock)."""
+        """At least ``n`` pool actors (caller holds the lock).
+
+        Placement is round-robin over the cluster's alive nodes that have CPUs: pool actor i goes
+        to node i mod (number of nodes), pinned softly (NodeAffinitySchedulingStrategy with
+        soft=True: if that node is full or gone Ray places it elsewhere). A deployment uses pool
+        actors 0..K*R-1, so consecutive partitions land on different nodes whenever the cluster
+        has several; Ray's "SPREAD" alone is best-effort and was seen to pack a fresh cluster's
+        actors onto one node.
+        """
         env = {"env_vars": {v: str(self.threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
-        new = [
-            StageActor.options(scheduling_strategy="SPREAD", runtime_env=env).remote()
-            for _ in range(n - len(self._pool))
-        ]
+        nodes = sorted(
+            node["NodeID"] for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0
+        )
+        new = []
+        for i in range(len(self._pool), n):
+            strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else "SPREAD"
+            new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env).remote())
         if new:
             self._where += ray.get([a.where.remote() for a in new])
             self._pool += new
