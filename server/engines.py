@@ -79,6 +79,9 @@ class EngineRunner:
         # Engines that split the work (Ray) take partitions/micro_batches/replicas per call; the
         # inline engine runs the whole graph at once, so for it those options mean nothing.
         self.splits = "partitions" in params
+        # The server's model id is a content hash it verified at upload: engines that cache
+        # parameters by content take it instead of hashing the weights again on every job.
+        self.keyed = "model_key" in params
 
     def effective(self, options: JobOptions) -> JobOptions:
         """The options as this engine will honour them."""
@@ -92,6 +95,8 @@ class EngineRunner:
         if self.splits:
             kwargs.update(partitions=job.options.partitions, micro_batches=job.options.micro_batches,
                           replicas=job.options.replicas)
+        if self.keyed:
+            kwargs["model_key"] = job.model_id
         return self.engine.gradients(job.model, job.feeds, **kwargs)
 
     def close(self) -> None:

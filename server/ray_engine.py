@@ -80,7 +80,8 @@ class RayEngine:
             self._owns_ray = True
             log.info("ray: %s", "joined cluster at " + ray_address if ray_address else "started embedded single-node Ray")
         self.threads = threads_per_worker or os.cpu_count() or 1
-        self._params: "OrderedDict[str, dict[str, ray.ObjectRef]]" = OrderedDict()
+        self._params: "OrderedDict[str, _Placed]" = OrderedDict()  # content key -> placed parameters
+        self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
         self._deployments: "OrderedDict[tuple, _Deployment]" = OrderedDict()
         self._max = max_deployments
         self._pool: list[Any] = []  # StageActors, created on demand, spread over the cluster's nodes
@@ -104,8 +105,13 @@ class RayEngine:
         progress: Progress = None,
         cancelled: threading.Event | None = None,
         split_at: list[str] | None = None,
+        model_key: str | None = None,
     ) -> Result:
-        """Loss and dL/dw, computed by the partitioned pipeline; equal to the inline engine's."""
+        """Loss and dL/dw, computed by the partitioned pipeline; equal to the inline engine's.
+
+        ``model_key``: a content hash of the model the caller has already verified (the server's
+        model id); without it the engine checks the parameters against the copy it placed.
+        """
         k = partitions or self.partitions
         m = micro_batches or self.micro_batches
         r = replicas or self.replicas
@@ -115,11 +121,15 @@ class RayEngine:
         full = prepare(model, feeds, input_grads)
         chunks = split_batch(model, list(full.nodes), feeds, m * r)
         job = prepare(model, chunks[0].feeds, input_grads)  # shapes of one micro-batch, for planning
-        fingerprint = model.fingerprint()
-        deployment = self._deploy(model, fingerprint, job, k, r, split_at)
-        t1 = time.perf_counter()
-        job_id = uuid.uuid4().hex[:12]
-        loss, grads, input_grad_refs, seconds = self._run(job_id, deployment, job, chunks, m, r, progress, cancelled)
+        key, placed = self._acquire(model, model_key)
+        try:  # while the job holds its parameters, neither they nor their deployments are evicted
+            deployment = self._deploy(model, key, placed, job, k, r, split_at)
+            t1 = time.perf_counter()
+            job_id = uuid.uuid4().hex[:12]
+            loss, grads, input_grad_refs, seconds = self._run(job_id, deployment, job, chunks, m, r, progress, cancelled)
+        finally:
+            with self._lock:
+                placed.users -= 1
         params = {p: grads.get(p) if grads.get(p) is not None else np.zeros_like(model.params[p]) for p in job.params}
         inputs = {}
         for x in job.input_grads:
@@ -160,14 +170,48 @@ class RayEngine:
         self.close()
 
     # -- deployment --------------------------------------------------------------------------------
-    def _param_refs(self, model: Model, fingerprint: str) -> dict[str, ray.ObjectRef]:
-        refs = self._params.get(fingerprint)
-        if refs is None:
-            refs = {name: ray.put(value) for name, value in model.params.items()}
-            self._params[fingerprint] = refs
-            log.info("model %s: %d parameters placed in the object store", fingerprint[:12], len(refs))
-        self._params.move_to_end(fingerprint)
-        return refs
+    def _acquire(self, model: Model, model_key: str | None) -> tuple[str, "_Placed"]:
+        """The model's parameters in the object store, placed once per content, marked in use.
+
+        Hashing every parameter on every job costs more than some jobs (1.4 GB/s), so without a
+        ``model_key`` the parameters are compared with the copies placed for the same structure
+        (a read of the object store, several times faster) and placed anew when none matches: a
+        training loop that updates weights in place gets fresh ones every step, and the stale copy
+        is dropped as soon as no job uses it.
+        """
+        with self._lock:
+            if model_key is None:
+                structure = model.structure_fingerprint()
+                keys = self._latest.setdefault(structure, [])
+                key = next((k for k in keys if self._params[k].matches(model.params)), None)
+                if key is None:
+                    key = f"{structure[:24]}-{uuid.uuid4().hex[:8]}"
+                    for old in [k for k in keys if self._params[k].users == 0]:
+                        self._forget(old)
+                    keys.append(key)
+            else:
+                key = model_key
+            placed = self._params.get(key)
+            if placed is None:
+                placed = self._params[key] = _Placed.put(model.params)
+                log.info("model %s: %d parameters placed in the object store", key[:12], len(model.params))
+                for old in [k for k, p in self._params.items() if p.users == 0 and k != key][: max(0, len(self._params) - self._max)]:
+                    self._forget(old)
+            self._params.move_to_end(key)
+            placed.users += 1
+            return key, placed
+
+    def _forget(self, key: str) -> None:
+        """Drop a model's placed parameters and its deployments (caller holds the lock)."""
+        self._params.pop(key, None)
+        for keys in self._latest.values():
+            if key in keys:
+                keys.remove(key)
+        for dep_key in [d for d in self._deployments if d[0] == key]:
+            old = self._deployments.pop(dep_key)
+            for row in old.actors:
+                for actor in row:
+                    actor.unload.remote(old.key)
 
     def _actors(self, n: int) -> list[Any]:
         """At least ``n`` pool actors (caller holds the lock).
@@ -193,7 +237,7 @@ class RayEngine:
             log.info("worker pool: %d actors on %d nodes", len(self._pool), len({w["node_id"] for w in self._where}))
         return self._pool[:n]
 
-    def _deploy(self, model: Model, fingerprint: str, job, k: int, r: int, split_at) -> _Deployment:
+    def _deploy(self, model: Model, fingerprint: str, placed: "_Placed", job, k: int, r: int, split_at) -> _Deployment:
         key = (fingerprint, job.input_grads, k, r, tuple(split_at or ()))
         with self._lock:
             dep = self._deployments.get(key)
@@ -210,7 +254,7 @@ class RayEngine:
                 for p in plan.partitions
             ]
             k = len(specs)
-            refs = self._param_refs(model, fingerprint)
+            refs = placed.refs
             pool = self._actors(k * r)
             stage_key = uuid.uuid4().hex[:12]
             actors = [pool[i * k:(i + 1) * k] for i in range(r)]
@@ -230,8 +274,9 @@ class RayEngine:
                 "model %s: %d partitions x %d replicas on nodes %s",
                 fingerprint[:12], k, r, sorted({w["node_id"][:8] for row in where for w in row}),
             )
-            while len(self._deployments) > self._max:
-                _, old = self._deployments.popitem(last=False)
+            idle = [d for d in self._deployments if d[0] not in self._params or self._params[d[0]].users == 0]
+            for dep_key in idle[: max(0, len(self._deployments) - self._max)]:
+                old = self._deployments.pop(dep_key)
                 for row in old.actors:
                     for actor in row:
                         actor.unload.remote(old.key)
@@ -333,6 +378,25 @@ class RayEngine:
         ray.get([actor.cancel.remote(job_id) for actor in actors])  # takes effect at once
         ray.get([actor.end_job.remote(job_id) for actor in actors])  # after the skipped steps
         log.info("job %s aborted; per-job state freed on %d actors", job_id, len(actors))
+
+
+@dataclass
+class _Placed:
+    """A model's parameters in the object store, with zero-copy views of them for comparison."""
+
+    refs: dict[str, ray.ObjectRef]
+    views: dict[str, np.ndarray]
+    users: int = 0  # jobs running on these parameters (guarded by the engine's lock)
+
+    @classmethod
+    def put(cls, params: Mapping[str, np.ndarray]) -> "_Placed":
+        refs = {name: ray.put(value) for name, value in params.items()}
+        return cls(refs, dict(zip(refs, ray.get(list(refs.values())))))
+
+    def matches(self, params: Mapping[str, np.ndarray]) -> bool:
+        return params.keys() == self.views.keys() and all(
+            np.array_equal(params[name], view) for name, view in self.views.items()
+        )
 
 
 @dataclass

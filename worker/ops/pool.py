@@ -57,8 +57,58 @@ def _lowest(dtype) -> float | int:
 
 
 # -- MaxPool ------------------------------------------------------------------------------------------
+def _tiles(p: _Pool, x: np.ndarray) -> np.ndarray | None:
+    """For windows that tile the input (stride == kernel, no dilation, no begin pad, no window past
+    the end): the view (N, C, o1, k1, o2, k2, ...) of the covered part of x, else None."""
+    if any(b for b in p.lo) or p.dilations != (1,) * len(p.kernel) or p.strides != p.kernel:
+        return None
+    if any(e > s for e, s in zip(p.extent, x.shape[2:])):
+        return None
+    covered = x[(slice(None), slice(None)) + tuple(slice(0, e) for e in p.extent)]
+    shape = x.shape[:2] + tuple(v for o, k in zip(p.out, p.kernel) for v in (o, k))
+    return covered.reshape(shape)
+
+
+def _maxpool_tiled(c, p: _Pool, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """MaxPool over tiling windows: the max by whole-array ufuncs over the kernel axes, innermost
+    last (so the first passes run over contiguous rows), and a full-resolution mask of the one
+    element (the first, in kernel order, as torch picks) that each window's error goes to."""
+    n_sp = len(p.kernel)
+    best = t
+    for d in range(n_sp):
+        ax = 3 + d  # kernel axis d of the array left after reducing axes 0..d-1
+        lead = (slice(None),) * ax
+        if best.shape[ax] == 2:
+            best = np.maximum(best[lead + (0,)], best[lead + (1,)])
+        elif best.shape[ax] == 1:
+            best = best[lead + (0,)]
+        else:
+            best = np.maximum.reduce(best, axis=ax)
+    if np.may_share_memory(best, x):  # 1x1 windows
+        best = best.copy()
+    bview = best.reshape(best.shape[:2] + tuple(v for o in p.out for v in (o, 1)))
+    mask = np.equal(t, bview)  # (N, C, o1, k1, ...) bool, every tie marked
+    kernel_axes = tuple(3 + 2 * d for d in range(n_sp))
+    if math.prod(p.kernel) > 1:
+        # keep only the first hit of each window: walk the offsets in order, clearing hits after one
+        found = np.zeros(best.shape, bool)
+        for k in np.ndindex(*p.kernel):
+            idx = [slice(None)] * mask.ndim
+            for d, kk in enumerate(k):
+                idx[kernel_axes[d]] = kk
+            hit = mask[tuple(idx)]
+            np.logical_and(hit, ~found, out=hit)
+            found |= hit
+    c.save(pool=p, mask=mask)
+    return best
+
+
 def _maxpool(c, x):
     p = _Pool(c, x)
+    if c.n_outputs < 2:
+        t = _tiles(p, x)
+        if t is not None:
+            return _maxpool_tiled(c, p, x, t)
     xp = pad_input(x, p.lo, p.extent, fill=_lowest(x.dtype))
     best = xp[p.slices[0][1]].copy()
     for _, sl in p.slices[1:]:
@@ -99,9 +149,17 @@ def _indices(c, p: _Pool, which: np.ndarray) -> np.ndarray:
 
 def _maxpool_vjp(c, g, *_):
     p: _Pool = c.saved["pool"]
-    which = c.saved["which"]
     if g is None:
         return None
+    if "mask" in c.saved:  # tiling windows: one broadcast multiply into the covered part
+        mask = c.saved["mask"]
+        covered = tuple(p.extent) == tuple(p.in_shape[2:])
+        dx = np.empty(p.in_shape, g.dtype) if covered else np.zeros(p.in_shape, g.dtype)
+        target = dx[(slice(None), slice(None)) + tuple(slice(0, e) for e in p.extent)].reshape(mask.shape)
+        gview = g.reshape(g.shape[:2] + tuple(v for o in p.out for v in (o, 1)))
+        np.multiply(mask, gview, out=target)
+        return dx
+    which = c.saved["which"]
     disjoint = p.disjoint
 
     def part(k, target):
