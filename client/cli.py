@@ -99,8 +99,16 @@ def cmd_grad(args: argparse.Namespace) -> int:
         print(f"loss = {result.loss:.6g}")
         for name, g in result.grads.items():
             print(f"  dL/d{name}: shape {g.shape}, |g| = {float(np.linalg.norm(g)):.6g}")
+        _print_placement(result.info)
         print(f"wrote {args.out}")
     return 0
+
+
+def _print_placement(info: dict) -> None:
+    """Which cluster node ran which partition (engines that partition report it)."""
+    for replica, row in enumerate(info.get("placement") or []):
+        for partition, where in enumerate(row):
+            print(f"  replica {replica} partition {partition}: node {where.get('node_id', '?')} ({where.get('ip', '?')})")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -53,7 +53,8 @@ class RayEngine:
 
     ``partitions``/``micro_batches``/``replicas`` are defaults that each job may override.
     ``ray_address``: join that cluster; None starts an embedded single-node Ray unless this process
-    already is connected. ``threads_per_worker``: BLAS threads per actor (default: the node's CPUs).
+    already is connected. ``threads_per_worker``: BLAS threads per actor (default: the CPUs Ray
+    reports for the actor's node).
     """
 
     name = "ray"
@@ -79,7 +80,7 @@ class RayEngine:
             )
             self._owns_ray = True
             log.info("ray: %s", "joined cluster at " + ray_address if ray_address else "started embedded single-node Ray")
-        self.threads = threads_per_worker or os.cpu_count() or 1
+        self.threads = threads_per_worker
         self._params: "OrderedDict[str, _Placed]" = OrderedDict()  # content key -> placed parameters
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
         self._deployments: "OrderedDict[tuple, _Deployment]" = OrderedDict()
@@ -223,16 +224,24 @@ class RayEngine:
         has several; Ray's "SPREAD" alone is best-effort and was seen to pack a fresh cluster's
         actors onto one node.
         """
-        env = {"env_vars": {v: str(self.threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
         nodes = sorted(
-            node["NodeID"] for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0
+            (node for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0),
+            key=lambda node: node["NodeID"],
         )
         new = []
         for i in range(len(self._pool), n):
-            strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else "SPREAD"
+            node = nodes[i % len(nodes)] if nodes else None
+            # BLAS threads: what was asked for, else the CPUs Ray gives that node (a pod's limit on
+            # Kubernetes, not the host's core count).
+            threads = self.threads or (int(node["Resources"]["CPU"]) if node else os.cpu_count() or 1)
+            env = {"env_vars": {v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=True) if node else "SPREAD"
             new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env).remote())
         if new:
-            self._where += ray.get([a.where.remote() for a in new])
+            address = {node["NodeID"]: node.get("NodeManagerAddress", "") for node in nodes}
+            for where in ray.get([a.where.remote() for a in new]):
+                where["ip"] = address.get(where["node_id"], where["ip"])  # the address Ray knows the node by
+                self._where.append(where)
             self._pool += new
             log.info("worker pool: %d actors on %d nodes", len(self._pool), len({w["node_id"] for w in self._where}))
         return self._pool[:n]
