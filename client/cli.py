@@ -11,9 +11,11 @@ Errors in the model or feeds print one line naming the culprit and exit with sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -93,7 +95,9 @@ def cmd_grad(args: argparse.Namespace) -> int:
         elif (args.partitions, args.micro_batches, args.replicas, args.ray_address) != (1, 1, 1, None):
             raise CliError("--partitions/--micro-batches/--replicas/--ray-address need --engine ray or --server")
         with local(args.engine, **options) as engine:
-            result = engine.gradients(model, feeds, input_grads=input_grads)
+            steps = 2 * (args.partitions * args.micro_batches * args.replicas if args.engine == "ray" else 1)
+            with _progress_display(steps, enabled=not args.quiet) as progress:
+                result = engine.gradients(model, feeds, input_grads=input_grads, progress=progress)
     np.savez(args.out, **result.to_npz_dict())
     if not args.quiet:
         print(f"loss = {result.loss:.6g}")
@@ -102,6 +106,27 @@ def cmd_grad(args: argparse.Namespace) -> int:
         _print_placement(result.info)
         print(f"wrote {args.out}")
     return 0
+
+
+@contextlib.contextmanager
+def _progress_display(steps: int, enabled: bool):
+    """A progress callback for local engines that draws the same line as remote jobs (on stderr,
+    only for jobs longer than a second)."""
+    from gradserve.client.progress import ProgressLine
+
+    if not enabled:
+        yield None
+        return
+    display, done = ProgressLine(), [0]
+
+    def on_event(event) -> None:
+        done[0] += event.done
+        display.update(SimpleNamespace(steps_total=steps, steps_done=done[0], state="running", event=event, finished=False))
+
+    try:
+        yield on_event
+    finally:
+        display.close()
 
 
 def _print_placement(info: dict) -> None:

@@ -148,3 +148,60 @@ def test_conv_grads_match_torch_across_calls():
         ty.backward(torch.from_numpy(g))
         for name, t in zip("xwb", ts):
             np.testing.assert_allclose(errs[name], t.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["channel_major", "image_by_image"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_conv2d_both_paths(monkeypatch, name, image):
+    """Every case through both layouts: the channel-major column path and the image-by-image
+    path (which Conv picks for small Cin; dX through a stride-1 convolution of the padded error)."""
+    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 1 << 30 if image else 0)
+    c_in, m, k, attrs = CASES[name]
+    x = rng.standard_normal((3, c_in, 7, 8))
+    w = rng.standard_normal((m, c_in // attrs.get("group", 1)) + k)
+    b = rng.standard_normal(m)
+    check_vjp("Conv", [x, w, b], attrs)
+    check_vjp("Conv", [x, w, b], attrs, wrt=[1, 2])
+    check_vjp("Conv", [x, w], attrs)
+    np.testing.assert_allclose(run_op("Conv", [x, w, b], attrs)[0], torch_conv(x, w, b, attrs), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["channel_major", "image_by_image"])
+def test_conv_1d_3d_auto_pad_both_paths(monkeypatch, image):
+    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 1 << 30 if image else 0)
+    x1, w1 = rng.standard_normal((2, 3, 9)), rng.standard_normal((4, 3, 3))
+    for attrs1 in ({"strides": [2], "pads": [1, 2], "dilations": [2]}, {"pads": [2, 1], "dilations": [2]}):
+        check_vjp("Conv", [x1, w1, rng.standard_normal(4)], attrs1)
+        np.testing.assert_allclose(run_op("Conv", [x1, w1], attrs1)[0], torch_conv(x1, w1, None, attrs1), rtol=1e-10, atol=1e-10)
+    x3, w3 = rng.standard_normal((2, 2, 4, 5, 4)), rng.standard_normal((3, 2, 2, 3, 2))
+    attrs3 = {"pads": [1, 1, 0, 0, 1, 1]}
+    check_vjp("Conv", [x3, w3, rng.standard_normal(3)], attrs3)
+    np.testing.assert_allclose(run_op("Conv", [x3, w3], attrs3)[0], torch_conv(x3, w3, None, attrs3), rtol=1e-10, atol=1e-10)
+    x = rng.standard_normal((2, 2, 7, 8))
+    w = rng.standard_normal((3, 2, 3, 2))
+    for auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        check_vjp("Conv", [x, w], {"auto_pad": auto_pad})
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["channel_major", "image_by_image"])
+def test_conv_float32_grads_match_torch_both_paths(monkeypatch, image):
+    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 1 << 30 if image else 0)
+    monkeypatch.setattr(conv_mod, "_BLOCK_ELEMS", 4096)  # several image blocks
+    from gradserve.worker.autodiff import backward, compile_program, forward
+    from gradserve.worker.graph import Node
+
+    x = rng.standard_normal((9, 3, 10, 10)).astype(np.float32)
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    attrs = {"pads": [1, 1, 1, 1]}
+    prog = compile_program([Node("n", "Conv", ["x", "w", "b"], ["y"], attrs)], ["x", "w", "b"], ["y"], ["x", "w", "b"])
+    tape = forward(prog, {"x": x, "w": w, "b": b})
+    g = rng.standard_normal(tape.outputs["y"].shape).astype(np.float32)
+    errs = backward(prog, tape, {"y": g})
+    tx, tw, tb = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
+    ty = F.conv2d(tx, tw, tb, padding=1)
+    ty.backward(torch.from_numpy(g))
+    np.testing.assert_allclose(tape.outputs["y"], ty.detach().numpy(), rtol=1e-4, atol=1e-4)
+    for name, t in (("x", tx), ("w", tw), ("b", tb)):
+        assert errs[name].dtype == np.float32
+        np.testing.assert_allclose(errs[name], t.grad.numpy(), rtol=1e-4, atol=1e-3)

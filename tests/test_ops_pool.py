@@ -122,3 +122,32 @@ def test_pool_errors():
         run_op("MaxPool", [rng.standard_normal((1, 1, 4, 4))], {})
     with pytest.raises(Exception, match="does not fit"):
         run_op("AveragePool", [rng.standard_normal((1, 1, 2, 2))], {"kernel_shape": [3, 3]})
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 6, 8), (2, 2, 7, 5)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_maxpool_2x2_tiles_ties_match_torch(shape, dtype):
+    # the 2x2/stride-2 fast path: ties (all-zero windows after a ReLU, and planted ties between
+    # every pair of window positions) route the error to the first maximum, as torch does
+    x = np.maximum(rng.standard_normal(shape), 0).astype(dtype)
+    x[0, 0] = 0.0
+    x[1, 0, 0:2, 0:2] = [[1.0, 1.0], [0.5, 1.0]]
+    x[1, 0, 0:2, 2:4] = [[0.5, 2.0], [2.0, 2.0]]
+    x[1, 0, 2:4, 0:2] = [[0.5, 0.5], [3.0, 3.0]]
+    x[1, 0, 2:4, 2:4] = [[0.5, 4.0], [0.5, 4.0]]
+    x[1, 1, 0:2, 0:2] = [[0.5, 0.5], [0.5, 5.0]]
+    attrs = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    from gradserve.worker.autodiff import backward, compile_program, forward
+    from gradserve.worker.graph import Node
+
+    prog = compile_program([Node("n", "MaxPool", ["x"], ["y"], attrs)], ["x"], ["y"], ["x"])
+    tape = forward(prog, {"x": x})
+    y = tape.outputs["y"]
+    g = rng.standard_normal(y.shape).astype(dtype)
+    dx = backward(prog, tape, {"y": g})["x"]
+    xt = T(x).requires_grad_()
+    ty = F.max_pool2d(xt, 2, 2)
+    ty.backward(T(g))
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    assert dx.dtype == dtype
+    np.testing.assert_array_equal(dx, xt.grad.numpy())

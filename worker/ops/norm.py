@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from gradserve.worker.ops.conv import parallel
 from gradserve.worker.ops.registry import OpError, defop, normalize_axis, unbroadcast
 
 
@@ -66,6 +67,71 @@ def _bn_view(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
+# Rows per chunk in the float32 BatchNormalization passes: a chunk of each array in flight stays
+# in L2, so the 2-4 ufunc passes per chunk read memory once.
+_CHUNK_BYTES = 256 << 10
+
+
+def _chunks(rows: int, length: int):
+    step = max(1, _CHUNK_BYTES // (4 * max(1, length)))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _row_stats(a2: np.ndarray, b2: np.ndarray):
+    """Per-row sums of a2 and of a2 * b2 (float32, one read of each chunk)."""
+    s1 = np.empty(a2.shape[0], a2.dtype)
+    s2 = np.empty(a2.shape[0], a2.dtype)
+    chunks = _chunks(*a2.shape)
+
+    def part(i0, i1):
+        for r0, r1 in chunks[i0:i1]:
+            np.add.reduce(a2[r0:r1], axis=1, out=s1[r0:r1])
+            np.einsum("ij,ij->i", a2[r0:r1], b2[r0:r1], out=s2[r0:r1])
+
+    parallel(part, len(chunks), 2 * a2.size)
+    return s1, s2
+
+
+def _channel_total(rows: np.ndarray, shape3) -> np.ndarray:
+    """Per-row results (N*C,) summed over the batch, in float64."""
+    return rows.reshape(shape3[0], shape3[1]).sum(axis=0, dtype=np.float64)
+
+
+def _per_row(v: np.ndarray, shape3) -> np.ndarray:
+    """A per-channel (C,) vector as a float32 column for the (N*C, L) rows."""
+    return np.tile(v.astype(np.float32), shape3[0])[:, None]
+
+
+def _batchnorm_train32(c, x3: np.ndarray, scale, bias, eps: float):
+    """Training-mode BatchNormalization of float32 data, chunk by chunk of rows (so x is read from
+    memory twice: once for the sums of x and x^2, once for y = x * a + b'). The statistics are
+    accumulated per row in float32 and across rows in float64; the variance is E[x^2] - mean^2,
+    whose cancellation costs ~eps32 * mean^2 / var relative -- harmless for activations, and
+    float64 graphs keep the two-pass path. Saves x itself (no centred copy)."""
+    x3 = np.ascontiguousarray(x3)
+    x2 = x3.reshape(-1, x3.shape[2])
+    count = x3.shape[0] * x3.shape[2]
+    s1, s2 = _row_stats(x2, x2)
+    mu = _channel_total(s1, x3.shape) / count
+    v = np.maximum(_channel_total(s2, x3.shape) / count - mu * mu, 0.0)
+    inv64 = 1.0 / np.sqrt(v + eps)
+    a = scale.astype(np.float64) * inv64
+    a_r, b_r = _per_row(a, x3.shape), _per_row(bias.astype(np.float64) - mu * a, x3.shape)
+    y = np.empty(x3.shape, np.float32)
+    y2 = y.reshape(x2.shape)
+    chunks = _chunks(*x2.shape)
+
+    def part(i0, i1):
+        for r0, r1 in chunks[i0:i1]:
+            np.multiply(x2[r0:r1], a_r[r0:r1], out=y2[r0:r1])
+            y2[r0:r1] += b_r[r0:r1]
+
+    parallel(part, len(chunks), 2 * x2.size)
+    mu, v, inv = mu.astype(np.float32), v.astype(np.float32), inv64.astype(np.float32)
+    c.save(x3=x3, mu=mu, v=v, inv=inv)
+    return y, mu, v
+
+
 def _batchnorm(c, x, scale, bias, mean, var):
     eps = float(c.attr("epsilon", 1e-5))
     training = bool(c.attr("training_mode", 0))
@@ -77,11 +143,14 @@ def _batchnorm(c, x, scale, bias, mean, var):
     for name, t in (("scale", scale), ("B", bias), ("input_mean", mean), ("input_var", var)):
         if t.shape != (channels,):
             raise OpError(f"{name} must have shape ({channels},), got {t.shape}")
-    # keep x - mean (not xhat): y = (x - mean) * (scale * inv) + B is then two passes
-    xc, mu, v, inv = _normalize(x3, eps, None if training else mean, None if training else var, scaled=False)
-    y = np.multiply(xc, (scale * inv).astype(xc.dtype)[:, None], dtype=x.dtype)
-    y += bias.astype(x.dtype)[:, None]
-    c.save(xc=xc, mu=mu, v=v, inv=inv)
+    if training and x.dtype == np.float32 and x3.size:
+        y, mu, v = _batchnorm_train32(c, x3, scale, bias, eps)
+    else:
+        # keep x - mean (not xhat): y = (x - mean) * (scale * inv) + B is then two passes
+        xc, mu, v, inv = _normalize(x3, eps, None if training else mean, None if training else var, scaled=False)
+        y = np.multiply(xc, (scale * inv).astype(xc.dtype)[:, None], dtype=x.dtype)
+        y += bias.astype(x.dtype)[:, None]
+        c.save(xc=xc, mu=mu, v=v, inv=inv)
     y = y.reshape(x.shape)
     if not training or n_out == 1:
         return y
@@ -91,8 +160,51 @@ def _batchnorm(c, x, scale, bias, mean, var):
     return (y, running_mean, running_var)[:n_out]
 
 
+def _batchnorm_vjp32(c, gy):
+    """VJP of _batchnorm_train32 from x itself: with xhat = (x - mean) * inv and a = scale * inv,
+    dx = a * g + k * x + c0 for per-channel k, c0; chunk by chunk, as the forward."""
+    x, scale = c.inputs[0], c.inputs[1]
+    x3, mu, inv = c.saved["x3"], c.saved["mu"].astype(np.float64), c.saved["inv"].astype(np.float64)
+    needs = list(c.needs) + [False] * (5 - len(c.needs))
+    g3 = np.ascontiguousarray(_bn_view(gy), dtype=np.float32)
+    g2, x2 = g3.reshape(-1, g3.shape[2]), x3.reshape(-1, x3.shape[2])
+    count = x3.shape[0] * x3.shape[2]
+    rows_g, rows_gx = _row_stats(g2, x2)
+    sum_g = _channel_total(rows_g, x3.shape)
+    sum_gxhat = (_channel_total(rows_gx, x3.shape) - mu * sum_g) * inv  # sum of g * xhat
+    dx = None
+    if needs[0]:
+        a = scale.astype(np.float64) * inv
+        k = -a * inv * sum_gxhat / count
+        a_r, k_r, c_r = (_per_row(v, x3.shape) for v in (a, k, -a * sum_g / count - k * mu))
+        dx = np.empty(x3.shape, np.float32)
+        d2 = dx.reshape(x2.shape)
+        chunks = _chunks(*x2.shape)
+
+        def part(i0, i1):
+            tmp = np.empty((chunks[0][1] - chunks[0][0], x2.shape[1]), np.float32)
+            for r0, r1 in chunks[i0:i1]:
+                t = tmp[: r1 - r0]
+                np.multiply(g2[r0:r1], a_r[r0:r1], out=d2[r0:r1])
+                np.multiply(x2[r0:r1], k_r[r0:r1], out=t)
+                t += c_r[r0:r1]
+                d2[r0:r1] += t
+
+        parallel(part, len(chunks), 3 * x2.size)
+        dx = dx.reshape(x.shape)
+    dscale = sum_gxhat.astype(scale.dtype) if needs[1] else None
+    dbias = sum_g.astype(c.inputs[2].dtype) if needs[2] else None
+    return dx, dscale, dbias, None, None
+
+
 def _batchnorm_vjp(c, gy, g_rm=None, g_rv=None):
     x, scale = c.inputs[0], c.inputs[1]
+    if "x3" in c.saved:
+        if g_rm is None and g_rv is None:
+            if gy is None:
+                return None, None, None, None, None
+            return _batchnorm_vjp32(c, gy)
+        c.saved["xc"] = np.subtract(c.saved["x3"], c.saved["mu"][:, None])  # the general path below
     xc, inv = c.saved["xc"], c.saved["inv"]
     training = bool(c.attr("training_mode", 0))
     needs = list(c.needs) + [False] * (5 - len(c.needs))

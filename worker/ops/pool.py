@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from gradserve.worker.ops.conv import geometry, offset_slices, pad_input, padded_extent, scratch, spatial_attrs
+from gradserve.worker.ops.conv import geometry, offset_slices, pad_input, padded_extent, parallel, scratch, spatial_attrs
 from gradserve.worker.ops.registry import OpError, defop
 
 
@@ -57,58 +57,68 @@ def _lowest(dtype) -> float | int:
 
 
 # -- MaxPool ------------------------------------------------------------------------------------------
-def _tiles(p: _Pool, x: np.ndarray) -> np.ndarray | None:
-    """For windows that tile the input (stride == kernel, no dilation, no begin pad, no window past
-    the end): the view (N, C, o1, k1, o2, k2, ...) of the covered part of x, else None."""
-    if any(b for b in p.lo) or p.dilations != (1,) * len(p.kernel) or p.strides != p.kernel:
-        return None
-    if any(e > s for e, s in zip(p.extent, x.shape[2:])):
-        return None
-    covered = x[(slice(None), slice(None)) + tuple(slice(0, e) for e in p.extent)]
-    shape = x.shape[:2] + tuple(v for o, k in zip(p.out, p.kernel) for v in (o, k))
-    return covered.reshape(shape)
+def _pairs(a: np.ndarray, name: str) -> np.ndarray:
+    """Each element of ``a`` twice along the last axis (np.repeat(a, 2, -1), faster), in scratch
+    buffer ``name``."""
+    out = scratch(name, a.shape + (2,), a.dtype)
+    out[..., 0] = a
+    out[..., 1] = a
+    return out.reshape(a.shape[:-1] + (2 * a.shape[-1],))
 
 
-def _maxpool_tiled(c, p: _Pool, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """MaxPool over tiling windows: the max by whole-array ufuncs over the kernel axes, innermost
-    last (so the first passes run over contiguous rows), and a full-resolution mask of the one
-    element (the first, in kernel order, as torch picks) that each window's error goes to."""
-    n_sp = len(p.kernel)
-    best = t
-    for d in range(n_sp):
-        ax = 3 + d  # kernel axis d of the array left after reducing axes 0..d-1
-        lead = (slice(None),) * ax
-        if best.shape[ax] == 2:
-            best = np.maximum(best[lead + (0,)], best[lead + (1,)])
-        elif best.shape[ax] == 1:
-            best = best[lead + (0,)]
-        else:
-            best = np.maximum.reduce(best, axis=ax)
-    if np.may_share_memory(best, x):  # 1x1 windows
-        best = best.copy()
-    bview = best.reshape(best.shape[:2] + tuple(v for o in p.out for v in (o, 1)))
-    mask = np.equal(t, bview)  # (N, C, o1, k1, ...) bool, every tie marked
-    kernel_axes = tuple(3 + 2 * d for d in range(n_sp))
-    if math.prod(p.kernel) > 1:
-        # keep only the first hit of each window: walk the offsets in order, clearing hits after one
-        found = np.zeros(best.shape, bool)
-        for k in np.ndindex(*p.kernel):
-            idx = [slice(None)] * mask.ndim
-            for d, kk in enumerate(k):
-                idx[kernel_axes[d]] = kk
-            hit = mask[tuple(idx)]
-            np.logical_and(hit, ~found, out=hit)
-            found |= hit
-    c.save(pool=p, mask=mask)
+def _rows2x2(p: _Pool, x: np.ndarray) -> np.ndarray | None:
+    """For 2x2 windows with stride 2 that tile the input (no begin pad, none past the end): the view
+    (N, C, out_h, 2, 2 * out_w) of the covered part of x (window rows side by side), else None."""
+    if (len(p.kernel) != 2 or p.kernel != (2, 2) or p.strides != (2, 2) or p.dilations != (1, 1) or any(p.lo)
+            or any(e > s for e, s in zip(p.extent, x.shape[2:]))):
+        return None
+    eh, ew = p.extent
+    return x[:, :, :eh, :ew].reshape(x.shape[:2] + (p.out[0], 2, ew))
+
+
+def _maxpool_2x2(c, p: _Pool, x5: np.ndarray) -> np.ndarray:
+    """2x2/stride-2 MaxPool with contiguous passes only: the max of the two window rows, then of
+    the column pairs; then per window row a full-resolution mask of where the max sits, cut down
+    to the first hit of each window (kernel order, as torch picks) with bit operations on the
+    masks seen as uint16 (one per window and row: byte 0 the left column, byte 1 the right).
+    Images are split among threads."""
+    n, ch, oh, _, w = x5.shape
+    best = np.empty((n, ch, oh, w // 2), x5.dtype)
+    top = np.empty((n, ch, oh, w), bool)
+    bot = np.empty((n, ch, oh, w), bool)
+
+    def part(n0, n1):
+        xs = x5[n0:n1]
+        rows = np.maximum(xs[:, :, :, 0], xs[:, :, :, 1], out=scratch("pool_rows", xs.shape[:3] + xs.shape[4:], xs.dtype))
+        b = np.maximum(rows[..., 0::2], rows[..., 1::2], out=best[n0:n1])
+        up = _pairs(b, "pool_up")
+        t, d = top[n0:n1], bot[n0:n1]
+        np.equal(xs[:, :, :, 0], up, out=t)
+        np.equal(xs[:, :, :, 1], up, out=d)
+        t16, b16 = t.view(np.uint16), d.view(np.uint16)
+        tmp = np.left_shift(t16, 8)  # a hit in the left column clears the right one (little endian: left = low byte)
+        np.invert(tmp, out=tmp)
+        t16 &= tmp
+        np.left_shift(b16, 8, out=tmp)
+        np.invert(tmp, out=tmp)
+        b16 &= tmp
+        np.right_shift(t16, 8, out=tmp)  # any hit in the top row clears the bottom row
+        tmp |= t16
+        tmp &= 1
+        tmp -= 1
+        b16 &= tmp
+
+    parallel(part, n, 4 * x5.size)
+    c.save(pool=p, rows_hit=(top, bot))
     return best
 
 
 def _maxpool(c, x):
     p = _Pool(c, x)
-    if c.n_outputs < 2:
-        t = _tiles(p, x)
-        if t is not None:
-            return _maxpool_tiled(c, p, x, t)
+    if c.n_outputs < 2 and np.little_endian:
+        x5 = _rows2x2(p, x)
+        if x5 is not None:
+            return _maxpool_2x2(c, p, x5)
     xp = pad_input(x, p.lo, p.extent, fill=_lowest(x.dtype))
     best = xp[p.slices[0][1]].copy()
     for _, sl in p.slices[1:]:
@@ -151,13 +161,19 @@ def _maxpool_vjp(c, g, *_):
     p: _Pool = c.saved["pool"]
     if g is None:
         return None
-    if "mask" in c.saved:  # tiling windows: one broadcast multiply into the covered part
-        mask = c.saved["mask"]
+    if "rows_hit" in c.saved:  # 2x2 tiles: two contiguous multiplies into the covered part
+        top, bot = c.saved["rows_hit"]
         covered = tuple(p.extent) == tuple(p.in_shape[2:])
         dx = np.empty(p.in_shape, g.dtype) if covered else np.zeros(p.in_shape, g.dtype)
-        target = dx[(slice(None), slice(None)) + tuple(slice(0, e) for e in p.extent)].reshape(mask.shape)
-        gview = g.reshape(g.shape[:2] + tuple(v for o in p.out for v in (o, 1)))
-        np.multiply(mask, gview, out=target)
+        eh, ew = p.extent
+        d5 = dx[:, :, :eh, :ew].reshape(p.in_shape[:2] + (p.out[0], 2, ew))
+
+        def part(n0, n1):
+            up = _pairs(g[n0:n1], "pool_up")
+            np.multiply(top[n0:n1], up, out=d5[n0:n1, :, :, 0])
+            np.multiply(bot[n0:n1], up, out=d5[n0:n1, :, :, 1])
+
+        parallel(part, g.shape[0], 3 * dx.size)
         return dx
     which = c.saved["which"]
     disjoint = p.disjoint
