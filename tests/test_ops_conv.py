@@ -52,6 +52,10 @@ CASES = {
     "pointwise": (4, 5, (1, 1), {}),
     "pointwise_stride2": (4, 5, (1, 1), {"strides": [2, 2]}),
     "kernel_not_reaching_end": (2, 2, (2, 2), {"strides": [3, 3]}),
+    # no more output than input channels: the channel-major path gathers dX instead of col2im
+    "fewer_out_pad1": (4, 3, (3, 3), {"pads": [1, 1, 1, 1]}),
+    "fewer_out_asym_dilation": (5, 2, (3, 2), {"dilations": [2, 1], "pads": [2, 0, 1, 1]}),
+    "fewer_out_big_pads": (3, 3, (2, 3), {"pads": [3, 0, 1, 4]}),
 }
 
 
@@ -205,3 +209,18 @@ def test_conv_float32_grads_match_torch_both_paths(monkeypatch, image):
     for name, t in (("x", tx), ("w", tw), ("b", tb)):
         assert errs[name].dtype == np.float32
         np.testing.assert_allclose(errs[name], t.grad.numpy(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"pads": [2, 1, 0, 2], "dilations": [1, 2]}])
+def test_conv_gathered_input_error_many_blocks(monkeypatch, attrs):
+    """The channel-major path with M <= C gathers dX (shifted copies of the error, one matmul into
+    the input grid); tiny blocks make the shifted reads cross block and image boundaries."""
+    calls = []
+    real = conv_mod._gather_dx
+    monkeypatch.setattr(conv_mod, "_gather_dx", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 0)
+    monkeypatch.setattr(conv_mod, "_BLOCK_ELEMS", 64)
+    x, w, b = rng.standard_normal((3, 4, 6, 7)), rng.standard_normal((3, 4, 3, 3)), rng.standard_normal(3)
+    check_vjp("Conv", [x, w, b], attrs)
+    assert calls
+    np.testing.assert_allclose(run_op("Conv", [x, w, b], attrs)[0], torch_conv(x, w, b, attrs), rtol=1e-10, atol=1e-10)

@@ -106,3 +106,33 @@ def test_instancenorm():
     check_vjp("InstanceNormalization", [x, s, b], {"epsilon": 1e-3})
     np.testing.assert_allclose(run_op("InstanceNormalization", [x, s, b])[0],
                                F.instance_norm(T(x), weight=T(s), bias=T(b)).numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 30.0])
+def test_batchnorm_training_float32_matches_torch_with_large_means(offset):
+    """float32 training BatchNormalization (the chunked fast path): statistics and all errors match
+    torch in float64, including channels whose mean dwarfs their spread (the centred pass)."""
+    from gradserve.worker.autodiff import backward, compile_program, forward
+    from gradserve.worker.graph import Node
+
+    x = (rng.standard_normal((8, 4, 9, 7)) * np.array([1.0, 0.5, 2.0, 0.1]).reshape(1, 4, 1, 1)
+         + offset * np.array([1.0, -1.0, 0.5, 1.0]).reshape(1, 4, 1, 1)).astype(np.float32)
+    s, b = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    attrs = {"epsilon": 1e-5, "momentum": 0.9, "training_mode": 1}
+    node = Node("bn", "BatchNormalization", ["x", "s", "b", "rm", "rv"], ["y", "m", "v"], attrs)
+    prog = compile_program([node], ["x", "s", "b", "rm", "rv"], ["y", "m", "v"], ["x", "s", "b"])
+    tape = forward(prog, {"x": x, "s": s, "b": b, "rm": rm, "rv": rv})
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    errs = backward(prog, tape, {"y": g})
+    tx, ts, tb = (T(a.astype(np.float64)).requires_grad_() for a in (x, s, b))
+    ty = F.batch_norm(tx, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), ts, tb, training=True, eps=1e-5)
+    ty.backward(T(g.astype(np.float64)))
+    y = tape.outputs["y"]
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(tape.outputs["v"], 0.9 + 0.1 * x.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-4)
+    for name, t in (("x", tx), ("s", ts), ("b", tb)):
+        ref = t.grad.numpy()
+        assert errs[name].dtype == np.float32
+        np.testing.assert_allclose(errs[name], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())

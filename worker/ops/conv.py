@@ -5,7 +5,12 @@ for the VJP (X itself is not kept). Columns are built a block at a time into a r
 buffer and multiplied by the weights in one matmul per block (batched over groups); the VJP
 rebuilds the same blocks for dW and scatters W^T x error back into the padded input (col2im: one
 add per kernel offset). Rebuilding a block in cache costs less than writing, holding and re-reading
-the full (C*prod(kernel), N*H*W) column matrix.
+the full (C*prod(kernel), N*H*W) column matrix. The bias (and its error) ride in the matmuls as
+one more column of W against a row of ones. With no more output than input channels, dX is
+gathered instead (a convolution of the error with the flipped kernel), which needs no col2im.
+
+Layers with few input channels (the first conv of a CNN) take the image-by-image path instead
+(_ImageConv), which keeps the NCHW layout and so skips the transposes.
 
 The pooling ops reuse the attribute parsing, output geometry and padding helpers from here.
 """
@@ -13,9 +18,7 @@ The pooling ops reuse the attribute parsing, output geometry and padding helpers
 from __future__ import annotations
 
 import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -46,39 +49,6 @@ def scratch(name: str, shape, dtype) -> np.ndarray:
     if buf is None or buf.size < size:
         buf = pool[(name, dtype)] = np.empty(max(size, 1), dtype)
     return buf[:size].reshape(shape)
-
-
-# Helper threads for the memory-bound numpy passes (copies, im2col/col2im, normalisation and
-# pooling sweeps), which numpy runs on one core with the GIL released; BLAS has its own threads.
-_THREADS = max(1, min(4, int(os.environ.get("GRADSERVE_OP_THREADS", 0)) or (os.cpu_count() or 1)))
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-# Below this many elements per part a pass is not worth splitting.
-_MIN_PART = 1 << 15
-
-
-def parallel(fn, n: int, work: int = 0) -> None:
-    """Run ``fn(i0, i1)`` over a split of range(n) into contiguous parts, one on this thread and the
-    others on helper threads. ``work`` (elements touched in all) decides how many parts pay off;
-    0 means split as far as there are threads."""
-    parts = min(_THREADS, n)
-    if work:
-        parts = min(parts, work // _MIN_PART)
-    if parts <= 1:
-        fn(0, n)
-        return
-    global _executor
-    if _executor is None:
-        with _executor_lock:
-            if _executor is None:
-                _executor = ThreadPoolExecutor(_THREADS - 1, thread_name_prefix="gradserve-op")
-    bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [_executor.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    try:
-        fn(bounds[0], bounds[1])
-    finally:
-        for f in futures:
-            f.result()
 
 
 def str_attr(value, default: str) -> str:
@@ -244,9 +214,14 @@ class _Conv:
         """View (C, N, *grid) of a flat-grid (C, buflen) buffer, image pixel [.., 0, 0] first."""
         return buf[:, self.margin : self.margin + self.P].reshape((buf.shape[0], self.N) + self.grid)
 
-    def cols(self, xT: np.ndarray, p0: int, p1: int, buf: np.ndarray | None) -> np.ndarray:
-        """Columns for grid positions p0:p1 as (group, Cg*Kp, p1-p0), written into ``buf``."""
+    def cols(self, xT: np.ndarray, p0: int, p1: int, buf: np.ndarray | None, ones: bool = False) -> np.ndarray:
+        """Columns for grid positions p0:p1 as (group, Cg*Kp, p1-p0), written into ``buf``; with
+        ``ones`` (group 1 only) a row of ones follows, (1, C*Kp + 1, p1-p0): the bias's column."""
         pb = p1 - p0
+        if ones:
+            buf[self.C * self.Kp * pb : (self.C * self.Kp + 1) * pb] = 1
+            self.cols(xT, p0, p1, buf)
+            return buf[: (self.C * self.Kp + 1) * pb].reshape(1, self.Kg + 1, pb)
         if self.flat:
             xf = xT
             if self.Kp == 1:  # 1x1 kernel: the columns are a (strided) slice of x itself
@@ -278,17 +253,28 @@ class _Conv:
                 target = block[(slice(None), slice(None)) + sl]
                 np.add(target, dcols[:, k], out=target)
 
-    def to_grid(self, g: np.ndarray) -> np.ndarray:
+    def to_grid(self, g: np.ndarray, head: int = 0, tail: int = 0) -> np.ndarray:
         """An output-shaped (N, M, *out) array as (M, N*L) on the grid (zeros at padding positions),
-        in a scratch buffer."""
+        in a scratch buffer; with ``head``/``tail``, returns the whole (M, head + N*L + tail)
+        buffer, the grid in the middle and zeros either side."""
+        if head or tail:
+            ext = scratch("conv_g", (self.M, head + self.P + tail), g.dtype)
+            ext[:, :head] = 0
+            ext[:, head + self.P :] = 0
+            self.to_grid_into(g, ext[:, head : head + self.P].reshape((self.M, self.N) + self.grid))
+            return ext
         full = scratch("conv_g", (self.M, self.N) + self.grid, g.dtype)
+        self.to_grid_into(g, full)
+        return full.reshape(self.M, self.P)
+
+    def to_grid_into(self, g: np.ndarray, full: np.ndarray) -> None:
+        """Write g into the (M, N, *grid) view ``full``, zeros at the padding positions."""
         lead = (slice(None), slice(None))
         real = tuple(slice(0, o) for o in self.out)
         full[lead + real] = g.swapaxes(0, 1)
         if self.flat:
             for d, o in enumerate(self.out):  # zero the padding positions only: a disjoint cover of them
                 full[lead + real[:d] + (slice(o, None),)] = 0
-        return full.reshape(self.M, self.P)
 
     def from_grid(self, yT: np.ndarray) -> np.ndarray:
         """(M, N*L) on the grid -> view (N, M, *out)."""
@@ -305,7 +291,7 @@ class _ImageConv:
     kernel, written straight into dX. Chosen for small Cin, where the (C*Kp, N*L) column matrix of
     the channel-major path is short and its transposes and grid copies dominate."""
 
-    def __init__(self, c, x: np.ndarray, w: np.ndarray, cv: _Conv):
+    def __init__(self, cv: _Conv):
         self.cv = cv
         self.K = cv.C * cv.Kp
         self.L = math.prod(cv.out)
@@ -341,7 +327,7 @@ class _ImageConv:
 
 
 def _image_forward(c, cv: _Conv, x, w, b):
-    ic = _ImageConv(c, x, w, cv)
+    ic = _ImageConv(cv)
     xp = ic.padded(x)
     dtype = np.result_type(x, w)
     wb = w.reshape(cv.M, ic.K)
@@ -365,7 +351,7 @@ def _image_vjp(c, g):
     g3 = np.ascontiguousarray(g).reshape(cv.N, cv.M, ic.L)
     dw = db = dx = None
     if need_w or need_b:
-        acc = np.zeros((cv.M, ic.K + 1), np.float64 if g.dtype == np.float64 else g.dtype)
+        acc = np.zeros((cv.M, ic.K + 1), g.dtype)
         for n0 in range(0, cv.N, ic.nb):
             n1 = min(cv.N, n0 + ic.nb)
             cols = ic.cols(xp, n0, n1, True)  # the ones row gives dB in the last column
@@ -396,6 +382,8 @@ def _image_vjp(c, g):
 # Largest Cin for which Conv takes the image-by-image path (measured on 3x3 kernels, batch 64:
 # ~2x faster at Cin 3, slower from Cin 32 on, where the channel-major GEMMs are larger).
 _IMAGE_MAX_CHANNELS = 16
+# dX by gathering when M <= this * C (see _conv_vjp)
+_GATHER_RATIO = 1.0
 
 
 def _use_image(cv: _Conv, c) -> bool:
@@ -411,16 +399,45 @@ def _conv_forward(c, x, w, b=None):
     xT = cv.pad(x)
     w3 = w.reshape(cv.group, cv.Mg, cv.Kg)
     yT = scratch("conv_y", (cv.M, cv.P), np.result_type(x, w))
-    buf = None if cv.flat and cv.Kp == 1 else scratch("conv_cols", cv.C * cv.Kp * cv.block, x.dtype)
+    buf = None if cv.flat and cv.Kp == 1 else scratch("conv_cols", (cv.C * cv.Kp + 1) * cv.block, x.dtype)
+    # the bias as one more column of W against a row of ones: a plain copy out of the grid after
+    # the matmul is about twice as fast as one that also adds
+    ones = b is not None and cv.group == 1 and buf is not None
+    if ones:
+        w3 = np.concatenate([w3, b.reshape(1, cv.M, 1).astype(w3.dtype)], axis=2)
     for p0, p1 in cv.ranges:
-        np.matmul(w3, cv.cols(xT, p0, p1, buf), out=yT[:, p0:p1].reshape(cv.group, cv.Mg, p1 - p0))
+        np.matmul(w3, cv.cols(xT, p0, p1, buf, ones), out=yT[:, p0:p1].reshape(cv.group, cv.Mg, p1 - p0))
     y = np.empty((cv.N, cv.M) + cv.out, dtype=yT.dtype)
-    if b is not None:
+    if ones:
+        np.copyto(y, cv.from_grid(yT))
+    elif b is not None:
         np.add(cv.from_grid(yT), b.reshape((1, cv.M) + (1,) * len(cv.out)), out=y)  # bias folded into the copy
     else:
         np.copyto(y, cv.from_grid(yT))
     c.save(conv=cv, xT=xT)
     return y
+
+
+def _gather_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndarray:
+    """dX on the flat grid (group 1): input position q gets sum_k W_k^T g[q + margin - shift_k],
+    read from the error grid padded with ``head`` zeros in front (and margin behind). Returns the
+    (C, N, *grid) images view of a scratch buffer."""
+    M, C, Kp = cv.M, cv.C, cv.Kp
+    wg = np.ascontiguousarray(w.reshape(M, C, Kp).transpose(1, 2, 0)).reshape(C, Kp * M)
+    dxg = scratch("conv_dxg", (C, cv.P), gext.dtype)
+    fstrides = [math.prod(cv.grid[d + 1 :]) for d in range(len(cv.grid))]
+    q_valid = (cv.N - 1) * cv.L + sum((i - 1) * fs for i, fs in zip(cv.in_shape[2:], fstrides)) + 1
+    step = max(256, _BLOCK_ELEMS // (M * Kp))
+    buf = scratch("conv_gcols", Kp * M * min(step, q_valid), gext.dtype)
+    base = head + cv.margin
+    for q0 in range(0, q_valid, step):
+        q1 = min(q0 + step, q_valid)
+        pb = q1 - q0
+        cols = buf[: Kp * M * pb].reshape(Kp, M, pb)
+        for k, sh in enumerate(cv.shifts):
+            np.copyto(cols[k], gext[:, base - sh + q0 : base - sh + q1])
+        np.matmul(wg, cols.reshape(Kp * M, pb), out=dxg[:, q0:q1])
+    return dxg.reshape((C, cv.N) + cv.grid)
 
 
 def _conv_vjp(c, g):
@@ -431,15 +448,29 @@ def _conv_vjp(c, g):
     w = c.inputs[1]
     need_x, need_w = c.needs[0], c.needs[1]
     need_b = len(c.needs) > 2 and c.needs[2]
-    db = g.sum(axis=(0,) + tuple(range(2, g.ndim))) if need_b else None
+    G, Mg, Kg = cv.group, cv.Mg, cv.Kg
+    # dB from the dW matmul, against a row of ones below the columns (the grid's padding
+    # positions hold zero errors)
+    ones = need_b and need_w and G == 1 and not (cv.flat and cv.Kp == 1)
+    db = g.sum(axis=(0,) + tuple(range(2, g.ndim))) if need_b and not ones else None
     if not (need_x or need_w):
         return None, None, db
-    G, Mg, Kg = cv.group, cv.Mg, cv.Kg
-    gT = cv.to_grid(g).reshape(G, Mg, cv.P)
+    # dX by gathering (a convolution of the error with the flipped kernel: Kp shifted copies of the
+    # error, one matmul straight into the input grid) when the error has no more channels than X;
+    # else by scattering W^T x error back (col2im: Kp adds into the input grid)
+    gather = need_x and cv.flat and G == 1 and cv.Kp > 1 and cv.M <= _GATHER_RATIO * cv.C
+    if gather:
+        head = cv.shifts[-1]
+        gext = cv.to_grid(g, head, cv.margin)
+        gT = gext[:, head : head + cv.P].reshape(1, cv.M, cv.P)
+    else:
+        gT = cv.to_grid(g).reshape(G, Mg, cv.P)
     if need_w:
-        dw3 = np.zeros((G, Kg, Mg), dtype=g.dtype)
-        buf = None if cv.flat and cv.Kp == 1 else scratch("conv_cols", cv.C * cv.Kp * cv.block, xT.dtype)
-    if need_x:
+        dw3 = np.zeros((G, Kg + ones, Mg), dtype=g.dtype)
+        buf = None if cv.flat and cv.Kp == 1 else scratch("conv_cols", (cv.C * cv.Kp + 1) * cv.block, xT.dtype)
+    if gather:
+        dx_images = _gather_dx(cv, w, gext, head)
+    elif need_x:
         w3T = np.ascontiguousarray(w.reshape(G, Mg, Kg).swapaxes(1, 2))
         dxT = scratch("conv_dx", (cv.C, cv.buflen) if cv.flat else (cv.C, cv.N) + cv.extent, g.dtype)
         dxT.fill(0)
@@ -447,17 +478,22 @@ def _conv_vjp(c, g):
     for p0, p1 in cv.ranges:
         gb = gT[:, :, p0:p1]
         if need_w:
-            dw3 += np.matmul(cv.cols(xT, p0, p1, buf), gb.swapaxes(1, 2))
-        if need_x:
+            dw3 += np.matmul(cv.cols(xT, p0, p1, buf, ones), gb.swapaxes(1, 2))
+        if need_x and not gather:
             out = dbuf[: cv.C * cv.Kp * (p1 - p0)].reshape(G, Kg, p1 - p0)
             # one output channel per group (depthwise): an outer product, which BLAS does slowly
             dcols = np.multiply(w3T, gb, out=out) if Mg == 1 else np.matmul(w3T, gb, out=out)
             cv.col2im(dxT, dcols, p0, p1)
+    if ones:
+        db = dw3[0, Kg].copy()
+        dw3 = dw3[:, :Kg]
     dw = dw3.swapaxes(1, 2).reshape(w.shape) if need_w else None
     dx = None
     if need_x:
         # crop the padding; input rows/cols that no window reads keep a zero error
-        if cv.flat:  # stride 1: every input position is read
+        if gather:
+            sizes, src = list(cv.in_shape[2:]), dx_images
+        elif cv.flat:  # stride 1: every input position is read
             sizes, src = list(cv.in_shape[2:]), cv.images(dxT)
         else:
             sizes = [max(0, min(s, e - b)) for b, s, e in zip(cv.lo, cv.in_shape[2:], cv.extent)]

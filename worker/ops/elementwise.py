@@ -12,7 +12,6 @@ from functools import reduce
 
 import numpy as np
 
-from gradserve.worker.ops.conv import parallel
 from gradserve.worker.ops.registry import OpError, defop, unbroadcast
 
 
@@ -99,16 +98,7 @@ defop("Abs", lambda c, x: np.abs(x), lambda c, g: g * np.sign(c.x), keep="x")
 defop("Tanh", lambda c, x: np.tanh(x), lambda c, g: g * (1 - c.y * c.y), keep="y")
 defop("Sigmoid", lambda c, x: _sigmoid(x), lambda c, g: g * c.y * (1 - c.y), keep="y")
 defop("Softplus", lambda c, x: np.logaddexp(0, x), lambda c, g: g * _sigmoid(c.x), keep="x")
-_RELU_CHUNK = 1 << 16  # elements per piece: its mask stays in L1/L2
-
-
-def _relu(c, x):
-    if x.size < (1 << 17) or not x.flags.c_contiguous:
-        return np.maximum(x, 0)
-    y = np.empty_like(x)
-    xf, yf = x.reshape(-1), y.reshape(-1)
-    parallel(lambda i0, i1: np.maximum(xf[i0:i1], 0, out=yf[i0:i1]), x.size, 2 * x.size)
-    return y
+_RELU_CHUNK = 1 << 16  # elements per piece of the Relu VJP: its mask stays in L1/L2
 
 
 def _relu_vjp(c, g):
@@ -117,19 +107,14 @@ def _relu_vjp(c, g):
         return g * (y > 0)
     out = np.empty(g.shape, g.dtype)
     gf, yf, of = g.reshape(-1), y.reshape(-1), out.reshape(-1)
-    pieces = [(i, min(i + _RELU_CHUNK, y.size)) for i in range(0, y.size, _RELU_CHUNK)]
-
-    def part(k0, k1):
-        mask = np.empty(_RELU_CHUNK, np.bool_)
-        for i0, i1 in pieces[k0:k1]:
-            m = np.greater(yf[i0:i1], 0, out=mask[: i1 - i0])
-            np.multiply(gf[i0:i1], m, out=of[i0:i1])
-
-    parallel(part, len(pieces), 3 * y.size)
+    mask = np.empty(_RELU_CHUNK, np.bool_)
+    for i0 in range(0, y.size, _RELU_CHUNK):
+        i1 = min(i0 + _RELU_CHUNK, y.size)
+        np.multiply(gf[i0:i1], np.greater(yf[i0:i1], 0, out=mask[: i1 - i0]), out=of[i0:i1])
     return out
 
 
-defop("Relu", _relu, _relu_vjp, keep="y")
+defop("Relu", lambda c, x: np.maximum(x, 0), _relu_vjp, keep="y")
 # alpha may be any sign, so the VJP reads x, not y.
 defop("LeakyRelu", lambda c, x: np.where(x > 0, x, x * float(c.attr("alpha", 0.01))),
       lambda c, g: np.where(c.x > 0, g, g * float(c.attr("alpha", 0.01))), keep="x")

@@ -6,7 +6,9 @@ Statistics are computed in at least float32 (float16 inputs are upcast, as ONNX 
 input (the others) with the per-group 1/std; that and the small parameters are all the VJPs read,
 so the runner need not keep X alive. An elementwise pass over an activation costs about as much
 as its arithmetic, so the code counts passes: group sums use einsum (no temporary) and results
-are built in place in a single new array.
+are built in place in a single new array. Training-mode BatchNormalization of float32 data (the
+CNN hot path) goes further: it saves X itself, and its forward and VJP each read X (and the error)
+twice, chunk by chunk so that the several ufuncs per chunk run in cache (_batchnorm_train32).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import math
 
 import numpy as np
 
-from gradserve.worker.ops.conv import parallel
 from gradserve.worker.ops.registry import OpError, defop, normalize_axis, unbroadcast
 
 
@@ -77,19 +78,28 @@ def _chunks(rows: int, length: int):
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-def _row_stats(a2: np.ndarray, b2: np.ndarray):
-    """Per-row sums of a2 and of a2 * b2 (float32, one read of each chunk)."""
+def _row_stats(a2: np.ndarray, b2: np.ndarray, centre: np.ndarray | None = None):
+    """Per-row sums of a2 and of a2 * b2 (float32, chunk by chunk: one read of each). With a
+    per-row ``centre`` (rows, 1), the second sum is of a2 * (b2 - centre) -- of (b2 - centre)^2
+    if a2 is b2 -- the centred copy of a chunk only ever in cache: dearer, but free of the
+    cancellation in sum(a*b) - c * sum(a)."""
     s1 = np.empty(a2.shape[0], a2.dtype)
     s2 = np.empty(a2.shape[0], a2.dtype)
     chunks = _chunks(*a2.shape)
-
-    def part(i0, i1):
-        for r0, r1 in chunks[i0:i1]:
-            np.add.reduce(a2[r0:r1], axis=1, out=s1[r0:r1])
+    tmp = None if centre is None else np.empty((chunks[0][1] - chunks[0][0], a2.shape[1]), a2.dtype)
+    for r0, r1 in chunks:
+        np.add.reduce(a2[r0:r1], axis=1, out=s1[r0:r1])
+        if centre is None:
             np.einsum("ij,ij->i", a2[r0:r1], b2[r0:r1], out=s2[r0:r1])
-
-    parallel(part, len(chunks), 2 * a2.size)
+        else:
+            t = np.subtract(b2[r0:r1], centre[r0:r1], out=tmp[: r1 - r0])
+            np.einsum("ij,ij->i", t if a2 is b2 else a2[r0:r1], t, out=s2[r0:r1])
     return s1, s2
+
+
+# Largest mean^2 / variance for which float32 statistics use the uncentred sums: their
+# cancellation then costs at most ~eps32 * 17 relative (~1e-6).
+_UNCENTRED_MAX = 16.0
 
 
 def _channel_total(rows: np.ndarray, shape3) -> np.ndarray:
@@ -104,31 +114,40 @@ def _per_row(v: np.ndarray, shape3) -> np.ndarray:
 
 def _batchnorm_train32(c, x3: np.ndarray, scale, bias, eps: float):
     """Training-mode BatchNormalization of float32 data, chunk by chunk of rows (so x is read from
-    memory twice: once for the sums of x and x^2, once for y = x * a + b'). The statistics are
-    accumulated per row in float32 and across rows in float64; the variance is E[x^2] - mean^2,
-    whose cancellation costs ~eps32 * mean^2 / var relative -- harmless for activations, and
-    float64 graphs keep the two-pass path. Saves x itself (no centred copy)."""
+    memory twice: once for the sums of x and x^2, once for y = x * a + b'). The sums are taken per
+    row in float32 and across rows in float64; the variance is E[x^2] - mean^2 unless the mean is
+    large against the spread (mean^2 > _UNCENTRED_MAX * var), where a third, centred pass gives
+    it without cancellation. Saves x itself (no centred copy)."""
     x3 = np.ascontiguousarray(x3)
     x2 = x3.reshape(-1, x3.shape[2])
     count = x3.shape[0] * x3.shape[2]
     s1, s2 = _row_stats(x2, x2)
     mu = _channel_total(s1, x3.shape) / count
     v = np.maximum(_channel_total(s2, x3.shape) / count - mu * mu, 0.0)
+    centred = bool(np.any(mu * mu > _UNCENTRED_MAX * v))
+    if centred:
+        centre = _per_row(mu, x3.shape)
+        _, s2 = _row_stats(x2, x2, centre)  # sums of (x - m)^2, with m rounded to float32
+        shift = _channel_total(s1, x3.shape) / count - centre[: x3.shape[1], 0].astype(np.float64)
+        v = np.maximum(_channel_total(s2, x3.shape) / count - shift * shift, 0.0)
     inv64 = 1.0 / np.sqrt(v + eps)
     a = scale.astype(np.float64) * inv64
-    a_r, b_r = _per_row(a, x3.shape), _per_row(bias.astype(np.float64) - mu * a, x3.shape)
     y = np.empty(x3.shape, np.float32)
     y2 = y.reshape(x2.shape)
-    chunks = _chunks(*x2.shape)
-
-    def part(i0, i1):
-        for r0, r1 in chunks[i0:i1]:
+    a_r = _per_row(a, x3.shape)
+    if centred:  # y = (x - m) * a + B: no large terms to cancel
+        b_r = _per_row(bias.astype(np.float64), x3.shape)
+        for r0, r1 in _chunks(*x2.shape):
+            np.subtract(x2[r0:r1], centre[r0:r1], out=y2[r0:r1])
+            y2[r0:r1] *= a_r[r0:r1]
+            y2[r0:r1] += b_r[r0:r1]
+    else:  # y = x * a + (B - m * a)
+        b_r = _per_row(bias.astype(np.float64) - mu * a, x3.shape)
+        for r0, r1 in _chunks(*x2.shape):
             np.multiply(x2[r0:r1], a_r[r0:r1], out=y2[r0:r1])
             y2[r0:r1] += b_r[r0:r1]
-
-    parallel(part, len(chunks), 2 * x2.size)
     mu, v, inv = mu.astype(np.float32), v.astype(np.float32), inv64.astype(np.float32)
-    c.save(x3=x3, mu=mu, v=v, inv=inv)
+    c.save(x3=x3, mu=mu, v=v, inv=inv, centred=centred)
     return y, mu, v
 
 
@@ -169,28 +188,37 @@ def _batchnorm_vjp32(c, gy):
     g3 = np.ascontiguousarray(_bn_view(gy), dtype=np.float32)
     g2, x2 = g3.reshape(-1, g3.shape[2]), x3.reshape(-1, x3.shape[2])
     count = x3.shape[0] * x3.shape[2]
-    rows_g, rows_gx = _row_stats(g2, x2)
-    sum_g = _channel_total(rows_g, x3.shape)
-    sum_gxhat = (_channel_total(rows_gx, x3.shape) - mu * sum_g) * inv  # sum of g * xhat
+    centred = c.saved["centred"]
+    if centred:
+        centre = _per_row(mu, x3.shape)
+        rows_g, rows_gx = _row_stats(g2, x2, centre)
+        sum_g = _channel_total(rows_g, x3.shape)
+        sum_gxhat = _channel_total(rows_gx, x3.shape) * inv  # sum of g * xhat
+    else:
+        rows_g, rows_gx = _row_stats(g2, x2)
+        sum_g = _channel_total(rows_g, x3.shape)
+        sum_gxhat = (_channel_total(rows_gx, x3.shape) - mu * sum_g) * inv
     dx = None
     if needs[0]:
         a = scale.astype(np.float64) * inv
         k = -a * inv * sum_gxhat / count
-        a_r, k_r, c_r = (_per_row(v, x3.shape) for v in (a, k, -a * sum_g / count - k * mu))
+        # centred: k * (x - m) + c0 with c0 = -a * mean(g); else k * x + (c0 - k * m)
+        c0 = -a * sum_g / count if centred else -a * sum_g / count - k * mu
+        a_r, k_r, c_r = (_per_row(v, x3.shape) for v in (a, k, c0))
         dx = np.empty(x3.shape, np.float32)
         d2 = dx.reshape(x2.shape)
         chunks = _chunks(*x2.shape)
-
-        def part(i0, i1):
-            tmp = np.empty((chunks[0][1] - chunks[0][0], x2.shape[1]), np.float32)
-            for r0, r1 in chunks[i0:i1]:
-                t = tmp[: r1 - r0]
-                np.multiply(g2[r0:r1], a_r[r0:r1], out=d2[r0:r1])
+        tmp = np.empty((chunks[0][1] - chunks[0][0], x2.shape[1]), np.float32)
+        for r0, r1 in chunks:
+            t = tmp[: r1 - r0]
+            np.multiply(g2[r0:r1], a_r[r0:r1], out=d2[r0:r1])
+            if centred:
+                np.subtract(x2[r0:r1], centre[r0:r1], out=t)
+                t *= k_r[r0:r1]
+            else:
                 np.multiply(x2[r0:r1], k_r[r0:r1], out=t)
-                t += c_r[r0:r1]
-                d2[r0:r1] += t
-
-        parallel(part, len(chunks), 3 * x2.size)
+            t += c_r[r0:r1]
+            d2[r0:r1] += t
         dx = dx.reshape(x.shape)
     dscale = sum_gxhat.astype(scale.dtype) if needs[1] else None
     dbias = sum_g.astype(c.inputs[2].dtype) if needs[2] else None

@@ -3,7 +3,8 @@
 Windows are visited one kernel offset at a time: each offset is a strided view of the padded input
 with the output's shape, so a pool is prod(kernel) whole-array ufunc calls and never a loop over
 pixels. MaxPool keeps which offset won in each window; its VJP adds the error back at that offset,
-so overlapping windows sum their errors.
+so overlapping windows sum their errors. The common 2x2/stride-2 MaxPool (windows tiling the
+input, one output) has its own path of contiguous passes only (_maxpool_2x2).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 import numpy as np
 
-from gradserve.worker.ops.conv import geometry, offset_slices, pad_input, padded_extent, parallel, scratch, spatial_attrs
+from gradserve.worker.ops.conv import geometry, offset_slices, pad_input, padded_extent, scratch, spatial_attrs
 from gradserve.worker.ops.registry import OpError, defop
 
 
@@ -57,6 +58,9 @@ def _lowest(dtype) -> float | int:
 
 
 # -- MaxPool ------------------------------------------------------------------------------------------
+_POOL_CHUNK = 1 << 18  # input elements per piece of the 2x2 MaxPool passes
+
+
 def _pairs(a: np.ndarray, name: str) -> np.ndarray:
     """Each element of ``a`` twice along the last axis (np.repeat(a, 2, -1), faster), in scratch
     buffer ``name``."""
@@ -81,7 +85,7 @@ def _maxpool_2x2(c, p: _Pool, x5: np.ndarray) -> np.ndarray:
     the column pairs; then per window row a full-resolution mask of where the max sits, cut down
     to the first hit of each window (kernel order, as torch picks) with bit operations on the
     masks seen as uint16 (one per window and row: byte 0 the left column, byte 1 the right).
-    Images are split among threads."""
+    A few images at a time."""
     n, ch, oh, _, w = x5.shape
     best = np.empty((n, ch, oh, w // 2), x5.dtype)
     top = np.empty((n, ch, oh, w), bool)
@@ -108,7 +112,9 @@ def _maxpool_2x2(c, p: _Pool, x5: np.ndarray) -> np.ndarray:
         tmp -= 1
         b16 &= tmp
 
-    parallel(part, n, 4 * x5.size)
+    step = max(1, _POOL_CHUNK // max(1, x5[0].size))
+    for n0 in range(0, n, step):  # a few images at a time: the passes after the first hit cache
+        part(n0, min(n, n0 + step))
     c.save(pool=p, rows_hit=(top, bot))
     return best
 
@@ -173,7 +179,9 @@ def _maxpool_vjp(c, g, *_):
             np.multiply(top[n0:n1], up, out=d5[n0:n1, :, :, 0])
             np.multiply(bot[n0:n1], up, out=d5[n0:n1, :, :, 1])
 
-        parallel(part, g.shape[0], 3 * dx.size)
+        step = max(1, _POOL_CHUNK // max(1, math.prod(p.in_shape[1:])))
+        for n0 in range(0, g.shape[0], step):
+            part(n0, min(g.shape[0], n0 + step))
         return dx
     which = c.saved["which"]
     disjoint = p.disjoint
