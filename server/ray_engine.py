@@ -53,8 +53,8 @@ class RayEngine:
 
     ``partitions``/``micro_batches``/``replicas`` are defaults that each job may override.
     ``ray_address``: join that cluster; None starts an embedded single-node Ray unless this process
-    already is connected. ``threads_per_worker``: BLAS threads per actor (default: the CPUs Ray
-    reports for the actor's node).
+    already is connected. ``threads_per_worker``: BLAS threads per step (default: chosen per job,
+    see :func:`_blas_threads`).
     """
 
     name = "ray"
@@ -233,14 +233,22 @@ class RayEngine:
             node = nodes[i % len(nodes)] if nodes else None
             # BLAS threads: what was asked for, else the CPUs Ray gives that node (a pod's limit on
             # Kubernetes, not the host's core count).
-            threads = self.threads or (int(node["Resources"]["CPU"]) if node else os.cpu_count() or 1)
-            env = {"env_vars": {v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+            threads = int(node["Resources"]["CPU"]) if node else os.cpu_count() or 1
+            env = {"env_vars": {
+                **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+                # Idle OpenBLAS threads otherwise spin for ~2^28 cycles after every product and
+                # steal the cores from the next stage on the node (measured: 4 products taking
+                # 55 ms instead of 14 ms when two stages alternate). 2^4 cycles: sleep at once.
+                "OPENBLAS_THREAD_TIMEOUT": "4",
+            }}
             strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=True) if node else "SPREAD"
             new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env).remote())
         if new:
             address = {node["NodeID"]: node.get("NodeManagerAddress", "") for node in nodes}
+            cpus = {node["NodeID"]: int(node["Resources"]["CPU"]) for node in nodes}
             for where in ray.get([a.where.remote() for a in new]):
                 where["ip"] = address.get(where["node_id"], where["ip"])  # the address Ray knows the node by
+                where["cpus"] = cpus.get(where["node_id"], os.cpu_count() or 1)
                 self._where.append(where)
             self._pool += new
             log.info("worker pool: %d actors on %d nodes", len(self._pool), len({w["node_id"] for w in self._where}))
@@ -298,12 +306,13 @@ class RayEngine:
         steps = _Submitted()
         try:
             with self._submit:
+                threads = _blas_threads(dep.where, m, r, self.threads)
                 for replica in range(r):
-                    self._submit_replica(steps, job_id, dep, job, chunks, replica, m)
+                    self._submit_replica(steps, job_id, dep, job, chunks, replica, m, threads)
                 # weight_grads takes the stage's own backward results as arguments: it runs after
                 # them and fails if one of them failed (they live in that node's store: no transfer).
                 weight_refs = [
-                    actor.weight_grads.remote(dep.key, job_id, *steps.backward.get((replica, p), []))
+                    actor.weight_grads.remote(dep.key, job_id, threads[replica][p][1], *steps.backward.get((replica, p), []))
                     for replica, row in enumerate(dep.actors)
                     for p, actor in enumerate(row)
                 ]
@@ -329,12 +338,16 @@ class RayEngine:
             "run": t2 - t1,  # from the last submission until every step finished
             "fetch": t3 - t2,
             "stage_compute": busy,  # per (replica, partition): seconds inside ops
+            "stage_phases": stage_seconds,  # the same, split into forward / backward / weights
         }
 
-    def _submit_replica(self, steps: "_Submitted", job_id: str, dep: _Deployment, job, chunks, replica: int, m: int) -> None:
+    def _submit_replica(
+        self, steps: "_Submitted", job_id: str, dep: _Deployment, job, chunks, replica: int, m: int, threads
+    ) -> None:
         """Submit the GPipe schedule of one replica's micro-batches; record the refs in ``steps``."""
         specs, actors = dep.specs, dep.actors[replica]
         first = replica * m
+        defer = _defer_weights(dep.where, m, len(dep.actors))
         feeds = {c: {k: ray.put(v) for k, v in chunks[c].feeds.items()} for c in range(first, first + m)}
         acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in feeds}  # activations per chunk
         errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in feeds}  # errors sent back
@@ -344,7 +357,9 @@ class RayEngine:
                 names = [*spec.feeds, *spec.inputs]
                 args = [feeds[c][f] for f in spec.feeds] + [acts[c][v] for v in spec.inputs]
                 outs = _as_list(
-                    actor.forward.options(num_returns=len(spec.outputs)).remote(dep.key, job_id, c, names, *args)
+                    actor.forward.options(num_returns=len(spec.outputs)).remote(
+                        dep.key, job_id, c, threads[replica][step.partition][0], names, *args
+                    )
                 )
                 acts[c].update(zip(spec.outputs, outs))
                 if job.loss in spec.outputs:
@@ -360,7 +375,9 @@ class RayEngine:
                         names.append(v)
                         args.append(ref)
                 n = max(1, len(spec.wrt_inputs))
-                outs = _as_list(actor.backward.options(num_returns=n).remote(dep.key, job_id, c, names, *args))
+                outs = _as_list(actor.backward.options(num_returns=n).remote(
+                    dep.key, job_id, c, threads[replica][step.partition][0], defer, names, *args
+                ))
                 steps.backward.setdefault((replica, step.partition), []).extend(outs)
                 for v, ref in zip(spec.wrt_inputs, outs):
                     if v in spec.inputs:
@@ -416,6 +433,36 @@ class _Submitted:
     loss: list = field(default_factory=list)  # loss per chunk
     backward: dict = field(default_factory=dict)  # (replica, partition) -> backward outputs
     input_grads: dict = field(default_factory=dict)  # (chunk, input) -> refs to sum
+
+
+def _defer_weights(where: list[list[dict]], m: int, r: int) -> bool:
+    """Defer weight gradients (zero-bubble) unless nothing could overlap them: one micro-batch, one
+    replica, every stage on one node (then computing them at once, with all cores, is cheaper)."""
+    return not (m == 1 and r == 1 and len({w["node_id"] for row in where for w in row}) == 1)
+
+
+def _blas_threads(where: list[list[dict]], m: int, r: int, fixed: int | None) -> list[list[tuple[int, int]]]:
+    """BLAS threads per (replica, partition): (for forward/backward steps, for the weight step).
+
+    Stages of one pipeline with a single micro-batch run one after another, so each may use all of
+    its node's cores; with several micro-batches or replicas, stages on a node run at once and
+    share its cores (more threads than cores makes OpenBLAS crawl). The deferred weight-gradient
+    steps of all stages run at once at the end, so they always share.
+    """
+    per_node: dict[str, int] = {}
+    for row in where:
+        for w in row:
+            per_node[w["node_id"]] = per_node.get(w["node_id"], 0) + 1
+    out = []
+    for row in where:
+        cells = []
+        for w in row:
+            shared = max(1, w["cpus"] // per_node[w["node_id"]])
+            alone = w["cpus"] if m == 1 and r == 1 else shared
+            weights = alone if not _defer_weights(where, m, r) else shared
+            cells.append((fixed, fixed) if fixed else (alone, weights))
+        out.append(cells)
+    return out
 
 
 def _as_list(refs: Any) -> list:

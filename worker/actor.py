@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import ray
+from threadpoolctl import ThreadpoolController
 
 from gradserve.worker.stage import Stage, StageSpec
 
@@ -28,6 +29,7 @@ class StageHost:
     def __init__(self) -> None:
         self.stages: dict[str, Stage] = {}
         self.cancelled: set[str] = set()
+        self.blas = ThreadpoolController()  # BLAS threads are set per step by the engine
 
     def load(self, key: str, spec: StageSpec, constants: dict[str, np.ndarray], names: Sequence[str], *params: np.ndarray) -> None:
         self.stages[key] = Stage(spec, dict(zip(names, params)), constants)
@@ -35,25 +37,30 @@ class StageHost:
     def unload(self, key: str) -> None:
         self.stages.pop(key, None)
 
-    def forward(self, key: str, job_id: str, mb: int, names: Sequence[str], *values: np.ndarray) -> Any:
+    def forward(self, key: str, job_id: str, mb: int, threads: int, names: Sequence[str], *values: np.ndarray) -> Any:
         stage = self.stages[key]
         if job_id in self.cancelled:
             return _placeholders(len(stage.spec.outputs))
-        return _returns(stage.forward(job_id, mb, dict(zip(names, values))))
+        with self.blas.limit(limits=threads, user_api="blas"):
+            return _returns(stage.forward(job_id, mb, dict(zip(names, values))))
 
-    def backward(self, key: str, job_id: str, mb: int, names: Sequence[str], *errors: np.ndarray | None) -> Any:
+    def backward(
+        self, key: str, job_id: str, mb: int, threads: int, defer: bool, names: Sequence[str], *errors: np.ndarray | None
+    ) -> Any:
         stage = self.stages[key]
         if job_id in self.cancelled:
             return _placeholders(max(1, len(stage.spec.wrt_inputs)))
-        errs = stage.backward(job_id, mb, list(zip(names, errors)))
+        with self.blas.limit(limits=threads, user_api="blas"):
+            errs = stage.backward(job_id, mb, list(zip(names, errors)), defer)
         return _returns(errs) if errs else None  # one placeholder return, so the step can be awaited
 
-    def weight_grads(self, key: str, job_id: str, *after: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def weight_grads(self, key: str, job_id: str, threads: int, *after: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """dL/dw of the stage and its compute seconds. ``after``: the job's backward results on this
         stage, passed only so Ray runs this once they exist, and fails it if one of them failed."""
         if job_id in self.cancelled:
             return {}, {}
-        return self.stages[key].weight_grads(job_id)
+        with self.blas.limit(limits=threads, user_api="blas"):
+            return self.stages[key].weight_grads(job_id)
 
     @ray.method(concurrency_group="control")
     def cancel(self, job_id: str) -> None:

@@ -36,6 +36,7 @@ class StageSpec:
 class _JobState:
     tapes: dict[int, Tape] = field(default_factory=dict)  # micro-batch -> tape awaiting backward
     deferred: list[Tape] = field(default_factory=list)  # tapes holding deferred weight-gradient work
+    grads: dict[str, np.ndarray] = field(default_factory=dict)  # weight gradients summed so far
     seconds: dict[str, float] = field(default_factory=lambda: {"forward": 0.0, "backward": 0.0, "weights": 0.0})
 
 
@@ -61,12 +62,16 @@ class Stage:
         return [tape.outputs[o] for o in self.spec.outputs]
 
     def backward(
-        self, job_id: str, mb: int, errors: Sequence[tuple[str, np.ndarray | None]]
+        self, job_id: str, mb: int, errors: Sequence[tuple[str, np.ndarray | None]], defer: bool = True
     ) -> list[np.ndarray | None]:
         """Errors at this partition's outputs in, as (value, error) pairs -- a value read by several
         partitions gets one pair from each, and they are summed here, where it was produced. Errors
-        at ``spec.wrt_inputs`` out (``None`` where none reaches an input). Weight gradients are
-        deferred to :meth:`weight_grads`."""
+        at ``spec.wrt_inputs`` out (``None`` where none reaches an input).
+
+        With ``defer`` the weight gradients wait for :meth:`weight_grads`, so the errors another
+        stage waits for leave first (the zero-bubble split); without it they are computed now, which
+        is cheaper when nothing could run meanwhile (one micro-batch, stages sharing the cores).
+        """
         t = time.perf_counter()
         state = self.jobs[job_id]
         tape = state.tapes.pop(mb)
@@ -74,8 +79,11 @@ class Stage:
         for name, err in errors:
             if err is not None:
                 given[name] = given[name] + err if name in given else err
-        errs = backward(self.program, tape, given, defer=self.spec.params)
-        state.deferred.append(tape)
+        errs = backward(self.program, tape, given, defer=self.spec.params if defer else ())
+        if defer:
+            state.deferred.append(tape)
+        else:
+            _add_into(state.grads, {p: errs[p] for p in self.spec.params if p in errs})
         state.seconds["backward"] += time.perf_counter() - t
         return [errs.get(v) for v in self.spec.wrt_inputs]
 
@@ -86,12 +94,10 @@ class Stage:
         state = self.jobs.pop(job_id, None)
         if state is None:
             return {}, {}
-        grads: dict[str, np.ndarray] = {}
         for tape in state.deferred:
-            for name, g in backward_deferred(self.program, tape).items():
-                grads[name] = grads[name] + g if name in grads else g
+            _add_into(state.grads, backward_deferred(self.program, tape))
         state.seconds["weights"] = time.perf_counter() - t
-        return grads, state.seconds
+        return state.grads, state.seconds
 
     def end_job(self, job_id: str) -> None:
         """Drop everything held for ``job_id`` (after success, failure or cancel)."""
@@ -99,3 +105,8 @@ class Stage:
 
     def job_count(self) -> int:
         return len(self.jobs)
+
+
+def _add_into(total: dict[str, np.ndarray], more: Mapping[str, np.ndarray]) -> None:
+    for name, g in more.items():
+        total[name] = total[name] + g if name in total else g
