@@ -89,6 +89,7 @@ def load_onnx(path_or_bytes: ModelSource, loss: str | LossSpec | None = None) ->
     importer = _Importer(proto, opset)
     importer.resolve_loss(loss)
     importer.fold_constants()
+    importer.merge_duplicates()
     return importer.finish()
 
 
@@ -348,6 +349,24 @@ class _Importer:
         return [np.asarray(picked, np.int64).reshape(indices.shape)]
 
     # -- result -------------------------------------------------------------------------------------
+    def merge_duplicates(self) -> None:
+        """Common subexpressions: a node with the same op, inputs and attributes as an earlier one
+        is dropped and its outputs read from the earlier one (the exporter writes MSE as
+        ``(a - b) * (a - b)`` with two identical Subs)."""
+        rename: dict[str, str] = {}
+        seen: dict[tuple, Node] = {}
+        kept: list[Node] = []
+        for node in self.nodes:  # topologically sorted by fold_constants
+            node.inputs = [rename.get(i, i) for i in node.inputs]
+            key = (node.op_type, tuple(node.inputs), _attrs_key(node.attrs), len(node.outputs))
+            first = seen.get(key) if node.op_type not in _NONDETERMINISTIC else None
+            if first is None or self.loss in node.outputs:
+                seen.setdefault(key, node)
+                kept.append(node)
+                continue
+            rename.update((o, f) for o, f in zip(node.outputs, first.outputs) if o)
+        self.nodes = kept
+
     def finish(self) -> Model:
         """The Model: nodes the loss does not depend on (other graph outputs, Shapes whose every
         use was folded) and constants nothing reads are dropped."""
@@ -363,6 +382,13 @@ class _Importer:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def _attrs_key(attrs: dict[str, Any]) -> tuple:
+    """A hashable, exact key of attribute values (arrays by their bytes: repr would abbreviate)."""
+    return tuple(
+        (k, (v.dtype.str, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else repr(v)) for k, v in sorted(attrs.items())
+    )
+
+
 def _infer(proto: onnx.ModelProto) -> tuple[dict[str, InferredShape], dict[str, np.dtype]]:
     """Shapes (ints, symbols, None for unknown) and dtypes of every value ONNX can infer from the
     declared input shapes. data_prop lets ONNX see through Shape -> Gather -> Concat -> Reshape."""

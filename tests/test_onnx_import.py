@@ -145,6 +145,29 @@ def test_constant_nodes_and_constant_subgraphs_fold():
     assert model.constants["c4"].dtype == np.float32
 
 
+def test_identical_nodes_are_merged():
+    # (x - t) * (x - t) written with two identical Subs, as torch's exporter writes MSE
+    proto = _onnx(
+        [
+            helper.make_node("Sub", ["x", "t"], ["d1"], name="sub_a"),
+            helper.make_node("Sub", ["x", "t"], ["d2"], name="sub_b"),
+            helper.make_node("Sub", ["t", "x"], ["d3"], name="sub_swapped"),
+            helper.make_node("Mul", ["d1", "d2"], ["sq"], name="square"),
+            helper.make_node("Add", ["sq", "d3"], ["y"], name="add"),
+            helper.make_node("ReduceSum", ["y"], ["loss"], name="sum", keepdims=0),
+        ],
+        [("x", TensorProto.DOUBLE, ["N", 2]), ("t", TensorProto.DOUBLE, ["N", 2])],
+        [("loss", TensorProto.DOUBLE, [])],
+    )
+    model = load_onnx(proto)
+    assert [n.name for n in model.nodes] == ["sub_a", "sub_swapped", "square", "add", "sum"]
+    assert model.nodes[2].inputs == ["d1", "d1"]
+    x, t = rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
+    result = gradserve.local().gradients(model, {"x": x, "t": t}, input_grads=["x"])
+    assert result.loss == pytest.approx(float(np.sum((x - t) ** 2 + (t - x))))
+    np.testing.assert_allclose(result.input_grads["x"], 2 * (x - t) - 1)
+
+
 def test_dropout_is_not_folded():
     proto = _onnx(
         [

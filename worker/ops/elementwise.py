@@ -21,9 +21,11 @@ def _needs(c, i: int) -> bool:
 
 # -- binary, broadcasting ---------------------------------------------------------------------------
 defop("Add", lambda c, a, b: a + b,
-      lambda c, g: (unbroadcast(g, c.inputs[0].shape), unbroadcast(g, c.inputs[1].shape)), keep=())
+      lambda c, g: (unbroadcast(g, c.inputs[0].shape) if c.needs[0] else None,
+                    unbroadcast(g, c.inputs[1].shape) if c.needs[1] else None), keep=())
 defop("Sub", lambda c, a, b: a - b,
-      lambda c, g: (unbroadcast(g, c.inputs[0].shape), unbroadcast(-g, c.inputs[1].shape)), keep=())
+      lambda c, g: (unbroadcast(g, c.inputs[0].shape) if c.needs[0] else None,
+                    unbroadcast(-g, c.inputs[1].shape) if c.needs[1] else None), keep=())
 defop("Mul", lambda c, a, b: a * b,
       lambda c, g: (unbroadcast(g * c.inputs[1], c.inputs[0].shape) if c.needs[0] else None,
                     unbroadcast(g * c.inputs[0], c.inputs[1].shape) if c.needs[1] else None), keep="x")

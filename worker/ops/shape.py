@@ -154,6 +154,8 @@ defop("Slice", _slice, _slice_vjp, keep=(), differentiable=(0,))
 # -- broadcasting and repeating ----------------------------------------------------------------------
 def _expand(c, x, shape):
     out = np.broadcast_shapes(x.shape, tuple(_ints(shape)))  # bidirectional: shape may hold 1s
+    if out == x.shape:
+        return x  # values are never written in place, so the input itself will do (no copy)
     return np.broadcast_to(x, out).copy()  # a real array, not a read-only zero-stride view
 
 
