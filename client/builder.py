@@ -118,9 +118,10 @@ class ModelBuilder:
         names = ["" if v is None else self._lift(v, dtype).name for v in inputs]
         node_name = name or self._fresh(op_type.lower())
         self._claim(node_name, kind="node")
-        outs = [self._fresh(f"{node_name}_out") for _ in range(n_outputs)]
-        for o in outs:
-            self._claim(o)
+        outs = []
+        for _ in range(n_outputs):
+            outs.append(self._fresh(f"{node_name}_out"))
+            self._claim(outs[-1])
         self._nodes.append(Node(node_name, op_type, names, outs, attrs))
         values = tuple(Value(self, o, dtype) for o in outs)
         return values[0] if n_outputs == 1 else values

@@ -120,7 +120,7 @@ class RayEngine:
             raise GraphError(f"partitions, micro_batches and replicas must be >= 1 (got {k}, {m}, {r})")
         t0 = time.perf_counter()
         full = prepare(model, feeds, input_grads)
-        chunks = split_batch(model, list(full.nodes), feeds, m * r)
+        chunks = split_batch(model, full, feeds, m * r)
         job = prepare(model, chunks[0].feeds, input_grads)  # shapes of one micro-batch, for planning
         key, placed = self._acquire(model, model_key)
         try:  # while the job holds its parameters, neither they nor their deployments are evicted

@@ -159,14 +159,46 @@ def test_cancelled_job_raises_and_frees_state(ray_engine):
     assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool])) == 0
 
 
-def test_micro_batching_refuses_what_it_cannot_split_exactly(ray_engine):
+def _refusal_cases():
+    def build(make_loss, training_bn=False):
+        m = gradserve.ModelBuilder()
+        x = m.input("x", (None, 3), np.float64)
+        w = m.param("w", np.ones((3, 2)))
+        h = x @ w
+        if training_bn:
+            h = m.op("BatchNormalization", h, m.param("s", np.ones(2)), m.param("b", np.zeros(2)),
+                     m.constant(np.zeros(2)), m.constant(np.ones(2)), n_outputs=3, training_mode=1)[0]
+        return m.loss(make_loss(m, h, w))
+
+    return {
+        "product of means": (build(lambda m, h, w: (h * h).mean() * (h * h).mean()), "not linear"),
+        "batch-independent term": (build(lambda m, h, w: h.sum() + (w * w).sum()), "does not depend on the batch"),
+        "batch mean below the loss": (build(lambda m, h, w: ((h - h.mean()) ** 2).sum()),
+                                      "combines a batch reduction with per-sample values"),
+        "training-mode BatchNorm": (build(lambda m, h, w: h.mean(), training_bn=True), "statistics of the whole batch"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_refusal_cases()))
+def test_micro_batching_refuses_what_it_cannot_split_exactly(ray_engine, case):
+    model, match = _refusal_cases()[case]
+    feeds = {"x": np.arange(12.0).reshape(4, 3)}
+    with pytest.raises(GraphError, match=match):
+        ray_engine.gradients(model, feeds, micro_batches=2)
+    assert ray_engine.gradients(model, feeds).loss == pytest.approx(INLINE.gradients(model, feeds).loss)
+
+
+def test_ignored_targets_never_leave_a_micro_batch_empty(ray_engine):
     m = gradserve.ModelBuilder()
-    x = m.input("x", (None, 3), np.float64)
-    w = m.param("w", np.ones((3, 1)))
-    h = x @ w
-    model = m.loss((h * h).mean() * (h * h).mean())  # a product of means is not a per-sample mean
-    with pytest.raises(GraphError, match="sum or mean over the batch"):
-        ray_engine.gradients(model, {"x": np.ones((4, 3))}, micro_batches=2)
+    x = m.input("x", (None, 4), np.float64)
+    labels = m.input("labels", (None,), np.int64)
+    logits = x @ m.param("w", np.random.default_rng(0).standard_normal((4, 3)))
+    model = m.loss(m.op("SoftmaxCrossEntropyLoss", logits, labels, reduction="mean", ignore_index=-1))
+    feeds = {"x": np.random.default_rng(1).standard_normal((8, 4)), "labels": np.array([-1, -1, -1, -1, -1, 2, 0, 1])}
+    # An even split would give the first micro-batches only ignored targets (a 0/0 mean).
+    assert_same(ray_engine.gradients(model, feeds, micro_batches=3), INLINE.gradients(model, feeds))
+    with pytest.raises(GraphError, match="only 3 samples have targets"):
+        ray_engine.gradients(model, feeds, micro_batches=2, replicas=2)
 
 
 def test_concurrent_jobs_on_shared_workers(ray_engine):
