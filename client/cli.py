@@ -148,9 +148,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gradserve.client.serve_args import server_settings
     from gradserve.server.service import serve_forever
 
-    serve_forever(args)
+    serve_forever(server_settings(args))
     return 0
 
 

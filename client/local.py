@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradserve.worker.graph import Model
 
+if TYPE_CHECKING:
+    from gradserve.server.inline import InlineEngine
+    from gradserve.server.ray_engine import RayEngine
 
-def local(engine: str = "inline", **options: Any):
+
+def local(engine: str = "inline", **options: Any) -> "InlineEngine | RayEngine":
     """An engine in this process with ``.gradients(model, feeds) -> Result``.
 
     ``engine="inline"`` runs the whole graph here. ``engine="ray"`` partitions it over Ray worker
@@ -32,12 +36,11 @@ def load_model(path: str | Path, loss: Any = None) -> Model:
     """Load an ``.onnx`` file (with an optional loss spec, see :func:`gradserve.load_onnx`) or a
     model saved in gradserve's own format (:meth:`Model.save`)."""
     path = Path(path)
-    data = path.read_bytes()
     if path.suffix == ".onnx":
         from gradserve.client.onnx_import import load_onnx
 
-        return load_onnx(data, loss=loss)
-    model = Model.from_bytes(data)
+        return load_onnx(path, loss=loss)  # the path, so weights in external data files are found
+    model = Model.from_bytes(path.read_bytes())
     if loss is not None:
         raise ValueError("--loss applies to ONNX models; a gradserve model names its own loss")
     return model

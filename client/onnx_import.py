@@ -358,13 +358,13 @@ class _Importer:
         kept: list[Node] = []
         for node in self.nodes:  # topologically sorted by fold_constants
             node.inputs = [rename.get(i, i) for i in node.inputs]
-            key = (node.op_type, tuple(node.inputs), _attrs_key(node.attrs), len(node.outputs))
+            key = (node.op_type, tuple(node.inputs), _attrs_key(node.attrs), tuple(bool(o) for o in node.outputs))
             first = seen.get(key) if node.op_type not in _NONDETERMINISTIC else None
             if first is None or self.loss in node.outputs:
                 seen.setdefault(key, node)
                 kept.append(node)
                 continue
-            rename.update((o, f) for o, f in zip(node.outputs, first.outputs) if o)
+            rename.update((o, f) for o, f in zip(node.outputs, first.outputs) if o)  # same outputs present
         self.nodes = kept
 
     def finish(self) -> Model:

@@ -1,5 +1,5 @@
 """Command-line options of ``gradserve serve`` (kept apart so the CLI can list them without
-importing the server), and their translation into server settings."""
+importing the server), and their translation into :class:`~gradserve.server.settings.ServerSettings`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gradserve.server.limits import Limits
+from gradserve.server.settings import ServerSettings
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -74,19 +75,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def _default(name: str) -> Any:
     """The default of a :class:`gradserve.server.limits.Limits` field: one source of truth."""
     return Limits.__dataclass_fields__[name].default
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    address: str
-    engine: str | None
-    ray_address: str | None
-    auth_token: str | None
-    tls_cert: bytes | None
-    tls_key: bytes | None
-    limits: Limits
-    grace: float
-    log_level: str
 
 
 def _read(path: str, what: str) -> bytes:

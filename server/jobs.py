@@ -327,13 +327,24 @@ class JobRegistry:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def parse_options(partitions: int, micro_batches: int, replicas: int, input_grads: Iterable[str],
-                  max_split: int = 4096) -> JobOptions:
-    """Options from the wire (0 means 1), each checked to be in range."""
+# Bounds on how much work one job may ask for: partitions x replicas worker actors, and
+# partitions x micro-batches x replicas pipeline steps.
+MAX_WORKERS_PER_JOB = 64
+MAX_STEPS_PER_JOB = 4096
+
+
+def parse_options(partitions: int, micro_batches: int, replicas: int, input_grads: Iterable[str]) -> JobOptions:
+    """Options from the wire (0 means 1), checked to be in range."""
     values = {"partitions": partitions or 1, "micro_batches": micro_batches or 1, "replicas": replicas or 1}
     for name, value in values.items():
-        if value > max_split:
-            raise BadRequest(f"{name}={value} is out of range (1..{max_split})")
+        if value < 1:
+            raise BadRequest(f"{name}={value} is out of range (>= 1)")
+    workers = values["partitions"] * values["replicas"]
+    if workers > MAX_WORKERS_PER_JOB:
+        raise LimitExceeded(f"partitions x replicas = {workers} worker actors; at most {MAX_WORKERS_PER_JOB} per job")
+    steps = workers * values["micro_batches"]
+    if steps > MAX_STEPS_PER_JOB:
+        raise LimitExceeded(f"partitions x micro_batches x replicas = {steps} pipeline steps; at most {MAX_STEPS_PER_JOB} per job")
     names = tuple(input_grads)
     if len(set(names)) != len(names):
         raise BadRequest(f"input_grads names an input twice: {list(names)}")

@@ -137,7 +137,8 @@ def _best_cuts(nodes: list[Node], shapes: Mapping[str, ValueInfo], k: int) -> li
     n = len(nodes)
     if k <= 1:
         return []
-    cands = list(range(n + 1)) if n <= MAX_CANDIDATES else sorted({0, n, *np.linspace(0, n, MAX_CANDIDATES).round().astype(int)})
+    limit = max(MAX_CANDIDATES, k + 1)  # k partitions need at least k + 1 candidate positions
+    cands = list(range(n + 1)) if n <= limit else sorted({0, n, *np.linspace(0, n, limit).round().astype(int)})
     flops = np.array([node_flops(nd, shapes) for nd in nodes], dtype=np.float64)
     prefix = np.concatenate([[0.0], np.cumsum(flops)])
     producer_pos = {o: i for i, nd in enumerate(nodes) for o in nd.outputs if o}

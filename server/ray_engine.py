@@ -36,6 +36,10 @@ from gradserve.worker.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
+_ACTOR_START_TIMEOUT = 300.0  # seconds for new actors to start and load their stage (a cluster may scale up)
+_CONTROL_TIMEOUT = 30.0  # seconds for an actor to answer a control call (cancel, where, load)
+_STEP_DRAIN_TIMEOUT = 300.0  # seconds for an actor to finish or skip a failed job's queued steps
+
 
 @dataclass
 class _Deployment:
@@ -189,7 +193,7 @@ class RayEngine:
                     key = f"{structure[:24]}-{uuid.uuid4().hex[:8]}"
                     for old in [k for k in keys if self._params[k].users == 0]:
                         self._forget(old)
-                    keys.append(key)
+                    self._latest.setdefault(structure, []).append(key)  # _forget may drop an empty list
             else:
                 key = model_key
             placed = self._params.get(key)
@@ -205,9 +209,11 @@ class RayEngine:
     def _forget(self, key: str) -> None:
         """Drop a model's placed parameters and its deployments (caller holds the lock)."""
         self._params.pop(key, None)
-        for keys in self._latest.values():
+        for structure, keys in list(self._latest.items()):
             if key in keys:
                 keys.remove(key)
+            if not keys:
+                del self._latest[structure]
         for dep_key in [d for d in self._deployments if d[0] == key]:
             old = self._deployments.pop(dep_key)
             for row in old.actors:
@@ -250,7 +256,7 @@ class RayEngine:
         if new:
             address = {node["NodeID"]: node.get("NodeManagerAddress", "") for node in nodes}
             cpus = {node["NodeID"]: int(node["Resources"]["CPU"]) for node in nodes}
-            for where in ray.get([a.where.remote() for a in new]):
+            for where in ray.get([a.where.remote() for a in new], timeout=_ACTOR_START_TIMEOUT):
                 where["ip"] = address.get(where["node_id"], where["ip"])  # the address Ray knows the node by
                 where["cpus"] = cpus.get(where["node_id"], os.cpu_count() or 1)
                 self._where.append(where)
@@ -287,7 +293,7 @@ class RayEngine:
                 for row in actors
                 for actor, spec in zip(row, specs)
             ]
-            ray.get(loads)
+            ray.get(loads, timeout=_ACTOR_START_TIMEOUT)
             where = [[self._where[i * k + p] for p in range(k)] for i in range(r)]
             dep = _Deployment(stage_key, plan, specs, actors, where)
             self._deployments[key] = dep
@@ -309,10 +315,13 @@ class RayEngine:
         t0 = time.perf_counter()
         steps = _Submitted()
         try:
+            # Copy the feeds into the object store before taking the submission lock: other jobs
+            # need not wait for these copies.
+            feeds = [{k: ray.put(v) for k, v in chunk.feeds.items()} for chunk in chunks]
+            threads = _blas_threads(dep.where, m, r, self.threads)
             with self._submit:
-                threads = _blas_threads(dep.where, m, r, self.threads)
                 for replica in range(r):
-                    self._submit_replica(steps, job_id, dep, job, chunks, replica, m, threads)
+                    self._submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, threads)
                 # weight_grads takes the stage's own backward results as arguments: it runs after
                 # them and fails if one of them failed (they live in that node's store: no transfer).
                 weight_refs = [
@@ -346,13 +355,13 @@ class RayEngine:
         }
 
     def _submit_replica(
-        self, steps: "_Submitted", job_id: str, dep: _Deployment, job, chunks, replica: int, m: int, threads
+        self, steps: "_Submitted", job_id: str, dep: _Deployment, job, chunks, feed_refs, replica: int, m: int, threads
     ) -> None:
         """Submit the GPipe schedule of one replica's micro-batches; record the refs in ``steps``."""
         specs, actors = dep.specs, dep.actors[replica]
         first = replica * m
         defer = _defer_weights(dep.where, m, len(dep.actors))
-        feeds = {c: {k: ray.put(v) for k, v in chunks[c].feeds.items()} for c in range(first, first + m)}
+        feeds = {c: feed_refs[c] for c in range(first, first + m)}
         acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in feeds}  # activations per chunk
         errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in feeds}  # errors sent back
         for step in gpipe(len(specs), m):
@@ -371,10 +380,9 @@ class RayEngine:
             else:
                 names, args = [], []
                 for v in spec.outputs:
-                    if v == job.loss:  # seed: the chunk's weight in the total loss
-                        info = job.shapes[job.loss]
+                    if v == job.loss:  # seed: the chunk's weight in the total loss (the stage shapes it)
                         names.append(v)
-                        args.append(np.full(info.shape, chunks[c].weight, dtype=info.dtype))
+                        args.append(np.asarray(chunks[c].weight))
                     for ref in errs[c].get(v, []):  # one error per consuming partition, summed there
                         names.append(v)
                         args.append(ref)
@@ -398,16 +406,41 @@ class RayEngine:
         while pending:
             if cancelled is not None and cancelled.is_set():
                 raise JobCancelled("job cancelled")
-            done, pending = ray.wait(pending, num_returns=1, timeout=0.1, fetch_local=False)
+            # Whatever finished within 0.1 s (one call, not one per step: O(steps), not O(steps^2)).
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1, fetch_local=False)
             for ref in done:  # failures surface when the loss and gradients are fetched
                 report(markers[ref])
 
     def _abort(self, job_id: str, dep: _Deployment) -> None:
-        """Stop the job's queued steps and free its state on every actor it used."""
+        """Stop the job's queued steps and free its state on every actor it used; forget actors
+        that died, so the next job gets fresh ones."""
         actors = [actor for row in dep.actors for actor in row]
-        ray.get([actor.cancel.remote(job_id) for actor in actors])  # takes effect at once
-        ray.get([actor.end_job.remote(job_id) for actor in actors])  # after the skipped steps
-        log.info("job %s aborted; per-job state freed on %d actors", job_id, len(actors))
+        dead = []
+        for actor in actors:
+            try:
+                ray.get(actor.cancel.remote(job_id), timeout=_CONTROL_TIMEOUT)  # takes effect at once
+                ray.get(actor.end_job.remote(job_id), timeout=_STEP_DRAIN_TIMEOUT)  # after the skipped steps
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(actor)
+        if dead:
+            self._drop_actors(dead)
+        log.info("job %s aborted; per-job state freed on %d actors, %d gone", job_id, len(actors) - len(dead), len(dead))
+
+    def _drop_actors(self, dead: list) -> None:
+        """Remove dead or stuck actors from the pool and every deployment that uses them."""
+        with self._lock:
+            gone = {id(a) for a in dead}
+            for actor in dead:
+                ray.kill(actor, no_restart=True)
+            keep = [i for i, a in enumerate(self._pool) if id(a) not in gone]
+            self._pool = [self._pool[i] for i in keep]
+            self._where = [self._where[i] for i in keep]
+            for key in [k for k, d in self._deployments.items() if any(id(a) in gone for row in d.actors for a in row)]:
+                old = self._deployments.pop(key)
+                for row in old.actors:
+                    for actor in row:
+                        if id(actor) not in gone:
+                            actor.unload.remote(old.key)
 
 
 @dataclass

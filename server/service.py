@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +23,7 @@ from gradserve.server.jobs import JobRegistry
 from gradserve.server.limits import Limits
 from gradserve.server.models import ModelStore
 from gradserve.server.servicer import SERVICE_NAME, GradientServicer, generic_handler
+from gradserve.server.settings import ServerSettings
 
 __all__ = ["GradientServer", "Limits", "SERVICE_NAME", "serve_forever"]
 
@@ -163,11 +163,8 @@ class GradientServer:
         self.stop()
 
 
-def serve_forever(args: Any) -> None:
-    """Run ``gradserve serve``: options from ``client/serve_args.py``; stops on SIGINT/SIGTERM."""
-    from gradserve.client.serve_args import server_settings
-
-    settings = server_settings(args)
+def serve_forever(settings: ServerSettings) -> None:
+    """Run ``gradserve serve`` with ``settings`` until SIGINT/SIGTERM, then shut down gracefully."""
     level = getattr(logging, settings.log_level.upper())
     logging.getLogger("gradserve").setLevel(level)
     if not logging.getLogger().handlers:

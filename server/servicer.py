@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.engines import EngineRunner
-from gradserve.server.errors import BadRequest, abort
+from gradserve.server.errors import BadRequest, LimitExceeded, abort
 from gradserve.server.jobs import FINISHED, MAX_KEPT_EVENTS, Job, JobRegistry, JobSnapshot, parse_options
 from gradserve.server.limits import ByteBudget, Limits
 from gradserve.server.models import ModelStore
@@ -209,7 +210,15 @@ class GradientServicer:
             feeds = asm.finish()
             # Check model against feeds now, so a bad batch fails the Submit itself (naming the
             # tensor) instead of a job later; the engine reuses the cached preparation.
-            prepare(model, feeds, options.input_grads)
+            job_plan = prepare(model, feeds, options.input_grads)
+            # Shapes come from the request (feeds, constants): bound what the graph would allocate.
+            for name, info in job_plan.shapes.items():
+                elements = int(np.prod(info.shape, dtype=np.int64))
+                if elements > self.limits.max_tensor_elements:
+                    raise LimitExceeded(
+                        f"value '{name}' would have shape {info.shape} ({elements} elements); "
+                        f"the limit is {self.limits.max_tensor_elements} (--max-tensor-elements)"
+                    )
             job = self.registry.submit(opts.model_id, model, feeds, options,
                                        on_finish=lambda: self.pending.release(held))
         except BaseException:

@@ -215,3 +215,19 @@ def test_concurrent_jobs_on_shared_workers(ray_engine):
         t.join(timeout=120)
     for i, (model, feeds) in enumerate(cases):
         assert_same(results[i], INLINE.gradients(model, feeds))
+
+
+def test_a_dead_worker_fails_its_job_and_the_next_job_gets_a_fresh_one(ray_engine):
+    import ray
+
+    model, feeds = builder_mlp(seed=11)
+    reference = INLINE.gradients(model, feeds)
+    result = ray_engine.gradients(model, feeds, partitions=2)
+    victim = ray_engine._pool[1]
+    ray.kill(victim, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray_engine.gradients(model, feeds, partitions=2)
+    assert all(a is not victim for a in ray_engine._pool), "the dead actor left the pool"
+    assert_same(ray_engine.gradients(model, feeds, partitions=2), reference)
+    assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool])) == 0
+    assert result.info["partitions"] == 2

@@ -399,6 +399,16 @@ def test_limits_answer_resource_exhausted():
         with pytest.raises(ResourceExhausted, match="feeds of this job needs 6400 bytes.*requests in flight"):
             c.gradients(model, batch(9, n=320))  # under the feed limit, over the pending budget
         assert not c.has_model(mlp(9, n_in=64, hidden=32).fingerprint())
+        # A small request whose graph would build a huge tensor (shapes come from its constants).
+        m = gradserve.ModelBuilder()
+        x = m.input("x", (None, 4))
+        w = m.param("w", np.ones((4, 1), np.float32))
+        big = m.op("ConstantOfShape", m.constant(np.array([300, 300], np.int64)), value=np.ones(1, np.float32), name="huge")
+        hostile = m.loss((x @ w).mean() + big.mean())
+        with pytest.raises(ResourceExhausted, match="value 'huge_out0' would have shape \(300, 300\)"):
+            c.gradients(hostile, {"x": batch(9)["x"]})
+        with pytest.raises(ResourceExhausted, match="partitions x replicas = 130 worker actors"):
+            c.gradients(model, batch(9), partitions=65, replicas=2)
         check_still_serving(c)
         assert srv.servicer.pending.used == 0
 

@@ -32,12 +32,16 @@ class StageHost:
         self.blas = ThreadpoolController()  # BLAS threads are set per step by the engine
 
     def load(self, key: str, spec: StageSpec, constants: dict[str, np.ndarray], names: Sequence[str], *params: np.ndarray) -> None:
+        """Host a partition under ``key``; ``params`` arrive as object-store refs Ray resolved."""
         self.stages[key] = Stage(spec, dict(zip(names, params)), constants)
 
     def unload(self, key: str) -> None:
+        """Drop a partition (its model was evicted or its weights changed)."""
         self.stages.pop(key, None)
 
     def forward(self, key: str, job_id: str, mb: int, threads: int, names: Sequence[str], *values: np.ndarray) -> Any:
+        """Forward of micro-batch ``mb`` on feeds and boundary inputs (``names`` label ``values``);
+        returns the partition's outputs as separate objects."""
         stage = self.stages[key]
         if job_id in self.cancelled:
             return _placeholders(len(stage.spec.outputs))
@@ -47,6 +51,8 @@ class StageHost:
     def backward(
         self, key: str, job_id: str, mb: int, threads: int, defer: bool, names: Sequence[str], *errors: np.ndarray | None
     ) -> Any:
+        """Backward of micro-batch ``mb``: errors at the outputs in (``names`` label them, repeated
+        when several partitions sent one), errors at the boundary inputs out."""
         stage = self.stages[key]
         if job_id in self.cancelled:
             return _placeholders(max(1, len(stage.spec.wrt_inputs)))
@@ -77,7 +83,7 @@ class StageHost:
     @ray.method(concurrency_group="control")
     def job_count(self) -> int:
         """Jobs with state on this actor (0 when idle: nothing leaks)."""
-        return sum(stage.job_count() for stage in self.stages.values())
+        return sum(stage.job_count() for stage in list(self.stages.values()))  # runs beside load/unload
 
     @ray.method(concurrency_group="control")
     def where(self) -> dict[str, Any]:

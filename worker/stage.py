@@ -78,6 +78,9 @@ class Stage:
         given: dict[str, np.ndarray] = {}
         for name, err in errors:
             if err is not None:
+                out = tape.outputs.get(name)
+                if out is not None and (err.shape != out.shape or err.dtype != out.dtype):
+                    err = np.broadcast_to(err, out.shape).astype(out.dtype)  # the loss seed: a bare weight
                 given[name] = given[name] + err if name in given else err
         errs = backward(self.program, tape, given, defer=self.spec.params if defer else ())
         if defer:

@@ -15,7 +15,6 @@ from gradserve.worker.ops.registry import (  # noqa: F401
     unbroadcast,
 )
 from gradserve.worker.ops import elementwise  # noqa: F401,E402
-from gradserve.worker.ops import math  # noqa: F401,E402
 from gradserve.worker.ops import linalg  # noqa: F401,E402
 from gradserve.worker.ops import reduce  # noqa: F401,E402
 from gradserve.worker.ops import shape  # noqa: F401,E402
