@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from gradserve.proto import tensors
 from gradserve.worker.graph import Dim, GraphError, InputSpec, Model, Node
-from gradserve.worker.ops import OpContext, get_op
+from gradserve.worker.ops import OpContext, OpError, get_op
 from gradserve.worker.validate import toposort
 
 log = logging.getLogger("gradserve.onnx")
@@ -301,8 +301,7 @@ class _Importer:
         if not all(i in self.constants for i in node.inputs if i):
             return None
         args = [self.constants[i] if i else None for i in node.inputs]
-        ctx = OpContext(dict(node.attrs), node=node.name)
-        ctx.n_outputs = len(node.outputs)  # type: ignore[attr-defined]  # as the engine's runner does
+        ctx = OpContext(dict(node.attrs), node=node.name, n_outputs=len(node.outputs))
         try:
             result = get_op(node.op_type).forward(ctx, *args)
         except Exception as exc:
@@ -483,18 +482,14 @@ def _attr_value(a: onnx.AttributeProto, what: str) -> Any:
     raise GraphError(f"{what}: attribute without a value")
 
 
-_CONSTANT_ATTRS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
 
 
 def _constant_value(node: Node) -> np.ndarray:
-    """The tensor a Constant node holds (one of value, value_float(s), value_int(s))."""
-    if "value" in node.attrs:
-        return np.array(node.attrs["value"])
-    for key, dtype in _CONSTANT_ATTRS.items():
-        if key in node.attrs:
-            return np.array(node.attrs[key], dtype=dtype)
-    raise GraphError(f"{node}: only tensor, float(s) and int(s) constants are supported "
-                     f"(got {', '.join(node.attrs) or 'no value'})")
+    """The tensor a Constant node holds: the op library's own Constant op says what it means."""
+    try:
+        return np.array(get_op("Constant").forward(OpContext(dict(node.attrs), node=node.name)))
+    except OpError as exc:
+        raise GraphError(str(exc)) from None
 
 
 def _fmt(shape: Iterable[Dim]) -> str:

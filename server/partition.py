@@ -57,6 +57,9 @@ class Partition:
 
 @dataclass
 class Plan:
+    """How a job's graph is split: partitions in topological order, the tensors crossing between
+    them, where the loss is computed, and which partitions read each parameter."""
+
     partitions: list[Partition]
     boundaries: dict[str, Boundary]
     loss: str

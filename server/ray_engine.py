@@ -152,6 +152,7 @@ class RayEngine:
         return Result(loss, params, inputs, info)
 
     def plan(self, model: Model, feeds: Mapping[str, np.ndarray], partitions: int | None = None) -> Plan:
+        """The partition plan this engine would use for ``model`` on ``feeds`` (nothing is run)."""
         job = prepare(model, feeds)
         return plan_job(job, model, partitions or self.partitions)
 

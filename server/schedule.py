@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Step:
+    """One step of a schedule: run ``phase`` of ``partition`` on ``micro_batch``."""
+
     phase: str  # "forward" or "backward"
     partition: int
     micro_batch: int

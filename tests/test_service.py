@@ -405,7 +405,7 @@ def test_limits_answer_resource_exhausted():
         w = m.param("w", np.ones((4, 1), np.float32))
         big = m.op("ConstantOfShape", m.constant(np.array([300, 300], np.int64)), value=np.ones(1, np.float32), name="huge")
         hostile = m.loss((x @ w).mean() + big.mean())
-        with pytest.raises(ResourceExhausted, match="value 'huge_out0' would have shape \(300, 300\)"):
+        with pytest.raises(ResourceExhausted, match=r"value 'huge_out0' would have shape \(300, 300\)"):
             c.gradients(hostile, {"x": batch(9)["x"]})
         with pytest.raises(ResourceExhausted, match="partitions x replicas = 130 worker actors"):
             c.gradients(model, batch(9), partitions=65, replicas=2)

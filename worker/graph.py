@@ -76,6 +76,7 @@ class Model:
         return g
 
     def to_proto(self) -> model_pb2.Model:
+        """The whole model (graph and parameters) as a protobuf ``Model``."""
         msg = model_pb2.Model(graph=self.graph_proto())
         for name, value in self.params.items():
             tensors.encode(value, msg.parameters.add(name=name).tensor)
@@ -83,6 +84,7 @@ class Model:
 
     @classmethod
     def from_proto(cls, msg: model_pb2.Model) -> "Model":
+        """A Model from a protobuf ``Model``; GraphError/TensorDecodeError name what is malformed."""
         model = graph_from_proto(msg.graph)
         for p in msg.parameters:
             if p.name in model.params:
@@ -91,10 +93,12 @@ class Model:
         return model
 
     def to_bytes(self) -> bytes:
+        """The serialized ``gradserve.v1.Model`` (gradserve's own file format)."""
         return self.to_proto().SerializeToString()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Model":
+        """Parse :meth:`to_bytes` output; anything else is a GraphError, never unpickled."""
         msg = model_pb2.Model()
         try:
             msg.ParseFromString(data)
@@ -108,6 +112,7 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path) -> "Model":
+        """Read a model written by :meth:`save`."""
         return cls.from_bytes(Path(path).read_bytes())
 
     # -- identity ----------------------------------------------------------------------------------
@@ -127,6 +132,7 @@ class Model:
         return h.hexdigest()
 
     def input_spec(self, name: str) -> InputSpec | None:
+        """The declared input called ``name``, or None."""
         return next((s for s in self.inputs if s.name == name), None)
 
 

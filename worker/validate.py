@@ -24,6 +24,8 @@ OPSET = 17
 
 @dataclass(frozen=True)
 class ValueInfo:
+    """The shape and dtype of one value, as shape inference found them."""
+
     shape: tuple[int, ...]
     dtype: np.dtype
 
@@ -176,6 +178,7 @@ def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray
 
 
 def check_loss(model: Model, shapes: Mapping[str, ValueInfo]) -> None:
+    """The loss is a floating scalar (size 1), where shape inference could tell."""
     info = shapes.get(model.loss)
     if info is None:
         return  # unknown statically; the engine checks at run time

@@ -113,6 +113,7 @@ def defop(
 
 
 def get_op(op_type: str) -> OpDef | None:
+    """The registry entry for an ONNX op type, or None when gradserve does not implement it."""
     return REGISTRY.get(op_type)
 
 
