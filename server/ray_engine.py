@@ -58,7 +58,8 @@ class RayEngine:
     ``partitions``/``micro_batches``/``replicas`` are defaults that each job may override.
     ``ray_address``: join that cluster; None starts an embedded single-node Ray unless this process
     already is connected. ``threads_per_worker``: BLAS threads per step (default: chosen per job,
-    see :func:`_blas_threads`).
+    see :func:`_blas_threads`). ``max_retries``: how often a job that lost a worker is run again
+    on fresh workers before the error reaches the caller.
     """
 
     name = "ray"
@@ -71,6 +72,7 @@ class RayEngine:
         ray_address: str | None = None,
         threads_per_worker: int | None = None,
         max_deployments: int = 8,
+        max_retries: int = 1,
     ):
         self.partitions, self.micro_batches, self.replicas = partitions, micro_batches, replicas
         self._owns_ray = False
@@ -85,6 +87,7 @@ class RayEngine:
             self._owns_ray = True
             log.info("ray: %s", "joined cluster at " + ray_address if ray_address else "started embedded single-node Ray")
         self.threads = threads_per_worker
+        self.max_retries = max_retries
         self._params: "OrderedDict[str, _Placed]" = OrderedDict()  # content key -> placed parameters
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
         self._deployments: "OrderedDict[tuple, _Deployment]" = OrderedDict()
@@ -127,11 +130,25 @@ class RayEngine:
         chunks = split_batch(model, full, feeds, m * r)
         job = prepare(model, chunks[0].feeds, input_grads)  # shapes of one micro-batch, for planning
         key, placed = self._acquire(model, model_key)
+        retries = 0
         try:  # while the job holds its parameters, neither they nor their deployments are evicted
-            deployment = self._deploy(model, key, placed, job, k, r, split_at)
-            t1 = time.perf_counter()
-            job_id = uuid.uuid4().hex[:12]
-            loss, grads, input_grad_refs, seconds = self._run(job_id, deployment, job, chunks, m, r, progress, cancelled)
+            while True:
+                deployment = self._deploy(model, key, placed, job, k, r, split_at)
+                t1 = time.perf_counter()
+                job_id = uuid.uuid4().hex[:12]
+                try:
+                    loss, grads, input_grad_refs, seconds = self._run(
+                        job_id, deployment, job, chunks, m, r, progress, cancelled
+                    )
+                    break
+                except ray.exceptions.RayActorError:
+                    # A worker died (its node went away, it ran out of memory...). Its actors have
+                    # left the pool (_abort); steps are pure functions of their inputs, so the job
+                    # runs again from the start on fresh workers.
+                    if retries >= self.max_retries:
+                        raise
+                    retries += 1
+                    log.warning("job %s lost a worker; retrying on fresh workers (%d/%d)", job_id, retries, self.max_retries)
         finally:
             with self._lock:
                 placed.users -= 1
@@ -147,6 +164,7 @@ class RayEngine:
             "micro_batches": m,
             "replicas": r,
             "placement": deployment.where,
+            "retries": retries,
             "seconds": {"prepare_and_deploy": t1 - t0, **seconds},
         }
         return Result(loss, params, inputs, info)
