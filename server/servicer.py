@@ -39,6 +39,7 @@ _STATES = {
     "queued": service_pb2.QUEUED, "running": service_pb2.RUNNING, "done": service_pb2.DONE,
     "failed": service_pb2.FAILED, "cancelled": service_pb2.CANCELLED,
 }
+_STOP_WAIT = 60.0  # seconds a cancelled synchronous job gets to stop before its call ends anyway
 _POLL = 0.5  # seconds between checks that a waiting streaming call's client is still there
 
 
@@ -251,16 +252,20 @@ class GradientServicer:
     @_rpc
     def Run(self, request_iterator: Iterator, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
         job = self._submit(request_iterator, "Run")
-        # A synchronous job is only wanted while its caller waits: cancel it when the call ends.
-        context.add_callback(job.cancelled.set)
+        # A synchronous job is only wanted while its caller waits: cancel it when the call ends
+        # (through the registry, so a queued job releases its slot and its feeds at once).
+        context.add_callback(lambda: job.wait(0) or self.registry.cancel(job.id))
         try:
             if not self._await(job, context):
                 log.info("job %s: client went away, cancelling", job.id)
+                self.registry.cancel(job.id)
+                job.wait(_STOP_WAIT)  # forget it once it has stopped: until then it still counts as admitted
                 return
             result = self.registry.take_result(job)
             yield from self._result_messages(job, result)
         finally:
-            self.registry.remove(job.id)
+            if job.wait(0):  # one still running is dropped by the registry's sweep once it ends
+                self.registry.remove(job.id)
 
     @_rpc
     def Submit(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.JobHandle:
