@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 from gradserve.proto import tensors
 from gradserve.worker.graph import Dim, GraphError, InputSpec, Model, Node
 from gradserve.worker.ops import OpContext, OpError, get_op
-from gradserve.worker.validate import toposort
+from gradserve.worker.validate import format_shape, toposort
 
 log = logging.getLogger("gradserve.onnx")
 
@@ -214,7 +214,7 @@ class _Importer:
         shape = self.shapes.get(out)
         if shape is not None and not all(d == 1 for d in shape):
             raise GraphError(
-                f"the model's output '{out}' has shape {_fmt(shape)}, not a scalar loss; pass a loss with "
+                f"the model's output '{out}' has shape {format_shape(shape)}, not a scalar loss; pass a loss with "
                 "--loss / loss= (e.g. 'mse' or 'cross_entropy:OUTPUT:TARGET')"
             )
         self.loss = out
@@ -251,7 +251,7 @@ class _Importer:
         else:
             if len(dims) < 2:
                 raise GraphError(f"cross_entropy needs logits of shape (N, C, ...), but output '{output}' "
-                                 f"has shape {_fmt(shape)}")
+                                 f"has shape {format_shape(shape)}")
             self.inputs.append(InputSpec(spec.target, np.dtype(np.int64), dims[:1] + dims[2:]))
             self._add_node("SoftmaxCrossEntropyLoss", [output, spec.target], loss_name, reduction="mean")
         self.loss = loss_name
@@ -490,8 +490,3 @@ def _constant_value(node: Node) -> np.ndarray:
         return np.array(get_op("Constant").forward(OpContext(dict(node.attrs), node=node.name)))
     except OpError as exc:
         raise GraphError(str(exc)) from None
-
-
-def _fmt(shape: Iterable[Dim]) -> str:
-    dims = ["?" if d is None else str(d) for d in shape]
-    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"

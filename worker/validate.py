@@ -112,7 +112,7 @@ def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], required: set[str
     for spec in model.inputs:
         if spec.name not in feeds:
             if required is None or spec.name in required:
-                raise GraphError(f"feed '{spec.name}' is missing (declared input of dtype {spec.dtype.name}, shape {_fmt(spec.shape)})")
+                raise GraphError(f"feed '{spec.name}' is missing (declared input of dtype {spec.dtype.name}, shape {format_shape(spec.shape)})")
             continue
         value = feeds[spec.name]
         if not isinstance(value, np.ndarray):
@@ -120,10 +120,10 @@ def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], required: set[str
         if value.dtype != spec.dtype:
             raise GraphError(f"feed '{spec.name}' has dtype {value.dtype}, the model declares {spec.dtype.name}")
         if value.ndim != len(spec.shape):
-            raise GraphError(f"feed '{spec.name}' has shape {value.shape}, the model declares {_fmt(spec.shape)}")
+            raise GraphError(f"feed '{spec.name}' has shape {value.shape}, the model declares {format_shape(spec.shape)}")
         for axis, (got, want) in enumerate(zip(value.shape, spec.shape)):
             if isinstance(want, (int, np.integer)) and got != want:
-                raise GraphError(f"feed '{spec.name}' has shape {value.shape}, the model declares {_fmt(spec.shape)}")
+                raise GraphError(f"feed '{spec.name}' has shape {value.shape}, the model declares {format_shape(spec.shape)}")
             if isinstance(want, str) and want != "?":
                 if want in symbols and symbols[want][0] != got:
                     first = symbols[want]
@@ -225,5 +225,7 @@ def _name_node(msg: str, nodes: list[Node]) -> str:
     return f"shape check failed: {detail}"
 
 
-def _fmt(shape) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+def format_shape(shape) -> str:
+    """A shape as Python writes tuples, with unknown dimensions as "?"."""
+    dims = ["?" if d is None else str(d) for d in shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
