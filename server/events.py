@@ -18,6 +18,7 @@ class ProgressEvent:
     replica: int = 0
     done: bool = True
     node: str = ""  # the cluster node that ran it, when known
+    total: int = 0  # how many steps the job has in all, when known (partitions may be fewer than asked)
 
 
 Progress = Optional[Callable[[ProgressEvent], None]]

@@ -40,18 +40,18 @@ class InlineEngine:
         program = compile_program(list(job.nodes), sources, [job.loss], job.wrt)
         t1 = time.perf_counter()
         check_cancelled(cancelled)
-        report(ProgressEvent("forward", 0, done=False))
+        report(ProgressEvent("forward", 0, done=False, total=2))
         tape = forward(program, {**model.constants, **model.params, **feeds})
         loss = tape.outputs[job.loss]
         if loss.size != 1:
             raise GraphError(f"loss '{job.loss}' must be a scalar, but has shape {loss.shape}")
         t2 = time.perf_counter()
-        report(ProgressEvent("forward", 0))
+        report(ProgressEvent("forward", 0, total=2))
         check_cancelled(cancelled)
-        report(ProgressEvent("backward", 0, done=False))
+        report(ProgressEvent("backward", 0, done=False, total=2))
         errors = backward(program, tape, {job.loss: np.ones_like(loss)})
         t3 = time.perf_counter()
-        report(ProgressEvent("backward", 0))
+        report(ProgressEvent("backward", 0, total=2))
         grads = {p: errors[p] if p in errors else np.zeros_like(model.params[p]) for p in job.params}
         inputs = {x: errors[x] if x in errors else np.zeros_like(feeds[x]) for x in job.input_grads}
         info = {"engine": self.name, "seconds": {"prepare": t1 - t0, "forward": t2 - t1, "backward": t3 - t2}}

@@ -130,7 +130,8 @@ class Job:
                 event=event,
                 events=self.event_count,
                 steps_done=steps_done,
-                steps_total=self.options.steps_total,
+                steps_total=(self.last_event.event.total if self.last_event and self.last_event.event.total
+                             else self.options.steps_total),
                 error_code=code.name if code is not None else "",
                 message=message,
                 queued_seconds=started - self.submitted,

@@ -416,7 +416,8 @@ class RayEngine:
                     else:
                         steps.input_grads.setdefault((c, v), []).append(ref)
             steps.markers[outs[0]] = ProgressEvent(
-                step.phase, step.partition, step.micro_batch, replica, node=dep.where[replica][step.partition]["node_id"]
+                step.phase, step.partition, step.micro_batch, replica,
+                node=dep.where[replica][step.partition]["node_id"], total=2 * len(specs) * m * len(dep.actors),
             )
 
     def _watch(self, markers: dict, report, cancelled: threading.Event | None) -> None:
