@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 from gradserve.proto import tensors
 from gradserve.worker.graph import Dim, GraphError, InputSpec, Model, Node
 from gradserve.worker.ops import OpContext, OpError, get_op
-from gradserve.worker.validate import format_shape, toposort
+from gradserve.worker.validate import format_shape, live_nodes, toposort
 
 log = logging.getLogger("gradserve.onnx")
 
@@ -369,7 +369,7 @@ class _Importer:
     def finish(self) -> Model:
         """The Model: nodes the loss does not depend on (other graph outputs, Shapes whose every
         use was folded) and constants nothing reads are dropped."""
-        self.nodes = _live_nodes(self.nodes, self.loss)
+        self.nodes = live_nodes(self.nodes, self.loss)
         read = {i for n in self.nodes for i in n.inputs if i} | {self.loss}
         constants = {k: v for k, v in self.constants.items() if k in read}
         for kind, values in (("parameter", self.params), ("constant", constants)):
@@ -421,18 +421,6 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
     if d.HasField("dim_param") and d.dim_param:
         return d.dim_param
     return None
-
-
-def _live_nodes(nodes: list[Node], loss: str) -> list[Node]:
-    producer = {o: n for n in nodes for o in n.outputs if o}
-    live: set[str] = set()
-    stack = [loss]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and node.name not in live:
-            live.add(node.name)
-            stack.extend(i for i in node.inputs if i)
-    return [n for n in nodes if n.name in live]
 
 
 def _to_array(tensor: onnx.TensorProto, what: str) -> np.ndarray:

@@ -67,17 +67,21 @@ def check_structure(model: Model) -> list[Node]:
     if model.loss not in producer and model.loss not in sources:
         raise GraphError(f"loss '{model.loss}' is not produced by any node")
 
-    # Prune: keep only nodes the loss depends on (walk back from it).
+    return toposort(live_nodes(model.nodes, model.loss), producer)
+
+
+def live_nodes(nodes: list[Node], loss: str) -> list[Node]:
+    """The nodes ``loss`` depends on (walking back from it), in their given order: the rest can
+    never get an error, so nothing waits for them."""
+    producer = {o: n for n in nodes for o in n.outputs if o}
     needed: set[str] = set()
-    stack = [model.loss]
+    stack = [loss]
     while stack:
-        value = stack.pop()
-        node = producer.get(value)
+        node = producer.get(stack.pop())
         if node is not None and node.name not in needed:
             needed.add(node.name)
             stack.extend(i for i in node.inputs if i)
-    kept = [n for n in model.nodes if n.name in needed]
-    return toposort(kept, producer)
+    return [n for n in nodes if n.name in needed]
 
 
 def toposort(nodes: list[Node], producer: Mapping[str, Node] | None = None) -> list[Node]:
