@@ -121,6 +121,17 @@ _STATE_NAMES = {
 
 
 @dataclass(frozen=True)
+class _Uploading:
+    """What the progress line shows during an upload: chunks (MiB) sent of all."""
+
+    steps_done: int
+    steps_total: int
+    state: str = "uploading"
+    event: None = None
+    finished: bool = False
+
+
+@dataclass(frozen=True)
 class JobStatus:
     """Where a remote job is: ``state`` is queued, running, done, failed or cancelled; ``event``
     the progress event this status reports (or the latest); ``seconds`` when it happened."""
@@ -303,19 +314,30 @@ class Client:
         """Whether the server has the model with this id."""
         return self._call(self._stub.HasModel, service_pb2.ModelRef(model_id=model_id)).present
 
-    def upload(self, model: Model) -> str:
+    def upload(self, model: Model, progress: bool = False) -> str:
         """Make sure the server has ``model``; return its id (the content hash). Sends nothing
-        but one small call when the server already has it."""
+        but one small call when the server already has it. ``progress=True`` shows the upload on
+        stderr when it takes longer than a second."""
         manifest, arrays = model_manifest(model)
         if self.has_model(manifest.model_id):
             return manifest.model_id
+        from gradserve.client.progress import ProgressLine
+
+        total_mib = max(1, -(-sum(np.asarray(a).nbytes for a in arrays.values()) // chunks.CHUNK_BYTES))
+        display = ProgressLine() if progress else None
 
         def messages() -> Iterator[service_pb2.UploadChunk]:
             yield service_pb2.UploadChunk(manifest=manifest)
-            for chunk in chunks.chunks(arrays):
+            for sent, chunk in enumerate(chunks.chunks(arrays), 1):
+                if display is not None:
+                    display.update(_Uploading(min(sent, total_mib), total_mib))
                 yield service_pb2.UploadChunk(data=chunk)
 
-        return self._call(self._stub.UploadModel, messages()).model_id
+        try:
+            return self._call(self._stub.UploadModel, messages()).model_id
+        finally:
+            if display is not None:
+                display.close()
 
     # -- jobs -------------------------------------------------------------------------------------
     def _job_messages(self, model_id: str, feeds: Mapping[str, Any], partitions: int, micro_batches: int,
@@ -341,8 +363,8 @@ class Client:
 
         return messages()
 
-    def _model_id(self, model_or_id: Model | str) -> str:
-        return model_or_id if isinstance(model_or_id, str) else self.upload(model_or_id)
+    def _model_id(self, model_or_id: Model | str, progress: bool = False) -> str:
+        return model_or_id if isinstance(model_or_id, str) else self.upload(model_or_id, progress=progress)
 
     def submit(
         self,
@@ -376,7 +398,7 @@ class Client:
         the server: the same :class:`Result` the local engines return. ``progress=True`` shows a
         progress line on stderr for jobs that take longer than a second; ``timeout`` bounds the
         job (DeadlineExceeded, and the server cancels it)."""
-        model_id = self._model_id(model_or_id)
+        model_id = self._model_id(model_or_id, progress=progress)
         if not progress:
             messages = self._job_messages(model_id, feeds, partitions, micro_batches, replicas, input_grads)
             stream = self._stub.Run(messages, metadata=self._metadata, timeout=self._timeout(timeout))

@@ -194,6 +194,18 @@ def test_progress_display_path(client, capsys):
     assert capsys.readouterr().err == ""  # a job under a second shows no progress at all
 
 
+def test_upload_progress_is_shown_for_big_models(client, capsys, monkeypatch):
+    import gradserve.client.progress as progress
+
+    monkeypatch.setattr(progress.ProgressLine, "__init__",
+                        lambda self, stream=None, delay=1.0, _init=progress.ProgressLine.__init__: _init(self, stream, 0.0))
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, 1500))
+    model = m.loss((x @ m.param("w", np.full((1500, 1000), 0.5, np.float32))).mean())  # 5.7 MiB: 6 chunks
+    client.upload(model, progress=True)
+    assert "] 1/6 uploading" in capsys.readouterr().err
+
+
 def test_progress_line_rendering():
     out = io.StringIO()
     line = ProgressLine(out, delay=0)
