@@ -6,6 +6,7 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from gradcheck import check_vjp, run_op
+from gradserve.worker.ops import blas
 from gradserve.worker.ops import conv as conv_mod
 
 rng = np.random.default_rng(0)
@@ -154,12 +155,35 @@ def test_conv_grads_match_torch_across_calls():
             np.testing.assert_allclose(errs[name], t.grad.numpy(), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("image", [False, True], ids=["channel_major", "image_by_image"])
+PATHS = ["columns", "image", "direct"]
+
+
+def use_path(monkeypatch, path):
+    """Steer Conv onto one of its three code paths: the channel-major column matrix, the
+    image-by-image layout (small Cin), or the direct sum of GEMMs over shifted views (stride 1, when
+    the strided BLAS is there), the latter in tiny blocks so products cross block boundaries.
+    Returns a list that collects one entry per direct forward, to show the path really ran."""
+    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 1 << 30 if path == "image" else 0)
+    monkeypatch.setattr(conv_mod, "_DIRECT_MIN_CHANNELS", 1 if path == "direct" else 1 << 30)
+    monkeypatch.setattr(conv_mod, "_DIRECT_MIN_BLOCK", 16)
+    monkeypatch.setattr(conv_mod, "_DIRECT_BLOCK_BYTES", 64)
+    calls = []
+    real = conv_mod._direct_forward
+    monkeypatch.setattr(conv_mod, "_direct_forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_strided_blas_is_available_here():
+    """The direct path must not silently fall back on the machines we benchmark on."""
+    assert blas.available(np.float32) and blas.available(np.float64)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_conv2d_both_paths(monkeypatch, name, image):
-    """Every case through both layouts: the channel-major column path and the image-by-image
-    path (which Conv picks for small Cin; dX through a stride-1 convolution of the padded error)."""
-    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 1 << 30 if image else 0)
+def test_conv2d_all_paths(monkeypatch, name, path):
+    """Every case through every layout (image-by-image: dX through a stride-1 convolution of the
+    padded error; direct: only stride-1 cases, the others fall back to columns)."""
+    direct_calls = use_path(monkeypatch, path)
     c_in, m, k, attrs = CASES[name]
     x = rng.standard_normal((3, c_in, 7, 8))
     w = rng.standard_normal((m, c_in // attrs.get("group", 1)) + k)
@@ -168,11 +192,13 @@ def test_conv2d_both_paths(monkeypatch, name, image):
     check_vjp("Conv", [x, w, b], attrs, wrt=[1, 2])
     check_vjp("Conv", [x, w], attrs)
     np.testing.assert_allclose(run_op("Conv", [x, w, b], attrs)[0], torch_conv(x, w, b, attrs), rtol=1e-10, atol=1e-10)
+    stride1 = all(s == 1 for s in attrs.get("strides", [1, 1]))
+    assert bool(direct_calls) == (path == "direct" and stride1)
 
 
-@pytest.mark.parametrize("image", [False, True], ids=["channel_major", "image_by_image"])
-def test_conv_1d_3d_auto_pad_both_paths(monkeypatch, image):
-    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 1 << 30 if image else 0)
+@pytest.mark.parametrize("path", PATHS)
+def test_conv_1d_3d_auto_pad_all_paths(monkeypatch, path):
+    direct_calls = use_path(monkeypatch, path)
     x1, w1 = rng.standard_normal((2, 3, 9)), rng.standard_normal((4, 3, 3))
     for attrs1 in ({"strides": [2], "pads": [1, 2], "dilations": [2]}, {"pads": [2, 1], "dilations": [2]}):
         check_vjp("Conv", [x1, w1, rng.standard_normal(4)], attrs1)
@@ -185,11 +211,12 @@ def test_conv_1d_3d_auto_pad_both_paths(monkeypatch, image):
     w = rng.standard_normal((3, 2, 3, 2))
     for auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
         check_vjp("Conv", [x, w], {"auto_pad": auto_pad})
+    assert bool(direct_calls) == (path == "direct")
 
 
-@pytest.mark.parametrize("image", [False, True], ids=["channel_major", "image_by_image"])
-def test_conv_float32_grads_match_torch_both_paths(monkeypatch, image):
-    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 1 << 30 if image else 0)
+@pytest.mark.parametrize("path", PATHS)
+def test_conv_float32_grads_match_torch_all_paths(monkeypatch, path):
+    direct_calls = use_path(monkeypatch, path)
     monkeypatch.setattr(conv_mod, "_BLOCK_ELEMS", 4096)  # several image blocks
     from gradserve.worker.autodiff import backward, compile_program, forward
     from gradserve.worker.graph import Node
@@ -209,6 +236,7 @@ def test_conv_float32_grads_match_torch_both_paths(monkeypatch, image):
     for name, t in (("x", tx), ("w", tw), ("b", tb)):
         assert errs[name].dtype == np.float32
         np.testing.assert_allclose(errs[name], t.grad.numpy(), rtol=1e-4, atol=1e-3)
+    assert bool(direct_calls) == (path == "direct")
 
 
 @pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"pads": [2, 1, 0, 2], "dilations": [1, 2]}])

@@ -1,6 +1,15 @@
-"""Convolution (ONNX ``Conv``, any number of spatial dims) as im2col + BLAS matmul.
+"""Convolution (ONNX ``Conv``, any number of spatial dims) as BLAS matrix products.
 
-The input is padded once into a channel-major copy ``xT`` (C, N, *padded), which the forward saves
+Three paths, chosen per call:
+
+- **direct** (stride 1, the usual case): on the flat grid described in :class:`_Conv`, each kernel
+  offset is one constant shift, so Y = sum_k W_k @ X[:, shift_k:] is Kp GEMMs on *views* of the
+  padded input that add into one output (BLAS's beta = 1, through :mod:`.blas`); dW_k is a GEMM of
+  the error with the same views and dX gathers the error the same way. No column matrix is built.
+- **image-by-image** (few input channels, typically the first layer): see :class:`_ImageConv`.
+- **columns** (strided convs, or when the strided BLAS is unavailable), described below.
+
+Columns: the input is padded once into a channel-major copy ``xT`` (C, N, *padded), which the forward saves
 for the VJP (X itself is not kept). Columns are built a block at a time into a reused, cache-sized
 buffer and multiplied by the weights in one matmul per block (batched over groups); the VJP
 rebuilds the same blocks for dW and scatters W^T x error back into the padded input (col2im: one
@@ -8,9 +17,6 @@ add per kernel offset). Rebuilding a block in cache costs less than writing, hol
 the full (C*prod(kernel), N*H*W) column matrix. The bias (and its error) ride in the matmuls as
 one more column of W against a row of ones. With no more output than input channels, dX is
 gathered instead (a convolution of the error with the flipped kernel), which needs no col2im.
-
-Layers with few input channels (the first conv of a CNN) take the image-by-image path instead
-(_ImageConv), which keeps the NCHW layout and so skips the transposes.
 
 The pooling ops reuse the attribute parsing, output geometry and padding helpers from here.
 """
@@ -23,6 +29,7 @@ import threading
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from gradserve.worker.ops import blas
 from gradserve.worker.ops.registry import OpError, defop
 
 # Elements per block of columns: a few MB, so a block and its matmul result stay in L2/L3.
@@ -380,23 +387,105 @@ def _image_vjp(c, g):
 
 
 # Largest Cin for which Conv takes the image-by-image path (measured on 3x3 kernels, batch 64:
-# ~2x faster at Cin 3, slower from Cin 32 on, where the channel-major GEMMs are larger).
+# ~2x faster at Cin 3, slower from Cin 32 on, where the channel-major GEMMs are larger; and when
+# dX is wanted, slower than the direct path from Cin 4 on).
 _IMAGE_MAX_CHANNELS = 16
 # dX by gathering when M <= this * C (see _conv_vjp)
 _GATHER_RATIO = 1.0
+# Stride-1 convs whose groups have at least this many input and output channels run direct (see
+# _direct_forward); below it the GEMMs are too thin to beat building columns.
+_DIRECT_MIN_CHANNELS = 4
+# Output bytes per block of direct-conv GEMMs: the Kp products that add into a block find it in cache.
+_DIRECT_BLOCK_BYTES = 4 << 20
+_DIRECT_MIN_BLOCK = 4096
 
 
-def _use_image(cv: _Conv, c) -> bool:
+def _use_image(cv: _Conv, c, x: np.ndarray, w: np.ndarray) -> bool:
+    """The image-by-image path: for few input channels; where dX is wanted, only if the direct
+    path cannot run (its dX is faster from Cin 4 on)."""
     if cv.group != 1 or cv.C > _IMAGE_MAX_CHANNELS:
         return False
-    return not c.needs[0] or _ImageConv.dx_plan(cv) is not None
+    if not c.needs[0]:
+        return True
+    return not _use_direct(cv, x, w) and _ImageConv.dx_plan(cv) is not None
+
+
+def _use_direct(cv: _Conv, x: np.ndarray, w: np.ndarray) -> bool:
+    return cv.flat and x.dtype == w.dtype and min(cv.Cg, cv.Mg) >= _DIRECT_MIN_CHANNELS and blas.available(x.dtype)
+
+
+def _offset_weights(cv: _Conv, w: np.ndarray) -> np.ndarray:
+    """W as one (M, Cg) matrix per kernel offset: (Kp, M, Cg), contiguous."""
+    return np.ascontiguousarray(w.reshape(cv.M, cv.Cg, cv.Kp).transpose(2, 0, 1))
+
+
+def _blocks(n: int, rows: int, itemsize: int):
+    """Column ranges of [0, n) whose (rows, width) output block stays in cache between the
+    Kp products that add into it."""
+    step = max(_DIRECT_MIN_BLOCK, _DIRECT_BLOCK_BYTES // max(1, rows * itemsize))
+    return [(p0, min(n, p0 + step)) for p0 in range(0, n, step)]
+
+
+def _direct_forward(cv: _Conv, xT: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Y on the flat grid, (M, P) in scratch: for every kernel offset k, Y += W_k @ (X shifted by
+    k) -- a GEMM on a view of the padded input, with no column matrix."""
+    wk = _offset_weights(cv, w)
+    yT = scratch("conv_y", (cv.M, cv.P), xT.dtype)
+    for p0, p1 in _blocks(cv.P_valid, cv.M, xT.itemsize):
+        for gi in range(cv.group):
+            rows, chans = slice(gi * cv.Mg, (gi + 1) * cv.Mg), slice(gi * cv.Cg, (gi + 1) * cv.Cg)
+            for k, sh in enumerate(cv.shifts):
+                blas.gemm(wk[k, rows], xT[chans, p0 + sh : p1 + sh], yT[rows, p0:p1], accumulate=k > 0)
+    return yT
+
+
+def _direct_dw(cv: _Conv, xT: np.ndarray, gT: np.ndarray, shape) -> np.ndarray:
+    """dW_k = G @ (X shifted by k)^T over the grid (its padding positions hold zero errors)."""
+    dwk = np.empty((cv.Kp, cv.M, cv.Cg), gT.dtype)
+    for i, (p0, p1) in enumerate(_blocks(cv.P_valid, cv.M, xT.itemsize)):
+        for gi in range(cv.group):
+            rows, chans = slice(gi * cv.Mg, (gi + 1) * cv.Mg), slice(gi * cv.Cg, (gi + 1) * cv.Cg)
+            for k, sh in enumerate(cv.shifts):
+                blas.gemm(gT[rows, p0:p1], xT[chans, p0 + sh : p1 + sh], dwk[k, rows], accumulate=i > 0, trans_b=True)
+    return dwk.transpose(1, 2, 0).reshape(shape)
+
+
+def _direct_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndarray:
+    """dX on the flat grid by gathering: input position q gets sum_k W_k^T g[q + margin - shift_k],
+    read from the error grid padded with ``head`` zeros in front (and margin behind). Returns the
+    (C, N, *grid) images view of a scratch buffer."""
+    wk = _offset_weights(cv, w)
+    dxg = scratch("conv_dxg", (cv.C, cv.P), gext.dtype)
+    base = head + cv.margin
+    for q0, q1 in _blocks(_input_extent(cv), cv.C, gext.itemsize):
+        for gi in range(cv.group):
+            rows, chans = slice(gi * cv.Mg, (gi + 1) * cv.Mg), slice(gi * cv.Cg, (gi + 1) * cv.Cg)
+            for k, sh in enumerate(cv.shifts):
+                blas.gemm(wk[k, rows], gext[rows, base - sh + q0 : base - sh + q1], dxg[chans, q0:q1],
+                          accumulate=k > 0, trans_a=True)
+    return dxg.reshape((cv.C, cv.N) + cv.grid)
+
+
+def _input_extent(cv: _Conv) -> int:
+    """Flat-grid positions up to and including the last real input pixel."""
+    fstrides = [math.prod(cv.grid[d + 1 :]) for d in range(len(cv.grid))]
+    return (cv.N - 1) * cv.L + sum((i - 1) * fs for i, fs in zip(cv.in_shape[2:], fstrides)) + 1
 
 
 def _conv_forward(c, x, w, b=None):
     cv = _Conv(c, x, w)
-    if _use_image(cv, c):
+    if _use_image(cv, c, x, w):
         return _image_forward(c, cv, x, w, b)
     xT = cv.pad(x)
+    if _use_direct(cv, x, w):
+        y = np.empty((cv.N, cv.M) + cv.out, dtype=x.dtype)
+        from_grid = cv.from_grid(_direct_forward(cv, xT, w))
+        if b is None:
+            np.copyto(y, from_grid)
+        else:
+            np.add(from_grid, b.reshape((1, cv.M) + (1,) * len(cv.out)).astype(y.dtype, copy=False), out=y)
+        c.save(conv=cv, xT=xT, direct=True)
+        return y
     w3 = w.reshape(cv.group, cv.Mg, cv.Kg)
     yT = scratch("conv_y", (cv.M, cv.P), np.result_type(x, w))
     buf = None if cv.flat and cv.Kp == 1 else scratch("conv_cols", (cv.C * cv.Kp + 1) * cv.block, x.dtype)
@@ -443,6 +532,8 @@ def _gather_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndar
 def _conv_vjp(c, g):
     if "image" in c.saved:
         return _image_vjp(c, g)
+    if "direct" in c.saved:
+        return _direct_vjp(c, g)
     cv: _Conv = c.saved["conv"]
     xT = c.saved["xT"]
     w = c.inputs[1]
@@ -503,6 +594,25 @@ def _conv_vjp(c, g):
         src = src[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes)].swapaxes(0, 1)
         dst = dx[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes)]
         np.copyto(dst, src)
+    return dx, dw, db
+
+
+def _direct_vjp(c, g):
+    cv: _Conv = c.saved["conv"]
+    w = c.inputs[1]
+    need_x, need_w = c.needs[0], c.needs[1]
+    need_b = len(c.needs) > 2 and c.needs[2]
+    g = g.astype(w.dtype, copy=False)
+    head = cv.shifts[-1] if need_x else 0
+    gext = cv.to_grid(g, head, cv.margin) if need_x else cv.to_grid(g)
+    gT = gext[:, head : head + cv.P] if need_x else gext
+    db = gT[:, : cv.P_valid].sum(axis=1) if need_b else None  # padding positions hold zeros
+    dw = _direct_dw(cv, c.saved["xT"], gT, w.shape) if need_w else None
+    dx = None
+    if need_x:
+        dx = np.empty(cv.in_shape, dtype=g.dtype)
+        crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in cv.in_shape[2:])
+        np.copyto(dx, _direct_dx(cv, w, gext, head)[crop].swapaxes(0, 1))
     return dx, dw, db
 
 
