@@ -13,6 +13,7 @@ from gradserve.server.prepare import prepare
 from gradserve.server.result import Result
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import GraphError, Model
+from gradserve.worker.memory import keep_freed_memory
 
 
 class InlineEngine:
@@ -20,6 +21,9 @@ class InlineEngine:
     other engine is checked against."""
 
     name = "inline"
+
+    def __init__(self) -> None:
+        keep_freed_memory()  # activations are reused step after step; see gradserve.worker.memory
 
     def gradients(
         self,

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 from threadpoolctl import ThreadpoolController
 
+from gradserve.worker.memory import keep_freed_memory
 from gradserve.worker.stage import Stage, StageSpec
 
 
@@ -30,6 +31,7 @@ class StageHost:
         self.stages: dict[str, Stage] = {}
         self.cancelled: set[str] = set()
         self.blas = ThreadpoolController()  # BLAS threads are set per step by the engine
+        keep_freed_memory()
 
     def load(self, key: str, spec: StageSpec, constants: dict[str, np.ndarray], names: Sequence[str], *params: np.ndarray) -> None:
         """Host a partition under ``key``; ``params`` arrive as object-store refs Ray resolved."""
