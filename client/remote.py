@@ -186,11 +186,18 @@ class Job:
             yield JobStatus.from_proto(msg)
 
     def result(self, timeout: float | None = None) -> Result:
-        """Wait for the job and return its Result (fetchable once). A failed job raises the error
-        it failed with; a cancelled one raises :class:`Cancelled`."""
-        stream = self.client._stub.FetchResult(service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata,
-                                               timeout=self.client._timeout(timeout))
-        return _read_result(stream)
+        """Wait for the job and return its Result (fetchable once: the server keeps it until it
+        has been delivered whole, so a connection lost half-way is retried once here, and a later
+        call can fetch it too). A failed job raises the error it failed with; a cancelled one
+        raises :class:`Cancelled`."""
+        def fetch() -> Result:
+            return _read_result(self.client._stub.FetchResult(
+                service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata, timeout=self.client._timeout(timeout)))
+
+        try:
+            return fetch()
+        except Unavailable:  # the connection broke; the server still holds the result
+            return fetch()
 
     def cancel(self) -> JobStatus:
         """Ask the server to stop the job (at the engine's next phase boundary)."""

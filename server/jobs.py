@@ -4,8 +4,8 @@ Jobs run on a thread pool whose size is the server's ``max_concurrent_jobs``; fu
 its queue (at most ``max_queued_jobs`` of them, beyond that a submit is refused with
 RESOURCE_EXHAUSTED so a flood of jobs cannot pin unbounded feeds in memory). Each job carries a
 ``threading.Event`` handed to the engine as ``cancelled=``: setting it stops the job at the
-engine's next phase boundary. A finished job's result is kept until it is fetched once or until it
-expires (``result_ttl`` seconds), whichever comes first.
+engine's next phase boundary. A finished job's result is kept until it has been fetched whole once
+or until it expires (``result_ttl`` seconds), whichever comes first.
 """
 
 from __future__ import annotations
@@ -265,14 +265,25 @@ class JobRegistry:
 
     def take_result(self, job: Job) -> Result:
         """The result of a finished job, handed out once; a failed job raises its failure."""
+        result = self.peek_result(job)
+        self.release_result(job)
+        return result
+
+    def peek_result(self, job: Job) -> Result:
+        """The result of a finished job, kept for another fetch until :meth:`release_result`
+        (so a stream that breaks half-way loses nothing); a failed job raises its failure."""
         with job.cond:
             if job.state != DONE:
                 code, message = job.error or (grpc.StatusCode.INTERNAL, f"job {job.id} has no result")
                 raise ServiceError(code, message)
             if job.result is None:
                 raise NotFound(f"the result of job '{job.id}' was already fetched")
-            result, job.result, job.fetched = job.result, None, True
-            return result
+            return job.result
+
+    def release_result(self, job: Job) -> None:
+        """Drop a result that was delivered whole: it can no longer be fetched."""
+        with job.cond:
+            job.result, job.fetched = None, True
 
     def remove(self, job_id: str) -> None:
         """Forget a job (its result included)."""

@@ -307,8 +307,10 @@ class GradientServicer:
         job = self.registry.get(request.job_id)
         if not self._await(job, context):
             return
-        result = self.registry.take_result(job)
+        result = self.registry.peek_result(job)
         yield from self._result_messages(job, result)
+        # Reached only once every chunk went out: a client whose stream broke can fetch again.
+        self.registry.release_result(job)
 
 
 def status_message(snap: JobSnapshot) -> service_pb2.JobStatus:

@@ -188,6 +188,27 @@ def test_async_job_status_watch_result(client):
         job.result(timeout=10)
 
 
+def test_result_survives_a_stream_that_breaks_half_way(client):
+    """A FetchResult stream that ends after its first chunks (the client's connection broke) leaves
+    the result on the server; the next fetch gets all of it, and only then is it gone."""
+    rng = np.random.default_rng(8)
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, 2500))
+    # dL/dw: 24 MiB, more than HTTP/2 flow control lets the server send ahead of a client not reading
+    w = m.param("w", rng.standard_normal((2500, 2500)).astype(np.float32) * 0.03)
+    model = m.loss(m.tanh(x @ w).mean())
+    feeds = {"x": rng.standard_normal((4, 2500)).astype(np.float32)}
+    job = client.submit(model, feeds)
+    assert list(job.watch(timeout=30))[-1].state == "done"
+    stream = client._stub.FetchResult(service_pb2.JobRef(job_id=job.id), metadata=client._metadata, timeout=30)
+    first = [next(stream), next(stream)]
+    assert first[0].HasField("header") and first[1].HasField("data")
+    stream.cancel()
+    assert_same(job.result(timeout=30), REFERENCE.gradients(model, feeds))
+    with pytest.raises(NotFound, match="already fetched"):
+        job.result(timeout=30)
+
+
 def test_progress_display_path(client, capsys):
     model, feeds = mlp(4), batch(4)
     assert_same(client.gradients(model, feeds, progress=True), REFERENCE.gradients(model, feeds))
