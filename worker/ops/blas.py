@@ -50,6 +50,7 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, accumulate: bool,
 
 def _call(fn: Callable, a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool,
           trans_a: bool, trans_b: bool) -> None:
+    lda, ldb, ldc = (_leading(x, out.dtype) for x in (a, b, out))  # checks 2-D, dtype, strides
     m, n = out.shape
     a_mk = a.shape[::-1] if trans_a else a.shape
     b_kn = b.shape[::-1] if trans_b else b.shape
@@ -58,7 +59,6 @@ def _call(fn: Callable, a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulat
                          f"{b.shape}{'^T' if trans_b else ''} -> {out.shape}")
     if not out.flags.writeable:
         raise ValueError("gemm output is read-only")
-    lda, ldb, ldc = (_leading(x, out.dtype) for x in (a, b, out))
     k = a_mk[1]
     if m == 0 or n == 0:
         return

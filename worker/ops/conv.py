@@ -426,14 +426,18 @@ def _blocks(n: int, rows: int, itemsize: int):
     return [(p0, min(n, p0 + step)) for p0 in range(0, n, step)]
 
 
+def _groups(cv: _Conv) -> list[tuple[slice, slice]]:
+    """Per group: its output channels (rows of W, Y, G) and its input channels (rows of X)."""
+    return [(slice(g * cv.Mg, (g + 1) * cv.Mg), slice(g * cv.Cg, (g + 1) * cv.Cg)) for g in range(cv.group)]
+
+
 def _direct_forward(cv: _Conv, xT: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Y on the flat grid, (M, P) in scratch: for every kernel offset k, Y += W_k @ (X shifted by
     k) -- a GEMM on a view of the padded input, with no column matrix."""
     wk = _offset_weights(cv, w)
     yT = scratch("conv_y", (cv.M, cv.P), xT.dtype)
     for p0, p1 in _blocks(cv.P_valid, cv.M, xT.itemsize):
-        for gi in range(cv.group):
-            rows, chans = slice(gi * cv.Mg, (gi + 1) * cv.Mg), slice(gi * cv.Cg, (gi + 1) * cv.Cg)
+        for rows, chans in _groups(cv):
             for k, sh in enumerate(cv.shifts):
                 blas.gemm(wk[k, rows], xT[chans, p0 + sh : p1 + sh], yT[rows, p0:p1], accumulate=k > 0)
     return yT
@@ -443,8 +447,7 @@ def _direct_dw(cv: _Conv, xT: np.ndarray, gT: np.ndarray, shape) -> np.ndarray:
     """dW_k = G @ (X shifted by k)^T over the grid (its padding positions hold zero errors)."""
     dwk = np.empty((cv.Kp, cv.M, cv.Cg), gT.dtype)
     for i, (p0, p1) in enumerate(_blocks(cv.P_valid, cv.M, xT.itemsize)):
-        for gi in range(cv.group):
-            rows, chans = slice(gi * cv.Mg, (gi + 1) * cv.Mg), slice(gi * cv.Cg, (gi + 1) * cv.Cg)
+        for rows, chans in _groups(cv):
             for k, sh in enumerate(cv.shifts):
                 blas.gemm(gT[rows, p0:p1], xT[chans, p0 + sh : p1 + sh], dwk[k, rows], accumulate=i > 0, trans_b=True)
     return dwk.transpose(1, 2, 0).reshape(shape)
@@ -458,8 +461,7 @@ def _direct_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndar
     dxg = scratch("conv_dxg", (cv.C, cv.P), gext.dtype)
     base = head + cv.margin
     for q0, q1 in _blocks(_input_extent(cv), cv.C, gext.itemsize):
-        for gi in range(cv.group):
-            rows, chans = slice(gi * cv.Mg, (gi + 1) * cv.Mg), slice(gi * cv.Cg, (gi + 1) * cv.Cg)
+        for rows, chans in _groups(cv):
             for k, sh in enumerate(cv.shifts):
                 blas.gemm(wk[k, rows], gext[rows, base - sh + q0 : base - sh + q1], dxg[chans, q0:q1],
                           accumulate=k > 0, trans_a=True)
@@ -514,8 +516,7 @@ def _gather_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndar
     M, C, Kp = cv.M, cv.C, cv.Kp
     wg = np.ascontiguousarray(w.reshape(M, C, Kp).transpose(1, 2, 0)).reshape(C, Kp * M)
     dxg = scratch("conv_dxg", (C, cv.P), gext.dtype)
-    fstrides = [math.prod(cv.grid[d + 1 :]) for d in range(len(cv.grid))]
-    q_valid = (cv.N - 1) * cv.L + sum((i - 1) * fs for i, fs in zip(cv.in_shape[2:], fstrides)) + 1
+    q_valid = _input_extent(cv)
     step = max(256, _BLOCK_ELEMS // (M * Kp))
     buf = scratch("conv_gcols", Kp * M * min(step, q_valid), gext.dtype)
     base = head + cv.margin
