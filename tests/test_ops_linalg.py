@@ -1,5 +1,7 @@
 """MatMul and Gemm: VJPs by the dot-product test over numpy's matmul shape cases and Gemm's flags."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -97,7 +99,7 @@ def test_zero_bubble_split(op, attrs):
     tape = forward(prog, {"x": x, "w": w})
     first = backward(prog, tape, {"y": g.copy()}, defer=["w"])
     assert set(first) == {"x"}
-    later = backward_deferred(prog, tape)
+    later = backward_deferred(prog, [tape])
     assert set(later) == {"w"}
     np.testing.assert_allclose(first["x"], full["x"])
     np.testing.assert_allclose(later["w"], full["w"])
@@ -118,3 +120,57 @@ def test_forward_matches_onnx_reference(op, inputs, attrs):
     from test_ops_shape import assert_matches_reference
 
     assert_matches_reference(op, inputs, attrs, rtol=1e-5)
+
+
+MERGE_CASES = [
+    ("MatMul", {}, (5, 3), (3, 4), None),
+    ("MatMul", {}, (2, 5, 3), (3, 4), None),  # batched activation, 2-D weight: rows folded
+    ("Gemm", {"transB": 1, "alpha": 0.5}, (5, 3), (4, 3), (4,)),
+    ("Gemm", {"transA": 1, "beta": 2.0}, (3, 5), (3, 4), (1, 4)),  # micro-batch rows are A's columns
+]
+
+
+@pytest.mark.parametrize("op,attrs,a_shape,w_shape,c_shape", MERGE_CASES)
+def test_deferred_weight_errors_of_micro_batches_fold_into_one_product(op, attrs, a_shape, w_shape, c_shape):
+    """backward_deferred over several tapes (micro-batches of different sizes) runs each product's
+    weight error once, over all rows, and equals the sum of the per-micro-batch errors."""
+    from gradserve.worker.autodiff import backward_deferred
+
+    batch_axis = 1 if attrs.get("transA") else 0
+    inputs = ["x", "w"] + (["c"] if c_shape else [])
+    node = Node("n", op, inputs, ["y"], attrs)
+    params = {"w": rng.standard_normal(w_shape), **({"c": rng.standard_normal(c_shape)} if c_shape else {})}
+    prog = compile_program([node], inputs, ["y"], inputs)
+    tapes, per_mb = [], []
+    for rows in (2, 5, 1):  # micro-batch sizes
+        shape = list(a_shape)
+        shape[batch_axis] = rows
+        x = rng.standard_normal(shape)
+        y = forward(prog, {"x": x, **params}).outputs["y"]
+        g = rng.standard_normal(y.shape)
+        per_mb.append(backward(prog, forward(prog, {"x": x, **params}), {"y": g.copy()}))
+        tape = forward(prog, {"x": x, **params})
+        backward(prog, tape, {"y": g}, defer=list(params))
+        tapes.append(tape)
+    calls = []
+    real = prog.ops[0].vjp
+    prog.ops[0] = dataclasses.replace(prog.ops[0], vjp=lambda c, *g: calls.append(1) or real(c, *g))
+    got = backward_deferred(prog, tapes)
+    assert len(calls) == 1 and all(not t.deferred for t in tapes)
+    for name in params:
+        np.testing.assert_allclose(got[name], sum(e[name] for e in per_mb), rtol=1e-12, atol=1e-12)
+
+
+def test_batched_weights_are_not_folded():
+    from gradserve.worker.autodiff import backward_deferred
+
+    prog = compile_program([Node("n", "MatMul", ["x", "w"], ["y"])], ["x", "w"], ["y"], ["x", "w"])
+    w = rng.standard_normal((2, 3, 4))
+    tapes, total = [], 0
+    for _ in range(2):
+        x, g = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 4))
+        total = total + backward(prog, forward(prog, {"x": x, "w": w}), {"y": g.copy()})["w"]
+        tape = forward(prog, {"x": x, "w": w})
+        backward(prog, tape, {"y": g}, defer=["w"])
+        tapes.append(tape)
+    np.testing.assert_allclose(backward_deferred(prog, tapes)["w"], total, rtol=1e-12, atol=1e-12)

@@ -152,15 +152,28 @@ def backward(
     return {name: errs[name] for name in program.wrt if name in errs}
 
 
-def backward_deferred(program: Program, tape: Tape) -> dict[str, np.ndarray]:
-    """Run the VJP work :func:`backward` deferred; return the errors of the deferred values, summed
-    over every backward pass recorded on this tape since the last call."""
+def backward_deferred(program: Program, tapes: Iterable[Tape]) -> dict[str, np.ndarray]:
+    """Run the VJP work :func:`backward` deferred on ``tapes`` (one per micro-batch); return the
+    errors of the deferred values, summed over every backward pass recorded on them.
+
+    A node's deferred work from several tapes goes to its op's ``merge`` first where it has one:
+    the weight error of a matrix product is then one product over all micro-batches' rows, as
+    the unsplit batch would compute it, not one thin product per micro-batch summed afterwards."""
+    by_node: dict[int, list[tuple[OpContext, list]]] = {}
+    for tape in tapes:
+        for idx, ctx, grads_out in tape.deferred:  # ctx.needs marks just the inputs held back
+            by_node.setdefault(idx, []).append((ctx, grads_out))
+        tape.deferred = []
     errs: dict[str, np.ndarray] = {}
     owned: set[str] = set()
-    defer_done = tape.deferred
-    tape.deferred = []
-    for idx, ctx, grads_out in defer_done:  # ctx.needs marks just the inputs held back
-        _apply_vjp(program, idx, ctx, grads_out, errs, owned)
+    for idx, entries in by_node.items():
+        merge = program.ops[idx].merge
+        if len(entries) > 1 and merge is not None and len({tuple(c.needs) for c, _ in entries}) == 1:
+            merged = merge(entries)
+            if merged is not None:
+                entries = [merged]
+        for ctx, grads_out in entries:
+            _apply_vjp(program, idx, ctx, grads_out, errs, owned)
     return errs
 
 

@@ -97,8 +97,7 @@ class Stage:
         state = self.jobs.pop(job_id, None)
         if state is None:
             return {}, {}
-        for tape in state.deferred:
-            _add_into(state.grads, backward_deferred(self.program, tape))
+        _add_into(state.grads, backward_deferred(self.program, state.deferred))
         state.seconds["weights"] = time.perf_counter() - t
         return state.grads, state.seconds
 

@@ -9,6 +9,8 @@ afterwards.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from gradserve.worker.ops.registry import OpError, defop, unbroadcast
@@ -42,7 +44,28 @@ def _matmul_vjp(c, g):
     return da, db
 
 
-defop("MatMul", lambda c, a, b: np.matmul(a, b), _matmul_vjp, keep="x")
+def _stack_rows(entries, arg: int, axis: int):
+    """One context for several micro-batches' deferred VJPs of a product whose weight error sums
+    over rows: input ``arg`` (the activation) and the output error stacked along their row axes.
+    Then dW = sum_i A_i^T G_i is one product with all rows (as the unsplit batch computes it),
+    instead of one thin product per micro-batch plus a pass over dW to add each."""
+    ctx = entries[0][0]
+    if any(g[0] is None for _, g in entries) or ctx.needs[arg]:
+        return None
+    inputs = list(ctx.inputs)
+    inputs[arg] = np.concatenate([c.inputs[arg] for c, _ in entries], axis=axis)
+    merged = dataclasses.replace(ctx, inputs=inputs)
+    return merged, [np.concatenate([g[0] for _, g in entries], axis=0)]
+
+
+def _matmul_merge(entries):
+    a, b = entries[0][0].inputs[:2]
+    if a.ndim < 2 or b.ndim != 2:  # a batched weight gets a per-batch error: nothing to fold
+        return None
+    return _stack_rows(entries, 0, 0)
+
+
+defop("MatMul", lambda c, a, b: np.matmul(a, b), _matmul_vjp, keep="x", merge=_matmul_merge)
 
 
 def _gemm_args(c):
@@ -90,5 +113,10 @@ def _gemm_vjp(c, g):
     return da, db, dc
 
 
+def _gemm_merge(entries):
+    # the rows of op(A) are A's columns when transA
+    return _stack_rows(entries, 0, 1 if _gemm_args(entries[0][0])[2] else 0)
+
+
 # C is only read for its shape; A and B each feed the other's error.
-defop("Gemm", _gemm, _gemm_vjp, keep=("x0", "x1"))
+defop("Gemm", _gemm, _gemm_vjp, keep=("x0", "x1"), merge=_gemm_merge)

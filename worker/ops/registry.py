@@ -60,6 +60,8 @@ class OpContext:
 
 Forward = Callable[..., "np.ndarray | tuple[np.ndarray, ...]"]
 Vjp = Callable[..., "np.ndarray | tuple[np.ndarray | None, ...] | None"]
+# [(context, errors at the outputs), ...] -> one (context, errors) whose VJP gives their sum, or None
+Merge = Callable[[list], "tuple[OpContext, list] | None"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class OpDef:
     keep_inputs: bool | tuple[int, ...]
     keep_outputs: bool
     differentiable: tuple[int, ...] | None  # input indices that can get an error; None = all
+    # Optional: folds the deferred weight-error work of several micro-batches into one VJP call
+    # (see :func:`gradserve.worker.autodiff.backward_deferred`); None where it cannot.
+    merge: Merge | None = None
 
     def keeps_input(self, i: int) -> bool:
         return self.keep_inputs is True or (isinstance(self.keep_inputs, tuple) and i in self.keep_inputs)
@@ -90,10 +95,12 @@ def defop(
     *,
     keep: str | Iterable[str] = ("x", "y"),
     differentiable: Iterable[int] | None = None,
+    merge: Merge | None = None,
 ) -> OpDef:
     """Register an op. ``keep`` names what the VJP reads: ``"x"`` (all inputs), ``"x0"``/``"x1"``...
     (single inputs), ``"y"`` (outputs), or ``()`` (shapes only). ``vjp=None`` marks an op whose
-    inputs never get an error (shape ops, comparisons, Cast to int...)."""
+    inputs never get an error (shape ops, comparisons, Cast to int...). ``merge`` (optional) turns
+    the deferred VJPs of several micro-batches into one call whose input errors are their sum."""
     if op_type in REGISTRY:
         raise RuntimeError(f"op {op_type} registered twice")
     keeps = {keep} if isinstance(keep, str) else set(keep)
@@ -107,6 +114,7 @@ def defop(
         keep_inputs,
         "y" in keeps,
         None if differentiable is None else tuple(differentiable),
+        merge,
     )
     REGISTRY[op_type] = opdef
     return opdef
