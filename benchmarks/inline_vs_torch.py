@@ -1,6 +1,6 @@
 """Inline engine vs PyTorch autograd on the same models, in the same run (issue: foundation).
 
-    .venv/bin/python benchmarks/inline_vs_torch.py [--repeat 7]
+    .venv/bin/python benchmarks/inline_vs_torch.py [--repeat 9] [--rounds 3]
 
 Times one full gradient computation (forward + backward, loss and dL/dw for every parameter):
 torch autograd on the torch model, and gradserve's inline engine on the same model exported to
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -92,6 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per model (median reported)")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of: mlp, cnn")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each side is run, alternating, each in a fresh process (this machine's speed "
+                             "drifts by several percent over minutes; the ratio reported is the median of the rounds)")
     parser.add_argument("--side", choices=["torch", "gradserve"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -102,17 +106,23 @@ def main() -> None:
     # down OpenBLAS's threads (and vice versa) when both live in one process.
     rows = []
     for case in args.models.split(","):
-        timed = {}
-        for side in ("torch", "gradserve"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--side", side, "--models", case, "--repeat", str(args.repeat)],
-                check=True, capture_output=True, text=True,
-            ).stdout
-            timed[side] = json.loads(out.strip().splitlines()[-1])
-        t_torch, t_ours = timed["torch"]["seconds"], timed["gradserve"]["seconds"]
-        rows.append((timed["torch"]["name"], f"{t_torch * 1e3:.1f}", f"{t_ours * 1e3:.1f}", f"{t_ours / t_torch:.2f}"))
-    print(f"median of {args.repeat} runs, {os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}")
-    print(table(rows, ("model", "torch ms", "gradserve inline ms", "ratio")))
+        rounds = []
+        for _ in range(args.rounds):
+            timed = {}
+            for side in ("torch", "gradserve"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--side", side, "--models", case, "--repeat", str(args.repeat)],
+                    check=True, capture_output=True, text=True,
+                ).stdout
+                timed[side] = json.loads(out.strip().splitlines()[-1])
+            rounds.append((timed["torch"]["seconds"], timed["gradserve"]["seconds"]))
+        ratios = sorted(ours / theirs for theirs, ours in rounds)
+        t_torch, t_ours = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+        rows.append((timed["torch"]["name"], f"{t_torch * 1e3:.1f}", f"{t_ours * 1e3:.1f}",
+                     f"{statistics.median(ratios):.2f}", f"{ratios[0]:.2f}-{ratios[-1]:.2f}"))
+    print(f"median of {args.repeat} runs per side and round, {args.rounds} rounds, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, numpy {np.__version__}")
+    print(table(rows, ("model", "torch ms", "gradserve inline ms", "ratio (median)", "ratio (range)")))
 
 
 if __name__ == "__main__":
