@@ -1,4 +1,5 @@
-"""Turning (model, feeds) into a checked, pruned, shape-inferred job description.
+"""Turning (model, feeds) into a checked, pruned, shape-inferred job description, with the
+exact rewrites of :mod:`gradserve.worker.rewrite` applied.
 
 Checking costs a few milliseconds (ONNX shape inference), so the result is cached per model
 structure and feed signature: repeated jobs on the same model and batch shape skip it.
@@ -14,6 +15,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from gradserve.worker.graph import GraphError, Model, Node, feed_signature
+from gradserve.worker.rewrite import optimize
 from gradserve.worker.validate import ValueInfo, check_feeds, check_loss, check_structure, infer_shapes
 
 
@@ -57,6 +59,7 @@ def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable
     nodes = check_structure(model)
     shapes = infer_shapes(model, nodes, feeds)
     check_loss(model, shapes)
+    nodes, shapes = optimize(nodes, shapes, keep={model.loss, *model.params, *model.constants, *feeds})
     params = tuple(p for p, v in model.params.items() if v.dtype.kind == "f")
     job = PreparedJob(tuple(nodes), shapes, params, input_grads, model.loss)
     with _LOCK:
