@@ -445,35 +445,14 @@ def _direct_forward(cv: _Conv, xT: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _direct_dw(cv: _Conv, xT: np.ndarray, gT: np.ndarray, shape) -> np.ndarray:
-    """dW over the grid (its padding positions hold zero errors) as one wide product per block of
-    positions rather than Kp thin ones (each re-reading G): a kernel offset's shift is an outer part
-    (all spatial dims but the last) plus an inner one (the last dim's offset), so with the error
-    rows stacked once per outer shift (G3) and the input rows once per inner shift (X3),
-    G3 (Ko*M, n) @ X3 (Ki*C, n)^T holds dW for every (outer, inner) pair of offsets."""
-    ki = cv.kernel[-1]
-    ko = cv.Kp // ki
-    outer = cv.shifts[::ki]  # the shifts of offsets (..., 0)
-    inner = [j * cv.dilations[-1] for j in range(ki)]
-    span = max(outer)
-    dt = gT.dtype
-    step = max(_DIRECT_MIN_BLOCK, _DIRECT_BLOCK_BYTES // (dt.itemsize * (ko * cv.M + ki * cv.C)))
-    out = np.empty((cv.group, ko * cv.Mg, ki * cv.Cg), dt)
-    for b, p0 in enumerate(range(0, cv.P_valid, step)):
-        p1 = min(cv.P_valid, p0 + step)
-        pb, n = p1 - p0, p1 - p0 + span
-        g3 = scratch("conv_g3", (cv.group, ko, cv.Mg, n), dt)  # g3[., i, m, q] = G[m, p0 + q - outer[i]]
-        x3 = scratch("conv_x3", (cv.group, ki, cv.Cg, n), dt)  # x3[., j, c, q] = X[c, p0 + q + inner[j]]
-        for gi, (rows, chans) in enumerate(_groups(cv)):
-            for i, so in enumerate(outer):
-                g3[gi, i, :, :so] = 0
-                g3[gi, i, :, so : so + pb] = gT[rows, p0:p1]
-                g3[gi, i, :, so + pb :] = 0
-            for j, si in enumerate(inner):
-                x3[gi, j] = xT[chans, p0 + si : p0 + si + n]
-            blas.gemm(g3[gi].reshape(ko * cv.Mg, n), x3[gi].reshape(ki * cv.Cg, n), out[gi], accumulate=b > 0, trans_b=True)
-    # out[g, (i, m), (j, c)] -> W's layout (M, Cg, *kernel), kernel offsets (i, j) in C order
-    dw = out.reshape(cv.group, ko, cv.Mg, ki, cv.Cg).transpose(0, 2, 4, 1, 3)
-    return dw.reshape(shape)
+    """dW_k = G @ (X shifted by k)^T over the grid (its padding positions hold zero errors). (One
+    wide product over error rows stacked per shift measured 18% faster with warm caches, and no
+    faster inside a real step, where its extra copies come from memory: not worth its code.)"""
+    dwk = np.empty((cv.Kp, cv.M, cv.Cg), gT.dtype)
+    for rows, chans in _groups(cv):
+        for k, sh in enumerate(cv.shifts):
+            blas.gemm(gT[rows, : cv.P_valid], xT[chans, sh : sh + cv.P_valid], dwk[k, rows], accumulate=False, trans_b=True)
+    return dwk.transpose(1, 2, 0).reshape(shape)
 
 
 def _direct_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndarray:
