@@ -1,6 +1,6 @@
 """Ray engine vs inline engine on the same models, in the same run (issue: distributed engine).
 
-    .venv/bin/python benchmarks/ray_vs_inline.py [--repeat 5] [--threads N]
+    .venv/bin/python benchmarks/ray_vs_inline.py [--repeat 7] [--rounds 3] [--threads N]
 
 Times one gradient job on an already-uploaded model (parameters placed, actors deployed: the
 warm-up runs do that; the model is named by its content hash, as the server does) for the inline engine and for the ray engine with K=2 partitions, with and
@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per configuration (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads per Ray worker (default: all cores)")
     parser.add_argument("--skip-deep", action="store_true", help="skip the 8 x 2048 model")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each model's inline/ray comparison is repeated; the ratio shown is the median over "
+                             "the rounds, with their range (this machine's speed drifts over minutes)")
     args = parser.parse_args()
     inline = gradserve.local()
     rows = []
@@ -71,15 +74,23 @@ def main() -> None:
         cases.append(("MLP 8x2048, batch 512", *mlp(8, 2048, 512)))
     with RayEngine(threads_per_worker=args.threads) as engine:
         for name, model, feeds in cases:
-            t_inline = median_seconds(lambda: inline.gradients(model, feeds), args.repeat)
-            rows.append((name, "inline", f"{t_inline * 1e3:.0f}", "1.00", ""))
             # An already-uploaded model is known by its id (the server passes the content hash it
             # verified at upload), so jobs skip checking the weights against the placed copy.
             key = model.fingerprint()
-            for m in (1, 4):
+            inline_times, ray_times = [], {1: [], 4: []}
+            for _ in range(args.rounds):  # inline and ray alternate, so drift hits both alike
+                inline_times.append(median_seconds(lambda: inline.gradients(model, feeds), args.repeat))
+                for m in ray_times:
+                    opts = dict(partitions=2, micro_batches=m, model_key=key)
+                    ray_times[m].append(median_seconds(lambda: engine.gradients(model, feeds, **opts), args.repeat))
+            t_inline = statistics.median(inline_times)
+            rows.append((name, "inline", f"{t_inline * 1e3:.0f}", "1.00", ""))
+            for m, times in ray_times.items():
+                ratios = sorted(t / ti for t, ti in zip(times, inline_times))
                 opts = dict(partitions=2, micro_batches=m, model_key=key)
-                t = median_seconds(lambda: engine.gradients(model, feeds, **opts), args.repeat)
-                rows.append((name, f"ray K=2 M={m}", f"{t * 1e3:.0f}", f"{t / t_inline:.2f}", breakdown(engine, model, feeds, **opts)))
+                rows.append((name, f"ray K=2 M={m}", f"{statistics.median(times) * 1e3:.0f}",
+                             f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
+                             breakdown(engine, model, feeds, **opts)))
         model, feeds = tiny()
         for k in (1, 2):
             times = []
@@ -91,8 +102,8 @@ def main() -> None:
                 times.append(time.perf_counter() - t)
             rows.append(("tiny (seed example)", f"ray K={k}", f"{statistics.median(times) * 1e3:.1f}", "", "fixed per-job overhead"))
     threads = args.threads or "per job (all cores for M=1, shared for M>1)"
-    print(f"median of {args.repeat} runs, {os.cpu_count()} cores, BLAS threads per stage: {threads}")
-    print(table(rows, ("model", "engine", "ms/job", "vs inline", "breakdown")))
+    print(f"median of {args.repeat} runs per round, {args.rounds} rounds, {os.cpu_count()} cores, BLAS threads per stage: {threads}")
+    print(table(rows, ("model", "engine", "ms/job", "vs inline (range)", "breakdown of one job")))
 
 
 if __name__ == "__main__":
