@@ -174,3 +174,22 @@ def test_batched_weights_are_not_folded():
         backward(prog, tape, {"y": g}, defer=["w"])
         tapes.append(tape)
     np.testing.assert_allclose(backward_deferred(prog, tapes)["w"], total, rtol=1e-12, atol=1e-12)
+
+
+def test_bias_alone_is_not_folded_when_the_batch_runs_along_columns():
+    """Y = W X^T + C with W a constant, X the activation (batch in Y's columns) and only C a
+    parameter: stacking rows would be wrong, so the micro-batches' bias errors are summed one by one."""
+    from gradserve.worker.autodiff import backward_deferred
+
+    node = Node("n", "Gemm", ["w", "x", "c"], ["y"], {"transB": 1})
+    prog = compile_program([node], ["w", "x", "c"], ["y"], ["x", "c"])
+    w, c = rng.standard_normal((4, 3)), rng.standard_normal((4, 1))
+    tapes, total = [], 0
+    for rows in (2, 5):
+        x = rng.standard_normal((rows, 3))
+        g = rng.standard_normal((4, rows))
+        total = total + backward(prog, forward(prog, {"w": w, "x": x, "c": c}), {"y": g.copy()})["c"]
+        tape = forward(prog, {"w": w, "x": x, "c": c})
+        backward(prog, tape, {"y": g}, defer=["c"])
+        tapes.append(tape)
+    np.testing.assert_allclose(backward_deferred(prog, tapes)["c"], total, rtol=1e-12, atol=1e-12)

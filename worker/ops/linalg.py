@@ -114,6 +114,10 @@ def _gemm_vjp(c, g):
 
 
 def _gemm_merge(entries):
+    # Only with B's error among the deferred: dB = op(A)^T G sums over the rows of op(A) and G,
+    # whatever A is. (A bias alone proves nothing: in Y = W X^T + C the batch runs along columns.)
+    if not entries[0][0].needs[1]:
+        return None
     # the rows of op(A) are A's columns when transA
     return _stack_rows(entries, 0, 1 if _gemm_args(entries[0][0])[2] else 0)
 
