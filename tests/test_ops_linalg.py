@@ -125,6 +125,7 @@ def test_forward_matches_onnx_reference(op, inputs, attrs):
 MERGE_CASES = [
     ("MatMul", {}, (5, 3), (3, 4), None),
     ("MatMul", {}, (2, 5, 3), (3, 4), None),  # batched activation, 2-D weight: rows folded
+    ("MatMul", {"batch_axis": 1}, (2, 5, 3), (3, 4), None),  # sequence-first: split along axis 1
     ("Gemm", {"transB": 1, "alpha": 0.5}, (5, 3), (4, 3), (4,)),
     ("Gemm", {"transA": 1, "beta": 2.0}, (3, 5), (3, 4), (1, 4)),  # micro-batch rows are A's columns
 ]
@@ -136,7 +137,8 @@ def test_deferred_weight_errors_of_micro_batches_fold_into_one_product(op, attrs
     weight error once, over all rows, and equals the sum of the per-micro-batch errors."""
     from gradserve.worker.autodiff import backward_deferred
 
-    batch_axis = 1 if attrs.get("transA") else 0
+    attrs = dict(attrs)
+    batch_axis = attrs.pop("batch_axis", 1 if attrs.get("transA") else 0)
     inputs = ["x", "w"] + (["c"] if c_shape else [])
     node = Node("n", op, inputs, ["y"], attrs)
     params = {"w": rng.standard_normal(w_shape), **({"c": rng.standard_normal(c_shape)} if c_shape else {})}

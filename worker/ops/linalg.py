@@ -60,9 +60,15 @@ def _stack_rows(entries, arg: int, axis: int):
 
 def _matmul_merge(entries):
     a, b = entries[0][0].inputs[:2]
-    if a.ndim < 2 or b.ndim != 2:  # a batched weight gets a per-batch error: nothing to fold
-        return None
-    return _stack_rows(entries, 0, 0)
+    if a.ndim < 2 or b.ndim != 2 or any(g[0] is None for _, g in entries):
+        return None  # a batched weight gets a per-batch error: nothing to fold
+    # dB sums over every leading axis of A, so fold them all into rows first: micro-batches split
+    # along any of them (batch-first or sequence-first) then stack
+    flat = [
+        (dataclasses.replace(c, inputs=[c.inputs[0].reshape(-1, a.shape[-1]), c.inputs[1]]), [g[0].reshape(-1, b.shape[-1])])
+        for c, g in entries
+    ]
+    return _stack_rows(flat, 0, 0)
 
 
 defop("MatMul", lambda c, a, b: np.matmul(a, b), _matmul_vjp, keep="x", merge=_matmul_merge)
