@@ -65,6 +65,7 @@ class Plan:
     loss: str
     loss_partition: int
     param_partitions: dict[str, list[int]] = field(default_factory=dict)
+    rewrites: tuple[str, ...] = ()  # exact rewrites applied before planning (see worker/rewrite.py)
 
     def describe(self) -> str:
         """A human-readable account of the plan (what ``gradserve plan`` prints)."""
@@ -92,6 +93,7 @@ class Plan:
         shared = {p: parts for p, parts in self.param_partitions.items() if len(parts) > 1}
         for name, parts in shared.items():
             lines.append(f"shared parameter {name}: partitions {', '.join(map(str, parts))} (gradients summed)")
+        lines += [f"rewritten: {note}" for note in self.rewrites]
         return "\n".join(lines)
 
 
@@ -227,7 +229,7 @@ def _build(nodes: list[Node], cuts: list[int], job: PreparedJob, model: Model) -
     loss_part = where.get(job.loss, 0)
     if job.loss not in parts[loss_part].outputs:
         parts[loss_part].outputs.append(job.loss)
-    return Plan(parts, boundaries, job.loss, loss_part, param_parts)
+    return Plan(parts, boundaries, job.loss, loss_part, param_parts, job.rewrites)
 
 
 def _fmt_flops(f: float) -> str:

@@ -29,6 +29,7 @@ class PreparedJob:
     params: tuple[str, ...]
     input_grads: tuple[str, ...]
     loss: str
+    rewrites: tuple[str, ...] = ()  # what the exact rewrites changed, one line each
 
     @property
     def wrt(self) -> tuple[str, ...]:
@@ -59,9 +60,9 @@ def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable
     nodes = check_structure(model)
     shapes = infer_shapes(model, nodes, feeds)
     check_loss(model, shapes)
-    nodes, shapes = optimize(nodes, shapes, keep={model.loss, *model.params, *model.constants, *feeds})
+    nodes, shapes, rewrites = optimize(nodes, shapes, keep={model.loss, *model.params, *model.constants, *feeds})
     params = tuple(p for p, v in model.params.items() if v.dtype.kind == "f")
-    job = PreparedJob(tuple(nodes), shapes, params, input_grads, model.loss)
+    job = PreparedJob(tuple(nodes), shapes, params, input_grads, model.loss, tuple(rewrites))
     with _LOCK:
         _CACHE[key] = job
         while len(_CACHE) > _CACHE_SIZE:

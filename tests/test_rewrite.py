@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from gradserve.server.inline import InlineEngine
+from gradserve.server.partition import plan_job
 from gradserve.server.prepare import prepare
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import InputSpec, Model, Node
@@ -57,6 +58,9 @@ def test_relu_runs_after_maxpool_with_identical_gradients(pool_attrs, dtype):
     ops = [(n.name, n.op_type, n.inputs[0], n.outputs[0]) for n in job.nodes][:3]
     assert ops == [("conv", "Conv", "x", "c"), ("pool", "MaxPool", "c", "r"), ("relu", "Relu", "r", "p")]
     assert job.shapes["r"].shape == job.shapes["p"].shape  # r now holds the pooled values
+    assert job.rewrites == ("node 'relu' (Relu) runs after node 'pool' (MaxPool), on the pooled values "
+                            "(exact: the max of rectified values is the rectified max)",)
+    assert "rewritten: node 'relu' (Relu) runs after node 'pool' (MaxPool)" in plan_job(job, model, 2).describe()
     result = InlineEngine().gradients(model, feeds)
     loss, grads = unrewritten(model, feeds)
     assert result.loss == loss
@@ -72,7 +76,7 @@ def test_no_rewrite_where_it_would_not_be_exact(case):
         model, feeds = cnn(POOLS[0])
         model.nodes[2] = Node("pool", "MaxPool", ["r"], ["p", "idx"], POOLS[0])
     job = prepare(model, feeds)
-    assert [n.op_type for n in job.nodes][:3] == ["Conv", "Relu", "MaxPool"]
+    assert [n.op_type for n in job.nodes][:3] == ["Conv", "Relu", "MaxPool"] and not job.rewrites
     result = InlineEngine().gradients(model, feeds)
     loss, grads = unrewritten(model, feeds)
     assert result.loss == loss

@@ -21,10 +21,14 @@ from gradserve.worker.graph import Node
 from gradserve.worker.validate import ValueInfo
 
 
-def optimize(nodes: list[Node], shapes: Mapping[str, ValueInfo], keep: Iterable[str]) -> tuple[list[Node], dict[str, ValueInfo]]:
-    """The rewritten nodes (still in topological order) and the shapes of their values. ``keep``
-    names values whose meaning must not change (the loss, feeds, parameters)."""
+def optimize(
+    nodes: list[Node], shapes: Mapping[str, ValueInfo], keep: Iterable[str]
+) -> tuple[list[Node], dict[str, ValueInfo], list[str]]:
+    """The rewritten nodes (still in topological order), the shapes of their values, and one line
+    per rewrite saying what changed (``gradserve plan`` shows them). ``keep`` names values whose
+    meaning must not change (the loss, feeds, parameters)."""
     keep = set(keep)
+    notes = []
     readers = Counter(i for node in nodes for i in node.inputs if i)
     position = {o: k for k, node in enumerate(nodes) for o in node.outputs if o}
     nodes, shapes = list(nodes), dict(shapes)
@@ -45,4 +49,5 @@ def optimize(nodes: list[Node], shapes: Mapping[str, ValueInfo], keep: Iterable[
         nodes[j] = Node(node.name, node.op_type, [relu.inputs[0], *node.inputs[1:]], [rectified], node.attrs)
         nodes[k] = Node(relu.name, relu.op_type, [rectified], [pooled], relu.attrs)
         shapes[rectified] = shapes[pooled]
-    return nodes, shapes
+        notes.append(f"{relu} runs after {node}, on the pooled values (exact: the max of rectified values is the rectified max)")
+    return nodes, shapes, notes
