@@ -21,14 +21,12 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from gradserve.proto import tensors
-from gradserve.worker.graph import Dim, GraphError, InputSpec, Model, Node
+from gradserve.worker.graph import DEFAULT_OPSET, SUPPORTED_OPSETS, Dim, GraphError, InputSpec, Model, Node
 from gradserve.worker.ops import OpContext, OpError, get_op
 from gradserve.worker.validate import format_shape, live_nodes, toposort
 
 log = logging.getLogger("gradserve.onnx")
 
-TARGET_OPSET = 17  # the opset our ops implement (see worker/validate.py)
-TESTED_OPSETS = range(13, 18)
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops whose result is not a function of their inputs: never folded, even with constant inputs.
 _NONDETERMINISTIC = {"Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
@@ -115,22 +113,25 @@ def _read(source: ModelSource) -> onnx.ModelProto:
 
 
 def _normalize_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Our ops follow opset 17; convert other opsets of the default domain with ONNX's converter
-    where it can, and otherwise go on, since most ops are unchanged across opsets."""
+    """The model as exported when its opset is one gradserve's ops follow (13 to 21: each op accepts
+    every form its definition took there); older or newer models are converted into that range with
+    ONNX's version converter, which fails on ops it has no adapter for."""
     opset = next((o.version for o in proto.opset_import if o.domain in _DEFAULT_DOMAINS), None)
     if opset is None:
         raise GraphError("the model does not import the default ONNX domain (ai.onnx)")
-    if opset == TARGET_OPSET:
+    if opset in SUPPORTED_OPSETS:
         return proto, opset
+    target = DEFAULT_OPSET if opset < SUPPORTED_OPSETS.start else SUPPORTED_OPSETS.stop - 1
     try:
-        converted = version_converter.convert_version(proto, TARGET_OPSET)
-        log.info("converted the model from opset %d to %d", opset, TARGET_OPSET)
-        return converted, opset
+        converted = version_converter.convert_version(proto, target)
     except Exception as exc:  # the converter lacks adapters for some ops
-        level = logging.DEBUG if opset in TESTED_OPSETS else logging.WARNING
-        log.log(level, "model uses opset %d and could not be converted to opset %d, which gradserve's ops "
-                "follow; ops whose definition changed may fail (%s)", opset, TARGET_OPSET, exc)
-        return proto, opset
+        raise GraphError(
+            f"the model uses ONNX opset {opset}; gradserve runs opsets {SUPPORTED_OPSETS.start} to "
+            f"{SUPPORTED_OPSETS.stop - 1}, and ONNX's converter could not convert it to {target}: "
+            f"{_first_line(str(exc))} (re-export the model at an opset in that range)"
+        ) from None
+    log.info("converted the model from opset %d to %d", opset, target)
+    return converted, target
 
 
 # -- conversion -------------------------------------------------------------------------------------
@@ -185,8 +186,7 @@ class _Importer:
             self.constants[n.output[0]] = _constant_value(node)
             return None
         if get_op(n.op_type) is None:
-            note = "" if self.opset in TESTED_OPSETS else f" (the model uses opset {self.opset}; gradserve implements {TARGET_OPSET})"
-            raise GraphError(f"{node}: unsupported op type{note}")
+            raise GraphError(f"{node}: unsupported op type (see the README's table of supported ops)")
         return node
 
     # -- loss ---------------------------------------------------------------------------------------
@@ -377,7 +377,8 @@ class _Importer:
                 _check_dtype(value.dtype, f"{kind} '{name}'")
         for spec in self.inputs:
             _check_dtype(spec.dtype, f"input '{spec.name}'")
-        return Model(nodes=self.nodes, inputs=self.inputs, params=self.params, loss=self.loss, constants=constants)
+        return Model(nodes=self.nodes, inputs=self.inputs, params=self.params, loss=self.loss, constants=constants,
+                     opset=self.opset)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -470,6 +471,10 @@ def _attr_value(a: onnx.AttributeProto, what: str) -> Any:
     raise GraphError(f"{what}: attribute without a value")
 
 
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), text.strip())
 
 
 def _constant_value(node: Node) -> np.ndarray:

@@ -13,7 +13,8 @@ from onnx import helper, shape_inference
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import Node
 from gradserve.worker.ops import get_op
-from gradserve.worker.validate import OPSET, _onnx_attrs
+from gradserve.worker.graph import DEFAULT_OPSET
+from gradserve.worker.validate import _onnx_attrs, onnx_model
 
 
 def run_op(op_type: str, inputs: Sequence[np.ndarray | None], attrs: dict[str, Any] | None = None, n_outputs: int = 1):
@@ -37,12 +38,13 @@ def check_vjp(
     rtol: float = 1e-6,
     seed: int = 0,
     check_shapes: bool = True,
+    opset: int = DEFAULT_OPSET,
 ) -> None:
     """Assert the op's VJP matches central finite differences along random directions.
 
     ``wrt``: indices of inputs to check (default: all floating inputs). ``grad_outputs``: outputs
     that receive an error (default: all floating outputs). Also checks, where ONNX shape inference
-    can tell, that the forward's output shapes and dtypes agree with the ONNX spec.
+    can tell, that the forward's output shapes and dtypes agree with the ONNX spec at ``opset``.
     """
     rng = np.random.default_rng(seed)
     attrs = dict(attrs or {})
@@ -57,7 +59,7 @@ def check_vjp(
     tape = forward(prog, feeds)
     ys = [tape.outputs[o] for o in outs]
     if check_shapes:
-        _check_against_onnx(node, feeds, ys)
+        _check_against_onnx(node, feeds, ys, opset)
     if grad_outputs is None:
         grad_outputs = [k for k, y in enumerate(ys) if y.dtype.kind == "f"]
     us = {outs[k]: rng.standard_normal(ys[k].shape) for k in grad_outputs}
@@ -80,16 +82,13 @@ def check_vjp(
     )
 
 
-def _check_against_onnx(node: Node, feeds: dict[str, np.ndarray], ys: list[np.ndarray]) -> None:
+def _check_against_onnx(node: Node, feeds: dict[str, np.ndarray], ys: list[np.ndarray], opset: int) -> None:
     graph_inputs = [
         helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), x.shape) for n, x in feeds.items()
     ]
     onnx_node = helper.make_node(node.op_type, node.inputs, node.outputs, **_onnx_attrs(node))
     outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.outputs]
-    model = helper.make_model(
-        helper.make_graph([onnx_node], "t", graph_inputs, outputs), opset_imports=[helper.make_opsetid("", OPSET)]
-    )
-    model.ir_version = 8
+    model = onnx_model(helper.make_graph([onnx_node], "t", graph_inputs, outputs), opset)
     inferred = shape_inference.infer_shapes(model, strict_mode=True)
     for vi, y in zip(inferred.graph.output, ys):
         t = vi.type.tensor_type

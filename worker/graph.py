@@ -18,6 +18,12 @@ from gradserve.proto.v1 import model_pb2
 
 Dim = Union[int, str, None]  # a fixed size, a named symbol ("batch"), or None (any size)
 
+# Nodes follow the ONNX operator spec at the opset their model declares. Each op accepts every form
+# its definition took in SUPPORTED_OPSETS (axes as an attribute or as an input, ...), so models are
+# run as exported, never converted. A model that declares none (older clients) means opset 17.
+DEFAULT_OPSET = 17
+SUPPORTED_OPSETS = range(13, 22)
+
 
 class GraphError(ValueError):
     """A model or a feed that cannot be run; the message names the node or tensor at fault."""
@@ -55,11 +61,12 @@ class Model:
     params: dict[str, np.ndarray]
     loss: str
     constants: dict[str, np.ndarray] = field(default_factory=dict)
+    opset: int = DEFAULT_OPSET  # the ONNX opset (default domain) the nodes follow
 
     # -- protobuf --------------------------------------------------------------------------------
     def graph_proto(self) -> model_pb2.Graph:
         """The structure of the model (no parameters) as a protobuf ``Graph``."""
-        g = model_pb2.Graph(loss=self.loss)
+        g = model_pb2.Graph(loss=self.loss, opset=self.opset)
         for node in self.nodes:
             n = g.nodes.add(name=node.name, op_type=node.op_type, inputs=node.inputs, outputs=node.outputs)
             for key, value in node.attrs.items():
@@ -152,7 +159,11 @@ def graph_from_proto(g: model_pb2.Graph) -> Model:
             raise GraphError(f"input '{vi.name}': {exc}") from None
         inputs.append(InputSpec(vi.name, dtype, shape))
     constants = {c.name: tensors.decode(c.tensor, f"constant '{c.name}'") for c in g.constants}
-    return Model(nodes=nodes, inputs=inputs, params={}, loss=g.loss, constants=constants)
+    opset = int(g.opset) or DEFAULT_OPSET
+    if opset not in SUPPORTED_OPSETS:
+        raise GraphError(f"the graph declares ONNX opset {opset}; gradserve supports opsets "
+                         f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
+    return Model(nodes=nodes, inputs=inputs, params={}, loss=g.loss, constants=constants, opset=opset)
 
 
 def _encode_attr(value: Any, out: model_pb2.Attribute, what: str) -> None:

@@ -7,6 +7,7 @@ Structure and feeds are checked here; shapes and dtypes by ONNX's own shape infe
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -16,10 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from gradserve.worker.graph import GraphError, Model, Node
+from gradserve.worker.graph import DEFAULT_OPSET, GraphError, Model, Node
 from gradserve.worker.ops import get_op
-
-OPSET = 17
 
 
 @dataclass(frozen=True)
@@ -162,11 +161,10 @@ def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray
         except Exception as exc:
             raise GraphError(f"{node}: bad attributes: {exc}") from None
     graph = helper.make_graph(onnx_nodes, "check", graph_inputs, [], initializer=initializers)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    proto.ir_version = 8
+    proto = onnx_model(graph, model.opset)
     for node, onnx_node in zip(nodes, onnx_nodes):
         try:
-            onnx.checker.check_node(onnx_node, _checker_context())
+            onnx.checker.check_node(onnx_node, _checker_context(model.opset))
         except onnx.checker.ValidationError as exc:
             raise GraphError(f"{node}: {_first_line(str(exc))}") from None
     try:
@@ -192,17 +190,18 @@ def check_loss(model: Model, shapes: Mapping[str, ValueInfo]) -> None:
         raise GraphError(f"loss '{model.loss}' must be floating point, but is {info.dtype.name}")
 
 
-_CONTEXT = None
+def onnx_model(graph: onnx.GraphProto, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """An ONNX ModelProto around ``graph`` at ``opset``, with the IR version that opset needs."""
+    opsets = [helper.make_opsetid("", opset)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
 
 
-def _checker_context():
-    global _CONTEXT
-    if _CONTEXT is None:
-        ctx = onnx.checker.C.CheckerContext()
-        ctx.ir_version = 8
-        ctx.opset_imports = {"": OPSET}
-        _CONTEXT = ctx
-    return _CONTEXT
+@functools.lru_cache(maxsize=None)
+def _checker_context(opset: int):
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    ctx.opset_imports = {"": opset}
+    return ctx
 
 
 def _onnx_attrs(node: Node) -> dict:

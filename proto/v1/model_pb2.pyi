@@ -116,16 +116,18 @@ class Node(_message.Message):
     def __init__(self, name: _Optional[str] = ..., op_type: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., outputs: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, Attribute]] = ...) -> None: ...
 
 class Graph(_message.Message):
-    __slots__ = ("nodes", "inputs", "constants", "loss")
+    __slots__ = ("nodes", "inputs", "constants", "loss", "opset")
     NODES_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     CONSTANTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    OPSET_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[Node]
     inputs: _containers.RepeatedCompositeFieldContainer[ValueInfo]
     constants: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     loss: str
-    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[ValueInfo, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., loss: _Optional[str] = ...) -> None: ...
+    opset: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[ValueInfo, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., loss: _Optional[str] = ..., opset: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("graph", "parameters")

@@ -22,3 +22,6 @@ from gradserve.worker.ops import conv  # noqa: F401,E402
 from gradserve.worker.ops import pool  # noqa: F401,E402
 from gradserve.worker.ops import norm  # noqa: F401,E402
 from gradserve.worker.ops import loss  # noqa: F401,E402
+from gradserve.worker.ops import index  # noqa: F401,E402
+from gradserve.worker.ops import resize  # noqa: F401,E402
+from gradserve.worker.ops import rnn  # noqa: F401,E402

@@ -1,0 +1,1 @@
+"""Indexing ops: GatherElements, ScatterElements, GatherND, ScatterND, CumSum, TopK, NonZero, OneHot. (being written)"""

@@ -1,0 +1,1 @@
+"""Resize (and the deprecated Upsample): nearest and linear interpolation. (being written)"""

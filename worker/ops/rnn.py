@@ -1,0 +1,1 @@
+"""Recurrent layers: RNN, GRU and LSTM (ONNX semantics, opsets 13-21). (being written)"""
