@@ -39,12 +39,12 @@ def _read_feeds(path: str) -> dict[str, np.ndarray]:
         raise CliError(f"cannot read feeds file {path}: {exc}") from None
 
 
-def _load_model(path: str, loss: str | None):
+def _load_model(args: argparse.Namespace):
     from gradserve.client.local import load_model
 
-    if not Path(path).exists():
-        raise CliError(f"model file {path} does not exist")
-    return load_model(path, loss=loss)
+    if not Path(args.model).exists():
+        raise CliError(f"model file {args.model} does not exist")
+    return load_model(args.model, loss=args.loss, batch_norm=args.batch_norm)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +54,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="for ONNX models whose output is not a scalar loss: 'mse' or 'cross_entropy', optionally "
         "with the output and target names, e.g. 'cross_entropy:logits:labels' (default target: 'target')",
+    )
+    p.add_argument(
+        "--batch-norm",
+        choices=["as-exported", "batch"],
+        default="as-exported",
+        help="ONNX models: 'batch' normalises every BatchNormalization with the batch's statistics (training "
+        "mode). torch's dynamo exporter writes inference-mode BatchNormalization even for a model in train "
+        "mode: export it with optimize=False and pass --batch-norm batch (default: as-exported)",
     )
 
 
@@ -74,7 +82,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_grad(args: argparse.Namespace) -> int:
-    model = _load_model(args.model, args.loss)
+    model = _load_model(args)
     feeds = _read_feeds(args.feeds)
     input_grads = [s for s in (args.input_grads or "").split(",") if s]
     if args.server:
@@ -139,7 +147,7 @@ def _print_placement(info: dict) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from gradserve.server.partition import plan_model
 
-    model = _load_model(args.model, args.loss)
+    model = _load_model(args)
     feeds = _read_feeds(args.feeds) if args.feeds else None
     split_at = [s for s in (args.split_at or "").split(",") if s] or None
     plan = plan_model(model, feeds, partitions=args.partitions, split_at=split_at)

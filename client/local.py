@@ -32,15 +32,18 @@ def local(engine: str = "inline", **options: Any) -> "InlineEngine | RayEngine":
     raise ValueError(f"unknown engine {engine!r} (choose 'inline' or 'ray')")
 
 
-def load_model(path: str | Path, loss: Any = None) -> Model:
-    """Load an ``.onnx`` file (with an optional loss spec, see :func:`gradserve.load_onnx`) or a
-    model saved in gradserve's own format (:meth:`Model.save`)."""
+def load_model(path: str | Path, loss: Any = None, batch_norm: str = "as-exported") -> Model:
+    """Load an ``.onnx`` file (with an optional loss spec and BatchNormalization mode, see
+    :func:`gradserve.load_onnx`) or a model saved in gradserve's own format (:meth:`Model.save`)."""
     path = Path(path)
     if path.suffix == ".onnx":
         from gradserve.client.onnx_import import load_onnx
 
-        return load_onnx(path, loss=loss)  # the path, so weights in external data files are found
+        # the path, so weights in external data files are found
+        return load_onnx(path, loss=loss, batch_norm=batch_norm)
     model = Model.from_bytes(path.read_bytes())
     if loss is not None:
         raise ValueError("--loss applies to ONNX models; a gradserve model names its own loss")
+    if batch_norm != "as-exported":
+        raise ValueError("--batch-norm applies to ONNX models; a gradserve model is run as saved")
     return model

@@ -74,17 +74,32 @@ class LossSpec:
         return cls(kind, output, target)
 
 
-def load_onnx(path_or_bytes: ModelSource, loss: str | LossSpec | None = None) -> Model:
+BATCH_NORM_MODES = ("as-exported", "batch")
+
+
+def load_onnx(path_or_bytes: ModelSource, loss: str | LossSpec | None = None,
+              batch_norm: str = "as-exported") -> Model:
     """Convert an ONNX model (a path, serialized bytes or a ``ModelProto``) into a :class:`Model`.
 
     ``loss`` is None when the graph's single output is the scalar loss; otherwise the name of a value
     in the graph, or a :class:`LossSpec` (or its string form, see :meth:`LossSpec.parse`) to append.
     A string is a value name if the graph has such a value, else a loss spec.
+
+    ``batch_norm="batch"`` makes every BatchNormalization normalise with the statistics of the batch
+    (``training_mode=1``, what ``model.train()`` means in torch). torch's dynamo exporter writes
+    BatchNormalization in its inference form even for a module in training mode; export such a model
+    with ``optimize=False`` (or the optimizer folds the normalisation into the convolution before it)
+    and load it with ``batch_norm="batch"``. The default keeps each node as exported.
+
     Raises GraphError for anything that is not an ONNX model or uses ops gradserve does not have.
     """
+    if batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(f"batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, not {batch_norm!r}")
     proto = _read(path_or_bytes)
     proto, opset = _normalize_opset(proto)
     importer = _Importer(proto, opset)
+    if batch_norm == "batch":
+        importer.use_batch_statistics()
     importer.resolve_loss(loss)
     importer.fold_constants()
     importer.merge_duplicates()
@@ -188,6 +203,18 @@ class _Importer:
         if get_op(n.op_type) is None:
             raise GraphError(f"{node}: unsupported op type (see the README's table of supported ops)")
         return node
+
+    def use_batch_statistics(self) -> None:
+        """Every BatchNormalization in training mode. The running statistics stay its inputs (ONNX
+        requires them) but no longer change its output, so their gradients are zero; ONNX also
+        requires the updated statistics as outputs in training mode, which nothing reads."""
+        names = self._value_names()
+        for node in self.nodes:
+            if node.op_type == "BatchNormalization" and not node.attrs.get("training_mode", 0):
+                node.attrs["training_mode"] = 1
+                node.outputs = node.outputs[:1] + [self._fresh(f"{node.outputs[0]}/running_{s}", names)
+                                                   for s in ("mean", "var")]
+                log.info("%s: normalises with batch statistics", node)
 
     # -- loss ---------------------------------------------------------------------------------------
     def resolve_loss(self, loss: str | LossSpec | None) -> None:

@@ -181,3 +181,74 @@ def export(
             do_constant_folding=not model.training,
         )
     return path
+
+
+# -- GPT-style language model ----------------------------------------------------------------------
+class CausalBlock(nn.Module):
+    """Pre-LayerNorm decoder block: causal multi-head self-attention and a GELU MLP, with residuals."""
+
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, sdpa: bool):
+        super().__init__()
+        self.n_heads, self.d_head, self.sdpa = n_heads, d_model // n_heads, sdpa
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+        self.fc, self.out = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
+        self.register_buffer("mask", torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.n_heads, self.d_head).transpose(1, 2) for z in (q, k, v))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # nanoGPT's explicit form
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
+            att = torch.softmax(att.masked_fill(~self.mask[:t, :t], float("-inf")), dim=-1)
+            y = att @ v
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """Token + position embeddings, ``n_layers`` causal pre-norm blocks, a final LayerNorm and an LM
+    head tied to the token embedding. ``forward(tokens, targets)`` returns the standard LM loss
+    ``F.cross_entropy(logits.reshape(B*T, V), targets.reshape(B*T))``."""
+
+    def __init__(self, vocab: int = 17, seq_len: int = 6, d_model: int = 16, n_heads: int = 2, n_layers: int = 2,
+                 sdpa: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(CausalBlock(d_model, n_heads, seq_len, sdpa) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        b, t = tokens.shape
+        x = self.embed(tokens) + self.pos(torch.arange(t))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.reshape(b * t, -1), targets.reshape(b * t))
+
+
+# -- ResNet basic block ------------------------------------------------------------------------------
+class ResNetBlock(nn.Module):
+    """Stem conv, then a ResNet basic block with a strided 1x1 projection shortcut, all with
+    training-mode BatchNorm; global average pool and a Linear head. Input (N, 3, 8, 8)."""
+
+    def __init__(self, c_in: int = 3, c: int = 8, n_classes: int = 5):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv1, self.bn1 = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c)
+        self.conv2, self.bn2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1, bias=False), nn.BatchNorm2d(2 * c)
+        self.down, self.bn_down = nn.Conv2d(c, 2 * c, 1, stride=2, bias=False), nn.BatchNorm2d(2 * c)
+        self.fc = nn.Linear(2 * c, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y = F.relu(y + self.bn_down(self.down(x)))
+        return self.fc(y.mean(dim=(2, 3)))

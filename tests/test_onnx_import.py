@@ -386,10 +386,10 @@ def test_custom_domain_is_rejected():
         load_onnx(proto)
 
 
-@pytest.mark.parametrize("opset", [13, 18])
-def test_other_opsets_are_converted(opset):
-    """ReduceMean's axes moved from an attribute to an input in opset 18; ONNX's version converter
-    brings the model to opset 17, which our ops follow."""
+@pytest.mark.parametrize("opset", [13, 17, 18, 21])
+def test_models_run_at_their_own_opset(opset):
+    """ReduceMean's axes moved from an attribute to an input in opset 18; the model keeps the opset
+    it was exported at and the op runs either form."""
     axes_input = opset >= 18
     proto = _onnx(
         [
@@ -403,5 +403,17 @@ def test_other_opsets_are_converted(opset):
         opset=opset,
     )
     model = load_onnx(proto)
+    assert model.opset == opset and Model.from_bytes(model.to_bytes()).opset == opset
     x = rng.standard_normal((2, 3)).astype(np.float32)
     np.testing.assert_allclose(InlineEngine().gradients(model, {"x": x}).loss, np.maximum(x, 0).mean(), rtol=1e-6)
+
+
+def test_older_opsets_are_converted_and_unknown_newer_ones_refused():
+    """Opset 11 (Softmax over coerced 2-D) is brought to 17 by ONNX's converter; an opset from the
+    future that the converter cannot bring down is refused with the range gradserve runs."""
+    proto = _onnx([helper.make_node("ReduceSum", ["x"], ["loss"], name="sum", keepdims=0)],
+                  [("x", TensorProto.FLOAT, [2, 3])], [("loss", TensorProto.FLOAT, [])], {}, opset=11)
+    assert load_onnx(proto).opset == 17
+    proto.opset_import[0].version = 99
+    with pytest.raises(GraphError, match="opset 99; gradserve runs opsets 13 to 21"):
+        load_onnx(proto)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gradcheck import check_vjp, run_op
+from gradcheck import onnx_reference, check_vjp, run_op
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import Node
 from gradserve.worker.ops import OpError
@@ -254,26 +254,6 @@ def test_op_errors_name_the_problem():
     with pytest.raises(Exception, match="pads"):
         run_op("Pad", [x, I64([1, 1])])
     assert issubclass(OpError, ValueError)
-
-
-def onnx_reference(op, inputs, attrs=None, n_outputs=1):
-    """The forward of onnx's own reference implementation (opset 17): an independent oracle."""
-    import onnx
-    from onnx import helper
-    from onnx.reference import ReferenceEvaluator
-
-    from gradserve.worker.validate import _onnx_attrs
-
-    names = [f"x{i}" if x is not None else "" for i, x in enumerate(inputs)]
-    outs = [f"y{i}" for i in range(n_outputs)]
-    node = helper.make_node(op, names, outs, **_onnx_attrs(Node("n", op, names, outs, dict(attrs or {}))))
-    graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), x.shape) for n, x in zip(names, inputs) if n],
-        [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return ReferenceEvaluator(model).run(None, {n: x for n, x in zip(names, inputs) if n})
 
 
 def assert_matches_reference(op, inputs, attrs=None, n_outputs=1, rtol=1e-6):

@@ -1,10 +1,11 @@
 """Reductions (ReduceSum/Mean/Max/Min/Prod/SumSquare/L1/L2/LogSumExp), Softmax/LogSoftmax/Hardmax
-and ArgMax/ArgMin, with ONNX opset 17 semantics.
+and ArgMax/ArgMin, in every form they take in opsets 13-21.
 
-In opset 17 only ReduceSum takes ``axes`` as an optional int64 *input* (and has
-``noop_with_empty_axes``); the other reductions take ``axes`` as an attribute. No axes means all
-axes. Each forward saves the normalized axes; the VJP lays the error out with the reduced axes kept
-(size 1) and broadcasts it back over the input.
+``axes`` is an attribute of every reduction but ReduceSum up to opset 17, and an optional int64
+*input* from opset 18 (ReduceSum since 13), which also brought ``noop_with_empty_axes``: no axes
+means all axes, or none at all (the identity) with ``noop_with_empty_axes=1``. Each forward saves the
+normalized axes; the VJP lays the error out with the reduced axes kept (size 1) and broadcasts it
+back over the input.
 
 ReduceMax/ReduceMin split the error *evenly* among tied extremes (as ``torch.amax`` does), so the
 error summed over a slice is always the incoming one.
@@ -17,13 +18,17 @@ import numpy as np
 from gradserve.worker.ops.registry import OpError, defop, normalize_axis
 
 
-def _norm_axes(c, x: np.ndarray, axes) -> tuple[int, ...]:
-    """Normalize ``axes`` (None/empty = all) to sorted non-negative ints; duplicates are an error."""
-    if axes is None or len(axes) == 0:
-        return tuple(range(x.ndim))
-    out = tuple(sorted(normalize_axis(int(a), x.ndim, c.node) for a in axes))
+def _norm_axes(c, x: np.ndarray, axes: np.ndarray | None = None) -> tuple[int, ...]:
+    """The reduced axes, sorted and non-negative, from the ``axes`` input (opset 18+; ReduceSum
+    13+) or attribute (up to 17). None or empty means every axis, or none with noop_with_empty_axes."""
+    if axes is None:
+        axes = c.attr("axes")
+    axes = [] if axes is None else [int(a) for a in np.ravel(axes)]
+    if not axes:
+        return () if c.attr("noop_with_empty_axes", 0) else tuple(range(x.ndim))
+    out = tuple(sorted(normalize_axis(a, x.ndim, c.node) for a in axes))
     if len(set(out)) != len(out):
-        raise OpError(f"{c.node}: repeated axes {list(axes)}")
+        raise OpError(f"{c.node}: repeated axes {axes}")
     return out
 
 
@@ -37,30 +42,15 @@ def _kd(c, a: np.ndarray) -> np.ndarray:
 
 
 def _reducer(fn):
-    """Forward of an attribute-axes reduction: ``fn(x, axes) -> reduced with keepdims``."""
+    """Forward of a reduction: ``fn(x, axes) -> reduced with keepdims`` (axes may be empty)."""
 
-    def forward(c, x):
-        axes = _norm_axes(c, x, c.attr("axes"))
+    def forward(c, x, axes=None):
+        axes = _norm_axes(c, x, axes)
         c.save(axes=axes)
         y = fn(x, axes)
         return y if c.attr("keepdims", 1) else y.reshape([d for i, d in enumerate(x.shape) if i not in axes])
 
     return forward
-
-
-def _reduce_sum(c, x, axes=None):
-    if (axes is None or axes.size == 0) and c.attr("noop_with_empty_axes", 0):
-        c.save(axes=None)
-        return x
-    axes = _norm_axes(c, x, None if axes is None else axes.reshape(-1).tolist())
-    c.save(axes=axes)
-    return np.sum(x, axis=axes, keepdims=bool(c.attr("keepdims", 1)))
-
-
-def _sum_vjp(c, g):
-    if c.saved["axes"] is None:  # noop_with_empty_axes: the identity
-        return g, None
-    return np.broadcast_to(_kd(c, g), c.x.shape).copy(), None
 
 
 def _count(c) -> int:
@@ -100,18 +90,20 @@ def _logsumexp(x, axes):
         return np.log(np.sum(np.exp(x - m), axis=axes, keepdims=True)) + m
 
 
-defop("ReduceSum", _reduce_sum, _sum_vjp, keep=(), differentiable=(0,))
+_AXES_INPUT = {"differentiable": (0,)}  # the axes input (opset 18+) is int64: no error
+defop("ReduceSum", _reducer(lambda x, a: np.sum(x, axis=a, keepdims=True)),
+      lambda c, g: np.broadcast_to(_kd(c, g), c.x.shape).copy(), keep=(), **_AXES_INPUT)
 defop("ReduceMean", _reducer(lambda x, a: np.mean(x, axis=a, keepdims=True)),
-      lambda c, g: np.broadcast_to(_kd(c, g), c.x.shape) * (1 / _count(c)), keep=())
-defop("ReduceMax", _reducer(lambda x, a: np.max(x, axis=a, keepdims=True)), _extreme_vjp)
-defop("ReduceMin", _reducer(lambda x, a: np.min(x, axis=a, keepdims=True)), _extreme_vjp)
-defop("ReduceProd", _reducer(lambda x, a: np.prod(x, axis=a, keepdims=True)), _prod_vjp)
+      lambda c, g: np.broadcast_to(_kd(c, g), c.x.shape) * (1 / _count(c)), keep=(), **_AXES_INPUT)
+defop("ReduceMax", _reducer(lambda x, a: np.max(x, axis=a, keepdims=True)), _extreme_vjp, **_AXES_INPUT)
+defop("ReduceMin", _reducer(lambda x, a: np.min(x, axis=a, keepdims=True)), _extreme_vjp, **_AXES_INPUT)
+defop("ReduceProd", _reducer(lambda x, a: np.prod(x, axis=a, keepdims=True)), _prod_vjp, **_AXES_INPUT)
 defop("ReduceSumSquare", _reducer(lambda x, a: np.sum(x * x, axis=a, keepdims=True)),
-      lambda c, g: _kd(c, g) * (2 * c.x), keep="x")
+      lambda c, g: _kd(c, g) * (2 * c.x), keep="x", **_AXES_INPUT)
 defop("ReduceL1", _reducer(lambda x, a: np.sum(np.abs(x), axis=a, keepdims=True)),
-      lambda c, g: _kd(c, g) * np.sign(c.x), keep="x")
-defop("ReduceL2", _reducer(lambda x, a: np.sqrt(np.sum(x * x, axis=a, keepdims=True))), _l2_vjp)
-defop("ReduceLogSumExp", _reducer(_logsumexp), lambda c, g: _kd(c, g) * np.exp(c.x - _kd(c, c.y)))
+      lambda c, g: _kd(c, g) * np.sign(c.x), keep="x", **_AXES_INPUT)
+defop("ReduceL2", _reducer(lambda x, a: np.sqrt(np.sum(x * x, axis=a, keepdims=True))), _l2_vjp, **_AXES_INPUT)
+defop("ReduceLogSumExp", _reducer(_logsumexp), lambda c, g: _kd(c, g) * np.exp(c.x - _kd(c, c.y)), **_AXES_INPUT)
 
 
 # -- softmax family: one axis (opset 13 semantics), default the last ----------------------------------

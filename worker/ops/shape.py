@@ -1,9 +1,9 @@
-"""Shape and data-movement ops with ONNX opset 17 semantics: Reshape, Flatten, Transpose, Concat,
+"""Shape and data-movement ops in their opset 13-21 forms: Reshape, Flatten, Transpose, Concat,
 Split, Slice, Squeeze, Unsqueeze, Expand, Tile, Pad, Trilu, Gather, and the generators Shape, Size,
 ConstantOfShape, Constant and Range.
 
-Shape-like operands (shapes, axes, starts/ends, pads, repeats, indices) are int64 *inputs* in opset
-17; they never get an error (``differentiable=(0,)``), and what the VJP needs from them is put in
+Shape-like operands (shapes, axes, starts/ends, pads, repeats, indices) are int64 *inputs* since
+opset 13 (Pad's ``axes`` since 18); they never get an error (``differentiable=(0,)``), and what the VJP needs from them is put in
 ``c.save`` by the forward, so the VJPs keep no input alive (``keep=()``) -- they read shapes only.
 Outputs may be views of the input (Reshape, Transpose, Slice...); ops never write into their inputs.
 """
@@ -96,8 +96,13 @@ def _split(c, x, split=None):
         sizes = _ints(split)
         if len(sizes) != n or sum(sizes) != x.shape[axis] or min(sizes, default=0) < 0:
             raise OpError(f"{c.node}: split {sizes} does not cut axis {axis} of size {x.shape[axis]} into {n}")
+    elif c.attr("num_outputs") is not None:
+        # Opset 18: chunks of ceil(size / n), the last one smaller when the axis does not divide evenly.
+        n, size = int(c.attr("num_outputs")), x.shape[axis]
+        chunk = -(-size // n)
+        sizes = [min(chunk, max(size - k * chunk, 0)) for k in range(n)]
     else:
-        # Opset 17 has no num_outputs and no ragged last chunk: the axis must divide evenly.
+        # Opsets 13-17: equal parts, no ragged last chunk.
         if x.shape[axis] % n:
             raise OpError(f"{c.node}: axis {axis} of size {x.shape[axis]} does not split into {n} equal parts")
         sizes = [x.shape[axis] // n] * n
@@ -181,13 +186,21 @@ defop("Tile", _tile, _tile_vjp, keep=(), differentiable=(0,))
 
 
 # -- Pad --------------------------------------------------------------------------------------------------
-def _pad(c, x, pads, constant_value=None):
+def _pad(c, x, pads, constant_value=None, axes=None):
     mode = c.attr("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     p, r = _ints(pads), x.ndim
+    if axes is not None:  # opset 18: pads name only these axes (begins, then ends); others get 0
+        ax = [normalize_axis(a, r, c.node) for a in _ints(axes)]
+        if len(p) != 2 * len(ax):
+            raise OpError(f"{c.node}: pads has {len(p)} values for {len(ax)} axes")
+        full = [0] * (2 * r)
+        for k, a in enumerate(ax):
+            full[a], full[a + r] = p[k], p[k + len(ax)]
+        p = full
     if len(p) != 2 * r:
         raise OpError(f"{c.node}: pads has {len(p)} values, rank {r} needs {2 * r}")
-    if mode not in ("constant", "reflect", "edge"):
+    if mode not in ("constant", "reflect", "edge", "wrap"):
         raise OpError(f"{c.node}: Pad mode '{mode}' is not supported")
     # Negative pads crop: crop first, then pad by the non-negative amounts.
     crop = tuple(slice(max(-b, 0), d - max(-e, 0)) for b, e, d in zip(p[:r], p[r:], x.shape))
@@ -203,8 +216,10 @@ def _pad(c, x, pads, constant_value=None):
 
 
 def _pad_source(n: int, before: int, after: int, mode: str) -> np.ndarray:
-    """For each output position along one axis, the input position it copies (edge/reflect)."""
+    """For each output position along one axis, the input position it copies (edge/reflect/wrap)."""
     j = np.arange(-before, n + after)
+    if mode == "wrap":  # opset 19: periodic
+        return j % n
     if mode == "edge" or n == 1:  # a single element reflects onto itself
         return np.clip(j, 0, n - 1)
     period = 2 * (n - 1)  # reflect without repeating the edge: 0 1 2 1 0 1 2 ..., as np.pad does
@@ -230,10 +245,10 @@ def _pad_vjp(c, g):
                 np.add.at(acc, (slice(None),) * axis + (_pad_source(n, b, e, mode),), inner)
                 inner = acc
     if inner.shape == c.x.shape:
-        return inner, None, dcval
+        return inner, None, dcval, None
     dx = np.zeros(c.x.shape, g.dtype)
     dx[crop] = inner
-    return dx, None, dcval
+    return dx, None, dcval, None
 
 
 defop("Pad", _pad, _pad_vjp, keep=(), differentiable=(0, 2))
