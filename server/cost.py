@@ -33,5 +33,14 @@ def node_flops(node: Node, shapes: Mapping[str, ValueInfo]) -> int:
         w = shapes.get(node.inputs[1])
         if w is not None and len(w.shape) >= 3:
             return 2 * out * int(np.prod(w.shape[1:], dtype=np.int64))
+    if node.op_type == "ConvTranspose" and len(node.inputs) > 1:
+        w = shapes.get(node.inputs[1])  # (C_in, C_out / group, k...): each input element feeds a kernel's worth
+        if w is not None and len(w.shape) >= 3:
+            return 2 * _numel(first) * int(np.prod(w.shape[1:], dtype=np.int64))
+    if node.op_type in ("RNN", "GRU", "LSTM") and len(node.inputs) > 2:
+        w, r = shapes.get(node.inputs[1]), shapes.get(node.inputs[2])  # (D, G*H, I), (D, G*H, H)
+        if w is not None and r is not None and first is not None and len(first.shape) == 3:
+            steps_x_batch = first.shape[0] * first.shape[1]
+            return 2 * steps_x_batch * (_numel(w) + _numel(r))
     ins = sum(_numel(shapes.get(i)) for i in node.inputs if i)
     return max(out, ins, 1)

@@ -71,3 +71,17 @@ def test_pad_axes_and_wrap(case):
     (theirs,) = onnx_reference("Pad", inputs, attrs, opset=19)
     np.testing.assert_array_equal(ours, theirs)
     check_vjp("Pad", inputs, attrs, opset=19)
+
+
+@pytest.mark.parametrize("op,attrs,shape", [
+    ("DepthToSpace", {"blocksize": 2}, (2, 8, 3, 2)),
+    ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, (2, 8, 3, 2)),
+    ("DepthToSpace", {"blocksize": 3, "mode": "DCR"}, (1, 9, 2, 2)),
+    ("SpaceToDepth", {"blocksize": 2}, (2, 3, 4, 6)),
+])
+def test_pixel_shuffles(op, attrs, shape):
+    """DepthToSpace (torch's PixelShuffle) and SpaceToDepth: forwards against onnx's reference."""
+    x = rng.standard_normal(shape)
+    (ours,), (theirs,) = run_op(op, [x], attrs), onnx_reference(op, [x], attrs, opset=13)
+    np.testing.assert_array_equal(ours, theirs)
+    check_vjp(op, [x], attrs)

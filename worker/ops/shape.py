@@ -79,6 +79,47 @@ defop("Unsqueeze", _unsqueeze, _to_shape, keep=(), differentiable=(0,))
 defop("Transpose", _transpose, _transpose_vjp, keep=())
 
 
+# DepthToSpace / SpaceToDepth (pixel shuffle): a reshape, a transpose and a reshape; the VJP runs the
+# same three steps backwards.
+def _blocks(c, x):
+    b = int(c.attr("blocksize"))
+    if x.ndim != 4 or b < 1:
+        raise OpError(f"{c.node}: needs a 4-D input and blocksize >= 1 (got shape {x.shape}, blocksize {b})")
+    return (*x.shape, b)
+
+
+def _depth_to_space(c, x):
+    n, ch, h, w, b = _blocks(c, x)
+    if ch % (b * b):
+        raise OpError(f"{c.node}: {ch} channels do not divide by blocksize^2 = {b * b}")
+    if c.attr("mode", "DCR") == "CRD":
+        split, perm = (n, ch // (b * b), b, b, h, w), (0, 1, 4, 2, 5, 3)
+    else:
+        split, perm = (n, b, b, ch // (b * b), h, w), (0, 3, 4, 1, 5, 2)
+    return _shuffle(c, x, split, perm, (n, ch // (b * b), h * b, w * b))
+
+
+def _space_to_depth(c, x):
+    n, ch, h, w, b = _blocks(c, x)
+    if h % b or w % b:
+        raise OpError(f"{c.node}: spatial shape {(h, w)} does not divide by blocksize {b}")
+    return _shuffle(c, x, (n, ch, h // b, b, w // b, b), (0, 3, 5, 1, 2, 4), (n, ch * b * b, h // b, w // b))
+
+
+def _shuffle(c, x, split, perm, out):
+    moved = x.reshape(split).transpose(perm)
+    c.save(moved=moved.shape, perm=perm)
+    return moved.reshape(out)
+
+
+def _shuffle_vjp(c, g):
+    return g.reshape(c.saved["moved"]).transpose(np.argsort(c.saved["perm"])).reshape(c.x.shape)
+
+
+defop("DepthToSpace", _depth_to_space, _shuffle_vjp, keep=())
+defop("SpaceToDepth", _space_to_depth, _shuffle_vjp, keep=())
+
+
 # -- joining and splitting ----------------------------------------------------------------------------
 def _concat(c, *xs):
     return np.concatenate(xs, axis=_axis(c, xs[0].ndim))
