@@ -18,6 +18,9 @@ the full (C*prod(kernel), N*H*W) column matrix. The bias (and its error) ride in
 one more column of W against a row of ones. With no more output than input channels, dX is
 gathered instead (a convolution of the error with the flipped kernel), which needs no col2im.
 
+ConvTranspose (at the end) is the adjoint of a Conv and runs on the same paths: its forward is
+that Conv's dX, its dX that Conv's forward, its dW that Conv's dW.
+
 The pooling ops reuse the attribute parsing, output geometry and padding helpers from here.
 """
 
@@ -30,7 +33,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from gradserve.worker.ops import blas
-from gradserve.worker.ops.registry import OpError, defop
+from gradserve.worker.ops.registry import OpContext, OpError, defop
 
 # Elements per block of columns: a few MB, so a block and its matmul result stay in L2/L3.
 _BLOCK_ELEMS = 1 << 20
@@ -622,3 +625,115 @@ def _direct_vjp(c, g):
 
 
 defop("Conv", _conv_forward, _conv_vjp, keep="x1")
+
+
+# -- ConvTranspose ------------------------------------------------------------------------------------
+# ConvTranspose is the adjoint of a Conv: with the same W, strides, pads and dilations, the Conv that
+# maps an image of ConvTranspose's output shape to one of its input shape has
+#   ConvTranspose(X)            = that Conv's dX, given error X,
+#   dL/dX of ConvTranspose      = that Conv's forward applied to dL/dY,
+#   dL/dW of ConvTranspose      = that Conv's dW, with input dL/dY and error X.
+# W is (C, M/group, *kernel) in both readings, so everything below runs the Conv code above on an
+# OpContext describing that Conv (explicit pads, auto_pad resolved), and shares all its paths.
+
+
+def _transpose_attrs(c, x: np.ndarray, w: np.ndarray) -> tuple[dict, tuple[int, ...], tuple[int, ...]]:
+    """The attributes of the adjoint Conv (explicit pads), ConvTranspose's output spatial shape (by
+    the ONNX rules for output_shape / output_padding / auto_pad) and the rows at the end of each
+    spatial dim that lie beyond that Conv's input (output padding no input pixel reaches)."""
+    n = x.ndim - 2
+    kernel, strides, dilations, pads, auto_pad = spatial_attrs(c, n, w.shape[2:])
+    if kernel != w.shape[2:]:
+        raise OpError(f"kernel_shape {list(kernel)} does not match W {w.shape}")
+    out_pad = tuple(int(p) for p in (c.attr("output_padding") or (0,) * n))
+    if len(out_pad) != n or min(out_pad, default=0) < 0:
+        raise OpError(f"output_padding {list(out_pad)} must be non-negative, one per spatial dim")
+    spatial = x.shape[2:]
+    # the output extent with no padding at all
+    full = [s * (i - 1) + op + (k - 1) * d + 1 for s, i, op, k, d in zip(strides, spatial, out_pad, kernel, dilations)]
+    out_shape = c.attr("output_shape")
+    if out_shape is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out_shape = [i * s for i, s in zip(spatial, strides)]
+    if out_shape is not None:  # pads are derived (any given are ignored, as the spec says)
+        out_shape = [int(o) for o in out_shape][-n:]  # some exporters give (N, C, *spatial)
+        total = [f - o for f, o in zip(full, out_shape)]
+        if min(total) < 0:
+            raise OpError(f"output_shape {out_shape} is larger than ConvTranspose can produce ({full})")
+        # the odd pixel is cropped at the end for SAME_UPPER, at the start otherwise (ONNX reference)
+        lo = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+        pads = tuple(lo) + tuple(t - b for t, b in zip(total, lo))
+    elif auto_pad == "VALID":
+        pads = (0,) * (2 * n)
+    out = tuple(f - pads[d] - pads[n + d] for d, f in enumerate(full))
+    if min(out) < 1:
+        raise OpError(f"ConvTranspose output shape {out} is empty")
+    # The adjoint Conv sees only the core of Y that some input pixel reaches: output_padding beyond
+    # the end pad adds rows past the last window (zero but for the bias), which the Conv geometry
+    # would count as further windows. Its end pad is what is left of the pad after output_padding.
+    tail = tuple(max(0, op - pads[n + d]) for d, op in enumerate(out_pad))
+    adj_pads = tuple(pads[:n]) + tuple(max(0, pads[n + d] - op) for d, op in enumerate(out_pad))
+    attrs = {"kernel_shape": kernel, "strides": strides, "dilations": dilations, "pads": adj_pads,
+             "group": int(c.attr("group", 1))}
+    return attrs, out, tail
+
+
+def _adjoint_context(attrs: dict, y_shape: tuple[int, ...], w: np.ndarray, needs: tuple[bool, ...]):
+    """An OpContext, and its _Conv, for the adjoint Conv on an input of ``y_shape`` (a zero-memory
+    stand-in: the Conv set-up and VJP read only its shape)."""
+    ctx = OpContext(attrs, inputs=(np.broadcast_to(np.zeros((), w.dtype), y_shape), w), needs=needs)
+    return ctx, _Conv(ctx, ctx.inputs[0], w)
+
+
+def _conv_transpose(c, x, w, b=None):
+    if x.ndim < 3 or w.ndim != x.ndim:
+        raise OpError(f"ConvTranspose needs X (N, C, *spatial) and W (C, M/group, *kernel), got {x.shape} and {w.shape}")
+    attrs, out, tail = _transpose_attrs(c, x, w)
+    group = attrs["group"]
+    if w.shape[0] != x.shape[1] or x.shape[1] % group:
+        raise OpError(f"X has {x.shape[1]} channels and W is {w.shape}, incompatible with group={group}")
+    n, m = x.shape[0], w.shape[1] * group
+    core = tuple(o - t for o, t in zip(out, tail))
+    ctx, cv = _adjoint_context(attrs, (n, m) + core, w, (True, False, False))
+    if cv.out != x.shape[2:]:  # cannot happen for valid attributes; guards the derivation above
+        raise OpError(f"ConvTranspose geometry mismatch: {cv.out} vs {x.shape[2:]}")
+    # Y = the adjoint Conv's dX for error X; direct (BLAS-accumulated) when that Conv would be
+    ctx.save(conv=cv, xT=None)
+    if _use_direct(cv, x, w):
+        ctx.save(direct=True)
+    y = _conv_vjp(ctx, x.astype(w.dtype, copy=False))[0]
+    if any(tail):
+        y_core, y = y, np.zeros((n, m) + out, y.dtype)
+        y[_core_index(core)] = y_core
+    if b is not None:
+        y += b.reshape((1, -1) + (1,) * len(out)).astype(y.dtype, copy=False)
+    c.save(attrs=attrs, core=core)
+    return y
+
+
+def _core_index(core: tuple[int, ...]) -> tuple[slice, ...]:
+    return (slice(None), slice(None)) + tuple(slice(0, k) for k in core)
+
+
+def _conv_transpose_vjp(c, g):
+    x, w = c.inputs[0], c.inputs[1]
+    need_x, need_w = c.needs[0], c.needs[1]
+    need_b = len(c.needs) > 2 and c.needs[2]
+    db = g.sum(axis=(0,) + tuple(range(2, g.ndim))).astype(w.dtype) if need_b else None
+    dx = dw = None
+    g = g.astype(w.dtype, copy=False)[_core_index(c.saved["core"])]  # the tail rows reach no input
+    if need_x or need_w:
+        ctx, cv = _adjoint_context(c.saved["attrs"], g.shape, w, (False, need_w, False))
+        if need_x:  # the adjoint Conv's forward on the error (which also saves what its dW reads)
+            dx = _conv_forward(ctx, g, w)
+        else:  # only dW: set up what that forward would have saved
+            ctx.save(conv=cv, xT=cv.pad(g))
+            if _use_direct(cv, g, w):
+                ctx.save(direct=True)
+        if need_w:
+            ctx.needs = (False, True, False)
+            dw = _conv_vjp(ctx, x.astype(w.dtype, copy=False))[1]
+    return dx, dw, db
+
+
+# The forward reads X and W; the VJP reads X (for dW) and W (for dX), never Y.
+defop("ConvTranspose", _conv_transpose, _conv_transpose_vjp, keep=("x0", "x1"))

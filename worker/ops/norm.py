@@ -1,5 +1,6 @@
 """Normalisation: BatchNormalization (training and inference mode), LayerNormalization,
-InstanceNormalization.
+InstanceNormalization, GroupNormalization (opset 18 per-group and opset 21 per-channel scale/bias)
+and LRN (local response normalisation across channels).
 
 Statistics are computed in at least float32 (float16 inputs are upcast, as ONNX asks), two-pass
 (centred) for accuracy. The forwards save the centred input (BatchNormalization) or the normalised
@@ -359,3 +360,110 @@ def _instancenorm_vjp(c, g):
 
 
 defop("InstanceNormalization", _instancenorm, _instancenorm_vjp, keep=("x1", "x2"))
+
+
+# -- GroupNormalization -------------------------------------------------------------------------------
+def _per_channel(v: np.ndarray, channels: int, groups: int, name: str) -> np.ndarray:
+    """Scale or bias as a per-channel (C,) vector: opset 21 gives it per channel, opset 18 per group
+    (repeated over the group's channels); with one channel per group the two forms coincide."""
+    if v.shape == (channels,):
+        return v
+    if v.shape == (groups,):
+        return np.repeat(v, channels // groups)
+    raise OpError(f"GroupNormalization {name} must have shape ({channels},) or ({groups},), got {v.shape}")
+
+
+def _groupnorm(c, x, scale, bias):
+    if x.ndim < 2:
+        raise OpError(f"GroupNormalization needs an (N, C, ...) input, got shape {x.shape}")
+    n, ch = x.shape[:2]
+    groups = int(c.attr("num_groups", 0))
+    if groups < 1 or ch % groups:
+        raise OpError(f"GroupNormalization num_groups={groups} does not divide {ch} channels")
+    if int(c.attr("stash_type", 1)) not in _STASH:
+        raise OpError(f"GroupNormalization: unknown stash_type {c.attr('stash_type')}")
+    # statistics per (image, group): rows of the group's channels and positions; as in
+    # LayerNormalization, in at least float32 and never below the input's precision
+    xhat, _, _, inv = _normalize(x.reshape(1, n * groups, -1), float(c.attr("epsilon", 1e-5)))
+    xhat = xhat.reshape(n, ch, -1)
+    s = _per_channel(scale, ch, groups, "scale")
+    y = np.multiply(xhat, s[:, None], dtype=x.dtype)
+    y += _per_channel(bias, ch, groups, "bias")[:, None]
+    c.save(xhat=xhat, inv=inv, groups=groups)
+    return y.reshape(x.shape)
+
+
+def _groupnorm_vjp(c, g):
+    x, scale, bias = c.inputs[0], c.inputs[1], c.inputs[2]
+    xhat, inv, groups = c.saved["xhat"], c.saved["inv"], c.saved["groups"]
+    n, ch = x.shape[:2]
+    g3 = g.reshape(n, ch, -1)
+
+    def fold(per_channel: np.ndarray, like: np.ndarray) -> np.ndarray:
+        """A per-channel error summed back onto the parameter's own form (per group in opset 18)."""
+        if like.shape != (ch,):
+            per_channel = per_channel.reshape(groups, -1).sum(axis=1)
+        return per_channel.astype(like.dtype, copy=False)
+
+    dx = dscale = dbias = None
+    if c.needs[0]:
+        gx = (g3 * _per_channel(scale, ch, groups, "scale")[:, None]).reshape(1, n * groups, -1)
+        dx = _normalize_grad(gx, xhat.reshape(1, n * groups, -1), inv)[0].reshape(x.shape).astype(x.dtype, copy=False)
+    if c.needs[1]:
+        dscale = fold(np.einsum("ncl,ncl->c", g3, xhat), scale)
+    if c.needs[2]:
+        dbias = fold(g3.sum(axis=(0, 2)), bias)
+    return dx, dscale, dbias
+
+
+# the VJP reads the saved normalised input and the scale, not X
+defop("GroupNormalization", _groupnorm, _groupnorm_vjp, keep=("x1", "x2"))
+
+
+# -- LRN ----------------------------------------------------------------------------------------------
+def _channel_window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
+    """out[:, c] = sum of a[:, i] for c - before <= i <= c + after (clipped to the channels): one
+    shifted add per offset of the (small) window."""
+    out = a.copy()
+    ch = a.shape[1]
+    for i in range(1, min(before, ch - 1) + 1):
+        out[:, i:] += a[:, :-i]
+    for i in range(1, min(after, ch - 1) + 1):
+        out[:, :-i] += a[:, i:]
+    return out
+
+
+def _lrn_window(c) -> tuple[int, int, float, float, float, int]:
+    size = int(c.attr("size", 0))
+    if size < 1:
+        raise OpError(f"LRN needs a positive size, got {size}")
+    # the window of channel c is [c - floor((size-1)/2), c + ceil((size-1)/2)]
+    return (size - 1) // 2, size // 2, float(c.attr("alpha", 1e-4)), float(c.attr("beta", 0.75)), float(c.attr("bias", 1.0)), size
+
+
+def _lrn(c, x):
+    if x.ndim < 3:
+        raise OpError(f"LRN needs an (N, C, *spatial) input, got shape {x.shape}")
+    before, after, alpha, beta, bias, size = _lrn_window(c)
+    d = _channel_window_sum(np.square(x), before, after)
+    d *= alpha / size
+    d += bias
+    c.save(d=d)
+    return x * d ** -beta
+
+
+def _lrn_vjp(c, g):
+    """y = x d^-beta with d = bias + alpha/size * window sum of x^2, so
+    dx = g d^-beta - (2 alpha beta / size) x * (transposed window sum of g x d^(-beta-1))."""
+    x, d = c.inputs[0], c.saved["d"]
+    before, after, alpha, beta, _, size = _lrn_window(c)
+    p = d ** -beta
+    t = g * x
+    t *= p
+    t /= d
+    dx = g * p
+    dx -= (2 * alpha * beta / size) * x * _channel_window_sum(t, after, before)  # the window, reflected
+    return dx.astype(x.dtype, copy=False)
+
+
+defop("LRN", _lrn, _lrn_vjp, keep="x0")

@@ -1,1 +1,235 @@
-"""Resize (and the deprecated Upsample): nearest and linear interpolation. (being written)"""
+"""Resize (ONNX opsets 13-21) and the deprecated Upsample: nearest, N-linear and N-cubic
+interpolation.
+
+Resize is separable: it resizes one axis at a time, and along one axis every output position reads
+a fixed number of taps (1 nearest, 2 linear, 4 cubic) at input positions ``idx`` (out, taps) with
+weights ``w`` (out, taps). The forward is one gather (``np.take``) per tap; the operator is linear
+in X, so the VJP applies the transposes of the per-axis maps in reverse order and needs nothing of
+the forward but these small tables (``keep=()``). Because the source coordinate never decreases
+along an axis, each tap's indices are sorted, and its scatter-add (``dX[idx] += w * dY``) is a
+segment sum: one ``np.add.reduceat`` over the runs of equal indices, then one assignment into the
+distinct indices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradserve.worker.ops.conv import str_attr
+from gradserve.worker.ops.registry import OpError, defop, normalize_axis
+
+_COORD_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
+                "tf_crop_and_resize")
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+@dataclass
+class _AxisMap:
+    """The resampling of one axis: output position o = sum_t w[o, t] * input[idx[o, t]] (+ fill[o])."""
+
+    axis: int
+    n_in: int
+    idx: np.ndarray  # (out, taps) int, non-decreasing down each column
+    w: np.ndarray | None  # (out, taps) float64; None for nearest (a single tap of weight 1)
+    fill: np.ndarray | None = None  # (out,) constant added (tf_crop_and_resize extrapolation), or None
+
+    def segments(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Start of each run of equal indices in tap ``t``, and the index of each run."""
+        col = self.idx[:, t]
+        starts = np.flatnonzero(np.concatenate(([True], col[1:] != col[:-1])))
+        return starts, col[starts]
+
+
+def _source_coords(mode: str, n_out: int, n_in: int, scale: float, roi: tuple[float, float]) -> np.ndarray:
+    """x_original for each output position along one axis (the ONNX coordinate_transformation_mode)."""
+    o = np.arange(n_out, dtype=np.float64)
+    if mode == "half_pixel":
+        return (o + 0.5) / scale - 0.5
+    if mode == "half_pixel_symmetric":
+        # the centre of the (fractional) output width maps to the centre of the input
+        offset = n_in / 2 * (1 - n_out / (scale * n_in))
+        return offset + (o + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (o + 0.5) / scale - 0.5 if n_out > 1 else np.zeros(n_out)
+    if mode == "align_corners":
+        return o * (n_in - 1) / (n_out - 1) if n_out > 1 else np.zeros(n_out)
+    if mode == "asymmetric":
+        return o / scale
+    start, end = roi  # tf_crop_and_resize
+    if n_out > 1:
+        return start * (n_in - 1) + o * (end - start) * (n_in - 1) / (n_out - 1)
+    return np.full(n_out, 0.5 * (start + end) * (n_in - 1))
+
+
+def _cubic_weights(r: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution weights of the taps at distances 1+r, r, 1-r, 2-r (r in [0, 1))."""
+    def near(t):  # |t| <= 1
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+
+    def far(t):  # 1 < |t| < 2
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+
+    return np.stack([far(1 + r), near(r), near(1 - r), far(2 - r)], axis=1)
+
+
+def _axis_map(attrs: dict, node: str, axis: int, n_in: int, n_out: int, scale: float, roi: tuple[float, float]) -> _AxisMap:
+    mode = str_attr(attrs.get("mode"), "nearest")
+    coord = str_attr(attrs.get("coordinate_transformation_mode"), "half_pixel")
+    x = _source_coords(coord, n_out, n_in, scale, roi)
+    if mode == "nearest":
+        nearest = str_attr(attrs.get("nearest_mode"), "round_prefer_floor")
+        if nearest == "round_prefer_floor":
+            i = np.ceil(x - 0.5)
+        elif nearest == "round_prefer_ceil":
+            i = np.floor(x + 0.5)
+        elif nearest == "floor":
+            i = np.floor(x)
+        elif nearest == "ceil":
+            i = np.ceil(x)
+        else:
+            raise OpError(f"{node}: unknown nearest_mode '{nearest}'")
+        idx, w = i.astype(np.intp)[:, None], None
+    else:
+        base = np.floor(x)
+        r = x - base
+        if mode == "linear":
+            offsets, w = np.arange(2), np.stack([1 - r, r], axis=1)
+        elif mode == "cubic":
+            offsets, w = np.arange(-1, 3), _cubic_weights(r, float(attrs.get("cubic_coeff_a", -0.75)))
+        else:
+            raise OpError(f"{node}: unknown Resize mode '{mode}'")
+        idx = base.astype(np.intp)[:, None] + offsets
+        if int(attrs.get("exclude_outside", 0)):  # taps outside the input get weight 0, the rest renormalised
+            w = np.where((idx < 0) | (idx >= n_in), 0.0, w)
+            total = w.sum(axis=1, keepdims=True)
+            w = w / np.where(total == 0, 1.0, total)
+    idx = np.clip(idx, 0, n_in - 1)  # beyond the edges, the edge pixel (as edge padding would)
+    fill = None
+    if coord == "tf_crop_and_resize":
+        outside = (x < 0) | (x > n_in - 1)
+        if outside.any():
+            w = np.ones(idx.shape) if w is None else w
+            w = np.where(outside[:, None], 0.0, w)
+            fill = np.where(outside, float(attrs.get("extrapolation_value", 0.0)), 0.0)
+    if np.any(np.diff(idx, axis=0) < 0):  # a reversed roi: the segment sums of the VJP need sorted taps
+        raise OpError(f"{node}: Resize with a decreasing source coordinate (roi end < start) is not supported")
+    return _AxisMap(axis, n_in, idx, w, fill)
+
+
+def _floats(t: np.ndarray | None) -> list[float] | None:
+    """An optional 1-D input as floats; absent or empty means not given."""
+    if t is None or t.size == 0:
+        return None
+    return [float(v) for v in np.asarray(t).reshape(-1)]
+
+
+def _plan(attrs: dict, node: str, x: np.ndarray, roi, scales, sizes) -> tuple[list[_AxisMap], tuple[int, ...]]:
+    """The per-axis maps of the axes that change, and the output shape."""
+    r = x.ndim
+    axes = [normalize_axis(int(a), r, node) for a in (attrs.get("axes") or range(r))]
+    if len(set(axes)) != len(axes):
+        raise OpError(f"{node}: repeated axis in {axes}")
+    scales_f, sizes_f, roi_f = _floats(scales), _floats(sizes), _floats(roi)
+    coord = str_attr(attrs.get("coordinate_transformation_mode"), "half_pixel")
+    if coord not in _COORD_MODES:
+        raise OpError(f"{node}: unknown coordinate_transformation_mode '{coord}'")
+    rois = [(0.0, 1.0)] * len(axes)
+    if coord == "tf_crop_and_resize":
+        if roi_f is None or len(roi_f) != 2 * len(axes):
+            raise OpError(f"{node}: tf_crop_and_resize needs roi with 2 values per resized axis")
+        rois = [(roi_f[i], roi_f[len(axes) + i]) for i in range(len(axes))]
+    ins = [x.shape[a] for a in axes]
+    if scales_f is not None and sizes_f is None:
+        if len(scales_f) != len(axes) or min(scales_f) <= 0:
+            raise OpError(f"{node}: scales {scales_f} must be positive, one per axis of {axes}")
+        # floor(in * (roi_end - roi_start) * scale), the scale rounded as the float32 it was given as
+        outs = [int(math.floor(n * (e - b) * s)) for n, s, (b, e) in zip(ins, scales_f, rois)]
+        used = scales_f
+    elif sizes_f is not None and scales_f is None:
+        if len(sizes_f) != len(axes):
+            raise OpError(f"{node}: sizes {sizes_f} must give one size per axis of {axes}")
+        outs = [int(s) for s in sizes_f]
+        used = [o / n for o, n in zip(outs, ins)]
+        policy = str_attr(attrs.get("keep_aspect_ratio_policy"), "stretch")
+        if policy in ("not_larger", "not_smaller"):
+            s = min(used) if policy == "not_larger" else max(used)
+            used = [s] * len(axes)
+            outs = [int(s * n + 0.5) for n in ins]  # round half up
+        elif policy != "stretch":
+            raise OpError(f"{node}: unknown keep_aspect_ratio_policy '{policy}'")
+    else:
+        raise OpError(f"{node}: Resize needs exactly one of scales and sizes")
+    if min(outs, default=1) < 1:
+        raise OpError(f"{node}: Resize to an empty shape {outs}")
+    mode = str_attr(attrs.get("mode"), "nearest")
+    if int(attrs.get("antialias", 0)) and mode != "nearest" and any(o < n for o, n in zip(outs, ins)):
+        raise OpError(f"{node}: Resize with antialias=1 when downsampling is not supported")
+    out_shape = list(x.shape)
+    maps = []
+    for a, n, o, s, rr in zip(axes, ins, outs, used, rois):
+        out_shape[a] = o
+        if o == n and s == 1 and rr == (0.0, 1.0):
+            continue  # an identity along this axis in every mode
+        maps.append(_axis_map(attrs, node, a, n, o, s, rr))
+    return maps, tuple(out_shape)
+
+
+def _resample(y: np.ndarray, m: _AxisMap) -> np.ndarray:
+    """One axis of the forward: a gather per tap, weighted."""
+    shape = (-1,) + (1,) * (y.ndim - m.axis - 1)
+    if m.w is None:
+        out = np.take(y, m.idx[:, 0], axis=m.axis)
+    else:
+        out = np.take(y, m.idx[:, 0], axis=m.axis) * m.w[:, 0].astype(y.dtype).reshape(shape)
+        for t in range(1, m.idx.shape[1]):
+            out += np.take(y, m.idx[:, t], axis=m.axis) * m.w[:, t].astype(y.dtype).reshape(shape)
+    if m.fill is not None:
+        out += m.fill.astype(y.dtype).reshape(shape)
+    return out
+
+
+def _resize(c, x, roi=None, scales=None, sizes=None, attrs: dict | None = None):
+    maps, out_shape = _plan(c.attrs if attrs is None else attrs, c.node, x, roi, scales, sizes)
+    y = x
+    for m in maps:
+        y = _resample(y, m)
+    c.save(maps=maps)
+    return y.reshape(out_shape) if y is not x else x.copy()
+
+
+def _resize_vjp(c, g):
+    maps: list[_AxisMap] = c.saved["maps"]
+    dtype = c.x.dtype
+    if dtype.kind != "f":
+        return None
+    g = g.astype(dtype, copy=False)
+    for m in reversed(maps):  # the transpose of each axis map, last axis first
+        shape = (-1,) + (1,) * (g.ndim - m.axis - 1)
+        dx = np.zeros(g.shape[: m.axis] + (m.n_in,) + g.shape[m.axis + 1 :], dtype)
+        lead = (slice(None),) * m.axis
+        for t in range(m.idx.shape[1]):
+            starts, targets = m.segments(t)
+            gw = g if m.w is None else g * m.w[:, t].astype(dtype).reshape(shape)
+            dx[lead + (targets,)] += np.add.reduceat(gw, starts, axis=m.axis)
+        g = dx
+    return g
+
+
+defop("Resize", _resize, _resize_vjp, keep=(), differentiable=(0,))
+
+
+# -- Upsample (deprecated since opset 10) -------------------------------------------------------------
+def _upsample(c, x, scales=None):
+    """Upsample-7/9: Resize by ``scales`` (input in opset 9, attribute in 7) with asymmetric
+    coordinates and, for nearest, the floor of the source coordinate."""
+    if scales is None:
+        scales = np.asarray(c.attr("scales") or (), np.float32)
+    attrs = {"mode": str_attr(c.attr("mode"), "nearest"), "coordinate_transformation_mode": "asymmetric",
+             "nearest_mode": "floor"}
+    return _resize(c, x, None, scales, attrs=attrs)
+
+
+defop("Upsample", _upsample, _resize_vjp, keep=(), differentiable=(0,))
