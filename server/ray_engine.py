@@ -127,13 +127,14 @@ class RayEngine:
             raise GraphError(f"partitions, micro_batches and replicas must be >= 1 (got {k}, {m}, {r})")
         t0 = time.perf_counter()
         full = prepare(model, feeds, input_grads)
-        chunks = split_batch(model, full, feeds, m * r)
-        job = prepare(model, chunks[0].feeds, input_grads)  # shapes of one micro-batch, for planning
+        # The chunks run with split.model: a fixed-batch export gets a symbolic batch axis there.
+        split = split_batch(model, full, feeds, m * r)
+        chunks, job = split.chunks, split.job  # job: shapes of one micro-batch, for planning
         key, placed = self._acquire(model, model_key)
         retries = 0
         try:  # while the job holds its parameters, neither they nor their deployments are evicted
             while True:
-                deployment = self._deploy(model, key, placed, job, k, r, split_at)
+                deployment = self._deploy(split.model, key, placed, job, k, r, split_at)
                 t1 = time.perf_counter()
                 job_id = uuid.uuid4().hex[:12]
                 try:

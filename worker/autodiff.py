@@ -206,5 +206,7 @@ def _accumulate(errs: dict[str, np.ndarray], owned: set[str], name: str, g: np.n
     elif name in owned:
         np.add(errs[name], g, out=errs[name])
     else:
-        errs[name] = errs[name] + g  # never write into a buffer a VJP may still share
+        # never write into a buffer a VJP may still share; asarray: the sum of two 0-d arrays is a
+        # numpy scalar, which the in-place add above cannot write into
+        errs[name] = np.asarray(errs[name] + g)
         owned.add(name)
