@@ -12,6 +12,7 @@ from functools import reduce
 
 import numpy as np
 
+from gradserve.worker.ops.conv import str_attr
 from gradserve.worker.ops.registry import OpError, defop, unbroadcast
 
 
@@ -268,3 +269,255 @@ def _dropout(c, x, ratio=None, training_mode=None):
 
 
 defop("Dropout", _dropout, lambda c, g, gmask=None: (g, None, None), keep=(), differentiable=(0,))
+
+
+# -- activations ------------------------------------------------------------------------------------------
+# ONNX stores float attributes as float32, so an exported alpha=0.7 arrives as 0.699999988; in
+# float64 that is off by ~1e-8 relative from the model it came from (torch computes with 0.7). A
+# float32-valued attribute therefore means the shortest decimal that rounds to it, or a well-known
+# constant that does (torch's Hardsigmoid slope 1/6, the Selu constants). Float32 math is unaffected:
+# the snapped value rounds back to the stored one.
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_GAMMA = 1.0507009873554804934193349852946
+_EXACT_CONSTANTS = (1 / 6, _SELU_ALPHA, _SELU_GAMMA)
+
+
+def _float_attr(c, name: str, default: float) -> float:
+    """A float attribute as a Python float (weak under NEP 50), snapped as said above."""
+    value = float(c.attr(name, default))
+    f32 = np.float32(value)
+    if f32 != value:
+        return value  # not a float32 (a default, or set programmatically): taken as given
+    for exact in _EXACT_CONSTANTS:
+        if f32 == np.float32(exact):
+            return exact
+    return float(str(f32))  # numpy prints the shortest decimal that round-trips
+
+
+def _hard_swish(c, x):
+    # ONNX: x * max(0, min(1, x/6 + 1/2)); written as torch computes it, x * clamp(x + 3, 0, 6) / 6.
+    return x * np.minimum(np.maximum(x + 3.0, 0.0), 6.0) / 6.0
+
+
+def _hard_swish_vjp(c, g):
+    x = c.x  # d/dx: 0 below -3, x/3 + 1/2 on [-3, 3], 1 above 3 (at the kinks, as torch does)
+    return np.where(x < -3.0, 0.0, np.where(x <= 3.0, g * (x / 3.0 + 0.5), g)).astype(g.dtype, copy=False)
+
+
+defop("HardSwish", _hard_swish, _hard_swish_vjp, keep="x")
+
+
+def _hard_sigmoid(c, x):
+    alpha, beta = _float_attr(c, "alpha", 0.2), _float_attr(c, "beta", 0.5)
+    return np.minimum(np.maximum(x * alpha + beta, 0.0), 1.0)
+
+
+# Strictly between the clamps, the slope is alpha; the output says where that is.
+defop("HardSigmoid", _hard_sigmoid,
+      lambda c, g: g * ((c.y > 0) & (c.y < 1)) * _float_attr(c, "alpha", 0.2), keep="y")
+
+
+def _elu_like(c, x, alpha: float, scale: float = 1.0, input_scale: float = 1.0):
+    """scale * x for x > 0, scale * alpha * (exp(input_scale * x) - 1) otherwise (Elu, Selu, Celu).
+    The VJP reads the branch off the output's sign, which gives it away unless the negative branch
+    can be positive too (scale * alpha * input_scale < 0) or the positive one negative (scale < 0);
+    then the forward saves the mask x > 0 (a bool per element) for the VJP."""
+    pos = x > 0
+    with np.errstate(over="ignore"):
+        neg = np.expm1(x * input_scale) * (scale * alpha)
+    if (scale < 0 or scale * alpha * input_scale < 0) and _needs(c, 0):
+        c.save(pos=pos)
+    return np.where(pos, x * scale if scale != 1.0 else x, neg)
+
+
+def _elu_like_vjp(c, g, alpha: float, scale: float = 1.0, input_scale: float = 1.0):
+    y = c.y
+    pos = c.saved.get("pos")
+    if pos is None:
+        pos = y > 0
+    # On the negative branch y = s a (e^(k x) - 1), so dy/dx = k s a e^(k x) = k (y + s a).
+    return np.where(pos, g * scale, g * (input_scale * (y + scale * alpha))).astype(g.dtype, copy=False)
+
+
+defop("Elu", lambda c, x: _elu_like(c, x, _float_attr(c, "alpha", 1.0)),
+      lambda c, g: _elu_like_vjp(c, g, _float_attr(c, "alpha", 1.0)), keep="y")
+
+
+def _selu_attrs(c) -> tuple[float, float]:
+    return _float_attr(c, "alpha", _SELU_ALPHA), _float_attr(c, "gamma", _SELU_GAMMA)
+
+
+defop("Selu", lambda c, x: _elu_like(c, x, *_selu_attrs(c)),
+      lambda c, g: _elu_like_vjp(c, g, *_selu_attrs(c)), keep="y")
+
+
+def _celu_alpha(c) -> float:
+    alpha = _float_attr(c, "alpha", 1.0)
+    if alpha == 0:
+        raise OpError(f"{c.node}: Celu needs a nonzero alpha")
+    return alpha
+
+
+# Celu = max(0, x) + min(0, a (e^(x/a) - 1)): Elu with input scale 1/a. Its negative branch is <= 0
+# whatever the sign of a, so the output's sign always tells the branch.
+defop("Celu", lambda c, x: _elu_like(c, x, _celu_alpha(c), 1.0, 1 / _celu_alpha(c)),
+      lambda c, g: _elu_like_vjp(c, g, _celu_alpha(c), 1.0, 1 / _celu_alpha(c)), keep="y")
+
+
+def _prelu_vjp(c, g):
+    # slope broadcasts to X (ONNX unidirectional broadcasting), so the output has X's shape.
+    x, slope = c.inputs
+    if x.dtype.kind != "f":
+        return None, None
+    neg = x < 0  # the kink x == 0 goes right (slope 1), like torch
+    dx = np.where(neg, g * slope, g) if c.needs[0] else None
+    dslope = None
+    if _needs(c, 1):
+        dslope = unbroadcast(np.where(neg, g * x, 0.0), slope.shape).astype(slope.dtype, copy=False)
+    return dx, dslope
+
+
+defop("PRelu", lambda c, x, slope: np.where(x < 0, x * slope, x).astype(x.dtype, copy=False), _prelu_vjp, keep="x")
+defop("ThresholdedRelu", lambda c, x: np.where(x > _float_attr(c, "alpha", 1.0), x, 0.0).astype(x.dtype, copy=False),
+      lambda c, g: g * (c.x > _float_attr(c, "alpha", 1.0)), keep="x")
+# d/dx x / (1 + |x|) = 1 / (1 + |x|)^2, from x: 1 - |y| would cancel for large |x|.
+defop("Softsign", lambda c, x: x / (1.0 + np.abs(x)), lambda c, g: g / np.square(1.0 + np.abs(c.x)), keep="x")
+
+
+def _mish_vjp(c, g):
+    x = c.x
+    t = np.tanh(np.logaddexp(0.0, x))  # x tanh(softplus x): d/dx = t + x (1 - t^2) sigmoid(x)
+    return g * (t + x * (1.0 - t * t) * _sigmoid(x))
+
+
+defop("Mish", lambda c, x: x * np.tanh(np.logaddexp(0.0, x)), _mish_vjp, keep="x")
+
+_SQRT_HALF = math.sqrt(0.5)
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_RSQRT_2PI = 1 / math.sqrt(2 * math.pi)
+_GELU_KAPPA = 0.044715
+
+
+def _gelu_tanh(c) -> bool:
+    approximate = str_attr(c.attr("approximate"), "none")
+    if approximate not in ("none", "tanh"):
+        raise OpError(f"{c.node}: Gelu approximate={approximate!r}, expected 'none' or 'tanh'")
+    return approximate == "tanh"
+
+
+def _gelu(c, x):
+    # Both forms are written in torch's order of operations, so float64 agrees to the last bits.
+    if _gelu_tanh(c):
+        return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x)))
+    return x * 0.5 * (1.0 + _erf(x * _SQRT_HALF))
+
+
+def _gelu_vjp(c, g):
+    x = c.x
+    if _gelu_tanh(c):
+        t = np.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x))
+        dt = _SQRT_2_OVER_PI * (1.0 + 3 * _GELU_KAPPA * x * x)
+        return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt)
+    # Phi(x) + x phi(x), with Phi the normal CDF and phi its density.
+    return g * (0.5 * (1.0 + _erf(x * _SQRT_HALF)) + x * _RSQRT_2PI * np.exp(-0.5 * x * x))
+
+
+defop("Gelu", _gelu, _gelu_vjp, keep="x")
+
+
+def _shrink(c, x):
+    lambd, bias = _float_attr(c, "lambd", 0.5), _float_attr(c, "bias", 0.0)
+    # Integer inputs are allowed: the arithmetic goes through float and the output keeps x's type.
+    return np.where(x < -lambd, x + bias, np.where(x > lambd, x - bias, 0)).astype(x.dtype, copy=False)
+
+
+def _shrink_vjp(c, g):
+    if c.x.dtype.kind != "f":
+        return None
+    return g * (np.abs(c.x) > _float_attr(c, "lambd", 0.5))  # slope 1 outside [-lambd, lambd], 0 inside
+
+
+defop("Shrink", _shrink, _shrink_vjp, keep="x")
+
+# -- trigonometric and hyperbolic ---------------------------------------------------------------------------
+defop("Sin", lambda c, x: np.sin(x), lambda c, g: g * np.cos(c.x), keep="x")
+defop("Cos", lambda c, x: np.cos(x), lambda c, g: -g * np.sin(c.x), keep="x")
+defop("Tan", lambda c, x: np.tan(x), lambda c, g: g * (1.0 + c.y * c.y), keep="y")
+defop("Asin", lambda c, x: np.arcsin(x), lambda c, g: g / np.sqrt(1.0 - c.x * c.x), keep="x")
+defop("Acos", lambda c, x: np.arccos(x), lambda c, g: -g / np.sqrt(1.0 - c.x * c.x), keep="x")
+defop("Atan", lambda c, x: np.arctan(x), lambda c, g: g / (1.0 + c.x * c.x), keep="x")
+defop("Sinh", lambda c, x: np.sinh(x), lambda c, g: g * np.cosh(c.x), keep="x")
+defop("Cosh", lambda c, x: np.cosh(x), lambda c, g: g * np.sinh(c.x), keep="x")
+defop("Asinh", lambda c, x: np.arcsinh(x), lambda c, g: g / np.sqrt(c.x * c.x + 1.0), keep="x")
+# (x - 1)(x + 1), not x^2 - 1: no cancellation near x = 1.
+defop("Acosh", lambda c, x: np.arccosh(x), lambda c, g: g / np.sqrt((c.x - 1.0) * (c.x + 1.0)), keep="x")
+defop("Atanh", lambda c, x: np.arctanh(x), lambda c, g: g / ((1.0 - c.x) * (1.0 + c.x)), keep="x")
+
+# -- piecewise constant and integer ops: zero or no derivative, so no VJP ------------------------------------
+defop("Floor", lambda c, x: np.floor(x))
+defop("Ceil", lambda c, x: np.ceil(x))
+defop("Round", lambda c, x: np.round(x))  # halves to even, as ONNX specifies
+defop("Sign", lambda c, x: np.sign(x))
+defop("IsNaN", lambda c, x: np.isnan(x))
+
+
+def _is_inf(c, x):
+    inf = np.isinf(x)
+    pos, neg = bool(c.attr("detect_positive", 1)), bool(c.attr("detect_negative", 1))
+    if pos and neg:
+        return inf
+    if pos or neg:
+        return inf & ((x > 0) if pos else (x < 0))
+    return np.zeros(x.shape, bool)
+
+
+defop("IsInf", _is_inf)
+defop("BitwiseAnd", lambda c, a, b: np.bitwise_and(a, b))
+defop("BitwiseOr", lambda c, a, b: np.bitwise_or(a, b))
+defop("BitwiseXor", lambda c, a, b: np.bitwise_xor(a, b))
+defop("BitwiseNot", lambda c, x: np.bitwise_not(x))
+
+
+def _bit_shift(c, x, y):
+    direction = str_attr(c.attr("direction"), "")
+    if direction == "LEFT":
+        return np.left_shift(x, y)
+    if direction == "RIGHT":
+        return np.right_shift(x, y)
+    raise OpError(f"{c.node}: BitShift direction {direction!r}, expected 'LEFT' or 'RIGHT'")
+
+
+defop("BitShift", _bit_shift)
+
+
+# -- Mod -----------------------------------------------------------------------------------------------------
+def _mod(c, a, b):
+    # fmod=1: C fmod, the sign of the dividend (torch.fmod). fmod=0: the sign of the divisor, as
+    # Python's % (torch.remainder). ONNX requires fmod=1 for floats; fmod=0 on floats is accepted
+    # with the divisor-sign meaning, as onnx's reference implementation does.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.fmod(a, b) if c.attr("fmod", 0) else np.mod(a, b)
+
+
+def _mod_vjp(c, g):
+    # y = a - b q with q = trunc(a/b) (fmod) or floor(a/b), piecewise constant: dA = g, dB = -g q.
+    # q is read back from the forward's own result ((a - y) / b is an integer up to rounding), so it
+    # agrees with y where a/b rounds across an integer.
+    a, b = c.inputs
+    if a.dtype.kind != "f":
+        return None, None
+    da = unbroadcast(g, a.shape) if c.needs[0] else None
+    db = None
+    if c.needs[1]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.round((a - c.y) / b)
+        db = unbroadcast(-g * q, b.shape)
+    return da, db
+
+
+defop("Mod", _mod, _mod_vjp)
+
+# -- CastLike: Cast to the second input's type (its values are never read) ------------------------------------
+# saturate (opset 19+) only concerns float8 targets, which numpy cannot represent.
+defop("CastLike", lambda c, x, like: x.astype(like.dtype, copy=False),
+      lambda c, g: (_cast_vjp(c, g), None), keep=(), differentiable=(0,))
