@@ -85,3 +85,14 @@ def test_pixel_shuffles(op, attrs, shape):
     (ours,), (theirs,) = run_op(op, [x], attrs), onnx_reference(op, [x], attrs, opset=13)
     np.testing.assert_array_equal(ours, theirs)
     check_vjp(op, [x], attrs)
+
+
+def test_integer_division_truncates_toward_zero():
+    """Exporters compute chunk sizes with int64 Div (torch.chunk); the result stays int64 and
+    rounds toward zero, as ONNX and its reference say."""
+    a, b = I64([7, -7, 9, 2]), I64([2, 2, -4, 3])
+    (ours,) = run_op("Div", [a, b])
+    (theirs,) = onnx_reference("Div", [a, b])
+    assert ours.dtype == np.int64
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours, [3, -3, -2, 0])

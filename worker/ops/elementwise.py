@@ -30,7 +30,13 @@ defop("Sub", lambda c, a, b: a - b,
 defop("Mul", lambda c, a, b: a * b,
       lambda c, g: (unbroadcast(g * c.inputs[1], c.inputs[0].shape) if c.needs[0] else None,
                     unbroadcast(g * c.inputs[0], c.inputs[1].shape) if c.needs[1] else None), keep="x")
-defop("Div", lambda c, a, b: a / b,
+def _div(c, a, b):
+    if a.dtype.kind in "iu":  # ONNX integer division truncates toward zero (C's, not Python's //)
+        return np.trunc(a / b).astype(a.dtype)
+    return a / b
+
+
+defop("Div", _div,
       lambda c, g: (unbroadcast(g / c.inputs[1], c.inputs[0].shape) if c.needs[0] else None,
                     unbroadcast(-g * c.y / c.inputs[1], c.inputs[1].shape) if c.needs[1] else None))
 
