@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper, shape_inference, version_converter
 from gradserve.proto import tensors
 from gradserve.worker.graph import DEFAULT_OPSET, SUPPORTED_OPSETS, Dim, GraphError, InputSpec, Model, Node
 from gradserve.worker.ops import OpContext, OpError, get_op
-from gradserve.worker.validate import format_shape, live_nodes, toposort
+from gradserve.worker.validate import _onnx_attrs, format_shape, live_nodes, onnx_model, toposort
 
 log = logging.getLogger("gradserve.onnx")
 
@@ -169,11 +169,10 @@ class _Importer:
                        if vi.name not in self.params and vi.name not in self.constants]
         self.outputs = [vi.name for vi in graph.output]
         self.nodes: list[Node] = []
-        used_names: set[str] = set()
-        for index, onnx_node in enumerate(graph.node):
-            node = self._convert_node(onnx_node, index, used_names)
-            if node is not None:
-                self.nodes.append(node)
+        self._used_names: set[str] = set()
+        # If nodes: (then, else) branches, inlined by fold_constants once the condition is known
+        self._branches: dict[str, tuple[onnx.GraphProto, onnx.GraphProto]] = {}
+        self.nodes = self._convert_nodes(graph.node)
         self.loss = ""
 
     # -- leaves and nodes ---------------------------------------------------------------------------
@@ -187,15 +186,32 @@ class _Importer:
         dims = (_dim(d) for d in t.shape.dim)
         return InputSpec(vi.name, dtype, tuple("?" if d is None else d for d in dims))
 
-    def _convert_node(self, n: onnx.NodeProto, index: int, used_names: set[str]) -> Node | None:
+    def _convert_nodes(self, onnx_nodes) -> list[Node]:
+        nodes = []
+        for onnx_node in onnx_nodes:
+            node = self._convert_node(onnx_node, len(self._used_names))
+            if node is not None:
+                nodes.append(node)
+        return nodes
+
+    def _convert_node(self, n: onnx.NodeProto, index: int) -> Node | None:
         name = n.name or f"{n.op_type}_{index}"
         base, k = name, 1
-        while name in used_names:  # ONNX does not require unique node names; we do
+        while name in self._used_names:  # ONNX does not require unique node names; we do
             name, k = f"{base}_{k}", k + 1
-        used_names.add(name)
+        self._used_names.add(name)
         node = Node(name, n.op_type, list(n.input), list(n.output))
         if n.domain not in _DEFAULT_DOMAINS:
             raise GraphError(f"{node}: domain '{n.domain}' is not supported (only the default ONNX domain)")
+        if n.op_type == "If":
+            # Exporters emit If on conditions fixed by shapes (the legacy LocalResponseNorm, for one):
+            # kept whole until folding knows the condition. Values the branches read from outside
+            # become inputs, so the node sorts after their producers.
+            branches = {a.name: a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH}
+            self._branches[name] = (branches["then_branch"], branches["else_branch"])
+            node.inputs += sorted(_outer_names(branches["then_branch"]) | _outer_names(branches["else_branch"]))
+            node.attrs = dict(branches)  # for re-running shape inference; the node never reaches the engine
+            return node
         node.attrs = {a.name: _attr_value(a, f"{node}: attribute '{a.name}'") for a in n.attribute}
         if n.op_type == "Constant":
             self.constants[n.output[0]] = _constant_value(node)
@@ -306,17 +322,73 @@ class _Importer:
     def fold_constants(self) -> None:
         """Replace every node computable now (constant inputs, or Shape/Size of a statically shaped
         value) by constants, in one pass in graph order so folded values feed later folds."""
-        kept: list[Node] = []
         self._partial_shapes: dict[str, InferredShape] = {}  # outputs of Shape nodes that stay: known dims
-        for node in toposort(self.nodes):  # ONNX demands this order; hand-made graphs may not keep it
-            values = self._fold(node)
-            if values is None:
-                kept.append(node)
-                continue
-            for name, value in zip(node.outputs, values):
-                if name:
-                    self.constants[name] = value
-        self.nodes = kept
+        while True:
+            kept: list[Node] = []
+            order = toposort(self.nodes)  # ONNX demands this order; hand-made graphs may not keep it
+            for k, node in enumerate(order):
+                if node.op_type == "If" and node.inputs[0] not in self.constants:
+                    # The condition may hang on shapes ONNX could not infer before the folding so
+                    # far (pads computed by the exporter): infer again, then go on.
+                    self.nodes = kept + order[k:]
+                    if not self._infer_again():
+                        self._inline_branch(node, kept)  # raises: the condition depends on the data
+                    break
+                self._fold_into(node, kept)
+            else:
+                self.nodes = kept
+                return
+
+    def _infer_again(self) -> bool:
+        """Run ONNX shape inference on the graph as folded so far; True if it learned new shapes."""
+        def onnx_node(n: Node) -> onnx.NodeProto:
+            inputs = n.inputs[:1] if n.op_type == "If" else n.inputs  # the rest were for sorting
+            return helper.make_node(n.op_type, inputs, n.outputs, name=n.name, **_onnx_attrs(n))
+
+        values = {**self.params, **self.constants}
+        graph = helper.make_graph(
+            [onnx_node(n) for n in self.nodes], "import",
+            [helper.make_tensor_value_info(s.name, helper.np_dtype_to_tensor_dtype(s.dtype),
+                                           [None if d == "?" else d for d in s.shape]) for s in self.inputs],
+            [], [numpy_helper.from_array(v, k) for k, v in values.items()])
+        shapes, dtypes = _infer(onnx_model(graph, self.opset))
+        known = lambda table: sum(isinstance(d, int) for v in table.values() if v is not None for d in v)  # noqa: E731
+        before = known(self.shapes)
+        self.shapes.update(shapes)
+        self.dtypes.update(dtypes)
+        return known(self.shapes) > before
+
+    def _fold_into(self, node: Node, kept: list[Node]) -> None:
+        """Fold ``node`` into constants, or append it to ``kept`` (an If: the branch it takes)."""
+        if node.op_type == "If":
+            self._inline_branch(node, kept)
+            return
+        values = self._fold(node)
+        if values is None:
+            kept.append(node)
+            return
+        for name, value in zip(node.outputs, values):
+            if name:
+                self.constants[name] = value
+
+    def _inline_branch(self, node: Node, kept: list[Node]) -> None:
+        """An If whose condition folding has fixed is replaced by the nodes of the branch it takes
+        (in order: they read only earlier values); its outputs are the branch's outputs."""
+        cond = self.constants.get(node.inputs[0])
+        if cond is None:
+            raise GraphError(f"{node}: its condition is only known when the model runs; control flow that "
+                             "depends on the data (If) is not supported")
+        branch = self._branches[node.name][0 if bool(np.asarray(cond).reshape(-1)[0]) else 1]
+        for init in branch.initializer:
+            value = _to_array(init, f"initializer '{init.name}' of {node}")
+            (self.params if value.dtype.kind == "f" else self.constants)[init.name] = value
+        for inner in self._convert_nodes(branch.node):
+            self._fold_into(inner, kept)
+        for out, result in zip(node.outputs, [o.name for o in branch.output]):
+            if result in self.constants:
+                self.constants[out] = self.constants[result]
+            elif out:
+                kept.append(Node(f"{node.name}/{out}", "Identity", [result], [out]))
 
     def _fold(self, node: Node) -> list[np.ndarray] | None:
         if node.op_type in _NONDETERMINISTIC:
@@ -441,6 +513,19 @@ def _infer(proto: onnx.ModelProto) -> tuple[dict[str, InferredShape], dict[str, 
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes, dtypes
+
+
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Values a subgraph (and the subgraphs inside it) reads from the scopes around it."""
+    inner = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    read: set[str] = set()
+    for n in graph.node:
+        inner.update(n.output)
+        read.update(i for i in n.input if i)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                read |= _outer_names(a.g)
+    return read - inner
 
 
 def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:

@@ -417,3 +417,39 @@ def test_older_opsets_are_converted_and_unknown_newer_ones_refused():
     proto.opset_import[0].version = 99
     with pytest.raises(GraphError, match="opset 99; gradserve runs opsets 13 to 21"):
         load_onnx(proto)
+
+
+def _if_model(cond_from_shape: bool) -> onnx.ModelProto:
+    """loss = sum(If(cond, then: x * 2, else: x - 1)); the condition is rank(x) == 2 (known at
+    import) or x[0, 0] > 0 (known only per job)."""
+    then_g = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["t"], name="double")], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+                               [numpy_helper.from_array(np.array(2, np.float32), "two")])
+    else_g = helper.make_graph([helper.make_node("Sub", ["x", "one"], ["e"], name="minus")], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    if cond_from_shape:
+        cond_nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+                      helper.make_node("Size", ["shape"], ["rank"], name="rank"),
+                      helper.make_node("Equal", ["rank", "two_i"], ["cond"], name="is2d")]
+    else:
+        cond_nodes = [helper.make_node("ReduceMax", ["x"], ["m"], name="max", keepdims=0),
+                      helper.make_node("Greater", ["m", "zero"], ["cond"], name="positive")]
+    nodes = cond_nodes + [
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g),
+        helper.make_node("ReduceSum", ["y"], ["loss"], name="sum", keepdims=0),
+    ]
+    return _onnx(nodes, [("x", TensorProto.FLOAT, ["batch", 3])], [("loss", TensorProto.FLOAT, [])],
+                 {"one": np.array(1, np.float32), "two_i": np.array(2, np.int64), "zero": np.array(0, np.float32)})
+
+
+def test_if_on_a_condition_known_at_import_is_inlined():
+    model = load_onnx(_if_model(cond_from_shape=True))
+    assert "If" not in {n.op_type for n in model.nodes}
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    result = InlineEngine().gradients(model, {"x": x})
+    np.testing.assert_allclose(result.loss, (2 * x).sum(), rtol=1e-5)
+
+
+def test_if_on_the_data_is_refused_naming_the_node():
+    with pytest.raises(GraphError, match=r"node 'branch' \(If\): its condition is only known when the model runs"):
+        load_onnx(_if_model(cond_from_shape=False))

@@ -100,13 +100,10 @@ def test_group_norm(exporter, tmp_path):
     run(body, (3, 6, 5), (2, 6, 5), tmp_path, exporter)
 
 
-@pytest.mark.parametrize("exporter", [
-    "dynamo",
-    pytest.param("legacy", marks=pytest.mark.xfail(
-        reason="the legacy exporter decomposes LocalResponseNorm into Pad/AveragePool under an If node; "
-               "If (subgraphs) is not supported", strict=False)),
-])
+@pytest.mark.parametrize("exporter", EXPORTERS)
 def test_local_response_norm(exporter, tmp_path):
+    """(The legacy exporter writes LocalResponseNorm as Pad/AveragePool with an If on its rank, which
+    import folds away.)"""
     torch.manual_seed(0)
     body = nn.Sequential(nn.Conv2d(3, 7, 3, padding=1), nn.LocalResponseNorm(3, alpha=0.1, beta=0.75, k=1.5),
                          nn.Conv2d(7, 2, 1))
