@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from gradserve.proto import tensors
-from gradserve.worker.graph import DEFAULT_OPSET, SUPPORTED_OPSETS, Dim, GraphError, InputSpec, Model, Node
+from gradserve.worker.graph import DEFAULT_OPSET, SUPPORTED_OPSETS, GraphError, InputSpec, Model, Node
 from gradserve.worker.ops import OpContext, OpError, get_op
 from gradserve.worker.validate import _onnx_attrs, format_shape, live_nodes, onnx_model, toposort
 
@@ -321,7 +321,10 @@ class _Importer:
     # -- constant folding ---------------------------------------------------------------------------
     def fold_constants(self) -> None:
         """Replace every node computable now (constant inputs, or Shape/Size of a statically shaped
-        value) by constants, in one pass in graph order so folded values feed later folds."""
+        value) by constants, in passes in graph order so folded values feed later folds. ONNX's shape
+        inference loses static dims behind shape arithmetic it cannot follow (attention's
+        batch*heads); once that arithmetic is folded, inferring again recovers them, so passes repeat
+        while Shape nodes remain and inference learns something new."""
         self._partial_shapes: dict[str, InferredShape] = {}  # outputs of Shape nodes that stay: known dims
         while True:
             kept: list[Node] = []
@@ -337,7 +340,8 @@ class _Importer:
                 self._fold_into(node, kept)
             else:
                 self.nodes = kept
-                return
+                if not any(n.op_type in ("Shape", "Size") for n in kept) or not self._infer_again():
+                    return
 
     def _infer_again(self) -> bool:
         """Run ONNX shape inference on the graph as folded so far; True if it learned new shapes."""
@@ -397,6 +401,8 @@ class _Importer:
             return self._fold_shape(node)
         if node.op_type == "Gather" and node.inputs[0] in self._partial_shapes:
             return self._fold_shape_gather(node)
+        if node.op_type == "Slice" and node.inputs[0] in self._partial_shapes:
+            return self._fold_shape_slice(node)
         if not all(i in self.constants for i in node.inputs if i):
             return None
         args = [self.constants[i] if i else None for i in node.inputs]
@@ -445,6 +451,23 @@ class _Importer:
         if not all(isinstance(d, int) for d in picked):
             return None
         return [np.asarray(picked, np.int64).reshape(indices.shape)]
+
+    def _fold_shape_slice(self, node: Node) -> list[np.ndarray] | None:
+        """Slice of static entries of a Shape that stays (``x.shape[-1:]``: attention's head size)."""
+        bounds = [self.constants.get(i) if i else None for i in node.inputs[1:]]
+        if any(b is None for b in bounds[:2]) or any(i and b is None for i, b in zip(node.inputs[1:], bounds)):
+            return None
+        dims = self._partial_shapes[node.inputs[0]]
+        positions = np.arange(len(dims))
+        ctx = OpContext(dict(node.attrs), node=node.name)
+        try:  # the op itself says which entries the slice takes
+            taken = get_op("Slice").forward(ctx, positions, *bounds)
+        except Exception:
+            return None  # malformed: leave it to fail with the engine's message
+        picked = [dims[int(i)] for i in taken]
+        if not all(isinstance(d, int) for d in picked):
+            return None
+        return [np.asarray(picked, np.int64)]
 
     # -- result -------------------------------------------------------------------------------------
     def merge_duplicates(self) -> None:

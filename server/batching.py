@@ -27,6 +27,7 @@ micro-batches then run with (:attr:`Split.model`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -140,9 +141,14 @@ def _with_symbolic_batch(model: Model, batched: Sequence[str], rewrites: Mapping
 # -- following the batch axis ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Rows:
-    """A batched value: the batch runs along ``axis``, each sample's entries consecutive there."""
+    """A batched value: the batch runs along ``axis``, each sample's entries consecutive there.
+
+    ``outer`` > 1 when a reshape merged axes *before* the batch into that axis (multi-head
+    attention's (T, B*H, E/H) -> (T*B*H, E/H) rows): the axis then holds ``outer`` blocks of the n
+    samples, each sample's ``per`` entries consecutive in every block. Row-wise ops keep it exact."""
 
     axis: int = 0
+    outer: int = 1
 
 
 # Other tags: not derived from the batch; derived only from its *shape* (Shape, and arithmetic on it:
@@ -159,7 +165,7 @@ _ELEMENTWISE = {
 }
 # Batch on axis 0 of input 0; the other inputs are parameters; nothing mixes samples.
 _PER_SAMPLE = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-               "InstanceNormalization", "LRN", "GroupNormalization"}
+               "InstanceNormalization", "LRN", "GroupNormalization", "DepthToSpace", "SpaceToDepth"}
 # Ops working along one axis (attribute "axis", default given): exact when it is not the batch axis.
 _AXIS_OPS = {"Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "LayerNormalization": -1, "Concat": None,
              "Split": 0, "TopK": -1, "GatherElements": 0}
@@ -279,6 +285,9 @@ class _Follower:
         if op == "CastLike":  # input 1 gives only its dtype
             return tags[0] if isinstance(tags[0], Rows) else NONE
         axis = tags[rows[0]].axis
+        self._outer = tags[rows[0]].outer  # kept by every rule but reshape (see rows())
+        if len({tags[k].outer for k in rows}) > 1:
+            raise _refuse(node, "combines batched values whose samples are laid out differently")
         if op in _ELEMENTWISE:
             return self.elementwise(node, tags)
         if op == "MatMul":
@@ -288,14 +297,14 @@ class _Follower:
                 c = self.shape(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
                 if c is not None and len(c) == 2 and c[0] != 1:
                     raise self.mixing(node, 2, 0)
-                return Rows(0)
+                return self.rows(0)
             raise _refuse(node, "contracts over the batch axis")
         if op in _PER_SAMPLE or (op == "BatchNormalization" and not node.attrs.get("training_mode", 0)) or op == "Resize":
             if rows != [0] or axis != 0:
                 raise _refuse(node, "reads batched parameters, or has the batch off axis 0")
             if op == "Resize":
                 self.check_resize(node, tags)
-            return Rows(0)
+            return self.rows(0)
         if op == "BatchNormalization":
             raise _refuse(node, "in training mode normalises with statistics of the whole batch")
         if op in _RNN:
@@ -306,7 +315,7 @@ class _Follower:
             k = int(node.attrs.get("axis", 1))
             k = k % len(self.shape(node.inputs[0]) or (1,)) if k < 0 else k
             if axis == 0 and k >= 1:
-                return Rows(0)  # merges the axes after the batch into its rows (or keeps them)
+                return self.rows(0)  # merges the axes after the batch into its rows (or keeps them)
             raise _refuse(node, f"flattens the batch axis (axis {axis}) into another one")
         if op == "CumSum":
             c = self.const(node, 1)
@@ -322,7 +331,7 @@ class _Follower:
             if perm is None:
                 perm = list(range((self.rank(node.inputs[0]) or 0) - 1, -1, -1))
             if axis in perm:
-                return Rows(list(perm).index(axis))
+                return self.rows(list(perm).index(axis))
             raise _refuse(node, "moves the batch axis out of range")
         if op in ("Squeeze", "Unsqueeze"):
             return self.squeeze(node, axis)
@@ -338,20 +347,20 @@ class _Follower:
             g = int(node.attrs.get("axis", 0))
             g = g % (self.rank(node.inputs[0]) or 1)
             if rows == [1]:
-                return Rows(g + axis)  # embedding lookup: sample i's indices pick rows of an unbatched table
+                return self.rows(g + axis)  # embedding lookup: sample i's indices pick rows of an unbatched table
             if rows == [0] and g != axis:
-                return Rows(axis if axis < g else axis - 1 + (self.rank(node.inputs[1]) or 0))
+                return self.rows(axis if axis < g else axis - 1 + (self.rank(node.inputs[1]) or 0))
             raise _refuse(node, "gathers along the batch axis")
         if op in _REDUCE:
             return self.reduce(node, axis)
         if op in ("SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss") and rows[:2] == [0, 1]:
-            if tags[0] != Rows(0) or tags[1] != Rows(0):
+            if tags[0].axis != 0 or tags[1] != tags[0]:
                 raise _refuse(node, "has the batch off axis 0 of its scores or labels")
             reduction = node.attrs.get("reduction", "mean")
             if len(node.inputs) > 2 and node.inputs[2] and reduction == "mean":
                 raise _refuse(node, "is a class-weighted mean")
             if reduction == "none":
-                return Rows(0)
+                return self.rows(0)
             if reduction == "sum":
                 return ("sum", None)
             if "ignore_index" in node.attrs:
@@ -360,6 +369,10 @@ class _Follower:
         raise _refuse(node, "is not known to keep the samples of a batch independent")
 
     # -- rules -----------------------------------------------------------------------------------
+    def rows(self, axis: int) -> Rows:
+        """The batch on ``axis`` of a rule's output, laid out as in its batched inputs."""
+        return Rows(axis, self._outer)
+
     def elementwise(self, node: Node, tags: list) -> Rows:
         """Broadcasting aligns axes from the right: every batched input must put its batch on the
         same output axis, and every unbatched input must have size 1 there (a bias, a scalar)."""
@@ -375,7 +388,7 @@ class _Follower:
             p = out_axis - (out_rank - ranks[k])
             if node.inputs[k] and not isinstance(t, Rows) and p >= 0 and self.shape(node.inputs[k])[p] != 1:
                 raise self.mixing(node, k, p)
-        return Rows(out_axis)
+        return self.rows(out_axis)
 
     def mixing(self, node: Node, k: int, p: int) -> GraphError:
         """The refusal for an unbatched input ``k`` that is not size 1 along the batch axis (at its
@@ -398,11 +411,11 @@ class _Follower:
             raise _refuse(node, "has inputs of unknown shape")
         a = tags[rows[0]].axis
         if rows == [0] and ra == ro and (a == ra - 2 or (a < ra - 2 and rb <= 2)):
-            return Rows(a)  # the batch along A's rows, or A's stacked matrices times one B
+            return self.rows(a)  # the batch along A's rows, or A's stacked matrices times one B
         if rows == [1] and rb == ro and a < rb - 2 and ra <= 2:
-            return Rows(a)
+            return self.rows(a)
         if rows == [0, 1] and ra == rb == ro and a == tags[1].axis and a < ro - 2:
-            return Rows(a)  # batched product: sample i's matrices times sample i's matrices
+            return self.rows(a)  # batched product: sample i's matrices times sample i's matrices
         raise _refuse(node, "contracts over the batch axis")
 
     def along_axis(self, node: Node, tags: list, rows: list[int], op_axis: int) -> Rows:
@@ -417,13 +430,13 @@ class _Follower:
         if op_axis == axis or (op == "LayerNormalization" and op_axis < axis):
             raise _refuse(node, f"works along the batch axis (axis {axis})")
         data = [k for k, (t, i) in enumerate(zip(tags, node.inputs)) if i]
-        if op == "Concat" and any(tags[k] != Rows(axis) for k in data):
+        if op == "Concat" and any(tags[k] != tags[rows[0]] for k in data):
             raise _refuse(node, "concatenates a batched value with an unbatched one")
-        if op == "GatherElements" and (tags[0] != Rows(axis) or tags[1] != Rows(axis)):
+        if op == "GatherElements" and (tags[0] != tags[rows[0]] or tags[1] != tags[rows[0]]):
             raise _refuse(node, "gathers with data and indices not both batched along one axis")
         if op in ("LayerNormalization", "Split", "TopK", "CumSum", "Softmax", "LogSoftmax", "Hardmax") and rows != [0]:
             raise _refuse(node, "reads batched parameters")
-        return Rows(axis)
+        return self.rows(axis)
 
     def squeeze(self, node: Node, axis: int) -> Rows:
         op = node.op_type
@@ -437,13 +450,13 @@ class _Follower:
             axes = sorted(a % in_rank for a in axes)
             if axis in axes:
                 raise _refuse(node, "squeezes the batch axis")
-            return Rows(axis - sum(a < axis for a in axes))
+            return self.rows(axis - sum(a < axis for a in axes))
         if axes is None:
             raise _refuse(node, "has axes that are not constants")
         out_rank = in_rank + len(axes)
         inserted = sorted(a % out_rank for a in axes)
         kept = [k for k in range(out_rank) if k not in inserted]
-        return Rows(kept[axis])
+        return self.rows(kept[axis])
 
     def slice(self, node: Node, tags: list, axis: int) -> Rows:
         """Slices of other axes are per sample; along the batch axis only the whole of it."""
@@ -455,49 +468,62 @@ class _Follower:
             raise _refuse(node, "has axes that are not constants")
         if starts is None or ends is None:
             if axes is not None and axis not in [a % rank for a in axes]:
-                return Rows(axis)
+                return self.rows(axis)
             raise _refuse(node, "slices the batch axis with bounds that are not constants")
         axes = list(range(len(starts))) if axes is None else [a % rank for a in axes]
         if axis not in axes:
-            return Rows(axis)
+            return self.rows(axis)
         k = axes.index(axis)
         step = 1 if steps is None else int(steps.reshape(-1)[k])
         start, end = int(starts.reshape(-1)[k]), int(ends.reshape(-1)[k])
         full = self.shape(node.inputs[0])[axis]
         if step == 1 and (start == 0 or start <= -full):
             if end >= _BIG:
-                return Rows(axis)  # the whole axis: a no-op there
+                return self.rows(axis)  # the whole axis: a no-op there
             if end == full:
                 raise _refuse(node, f"has a constant end ({end}) that holds the batch size along the batch "
                                     "axis; each micro-batch needs its own")
         raise _refuse(node, "slices the batch axis")
 
     def reshape(self, node: Node, tags: list, axis: int) -> Rows:
-        """Exact when the batch stays on axis 0 sample-major: the input's batch is axis 0 (each
-        sample's elements contiguous) and the output's axis 0 is a multiple of n whose other axes do
-        not depend on the batch ((B, T, V) <-> (B*T, V) both ways); check_size checks the latter."""
+        """Exact when each sample's elements stay runs along one output axis. In row-major order the
+        input is P outer blocks (the axes before the batch axis, times its ``outer``), each holding
+        the n samples one after the other, blk elements each. An output axis a whose preceding axes
+        multiply to a divisor of P, and whose following axes to a divisor of blk, holds the batch the
+        same way: (B, T, V) <-> (B*T, V); attention's heads (T, B, E) -> (T, B*H, E/H); and its rows
+        (T, B*H, d) -> (T*B*H, d), where the T blocks become ``outer``. check_size confirms the output
+        at every micro-batch size. A constant shape that spells the batch-derived length out (a
+        fixed-batch export of ``x.view(64, -1)``) holds the batch size: refused."""
         src, dst = self.shape(node.inputs[0]), self.shape(node.outputs[0])
-        if axis != 0 or tags[1] not in (NONE, SHAPE) or src is None or dst is None or not dst:
+        if tags[1] not in (NONE, SHAPE) or src is None or dst is None or not dst:
             raise _refuse(node, "changes the batch axis")
+        blocks = math.prod(src[:axis]) * tags[0].outer
+        blk = math.prod(src) // (blocks * self.n)
+        out = None
+        for a in range(len(dst)):
+            before, after = math.prod(dst[:a]), math.prod(dst[a + 1:])
+            if blocks % before == 0 and after and blk % after == 0 and dst[a] == blocks // before * self.n * (blk // after):
+                out = Rows(a, blocks // before)
+                break
+        if out is None:
+            raise _refuse(node, "moves the batch to another place in the layout, or splits it")
         target = self.const(node, 1)
         if target is not None:
-            first = int(target.reshape(-1)[0]) if target.size else None
-            copies = first == 0 and not node.attrs.get("allowzero", 0)
-            if first is not None and first != -1 and not copies:
-                if first % self.n == 0:
-                    raise _refuse(node, f"has a constant shape {target.tolist()} whose first entry holds the batch "
-                                        f"size ({first}); each micro-batch needs its own (reshape with -1 instead)")
-                raise _refuse(node, f"has a constant shape {target.tolist()} that moves the batch off axis 0")
-        if dst[0] % self.n:
-            raise _refuse(node, "moves the batch off axis 0 or splits it")
-        return Rows(0)
+            entries = [int(v) for v in target.reshape(-1)]
+            entry = entries[out.axis] if out.axis < len(entries) else None
+            copies = entry == 0 and not node.attrs.get("allowzero", 0) and out.axis < len(src) \
+                and src[out.axis] == dst[out.axis]
+            if entry not in (-1, None) and not copies:
+                raise _refuse(node, f"has a constant shape {entries} whose entry {entry} holds the batch size; each "
+                                    "micro-batch needs its own (export with a dynamic batch, or reshape with -1 there)")
+        return out
 
     def expand_or_tile(self, node: Node, tags: list, axis: int) -> Rows:
         """Expand/Tile of a batched value: exact when the batch axis is neither broadcast nor repeated."""
         rank = self.rank(node.inputs[0]) or 0
         out_axis = axis + (self.rank(node.outputs[0]) or rank) - rank  # Expand may prepend axes
         if tags[1] == SHAPE:
-            return Rows(out_axis)  # a shape computed from the batch's: check_size checks it follows
+            return self.rows(out_axis)  # a shape computed from the batch's: check_size checks it follows
         c = self.const(node, 1)
         if c is None:
             raise _refuse(node, "has a shape that is not a constant")
@@ -506,14 +532,14 @@ class _Follower:
         k = out_axis - ((self.rank(node.outputs[0]) or 0) - len(c)) if node.op_type == "Expand" else axis
         entry = c[k] if 0 <= k < len(c) else 1
         if entry == 1:
-            return Rows(out_axis)
+            return self.rows(out_axis)
         if node.op_type == "Expand" and entry == self.shape(node.inputs[0])[axis]:
             # A no-op along the batch axis that holds the batch size (the legacy exporter's
             # broadcast in mse_loss, from a fixed-batch export): 1 there keeps the input's own size
             # at every batch size, and changes nothing at this one.
             c[k] = 1
             self.rewrites[node.name] = (1, np.asarray(c, np.int64))
-            return Rows(out_axis)
+            return self.rows(out_axis)
         raise _refuse(node, "repeats or broadcasts along the batch axis")
 
     def pad(self, node: Node, tags: list, axis: int) -> Rows:
@@ -526,7 +552,7 @@ class _Follower:
         axes = [a % rank for a in axes]
         if axis in axes and (pads[axes.index(axis)] or pads[len(axes) + axes.index(axis)]):
             raise _refuse(node, "pads the batch axis")
-        return Rows(axis)
+        return self.rows(axis)
 
     def reduce(self, node: Node, axis: int) -> object:
         op = node.op_type
@@ -538,11 +564,11 @@ class _Follower:
             raise _refuse(node, "has axes that are not constants")
         if not axes:  # omitted or empty: every axis, unless asked to do nothing
             if node.attrs.get("noop_with_empty_axes", 0):
-                return Rows(axis)
+                return self.rows(axis)
             axes = list(range(rank))
         axes = [a % rank for a in axes]
         if axis not in axes:  # a reduction within each sample
-            return Rows(axis if node.attrs.get("keepdims", 1) else axis - sum(a < axis for a in axes))
+            return self.rows(axis if node.attrs.get("keepdims", 1) else axis - sum(a < axis for a in axes))
         if op == "ReduceMean":
             return ("mean", None)
         if op == "ReduceSum":
@@ -602,7 +628,7 @@ class _Follower:
         (b,) = letters
         if b not in out or any(b in terms[k] for k, t in enumerate(tags) if not isinstance(t, Rows)):
             raise _refuse(node, f"sums over the batch index '{b}' or shares it with an unbatched operand")
-        return Rows(out.index(b))
+        return self.rows(out.index(b))
 
     def labels_feed(self, node: Node) -> str:
         """The feed holding a loss's labels, through ops that only rearrange them within samples:

@@ -113,3 +113,41 @@ def onnx_reference(op_type: str, inputs: Sequence[np.ndarray | None], attrs: dic
          for n, x in zip(names, inputs) if n],
         [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs])
     return ReferenceEvaluator(onnx_model(graph, opset)).run(None, {n: x for n, x in zip(names, inputs) if n})
+
+
+def assert_same_result(result, reference, rtol: float = 1e-10) -> None:
+    """Two engines' results agree: the loss, and every dL/dw relative to its largest entry."""
+    assert abs(result.loss - reference.loss) <= rtol * abs(reference.loss), (result.loss, reference.loss)
+    assert result.grads.keys() == reference.grads.keys()
+    for name, want in reference.grads.items():
+        scale = max(np.abs(want).max(), 1e-300)
+        assert np.abs(result.grads[name] - want).max() <= rtol * scale, name
+
+
+def split_inline(model, feeds, parts):
+    """Micro-batching without Ray: the loss and dL/dw of the chunks ``split_batch`` makes, each run
+    inline on ``split.model`` and weighted."""
+    from gradserve.server.batching import split_batch
+    from gradserve.server.inline import InlineEngine
+    from gradserve.server.prepare import prepare
+
+    split = split_batch(model, prepare(model, feeds), feeds, parts)
+    assert len(split.chunks) == parts
+    results = [InlineEngine().gradients(split.model, c.feeds) for c in split.chunks]
+    loss = sum(c.weight * r.loss for c, r in zip(split.chunks, results))
+    grads = {k: sum(c.weight * r.grads[k] for c, r in zip(split.chunks, results)) for k in results[0].grads}
+    return split, loss, grads
+
+
+def assert_split_exact(model, feeds, parts=(2, 3)):
+    """Split into each number of ``parts``, the weighted chunks equal the unsplit job; returns the
+    last split."""
+    from gradserve.server.inline import InlineEngine
+
+    want = InlineEngine().gradients(model, feeds)
+    for p in parts:
+        split, loss, grads = split_inline(model, feeds, p)
+        assert abs(loss - want.loss) <= 1e-12 * abs(want.loss), (loss, want.loss)
+        for name, g in want.grads.items():
+            np.testing.assert_allclose(grads[name], g, rtol=1e-10, atol=1e-13 * max(1, np.abs(g).max()), err_msg=name)
+    return split

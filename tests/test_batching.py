@@ -8,33 +8,13 @@ import numpy as np
 import pytest
 
 import gradserve
+from gradcheck import assert_split_exact
 from gradserve.server.batching import Rows, _Follower, split_batch
 from gradserve.server.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
 from gradserve.worker.validate import infer_shapes, toposort
 
-INLINE = gradserve.local()
 RNG = np.random.default_rng(0)
-
-
-def split_inline(model, feeds, parts):
-    """The loss and dL/dw of the chunks, each run inline on split.model and weighted."""
-    split = split_batch(model, prepare(model, feeds), feeds, parts)
-    assert len(split.chunks) == parts
-    results = [INLINE.gradients(split.model, c.feeds) for c in split.chunks]
-    loss = sum(c.weight * r.loss for c, r in zip(split.chunks, results))
-    grads = {k: sum(c.weight * r.grads[k] for c, r in zip(split.chunks, results)) for k in results[0].grads}
-    return split, loss, grads
-
-
-def assert_split_exact(model, feeds, parts=(2, 3)):
-    want = INLINE.gradients(model, feeds)
-    for p in parts:
-        split, loss, grads = split_inline(model, feeds, p)
-        assert loss == pytest.approx(want.loss, rel=1e-12)
-        for name, g in want.grads.items():
-            np.testing.assert_allclose(grads[name], g, rtol=1e-10, atol=1e-13 * max(1, np.abs(g).max()), err_msg=name)
-    return split
 
 
 def follow(model, feeds, batched=None, n=None):
@@ -91,7 +71,7 @@ def test_fixed_batch_reshape_constant_holding_the_batch_size_is_refused():
     flat = m.op("Reshape", x, m.constant(np.array([n, -1])), name="view")
     model = m.loss((flat @ m.param("w", f64(6, 1))).mean())
     feeds = {"x": f64(n, 2, 3)}
-    with pytest.raises(GraphError, match=r"node 'view' \(Reshape\) has a constant shape \[6, -1\] whose first entry "
+    with pytest.raises(GraphError, match=r"node 'view' \(Reshape\) has a constant shape \[6, -1\] whose entry 6 "
                                          r"holds the batch size"):
         split_batch(model, prepare(model, feeds), feeds, 2)
     # the same with -1 first splits
@@ -198,13 +178,31 @@ def test_merge_then_split_back():
     assert_split_exact(model, {"x": f64(B, T, D)})
 
 
-@pytest.mark.parametrize("case", ["transposed merge", "split the batch", "batch to axis 1"])
+def test_merges_behind_other_axes_split_exactly():
+    """nn.MultiheadAttention's layout: (B, T, D) -> (T, B, D) -> (T*B, D) rows (T blocks of the
+    batch), a row-wise product, and back (T, B, H) -> (B, T, H); and the heads merge (T, B, D) ->
+    (T, B*H, D/H)."""
+    B, T, D, H = 6, 4, 4, 2
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, T, D), np.float64)
+    seq_first = m.op("Transpose", x, perm=[1, 0, 2])
+    rows = m.op("Reshape", seq_first, m.constant(np.array([-1, D])))
+    back = m.op("Reshape", rows @ m.param("w", f64(D, 3)), m.constant(np.array([T, -1, 3])))
+    heads = m.op("Reshape", seq_first, m.constant(np.array([T, -1, D // H])))
+    y = m.op("Transpose", back, perm=[1, 0, 2])
+    model = m.loss(m.op("ReduceMean", y * y, keepdims=0) + m.op("ReduceMean", m.tanh(heads), keepdims=0))
+    assert_split_exact(model, {"x": f64(B, T, D)})
+
+
+@pytest.mark.parametrize("case", ["slice of merged rows", "split the batch", "batch to axis 1"])
 def test_reshapes_that_move_the_batch_are_refused(case):
     B, T, D = 6, 4, 3
     m = gradserve.ModelBuilder()
     x = m.input("x", (None, T, D), np.float64)
-    if case == "transposed merge":  # (T, B, D) -> (T*B, D): sample i's rows are not contiguous
-        y = m.op("Reshape", m.op("Transpose", x, perm=[1, 0, 2]), m.constant(np.array([-1, D])), name="bad")
+    if case == "slice of merged rows":  # (T*B, D) rows are T blocks of the batch: the first B are one block
+        rows = m.op("Reshape", m.op("Transpose", x, perm=[1, 0, 2]), m.constant(np.array([-1, D])))
+        y = m.op("Slice", rows, m.constant(np.array([0])), m.constant(np.array([B])), m.constant(np.array([0])),
+                 name="bad")
     elif case == "split the batch":
         y = m.op("Reshape", x, m.constant(np.array([2, -1, D])), name="bad")
     else:  # (B, T, D) -> (T, B*D) from Shape: axis 0 no longer follows the batch
@@ -213,7 +211,7 @@ def test_reshapes_that_move_the_batch_are_refused(case):
         y = m.op("Reshape", x, shape, name="bad")
     model = m.loss(m.op("ReduceSum", y * y, keepdims=0))
     feeds = {"x": f64(B, T, D)}
-    with pytest.raises(GraphError, match=r"node 'bad' \((Reshape|Transpose)\)"):
+    with pytest.raises(GraphError, match=r"node 'bad' \((Reshape|Transpose|Slice)\)"):
         split_batch(model, prepare(model, feeds), feeds, 2)
 
 

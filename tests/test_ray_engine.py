@@ -15,6 +15,7 @@ from gradserve.worker.graph import GraphError
 
 import models
 from dags import random_dag
+from gradcheck import assert_same_result
 
 pytestmark = pytest.mark.slow  # needs Ray worker processes
 
@@ -73,21 +74,13 @@ def case(request, tmp_path_factory):
     return name, model, feeds, INLINE.gradients(model, feeds)
 
 
-def assert_same(result, reference, rtol=1e-10):
-    assert result.loss == pytest.approx(reference.loss, rel=rtol)
-    assert result.grads.keys() == reference.grads.keys()
-    for name, want in reference.grads.items():
-        scale = max(np.abs(want).max(), 1e-300)
-        assert np.abs(result.grads[name] - want).max() <= rtol * scale, name
-
-
 @pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize("micro_batches", [1, 2, 4])
 @pytest.mark.parametrize("partitions", [1, 2, 3, 4])
 def test_equals_inline(ray_engine, case, partitions, micro_batches, replicas):
     name, model, feeds, reference = case
     result = ray_engine.gradients(model, feeds, partitions=partitions, micro_batches=micro_batches, replicas=replicas)
-    assert_same(result, reference)
+    assert_same_result(result, reference)
     assert result.info["partitions"] == min(partitions, len(model.nodes))
 
 
@@ -95,7 +88,7 @@ def test_input_gradients_and_fan_out_across_cuts(ray_engine):
     model, feeds = random_dag(3, depth=12)
     reference = INLINE.gradients(model, feeds, input_grads=["x"])
     result = ray_engine.gradients(model, feeds, partitions=4, micro_batches=2, input_grads=["x"])
-    assert_same(result, reference)
+    assert_same_result(result, reference)
     np.testing.assert_allclose(result.input_grads["x"], reference.input_grads["x"], rtol=1e-10, atol=1e-14)
     plan = ray_engine.plan(model, feeds, partitions=4)
     assert any(len(b.consumers) > 1 or b.consumers[0] > b.producer + 1 for b in plan.boundaries.values()), \
@@ -113,7 +106,7 @@ def test_parameters_are_placed_once_per_content(ray_engine):
     # A training step that updates the weights in place must not be served stale weights.
     for value in model.params.values():
         value -= 0.1
-    assert_same(ray_engine.gradients(model, feeds, partitions=2), INLINE.gradients(model, feeds))
+    assert_same_result(ray_engine.gradients(model, feeds, partitions=2), INLINE.gradients(model, feeds))
     assert key not in ray_engine._latest[model.structure_fingerprint()] and key not in ray_engine._params
     # A caller that vouches for the content (the server's model id) skips the comparison.
     ray_engine.gradients(model, feeds, partitions=2, model_key="content-hash-1")
@@ -153,7 +146,7 @@ def test_worker_error_names_the_node_and_leaves_no_state(ray_engine):
     assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool])) == 0
     # and the engine still works
     good = {"idx": np.array([0, 2]), "x": np.ones((2, 4))}
-    assert_same(ray_engine.gradients(model, good, partitions=3), INLINE.gradients(model, good))
+    assert_same_result(ray_engine.gradients(model, good, partitions=3), INLINE.gradients(model, good))
 
 
 def test_cancelled_job_raises_and_frees_state(ray_engine):
@@ -204,7 +197,7 @@ def test_ignored_targets_never_leave_a_micro_batch_empty(ray_engine):
     model = m.loss(m.op("SoftmaxCrossEntropyLoss", logits, labels, reduction="mean", ignore_index=-1))
     feeds = {"x": np.random.default_rng(1).standard_normal((8, 4)), "labels": np.array([-1, -1, -1, -1, -1, 2, 0, 1])}
     # An even split would give the first micro-batches only ignored targets (a 0/0 mean).
-    assert_same(ray_engine.gradients(model, feeds, micro_batches=3), INLINE.gradients(model, feeds))
+    assert_same_result(ray_engine.gradients(model, feeds, micro_batches=3), INLINE.gradients(model, feeds))
     with pytest.raises(GraphError, match="only 3 samples have targets"):
         ray_engine.gradients(model, feeds, micro_batches=2, replicas=2)
 
@@ -222,7 +215,7 @@ def test_concurrent_jobs_on_shared_workers(ray_engine):
     for t in threads:
         t.join(timeout=120)
     for i, (model, feeds) in enumerate(cases):
-        assert_same(results[i], INLINE.gradients(model, feeds))
+        assert_same_result(results[i], INLINE.gradients(model, feeds))
 
 
 def test_a_job_survives_a_worker_dying(ray_engine):
@@ -234,7 +227,7 @@ def test_a_job_survives_a_worker_dying(ray_engine):
     victim = ray_engine._pool[1]
     ray.kill(victim, no_restart=True)
     result = ray_engine.gradients(model, feeds, partitions=2)  # loses the worker, runs again
-    assert_same(result, reference)
+    assert_same_result(result, reference)
     assert result.info["retries"] == 1
     assert all(a is not victim for a in ray_engine._pool), "the dead actor left the pool"
     assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool])) == 0
@@ -260,6 +253,6 @@ def test_a_worker_dying_mid_job(ray_engine):
             ray.kill(ray_engine._pool[2], no_restart=True)
 
     result = ray_engine.gradients(model, feeds, partitions=3, micro_batches=4, progress=kill_once)
-    assert_same(result, reference)
+    assert_same_result(result, reference)
     assert result.info["retries"] == 1
     assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool])) == 0

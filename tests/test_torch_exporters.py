@@ -8,31 +8,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 import gradserve
 
 import models as M
 from torch_oracle import EXPORTERS, check_module, export
-
-
-class MSE(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(self.net(x), target)
-
-
-class CrossEntropy(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.net(x), labels)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -41,10 +21,10 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_dynamo_mlp_with_mse_loss(dtype, tmp_path):
-    net = MSE(M.make_mlp()).to(dtype)
+    net = M.WithMSE(M.make_mlp()).to(dtype)
     x, t = torch.randn(5, 8, generator=_gen(), dtype=dtype), torch.rand(5, 4, generator=_gen(1), dtype=dtype)
     check_module(net, (x, t), ["x", "target"], tmp_path, "dynamo")
-    assert onnx.load(str(tmp_path / "MSE-dynamo.onnx")).opset_import[0].version >= 18
+    assert onnx.load(str(tmp_path / "WithMSE-dynamo.onnx")).opset_import[0].version >= 18
 
 
 # A train-mode BatchNorm: the legacy exporter writes training_mode=1; the dynamo exporter writes the
@@ -55,7 +35,7 @@ TRAIN_MODE_EXPORTS = [("legacy", {}), ("dynamo", {"optimize": False, "batch_norm
 
 @pytest.mark.parametrize("exporter,options", TRAIN_MODE_EXPORTS, ids=[e for e, _ in TRAIN_MODE_EXPORTS])
 def test_cnn_train_mode_batch_norm(exporter, options, tmp_path):
-    net = CrossEntropy(M.make_cnn()).double()
+    net = M.WithCrossEntropy(M.make_cnn()).double()
     x = torch.randn(4, 3, 12, 12, generator=_gen(), dtype=torch.float64)
     check_module(net, (x, torch.randint(0, 5, (4,), generator=_gen(1))), ["x", "labels"], tmp_path, exporter,
                  **options)
@@ -64,7 +44,7 @@ def test_cnn_train_mode_batch_norm(exporter, options, tmp_path):
 @pytest.mark.parametrize("exporter,options", TRAIN_MODE_EXPORTS, ids=[e for e, _ in TRAIN_MODE_EXPORTS])
 def test_resnet_block_train_mode_batch_norm(exporter, options, tmp_path):
     torch.manual_seed(0)
-    net = CrossEntropy(M.ResNetBlock()).double()
+    net = M.WithCrossEntropy(M.ResNetBlock()).double()
     x = torch.randn(3, 3, 8, 8, generator=_gen(), dtype=torch.float64)
     check_module(net, (x, torch.randint(0, 5, (3,), generator=_gen(1))), ["x", "labels"], tmp_path, exporter,
                  **options)
@@ -74,7 +54,7 @@ def test_eval_mode_resnet_block_default_dynamo_export(tmp_path):
     """In eval mode the default dynamo export (optimized: BatchNorm folded into the conv weights)
     gives torch's eval-mode loss and the gradient of every parameter that survives as itself."""
     torch.manual_seed(0)
-    net = CrossEntropy(M.ResNetBlock()).double().eval()
+    net = M.WithCrossEntropy(M.ResNetBlock()).double().eval()
     x = torch.randn(3, 3, 8, 8, generator=_gen(), dtype=torch.float64)
     labels = torch.randint(0, 5, (3,), generator=_gen(1))
     path = export(net, (x, labels), tmp_path / "resnet.onnx", ["x", "labels"], "dynamo")

@@ -143,6 +143,9 @@ def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], required: set[str
 def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray]) -> dict[str, ValueInfo]:
     """Shape and dtype of every value, by ONNX shape inference on the concrete feed shapes.
 
+    ONNX's data propagation stops at shape arithmetic it cannot follow (a Where over a shape
+    vector, a Reshape of one); where shapes are left unknown, that arithmetic is computed here, with
+    the op library, on the concrete shapes, and inference runs again with its results as constants.
     Raises GraphError naming the node when an op gets inputs of the wrong count, shape or dtype.
     """
     known: dict[str, ValueInfo] = {}
@@ -150,23 +153,38 @@ def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray
     for name, value in list(feeds.items()) + list(model.params.items()):
         known[name] = ValueInfo(tuple(value.shape), value.dtype)
         graph_inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
-    initializers = []
     for name, value in model.constants.items():
         known[name] = ValueInfo(tuple(value.shape), value.dtype)
-        initializers.append(onnx.numpy_helper.from_array(value, name))
     onnx_nodes = []
     for node in nodes:
         try:
             onnx_nodes.append(helper.make_node(node.op_type, node.inputs, node.outputs, name=node.name, **_onnx_attrs(node)))
         except Exception as exc:
             raise GraphError(f"{node}: bad attributes: {exc}") from None
-    graph = helper.make_graph(onnx_nodes, "check", graph_inputs, [], initializer=initializers)
-    proto = onnx_model(graph, model.opset)
     for node, onnx_node in zip(nodes, onnx_nodes):
         try:
             onnx.checker.check_node(onnx_node, _checker_context(model.opset))
         except onnx.checker.ValidationError as exc:
             raise GraphError(f"{node}: {_first_line(str(exc))}") from None
+    _infer_into(known, model, nodes, onnx_nodes, graph_inputs, dict(model.constants))
+    if any(o and o not in known for n in nodes for o in n.outputs):
+        computed = _shape_arithmetic(model, nodes, known)
+        done = [n for n in nodes if all(x in computed for x in n.outputs if x)]
+        if done:  # those nodes become constants; inference runs again on the rest
+            dropped = {n.name for n in done}
+            kept = [(n, o) for n, o in zip(nodes, onnx_nodes) if n.name not in dropped]
+            values = {x: computed[x] for n in done for x in n.outputs if x}
+            _infer_into(known, model, [n for n, _ in kept], [o for _, o in kept], graph_inputs,
+                        {**model.constants, **values})
+    return known
+
+
+def _infer_into(known: dict[str, ValueInfo], model: Model, nodes: list[Node], onnx_nodes: list, graph_inputs: list,
+                constants: Mapping[str, np.ndarray]) -> None:
+    initializers = [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()]
+    for name, value in constants.items():
+        known[name] = ValueInfo(tuple(np.shape(value)), np.asarray(value).dtype)
+    proto = onnx_model(helper.make_graph(onnx_nodes, "check", graph_inputs, [], initializer=initializers), model.opset)
     try:
         inferred = shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except (shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
@@ -176,7 +194,36 @@ def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         if t.HasField("shape") and all(d >= 0 for d in dims):
             known[vi.name] = ValueInfo(dims, helper.tensor_dtype_to_np_dtype(t.elem_type))
-    return known
+
+
+_SHAPE_VALUE_LIMIT = 64  # elements: shape vectors and scalars derived from them, never activations
+
+
+def _shape_arithmetic(model: Model, nodes: list[Node], known: Mapping[str, ValueInfo]) -> dict[str, np.ndarray]:
+    """The values of shape arithmetic: Shape/Size of values whose shape is known, and every small
+    result computed only from those and small integer constants."""
+    from gradserve.worker.ops import OpContext  # the op library, not its registry's import time
+
+    values: dict[str, np.ndarray] = {k: v for k, v in model.constants.items()
+                                     if v.dtype.kind in "iub" and v.size <= _SHAPE_VALUE_LIMIT}
+    computed: dict[str, np.ndarray] = {}
+    for node in nodes:
+        if node.op_type in ("Shape", "Size") and node.inputs[0] in known:
+            args = [np.broadcast_to(np.zeros((), known[node.inputs[0]].dtype), known[node.inputs[0]].shape)]
+        elif node.inputs and all(not i or i in values for i in node.inputs):
+            args = [values[i] if i else None for i in node.inputs]
+        else:
+            continue
+        try:
+            result = get_op(node.op_type).forward(OpContext(dict(node.attrs), node=node.name, n_outputs=len(node.outputs)), *args)
+        except Exception:  # left to the engine, whose message names the node
+            continue
+        outs = result if isinstance(result, tuple) else (result,)
+        if all(np.size(r) <= _SHAPE_VALUE_LIMIT for r in outs):
+            for name, r in zip(node.outputs, outs):
+                if name:
+                    values[name] = computed[name] = np.array(r)
+    return computed
 
 
 def check_loss(model: Model, shapes: Mapping[str, ValueInfo]) -> None:
