@@ -145,7 +145,7 @@ def _print_placement(info: dict) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from gradserve.server.partition import plan_model
+    from gradserve.server.planning.partition import plan_model
 
     model = _load_model(args)
     feeds = _read_feeds(args.feeds) if args.feeds else None

@@ -9,7 +9,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from gradserve.server.events import Progress, ProgressEvent, check_cancelled
-from gradserve.server.prepare import prepare
+from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import GraphError, Model

@@ -27,7 +27,7 @@ from gradserve.server.errors import BadRequest, LimitExceeded, abort
 from gradserve.server.jobs import FINISHED, MAX_KEPT_EVENTS, Job, JobRegistry, JobSnapshot, parse_options
 from gradserve.server.limits import ByteBudget, Limits
 from gradserve.server.models import ModelStore
-from gradserve.server.prepare import prepare
+from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, graph_from_proto
 from gradserve.worker.validate import check_structure

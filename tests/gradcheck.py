@@ -127,9 +127,9 @@ def assert_same_result(result, reference, rtol: float = 1e-10) -> None:
 def split_inline(model, feeds, parts):
     """Micro-batching without Ray: the loss and dL/dw of the chunks ``split_batch`` makes, each run
     inline on ``split.model`` and weighted."""
-    from gradserve.server.batching import split_batch
+    from gradserve.server.planning.batching import split_batch
     from gradserve.server.inline import InlineEngine
-    from gradserve.server.prepare import prepare
+    from gradserve.server.planning.prepare import prepare
 
     split = split_batch(model, prepare(model, feeds), feeds, parts)
     assert len(split.chunks) == parts

@@ -1,4 +1,4 @@
-"""Planning micro-batches (server/batching.py), without Ray: which graphs split exactly, which are
+"""Planning micro-batches (server/planning/batching.py), without Ray: which graphs split exactly, which are
 refused (naming the node), the chunk weights, and -- where the ops run -- that the weighted sum of
 the chunks' inline results equals the unsplit job's."""
 
@@ -9,8 +9,8 @@ import pytest
 
 import gradserve
 from gradcheck import assert_split_exact
-from gradserve.server.batching import Rows, _Follower, split_batch
-from gradserve.server.prepare import PreparedJob, prepare
+from gradserve.server.planning.batching import Rows, _Follower, split_batch
+from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
 from gradserve.worker.validate import infer_shapes, toposort
 

@@ -109,7 +109,7 @@ def test_float32_stays_float32():
 
 def test_activations_not_needed_by_backward_are_released():
     from gradserve.worker.autodiff import compile_program, forward
-    from gradserve.server.prepare import prepare
+    from gradserve.server.planning.prepare import prepare
 
     m = gradserve.ModelBuilder()
     x = m.input("x", (None, 8), np.float64)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gradserve
-from gradserve.server.partition import plan_model
+from gradserve.server.planning.partition import plan_model
 from gradserve.worker.graph import GraphError
 
 from dags import random_dag

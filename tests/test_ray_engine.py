@@ -143,7 +143,7 @@ def test_worker_error_names_the_node_and_leaves_no_state(ray_engine):
         ray_engine.gradients(model, feeds, partitions=3)
     import ray
 
-    assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool])) == 0
+    assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool.actors])) == 0
     # and the engine still works
     good = {"idx": np.array([0, 2]), "x": np.ones((2, 4))}
     assert_same_result(ray_engine.gradients(model, good, partitions=3), INLINE.gradients(model, good))
@@ -157,7 +157,7 @@ def test_cancelled_job_raises_and_frees_state(ray_engine):
         ray_engine.gradients(model, feeds, partitions=2, cancelled=cancelled)
     import ray
 
-    assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool])) == 0
+    assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool.actors])) == 0
 
 
 def _refusal_cases():
@@ -224,13 +224,13 @@ def test_a_job_survives_a_worker_dying(ray_engine):
     model, feeds = builder_mlp(seed=11)
     reference = INLINE.gradients(model, feeds)
     ray_engine.gradients(model, feeds, partitions=2)
-    victim = ray_engine._pool[1]
+    victim = ray_engine._pool.actors[1]
     ray.kill(victim, no_restart=True)
     result = ray_engine.gradients(model, feeds, partitions=2)  # loses the worker, runs again
     assert_same_result(result, reference)
     assert result.info["retries"] == 1
-    assert all(a is not victim for a in ray_engine._pool), "the dead actor left the pool"
-    assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool])) == 0
+    assert all(a is not victim for a in ray_engine._pool.actors), "the dead actor left the pool"
+    assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool.actors])) == 0
 
 
 def test_a_worker_dying_mid_job(ray_engine):
@@ -250,9 +250,9 @@ def test_a_worker_dying_mid_job(ray_engine):
     def kill_once(event):
         events.append(event)
         if len(events) == 2:  # the first forward steps are done, the rest is in flight
-            ray.kill(ray_engine._pool[2], no_restart=True)
+            ray.kill(ray_engine._pool.actors[2], no_restart=True)
 
     result = ray_engine.gradients(model, feeds, partitions=3, micro_batches=4, progress=kill_once)
     assert_same_result(result, reference)
     assert result.info["retries"] == 1
-    assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool])) == 0
+    assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool.actors])) == 0

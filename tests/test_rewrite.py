@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from gradserve.server.inline import InlineEngine
-from gradserve.server.partition import plan_job
-from gradserve.server.prepare import prepare
+from gradserve.server.planning.partition import plan_job
+from gradserve.server.planning.prepare import prepare
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import InputSpec, Model, Node
 from gradserve.worker.validate import check_structure

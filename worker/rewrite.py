@@ -1,7 +1,7 @@
 """Graph rewrites that make a job cheaper and leave every value the caller sees -- the loss, each
 dL/dw, each requested dL/dx -- exactly as it was, bit for bit.
 
-Applied to the checked, pruned nodes of a job (see :func:`gradserve.server.prepare.prepare`), so
+Applied to the checked, pruned nodes of a job (see :func:`gradserve.server.planning.prepare.prepare`), so
 both engines and the partitioner see the same graph. Node names are kept: an error still names the
 node the user wrote.
 

@@ -15,8 +15,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from gradserve.server.cost import node_flops
-from gradserve.server.prepare import PreparedJob, prepare
+from gradserve.server.planning.cost import node_flops
+from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, Model, Node
 from gradserve.worker.validate import ValueInfo
 

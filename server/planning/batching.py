@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from gradserve.server.prepare import PreparedJob, prepare
+from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
 
 

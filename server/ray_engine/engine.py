@@ -11,7 +11,6 @@ only sends the feeds.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -21,22 +20,20 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from gradserve.server.batching import split_batch
+from gradserve.server.planning.batching import split_batch
 from gradserve.server.events import JobCancelled, Progress, ProgressEvent
-from gradserve.server.partition import Plan, plan_job
-from gradserve.server.prepare import prepare
+from gradserve.server.planning.partition import Plan, plan_job
+from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
-from gradserve.server.schedule import gpipe
-from gradserve.worker.actor import StageActor
+from gradserve.server.planning.schedule import gpipe
+from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, WorkerPool
 from gradserve.worker.autodiff import compile_program
 from gradserve.worker.graph import GraphError, Model
 from gradserve.worker.stage import StageSpec
 
 log = logging.getLogger(__name__)
 
-_ACTOR_START_TIMEOUT = 300.0  # seconds for new actors to start and load their stage (a cluster may scale up)
 _CONTROL_TIMEOUT = 30.0  # seconds for an actor to answer a control call (cancel, where, load)
 _STEP_DRAIN_TIMEOUT = 300.0  # seconds for an actor to finish or skip a failed job's queued steps
 
@@ -92,8 +89,7 @@ class RayEngine:
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
         self._deployments: "OrderedDict[tuple, _Deployment]" = OrderedDict()
         self._max = max_deployments
-        self._pool: list[Any] = []  # StageActors, created on demand, spread over the cluster's nodes
-        self._where: list[dict] = []
+        self._pool = WorkerPool()
         self._lock = threading.Lock()  # guards the caches and the pool
         # A job's steps are submitted under this lock, so the submissions of all jobs form one
         # global order in which every step comes after the steps it depends on; since each actor
@@ -178,10 +174,7 @@ class RayEngine:
     def close(self) -> None:
         """Kill every actor, drop cached parameters; shut Ray down if this engine started it."""
         with self._lock:
-            for actor in self._pool:
-                ray.kill(actor)
-            self._pool.clear()
-            self._where.clear()
+            self._pool.close()
             self._deployments.clear()
             self._params.clear()
         if self._owns_ray and ray.is_initialized():
@@ -240,46 +233,6 @@ class RayEngine:
                 for actor in row:
                     actor.unload.remote(old.key)
 
-    def _actors(self, n: int) -> list[Any]:
-        """At least ``n`` pool actors (caller holds the lock).
-
-        Placement is round-robin over the cluster's alive nodes that have CPUs: pool actor i goes
-        to node i mod (number of nodes), pinned softly (NodeAffinitySchedulingStrategy with
-        soft=True: if that node is full or gone Ray places it elsewhere). A deployment uses pool
-        actors 0..K*R-1, so consecutive partitions land on different nodes whenever the cluster
-        has several; Ray's "SPREAD" alone is best-effort and was seen to pack a fresh cluster's
-        actors onto one node.
-        """
-        nodes = sorted(
-            (node for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0),
-            key=lambda node: node["NodeID"],
-        )
-        new = []
-        for i in range(len(self._pool), n):
-            node = nodes[i % len(nodes)] if nodes else None
-            # BLAS threads: what was asked for, else the CPUs Ray gives that node (a pod's limit on
-            # Kubernetes, not the host's core count).
-            threads = int(node["Resources"]["CPU"]) if node else os.cpu_count() or 1
-            env = {"env_vars": {
-                **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
-                # Idle OpenBLAS threads otherwise spin for ~2^28 cycles after every product and
-                # steal the cores from the next stage on the node (measured: 4 products taking
-                # 55 ms instead of 14 ms when two stages alternate). 2^4 cycles: sleep at once.
-                "OPENBLAS_THREAD_TIMEOUT": "4",
-            }}
-            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=True) if node else "SPREAD"
-            new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env).remote())
-        if new:
-            address = {node["NodeID"]: node.get("NodeManagerAddress", "") for node in nodes}
-            cpus = {node["NodeID"]: int(node["Resources"]["CPU"]) for node in nodes}
-            for where in ray.get([a.where.remote() for a in new], timeout=_ACTOR_START_TIMEOUT):
-                where["ip"] = address.get(where["node_id"], where["ip"])  # the address Ray knows the node by
-                where["cpus"] = cpus.get(where["node_id"], os.cpu_count() or 1)
-                self._where.append(where)
-            self._pool += new
-            log.info("worker pool: %d actors on %d nodes", len(self._pool), len({w["node_id"] for w in self._where}))
-        return self._pool[:n]
-
     def _deploy(self, model: Model, fingerprint: str, placed: "_Placed", job, k: int, r: int, split_at) -> _Deployment:
         key = (fingerprint, job.input_grads, k, r, tuple(split_at or ()))
         with self._lock:
@@ -298,7 +251,7 @@ class RayEngine:
             ]
             k = len(specs)
             refs = placed.refs
-            pool = self._actors(k * r)
+            pool = self._pool.grow(k * r)
             stage_key = uuid.uuid4().hex[:12]
             actors = [pool[i * k:(i + 1) * k] for i in range(r)]
             loads = [
@@ -309,8 +262,8 @@ class RayEngine:
                 for row in actors
                 for actor, spec in zip(row, specs)
             ]
-            ray.get(loads, timeout=_ACTOR_START_TIMEOUT)
-            where = [[self._where[i * k + p] for p in range(k)] for i in range(r)]
+            ray.get(loads, timeout=ACTOR_START_TIMEOUT)
+            where = [[self._pool.where[i * k + p] for p in range(k)] for i in range(r)]
             dep = _Deployment(stage_key, plan, specs, actors, where)
             self._deployments[key] = dep
             log.info(
@@ -446,12 +399,7 @@ class RayEngine:
     def _drop_actors(self, dead: list) -> None:
         """Remove dead or stuck actors from the pool and every deployment that uses them."""
         with self._lock:
-            gone = {id(a) for a in dead}
-            for actor in dead:
-                ray.kill(actor, no_restart=True)
-            keep = [i for i, a in enumerate(self._pool) if id(a) not in gone]
-            self._pool = [self._pool[i] for i in keep]
-            self._where = [self._where[i] for i in keep]
+            gone = self._pool.drop(dead)
             for key in [k for k, d in self._deployments.items() if any(id(a) in gone for row in d.actors for a in row)]:
                 old = self._deployments.pop(key)
                 for row in old.actors:
