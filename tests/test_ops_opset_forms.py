@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from gradcheck import check_vjp, onnx_reference, run_op
+from gradserve.worker.autodiff import backward, compile_program, forward
+from gradserve.worker.graph import Node
 
 rng = np.random.default_rng(7)
 I64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
@@ -96,3 +98,35 @@ def test_integer_division_truncates_toward_zero():
     assert ours.dtype == np.int64
     np.testing.assert_array_equal(ours, theirs)
     np.testing.assert_array_equal(ours, [3, -3, -2, 0])
+
+
+def test_reduce_log_sum():
+    x = np.abs(X) + 0.1
+    for attrs, inputs in (({"keepdims": 0}, [x, I64([1])]), ({"axes": [0, 2]}, [x])):
+        (ours,) = run_op("ReduceLogSum", inputs, attrs)
+        (theirs,) = onnx_reference("ReduceLogSum", inputs, attrs, opset=18 if len(inputs) > 1 else 17)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+        check_vjp("ReduceLogSum", inputs, attrs, opset=18 if len(inputs) > 1 else 17)
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (2, 4, 4), (2, 1, 2, 2)])
+def test_det_forward_and_vjp(shape):
+    import torch
+
+    x = rng.standard_normal(shape)
+    (ours,) = run_op("Det", [x])
+    np.testing.assert_allclose(ours, torch.linalg.det(torch.from_numpy(x)).numpy(), rtol=1e-12)
+    check_vjp("Det", [x])
+
+
+def test_det_gradient_of_a_singular_matrix_is_the_adjugate():
+    """At a singular matrix d det / dX = adj(X)^T, which is not zero for rank n - 1 (torch agrees)."""
+    import torch
+
+    x = np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.5, -1.0, 2.0]])  # rank 2
+    t = torch.from_numpy(x.copy()).requires_grad_()
+    torch.linalg.det(t).backward()
+    prog = compile_program([Node("n", "Det", ["x0"], ["y0"])], ["x0"], ["y0"], ["x0"])
+    ours = backward(prog, forward(prog, {"x0": x}), {"y0": np.array(1.0)})["x0"]
+    np.testing.assert_allclose(ours, t.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert np.abs(ours).max() > 1

@@ -311,6 +311,10 @@ class _Follower:
             return self.rnn(node, tags)
         if op == "Einsum":
             return self.einsum(node, tags)
+        if op == "Det":  # one determinant per matrix of the last two axes
+            if axis >= (self.rank(node.inputs[0]) or 0) - 2:
+                raise _refuse(node, "takes determinants across the batch axis")
+            return self.rows(axis)
         if op == "Flatten":
             k = int(node.attrs.get("axis", 1))
             k = k % len(self.shape(node.inputs[0]) or (1,)) if k < 0 else k

@@ -249,3 +249,28 @@ def _einsum_vjp(c, g):
 
 
 defop("Einsum", _einsum, _einsum_vjp, keep="x")
+
+
+# -- Det ----------------------------------------------------------------------------------------------------
+def _det(c, x):
+    if x.ndim < 2 or x.shape[-1] != x.shape[-2]:
+        raise OpError(f"{c.node}: Det needs square matrices in the last two axes, got shape {x.shape}")
+    return np.linalg.det(x).astype(x.dtype, copy=False)
+
+
+def _adjugate(x: np.ndarray) -> np.ndarray:
+    """adj(X) for a stack of square matrices, singular ones included: with X = U S V^T,
+    adj(X) = det(U) det(V) V diag(prod_{j != i} s_j) U^T (no inverse, no division by s_i)."""
+    u, s, vt = np.linalg.svd(x)
+    n = s.shape[-1]
+    ones = np.ones(s.shape[:-1] + (1,), s.dtype)
+    before = np.cumprod(np.concatenate([ones, s[..., :-1]], axis=-1), axis=-1)  # prod of s_j, j < i
+    after = np.flip(np.cumprod(np.concatenate([ones, np.flip(s, -1)[..., :-1]], axis=-1), axis=-1), -1)  # j > i
+    others = before * after if n else s
+    sign = np.linalg.det(u) * np.linalg.det(vt)
+    return sign[..., None, None] * np.matmul(np.swapaxes(vt, -1, -2) * others[..., None, :], np.swapaxes(u, -1, -2))
+
+
+# d det(X) / dX = adj(X)^T
+defop("Det", _det,
+      lambda c, g: (g[..., None, None] * np.swapaxes(_adjugate(c.x), -1, -2)).astype(c.x.dtype, copy=False), keep="x")

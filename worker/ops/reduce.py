@@ -1,4 +1,4 @@
-"""Reductions (ReduceSum/Mean/Max/Min/Prod/SumSquare/L1/L2/LogSumExp), Softmax/LogSoftmax/Hardmax
+"""Reductions (ReduceSum/Mean/Max/Min/Prod/SumSquare/L1/L2/LogSum/LogSumExp), Softmax/LogSoftmax/Hardmax
 and ArgMax/ArgMin, in every form they take in opsets 13-21.
 
 ``axes`` is an attribute of every reduction but ReduceSum up to opset 17, and an optional int64
@@ -103,6 +103,9 @@ defop("ReduceSumSquare", _reducer(lambda x, a: np.sum(x * x, axis=a, keepdims=Tr
 defop("ReduceL1", _reducer(lambda x, a: np.sum(np.abs(x), axis=a, keepdims=True)),
       lambda c, g: _kd(c, g) * np.sign(c.x), keep="x", **_AXES_INPUT)
 defop("ReduceL2", _reducer(lambda x, a: np.sqrt(np.sum(x * x, axis=a, keepdims=True))), _l2_vjp, **_AXES_INPUT)
+defop("ReduceLogSum", _reducer(lambda x, a: np.log(np.sum(x, axis=a, keepdims=True))),
+      lambda c, g: np.broadcast_to(_kd(c, g) / np.exp(_kd(c, c.y)), c.x.shape).astype(c.x.dtype, copy=False),
+      keep="y", **_AXES_INPUT)
 defop("ReduceLogSumExp", _reducer(_logsumexp), lambda c, g: _kd(c, g) * np.exp(c.x - _kd(c, c.y)), **_AXES_INPUT)
 
 
