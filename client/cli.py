@@ -1,7 +1,7 @@
 """The ``gradserve`` command line.
 
     gradserve grad MODEL --feeds FEEDS.npz --out GRADS.npz        loss and dL/dw of a model
-    gradserve plan MODEL --partitions K --feeds FEEDS.npz          how a model would be split
+    gradserve plan MODEL --partitions K|auto --feeds FEEDS.npz     how a model would be split
     gradserve serve [--address HOST:PORT]                         run the gRPC service
     gradserve demo                                                the seed example and an MLP
 
@@ -69,11 +69,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where to compute")
     g.add_argument("--engine", choices=["inline", "ray"], default="inline",
                    help="inline: this process; ray: partitions on Ray worker actors (default: inline)")
-    g.add_argument("--partitions", type=int, default=1, metavar="K", help="ray engine: split the graph into K partitions")
-    g.add_argument("--micro-batches", type=int, default=1, metavar="M",
-                   help="ray engine: pipeline M micro-batches through the partitions (GPipe)")
-    g.add_argument("--replicas", type=int, default=1, metavar="R",
-                   help="ray engine: R data-parallel copies of the pipeline, each on a slice of the batch")
+    g.add_argument("--partitions", type=_count, metavar="K|auto",
+                   help="ray engine or server: split the graph into K partitions; auto: the fewest that fit in memory "
+                   "(default: the engine's, auto on a server)")
+    g.add_argument("--micro-batches", type=_count, metavar="M|auto",
+                   help="ray engine or server: pipeline M micro-batches through the partitions (GPipe); auto: where "
+                   "pipelining pays")
+    g.add_argument("--replicas", type=_count, metavar="R|auto",
+                   help="ray engine or server: R data-parallel copies of the pipeline, each on a slice of the batch; "
+                   "auto: on spare nodes")
     g.add_argument("--ray-address", metavar="ADDR",
                    help="join this Ray cluster (e.g. 'auto' or HOST:PORT); default: start an embedded one")
     g.add_argument("--server", metavar="HOST:PORT", help="send the job to a gradserve server instead")
@@ -81,29 +85,44 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", metavar="FILE", help="with --server: CA certificate to verify the server's TLS certificate")
 
 
+def _count(text: str):
+    """argparse type of --partitions/--micro-batches/--replicas: 'auto' or a number >= 1."""
+    from gradserve.server.planning.auto import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _split_options(args: argparse.Namespace) -> dict:
+    """The --partitions/--micro-batches/--replicas given (the engine's defaults for the rest)."""
+    given = {"partitions": args.partitions, "micro_batches": args.micro_batches, "replicas": args.replicas}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def cmd_grad(args: argparse.Namespace) -> int:
     model = _load_model(args)
     feeds = _read_feeds(args.feeds)
     input_grads = [s for s in (args.input_grads or "").split(",") if s]
+    split = _split_options(args)
     if args.server:
         from gradserve.client.remote import Client
 
         with Client(args.server, token_file=args.token_file, ca_file=args.tls_ca) as client:
-            result = client.gradients(
-                model, feeds, partitions=args.partitions, micro_batches=args.micro_batches,
-                replicas=args.replicas, input_grads=input_grads, progress=not args.quiet,
-            )
+            result = client.gradients(model, feeds, input_grads=input_grads, progress=not args.quiet, **split)
     else:
         from gradserve.client.local import local
 
         options = {}
         if args.engine == "ray":
-            options = dict(partitions=args.partitions, micro_batches=args.micro_batches,
-                           replicas=args.replicas, ray_address=args.ray_address)
-        elif (args.partitions, args.micro_batches, args.replicas, args.ray_address) != (1, 1, 1, None):
+            options = dict(split, ray_address=args.ray_address)
+        elif split or args.ray_address is not None:
             raise CliError("--partitions/--micro-batches/--replicas/--ray-address need --engine ray or --server")
         with local(args.engine, **options) as engine:
-            steps = 2 * (args.partitions * args.micro_batches * args.replicas if args.engine == "ray" else 1)
+            counts = [split.get(k, 1) for k in ("partitions", "micro_batches", "replicas")]
+            # with auto the engine decides: the progress line then counts steps without a total
+            steps = 2 * (int(np.prod(counts)) if all(isinstance(c, int) for c in counts) else 0)
             with _progress_display(steps, enabled=not args.quiet) as progress:
                 result = engine.gradients(model, feeds, input_grads=input_grads, progress=progress)
     np.savez(args.out, **result.to_npz_dict())
@@ -144,14 +163,57 @@ def _print_placement(info: dict) -> None:
             print(f"  replica {replica} partition {partition}: node {where.get('node_id', '?')} ({where.get('ip', '?')})")
 
 
+def _plan_cluster(args: argparse.Namespace) -> tuple[list, str]:
+    """The nodes ``plan`` plans for, and where that description came from."""
+    from gradserve.server.planning import memory
+
+    if args.ray_address:
+        if args.nodes or args.memory_per_node:
+            raise CliError("give --ray-address or --nodes/--memory-per-node, not both")
+        import ray
+
+        ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING,
+                 configure_logging=False, log_to_driver=False)
+        try:
+            nodes = memory.cluster_nodes()
+        finally:
+            ray.shutdown()
+        if not nodes:
+            raise CliError(f"the Ray cluster at {args.ray_address} has no alive nodes with CPUs")
+        return nodes, f"the Ray cluster at {args.ray_address}"
+    if args.nodes or args.memory_per_node:
+        this = memory.machine_node()
+        size = memory.parse_size(args.memory_per_node) if args.memory_per_node else this.memory_bytes
+        if (args.nodes or 1) < 1:
+            raise CliError(f"--nodes must be at least 1, got {args.nodes}")
+        return memory.nodes_of(args.nodes or 1, size, args.cpus_per_node), "as described"
+    return [memory.machine_node()], "this machine (describe another with --nodes/--memory-per-node or --ray-address)"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    from gradserve.server.planning.auto import AUTO, choose
+    from gradserve.server.planning.memory import describe_nodes
     from gradserve.server.planning.partition import plan_model
+    from gradserve.server.planning.prepare import prepare
 
     model = _load_model(args)
     feeds = _read_feeds(args.feeds) if args.feeds else None
     split_at = [s for s in (args.split_at or "").split(",") if s] or None
-    plan = plan_model(model, feeds, partitions=args.partitions, split_at=split_at)
-    print(plan.describe())
+    counts = (args.partitions, args.micro_batches, args.replicas)
+    if AUTO not in counts and not (args.ray_address or args.nodes or args.memory_per_node):
+        plan = plan_model(model, feeds, partitions=args.partitions, split_at=split_at)  # no cluster: FLOPs only
+        print(plan.describe())
+        return 0
+    if split_at:
+        raise CliError("--split-at fixes the partitions: it does not go with auto or a cluster description")
+    if feeds is None:
+        raise CliError("planning for a cluster (auto, --nodes, --ray-address) needs --feeds: the batch decides "
+                       "memory and micro-batches")
+    nodes, source = _plan_cluster(args)
+    choice = choose(prepare(model, feeds), model, feeds, nodes, *counts)
+    print(f"cluster: {describe_nodes(nodes)}, {source}")
+    print(choice.describe())
+    print(choice.plan.describe())
     return 0
 
 
@@ -191,12 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grad)
 
     p = sub.add_parser("plan", help="show how a model would be split into partitions",
-                       description="Print the partition plan: per partition its nodes, parameters and "
-                       "estimated FLOPs, and every tensor that crosses a partition boundary.")
+                       description="Print the partition plan: per partition its nodes, parameters, "
+                       "estimated FLOPs and memory, and every tensor that crosses a partition boundary. With "
+                       "auto, or a cluster (--nodes/--memory-per-node, --ray-address), the plan fits the nodes' "
+                       "memory and auto explains its choice.")
     _add_model_args(p)
-    p.add_argument("--partitions", type=int, default=2, metavar="K", help="number of partitions (default 2)")
+    p.add_argument("--partitions", type=_count, default=2, metavar="K|auto",
+                   help="number of partitions, or auto: the fewest that fit the nodes' memory (default 2)")
+    p.add_argument("--micro-batches", type=_count, default=1, metavar="M|auto",
+                   help="micro-batches in flight (memory; default 1), or auto: where pipelining pays")
+    p.add_argument("--replicas", type=_count, default=1, metavar="R|auto",
+                   help="data-parallel copies (default 1), or auto: on spare nodes")
     p.add_argument("--feeds", metavar="FEEDS.npz", help="feeds that fix the input shapes (default: batch size 1)")
     p.add_argument("--split-at", metavar="NODES", help="comma-separated node names that start a new partition")
+    g = p.add_argument_group("the cluster to plan for (with auto; default: this machine as one node)")
+    g.add_argument("--ray-address", metavar="ADDR", help="read the nodes and their memory from this Ray cluster")
+    g.add_argument("--nodes", type=int, metavar="N", help="a cluster of N identical nodes")
+    g.add_argument("--memory-per-node", metavar="SIZE", help="each node's memory, e.g. 1200M or 2G (Ray's memory resource)")
+    g.add_argument("--cpus-per-node", type=float, default=1.0, metavar="C", help="each node's CPUs (default 1)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("serve", help="run the gRPC gradient service",

@@ -27,6 +27,7 @@ import numpy as np
 from gradserve.proto import chunks, tensors
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.events import JobCancelled, ProgressEvent
+from gradserve.server.planning.auto import AUTO, Count, count_to_wire
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, Model, graph_from_proto
 
@@ -347,19 +348,22 @@ class Client:
                 display.close()
 
     # -- jobs -------------------------------------------------------------------------------------
-    def _job_messages(self, model_id: str, feeds: Mapping[str, Any], partitions: int, micro_batches: int,
-                      replicas: int, input_grads: Iterable[str]) -> Iterator[service_pb2.JobChunk]:
+    def _job_messages(self, model_id: str, feeds: Mapping[str, Any], partitions: Count, micro_batches: Count,
+                      replicas: Count, input_grads: Iterable[str]) -> Iterator[service_pb2.JobChunk]:
         arrays = {}
         for name, value in feeds.items():
             try:
                 arrays[name] = _native(value)
             except ValueError as exc:
                 raise GraphError(f"feed '{name}': {exc}") from None
+        counts = {}
         for name, value in (("partitions", partitions), ("micro_batches", micro_batches), ("replicas", replicas)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+            try:
+                counts[name] = count_to_wire(value)  # "auto" travels as 0
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         options = service_pb2.JobOptions(
-            model_id=model_id, partitions=partitions, micro_batches=micro_batches, replicas=replicas,
+            model_id=model_id, **counts,
             input_grads=list(input_grads), feeds=chunks.headers(arrays),
         )
 
@@ -378,12 +382,15 @@ class Client:
         model_or_id: Model | str,
         feeds: Mapping[str, Any],
         *,
-        partitions: int = 1,
-        micro_batches: int = 1,
-        replicas: int = 1,
+        partitions: Count = AUTO,
+        micro_batches: Count = AUTO,
+        replicas: Count = AUTO,
         input_grads: Iterable[str] = (),
     ) -> Job:
-        """Start a job and return at once; uploads the model first if the server lacks it."""
+        """Start a job and return at once; uploads the model first if the server lacks it.
+
+        ``partitions``, ``micro_batches``, ``replicas``: a number, or ``"auto"`` (the default) for
+        the server to choose from the model, the batch and its cluster."""
         model_id = self._model_id(model_or_id)
         messages = self._job_messages(model_id, feeds, partitions, micro_batches, replicas, input_grads)
         handle = self._call(self._stub.Submit, messages)
@@ -394,9 +401,9 @@ class Client:
         model_or_id: Model | str,
         feeds: Mapping[str, Any],
         *,
-        partitions: int = 1,
-        micro_batches: int = 1,
-        replicas: int = 1,
+        partitions: Count = AUTO,
+        micro_batches: Count = AUTO,
+        replicas: Count = AUTO,
         input_grads: Iterable[str] = (),
         progress: bool = False,
         timeout: float | None = None,

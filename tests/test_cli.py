@@ -87,3 +87,38 @@ def test_demo_through_a_local_server():
     assert "server listening on 127.0.0.1:" in proc.stdout
     assert "all gradients match their references" in proc.stdout
     assert "server stopped" in proc.stdout
+
+
+def test_plan_shows_memory_per_partition(saved_model, capsys):
+    _, _, path, feeds_path = saved_model
+    assert main(["plan", str(path), "--partitions", "2", "--feeds", str(feeds_path)]) == 0
+    assert capsys.readouterr().out.count("  memory: ~") == 2
+
+
+def test_plan_auto_explains_its_choice_for_a_described_cluster(tmp_path, capsys):
+    from tests.test_memory_plan import deep_mlp
+
+    model, feeds, _ = deep_mlp(layers=6, width=512, batch=1024)
+    model.save(tmp_path / "deep.gsm")
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    args = ["plan", str(tmp_path / "deep.gsm"), "--feeds", str(tmp_path / "feeds.npz"), "--nodes", "3",
+            "--memory-per-node", "160M"]
+    assert main([*args, "--partitions", "auto", "--micro-batches", "auto", "--replicas", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "cluster: 3 nodes with 160.0 MiB of memory" in out
+    assert "auto: 2 partitions, 8 micro-batches, 1 replicas" in out
+    assert "partitions: 2: the whole job needs" in out and "the largest node has 160.0 MiB" in out
+    assert "plan: 2 partitions" in out and out.count("  memory: ~") == 2
+    # one partition does not fit: refused with the need and the largest node, exit status 2
+    assert main([*args, "--partitions", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "partition 0 of 1 needs" in err and "the largest node has 160.0 MiB" in err
+
+
+def test_counts_accept_auto_and_refuse_nonsense(saved_model, capsys):
+    _, _, path, feeds_path = saved_model
+    with pytest.raises(SystemExit):
+        main(["plan", str(path), "--partitions", "zero"])
+    assert "'auto' or a whole number" in capsys.readouterr().err
+    assert main(["grad", str(path), "--feeds", str(feeds_path), "--out", "g.npz", "--partitions", "auto"]) == 2
+    assert "--engine ray" in capsys.readouterr().err

@@ -6,6 +6,12 @@ dynamic programming to minimise the slowest partition's estimated cost, where a 
 its compute plus the bytes it must receive (a transfer is priced at ``flops_per_byte`` FLOPs).
 Skip connections, values consumed by several partitions and parameters used in several partitions
 are all allowed: a parameter is placed in every partition that reads it and its gradient is the sum.
+
+Given the cluster's nodes, the plan also respects memory (:mod:`gradserve.server.planning.memory`):
+a cut is only allowed where both sides fit the largest node, the partitions (times the replicas)
+must pack onto the nodes, and ``grow=True`` (``partitions="auto"``) adds partitions until they do.
+A job that cannot fit raises :class:`~gradserve.server.planning.memory.ResourceExhausted` here,
+before anything runs, naming what it needs and what the largest node has.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from gradserve.server.planning.cost import node_flops
+from gradserve.server.planning.memory import (
+    ACTOR_BASE_BYTES, MemoryModel, NodeInfo, PartitionMemory, ResourceExhausted, describe_nodes, fmt_bytes, largest, pack,
+)
 from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, Model, Node
 from gradserve.worker.validate import ValueInfo
@@ -24,6 +33,9 @@ from gradserve.worker.validate import ValueInfo
 FLOPS_PER_BYTE = 4.0
 # Beyond this many nodes, cuts are chosen among this many evenly spaced positions.
 MAX_CANDIDATES = 160
+# The most partitions memory may make the planner split a job into (the server's per-job bound on
+# worker actors is 64 too).
+MAX_PARTITIONS = 64
 
 
 @dataclass
@@ -66,6 +78,8 @@ class Plan:
     loss_partition: int
     param_partitions: dict[str, list[int]] = field(default_factory=dict)
     rewrites: tuple[str, ...] = ()  # exact rewrites applied before planning (see worker/rewrite.py)
+    # Estimated memory per partition (the engine requests ``memory[p].total`` bytes for its actor).
+    memory: list[PartitionMemory] = field(default_factory=list)
 
     def describe(self) -> str:
         """A human-readable account of the plan (what ``gradserve plan`` prints)."""
@@ -73,9 +87,11 @@ class Plan:
         lines = [f"plan: {len(self.partitions)} partitions, loss '{self.loss}' in partition {self.loss_partition}"]
         for p in self.partitions:
             lines.append(
-                f"partition {p.index}: {len(p.nodes)} nodes, {_fmt_flops(p.flops)} FLOPs "
+                f"partition {p.index}: {len(p.nodes)} nodes, {fmt_flops(p.flops)} FLOPs "
                 f"({100 * p.flops / total:.0f}%), {len(p.params)} parameters"
             )
+            if self.memory:
+                lines.append(f"  memory: {self.memory[p.index].describe()}")
             lines.append(f"  nodes: {_list(p.node_names())}")
             if p.params:
                 lines.append(f"  parameters: {_list(p.params)}")
@@ -86,7 +102,7 @@ class Plan:
             for b in self.boundaries.values():
                 lines.append(
                     f"  {b.name}: partition {b.producer} -> {', '.join(map(str, b.consumers))}, "
-                    f"{b.dtype}{list(b.shape)}, {_fmt_bytes(b.nbytes)}"
+                    f"{b.dtype}{list(b.shape)}, {fmt_bytes(b.nbytes)}"
                 )
         else:
             lines.append("boundary tensors: none")
@@ -97,18 +113,95 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan_job(job: PreparedJob, model: Model, partitions: int, split_at: Sequence[str] | None = None) -> Plan:
-    """Split ``job`` into at most ``partitions`` parts (fewer when the graph has fewer nodes)."""
+def plan_job(
+    job: PreparedJob,
+    model: Model,
+    partitions: int,
+    split_at: Sequence[str] | None = None,
+    *,
+    cluster: Sequence[NodeInfo] | None = None,
+    micro_batches: int = 1,
+    replicas: int = 1,
+    grow: bool = False,
+) -> Plan:
+    """Split ``job`` into at most ``partitions`` parts (fewer when the graph has fewer nodes).
+
+    ``job`` holds one micro-batch's shapes and ``micro_batches`` says how many are in flight; the
+    plan's ``memory`` estimates each partition. With ``cluster`` (the nodes partitions may run on),
+    cuts keep every partition within the largest node and the ``replicas`` x partitions must pack
+    onto the nodes; ``grow=True`` adds partitions until they do (never more than MAX_PARTITIONS).
+    Raises ResourceExhausted when they cannot."""
     nodes = list(job.nodes)
     if partitions < 1:
         raise GraphError(f"partitions must be at least 1, got {partitions}")
     if not nodes:
         raise GraphError("the loss does not depend on any node; nothing to partition")
+    mm = MemoryModel(job, model, micro_batches)
     if split_at:
-        cuts = _manual_cuts(nodes, split_at)
+        return _checked(_build(nodes, _manual_cuts(nodes, split_at), job, model, mm), cluster, replicas)
+    if not cluster:
+        return _build(nodes, _best_cuts(nodes, job.shapes, min(partitions, len(nodes))), job, model, mm)
+    limit = largest(cluster).memory_bytes
+    _check_feasible(mm, cluster, replicas)
+    k = min(partitions, len(nodes))
+    if grow:  # start at the fewest partitions the memory allows, not at 1 (each try is a full DP)
+        k = max(k, mm.fewest_ranges(_candidates(len(nodes), k), limit) or k)
+    last = min(len(nodes), MAX_PARTITIONS) if grow else k
+    attempt: Plan | None = None
+    for k in range(k, max(k, last) + 1):
+        cuts = _best_cuts(nodes, job.shapes, k, mm, limit)
+        if cuts is None:
+            continue
+        attempt = _build(nodes, cuts, job, model, mm)
+        if pack([m.total for m in attempt.memory] * replicas, cluster) is not None:
+            return attempt
+    if attempt is None:  # no cut into k partitions keeps each within the largest node
+        attempt = _build(nodes, _best_cuts(nodes, job.shapes, k), job, model, mm)
+    return _checked(attempt, cluster, replicas)
+
+
+def _checked(plan: Plan, cluster: Sequence[NodeInfo] | None, replicas: int) -> Plan:
+    """``plan`` if its partitions (times the replicas) fit the cluster, else ResourceExhausted."""
+    if not cluster:
+        return plan
+    needs = [m.total for m in plan.memory]
+    if pack(needs * replicas, cluster) is not None:
+        return plan
+    big = max(range(len(needs)), key=lambda i: needs[i])
+    top = largest(cluster).memory_bytes
+    k = len(needs)
+    if needs[big] > top:
+        what = f"partition {big} of {k} needs {fmt_bytes(needs[big])} of memory ({plan.memory[big].parts()})"
     else:
-        cuts = _best_cuts(nodes, job.shapes, min(partitions, len(nodes)))
-    return _build(nodes, cuts, job, model)
+        what = f"{k} partitions x {replicas} replicas need {fmt_bytes(sum(needs) * replicas)} of memory together"
+    raise ResourceExhausted(
+        f"{what}, but the largest node has {fmt_bytes(top)} ({describe_nodes(cluster)}): "
+        "use more partitions (partitions auto splits until each fits), fewer replicas, or larger nodes"
+    )
+
+
+def _check_feasible(mm: MemoryModel, cluster: Sequence[NodeInfo], replicas: int) -> None:
+    """Refuse a job no plan can fit: one node too big for the largest worker, or the whole job
+    (the need of one partition holding everything) beyond the cluster's memory."""
+    top = largest(cluster).memory_bytes
+    n = len(mm.nodes)
+    single = [mm.range(i, i + 1).total for i in range(n)]
+    j = max(range(n), key=lambda i: single[i])
+    if single[j] > top:
+        raise ResourceExhausted(
+            f"node '{mm.nodes[j].name}' ({mm.nodes[j].op_type}) alone needs {fmt_bytes(single[j])} of memory, "
+            f"but the largest node has {fmt_bytes(top)} ({describe_nodes(cluster)}): no partitioning fits it"
+        )
+    # Tensors only: every worker process also takes ACTOR_BASE_BYTES, whichever partition it runs.
+    tensors = (mm.range(0, n).total - ACTOR_BASE_BYTES) * replicas
+    capacity = sum(max(0, node.memory_bytes - ACTOR_BASE_BYTES) for node in cluster)
+    if tensors > capacity:
+        raise ResourceExhausted(
+            f"the job needs about {fmt_bytes(tensors)} of memory for its parameters, gradients and activations"
+            f"{f' ({replicas} replicas)' if replicas > 1 else ''}, more than the whole cluster's "
+            f"{fmt_bytes(capacity)} ({describe_nodes(cluster)}, less {fmt_bytes(ACTOR_BASE_BYTES)} per worker "
+            f"process; the largest node has {fmt_bytes(top)})"
+        )
 
 
 def plan_model(
@@ -133,17 +226,27 @@ def _manual_cuts(nodes: list[Node], split_at: Sequence[str]) -> list[int]:
     return sorted(set(cuts))
 
 
-def _best_cuts(nodes: list[Node], shapes: Mapping[str, ValueInfo], k: int) -> list[int]:
+def _candidates(n: int, k: int) -> list[int]:
+    """Positions a cut may take: every one for graphs of up to MAX_CANDIDATES nodes, evenly spaced
+    ones beyond (k partitions need at least k + 1 candidate positions)."""
+    limit = max(MAX_CANDIDATES, k + 1)
+    return list(range(n + 1)) if n <= limit else sorted({0, n, *np.linspace(0, n, limit).round().astype(int)})
+
+
+def _best_cuts(
+    nodes: list[Node], shapes: Mapping[str, ValueInfo], k: int, mm: MemoryModel | None = None, limit: float = 0
+) -> list[int] | None:
     """Cut positions (start indices of partitions 1..k-1) minimising the slowest partition.
 
-    Dynamic programming over candidate cut positions: every position for graphs of up to
-    ``MAX_CANDIDATES`` nodes, evenly spaced ones beyond, so planning stays in milliseconds.
+    Dynamic programming over candidate cut positions (:func:`_candidates`), so planning stays in
+    milliseconds. With a memory model, partitions needing more than ``limit`` bytes are not
+    allowed; None when no cut into k partitions avoids them.
     """
     n = len(nodes)
     if k <= 1:
-        return []
-    limit = max(MAX_CANDIDATES, k + 1)  # k partitions need at least k + 1 candidate positions
-    cands = list(range(n + 1)) if n <= limit else sorted({0, n, *np.linspace(0, n, limit).round().astype(int)})
+        return [] if mm is None or mm.range(0, n).total <= limit else None
+    cands = _candidates(n, k)
+    fits = mm.needs(cands) <= limit if mm is not None else None
     flops = np.array([node_flops(nd, shapes) for nd in nodes], dtype=np.float64)
     prefix = np.concatenate([[0.0], np.cumsum(flops)])
     producer_pos = {o: i for i, nd in enumerate(nodes) for o in nd.outputs if o}
@@ -163,8 +266,13 @@ def _best_cuts(nodes: list[Node], shapes: Mapping[str, ValueInfo], k: int) -> li
                     total += size[v]
             if j + 1 in index:
                 recv[a][index[j + 1]] = total
-    cost = lambda a, b: prefix[cands[b]] - prefix[cands[a]] + FLOPS_PER_BYTE * recv[a][b]  # noqa: E731
     INF = float("inf")
+
+    def cost(a: int, b: int) -> float:
+        if fits is not None and not fits[a][b]:
+            return INF
+        return prefix[cands[b]] - prefix[cands[a]] + FLOPS_PER_BYTE * recv[a][b]
+
     best = np.full((k + 1, m), INF)
     choice = np.zeros((k + 1, m), dtype=np.int64)
     best[0][0] = 0.0
@@ -175,6 +283,8 @@ def _best_cuts(nodes: list[Node], shapes: Mapping[str, ValueInfo], k: int) -> li
                     c = max(best[parts - 1][a], cost(a, b))
                     if c < best[parts][b]:
                         best[parts][b], choice[parts][b] = c, a
+    if best[k][m - 1] == INF:
+        return None
     cuts, b = [], m - 1
     for parts in range(k, 0, -1):
         a = int(choice[parts][b])
@@ -184,8 +294,8 @@ def _best_cuts(nodes: list[Node], shapes: Mapping[str, ValueInfo], k: int) -> li
     return sorted(cuts)
 
 
-def _build(nodes: list[Node], cuts: list[int], job: PreparedJob, model: Model) -> Plan:
-    bounds = [0, *cuts, len(nodes)]
+def _build(nodes: list[Node], cuts: list[int], job: PreparedJob, model: Model, mm: MemoryModel) -> Plan:
+    bounds = [0, *sorted(set(cuts) - {0, len(nodes)}), len(nodes)]
     groups = [nodes[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
     where: dict[str, int] = {}
     for p, group in enumerate(groups):
@@ -229,21 +339,16 @@ def _build(nodes: list[Node], cuts: list[int], job: PreparedJob, model: Model) -
     loss_part = where.get(job.loss, 0)
     if job.loss not in parts[loss_part].outputs:
         parts[loss_part].outputs.append(job.loss)
-    return Plan(parts, boundaries, job.loss, loss_part, param_parts, job.rewrites)
+    memory = [mm.range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return Plan(parts, boundaries, job.loss, loss_part, param_parts, job.rewrites, memory)
 
 
-def _fmt_flops(f: float) -> str:
+def fmt_flops(f: float) -> str:
+    """``2.10M``, ``1.50G``... FLOPs for plans and messages."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if f >= scale:
             return f"{f / scale:.2f}{unit}"
     return str(int(f))
-
-
-def _fmt_bytes(b: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= scale:
-            return f"{b / scale:.1f} {unit}"
-    return f"{int(b)} B"
 
 
 def _list(items: Sequence[str], limit: int = 12) -> str:

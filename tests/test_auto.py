@@ -1,0 +1,107 @@
+"""``auto`` partitions, micro-batches and replicas on hand-made clusters (no Ray), and the wire
+contract: 0 means auto."""
+
+import numpy as np
+import pytest
+
+from gradserve.client.demo import mlp_example
+from gradserve.client.remote import Client
+from gradserve.proto.v1 import service_pb2
+from gradserve.server.planning.auto import AUTO, choose, count_from_wire, count_to_wire, parse_count
+from gradserve.server.planning.memory import ACTOR_BASE_BYTES, ResourceExhausted, nodes_of
+from gradserve.server.planning.partition import plan_job
+from tests.test_memory_plan import deep_mlp
+
+BIG = 8 << 30
+
+
+@pytest.fixture(scope="module")
+def deep():
+    return deep_mlp(layers=6, width=512, batch=1024)  # ~3.2 GFLOPs forward: worth sharing out
+
+
+def _squeezed(model, job, fraction):
+    """Node memory that holds ``fraction`` of the whole job's tensors."""
+    whole = plan_job(job, model, 1).memory[0].total
+    return ACTOR_BASE_BYTES + int((whole - ACTOR_BASE_BYTES) * fraction)
+
+
+def test_one_big_node_runs_one_partition(deep):
+    model, feeds, job = deep
+    choice = choose(job, model, feeds, nodes_of(1, BIG))
+    assert (choice.k, choice.m, choice.r) == (1, 1, 1)
+    assert any("fits one node" in r for r in choice.reasons)
+
+
+def test_two_free_nodes_get_a_replica_each(deep):
+    model, feeds, job = deep
+    choice = choose(job, model, feeds, nodes_of(2, BIG))
+    assert (choice.k, choice.m, choice.r) == (1, 1, 2)
+    assert len(choice.split.chunks) == 2
+    # ... but only the free ones: with one of them busy, one replica
+    busy = choose(job, model, feeds, nodes_of(2, BIG), free=nodes_of(1, BIG))
+    assert busy.r == 1 and any("no spare node" in r for r in busy.reasons)
+
+
+def test_small_jobs_stay_on_one_node():
+    model, feeds = mlp_example()  # ~3 MFLOPs
+    from gradserve.server.planning.prepare import prepare
+
+    choice = choose(prepare(model, feeds), model, feeds, nodes_of(2, BIG))
+    assert (choice.k, choice.m, choice.r) == (1, 1, 1)
+    assert any("too small to share out" in r for r in choice.reasons)
+
+
+def test_small_memory_splits_and_pipelines(deep):
+    model, feeds, job = deep
+    small = _squeezed(model, job, 0.7)
+    choice = choose(job, model, feeds, nodes_of(3, small))
+    assert choice.k == 2 and choice.m > 1 and choice.r == 1
+    assert len(choice.plan.partitions) == 2
+    assert all(m.total <= small for m in choice.plan.memory)
+    assert all(m.micro_batches == choice.m for m in choice.plan.memory)
+    assert any(r.startswith("partitions: 2: the whole job needs") for r in choice.reasons)
+    assert any(r.startswith(f"micro-batches: {choice.m}: pipelining") for r in choice.reasons)
+
+
+def test_explicit_numbers_mean_exactly_those(deep):
+    model, feeds, job = deep
+    choice = choose(job, model, feeds, nodes_of(4, BIG), 3, 2, 1)
+    assert (choice.k, choice.m, choice.r) == (3, 2, 1)
+    assert len(choice.plan.partitions) == 3
+    with pytest.raises(ResourceExhausted, match="largest node has"):
+        choose(job, model, feeds, nodes_of(3, _squeezed(model, job, 0.7)), 1, AUTO, AUTO)
+
+
+def test_unsplittable_batch_falls_back_to_one_micro_batch(deep):
+    model, feeds, job = deep
+    one = {k: v[:1] for k, v in feeds.items()}
+    from gradserve.server.planning.prepare import prepare
+
+    choice = choose(prepare(model, one), model, one, nodes_of(3, _squeezed(model, job, 0.7)), 2)
+    assert (choice.k, choice.m, choice.r) == (2, 1, 1)
+
+
+def test_count_parsing():
+    assert parse_count("auto") == AUTO and parse_count("AUTO") == AUTO and parse_count("3") == 3 and parse_count(2) == 2
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ValueError, match="'auto' or a whole number"):
+            parse_count(bad)
+
+
+def test_wire_contract_round_trip():
+    """The client sends auto as 0 and numbers as themselves; the server reads 0 (also: unset) as auto."""
+    model, feeds = mlp_example()
+    client = Client("127.0.0.1:1")  # no call is made: messages are only built
+    try:
+        first = next(client._job_messages("id", feeds, "auto", 4, "auto", ()))
+    finally:
+        client.close()
+    wire = service_pb2.JobChunk.FromString(first.SerializeToString()).options
+    assert (wire.partitions, wire.micro_batches, wire.replicas) == (0, 4, 0)
+    assert [count_from_wire(v) for v in (wire.partitions, wire.micro_batches, wire.replicas)] == [AUTO, 4, AUTO]
+    unset = service_pb2.JobOptions(model_id="id")
+    assert count_from_wire(unset.partitions) == AUTO
+    assert [count_to_wire(v) for v in (AUTO, 1, 7)] == [0, 1, 7]
+    with pytest.raises(ValueError):
+        count_to_wire(0)
