@@ -446,3 +446,17 @@ def test_tags_follow_the_batch_axis_through_transposes():
     follower.loss_reduction()
     assert [follower.tags[v] for v in ("xt", "Y", "Y_h", "Ys", "Yb", "h")] == \
         [Rows(1), Rows(2), Rows(1), Rows(1), Rows(0), Rows(0)]
+
+
+def test_grid_sample_and_col2im_split_per_sample():
+    """A spatial transformer's sampling (image and grid both per sample) and nn.Fold's Col2Im."""
+    B = 6
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, 2, 4, 4), np.float64)
+    grid = m.tanh(m.op("Transpose", m.op("Conv", x, m.param("wg", f64(2, 2, 1, 1))), perm=[0, 2, 3, 1]))
+    sampled = m.op("GridSample", x, grid, align_corners=0)
+    cols = m.op("Reshape", sampled, m.constant(np.array([0, 8, 4])))  # (B, C*2*2, L=4): 2x2 blocks of a 4x4 image
+    folded = m.op("Col2Im", cols, m.constant(np.array([4, 4])), m.constant(np.array([2, 2])), strides=[2, 2])
+    model = m.loss(m.op("ReduceMean", folded * folded, keepdims=0))
+    model.opset = 20
+    assert_split_exact(model, {"x": f64(B, 2, 4, 4)})

@@ -165,7 +165,7 @@ _ELEMENTWISE = {
 }
 # Batch on axis 0 of input 0; the other inputs are parameters; nothing mixes samples.
 _PER_SAMPLE = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-               "InstanceNormalization", "LRN", "GroupNormalization", "DepthToSpace", "SpaceToDepth"}
+               "InstanceNormalization", "LRN", "GroupNormalization", "DepthToSpace", "SpaceToDepth", "Col2Im"}
 # Ops working along one axis (attribute "axis", default given): exact when it is not the batch axis.
 _AXIS_OPS = {"Softmax": -1, "LogSoftmax": -1, "Hardmax": -1, "LayerNormalization": -1, "Concat": None,
              "Split": 0, "TopK": -1, "GatherElements": 0}
@@ -311,6 +311,10 @@ class _Follower:
             return self.rnn(node, tags)
         if op == "Einsum":
             return self.einsum(node, tags)
+        if op == "GridSample":  # sample i's image read at sample i's grid points
+            if tags[0] != Rows(0) or tags[1] != Rows(0):
+                raise _refuse(node, "samples images and grids that are not both batched on axis 0")
+            return Rows(0)
         if op == "Det":  # one determinant per matrix of the last two axes
             if axis >= (self.rank(node.inputs[0]) or 0) - 2:
                 raise _refuse(node, "takes determinants across the batch axis")

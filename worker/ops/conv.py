@@ -21,6 +21,8 @@ gathered instead (a convolution of the error with the flipped kernel), which nee
 ConvTranspose (at the end) is the adjoint of a Conv and runs on the same paths: its forward is
 that Conv's dX, its dX that Conv's forward, its dW that Conv's dW.
 
+Col2Im (at the end, torch's F.fold) sums columns back into the image, as the columns path's col2im does.
+
 The pooling ops reuse the attribute parsing, output geometry and padding helpers from here.
 """
 
@@ -737,3 +739,57 @@ def _conv_transpose_vjp(c, g):
 
 # The forward reads X and W; the VJP reads X (for dW) and W (for dX), never Y.
 defop("ConvTranspose", _conv_transpose, _conv_transpose_vjp, keep=("x0", "x1"))
+
+
+# -- Col2Im (opset 18) --------------------------------------------------------------------------------
+# The adjoint of im2col (torch's F.fold): column l of block k holds the pixel at kernel offset k of
+# window l, so each kernel offset adds one strided slice of the padded image -- the same col2im a
+# Conv's columns path does -- and the pads are cropped. dL/dinput is im2col of the error: the error
+# padded the same way and read through the same slices. A loop over kernel offsets, never pixels.
+
+
+def _col2im_geometry(c, x: np.ndarray, image_shape: np.ndarray, block_shape: np.ndarray):
+    """The image shape, kernel, strides, dilations, windows per dim, begin pads and padded extent."""
+    image = tuple(int(v) for v in np.asarray(image_shape).reshape(-1))
+    block = tuple(int(v) for v in np.asarray(block_shape).reshape(-1))
+    n = len(image)
+    if n < 1 or len(block) != n or x.ndim != 3:
+        raise OpError(f"{c.node}: Col2Im needs input (N, C*prod(block), L) and image_shape, block_shape of one "
+                      f"length, got {x.shape}, {list(image)}, {list(block)}")
+    kernel, strides, dilations, pads, _ = spatial_attrs(c, n, block)
+    out, lo, _ = geometry(image, kernel, strides, dilations, pads, "NOTSET")
+    kp = math.prod(kernel)
+    if x.shape[1] % kp or x.shape[2] != math.prod(out):
+        raise OpError(f"{c.node}: Col2Im input {x.shape} does not hold blocks {list(block)} of the "
+                      f"{math.prod(out)} windows of image {list(image)}")
+    # every padded position a window reads, and the whole image (a window may stop short of its end)
+    extent = tuple(max(e, b + i) for e, b, i in zip(padded_extent(out, kernel, strides, dilations), lo, image))
+    return image, kernel, strides, dilations, out, lo, extent
+
+
+def _col2im(c, x, image_shape, block_shape):
+    image, kernel, strides, dilations, out, lo, extent = _col2im_geometry(c, x, image_shape, block_shape)
+    n, ch = x.shape[0], x.shape[1] // math.prod(kernel)
+    cols = x.reshape((n, ch, math.prod(kernel)) + out)
+    buf = np.zeros((n, ch) + extent, x.dtype)
+    for k, (_, sl) in enumerate(offset_slices(kernel, out, strides, dilations)):
+        target = buf[(slice(None), slice(None)) + sl]
+        np.add(target, cols[:, :, k], out=target)
+    c.save(geometry=(kernel, strides, dilations, out, lo, extent))
+    return np.ascontiguousarray(buf[(slice(None), slice(None)) + tuple(slice(b, b + i) for b, i in zip(lo, image))])
+
+
+def _col2im_vjp(c, g):
+    kernel, strides, dilations, out, lo, extent = c.saved["geometry"]
+    x = c.inputs[0]
+    if x.dtype.kind != "f" or not c.needs[0]:
+        return None, None, None
+    gp = pad_input(g.astype(x.dtype, copy=False), lo, extent)
+    dx = np.empty((x.shape[0], x.shape[1] // math.prod(kernel), math.prod(kernel)) + out, x.dtype)
+    for k, (_, sl) in enumerate(offset_slices(kernel, out, strides, dilations)):
+        dx[:, :, k] = gp[(slice(None), slice(None)) + sl]
+    return dx.reshape(x.shape), None, None
+
+
+# The VJP reads only shapes (and the saved geometry); image_shape and block_shape get no error.
+defop("Col2Im", _col2im, _col2im_vjp, keep=(), differentiable=(0,))

@@ -1,5 +1,5 @@
 """Resize (ONNX opsets 13-21) and the deprecated Upsample: nearest, N-linear and N-cubic
-interpolation.
+interpolation; and GridSample (opsets 16 and 20: sampling at per-position coordinates, at the end).
 
 Resize is separable: it resizes one axis at a time, and along one axis every output position reads
 a fixed number of taps (1 nearest, 2 linear, 4 cubic) at input positions ``idx`` (out, taps) with
@@ -233,3 +233,179 @@ def _upsample(c, x, scales=None):
 
 
 defop("Upsample", _upsample, _resize_vjp, keep=(), differentiable=(0,))
+
+
+# -- GridSample (opsets 16 and 20) ----------------------------------------------------------------------
+# Y[n, c, o] = sum over taps of w * X[n, c, tap]: each output position o reads T taps per spatial axis
+# (1 nearest, 2 linear, 4 cubic) around its own source coordinate, so unlike Resize the taps differ per
+# image and position. The forward builds, per spatial axis, the tap indices, weights and the weights'
+# slopes (d weight / d coordinate) for every (n, o); the T^r tap combinations are then a loop over
+# "kernel offsets", each a gather (forward), a bincount scatter-add (dX) and a channel sum (dgrid).
+# Everything follows torch's F.grid_sample (GridSampler.h), which ONNX's GridSample copies.
+
+_GRID_MODES = {"bilinear": "linear", "linear": "linear", "nearest": "nearest", "bicubic": "cubic", "cubic": "cubic"}
+_GRID_CUBIC_A = -0.75  # torch's and ONNX's fixed bicubic coefficient
+
+
+def _cubic_slopes(r: np.ndarray, a: float) -> np.ndarray:
+    """d/dr of :func:`_cubic_weights` (the taps at distances 1+r, r, 1-r, 2-r)."""
+    def near(t):  # derivative of ((a+2)t - (a+3)) t^2 + 1
+        return (3 * (a + 2) * t - 2 * (a + 3)) * t
+
+    def far(t):  # derivative of ((a t - 5a) t + 8a) t - 4a
+        return (3 * a * t - 10 * a) * t + 8 * a
+
+    return np.stack([far(1 + r), near(r), -near(1 - r), -far(2 - r)], axis=-1)
+
+
+def _reflect(u: np.ndarray, twice_low: int, twice_high: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reflect coordinates into [twice_low/2, twice_high/2] as often as it takes (torch's
+    reflect_coordinates), and the slope of that map (+-1)."""
+    if twice_low == twice_high:
+        return np.zeros_like(u), np.zeros_like(u)
+    low, span = twice_low / 2, (twice_high - twice_low) / 2
+    v = u - u.dtype.type(low)
+    sign = np.where(v < 0, -1, 1).astype(u.dtype)
+    v = np.abs(v)
+    extra = np.fmod(v, u.dtype.type(span))
+    even = np.floor(v / u.dtype.type(span)) % 2 == 0
+    out = np.where(even, extra + u.dtype.type(low), u.dtype.type(span + low) - extra)
+    return out.astype(u.dtype, copy=False), np.where(even, sign, -sign)
+
+
+def _pad_coord(u: np.ndarray, size: int, padding: str, align: bool) -> tuple[np.ndarray, np.ndarray | int]:
+    """Source coordinates mapped into the image by ``padding`` (clip, or reflect then clip), and
+    the slope of that map: the clip's is 0 on and beyond the border, as in torch's backward."""
+    if padding == "zeros":
+        return u, 1
+    factor: np.ndarray | int = 1
+    if padding == "reflection":
+        u, factor = _reflect(u, 0, 2 * (size - 1)) if align else _reflect(u, -1, 2 * size - 1)
+    hi = u.dtype.type(size - 1)
+    factor = np.where((u <= 0) | (u >= hi), 0, factor).astype(u.dtype, copy=False)
+    return np.clip(u, 0, hi), factor
+
+
+class _GridPlan:
+    """The taps of one GridSample application: per spatial axis d, ``idx[d]`` (N, Q, T) indices into
+    that axis, ``w[d]`` (N, Q, T) weights (zero for taps outside X under zeros padding), ``dw[d]``
+    their slopes with respect to the *grid* value (unnormalisation and padding slopes folded in;
+    None for nearest)."""
+
+    def __init__(self, attrs: dict, node: str, x_shape: tuple[int, ...], grid: np.ndarray, dtype: np.dtype):
+        spatial = x_shape[2:]
+        r = len(spatial)
+        if r < 1 or grid.ndim != r + 2 or grid.shape[0] != x_shape[0] or grid.shape[-1] != r:
+            raise OpError(f"{node}: GridSample needs X (N, C, *spatial) and grid (N, *out, {r}), got {x_shape} and {grid.shape}")
+        mode = _GRID_MODES.get(str_attr(attrs.get("mode"), "linear"))
+        padding = str_attr(attrs.get("padding_mode"), "zeros")
+        if mode is None or padding not in ("zeros", "border", "reflection"):
+            raise OpError(f"{node}: unknown GridSample mode '{attrs.get('mode')}' or padding_mode '{padding}'")
+        align = bool(int(attrs.get("align_corners", 0)))
+        self.mode, self.spatial, self.out = mode, spatial, grid.shape[1:-1]
+        n_out = math.prod(self.out)
+        g = grid.reshape(grid.shape[0], n_out, r).astype(dtype, copy=False)
+        one = dtype.type(1)
+        self.idx: list[np.ndarray] = []
+        self.w: list[np.ndarray] = []
+        self.dw: list[np.ndarray | None] = []
+        for d, size in enumerate(spatial):
+            gd = g[..., r - 1 - d]  # the grid lists coordinates fastest axis (x = width) first
+            # unnormalise in X's dtype with torch's operation order, so floor() agrees with torch's
+            if align:
+                u, slope = (gd + one) / dtype.type(2) * dtype.type(size - 1), (size - 1) / 2
+            else:
+                u, slope = ((gd + one) * dtype.type(size) - one) / dtype.type(2), size / 2
+            slope = np.full(u.shape, slope, dtype)
+            if mode != "cubic":  # cubic pads each integer tap instead (below)
+                u, factor = _pad_coord(u, size, padding, align)
+                slope = slope * factor
+            if mode == "nearest":
+                taps, w, dw = np.rint(u)[..., None], np.ones(u.shape + (1,), dtype), None
+            else:
+                base = np.floor(u)
+                frac = u - base
+                if mode == "linear":
+                    taps = base[..., None] + np.arange(2, dtype=dtype)
+                    w = np.stack([one - frac, frac], axis=-1)
+                    dw = np.stack([-slope, slope], axis=-1)
+                else:
+                    taps = base[..., None] + np.arange(-1, 3, dtype=dtype)
+                    w = _cubic_weights(frac.reshape(-1), _GRID_CUBIC_A).reshape(frac.shape + (4,)).astype(dtype)
+                    dw = _cubic_slopes(frac, _GRID_CUBIC_A).astype(dtype) * slope[..., None]
+                    taps = _pad_coord(taps, size, padding, align)[0]
+            inside = (taps >= 0) & (taps <= size - 1)
+            w = np.where(inside, w, 0).astype(dtype, copy=False)
+            dw = None if dw is None else np.where(inside, dw, 0).astype(dtype, copy=False)
+            self.idx.append(np.where(inside, taps, 0).astype(np.intp))
+            self.w.append(w)
+            self.dw.append(dw)
+        self.strides = [math.prod(spatial[d + 1 :]) for d in range(r)]
+
+    def taps(self):
+        """For each combination of per-axis taps: the flat spatial index (N, Q), the weight (N, Q)
+        and the per-axis taps ``t``."""
+        r = len(self.spatial)
+        for t in np.ndindex(*(self.idx[0].shape[-1],) * r):
+            flat = sum(self.idx[d][..., k] * self.strides[d] for d, k in enumerate(t))
+            w = math.prod(self.w[d][..., k] for d, k in enumerate(t))
+            yield t, flat, w
+
+
+def _grid_sample(c, x: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    floating = x.dtype.kind == "f"
+    # coordinates in X's dtype (torch requires grid's to match); the grid's for integer/bool X
+    plan = _GridPlan(c.attrs, c.node, x.shape, grid, x.dtype if floating else grid.dtype)
+    n, ch = x.shape[:2]
+    xf = x.reshape(n, ch, -1)
+    c.save(plan=plan)
+    if not floating:  # ONNX allows any X; only nearest is a pure gather of its values
+        if plan.mode != "nearest":
+            raise OpError(f"{c.node}: GridSample mode '{plan.mode}' needs floating X, got {x.dtype}")
+        (_, flat, w), = plan.taps()
+        y = np.where(w[:, None, :] != 0, np.take_along_axis(xf, flat[:, None, :], axis=2), np.zeros((), x.dtype))
+        return y.reshape((n, ch) + plan.out)
+    y = np.zeros((n, ch, math.prod(plan.out)), x.dtype)
+    for _, flat, w in plan.taps():
+        y += np.take_along_axis(xf, flat[:, None, :], axis=2) * w[:, None, :]
+    return y.reshape((n, ch) + plan.out)
+
+
+def _grid_sample_vjp(c, g: np.ndarray):
+    plan: _GridPlan = c.saved["plan"]
+    x = c.inputs[0]
+    n, ch = x.shape[:2]
+    size = math.prod(plan.spatial)
+    dtype = x.dtype
+    if dtype.kind != "f":  # integer X: nearest only, so no error for either input
+        return None, (np.zeros(c.inputs[1].shape, c.inputs[1].dtype) if len(c.needs) > 1 and c.needs[1] else None)
+    g = g.reshape(n, ch, -1).astype(dtype, copy=False)
+    need_x = c.needs[0]
+    need_grid = len(c.needs) > 1 and c.needs[1] and plan.mode != "nearest"
+    # dX: every tap scatters w * dY into its pixel; one bincount per tap over (n, c, pixel)
+    dx = np.zeros(n * ch * size) if need_x else None
+    base = (np.arange(n)[:, None, None] * ch + np.arange(ch)[None, :, None]) * size if need_x else None
+    # dgrid: sum_c dY * X[tap], times d w / d coordinate (the product of the other axes' weights)
+    r = len(plan.spatial)
+    du = [np.zeros(g.shape[::2], dtype) for _ in range(r)] if need_grid else None
+    xf = x.reshape(n, ch, -1)
+    for t, flat, w in plan.taps():
+        if need_x:
+            dx += np.bincount((base + flat[:, None, :]).ravel(), (g * w[:, None, :]).ravel(), minlength=dx.size)
+        if need_grid:
+            gv = np.einsum("ncq,ncq->nq", g, np.take_along_axis(xf, flat[:, None, :], axis=2))
+            for d in range(r):
+                others = math.prod(plan.w[e][..., k] for e, k in enumerate(t) if e != d)
+                du[d] += gv * plan.dw[d][..., t[d]] * others
+    dgrid = None
+    if len(c.needs) > 1 and c.needs[1]:
+        grid = c.inputs[1]
+        if need_grid:  # back to the grid's layout: coordinate 0 is the last spatial axis
+            dgrid = np.stack(du[::-1], axis=-1).reshape(grid.shape).astype(grid.dtype, copy=False)
+        else:  # nearest: piecewise constant in the grid
+            dgrid = np.zeros(grid.shape, grid.dtype)
+    return (None if dx is None else dx.astype(dtype).reshape(x.shape)), dgrid
+
+
+# The VJP reads X (for dgrid) and the saved taps, never the grid itself.
+defop("GridSample", _grid_sample, _grid_sample_vjp, keep="x0")
