@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _concurrency(text: str) -> int | None:
+    """``auto`` (None: follow the engine's capacity) or a positive number."""
+    return None if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Declare the ``gradserve serve`` options on ``p``."""
     p.add_argument("--address", default="127.0.0.1:50051", metavar="HOST:PORT",
@@ -56,8 +60,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="the feeds of one job (default 2G)")
     lim.add_argument("--max-tensor-elements", type=_positive_int, default=_default("max_tensor_elements"),
                      metavar="N", help="elements of any one tensor (default 2^30)")
-    lim.add_argument("--max-concurrent-jobs", type=_positive_int, default=_default("max_concurrent_jobs"),
-                     metavar="N", help="jobs computing at once; more wait in a queue (default 2)")
+    lim.add_argument("--max-concurrent-jobs", type=_concurrency, default=_default("max_concurrent_jobs"),
+                     metavar="N|auto", help="jobs computing at once; more wait in per-client queues served in turn. "
+                     "auto (default): with the ray engine two per CPU of the cluster's alive nodes, "
+                     "following nodes that join or leave; 2 with the inline engine")
     lim.add_argument("--max-queued-jobs", type=int, default=_default("max_queued_jobs"), metavar="N",
                      help="jobs waiting beyond those; more are refused (default 64)")
     lim.add_argument("--max-message-bytes", type=byte_size, default=_default("max_message_bytes"),

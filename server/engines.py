@@ -83,6 +83,12 @@ class EngineRunner:
         # parameters by content take it instead of hashing the weights again on every job.
         self.keyed = "model_key" in params
 
+    def capacity(self) -> int | None:
+        """Jobs the engine usefully computes at once (the Ray engine: follows the cluster's CPUs);
+        None when the engine cannot tell (the inline engine): the job registry's default applies."""
+        capacity = getattr(self.engine, "capacity", None)
+        return capacity() if capacity is not None else None
+
     def effective(self, options: JobOptions) -> JobOptions:
         """The options as this engine will honour them."""
         if self.splits:

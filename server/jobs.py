@@ -1,11 +1,21 @@
 """The job registry: every job the server runs, its state, progress, result and cancellation.
 
-Jobs run on a thread pool whose size is the server's ``max_concurrent_jobs``; further jobs wait in
-its queue (at most ``max_queued_jobs`` of them, beyond that a submit is refused with
-RESOURCE_EXHAUSTED so a flood of jobs cannot pin unbounded feeds in memory). Each job carries a
-``threading.Event`` handed to the engine as ``cancelled=``: setting it stops the job at the
-engine's next phase boundary. A finished job's result is kept until it has been fetched whole once
-or until it expires (``result_ttl`` seconds), whichever comes first.
+**Admission.** At most ``max_concurrent`` jobs compute at once; the others wait in the registry (at
+most ``max_queued`` of them, beyond that a submit is refused with RESOURCE_EXHAUSTED so a flood of
+jobs cannot pin unbounded feeds in memory). ``max_concurrent=None`` ("auto") follows the engine:
+its ``capacity()`` (the Ray engine: two jobs per CPU of the cluster's alive nodes), read
+again whenever a job is queued or ends and every :data:`DISPATCH_INTERVAL` seconds, so the server
+takes more jobs when nodes join and fewer when they leave; an engine without ``capacity`` (the
+inline engine) runs :data:`DEFAULT_CONCURRENCY` jobs at once. An explicit number is the limit.
+
+**Fairness.** Waiting jobs are kept in one queue per client and started round-robin over the
+clients, first come first served within a client: one client's 100 queued jobs delay another
+client's single job by at most one job per client ahead of it. A client is a connection: the gRPC
+peer address (``context.peer()``, e.g. ``ipv4:10.0.0.5:53412``), see :func:`client_of`.
+
+Each job carries a ``threading.Event`` handed to the engine as ``cancelled=``: setting it stops the
+job at the engine's next phase boundary. A finished job's result is kept until it has been fetched
+whole once or until it expires (``result_ttl`` seconds), whichever comes first.
 """
 
 from __future__ import annotations
@@ -15,9 +25,10 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import grpc
 import numpy as np
@@ -32,6 +43,18 @@ log = logging.getLogger("gradserve.server")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
 MAX_KEPT_EVENTS = 10_000  # per job; beyond this only counters and the latest event are kept
+DEFAULT_CONCURRENCY = 2  # jobs at once with max_concurrent=None and an engine that has no capacity()
+DISPATCH_INTERVAL = 2.0  # seconds between re-reads of the engine's capacity while jobs wait
+_MAX_JOB_THREADS = 1024  # threads are made only as jobs are admitted; this bounds a runaway limit
+
+
+def client_of(context: Any) -> str:
+    """The client a gRPC call comes from, for fair scheduling: its peer address (one connection;
+    a client that opens several connections counts as several). "" when gRPC does not say."""
+    try:
+        return str(context.peer() or "")
+    except Exception:  # noqa: BLE001 -- a context without a peer (tests, in-process calls)
+        return ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +116,7 @@ class Job:
     fetched: bool = False
     error: tuple[grpc.StatusCode, str] | None = None
     on_finish: Callable[[], None] | None = None  # e.g. returns the feeds' bytes to the server's budget
+    client: str = ""  # who submitted it (client_of): waiting jobs are started round-robin over clients
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
@@ -150,64 +174,129 @@ class Job:
 
 
 class JobRegistry:
-    """Runs jobs on a bounded thread pool and keeps their records.
+    """Runs jobs, at most ``max_concurrent`` at once and fairly between clients (module docs),
+    and keeps their records.
 
     ``runner(job)`` computes a job's Result (it calls the engine with ``progress=job.add_event``
     and ``cancelled=job.cancelled``); any exception it raises becomes the job's failure, mapped to
-    a gRPC status by :func:`gradserve.server.errors.status_for`.
+    a gRPC status by :func:`gradserve.server.errors.status_for`. ``max_concurrent``: a number, or
+    None to follow ``runner.capacity()`` when the runner has one.
     """
 
     def __init__(
         self,
         runner: Callable[[Job], Result],
         *,
-        max_concurrent: int = 4,
+        max_concurrent: int | None = 4,
         max_queued: int = 64,
         result_ttl: float = 600.0,
     ) -> None:
-        if max_concurrent < 1:
+        if max_concurrent is not None and max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         self._runner = runner
-        self.max_concurrent = max_concurrent
+        self._capacity: Callable[[], int] | None = getattr(runner, "capacity", None) if max_concurrent is None else None
+        self.max_concurrent = max_concurrent or DEFAULT_CONCURRENCY
         self.max_queued = max_queued
         self.result_ttl = result_ttl
         self._jobs: dict[str, Job] = {}
+        self._waiting: dict[str, deque[Job]] = {}  # client -> its queued jobs, oldest first
+        # client -> when it last had a job started (admission count), kept while it has jobs waiting
+        # or running: the client whose turn is longest ago goes next, a new client first.
+        self._turn: dict[str, int] = {}
+        self._running_by_client: Counter[str] = Counter()
+        self._admissions = itertools.count()
+        self._admitted = 0  # jobs handed to a thread and not yet ended
         self._lock = threading.Lock()
         self._closed = False
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="gradserve-job")
+        self._pool = ThreadPoolExecutor(max_workers=_MAX_JOB_THREADS, thread_name_prefix="gradserve-job")
         self._counter = itertools.count(1)
         self._stop_sweeper = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="gradserve-job-sweeper", daemon=True)
         self._sweeper.start()
 
+    def limit(self) -> int:
+        """Jobs that may compute at once now (``max_concurrent``, or the engine's capacity)."""
+        if self._capacity is not None:
+            try:
+                capacity = self._capacity()
+            except Exception:  # noqa: BLE001 -- a cluster hiccup must not stop admissions: keep the last value
+                log.exception("reading the engine's capacity failed; keeping %d", self.max_concurrent)
+                return self.max_concurrent
+            value = DEFAULT_CONCURRENCY if capacity is None else int(capacity)
+            if value != self.max_concurrent:
+                log.info("concurrent jobs: %d -> %d (the engine's capacity)", self.max_concurrent, value)
+            self.max_concurrent = max(1, value)
+        return self.max_concurrent
+
     # -- submitting -------------------------------------------------------------------------------
     def submit(self, model_id: str, model: Model, feeds: Mapping[str, np.ndarray], options: JobOptions,
-               on_finish: Callable[[], None] | None = None) -> Job:
-        """Queue a job; :class:`LimitExceeded` when the queue is full, :class:`Unavailable` when
-        the server is shutting down. ``on_finish`` is called once when the job ends, however."""
+               on_finish: Callable[[], None] | None = None, client: str = "") -> Job:
+        """Queue a job for ``client`` (see :func:`client_of`); :class:`LimitExceeded` when the
+        queue is full, :class:`Unavailable` when the server is shutting down. ``on_finish`` is
+        called once when the job ends, however."""
         self.sweep()
+        limit = self.limit()
         with self._lock:
             if self._closed:
                 raise Unavailable("the server is shutting down and accepts no new jobs")
             active = sum(1 for j in self._jobs.values() if j.state in (QUEUED, RUNNING))
-            if active >= self.max_concurrent + self.max_queued:
+            if active >= limit + self.max_queued:
                 raise LimitExceeded(
-                    f"{active} jobs are running or queued; the server runs at most {self.max_concurrent} at once "
+                    f"{active} jobs are running or queued; the server runs at most {limit} at once "
                     f"and queues {self.max_queued} more -- retry later"
                 )
             # Unguessable ids: a job id is all it takes to fetch a result or cancel the job.
             job_id = f"job-{next(self._counter)}-{secrets.token_hex(8)}"
-            job = Job(job_id, model_id, model, feeds, options, on_finish=on_finish)
+            job = Job(job_id, model_id, model, feeds, options, on_finish=on_finish, client=client)
             self._jobs[job_id] = job
+            self._waiting.setdefault(client, deque()).append(job)
         log.info(
             "job %s queued: model %s, partitions=%d micro_batches=%d replicas=%d input_grads=%s feeds=%s",
             job_id, model_id[:16], options.partitions, options.micro_batches, options.replicas,
             list(options.input_grads), {k: tuple(np.shape(v)) for k, v in feeds.items()},
         )
-        self._pool.submit(self._run, job)
+        self._dispatch(limit)
         return job
 
+    def _dispatch(self, limit: int | None = None) -> None:
+        """Start waiting jobs while fewer than the limit run: the next client in turn gives its
+        oldest job, then goes to the back of the turn order."""
+        limit = self.limit() if limit is None else limit
+        start = []
+        with self._lock:
+            while self._admitted < limit and self._waiting and not self._closed:
+                client = min(self._waiting, key=lambda c: (self._turn.get(c, -1), self._waiting[c][0].submitted))
+                queue = self._waiting[client]
+                job = queue.popleft()
+                if not queue:
+                    del self._waiting[client]
+                if job.state != QUEUED:  # cancelled while waiting
+                    self._forget_turn(client)
+                    continue
+                self._turn[client] = next(self._admissions)
+                self._running_by_client[client] += 1
+                self._admitted += 1
+                start.append(job)
+        for job in start:
+            self._pool.submit(self._run, job)
+
     def _run(self, job: Job) -> None:
+        try:
+            self._compute(job)
+        finally:
+            with self._lock:
+                self._admitted -= 1
+                self._running_by_client[job.client] -= 1
+                self._forget_turn(job.client)
+            self._dispatch()
+
+    def _forget_turn(self, client: str) -> None:
+        """Drop a client's turn record once it has nothing waiting or running (caller holds the lock)."""
+        if self._running_by_client[client] <= 0 and client not in self._waiting:
+            self._running_by_client.pop(client, None)
+            self._turn.pop(client, None)
+
+    def _compute(self, job: Job) -> None:
         with job.cond:
             if job.state != QUEUED:  # cancelled while queued
                 return
@@ -310,9 +399,15 @@ class JobRegistry:
             log.info("job %s expired", job_id)
 
     def _sweep_loop(self) -> None:
+        # Also re-reads the engine's capacity while jobs wait: nodes that joined take them at once.
         interval = max(0.5, min(30.0, self.result_ttl / 4))
-        while not self._stop_sweeper.wait(interval):
-            self.sweep()
+        last_sweep = time.monotonic()
+        while not self._stop_sweeper.wait(min(interval, DISPATCH_INTERVAL)):
+            if self._waiting:
+                self._dispatch()
+            if time.monotonic() - last_sweep >= interval:
+                self.sweep()
+                last_sweep = time.monotonic()
 
     def shutdown(self, grace: float) -> None:
         """Accept no more jobs, cancel queued ones, give running ones ``grace`` seconds to finish,

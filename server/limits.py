@@ -15,7 +15,10 @@ class Limits:
     max_store_bytes: int = 16 << 30       # all stored models together (least recently used go first)
     max_feed_bytes: int = 2 << 30         # the feeds of one job
     max_tensor_elements: int = 1 << 30    # elements of any one tensor
-    max_concurrent_jobs: int = 2          # jobs computing at once (more wait in the queue)
+    # Jobs computing at once (more wait in the queue). None, "auto": the engine's capacity -- for
+    # the Ray engine two per CPU of the cluster's alive nodes, following nodes that join
+    # or leave; 2 for the inline engine (see server/jobs.py). A number is the limit itself.
+    max_concurrent_jobs: int | None = None
     max_queued_jobs: int = 64             # jobs waiting beyond those
     max_message_bytes: int = 16 << 20     # one gRPC message (chunks are 1 MiB; the graph travels whole)
     max_pending_bytes: int = 8 << 30      # uploads being received + feeds of queued/running jobs, together

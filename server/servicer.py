@@ -24,7 +24,7 @@ from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.engines import EngineRunner
 from gradserve.server.errors import BadRequest, LimitExceeded, abort
-from gradserve.server.jobs import FINISHED, MAX_KEPT_EVENTS, Job, JobRegistry, JobSnapshot, parse_options
+from gradserve.server.jobs import FINISHED, MAX_KEPT_EVENTS, Job, JobRegistry, JobSnapshot, client_of, parse_options
 from gradserve.server.limits import ByteBudget, Limits
 from gradserve.server.models import ModelStore
 from gradserve.server.planning.prepare import prepare
@@ -193,7 +193,7 @@ class GradientServicer:
         return service_pb2.UploadReply(model_id=model_id, bytes_received=asm.received_bytes)
 
     # -- jobs -------------------------------------------------------------------------------------
-    def _submit(self, request_iterator: Iterator, rpc: str) -> Job:
+    def _submit(self, request_iterator: Iterator, rpc: str, context: grpc.ServicerContext) -> Job:
         opts = _first(request_iterator, "options", rpc)
         model = self.store.get(opts.model_id)
         requested = parse_options(opts.partitions, opts.micro_batches, opts.replicas, opts.input_grads)
@@ -221,7 +221,7 @@ class GradientServicer:
                         f"the limit is {self.limits.max_tensor_elements} (--max-tensor-elements)"
                     )
             job = self.registry.submit(opts.model_id, model, feeds, options,
-                                       on_finish=lambda: self.pending.release(held))
+                                       on_finish=lambda: self.pending.release(held), client=client_of(context))
         except BaseException:
             self.pending.release(held)
             raise
@@ -251,7 +251,7 @@ class GradientServicer:
 
     @_rpc
     def Run(self, request_iterator: Iterator, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
-        job = self._submit(request_iterator, "Run")
+        job = self._submit(request_iterator, "Run", context)
         # A synchronous job is only wanted while its caller waits: cancel it when the call ends
         # (through the registry, so a queued job releases its slot and its feeds at once).
         context.add_callback(lambda: job.wait(0) or self.registry.cancel(job.id))
@@ -269,7 +269,7 @@ class GradientServicer:
 
     @_rpc
     def Submit(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.JobHandle:
-        job = self._submit(request_iterator, "Submit")
+        job = self._submit(request_iterator, "Submit", context)
         return service_pb2.JobHandle(job_id=job.id, model_id=job.model_id)
 
     @_rpc

@@ -4,8 +4,11 @@ Per job the driver (this object) plans, then submits every step of a GPipe sched
 calls whose arguments are ObjectRefs: activations flow forward worker to worker, errors flow back,
 and Ray starts each step as soon as its inputs exist. The driver holds references and metadata only;
 it waits on steps with ``fetch_local=False`` to report progress and fetches nothing but the loss and
-the final dL/dw. Actors and parameters are cached per model (content hash): a job with new feeds
-only sends the feeds.
+the final dL/dw. Parameters are placed in the object store once per model (content hash) and
+plans are cached per (model, K, split); which actors a job runs on is decided per job by the
+scheduler (:mod:`.scheduler`): the least-loaded nodes, one job's partitions on distinct nodes, actors
+that already hold a stage first (they are not sent the weights again). A stage is loaded on more
+actors as concurrent jobs need them, so a job with new feeds on an idle cluster only sends the feeds.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -27,7 +30,8 @@ from gradserve.server.planning.partition import Plan, plan_job
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
 from gradserve.server.planning.schedule import gpipe
-from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, WorkerPool
+from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
+from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor, choose
 from gradserve.worker.autodiff import compile_program
 from gradserve.worker.graph import GraphError, Model
 from gradserve.worker.stage import StageSpec
@@ -39,14 +43,27 @@ _STEP_DRAIN_TIMEOUT = 300.0  # seconds for an actor to finish or skip a failed j
 
 
 @dataclass
-class _Deployment:
-    """One (model, plan, replicas) configuration loaded on pool actors, ready for jobs."""
+class _PlanEntry:
+    """A model's plan for (input_grads, K, split): its stages, loadable on any pool actor."""
 
-    key: str
+    key: str  # prefix of the stage keys actors host this plan's partitions under
+    plan: Plan
+    specs: list[StageSpec]
+
+    def stage(self, partition: int) -> str:
+        return f"{self.key}/{partition}"
+
+
+@dataclass
+class _Deployment:
+    """One job's placement: its plan's stages loaded on the actors the scheduler chose."""
+
+    keys: list[str]  # stage key per partition
     plan: Plan
     specs: list[StageSpec]
     actors: list[list[Any]]  # [replica][partition]
     where: list[list[dict]]  # node placement per actor
+    others: dict[str, int]  # node id -> other jobs' slots running there when this job was placed
 
 
 class RayEngine:
@@ -87,10 +104,15 @@ class RayEngine:
         self.max_retries = max_retries
         self._params: "OrderedDict[str, _Placed]" = OrderedDict()  # content key -> placed parameters
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
-        self._deployments: "OrderedDict[tuple, _Deployment]" = OrderedDict()
+        self._plans: "OrderedDict[tuple, _PlanEntry]" = OrderedDict()
+        # stage key -> {id(actor): (actor, ref of its load call)}: which actors hold which stage
+        # (a load in flight counts: a second job waits on the same call instead of loading again)
+        self._hosts: dict[str, dict[int, tuple[Any, ray.ObjectRef]]] = {}
+        self._busy: Counter[int] = Counter()  # id(actor) -> slots of running jobs on it
         self._max = max_deployments
+        self._capacity = (1, -NODES_TTL)  # (capacity(), when it was read)
         self._pool = WorkerPool()
-        self._lock = threading.Lock()  # guards the caches and the pool
+        self._lock = threading.Lock()  # guards the caches, the pool and the load counts
         # A job's steps are submitted under this lock, so the submissions of all jobs form one
         # global order in which every step comes after the steps it depends on; since each actor
         # runs its steps in submission order, concurrent jobs on shared actors cannot deadlock.
@@ -128,20 +150,24 @@ class RayEngine:
         chunks, job = split.chunks, split.job  # job: shapes of one micro-batch, for planning
         key, placed = self._acquire(model, model_key)
         retries = 0
-        try:  # while the job holds its parameters, neither they nor their deployments are evicted
+        try:  # while the job holds its parameters, neither they nor their plans are evicted
             while True:
-                deployment = self._deploy(split.model, key, placed, job, k, r, split_at)
-                t1 = time.perf_counter()
                 job_id = uuid.uuid4().hex[:12]
                 try:
-                    loss, grads, input_grad_refs, seconds = self._run(
-                        job_id, deployment, job, chunks, m, r, progress, cancelled
-                    )
+                    # After a lost worker the nodes are read again: one that left is not chosen.
+                    deployment = self._deploy(split.model, key, placed, job, k, r, split_at, refresh=retries > 0)
+                    t1 = time.perf_counter()
+                    try:
+                        loss, grads, input_grad_refs, seconds = self._run(
+                            job_id, deployment, job, chunks, m, r, progress, cancelled
+                        )
+                    finally:
+                        self._release(deployment)
                     break
                 except ray.exceptions.RayActorError:
                     # A worker died (its node went away, it ran out of memory...). Its actors have
                     # left the pool (_abort); steps are pure functions of their inputs, so the job
-                    # runs again from the start on fresh workers.
+                    # runs again from the start on workers the scheduler picks afresh.
                     if retries >= self.max_retries:
                         raise
                     retries += 1
@@ -171,11 +197,25 @@ class RayEngine:
         job = prepare(model, feeds)
         return plan_job(job, model, partitions or self.partitions)
 
+    def capacity(self) -> int:
+        """How many jobs this engine usefully computes at once: two per CPU of the cluster's alive
+        nodes, since a job keeps its workers busy only about half of its time (the rest is the
+        driver's checking, copying feeds and fetching dL/dw, and transfers): one job computes while
+        the next one's data moves. Follows nodes joining and leaving (re-read every few seconds)."""
+        # Not under the engine's lock, which placing a job may hold while actors start.
+        value, at = self._capacity
+        if time.monotonic() - at > NODES_TTL:
+            value = 2 * max(1, sum(int(n["Resources"]["CPU"]) for n in cpu_nodes()))
+            self._capacity = (value, time.monotonic())
+        return value
+
     def close(self) -> None:
         """Kill every actor, drop cached parameters; shut Ray down if this engine started it."""
         with self._lock:
             self._pool.close()
-            self._deployments.clear()
+            self._plans.clear()
+            self._hosts.clear()
+            self._busy.clear()
             self._params.clear()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -220,63 +260,111 @@ class RayEngine:
             return key, placed
 
     def _forget(self, key: str) -> None:
-        """Drop a model's placed parameters and its deployments (caller holds the lock)."""
+        """Drop a model's placed parameters and its plans' stages (caller holds the lock)."""
         self._params.pop(key, None)
         for structure, keys in list(self._latest.items()):
             if key in keys:
                 keys.remove(key)
             if not keys:
                 del self._latest[structure]
-        for dep_key in [d for d in self._deployments if d[0] == key]:
-            old = self._deployments.pop(dep_key)
-            for row in old.actors:
-                for actor in row:
-                    actor.unload.remote(old.key)
+        for plan_key in [p for p in self._plans if p[0] == key]:
+            self._unload(self._plans.pop(plan_key))
 
-    def _deploy(self, model: Model, fingerprint: str, placed: "_Placed", job, k: int, r: int, split_at) -> _Deployment:
-        key = (fingerprint, job.input_grads, k, r, tuple(split_at or ()))
-        with self._lock:
-            dep = self._deployments.get(key)
-            if dep is not None:
-                self._deployments.move_to_end(key)
-                return dep
-            plan = plan_job(job, model, k, split_at)
-            whole = compile_program(list(job.nodes), [*job.shapes], [job.loss], job.wrt)
-            specs = [
-                StageSpec(
-                    p.nodes, p.feeds, p.inputs, p.outputs, p.params, p.constants,
-                    [v for v in p.inputs if v in whole.requires_grad] + [f for f in p.feeds if f in job.input_grads],
-                )
-                for p in plan.partitions
-            ]
-            k = len(specs)
-            refs = placed.refs
-            pool = self._pool.grow(k * r)
-            stage_key = uuid.uuid4().hex[:12]
-            actors = [pool[i * k:(i + 1) * k] for i in range(r)]
-            loads = [
-                actor.load.remote(
-                    stage_key, spec, {c: model.constants[c] for c in spec.constants}, spec.params,
-                    *[refs[p] for p in spec.params],
-                )
-                for row in actors
-                for actor, spec in zip(row, specs)
-            ]
-            ray.get(loads, timeout=ACTOR_START_TIMEOUT)
-            where = [[self._pool.where[i * k + p] for p in range(k)] for i in range(r)]
-            dep = _Deployment(stage_key, plan, specs, actors, where)
-            self._deployments[key] = dep
-            log.info(
-                "model %s: %d partitions x %d replicas on nodes %s",
-                fingerprint[:12], k, r, sorted({w["node_id"][:8] for row in where for w in row}),
+    def _unload(self, entry: _PlanEntry) -> None:
+        """Free an evicted plan's stages on every actor holding one (caller holds the lock)."""
+        for p in range(len(entry.specs)):
+            for actor, _ in self._hosts.pop(entry.stage(p), {}).values():
+                actor.unload.remote(entry.stage(p))
+
+    def _plan_entry(self, model: Model, fingerprint: str, job, k: int, split_at) -> _PlanEntry:
+        """The cached plan for this job's shape of work, made on first use (caller holds the lock)."""
+        key = (fingerprint, job.input_grads, k, tuple(split_at or ()))
+        entry = self._plans.get(key)
+        if entry is not None:
+            self._plans.move_to_end(key)
+            return entry
+        plan = plan_job(job, model, k, split_at)
+        whole = compile_program(list(job.nodes), [*job.shapes], [job.loss], job.wrt)
+        specs = [
+            StageSpec(
+                p.nodes, p.feeds, p.inputs, p.outputs, p.params, p.constants,
+                [v for v in p.inputs if v in whole.requires_grad] + [f for f in p.feeds if f in job.input_grads],
             )
-            idle = [d for d in self._deployments if d[0] not in self._params or self._params[d[0]].users == 0]
-            for dep_key in idle[: max(0, len(self._deployments) - self._max)]:
-                old = self._deployments.pop(dep_key)
-                for row in old.actors:
-                    for actor in row:
-                        actor.unload.remote(old.key)
-            return dep
+            for p in plan.partitions
+        ]
+        entry = self._plans[key] = _PlanEntry(uuid.uuid4().hex[:12], plan, specs)
+        idle = [p for p in self._plans if p[0] not in self._params or self._params[p[0]].users == 0]
+        for plan_key in idle[: max(0, len(self._plans) - self._max)]:
+            self._unload(self._plans.pop(plan_key))
+        return entry
+
+    def _deploy(self, model: Model, fingerprint: str, placed: "_Placed", job, k: int, r: int, split_at,
+                refresh: bool = False) -> _Deployment:
+        """Place one job: the scheduler picks an actor per (replica, partition), and each one not
+        yet holding its stage loads it (parameters come from the object store: Ray moves each to
+        a node once). The chosen actors count as busy until :meth:`_release`."""
+        with self._lock:
+            entry = self._plan_entry(model, fingerprint, job, k, split_at)
+            k = len(entry.specs)
+            slots = [(i, p) for i in range(r) for p in range(k)]
+            held: dict[int, set[str]] = {}
+            for stage_key, hosts in self._hosts.items():
+                for actor_id in hosts:
+                    held.setdefault(actor_id, set()).add(stage_key)
+            infos = [
+                ActorInfo(id(a), w["node_id"], self._busy[id(a)], frozenset(held.get(id(a), ())))
+                for a, w in zip(self._pool.actors, self._pool.where)
+            ]
+            picks = choose([entry.stage(p) for _, p in slots], self._pool.nodes(refresh), infos)
+            others = Counter()
+            for info in infos:
+                others[info.node_id] += info.load
+            # New actors start under the lock (rare: only while the pool grows to the cluster).
+            new = iter(self._pool.spawn([pick.node_id for pick in picks if isinstance(pick, NewActor)]))
+            by_id = {id(a): a for a in self._pool.actors}
+            chosen = [by_id[pick.actor_id] if isinstance(pick, ActorInfo) else next(new) for pick in picks]
+            loads = []
+            for actor, (_, p) in zip(chosen, slots):
+                stage_key, spec = entry.stage(p), entry.specs[p]
+                hosts = self._hosts.setdefault(stage_key, {})
+                if id(actor) not in hosts:
+                    ref = actor.load.remote(
+                        stage_key, spec, {c: model.constants[c] for c in spec.constants}, spec.params,
+                        *[placed.refs[name] for name in spec.params],
+                    )
+                    hosts[id(actor)] = (actor, ref)
+                loads.append(hosts[id(actor)][1])
+                self._busy[id(actor)] += 1
+            where = [[self._pool.where_of(chosen[i * k + p]) for p in range(k)] for i in range(r)]
+        dep = _Deployment(
+            [entry.stage(p) for p in range(k)], entry.plan, entry.specs,
+            [chosen[i * k:(i + 1) * k] for i in range(r)], where, dict(others),
+        )
+        try:
+            ray.get(loads, timeout=ACTOR_START_TIMEOUT)  # outside the lock: other jobs go on placing
+        except BaseException:
+            with self._lock:  # a failed load must not be waited on by later jobs: load again
+                failed = set(loads)
+                for hosts in self._hosts.values():
+                    for actor_id in [a for a, (_, ref) in hosts.items() if ref in failed]:
+                        del hosts[actor_id]
+            self._release(dep)
+            self._drop_dead(chosen)
+            raise
+        log.debug(
+            "model %s: %d partitions x %d replicas on nodes %s",
+            fingerprint[:12], k, r, sorted({w["node_id"][:8] for row in where for w in row}),
+        )
+        return dep
+
+    def _release(self, dep: _Deployment) -> None:
+        """The job's actors are no longer busy with it."""
+        with self._lock:
+            for row in dep.actors:
+                for actor in row:
+                    self._busy[id(actor)] -= 1
+                    if self._busy[id(actor)] <= 0:
+                        del self._busy[id(actor)]
 
     # -- one job -----------------------------------------------------------------------------------
     def _run(self, job_id, dep: _Deployment, job, chunks, m: int, r: int, progress, cancelled):
@@ -287,14 +375,14 @@ class RayEngine:
             # Copy the feeds into the object store before taking the submission lock: other jobs
             # need not wait for these copies.
             feeds = [{k: ray.put(v) for k, v in chunk.feeds.items()} for chunk in chunks]
-            threads = _blas_threads(dep.where, m, r, self.threads)
+            threads = _blas_threads(dep.where, m, r, self.threads, dep.others)
             with self._submit:
                 for replica in range(r):
                     self._submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, threads)
                 # weight_grads takes the stage's own backward results as arguments: it runs after
                 # them and fails if one of them failed (they live in that node's store: no transfer).
                 weight_refs = [
-                    actor.weight_grads.remote(dep.key, job_id, threads[replica][p][1], *steps.backward.get((replica, p), []))
+                    actor.weight_grads.remote(dep.keys[p], job_id, threads[replica][p][1], *steps.backward.get((replica, p), []))
                     for replica, row in enumerate(dep.actors)
                     for p, actor in enumerate(row)
                 ]
@@ -340,7 +428,7 @@ class RayEngine:
                 args = [feeds[c][f] for f in spec.feeds] + [acts[c][v] for v in spec.inputs]
                 outs = _as_list(
                     actor.forward.options(num_returns=len(spec.outputs)).remote(
-                        dep.key, job_id, c, threads[replica][step.partition][0], names, *args
+                        dep.keys[step.partition], job_id, c, threads[replica][step.partition][0], names, *args
                     )
                 )
                 acts[c].update(zip(spec.outputs, outs))
@@ -357,7 +445,7 @@ class RayEngine:
                         args.append(ref)
                 n = max(1, len(spec.wrt_inputs))
                 outs = _as_list(actor.backward.options(num_returns=n).remote(
-                    dep.key, job_id, c, threads[replica][step.partition][0], defer, names, *args
+                    dep.keys[step.partition], job_id, c, threads[replica][step.partition][0], defer, names, *args
                 ))
                 steps.backward.setdefault((replica, step.partition), []).extend(outs)
                 for v, ref in zip(spec.wrt_inputs, outs):
@@ -384,7 +472,7 @@ class RayEngine:
     def _abort(self, job_id: str, dep: _Deployment) -> None:
         """Stop the job's queued steps and free its state on every actor it used; forget actors
         that died, so the next job gets fresh ones."""
-        actors = [actor for row in dep.actors for actor in row]
+        actors = list({id(a): a for row in dep.actors for a in row}.values())
         dead = []
         for actor in actors:
             try:
@@ -396,16 +484,27 @@ class RayEngine:
             self._drop_actors(dead)
         log.info("job %s aborted; per-job state freed on %d actors, %d gone", job_id, len(actors) - len(dead), len(dead))
 
+    def _drop_dead(self, actors: list) -> None:
+        """Drop those of ``actors`` that no longer answer."""
+        dead = []
+        for actor in {id(a): a for a in actors}.values():
+            try:
+                ray.get(actor.job_count.remote(), timeout=_CONTROL_TIMEOUT)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(actor)
+        if dead:
+            self._drop_actors(dead)
+
     def _drop_actors(self, dead: list) -> None:
-        """Remove dead or stuck actors from the pool and every deployment that uses them."""
+        """Remove dead or stuck actors from the pool and from the stages' hosts; the next jobs
+        get actors the scheduler picks, started where the pool has fewest."""
         with self._lock:
             gone = self._pool.drop(dead)
-            for key in [k for k, d in self._deployments.items() if any(id(a) in gone for row in d.actors for a in row)]:
-                old = self._deployments.pop(key)
-                for row in old.actors:
-                    for actor in row:
-                        if id(actor) not in gone:
-                            actor.unload.remote(old.key)
+            for hosts in self._hosts.values():
+                for actor_id in gone & hosts.keys():
+                    del hosts[actor_id]
+            for actor_id in gone:
+                self._busy.pop(actor_id, None)
 
 
 @dataclass
@@ -443,14 +542,18 @@ def _defer_weights(where: list[list[dict]], m: int, r: int) -> bool:
     return not (m == 1 and r == 1 and len({w["node_id"] for row in where for w in row}) == 1)
 
 
-def _blas_threads(where: list[list[dict]], m: int, r: int, fixed: int | None) -> list[list[tuple[int, int]]]:
+def _blas_threads(
+    where: list[list[dict]], m: int, r: int, fixed: int | None, others: Mapping[str, int] | None = None
+) -> list[list[tuple[int, int]]]:
     """BLAS threads per (replica, partition): (for forward/backward steps, for the weight step).
 
     Stages of one pipeline with a single micro-batch run one after another, so each may use all of
     its node's cores; with several micro-batches or replicas, stages on a node run at once and
     share its cores (more threads than cores makes OpenBLAS crawl). The deferred weight-gradient
-    steps of all stages run at once at the end, so they always share.
+    steps of all stages run at once at the end, so they always share. ``others``: slots of other
+    jobs running on each node, which share its cores too.
     """
+    others = others or {}
     per_node: dict[str, int] = {}
     for row in where:
         for w in row:
@@ -459,8 +562,9 @@ def _blas_threads(where: list[list[dict]], m: int, r: int, fixed: int | None) ->
     for row in where:
         cells = []
         for w in row:
-            shared = max(1, w["cpus"] // per_node[w["node_id"]])
-            alone = w["cpus"] if m == 1 and r == 1 else shared
+            busy = others.get(w["node_id"], 0)
+            shared = max(1, w["cpus"] // (per_node[w["node_id"]] + busy))
+            alone = max(1, w["cpus"] // (1 + busy)) if m == 1 and r == 1 else shared
             weights = alone if not _defer_weights(where, m, r) else shared
             cells.append((fixed, fixed) if fixed else (alone, weights))
         out.append(cells)

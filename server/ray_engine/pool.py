@@ -1,49 +1,67 @@
 """The pool of partition actors (:class:`~gradserve.worker.actor.StageActor`) and where on the
-cluster they run. Deployments of every model share the pool; an actor hosts one stage per model."""
+cluster they run. Deployments of every model share the pool; an actor hosts stages of several
+models. Which actors a job uses is the scheduler's decision (:mod:`.scheduler`); the pool starts
+actors on the nodes it names and keeps a fresh view of the cluster's nodes."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import time
+from typing import Any, Sequence
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from gradserve.server.ray_engine.scheduler import NodeInfo
 from gradserve.worker.actor import StageActor
 
 log = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT = 300.0  # seconds for new actors to start and load their stage (a cluster may scale up)
+NODES_TTL = 2.0  # seconds a view of the cluster's nodes is reused (ray.nodes() asks the GCS)
+
+
+def cpu_nodes() -> list[dict]:
+    """The cluster's alive nodes that have CPUs (``ray.nodes()`` entries), sorted by id."""
+    return sorted(
+        (n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0),
+        key=lambda n: n["NodeID"],
+    )
 
 
 class WorkerPool:
-    """Stage actors created on demand, spread over the cluster's nodes; ``where[i]`` says where
-    ``actors[i]`` runs (node id, ip, cpus). Not thread-safe: the engine calls it under its lock."""
+    """Stage actors started on the nodes the scheduler picks; ``where[i]`` says where
+    ``actors[i]`` runs (node id, ip, cpus, pid). Not thread-safe: the engine calls it under its lock."""
 
     def __init__(self) -> None:
         self.actors: list[Any] = []
         self.where: list[dict] = []
+        self._nodes: list[dict] = []
+        self._nodes_at = -NODES_TTL
 
-    def grow(self, n: int) -> list[Any]:
-        """The first ``n`` pool actors, started as needed (the engine holds its lock).
+    def nodes(self, refresh: bool = False) -> list[NodeInfo]:
+        """The cluster's alive nodes that have CPUs, sorted by id (re-read every few seconds, or
+        now with ``refresh``: after a lost worker, so a node that left is no longer chosen)."""
+        if refresh or time.monotonic() - self._nodes_at > NODES_TTL:
+            self._nodes = cpu_nodes()
+            self._nodes_at = time.monotonic()
+        return [NodeInfo(n["NodeID"], int(n["Resources"]["CPU"])) for n in self._nodes]
 
-        Placement is round-robin over the cluster's alive nodes that have CPUs: pool actor i goes
-        to node i mod (number of nodes), pinned softly (NodeAffinitySchedulingStrategy with
-        soft=True: if that node is full or gone Ray places it elsewhere). A deployment uses pool
-        actors 0..K*R-1, so consecutive partitions land on different nodes whenever the cluster
-        has several; Ray's "SPREAD" alone is best-effort and was seen to pack a fresh cluster's
-        actors onto one node.
+    def spawn(self, node_ids: Sequence[str]) -> list[Any]:
+        """Start one actor on each of ``node_ids`` ("" lets Ray choose) and wait until they run.
+
+        Pinned softly (NodeAffinitySchedulingStrategy with soft=True): if the node is full or gone,
+        Ray places the actor elsewhere, and ``where`` records the node it really runs on.
         """
-        nodes = sorted(
-            (node for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0),
-            key=lambda node: node["NodeID"],
-        )
+        if not node_ids:
+            return []
+        known = {n["NodeID"]: n for n in self._nodes}
         new = []
-        for i in range(len(self.actors), n):
-            node = nodes[i % len(nodes)] if nodes else None
-            # BLAS threads: what was asked for, else the CPUs Ray gives that node (a pod's limit on
-            # Kubernetes, not the host's core count).
+        for node_id in node_ids:
+            node = known.get(node_id)
+            # BLAS threads: the CPUs Ray gives that node (a pod's limit on Kubernetes, not the
+            # host's core count); the engine narrows them per step.
             threads = int(node["Resources"]["CPU"]) if node else os.cpu_count() or 1
             env = {"env_vars": {
                 **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
@@ -52,18 +70,25 @@ class WorkerPool:
                 # 55 ms instead of 14 ms when two stages alternate). 2^4 cycles: sleep at once.
                 "OPENBLAS_THREAD_TIMEOUT": "4",
             }}
-            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=True) if node else "SPREAD"
+            strategy = NodeAffinitySchedulingStrategy(node_id, soft=True) if node else "DEFAULT"
             new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env).remote())
-        if new:
-            address = {node["NodeID"]: node.get("NodeManagerAddress", "") for node in nodes}
-            cpus = {node["NodeID"]: int(node["Resources"]["CPU"]) for node in nodes}
-            for where in ray.get([a.where.remote() for a in new], timeout=ACTOR_START_TIMEOUT):
-                where["ip"] = address.get(where["node_id"], where["ip"])  # the address Ray knows the node by
-                where["cpus"] = cpus.get(where["node_id"], os.cpu_count() or 1)
-                self.where.append(where)
-            self.actors += new
-            log.info("worker pool: %d actors on %d nodes", len(self.actors), len({w["node_id"] for w in self.where}))
-        return self.actors[:n]
+        address = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in self._nodes}
+        cpus = {n["NodeID"]: int(n["Resources"]["CPU"]) for n in self._nodes}
+        for where in ray.get([a.where.remote() for a in new], timeout=ACTOR_START_TIMEOUT):
+            where["ip"] = address.get(where["node_id"], where["ip"])  # the address Ray knows the node by
+            where["cpus"] = cpus.get(where["node_id"], os.cpu_count() or 1)
+            self.where.append(where)
+        self.actors += new
+        log.info("worker pool: %d actors on %d nodes", len(self.actors), len({w["node_id"] for w in self.where}))
+        return new
+
+    def where_of(self, actor: Any) -> dict:
+        """Where a pool actor runs."""
+        return self.where[self.index(actor)]
+
+    def index(self, actor: Any) -> int:
+        """The position of ``actor`` in ``actors``."""
+        return next(i for i, a in enumerate(self.actors) if a is actor)
 
     def drop(self, dead: list) -> set[int]:
         """Kill ``dead`` actors and forget them; returns their ids."""
@@ -71,8 +96,12 @@ class WorkerPool:
         for actor in dead:
             ray.kill(actor, no_restart=True)
         keep = [i for i, a in enumerate(self.actors) if id(a) not in gone]
+        lost = {self.where[i]["node_id"][:8] for i, a in enumerate(self.actors) if id(a) in gone}
         self.actors = [self.actors[i] for i in keep]
         self.where = [self.where[i] for i in keep]
+        if gone:
+            log.info("worker pool: lost %d actors (nodes %s); %d actors on %d nodes", len(gone), sorted(lost),
+                     len(self.actors), len({w["node_id"] for w in self.where}))
         return gone
 
     def close(self) -> None:

@@ -1,0 +1,219 @@
+"""Jobs/s of a gradserve server on a 1-node and on a 2-node cluster, in the same run (issue 10).
+
+    .venv/bin/python benchmarks/cluster_throughput.py [--rounds 3] [--seconds 20] [--clients 4]
+
+Brings up two real multi-node Ray clusters on this machine with ``deploy/local-cluster`` (one
+with 1 worker node, one with 2; 1 CPU per node, the head has none; each with its own server, state
+dir and ports), then alternates rounds between them: in each round ``--clients`` client processes
+send K=1 jobs of a 4 x 512 tanh MLP (float32, batch 1024) to the server for ``--seconds`` seconds,
+each job's loss and dL/dw checked against the inline engine. Reports jobs/s per cluster (median
+over rounds) and the ratio 2 nodes / 1 node per round (median and range). Target: >= 1.7.
+Both clusters are brought down at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_CLUSTER = ROOT / "deploy" / "local-cluster"
+WIDTH, LAYERS, BATCH = 512, 4, 1024
+
+
+def mlp(seed: int = 0):
+    """The 4 x 512 tanh MLP with a mean-squared-error loss, float32."""
+    import gradserve
+
+    rng = np.random.default_rng(seed)
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, WIDTH))
+    y = m.input("y", (None, WIDTH))
+    h = x
+    for i in range(LAYERS):
+        w = m.param(f"w{i}", (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32))
+        b = m.param(f"b{i}", np.zeros(WIDTH, np.float32))
+        h = m.tanh(h @ w + b)
+    return m.loss(m.mse(h, y))
+
+
+def feeds_for(client: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(100 + client)
+    return {k: rng.standard_normal((BATCH, WIDTH)).astype(np.float32) for k in ("x", "y")}
+
+
+# -- client processes -------------------------------------------------------------------------------
+_state: dict = {}
+
+
+def _init() -> None:
+    import gradserve
+
+    model = mlp()
+    _state["model"] = model
+    _state["cases"] = {}
+    _state["clients"] = {}
+    _state["gradserve"] = gradserve
+
+
+def _check(result, reference) -> None:
+    """The job's loss and dL/dw equal the inline engine's (float32: up to rounding, relative to
+    each gradient's largest entry; one pass per array, so checking costs the clients little)."""
+    assert abs(result.loss - reference.loss) <= 1e-5 * max(1.0, abs(reference.loss)), (result.loss, reference.loss)
+    assert result.grads.keys() == reference.grads.keys()
+    for name, g in reference.grads.items():
+        worst = float(np.max(np.abs(result.grads[name] - g)))
+        assert worst <= 1e-4 * float(np.max(np.abs(g))) + 1e-7, f"{name}: differs from the inline engine by {worst}"
+
+
+def _ensure(index: int, address: str):
+    """Client ``index``'s connection to ``address``, feeds and inline reference (made once per process)."""
+    gradserve, model = _state["gradserve"], _state["model"]
+    if index not in _state["cases"]:
+        feeds = feeds_for(index)
+        _state["cases"][index] = (feeds, gradserve.local().gradients(model, feeds))
+    if address not in _state["clients"]:
+        _state["clients"][address] = gradserve.Client(address)
+    return (_state["clients"][address], *_state["cases"][index])
+
+
+def _warm_up(args: tuple[int, str]) -> None:
+    """Two jobs of client ``index`` on ``address``: the model uploaded, its parameters placed, actors started."""
+    client, feeds, reference = _ensure(*args)
+    for _ in range(2):
+        _check(client.gradients(_state["model"], feeds, partitions=1), reference)
+
+
+def _client_round(args: tuple[int, str, float, float]) -> tuple[int, float, list[str]]:
+    """Send jobs until ``start + seconds``; (jobs done, when the last ended, nodes they ran on)."""
+    index, address, start, seconds = args
+    client, feeds, reference = _ensure(index, address)
+    model = _state["model"]
+    while time.time() < start:
+        time.sleep(0.001)
+    done, last, nodes = 0, start, []
+    while time.time() < start + seconds:
+        result = client.gradients(model, feeds, partitions=1)
+        last = time.time()
+        _check(result, reference)
+        done += 1
+        nodes.append(result.info["placement"][0][0]["node_id"])
+    return done, last, nodes
+
+
+# -- where the CPU goes ------------------------------------------------------------------------------
+_KINDS = (("ray::StageHost", "workers (stage actors)"), ("gradserve serve", "servers"), ("spawn_main", "clients"),
+          ("/raylet ", "raylets (object transfers)"))
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by each kind of process on this machine (Linux /proc; the rest,
+    other users of the machine included, is "other")."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        kind = next((name for key, name in _KINDS if key in cmd), "other")
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+# -- clusters ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """``deploy/local-cluster`` with its own state dir; ``down`` on exit."""
+
+    def __init__(self, workers: int, state: Path) -> None:
+        self.workers, self.state = workers, state
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env["GRADSERVE_CLUSTER_DIR"] = str(state)
+        self.address = ""
+
+    def __enter__(self) -> "Cluster":
+        up = subprocess.run(
+            [str(LOCAL_CLUSTER), "up", "--workers", str(self.workers), "--cpus-per-node", "1", "--port", str(_free_port())],
+            env=self.env, capture_output=True, text=True, timeout=300,
+        )
+        if up.returncode != 0:
+            self.__exit__()
+            sys.exit(f"local-cluster up --workers {self.workers} failed:\n{up.stderr[-3000:]}")
+        self.address = up.stdout.strip().split("=", 1)[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run([str(LOCAL_CLUSTER), "down"], env=self.env, capture_output=True, text=True, timeout=180)
+
+
+def main() -> None:
+    from common import table  # here, not at the top: the client processes need not import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per cluster, alternating (default 3)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of one round (default 20)")
+    parser.add_argument("--clients", type=int, default=4, help="client processes sending jobs (default 4)")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="gs-throughput-"))
+    ctx = mp.get_context("spawn")
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    spread: dict[int, set[str]] = {1: set(), 2: set()}
+    cpu: dict[int, dict[str, float]] = {1: {}, 2: {}}  # CPU seconds per process kind, over the rounds
+    done = {1: 0, 2: 0}
+    with Cluster(1, base / "one") as one, Cluster(2, base / "two") as two, \
+            ctx.Pool(args.clients, initializer=_init) as pool:
+        for cluster in (one, two):
+            pool.map(_warm_up, [(i, cluster.address) for i in range(args.clients)])
+        for _ in range(args.rounds):
+            for nodes, cluster in ((1, one), (2, two)):
+                start = time.time() + 3.0  # every client starts together
+                before = cpu_seconds()
+                runs = pool.map(_client_round, [(i, cluster.address, start, args.seconds) for i in range(args.clients)])
+                after = cpu_seconds()
+                jobs = sum(r[0] for r in runs)
+                for kind, seconds in after.items():
+                    cpu[nodes][kind] = cpu[nodes].get(kind, 0.0) + max(0.0, seconds - before.get(kind, 0.0))
+                done[nodes] += jobs
+                rates[nodes].append(jobs / (max(r[1] for r in runs) - start))
+                for r in runs:
+                    spread[nodes] |= set(r[2])
+                print(f"  {nodes} node(s): {jobs} jobs, {rates[nodes][-1]:.2f} jobs/s", file=sys.stderr, flush=True)
+    ratios = sorted(b / a for a, b in zip(rates[1], rates[2]))
+    rows = [
+        (f"{n} worker node{'s' if n > 1 else ''}", f"{statistics.median(rates[n]):.2f}",
+         " ".join(f"{r:.2f}" for r in rates[n]), len(spread[n]))
+        for n in (1, 2)
+    ]
+    print(f"{args.clients} clients, K=1 jobs of a {LAYERS} x {WIDTH} tanh MLP (float32, batch {BATCH}), every result "
+          f"checked against the inline engine; {args.rounds} rounds of {args.seconds:.0f} s, alternating; "
+          f"{os.cpu_count()} cores")
+    print(table(rows, ("cluster (1 CPU per node)", "jobs/s (median)", "per round", "nodes used")))
+    kinds = [name for _, name in _KINDS] + ["other"]
+    print(f"CPU per job (ms), by process, on this machine's {os.cpu_count()} cores:")
+    print(table([(f"{n} worker node{'s' if n > 1 else ''}",
+                  *(f"{cpu[n].get(k, 0.0) / max(1, done[n]) * 1e3:.0f}" for k in kinds)) for n in (1, 2)],
+                ("cluster", *kinds)))
+    verdict = "met" if statistics.median(ratios) >= 1.7 else "MISSED"
+    print(f"2 nodes / 1 node: {statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+          f"target >= 1.7: {verdict}")
+
+
+if __name__ == "__main__":
+    main()

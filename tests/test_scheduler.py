@@ -1,0 +1,204 @@
+"""The scheduler's placement decisions and the job registry's admission (concurrency that follows
+the engine's capacity, fairness between clients), without Ray or sockets."""
+
+import argparse
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from gradserve.client.serve_args import add_serve_args
+from gradserve.server.jobs import DEFAULT_CONCURRENCY, JobOptions, JobRegistry, client_of
+from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor, NodeInfo, choose
+from gradserve.server.result import Result
+
+A, B, C = NodeInfo("a", 1), NodeInfo("b", 1), NodeInfo("c", 1)
+
+
+def _nodes_of(picks):
+    return [p.node_id for p in picks]
+
+
+# -- placement --------------------------------------------------------------------------------------
+def test_a_fresh_cluster_gets_one_partition_per_node():
+    picks = choose(["s/0", "s/1", "s/2"], [A, B, C], [])
+    assert all(isinstance(p, NewActor) for p in picks)
+    assert sorted(_nodes_of(picks)) == ["a", "b", "c"]
+
+
+def test_partitions_share_nodes_only_when_there_are_too_few():
+    picks = choose(["s/0", "s/1", "s/2", "s/3"], [A, B], [])
+    assert sorted(_nodes_of(picks)) == ["a", "a", "b", "b"]
+
+
+def test_concurrent_jobs_go_to_idle_nodes():
+    actors = [ActorInfo(1, "a", load=1, stages=frozenset({"s/0"})), ActorInfo(2, "b", load=0)]
+    (pick,) = choose(["s/0"], [A, B], actors)
+    assert pick == actors[1], "the idle node, though the busy actor holds the stage"
+    # every node busy: the least loaded one, on an actor holding the stage (no new actor on a full node)
+    actors = [ActorInfo(1, "a", load=2), ActorInfo(2, "b", load=1, stages=frozenset({"s/0"})),
+              ActorInfo(3, "b", load=1)]
+    (pick,) = choose(["s/0"], [A, NodeInfo("b", 2)], actors)
+    assert pick == actors[1]
+
+
+def test_an_idle_actor_holding_the_stage_is_reused():
+    actors = [ActorInfo(1, "a"), ActorInfo(2, "b", stages=frozenset({"s/1"})), ActorInfo(3, "c", stages=frozenset({"s/0"}))]
+    picks = choose(["s/0", "s/1"], [A, B, C], actors)
+    assert picks == [actors[2], actors[1]]
+
+
+def test_a_multi_cpu_node_gets_a_second_actor_while_the_first_is_busy():
+    big = NodeInfo("a", 2)
+    (pick,) = choose(["s/0"], [big], [ActorInfo(1, "a", load=1, stages=frozenset({"s/0"}))])
+    assert pick == NewActor("a")
+    # ... but a 1-CPU node does not: the job shares the busy actor
+    (pick,) = choose(["s/0"], [A], [ActorInfo(1, "a", load=1)])
+    assert pick == ActorInfo(1, "a", load=1)
+
+
+def test_actors_on_nodes_that_left_are_not_chosen_and_replacements_go_where_the_pool_has_fewest():
+    # node c lost its actor (killed); a and b each still have one, and d is gone
+    actors = [ActorInfo(1, "a", stages=frozenset({"s/0"})), ActorInfo(2, "b", stages=frozenset({"s/1"})),
+              ActorInfo(9, "d", stages=frozenset({"s/2"}))]
+    picks = choose(["s/0", "s/1", "s/2"], [A, B, C], actors)
+    assert picks[:2] == actors[:2] and picks[2] == NewActor("c")
+    # several replacements after failures piled actors onto one node: new ones go to the emptiest
+    crowded = [ActorInfo(i, "a") for i in range(3)]
+    picks = choose(["t/0", "t/1", "t/2"], [A, B, C], crowded)
+    assert sorted(_nodes_of(picks)) == ["a", "b", "c"]
+
+
+def test_decisions_are_repeatable():
+    actors = [ActorInfo(i, n) for i, n in enumerate("aabbcc")]
+    assert choose(["s/0", "s/1"], [A, B, C], actors) == choose(["s/0", "s/1"], [A, B, C], actors)
+
+
+def test_no_known_node_lets_ray_place_actors():
+    assert choose(["s/0"], [], []) == [NewActor("")]
+
+
+# -- admission --------------------------------------------------------------------------------------
+class _GatedRunner:
+    """Runs jobs only when released; records the order jobs started in."""
+
+    def __init__(self, capacity=None):
+        self.started: list[str] = []
+        self.gate = threading.Semaphore(0)
+        self.cap = capacity
+        self.lock = threading.Lock()
+
+    def capacity(self):
+        return self.cap
+
+    def __call__(self, job):
+        with self.lock:
+            self.started.append(job.id)
+        assert self.gate.acquire(timeout=10)
+        return Result(0.0, {"w": np.zeros(1)})
+
+    def running(self):
+        with self.lock:
+            return len(self.started)
+
+
+def _wait(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_one_clients_backlog_does_not_starve_another():
+    runner = _GatedRunner()
+    registry = JobRegistry(runner, max_concurrent=1, max_queued=200)
+    try:
+        flood = [registry.submit("m", object(), {}, JobOptions(), client="flood") for _ in range(100)]
+        single = registry.submit("m", object(), {}, JobOptions(), client="single")
+        assert _wait(lambda: runner.running() == 1)
+        runner.gate.release()  # the first flood job ends: the other client is next in turn
+        assert _wait(lambda: runner.running() == 2)
+        assert runner.started == [flood[0].id, single.id]
+        for _ in range(101):
+            runner.gate.release()
+        assert single.wait(5) and all(j.wait(5) for j in flood)
+        assert runner.started[2:] == [j.id for j in flood[1:]], "first come first served within a client"
+    finally:
+        registry.shutdown(1)
+
+
+def test_cancelled_waiting_jobs_are_skipped():
+    runner = _GatedRunner()
+    registry = JobRegistry(runner, max_concurrent=1)
+    try:
+        first = registry.submit("m", object(), {}, JobOptions(), client="x")
+        second = registry.submit("m", object(), {}, JobOptions(), client="y")
+        third = registry.submit("m", object(), {}, JobOptions(), client="x")
+        registry.cancel(second.id)
+        assert _wait(lambda: runner.running() == 1)
+        runner.gate.release()
+        runner.gate.release()
+        assert third.wait(5) and first.state == "done" and second.state == "cancelled"
+        assert runner.started == [first.id, third.id]
+    finally:
+        registry.shutdown(1)
+
+
+def test_auto_concurrency_follows_the_engines_capacity():
+    runner = _GatedRunner(capacity=1)
+    registry = JobRegistry(runner, max_concurrent=None, max_queued=10)
+    try:
+        jobs = [registry.submit("m", object(), {}, JobOptions(), client=str(i)) for i in range(4)]
+        assert _wait(lambda: runner.running() == 1)
+        time.sleep(0.2)
+        assert runner.running() == 1, "capacity 1: one job at a time"
+        runner.cap = 3  # nodes joined: waiting jobs start without any job ending
+        assert _wait(lambda: runner.running() == 3, timeout=10)
+        runner.cap = 1  # nodes left: no new job starts until the running ones are below the limit
+        runner.gate.release()
+        runner.gate.release()
+        time.sleep(0.3)
+        assert runner.running() == 3
+        runner.gate.release()
+        assert _wait(lambda: runner.running() == 4)
+        runner.gate.release()
+        assert all(j.wait(5) for j in jobs)
+    finally:
+        registry.shutdown(1)
+
+
+def test_auto_concurrency_without_an_engine_capacity_uses_the_default():
+    runner = _GatedRunner(capacity=None)
+    registry = JobRegistry(runner, max_concurrent=None)
+    try:
+        for i in range(DEFAULT_CONCURRENCY + 2):
+            registry.submit("m", object(), {}, JobOptions(), client=str(i))
+        assert _wait(lambda: runner.running() == DEFAULT_CONCURRENCY)
+        time.sleep(0.2)
+        assert runner.running() == DEFAULT_CONCURRENCY
+        for _ in range(DEFAULT_CONCURRENCY + 2):
+            runner.gate.release()
+    finally:
+        registry.shutdown(1)
+
+
+def test_serve_option_takes_auto_or_a_number():
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    assert parser.parse_args([]).max_concurrent_jobs is None
+    assert parser.parse_args(["--max-concurrent-jobs", "auto"]).max_concurrent_jobs is None
+    assert parser.parse_args(["--max-concurrent-jobs", "3"]).max_concurrent_jobs == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-concurrent-jobs", "0"])
+
+
+def test_client_identity_is_the_peer():
+    class Context:
+        def peer(self):
+            return "ipv4:10.0.0.5:53412"
+
+    assert client_of(Context()) == "ipv4:10.0.0.5:53412"
+    assert client_of(object()) == ""
