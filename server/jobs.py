@@ -35,6 +35,7 @@ import numpy as np
 
 from gradserve.server.errors import BadRequest, LimitExceeded, NotFound, ServiceError, Unavailable, status_for
 from gradserve.server.events import ProgressEvent
+from gradserve.server.planning.auto import AUTO, Count, count_from_wire
 from gradserve.server.result import Result
 from gradserve.worker.graph import Model
 
@@ -61,15 +62,17 @@ def client_of(context: Any) -> str:
 class JobOptions:
     """How to run a job: the engine's partitioning options and the inputs whose dL/dx to return."""
 
-    partitions: int = 1
-    micro_batches: int = 1
-    replicas: int = 1
+    partitions: Count = AUTO  # a number, or "auto": the engine chooses (planning/auto.py)
+    micro_batches: Count = AUTO
+    replicas: Count = AUTO
     input_grads: tuple[str, ...] = ()
 
     @property
     def steps_total(self) -> int:
-        # Every (partition, micro-batch, replica) runs a forward and a backward step.
-        return self.partitions * self.micro_batches * self.replicas * 2
+        """Every (partition, micro-batch, replica) runs a forward and a backward step; 0 while the
+        engine has yet to choose a count (the job's progress events then carry the real total)."""
+        counts = (self.partitions, self.micro_batches, self.replicas)
+        return 0 if AUTO in counts else self.partitions * self.micro_batches * self.replicas * 2
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,7 @@ class JobRegistry:
             self._jobs[job_id] = job
             self._waiting.setdefault(client, deque()).append(job)
         log.info(
-            "job %s queued: model %s, partitions=%d micro_batches=%d replicas=%d input_grads=%s feeds=%s",
+            "job %s queued: model %s, partitions=%s micro_batches=%s replicas=%s input_grads=%s feeds=%s",
             job_id, model_id[:16], options.partitions, options.micro_batches, options.replicas,
             list(options.input_grads), {k: tuple(np.shape(v)) for k, v in feeds.items()},
         )
@@ -441,15 +444,18 @@ MAX_STEPS_PER_JOB = 4096
 
 
 def parse_options(partitions: int, micro_batches: int, replicas: int, input_grads: Iterable[str]) -> JobOptions:
-    """Options from the wire (0 means 1), checked to be in range."""
-    values = {"partitions": partitions or 1, "micro_batches": micro_batches or 1, "replicas": replicas or 1}
+    """Options from the wire (0 means auto, see proto/v1/service.proto), checked to be in range;
+    the products are checked on the explicit counts (the engine keeps what it chooses in range)."""
+    values = {name: count_from_wire(v) for name, v in
+              (("partitions", partitions), ("micro_batches", micro_batches), ("replicas", replicas))}
     for name, value in values.items():
-        if value < 1:
-            raise BadRequest(f"{name}={value} is out of range (>= 1)")
-    workers = values["partitions"] * values["replicas"]
+        if value != AUTO and value < 1:
+            raise BadRequest(f"{name}={value} is out of range (>= 1, or 0 for auto)")
+    n = {name: 1 if value == AUTO else value for name, value in values.items()}
+    workers = n["partitions"] * n["replicas"]
     if workers > MAX_WORKERS_PER_JOB:
         raise LimitExceeded(f"partitions x replicas = {workers} worker actors; at most {MAX_WORKERS_PER_JOB} per job")
-    steps = workers * values["micro_batches"]
+    steps = workers * n["micro_batches"]
     if steps > MAX_STEPS_PER_JOB:
         raise LimitExceeded(f"partitions x micro_batches x replicas = {steps} pipeline steps; at most {MAX_STEPS_PER_JOB} per job")
     names = tuple(input_grads)

@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import gradserve
+from clusters import local_cluster
+from gradcheck import assert_same_result
 
 pytestmark = pytest.mark.slow
-
-LOCAL_CLUSTER = Path(__file__).resolve().parents[1] / "deploy" / "local-cluster"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _model():
     """About a second of work per job on three 1-CPU nodes: long enough to kill a worker mid-way."""
@@ -39,28 +29,14 @@ def _model():
     return model, {"x": rng.standard_normal((2048, 384))}
 
 
-def _assert_same(result, reference) -> None:
-    assert result.loss == pytest.approx(reference.loss, rel=1e-10)
-    for name, g in reference.grads.items():
-        np.testing.assert_allclose(result.grads[name], g, rtol=1e-9, atol=1e-13, err_msg=name)
-
-
 def _nodes(result) -> list[str]:
     return [w["node_id"] for w in result.info["placement"][0]]
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["GRADSERVE_CLUSTER_DIR"] = str(tmp_path / "cluster")
-    up = subprocess.run([str(LOCAL_CLUSTER), "up", "--workers", "3", "--cpus-per-node", "1", "--port", str(_free_port())],
-                        env=env, capture_output=True, text=True, timeout=300)
-    try:
-        assert up.returncode == 0, up.stderr[-4000:]
-        yield up.stdout.strip().split("=", 1)[1], tmp_path / "cluster"
-    finally:
-        down = subprocess.run([str(LOCAL_CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=180)
-        assert down.returncode == 0, down.stderr[-3000:]
+    with local_cluster(tmp_path, 3) as running:
+        yield running
 
 
 def test_killed_workers_are_replaced_on_their_nodes(cluster):
@@ -70,7 +46,7 @@ def test_killed_workers_are_replaced_on_their_nodes(cluster):
     options = dict(partitions=3, micro_batches=4, replicas=1)
     with gradserve.Client(address) as client:
         first = client.gradients(model, feeds, **options)
-        _assert_same(first, reference)
+        assert_same_result(first, reference)
         assert len(set(_nodes(first))) == 3, first.info["placement"]
         placement = first.info["placement"][0]
         for i in range(6):
@@ -81,7 +57,7 @@ def test_killed_workers_are_replaced_on_their_nodes(cluster):
                     break
             os.kill(victim["pid"], signal.SIGKILL)
             result = job.result(timeout=300)
-            _assert_same(result, reference)
+            assert_same_result(result, reference)
             assert result.info["retries"] == 1, f"kill {i}: the job did not lose its worker: {result.info}"
             placement = result.info["placement"][0]
             assert victim["pid"] not in [w["pid"] for w in placement]
@@ -90,11 +66,11 @@ def test_killed_workers_are_replaced_on_their_nodes(cluster):
         # Concurrent single-partition jobs spread over the idle nodes instead of queueing on one.
         jobs = [client.submit(model, feeds, partitions=1, micro_batches=1, replicas=1) for _ in range(3)]
         concurrent = [job.result(timeout=300) for job in jobs]
-    _assert_same(after, reference)
+    assert_same_result(after, reference)
     assert after.info["retries"] == 0
     assert len(set(_nodes(after))) == 3, after.info["placement"]
     for result in concurrent:
-        _assert_same(result, reference)
+        assert_same_result(result, reference)
     assert len({_nodes(r)[0] for r in concurrent}) == 3, [r.info["placement"] for r in concurrent]
     # The server's own account: after the last replacement, the pool is one actor on each node.
     pool_lines = [line for line in (state / "server.log").read_text().splitlines() if "worker pool:" in line]

@@ -21,6 +21,35 @@ def _nodes_of(picks):
 
 
 # -- placement --------------------------------------------------------------------------------------
+GB = 1 << 30
+
+
+def test_actors_reserve_the_memory_their_partition_needs():
+    """A new actor reserves its slot's need, on a node whose unreserved memory holds it; an actor
+    is reused only if its reservation covers the slot."""
+    small, big = NodeInfo("a", 1, 1 * GB), NodeInfo("b", 1, 4 * GB)
+    (pick,) = choose(["s/0"], [small, big], [], needs=[2 * GB])
+    assert pick == NewActor("b", 2 * GB)
+    held = [ActorInfo(1, "b", memory=1 * GB, stages=frozenset({"s/0"}))]
+    (pick,) = choose(["s/0"], [NodeInfo("b", 2, 4 * GB)], held, needs=[2 * GB])
+    assert isinstance(pick, NewActor) and pick.memory == 2 * GB and not pick.retire  # 3 GB left: fits
+    (pick,) = choose(["s/0"], [NodeInfo("b", 2, 4 * GB)], held, needs=[GB // 2])
+    assert pick == held[0]  # big enough: reused
+
+
+def test_idle_actors_too_small_are_retired_to_make_room():
+    node = NodeInfo("a", 2, 4 * GB)
+    idle = [ActorInfo(1, "a", memory=int(1.5 * GB)), ActorInfo(2, "a", memory=int(1.5 * GB))]
+    (pick,) = choose(["s/0"], [node], idle, needs=[3 * GB])
+    assert isinstance(pick, NewActor) and pick.memory == 3 * GB
+    assert set(pick.retire) == {1, 2}  # 1 GB free + one 1.5 GB actor is not enough: both go
+    (pick,) = choose(["s/0"], [node], idle, needs=[2 * GB])
+    assert len(pick.retire) == 1  # 1 GB free + 1.5 GB
+    busy = [ActorInfo(1, "a", load=1, memory=int(1.5 * GB)), ActorInfo(2, "a", load=1, memory=int(1.5 * GB))]
+    (pick,) = choose(["s/0"], [node], busy, needs=[3 * GB])
+    assert pick.retire == ()  # busy actors are never retired: the new one waits in Ray's queue
+
+
 def test_a_fresh_cluster_gets_one_partition_per_node():
     picks = choose(["s/0", "s/1", "s/2"], [A, B, C], [])
     assert all(isinstance(p, NewActor) for p in picks)

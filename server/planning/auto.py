@@ -126,7 +126,7 @@ def choose(
     r = _replicas(replicas, k, needs, flops, batch, nodes, free, model, job, feeds, reasons)
     m = _micro_batches(micro_batches, k, r, flops, batch, model, job, feeds, reasons)
     split = split_batch(model, job, feeds, m * r)
-    final = plan_job(split.job, model, k, cluster=nodes or None, micro_batches=m, replicas=r)
+    final = plan_job(split.job, split.model, k, cluster=nodes or None, micro_batches=m, replicas=r)
     return Choice(k, m, r, reasons, final, split)
 
 

@@ -46,11 +46,12 @@ class ResourceExhausted(LimitExceeded):
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """One cluster node that can host partitions: Ray's node id, its CPUs and its memory in bytes."""
+    """One cluster node that can host partitions: Ray's node id, its CPUs and its memory in bytes
+    (0: unknown, not checked)."""
 
     node_id: str
     cpus: float
-    memory_bytes: int
+    memory_bytes: int = 0
 
 
 @dataclass(frozen=True)

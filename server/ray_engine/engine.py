@@ -13,6 +13,7 @@ actors as concurrent jobs need them, so a job with new feeds on an idle cluster 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,16 +25,19 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import ray
 
-from gradserve.server.planning.batching import split_batch
 from gradserve.server.events import JobCancelled, Progress, ProgressEvent
+from gradserve.server.planning import auto
+from gradserve.server.planning.auto import AUTO, Choice, Count, parse_count
+from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.partition import Plan, plan_job
 from gradserve.server.planning.prepare import prepare
-from gradserve.server.result import Result
 from gradserve.server.planning.schedule import gpipe
+from gradserve.server.ray_engine import scheduler
 from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
-from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor, choose
+from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
+from gradserve.server.result import Result
 from gradserve.worker.autodiff import compile_program
-from gradserve.worker.graph import GraphError, Model
+from gradserve.worker.graph import GraphError, Model, feed_signature
 from gradserve.worker.stage import StageSpec
 
 log = logging.getLogger(__name__)
@@ -69,7 +73,10 @@ class _Deployment:
 class RayEngine:
     """Partitions each model over Ray worker actors (see the module docs).
 
-    ``partitions``/``micro_batches``/``replicas`` are defaults that each job may override.
+    ``partitions``/``micro_batches``/``replicas`` are defaults that each job may override: a
+    number means exactly that many, ``"auto"`` (the default) lets the engine choose from the
+    model's cost and memory, the batch and the cluster's free nodes (see
+    :mod:`gradserve.server.planning.auto`).
     ``ray_address``: join that cluster; None starts an embedded single-node Ray unless this process
     already is connected. ``threads_per_worker``: BLAS threads per step (default: chosen per job,
     see :func:`_blas_threads`). ``max_retries``: how often a job that lost a worker is run again
@@ -80,9 +87,9 @@ class RayEngine:
 
     def __init__(
         self,
-        partitions: int = 1,
-        micro_batches: int = 1,
-        replicas: int = 1,
+        partitions: Count = AUTO,
+        micro_batches: Count = AUTO,
+        replicas: Count = AUTO,
         ray_address: str | None = None,
         threads_per_worker: int | None = None,
         max_deployments: int = 8,
@@ -105,6 +112,7 @@ class RayEngine:
         self._params: "OrderedDict[str, _Placed]" = OrderedDict()  # content key -> placed parameters
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
         self._plans: "OrderedDict[tuple, _PlanEntry]" = OrderedDict()
+        self._choices: "OrderedDict[tuple, Choice]" = OrderedDict()  # see _choose
         # stage key -> {id(actor): (actor, ref of its load call)}: which actors hold which stage
         # (a load in flight counts: a second job waits on the same call instead of loading again)
         self._hosts: dict[str, dict[int, tuple[Any, ray.ObjectRef]]] = {}
@@ -125,9 +133,9 @@ class RayEngine:
         feeds: Mapping[str, np.ndarray],
         *,
         input_grads: Iterable[str] = (),
-        partitions: int | None = None,
-        micro_batches: int | None = None,
-        replicas: int | None = None,
+        partitions: Count | None = None,
+        micro_batches: Count | None = None,
+        replicas: Count | None = None,
         progress: Progress = None,
         cancelled: threading.Event | None = None,
         split_at: list[str] | None = None,
@@ -138,15 +146,11 @@ class RayEngine:
         ``model_key``: a content hash of the model the caller has already verified (the server's
         model id); without it the engine checks the parameters against the copy it placed.
         """
-        k = partitions or self.partitions
-        m = micro_batches or self.micro_batches
-        r = replicas or self.replicas
-        if k < 1 or m < 1 or r < 1:
-            raise GraphError(f"partitions, micro_batches and replicas must be >= 1 (got {k}, {m}, {r})")
         t0 = time.perf_counter()
         full = prepare(model, feeds, input_grads)
+        choice = self._choose(model, full, feeds, (partitions, micro_batches, replicas), split_at)
+        m, r, split = choice.m, choice.r, choice.split
         # The chunks run with split.model: a fixed-batch export gets a symbolic batch axis there.
-        split = split_batch(model, full, feeds, m * r)
         chunks, job = split.chunks, split.job  # job: shapes of one micro-batch, for planning
         key, placed = self._acquire(model, model_key)
         retries = 0
@@ -155,7 +159,7 @@ class RayEngine:
                 job_id = uuid.uuid4().hex[:12]
                 try:
                     # After a lost worker the nodes are read again: one that left is not chosen.
-                    deployment = self._deploy(split.model, key, placed, job, k, r, split_at, refresh=retries > 0)
+                    deployment = self._deploy(split.model, key, placed, job, choice, split_at, refresh=retries > 0)
                     t1 = time.perf_counter()
                     try:
                         loss, grads, input_grad_refs, seconds = self._run(
@@ -187,15 +191,46 @@ class RayEngine:
             "micro_batches": m,
             "replicas": r,
             "placement": deployment.where,
+            "auto": choice.reasons,
             "retries": retries,
             "seconds": {"prepare_and_deploy": t1 - t0, **seconds},
         }
         return Result(loss, params, inputs, info)
 
-    def plan(self, model: Model, feeds: Mapping[str, np.ndarray], partitions: int | None = None) -> Plan:
+    def plan(self, model: Model, feeds: Mapping[str, np.ndarray], partitions: Count | None = None) -> Plan:
         """The partition plan this engine would use for ``model`` on ``feeds`` (nothing is run)."""
-        job = prepare(model, feeds)
-        return plan_job(job, model, partitions or self.partitions)
+        return self._choose(model, prepare(model, feeds), feeds, (partitions, None, None), None).plan
+
+    def _choose(self, model: Model, full, feeds: Mapping[str, np.ndarray], asked: tuple, split_at) -> Choice:
+        """K, M and R for a job (numbers as asked, ``auto`` chosen from the job and the cluster's
+        memory and free nodes, :func:`~gradserve.server.planning.auto.choose`); raises
+        ResourceExhausted before anything runs when the job cannot fit. Cached per model
+        structure, batch shape, request and cluster state: planning runs once, not per job."""
+        defaults = (self.partitions, self.micro_batches, self.replicas)
+        try:
+            k, m, r = (parse_count(a if a is not None else d) for a, d in zip(asked, defaults))
+        except ValueError as exc:
+            raise GraphError(f"partitions, micro_batches and replicas: {exc}") from None
+        if split_at:  # manual cuts fix the partitions; nothing is chosen
+            k, m, r = len(split_at) + 1, (1 if m == AUTO else m), (1 if r == AUTO else r)
+            split = split_batch(model, full, feeds, m * r)
+            return Choice(k, m, r, ["partitions: cut at the nodes asked for"], plan_job(split.job, split.model, k, split_at),
+                          split)
+        with self._lock:
+            nodes = self._pool.nodes()
+            busy = {w["node_id"] for a, w in zip(self._pool.actors, self._pool.where) if self._busy[id(a)]}
+        free = [n for n in nodes if n.node_id not in busy]
+        key = (model.structure_fingerprint(), feed_signature(feeds), full.input_grads, k, m, r, tuple(nodes), len(free))
+        with self._lock:
+            hit = self._choices.get(key)
+        if hit is not None:  # the same choice and plan; the batch is this job's own
+            return dataclasses.replace(hit, split=split_batch(model, full, feeds, hit.m * hit.r))
+        choice = auto.choose(full, model, feeds, nodes, k, m, r, free=free)
+        with self._lock:
+            self._choices[key] = choice
+            while len(self._choices) > 4 * self._max:
+                self._choices.popitem(last=False)
+        return choice
 
     def capacity(self) -> int:
         """How many jobs this engine usefully computes at once: two per CPU of the cluster's alive
@@ -276,14 +311,14 @@ class RayEngine:
             for actor, _ in self._hosts.pop(entry.stage(p), {}).values():
                 actor.unload.remote(entry.stage(p))
 
-    def _plan_entry(self, model: Model, fingerprint: str, job, k: int, split_at) -> _PlanEntry:
-        """The cached plan for this job's shape of work, made on first use (caller holds the lock)."""
-        key = (fingerprint, job.input_grads, k, tuple(split_at or ()))
+    def _plan_entry(self, model: Model, fingerprint: str, job, plan: Plan) -> _PlanEntry:
+        """The stages of a plan, made on first use (caller holds the lock)."""
+        key = (fingerprint, job.input_grads, tuple(p.nodes[0].name for p in plan.partitions),
+               tuple(m.total for m in plan.memory or ()))
         entry = self._plans.get(key)
         if entry is not None:
             self._plans.move_to_end(key)
             return entry
-        plan = plan_job(job, model, k, split_at)
         whole = compile_program(list(job.nodes), [*job.shapes], [job.loss], job.wrt)
         specs = [
             StageSpec(
@@ -298,29 +333,34 @@ class RayEngine:
             self._unload(self._plans.pop(plan_key))
         return entry
 
-    def _deploy(self, model: Model, fingerprint: str, placed: "_Placed", job, k: int, r: int, split_at,
+    def _deploy(self, model: Model, fingerprint: str, placed: "_Placed", job, choice: Choice, split_at,
                 refresh: bool = False) -> _Deployment:
         """Place one job: the scheduler picks an actor per (replica, partition), and each one not
         yet holding its stage loads it (parameters come from the object store: Ray moves each to
         a node once). The chosen actors count as busy until :meth:`_release`."""
         with self._lock:
-            entry = self._plan_entry(model, fingerprint, job, k, split_at)
-            k = len(entry.specs)
+            entry = self._plan_entry(model, fingerprint, job, choice.plan)
+            k, r = len(entry.specs), choice.r
             slots = [(i, p) for i in range(r) for p in range(k)]
             held: dict[int, set[str]] = {}
             for stage_key, hosts in self._hosts.items():
                 for actor_id in hosts:
                     held.setdefault(actor_id, set()).add(stage_key)
             infos = [
-                ActorInfo(id(a), w["node_id"], self._busy[id(a)], frozenset(held.get(id(a), ())))
+                ActorInfo(id(a), w["node_id"], self._busy[id(a)], frozenset(held.get(id(a), ())), w.get("memory", 0))
                 for a, w in zip(self._pool.actors, self._pool.where)
             ]
-            picks = choose([entry.stage(p) for _, p in slots], self._pool.nodes(refresh), infos)
+            needs = [entry.plan.memory[p].total if entry.plan.memory else 0 for _, p in slots]
+            picks = scheduler.choose([entry.stage(p) for _, p in slots], self._pool.nodes(refresh), infos, needs)
             others = Counter()
             for info in infos:
                 others[info.node_id] += info.load
             # New actors start under the lock (rare: only while the pool grows to the cluster).
-            new = iter(self._pool.spawn([pick.node_id for pick in picks if isinstance(pick, NewActor)]))
+            starting = [pick for pick in picks if isinstance(pick, NewActor)]
+            retire = {actor_id for pick in starting for actor_id in pick.retire}
+            if retire:  # idle actors whose reservations are too small: their memory goes to new ones
+                self._forget_actors([a for a in self._pool.actors if id(a) in retire])
+            new = iter(self._pool.spawn([pick.node_id for pick in starting], [pick.memory for pick in starting]))
             by_id = {id(a): a for a in self._pool.actors}
             chosen = [by_id[pick.actor_id] if isinstance(pick, ActorInfo) else next(new) for pick in picks]
             loads = []
@@ -499,12 +539,16 @@ class RayEngine:
         """Remove dead or stuck actors from the pool and from the stages' hosts; the next jobs
         get actors the scheduler picks, started where the pool has fewest."""
         with self._lock:
-            gone = self._pool.drop(dead)
-            for hosts in self._hosts.values():
-                for actor_id in gone & hosts.keys():
-                    del hosts[actor_id]
-            for actor_id in gone:
-                self._busy.pop(actor_id, None)
+            self._forget_actors(dead)
+
+    def _forget_actors(self, actors: list) -> None:
+        """Kill ``actors`` and forget them everywhere (caller holds the lock)."""
+        gone = self._pool.drop(actors)
+        for hosts in self._hosts.values():
+            for actor_id in gone & hosts.keys():
+                del hosts[actor_id]
+        for actor_id in gone:
+            self._busy.pop(actor_id, None)
 
 
 @dataclass

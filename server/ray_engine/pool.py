@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from gradserve.server.ray_engine.scheduler import NodeInfo
+from gradserve.server.planning.memory import NodeInfo
 from gradserve.worker.actor import StageActor
 
 log = logging.getLogger(__name__)
@@ -46,19 +46,22 @@ class WorkerPool:
         if refresh or time.monotonic() - self._nodes_at > NODES_TTL:
             self._nodes = cpu_nodes()
             self._nodes_at = time.monotonic()
-        return [NodeInfo(n["NodeID"], int(n["Resources"]["CPU"])) for n in self._nodes]
+        return [NodeInfo(n["NodeID"], int(n["Resources"]["CPU"]), int(n["Resources"].get("memory", 0)))
+                for n in self._nodes]
 
-    def spawn(self, node_ids: Sequence[str]) -> list[Any]:
-        """Start one actor on each of ``node_ids`` ("" lets Ray choose) and wait until they run.
+    def spawn(self, node_ids: Sequence[str], memory: Sequence[int] | None = None) -> list[Any]:
+        """Start one actor on each of ``node_ids`` ("" lets Ray choose), each reserving its entry of
+        ``memory`` (bytes) from Ray's ``memory`` resource, and wait until they run.
 
         Pinned softly (NodeAffinitySchedulingStrategy with soft=True): if the node is full or gone,
         Ray places the actor elsewhere, and ``where`` records the node it really runs on.
         """
         if not node_ids:
             return []
+        memory = list(memory) if memory is not None else [0] * len(node_ids)
         known = {n["NodeID"]: n for n in self._nodes}
         new = []
-        for node_id in node_ids:
+        for node_id, reserve in zip(node_ids, memory):
             node = known.get(node_id)
             # BLAS threads: the CPUs Ray gives that node (a pod's limit on Kubernetes, not the
             # host's core count); the engine narrows them per step.
@@ -71,12 +74,14 @@ class WorkerPool:
                 "OPENBLAS_THREAD_TIMEOUT": "4",
             }}
             strategy = NodeAffinitySchedulingStrategy(node_id, soft=True) if node else "DEFAULT"
-            new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env).remote())
+            options = {"memory": int(reserve)} if reserve else {}
+            new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env, **options).remote())
         address = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in self._nodes}
         cpus = {n["NodeID"]: int(n["Resources"]["CPU"]) for n in self._nodes}
-        for where in ray.get([a.where.remote() for a in new], timeout=ACTOR_START_TIMEOUT):
+        for where, reserve in zip(ray.get([a.where.remote() for a in new], timeout=ACTOR_START_TIMEOUT), memory):
             where["ip"] = address.get(where["node_id"], where["ip"])  # the address Ray knows the node by
             where["cpus"] = cpus.get(where["node_id"], os.cpu_count() or 1)
+            where["memory"] = int(reserve)
             self.where.append(where)
         self.actors += new
         log.info("worker pool: %d actors on %d nodes", len(self.actors), len({w["node_id"] for w in self.where}))

@@ -25,13 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """An alive cluster node that can host actors."""
-
-    node_id: str
-    cpus: int
+from gradserve.server.planning.memory import NodeInfo
 
 
 @dataclass(frozen=True)
@@ -43,13 +37,17 @@ class ActorInfo:
     node_id: str
     load: int = 0
     stages: frozenset[str] = field(default_factory=frozenset)
+    memory: int = 0  # bytes it reserved from Ray when it started
 
 
 @dataclass(frozen=True)
 class NewActor:
-    """A decision to start a new pool actor on ``node_id``."""
+    """A decision to start a new pool actor on ``node_id``, reserving ``memory`` bytes, after
+    retiring the idle actors ``retire`` (ids) whose smaller reservations hold the memory it needs."""
 
     node_id: str
+    memory: int = 0
+    retire: tuple = ()
 
 
 def actor_cap(node: NodeInfo, slots: int, nodes: int) -> int:
@@ -58,13 +56,18 @@ def actor_cap(node: NodeInfo, slots: int, nodes: int) -> int:
     return max(node.cpus, math.ceil(slots / max(1, nodes)))
 
 
-def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[ActorInfo]) -> list[ActorInfo | NewActor]:
+def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[ActorInfo],
+           needs: Sequence[int] | None = None) -> list[ActorInfo | NewActor]:
     """One actor per entry of ``stages`` (the stage key each slot runs, replica-major), distinct
     within the job: an :class:`ActorInfo` to reuse or a :class:`NewActor` to start (module docs).
 
-    Actors on nodes not in ``nodes`` (gone, or without CPUs) are never chosen. With no node
-    known at all (a cluster still starting), new actors go to ``""``: let Ray place them.
+    ``needs``: the memory each slot's partition needs (the planner's estimate). An actor is reused
+    only if it reserved that much; a new one reserves it, on a node whose memory not yet reserved
+    by the pool's actors holds it, so Ray's scheduler enforces the plan. Nodes of unknown memory
+    (0) are not checked. Actors on nodes not in ``nodes`` (gone, or without CPUs) are never chosen.
+    With no node known at all (a cluster still starting), new actors go to ``""``: let Ray place them.
     """
+    needs = list(needs) if needs is not None else [0] * len(stages)
     if not nodes:
         nodes = [NodeInfo("", 1)]
     alive = {n.node_id: n for n in nodes}
@@ -72,31 +75,60 @@ def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[Ac
     cpus = {n: max(1, info.cpus) for n, info in alive.items()}
     node_load: Counter[str] = Counter()
     count: Counter[str] = Counter()
+    reserved: Counter[str] = Counter()
     for a in usable:
         node_load[a.node_id] += a.load
         count[a.node_id] += 1
+        reserved[a.node_id] += a.memory
+
+    retired: set = set()
+
+    def room(n: str, need: int) -> tuple | None:
+        """Idle actors to retire so a new actor reserving ``need`` fits node n (() when it fits as
+        is); None when it cannot. Idle actors whose reservation is too small for this slot are
+        what a pool of varied models leaves behind; retiring them keeps nodes from filling up."""
+        total = alive[n].memory_bytes
+        short = need - (total - reserved[n])
+        if not total or not need or short <= 0:
+            return ()
+        idle = sorted((a for a in usable if a.node_id == n and a.load == 0 and a.memory < need
+                       and a.actor_id not in taken and a.actor_id not in retired), key=lambda a: -a.memory)
+        out = []
+        for a in idle:
+            if short <= 0:
+                break
+            out.append(a)
+            short -= a.memory
+        return tuple(out) if short <= 0 else None
     order = {a.actor_id: i for i, a in enumerate(usable)}
     caps = {n: actor_cap(info, len(stages), len(alive)) for n, info in alive.items()}
     mine: Counter[str] = Counter()  # this job's slots per node
     taken: set = set()
     picks: list[ActorInfo | NewActor] = []
-    for stage in stages:
+    for stage, need in zip(stages, needs):
         best, best_key = None, None
         for a in usable:
-            if a.actor_id in taken:
+            if a.actor_id in taken or a.actor_id in retired or (need and a.memory and a.memory < need):
                 continue
             n = a.node_id
             key = (mine[n], node_load[n] / cpus[n], a.load > 0, stage not in a.stages, 0, 0, order[a.actor_id])
             if best_key is None or key < best_key:
                 best, best_key = a, key
         for n in alive:
-            if count[n] >= caps[n]:
+            retire = room(n, need)
+            if retire is None or count[n] - len(retire) >= caps[n]:
                 continue
-            key = (mine[n], node_load[n] / cpus[n], False, True, 1, count[n], len(order))
+            key = (mine[n], node_load[n] / cpus[n], False, True, 1 + len(retire), count[n], len(order))
             if best_key is None or key < best_key:
-                best, best_key = NewActor(n), key
-        if best is None:  # every actor taken and every node full: cannot happen with actor_cap, but be safe
-            best = NewActor(min(alive, key=lambda n: (node_load[n] / cpus[n], count[n])))
+                best, best_key = NewActor(n, need, tuple(a.actor_id for a in retire)), key
+        if best is None:
+            # Every actor taken or too small, every node full: share a big enough actor (its queue
+            # keeps the job correct), else start one where most memory is left and let Ray queue it.
+            big = [a for a in usable if a.actor_id not in retired and (not need or not a.memory or a.memory >= need)]
+            if big:
+                best = min(big, key=lambda a: (node_load[a.node_id] / cpus[a.node_id], order[a.actor_id]))
+            else:
+                best = NewActor(max(alive, key=lambda n: (alive[n].memory_bytes - reserved[n], -count[n])), need)
         picks.append(best)
         n = best.node_id
         mine[n] += 1
@@ -104,5 +136,8 @@ def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[Ac
         if isinstance(best, ActorInfo):
             taken.add(best.actor_id)
         else:
-            count[n] += 1
+            gone = [a for a in usable if a.actor_id in best.retire]
+            retired.update(best.retire)
+            count[n] += 1 - len(gone)
+            reserved[n] += need - sum(a.memory for a in gone)
     return picks
