@@ -75,3 +75,30 @@ def test_killed_workers_are_replaced_on_their_nodes(cluster):
     # The server's own account: after the last replacement, the pool is one actor on each node.
     pool_lines = [line for line in (state / "server.log").read_text().splitlines() if "worker pool:" in line]
     assert len(pool_lines) >= 7 and pool_lines[-1].endswith("3 actors on 3 nodes"), pool_lines[-8:]
+
+
+def test_auto_uses_both_nodes_for_a_large_job_and_one_each_for_small_ones(tmp_path):
+    """On 2 worker nodes with everything ``auto``: a large job alone gets a replica on each node;
+    four concurrent small jobs each run on one node (with one partition and one replica: splitting
+    them would cost more than it saves)."""
+    rng = np.random.default_rng(5)
+    m = gradserve.ModelBuilder()
+    h = m.input("x", (None, 1024), np.float64)
+    for i in range(4):
+        h = m.tanh(h @ m.param(f"w{i}", rng.standard_normal((1024, 1024)) / 32))
+    large, large_feeds = m.loss((h * h).mean()), {"x": rng.standard_normal((1024, 1024))}
+    small, small_feeds = _model()
+    small_feeds = {"x": small_feeds["x"][:8]}
+    with local_cluster(tmp_path, 2) as (address, _):
+        with gradserve.Client(address) as client:
+            result = client.gradients(large, large_feeds)
+            assert_same_result(result, gradserve.local().gradients(large, large_feeds))
+            assert result.info["replicas"] == 2, result.info.get("auto")
+            assert len({w["node_id"] for row in result.info["placement"] for w in row}) == 2
+            client.upload(small)
+            jobs = [client.submit(small, small_feeds) for _ in range(4)]
+            results = [job.result(timeout=300) for job in jobs]
+    reference = gradserve.local().gradients(small, small_feeds)
+    for r in results:
+        assert_same_result(r, reference)
+        assert r.info["replicas"] == 1 and r.info["partitions"] == 1, r.info.get("auto")

@@ -231,3 +231,18 @@ def test_client_identity_is_the_peer():
 
     assert client_of(Context()) == "ipv4:10.0.0.5:53412"
     assert client_of(object()) == ""
+
+
+def test_a_bigger_stage_replaces_idle_small_actors_under_the_per_node_cap():
+    """One-CPU nodes each hold an idle actor reserved for a smaller stage: concurrent jobs of a
+    bigger stage retire them and spread over the nodes instead of sharing one new actor."""
+    nodes = [NodeInfo(n, 1, 4 * GB) for n in "abc"]
+    actors = [ActorInfo(i, n, memory=GB // 4) for i, n in enumerate("abc")]
+    placed = []
+    for job in range(3):
+        (pick,) = choose(["big/0"], nodes, actors, needs=[GB])
+        assert isinstance(pick, NewActor) and len(pick.retire) == 1, pick
+        placed.append(pick.node_id)
+        actors = [a for a in actors if a.actor_id not in pick.retire]
+        actors.append(ActorInfo(f"new{job}", pick.node_id, load=1, memory=GB, stages=frozenset({"big/0"})))
+    assert sorted(placed) == ["a", "b", "c"]

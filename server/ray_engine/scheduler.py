@@ -84,22 +84,26 @@ def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[Ac
     retired: set = set()
 
     def room(n: str, need: int) -> tuple | None:
-        """Idle actors to retire so a new actor reserving ``need`` fits node n (() when it fits as
-        is); None when it cannot. Idle actors whose reservation is too small for this slot are
-        what a pool of varied models leaves behind; retiring them keeps nodes from filling up."""
+        """Idle actors to retire so a new actor reserving ``need`` fits node n, in memory and under
+        its actor cap (() when it fits as is); None when it cannot. Idle actors whose reservation
+        is too small for this slot are what a pool of varied models leaves behind; retiring them
+        keeps nodes from filling up with actors no job can use."""
         total = alive[n].memory_bytes
-        short = need - (total - reserved[n])
-        if not total or not need or short <= 0:
+        short = need - (total - reserved[n]) if total and need else 0
+        over = count[n] + 1 - caps[n]
+        if short <= 0 and over <= 0:
             return ()
-        idle = sorted((a for a in usable if a.node_id == n and a.load == 0 and a.memory < need
+        idle = sorted((a for a in usable if a.node_id == n and a.load == 0 and need and a.memory < need
                        and a.actor_id not in taken and a.actor_id not in retired), key=lambda a: -a.memory)
         out = []
         for a in idle:
-            if short <= 0:
+            if short <= 0 and over <= 0:
                 break
             out.append(a)
             short -= a.memory
-        return tuple(out) if short <= 0 else None
+            over -= 1
+        return tuple(out) if short <= 0 and over <= 0 else None
+
     order = {a.actor_id: i for i, a in enumerate(usable)}
     caps = {n: actor_cap(info, len(stages), len(alive)) for n, info in alive.items()}
     mine: Counter[str] = Counter()  # this job's slots per node
@@ -116,7 +120,7 @@ def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[Ac
                 best, best_key = a, key
         for n in alive:
             retire = room(n, need)
-            if retire is None or count[n] - len(retire) >= caps[n]:
+            if retire is None:
                 continue
             key = (mine[n], node_load[n] / cpus[n], False, True, 1 + len(retire), count[n], len(order))
             if best_key is None or key < best_key:
