@@ -71,7 +71,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="inline: this process; ray: partitions on Ray worker actors (default: inline)")
     g.add_argument("--partitions", type=_count, metavar="K|auto",
                    help="ray engine or server: split the graph into K partitions; auto: the fewest that fit in memory "
-                   "(default: the engine's, auto on a server)")
+                   "(default: auto)")
     g.add_argument("--micro-batches", type=_count, metavar="M|auto",
                    help="ray engine or server: pipeline M micro-batches through the partitions (GPipe); auto: where "
                    "pipelining pays")

@@ -16,8 +16,9 @@ def local(engine: str = "inline", **options: Any) -> "InlineEngine | RayEngine":
     """An engine in this process with ``.gradients(model, feeds) -> Result``.
 
     ``engine="inline"`` runs the whole graph here. ``engine="ray"`` partitions it over Ray worker
-    actors (options: ``partitions``, ``micro_batches``, ``replicas``, ``ray_address``); with no
-    address it starts an embedded single-node Ray. Use it as a context manager to release workers.
+    actors (options: ``partitions``, ``micro_batches``, ``replicas`` -- each a number or ``"auto"``,
+    the default -- and ``ray_address``); with no address it starts an embedded single-node Ray.
+    Use it as a context manager to release workers.
     """
     if engine == "inline":
         if options:
