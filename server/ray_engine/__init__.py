@@ -1,5 +1,5 @@
-"""The Ray engine: a job's partitions on pooled Ray worker actors (``engine``), the pool of actors
-and where they are placed on the cluster (``pool``)."""
+"""The Ray engine: a job's partitions on pooled Ray worker actors (``engine``), which actors each job
+gets (``scheduler``: pure decisions), and the pool of actors on the cluster's nodes (``pool``)."""
 
 from gradserve.server.ray_engine.engine import RayEngine
 
