@@ -287,3 +287,14 @@ def test_vjp_missing_middle_inputs():
     inputs = make_inputs("LSTM", "bidirectional", lens=LENS, seed=7)
     inputs[3] = inputs[5] = None
     check_vjp("LSTM", inputs, attrs_for("bidirectional"), wrt=wrt_of(inputs), n_outputs=3)
+
+
+def test_an_initial_state_of_another_size_is_refused_naming_projections():
+    """torch's dynamo exporter writes LSTM(proj_size=3) as an ONNX LSTM whose initial state has the
+    projected size; ONNX LSTM has no projections, so the op refuses it with a clear message."""
+    rng = np.random.default_rng(0)
+    T, B, I, H = 2, 3, 4, 6
+    x, w, r = rng.standard_normal((T, B, I)), rng.standard_normal((1, 4 * H, I)), rng.standard_normal((1, 4 * H, H))
+    h0 = rng.standard_normal((1, B, 3))
+    with pytest.raises(Exception, match=r"initial state has shape \(1, 3, 3\).*proj_size"):
+        run_op("LSTM", [x, w, r, None, None, h0], {"hidden_size": H})

@@ -150,7 +150,12 @@ def _state(s: _Setup, h: np.ndarray | None, dtype) -> np.ndarray:
     """An initial state input ((D, B, H), or (B, D, H) in layout 1) as (D, B, H); zeros if absent."""
     if h is None:
         return np.zeros((s.D, s.B, s.H), dtype)
-    return h if s.layout == 0 else h.transpose(1, 0, 2)
+    h = h if s.layout == 0 else h.transpose(1, 0, 2)
+    if h.shape != (s.D, s.B, s.H):
+        # e.g. torch's LSTM(proj_size=...) exported anyway: ONNX LSTM has no projections
+        raise OpError(f"{s.op}: an initial state has shape {h.shape} in (directions, batch, hidden) order; "
+                      f"hidden_size is {s.H} (projections, torch's proj_size, are not part of ONNX {s.op})")
+    return h
 
 
 def _state_out(s: _Setup, h: np.ndarray) -> np.ndarray:
