@@ -30,6 +30,7 @@ class PreparedJob:
     input_grads: tuple[str, ...]
     loss: str
     rewrites: tuple[str, ...] = ()  # what the exact rewrites changed, one line each
+    structure: str = ""  # the model's structure fingerprint (Model.structure_fingerprint), a cache key
 
     @property
     def wrt(self) -> tuple[str, ...]:
@@ -51,7 +52,8 @@ def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable
             raise GraphError(f"gradient requested for '{name}', which is not an input of the model")
         if spec.dtype.kind != "f":
             raise GraphError(f"gradient requested for input '{name}' of non-floating dtype {spec.dtype.name}")
-    key = (model.structure_fingerprint(), feed_signature(feeds), input_grads)
+    structure = model.structure_fingerprint()
+    key = (structure, feed_signature(feeds), input_grads)
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
@@ -62,7 +64,7 @@ def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable
     check_loss(model, shapes)
     nodes, shapes, rewrites = optimize(nodes, shapes, keep={model.loss, *model.params, *model.constants, *feeds})
     params = tuple(p for p, v in model.params.items() if v.dtype.kind == "f")
-    job = PreparedJob(tuple(nodes), shapes, params, input_grads, model.loss, tuple(rewrites))
+    job = PreparedJob(tuple(nodes), shapes, params, input_grads, model.loss, tuple(rewrites), structure)
     with _LOCK:
         _CACHE[key] = job
         while len(_CACHE) > _CACHE_SIZE:

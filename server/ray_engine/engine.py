@@ -220,7 +220,7 @@ class RayEngine:
             nodes = self._pool.nodes()
             busy = {w["node_id"] for a, w in zip(self._pool.actors, self._pool.where) if self._busy[id(a)]}
         free = [n for n in nodes if n.node_id not in busy]
-        key = (model.structure_fingerprint(), feed_signature(feeds), full.input_grads, k, m, r, tuple(nodes), len(free))
+        key = (full.structure, feed_signature(feeds), full.input_grads, k, m, r, tuple(nodes), len(free))
         with self._lock:
             hit = self._choices.get(key)
         if hit is not None:  # the same choice and plan; the batch is this job's own
