@@ -2,27 +2,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import helper
-from onnx.reference import ReferenceEvaluator
 
-from gradcheck import check_vjp, run_op
+from gradcheck import check_vjp, onnx_reference, run_op
 from gradserve.worker.ops import blas
 from gradserve.worker.ops import conv as conv_mod
 
 rng = np.random.default_rng(0)
-
-
-def onnx_reference(op_type, inputs, attrs, n_outputs=1):
-    names = [f"x{i}" for i in range(len(inputs))]
-    outs = [f"y{i}" for i in range(n_outputs)]
-    node = helper.make_node(op_type, names, outs, **attrs)
-    graph = helper.make_graph(
-        [node], "t",
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), x.shape) for n, x in zip(names, inputs)],
-        [helper.make_tensor_value_info(o, 0, None) for o in outs],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return ReferenceEvaluator(model).run(None, dict(zip(names, inputs)))
 
 
 def torch_conv(x, w, b, attrs):

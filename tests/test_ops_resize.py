@@ -2,14 +2,11 @@
 VJPs by finite differences in float64 for every mode, coordinate mode and input form."""
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import helper
-from onnx.reference import ReferenceEvaluator
 
-from gradcheck import check_vjp, run_op
+from gradcheck import check_vjp, onnx_reference, run_op
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((2, 3, 8, 6))
@@ -32,22 +29,10 @@ def inputs(x, roi=None, scales=None, sizes=None):
     return ins
 
 
-def reference(ins, attrs, opset=19, op_type="Resize"):
-    names = [f"x{i}" if v is not None else "" for i, v in enumerate(ins)]
-    feeds = {n: v for n, v in zip(names, ins) if n}
-    node = helper.make_node(op_type, names, ["y"], **attrs)
-    graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in feeds.items()],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    return ReferenceEvaluator(model).run(None, feeds)[0]
-
-
 def check(ins, attrs, opset=19, rtol=1e-12, check_shapes=True):
     """Forward against the onnx reference, VJP against finite differences."""
     y = run_op("Resize", ins, attrs)[0]
-    want = reference(ins, attrs, opset)
+    want = onnx_reference("Resize", ins, attrs, opset=opset)[0]
     assert y.shape == want.shape and y.dtype == ins[0].dtype
     np.testing.assert_allclose(y, want, rtol=rtol, atol=rtol)
     check_vjp("Resize", ins, attrs, opset=opset, check_shapes=check_shapes)
@@ -153,11 +138,11 @@ def test_integer_input_and_float32():
     xi = np.arange(24, dtype=np.int64).reshape(1, 2, 3, 4)
     y = run_op("Resize", [xi, None, UP_SCALES], {"mode": "nearest"})[0]
     assert y.dtype == np.int64
-    np.testing.assert_array_equal(y, reference([xi, None, UP_SCALES], {"mode": "nearest"}))
+    np.testing.assert_array_equal(y, onnx_reference("Resize", [xi, None, UP_SCALES], {"mode": "nearest"}, opset=19)[0])
     x32 = X.astype(np.float32)
     y = run_op("Resize", [x32, None, UP_SCALES], {"mode": "linear"})[0]
     assert y.dtype == np.float32
-    np.testing.assert_allclose(y, reference([x32, None, UP_SCALES], {"mode": "linear"}), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, onnx_reference("Resize", [x32, None, UP_SCALES], {"mode": "linear"}, opset=19)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_antialias():
@@ -211,7 +196,7 @@ def test_upsample():
                              align_corners=None if mode == "nearest" else False).numpy()
         if mode == "nearest":
             np.testing.assert_array_equal(y, want)
-            np.testing.assert_array_equal(y, reference([X, scales], {"mode": mode}, opset=9, op_type="Upsample"))
+            np.testing.assert_array_equal(y, onnx_reference("Upsample", [X, scales], {"mode": mode}, opset=9)[0])
         else:  # asymmetric, not torch's half-pixel: compare with Resize itself
             np.testing.assert_array_equal(y, run_op("Resize", [X, None, scales], {
                 "mode": "linear", "coordinate_transformation_mode": "asymmetric"})[0])
