@@ -359,7 +359,8 @@ class RayEngine:
             starting = [pick for pick in picks if isinstance(pick, NewActor)]
             retire = {actor_id for pick in starting for actor_id in pick.retire}
             if retire:  # idle actors whose reservations are too small: their memory goes to new ones
-                self._forget_actors([a for a in self._pool.actors if id(a) in retire])
+                self._forget_actors([a for a in self._pool.actors if id(a) in retire],
+                                    why="retired, their reservations too small for a new stage,")
             new = iter(self._pool.spawn([pick.node_id for pick in starting], [pick.memory for pick in starting]))
             by_id = {id(a): a for a in self._pool.actors}
             chosen = [by_id[pick.actor_id] if isinstance(pick, ActorInfo) else next(new) for pick in picks]
@@ -541,9 +542,9 @@ class RayEngine:
         with self._lock:
             self._forget_actors(dead)
 
-    def _forget_actors(self, actors: list) -> None:
+    def _forget_actors(self, actors: list, why: str = "lost") -> None:
         """Kill ``actors`` and forget them everywhere (caller holds the lock)."""
-        gone = self._pool.drop(actors)
+        gone = self._pool.drop(actors, why)
         for hosts in self._hosts.values():
             for actor_id in gone & hosts.keys():
                 del hosts[actor_id]

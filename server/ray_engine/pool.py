@@ -95,8 +95,8 @@ class WorkerPool:
         """The position of ``actor`` in ``actors``."""
         return next(i for i, a in enumerate(self.actors) if a is actor)
 
-    def drop(self, dead: list) -> set[int]:
-        """Kill ``dead`` actors and forget them; returns their ids."""
+    def drop(self, dead: list, why: str = "lost") -> set[int]:
+        """Kill ``dead`` actors and forget them (``why``, for the log); returns their ids."""
         gone = {id(a) for a in dead}
         for actor in dead:
             ray.kill(actor, no_restart=True)
@@ -105,7 +105,7 @@ class WorkerPool:
         self.actors = [self.actors[i] for i in keep]
         self.where = [self.where[i] for i in keep]
         if gone:
-            log.info("worker pool: lost %d actors (nodes %s); %d actors on %d nodes", len(gone), sorted(lost),
+            log.info("worker pool: %s %d actors (nodes %s); %d actors on %d nodes", why, len(gone), sorted(lost),
                      len(self.actors), len({w["node_id"] for w in self.where}))
         return gone
 
