@@ -30,6 +30,7 @@ class StageHost:
     def __init__(self) -> None:
         self.stages: dict[str, Stage] = {}
         self.cancelled: set[str] = set()
+        self.failed: dict[str, BaseException] = {}  # job id -> the error one of its steps raised here
         self.blas = ThreadpoolController()  # BLAS threads are set per step by the engine
         keep_freed_memory()
 
@@ -41,34 +42,65 @@ class StageHost:
         """Drop a partition (its model was evicted or its weights changed)."""
         self.stages.pop(key, None)
 
-    def forward(self, key: str, job_id: str, mb: int, threads: int, names: Sequence[str], *values: np.ndarray) -> Any:
-        """Forward of micro-batch ``mb`` on feeds and boundary inputs (``names`` label ``values``);
-        returns the partition's outputs as separate objects."""
-        stage = self.stages[key]
-        if job_id in self.cancelled:
-            return _placeholders(len(stage.spec.outputs))
-        with self.blas.limit(limits=threads, user_api="blas"):
-            return _returns(stage.forward(job_id, mb, dict(zip(names, values))))
+    def run(self, key: str, job_id: str, threads: Sequence[int], steps: Sequence[tuple], names: Sequence[str],
+            *values: Any) -> Any:
+        """Run consecutive steps of one job on the stage ``key``, in one call (see
+        :func:`gradserve.server.planning.schedule.calls`). ``steps`` are tuples
 
-    def backward(
-        self, key: str, job_id: str, mb: int, threads: int, defer: bool, names: Sequence[str], *errors: np.ndarray | None
-    ) -> Any:
-        """Backward of micro-batch ``mb``: errors at the outputs in (``names`` label them, repeated
-        when several partitions sent one), errors at the boundary inputs out."""
-        stage = self.stages[key]
-        if job_id in self.cancelled:
-            return _placeholders(max(1, len(stage.spec.wrt_inputs)))
-        with self.blas.limit(limits=threads, user_api="blas"):
-            errs = stage.backward(job_id, mb, list(zip(names, errors)), defer)
-        return _returns(errs) if errs else None  # one placeholder return, so the step can be awaited
+        - ``("forward", mb, n)``: forward of micro-batch ``mb`` on the next ``n`` values (feeds and
+          boundary inputs, labelled by ``names``); returns the partition's outputs;
+        - ``("backward", mb, n, defer)``: errors at the outputs in (the next ``n`` values, repeated
+          names when several partitions sent one), errors at the boundary inputs out;
+        - ``("weights", replica, n)``: dL/dw of the job and this stage's compute seconds, plus the
+          next ``n`` values: other replicas' results for this stage, summed in (a reduction tree
+          instead of every replica's dL/dw travelling to the driver). Ends the job here.
 
-    def weight_grads(self, key: str, job_id: str, threads: int, *after: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """dL/dw of the stage and its compute seconds. ``after``: the job's backward results on this
-        stage, passed only so Ray runs this once they exist, and fails it if one of them failed."""
-        if job_id in self.cancelled:
-            return {}, {}
-        with self.blas.limit(limits=threads, user_api="blas"):
-            return self.stages[key].weight_grads(job_id)
+        ``threads``: BLAS threads for (forward/backward steps, the weight step). Returns every
+        step's results in order, each as its own object (``num_returns``). A step after a failed
+        step of the same job raises that failure again, so an error nobody else reads still
+        reaches the driver through the job's weight step.
+        """
+        stage = self.stages[key]
+        if job_id in self.failed:
+            raise self.failed[job_id]
+        out: list[Any] = []
+        at = 0
+        try:
+            for step in steps:
+                phase, n = step[0], step[2]
+                args, labels = values[at:at + n], names[at:at + n]
+                at += n
+                cancelled = job_id in self.cancelled
+                if phase == "forward":
+                    if cancelled:
+                        out += [None] * len(stage.spec.outputs)
+                        continue
+                    with self.blas.limit(limits=threads[0], user_api="blas"):
+                        out += stage.forward(job_id, step[1], dict(zip(labels, args)))
+                elif phase == "backward":
+                    count = max(1, len(stage.spec.wrt_inputs))
+                    if cancelled:
+                        out += [None] * count
+                        continue
+                    with self.blas.limit(limits=threads[0], user_api="blas"):
+                        errs = stage.backward(job_id, step[1], list(zip(labels, args)), step[3])
+                    out += errs if errs else [None] * count
+                else:
+                    if cancelled:
+                        out.append(({}, {}))
+                        continue
+                    with self.blas.limit(limits=threads[1], user_api="blas"):
+                        grads, seconds = stage.weight_grads(job_id)
+                    by_replica = {step[1]: seconds}
+                    for other_grads, other_seconds in args:  # other replicas' results: summed here
+                        for name, g in other_grads.items():
+                            grads[name] = grads[name] + g if name in grads else g
+                        by_replica.update(other_seconds)
+                    out.append((grads, by_replica))
+        except BaseException as exc:
+            self.failed[job_id] = exc
+            raise
+        return out[0] if len(out) == 1 else tuple(out)
 
     @ray.method(concurrency_group="control")
     def cancel(self, job_id: str) -> None:
@@ -81,6 +113,7 @@ class StageHost:
         for stage in self.stages.values():
             stage.end_job(job_id)
         self.cancelled.discard(job_id)
+        self.failed.pop(job_id, None)
 
     @ray.method(concurrency_group="control")
     def job_count(self) -> int:
@@ -93,13 +126,6 @@ class StageHost:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address()}
 
-
-def _returns(values: list) -> Any:
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def _placeholders(n: int) -> Any:
-    return None if n == 1 else (None,) * n
 
 
 StageActor = ray.remote(concurrency_groups={"control": 1})(StageHost)

@@ -11,9 +11,10 @@ A partition ``[start, end)`` of a prepared job's topological order needs, on its
   feeds it reads) and the values it hands on (to later partitions, and the loss);
 - a **working set**: the largest single node's inputs and outputs, once (the step being computed).
 
-GPipe (:func:`gradserve.server.planning.schedule.gpipe`) runs every micro-batch forward before any
-backward, so all M micro-batches' activations and boundary buffers are in flight at once: those
-count M times. Shapes are the job's, so plan with a micro-batch's shapes and give M. The sum gets a
+Under 1F1B (:func:`gradserve.server.planning.schedule.one_f_one_b`) partition p waits for at most
+K-p micro-batches' backwards, but with micro-batches the weight steps are deferred to the end
+(zero-bubble), and until then every micro-batch's tape stays alive for them: activations and
+boundary buffers count M times. Shapes are the job's, so plan with a micro-batch's shapes and give M. The sum gets a
 ``HEADROOM`` factor (op temporaries, what forwards ``save`` for their VJP, allocator slack) plus
 ``ACTOR_BASE_BYTES`` for the worker process itself (Python, numpy, Ray's core worker).
 

@@ -31,7 +31,9 @@ from gradserve.server.planning.auto import AUTO, Choice, Count, parse_count
 from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.partition import Plan, plan_job
 from gradserve.server.planning.prepare import prepare
-from gradserve.server.planning.schedule import gpipe
+from gradserve.server.planning.schedule import (
+    BACKWARD, FORWARD, Call, Links, calls, one_f_one_b, reduction_children, reduction_parent,
+)
 from gradserve.server.ray_engine import scheduler
 from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _CONTROL_TIMEOUT = 30.0  # seconds for an actor to answer a control call (cancel, where, load)
 _STEP_DRAIN_TIMEOUT = 300.0  # seconds for an actor to finish or skip a failed job's queued steps
+_INLINE_BYTES = 100 * 1024  # feeds up to this size travel inside the call (Ray's inline limit)
 
 
 @dataclass
@@ -53,9 +56,18 @@ class _PlanEntry:
     key: str  # prefix of the stage keys actors host this plan's partitions under
     plan: Plan
     specs: list[StageSpec]
+    links: Links  # which partitions read which
+    _programs: dict = field(default_factory=dict)
 
     def stage(self, partition: int) -> str:
         return f"{self.key}/{partition}"
+
+    def program(self, m: int, r: int) -> list[Call]:
+        """One replica's actor calls for ``m`` micro-batches: the 1F1B schedule, steps grouped
+        into calls (:mod:`gradserve.server.planning.schedule`); made once per (m, r)."""
+        if (m, r) not in self._programs:
+            self._programs[(m, r)] = calls(one_f_one_b(self.links, m), self.links, m, replicas=r)
+        return self._programs[(m, r)]
 
 
 @dataclass
@@ -65,6 +77,7 @@ class _Deployment:
     keys: list[str]  # stage key per partition
     plan: Plan
     specs: list[StageSpec]
+    entry: _PlanEntry
     actors: list[list[Any]]  # [replica][partition]
     where: list[list[dict]]  # node placement per actor
     others: dict[str, int]  # node id -> other jobs' slots running there when this job was placed
@@ -327,7 +340,9 @@ class RayEngine:
             )
             for p in plan.partitions
         ]
-        entry = self._plans[key] = _PlanEntry(uuid.uuid4().hex[:12], plan, specs)
+        producer = {v: i for i, spec in enumerate(specs) for v in spec.outputs}
+        links = Links.of({i: sorted({producer[v] for v in spec.inputs}) for i, spec in enumerate(specs)})
+        entry = self._plans[key] = _PlanEntry(uuid.uuid4().hex[:12], plan, specs, links)
         idle = [p for p in self._plans if p[0] not in self._params or self._params[p[0]].users == 0]
         for plan_key in idle[: max(0, len(self._plans) - self._max)]:
             self._unload(self._plans.pop(plan_key))
@@ -378,7 +393,7 @@ class RayEngine:
                 self._busy[id(actor)] += 1
             where = [[self._pool.where_of(chosen[i * k + p]) for p in range(k)] for i in range(r)]
         dep = _Deployment(
-            [entry.stage(p) for p in range(k)], entry.plan, entry.specs,
+            [entry.stage(p) for p in range(k)], entry.plan, entry.specs, entry,
             [chosen[i * k:(i + 1) * k] for i in range(r)], where, dict(others),
         )
         try:
@@ -413,91 +428,114 @@ class RayEngine:
         t0 = time.perf_counter()
         steps = _Submitted()
         try:
-            # Copy the feeds into the object store before taking the submission lock: other jobs
-            # need not wait for these copies.
-            feeds = [{k: ray.put(v) for k, v in chunk.feeds.items()} for chunk in chunks]
+            # Large feeds go into the object store before taking the submission lock (other jobs
+            # need not wait for these copies); small ones travel inside the call, as Ray would
+            # put them there anyway (below its 100 KiB inline limit), without a put's round trip.
+            feeds = [{k: v if v.nbytes <= _INLINE_BYTES else ray.put(v) for k, v in chunk.feeds.items()}
+                     for chunk in chunks]
             threads = _blas_threads(dep.where, m, r, self.threads, dep.others)
             with self._submit:
                 for replica in range(r):
-                    self._submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, threads)
-                # weight_grads takes the stage's own backward results as arguments: it runs after
-                # them and fails if one of them failed (they live in that node's store: no transfer).
-                weight_refs = [
-                    actor.weight_grads.remote(dep.keys[p], job_id, threads[replica][p][1], *steps.backward.get((replica, p), []))
-                    for replica, row in enumerate(dep.actors)
-                    for p, actor in enumerate(row)
-                ]
+                    self._submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, r, threads)
             t1 = time.perf_counter()
             self._watch(steps.markers, report, cancelled)
             t2 = time.perf_counter()
-            losses = ray.get(steps.loss)
+            # One fetch: the chunks' losses, the roots of the dL/dw reduction trees, the dL/dx.
+            inputs = list(steps.input_grads.items())
+            fetched = ray.get([*steps.loss, *steps.roots, *(ref for _, refs in inputs for ref in refs)])
+            losses, roots, rest = fetched[:len(steps.loss)], fetched[len(steps.loss):len(steps.loss) + len(steps.roots)], \
+                fetched[len(steps.loss) + len(steps.roots):]
             loss = float(sum(float(np.asarray(v).reshape(())) * ch.weight for v, ch in zip(losses, chunks)))
             grads: dict[str, np.ndarray] = {}
-            stage_seconds = []
-            for part, seconds in ray.get(weight_refs):
-                stage_seconds.append(seconds)
+            stage_seconds: dict[tuple[int, int], dict] = {}
+            for (p, _), (part, seconds) in zip(steps.root_keys, roots):
+                stage_seconds.update({(replica, p): sec for replica, sec in seconds.items()})
                 for name, g in part.items():  # a parameter used in several partitions: summed
                     grads[name] = grads[name] + g if name in grads else g
-            inputs = {k: _sum(ray.get(refs)) for k, refs in steps.input_grads.items()}
+            input_grads = {}
+            for key, refs in inputs:
+                input_grads[key], rest = _sum(rest[:len(refs)]), rest[len(refs):]
             t3 = time.perf_counter()
         except BaseException as exc:
             self._abort(job_id, dep)
             raise _unwrap(exc) from None
-        busy = [sum(s.values()) for s in stage_seconds]
-        return loss, grads, inputs, {
+        phases = [stage_seconds.get((i, p), {}) for i in range(r) for p in range(len(dep.specs))]
+        return loss, grads, input_grads, {
             "submit": t1 - t0,
             "run": t2 - t1,  # from the last submission until every step finished
             "fetch": t3 - t2,
-            "stage_compute": busy,  # per (replica, partition): seconds inside ops
-            "stage_phases": stage_seconds,  # the same, split into forward / backward / weights
+            "stage_compute": [sum(s.values()) for s in phases],  # per (replica, partition): seconds inside ops
+            "stage_phases": phases,  # the same, split into forward / backward / weights
         }
 
     def _submit_replica(
-        self, steps: "_Submitted", job_id: str, dep: _Deployment, job, chunks, feed_refs, replica: int, m: int, threads
+        self, steps: "_Submitted", job_id: str, dep: _Deployment, job, chunks, feed_refs, replica: int, m: int, r: int,
+        threads,
     ) -> None:
-        """Submit the GPipe schedule of one replica's micro-batches; record the refs in ``steps``."""
+        """Submit one replica's calls (:meth:`_PlanEntry.program`); record the refs in ``steps``."""
         specs, actors = dep.specs, dep.actors[replica]
         first = replica * m
-        defer = _defer_weights(dep.where, m, len(dep.actors))
-        feeds = {c: feed_refs[c] for c in range(first, first + m)}
-        acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in feeds}  # activations per chunk
-        errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in feeds}  # errors sent back
-        for step in gpipe(len(specs), m):
-            c, spec, actor = first + step.micro_batch, specs[step.partition], actors[step.partition]
-            if step.phase == "forward":
-                names = [*spec.feeds, *spec.inputs]
-                args = [feeds[c][f] for f in spec.feeds] + [acts[c][v] for v in spec.inputs]
-                outs = _as_list(
-                    actor.forward.options(num_returns=len(spec.outputs)).remote(
-                        dep.keys[step.partition], job_id, c, threads[replica][step.partition][0], names, *args
-                    )
-                )
-                acts[c].update(zip(spec.outputs, outs))
-                if job.loss in spec.outputs:
-                    steps.loss.append(acts[c][job.loss])
-            else:
-                names, args = [], []
-                for v in spec.outputs:
-                    if v == job.loss:  # seed: the chunk's weight in the total loss (the stage shapes it)
-                        names.append(v)
-                        args.append(np.asarray(chunks[c].weight))
-                    for ref in errs[c].get(v, []):  # one error per consuming partition, summed there
-                        names.append(v)
-                        args.append(ref)
-                n = max(1, len(spec.wrt_inputs))
-                outs = _as_list(actor.backward.options(num_returns=n).remote(
-                    dep.keys[step.partition], job_id, c, threads[replica][step.partition][0], defer, names, *args
-                ))
-                steps.backward.setdefault((replica, step.partition), []).extend(outs)
-                for v, ref in zip(spec.wrt_inputs, outs):
-                    if v in spec.inputs:
-                        errs[c].setdefault(v, []).append(ref)
-                    else:
-                        steps.input_grads.setdefault((c, v), []).append(ref)
-            steps.markers[outs[0]] = ProgressEvent(
-                step.phase, step.partition, step.micro_batch, replica,
-                node=dep.where[replica][step.partition]["node_id"], total=2 * len(specs) * m * len(dep.actors),
-            )
+        defer = _defer_weights(dep.where, m, r)
+        acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in range(first, first + m)}  # activations
+        errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in acts}  # errors sent back
+        children = reduction_children(replica, r)
+        for call in dep.entry.program(m, r):
+            p = call.partition
+            spec = specs[p]
+            program, names, args, counts, events = [], [], [], [], []
+            for step in call.steps:
+                c = first + step.micro_batch
+                if step.phase == FORWARD:
+                    step_names = [*spec.feeds, *spec.inputs]
+                    step_args = [feed_refs[c][f] for f in spec.feeds] + [acts[c][v] for v in spec.inputs]
+                    program.append((FORWARD, c, len(step_args)))
+                    counts.append(len(spec.outputs))
+                elif step.phase == BACKWARD:
+                    step_names, step_args = [], []
+                    for v in spec.outputs:
+                        if v == job.loss:  # seed: the chunk's weight in the total loss (the stage shapes it)
+                            step_names.append(v)
+                            step_args.append(np.asarray(chunks[c].weight))
+                        for ref in errs[c].get(v, []):  # one error per consuming partition, summed there
+                            step_names.append(v)
+                            step_args.append(ref)
+                    program.append((BACKWARD, c, len(step_args), defer))
+                    counts.append(max(1, len(spec.wrt_inputs)))
+                else:  # weights: this replica's dL/dw, plus its children's in the reduction tree
+                    step_args = [steps.weights[(child, p)] for child in children]
+                    step_names = [""] * len(step_args)
+                    program.append(("weights", replica, len(step_args)))
+                    counts.append(1)
+                names += step_names
+                args += step_args
+                if step.phase in (FORWARD, BACKWARD):
+                    events.append(ProgressEvent(
+                        step.phase, p, step.micro_batch, replica, node=dep.where[replica][p]["node_id"],
+                        total=2 * len(specs) * m * r,
+                    ))
+            outs = _as_list(actors[p].run.options(num_returns=sum(counts)).remote(
+                dep.keys[p], job_id, threads[replica][p], program, names, *args
+            ))
+            steps.markers[outs[0]] = events
+            at = 0
+            for step, n in zip(call.steps, counts):
+                mine, at = outs[at:at + n], at + n
+                c = first + step.micro_batch
+                if step.phase == FORWARD:
+                    acts[c].update(zip(spec.outputs, mine))
+                    if job.loss in spec.outputs:
+                        steps.loss.append(acts[c][job.loss])
+                elif step.phase == BACKWARD:
+                    for v, ref in zip(spec.wrt_inputs, mine):
+                        if v in spec.inputs:
+                            errs[c].setdefault(v, []).append(ref)
+                        else:
+                            steps.input_grads.setdefault((c, v), []).append(ref)
+                else:
+                    steps.weights[(replica, p)] = mine[0]
+                    if reduction_parent(replica, r) is None:
+                        steps.roots.append(mine[0])
+                        steps.root_keys.append((p, replica))
 
     def _watch(self, markers: dict, report, cancelled: threading.Event | None) -> None:
         """Wait for every step, reporting progress; raise the first failure or JobCancelled."""
@@ -508,7 +546,8 @@ class RayEngine:
             # Whatever finished within 0.1 s (one call, not one per step: O(steps), not O(steps^2)).
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1, fetch_local=False)
             for ref in done:  # failures surface when the loss and gradients are fetched
-                report(markers[ref])
+                for event in markers[ref]:
+                    report(event)
 
     def _abort(self, job_id: str, dep: _Deployment) -> None:
         """Stop the job's queued steps and free its state on every actor it used; forget actors
@@ -575,9 +614,11 @@ class _Placed:
 class _Submitted:
     """The references a submitted job produces."""
 
-    markers: dict = field(default_factory=dict)  # first output of each step -> its progress event
+    markers: dict = field(default_factory=dict)  # first output of each call -> its steps' progress events
     loss: list = field(default_factory=list)  # loss per chunk
-    backward: dict = field(default_factory=dict)  # (replica, partition) -> backward outputs
+    weights: dict = field(default_factory=dict)  # (replica, partition) -> its weight step's result
+    roots: list = field(default_factory=list)  # results of the reduction trees' roots: fetched
+    root_keys: list = field(default_factory=list)  # (partition, replica) of each root
     input_grads: dict = field(default_factory=dict)  # (chunk, input) -> refs to sum
 
 
