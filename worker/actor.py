@@ -56,7 +56,8 @@ class StageHost:
           instead of every replica's dL/dw travelling to the driver). Ends the job here.
 
         ``threads``: BLAS threads for (forward/backward steps, the weight step). Returns every
-        step's results in order, each as its own object (``num_returns``). A step after a failed
+        step's results in order, each as its own object (``num_returns``; one ``None`` when there
+        are none: a backward that sends no error returns nothing). A step after a failed
         step of the same job raises that failure again, so an error nobody else reads still
         reaches the driver through the job's weight step.
         """
@@ -78,13 +79,11 @@ class StageHost:
                     with self.blas.limit(limits=threads[0], user_api="blas"):
                         out += stage.forward(job_id, step[1], dict(zip(labels, args)))
                 elif phase == "backward":
-                    count = max(1, len(stage.spec.wrt_inputs))
                     if cancelled:
-                        out += [None] * count
+                        out += [None] * len(stage.spec.wrt_inputs)
                         continue
                     with self.blas.limit(limits=threads[0], user_api="blas"):
-                        errs = stage.backward(job_id, step[1], list(zip(labels, args)), step[3])
-                    out += errs if errs else [None] * count
+                        out += stage.backward(job_id, step[1], list(zip(labels, args)), step[3])
                 else:
                     if cancelled:
                         out.append(({}, {}))
@@ -100,6 +99,8 @@ class StageHost:
         except BaseException as exc:
             self.failed[job_id] = exc
             raise
+        if not out:  # a call that returns nothing still returns one object, to be awaited
+            return None
         return out[0] if len(out) == 1 else tuple(out)
 
     @ray.method(concurrency_group="control")

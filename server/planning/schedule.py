@@ -129,10 +129,11 @@ def _merge(orders: list[list[Step]], links: Links, micro_batches: int) -> list[S
     return out
 
 
-def calls(steps: Sequence[Step], links: Links, micro_batches: int, replicas: int = 1) -> list[Call]:
+def calls(steps: Sequence[Step], links: Links, micro_batches: int, replicas: int = 1, deferred: bool = True) -> list[Call]:
     """Group ``steps`` (in submission order) into actor calls, keeping that order (module docs).
     With several replicas a weight step waits for other replicas' (their dL/dw is summed into
-    it), so it gets a call of its own."""
+    it), so it gets a call of its own. Without ``deferred`` weight work (the backwards computed
+    dL/dw as they went) a weight step only hands over the sums: it joins any call, delaying nobody."""
     out: list[Call] = []
     # partition -> its latest call, what that call waits for, whether others read its results
     open_call: dict[int, tuple[Call, set[Step], bool]] = {}
@@ -141,7 +142,8 @@ def calls(steps: Sequence[Step], links: Links, micro_batches: int, replicas: int
         if step.phase == WEIGHTS and replicas > 1:
             needs = {Step(WEIGHTS, -1)}  # another replica's: never part of an earlier call
         current = open_call.get(step.partition)
-        if current is not None and not current[2] and needs <= current[1]:
+        free = step.phase == WEIGHTS and not deferred and replicas == 1  # costs nothing: delays nobody
+        if current is not None and (free or not current[2]) and needs <= current[1]:
             call, call_needs, read = current
             call.steps.append(step)
             open_call[step.partition] = (call, call_needs | needs, read or _read_by_others(step, links))

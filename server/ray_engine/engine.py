@@ -62,12 +62,13 @@ class _PlanEntry:
     def stage(self, partition: int) -> str:
         return f"{self.key}/{partition}"
 
-    def program(self, m: int, r: int) -> list[Call]:
+    def program(self, m: int, r: int, deferred: bool) -> list[Call]:
         """One replica's actor calls for ``m`` micro-batches: the 1F1B schedule, steps grouped
-        into calls (:mod:`gradserve.server.planning.schedule`); made once per (m, r)."""
-        if (m, r) not in self._programs:
-            self._programs[(m, r)] = calls(one_f_one_b(self.links, m), self.links, m, replicas=r)
-        return self._programs[(m, r)]
+        into calls (:mod:`gradserve.server.planning.schedule`); made once per (m, r, deferred)."""
+        key = (m, r, deferred)
+        if key not in self._programs:
+            self._programs[key] = calls(one_f_one_b(self.links, m), self.links, m, replicas=r, deferred=deferred)
+        return self._programs[key]
 
 
 @dataclass
@@ -479,7 +480,7 @@ class RayEngine:
         acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in range(first, first + m)}  # activations
         errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in acts}  # errors sent back
         children = reduction_children(replica, r)
-        for call in dep.entry.program(m, r):
+        for call in dep.entry.program(m, r, defer):
             p = call.partition
             spec = specs[p]
             program, names, args, counts, events = [], [], [], [], []
@@ -500,7 +501,7 @@ class RayEngine:
                             step_names.append(v)
                             step_args.append(ref)
                     program.append((BACKWARD, c, len(step_args), defer))
-                    counts.append(max(1, len(spec.wrt_inputs)))
+                    counts.append(len(spec.wrt_inputs))
                 else:  # weights: this replica's dL/dw, plus its children's in the reduction tree
                     step_args = [steps.weights[(child, p)] for child in children]
                     step_names = [""] * len(step_args)
@@ -513,7 +514,7 @@ class RayEngine:
                         step.phase, p, step.micro_batch, replica, node=dep.where[replica][p]["node_id"],
                         total=2 * len(specs) * m * r,
                     ))
-            outs = _as_list(actors[p].run.options(num_returns=sum(counts)).remote(
+            outs = _as_list(actors[p].run.options(num_returns=max(1, sum(counts))).remote(
                 dep.keys[p], job_id, threads[replica][p], program, names, *args
             ))
             steps.markers[outs[0]] = events
