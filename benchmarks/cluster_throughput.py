@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,30 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-LOCAL_CLUSTER = ROOT / "deploy" / "local-cluster"
+from common import Cluster, mlp, mlp_feeds, table
+
 WIDTH, LAYERS, BATCH = 512, 4, 1024
 
 
-def mlp(seed: int = 0):
-    """The 4 x 512 tanh MLP with a mean-squared-error loss, float32."""
-    import gradserve
-
-    rng = np.random.default_rng(seed)
-    m = gradserve.ModelBuilder()
-    x = m.input("x", (None, WIDTH))
-    y = m.input("y", (None, WIDTH))
-    h = x
-    for i in range(LAYERS):
-        w = m.param(f"w{i}", (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32))
-        b = m.param(f"b{i}", np.zeros(WIDTH, np.float32))
-        h = m.tanh(h @ w + b)
-    return m.loss(m.mse(h, y))
-
-
 def feeds_for(client: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(100 + client)
-    return {k: rng.standard_normal((BATCH, WIDTH)).astype(np.float32) for k in ("x", "y")}
+    return mlp_feeds(BATCH, WIDTH, seed=100 + client)
 
 
 # -- client processes -------------------------------------------------------------------------------
@@ -59,7 +40,7 @@ _state: dict = {}
 def _init() -> None:
     import gradserve
 
-    model = mlp()
+    model = mlp(LAYERS, WIDTH, "tanh")  # the 4 x 512 tanh MLP, mse loss, float32
     _state["model"] = model
     _state["cases"] = {}
     _state["clients"] = {}
@@ -132,40 +113,7 @@ def cpu_seconds() -> dict[str, float]:
     return out
 
 
-# -- clusters ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    """``deploy/local-cluster`` with its own state dir; ``down`` on exit."""
-
-    def __init__(self, workers: int, state: Path) -> None:
-        self.workers, self.state = workers, state
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        self.env["GRADSERVE_CLUSTER_DIR"] = str(state)
-        self.address = ""
-
-    def __enter__(self) -> "Cluster":
-        up = subprocess.run(
-            [str(LOCAL_CLUSTER), "up", "--workers", str(self.workers), "--cpus-per-node", "1", "--port", str(_free_port())],
-            env=self.env, capture_output=True, text=True, timeout=300,
-        )
-        if up.returncode != 0:
-            self.__exit__()
-            sys.exit(f"local-cluster up --workers {self.workers} failed:\n{up.stderr[-3000:]}")
-        self.address = up.stdout.strip().split("=", 1)[1]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        subprocess.run([str(LOCAL_CLUSTER), "down"], env=self.env, capture_output=True, text=True, timeout=180)
-
-
 def main() -> None:
-    from common import table  # here, not at the top: the client processes need not import torch
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per cluster, alternating (default 3)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of one round (default 20)")

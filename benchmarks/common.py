@@ -1,14 +1,32 @@
-"""Shared benchmark plumbing: timing medians, exporting torch models, printing a table."""
+"""Shared benchmark plumbing: timing medians, the MLP the benchmarks time, exporting torch models,
+bringing a local multi-node cluster up and down, printing a table.
+
+Importing this module is cheap: torch is imported only by :func:`export_onnx` and gradserve only
+by :func:`mlp`, so cluster and client processes (and single-threaded baselines that must set their
+thread limits before numpy loads) can import it freely.
+"""
 
 from __future__ import annotations
 
 import io
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 import warnings
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from gradserve import Model
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_CLUSTER = ROOT / "deploy" / "local-cluster"
 
 
 def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
@@ -23,8 +41,42 @@ def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> fl
     return statistics.median(times)
 
 
-def export_onnx(model: torch.nn.Module, inputs: Sequence[torch.Tensor], names: Sequence[str], dynamic_batch: bool = False) -> bytes:
+def mlp(layers: int, width: int, activation: str = "tanh", last_activation: bool = True, seed: int = 0) -> "Model":
+    """A ``layers`` x ``width`` MLP (float32) with a mean-squared-error loss: inputs ``x`` and ``y``
+    of shape (batch, width), parameters ``w{i}`` (width x width, scaled 1/sqrt(width)) and ``b{i}``
+    (zeros); ``activation`` ("tanh" or "relu") after every layer, or all but the last if not
+    ``last_activation``. The same seed gives the same weights in every process."""
+    import numpy as np
+
+    import gradserve
+
+    rng = np.random.default_rng(seed)
+    m = gradserve.ModelBuilder()
+    act = {"tanh": m.tanh, "relu": m.relu}[activation]
+    x = m.input("x", (None, width))
+    y = m.input("y", (None, width))
+    h = x
+    for i in range(layers):
+        w = m.param(f"w{i}", (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32))
+        b = m.param(f"b{i}", np.zeros(width, np.float32))
+        h = h @ w + b
+        if last_activation or i < layers - 1:
+            h = act(h)
+    return m.loss(m.mse(h, y))
+
+
+def mlp_feeds(batch: int, width: int, seed: int = 100) -> "dict[str, np.ndarray]":
+    """Feeds ``x`` and ``y`` for :func:`mlp`: standard normal, float32, (batch, width)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal((batch, width)).astype(np.float32) for k in ("x", "y")}
+
+
+def export_onnx(model: "torch.nn.Module", inputs: "Sequence[torch.Tensor]", names: Sequence[str], dynamic_batch: bool = False) -> bytes:
     """ONNX bytes of ``model`` (TorchScript exporter, opset 17), with the batch axis symbolic if asked."""
+    import torch
+
     f = io.BytesIO()
     axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
     with warnings.catch_warnings():
@@ -35,6 +87,66 @@ def export_onnx(model: torch.nn.Module, inputs: Sequence[torch.Tensor], names: S
             dynamic_axes=axes,
         )
     return f.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_model() -> str:
+    """The CPU's "model name" from /proc/cpuinfo ("unknown CPU" elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+class Cluster:
+    """``deploy/local-cluster`` with ``workers`` one-CPU worker nodes (the head has none) and its
+    own state dir; ``down`` on exit, whatever happened. ``address``: the gradserve server's;
+    ``ray_env()``: what a Ray driver needs to join it (RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH)."""
+
+    def __init__(self, workers: int, state: Path, cpus_per_node: int = 1) -> None:
+        self.workers, self.state, self.cpus = workers, Path(state), cpus_per_node
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env["GRADSERVE_CLUSTER_DIR"] = str(self.state)
+        self.address = ""
+
+    def __enter__(self) -> "Cluster":
+        try:
+            up = subprocess.run(
+                [str(LOCAL_CLUSTER), "up", "--workers", str(self.workers), "--cpus-per-node", str(self.cpus),
+                 "--port", str(free_port())],
+                env=self.env, capture_output=True, text=True, timeout=300,
+            )
+        except BaseException:
+            self.__exit__()
+            raise
+        if up.returncode != 0:
+            self.__exit__()
+            sys.exit(f"local-cluster up --workers {self.workers} failed:\n{up.stderr[-3000:]}")
+        self.address = up.stdout.strip().split("=", 1)[1]
+        return self
+
+    def ray_env(self) -> dict[str, str]:
+        """The ``export NAME=VALUE`` lines of the cluster's env file (``source "$GRADSERVE_CLUSTER_DIR/env"``)."""
+        out = {}
+        for line in (self.state / "env").read_text().splitlines():
+            if line.startswith("export ") and "=" in line:
+                name, value = line[len("export "):].split("=", 1)
+                out[name.strip()] = value.strip()
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        down = subprocess.run([str(LOCAL_CLUSTER), "down"], env=self.env, capture_output=True, text=True, timeout=180)
+        if down.returncode != 0:
+            print(f"local-cluster down failed ({self.state}):\n{down.stderr[-2000:]}", file=sys.stderr)
 
 
 def table(rows: list[tuple], header: tuple) -> str:

@@ -19,25 +19,13 @@ import time
 import numpy as np
 
 import gradserve
-from common import median_seconds, table
+from common import median_seconds, mlp, mlp_feeds, table
 from gradserve.server.ray_engine import RayEngine
 
 
-def mlp(layers: int, width: int, batch: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    m = gradserve.ModelBuilder()
-    x = m.input("x", (None, width))
-    y = m.input("y", (None, width))
-    h = x
-    for i in range(layers):
-        w = m.param(f"w{i}", (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32))
-        b = m.param(f"b{i}", np.zeros(width, np.float32))
-        h = h @ w + b
-        if i < layers - 1:
-            h = m.relu(h)
-    model = m.loss(m.mse(h, y))
-    feeds = {"x": rng.standard_normal((batch, width)).astype(np.float32), "y": rng.standard_normal((batch, width)).astype(np.float32)}
-    return model, feeds
+def case(layers: int, width: int, batch: int):
+    """The ``layers`` x ``width`` relu MLP (no relu after the last layer, mse loss) and a batch."""
+    return mlp(layers, width, "relu", last_activation=False), mlp_feeds(batch, width)
 
 
 def tiny():
@@ -69,9 +57,9 @@ def main() -> None:
     args = parser.parse_args()
     inline = gradserve.local()
     rows = []
-    cases = [("MLP 4x1024, batch 512", *mlp(4, 1024, 512))]
+    cases = [("MLP 4x1024, batch 512", *case(4, 1024, 512))]
     if not args.skip_deep:
-        cases.append(("MLP 8x2048, batch 512", *mlp(8, 2048, 512)))
+        cases.append(("MLP 8x2048, batch 512", *case(8, 2048, 512)))
     with RayEngine(threads_per_worker=args.threads) as engine:
         for name, model, feeds in cases:
             # An already-uploaded model is known by its id (the server passes the content hash it
