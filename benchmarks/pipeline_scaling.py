@@ -202,6 +202,7 @@ def time_setup(engine, model, feeds, key: str, reference, k: int, m: int, r: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds, alternating baseline and setups (default 3)")
+    parser.add_argument("--only", metavar="LABELS", help='comma-separated setups to run, e.g. "K=1 M=1 R=2" (default: all)')
     parser.add_argument("--repeat", type=int, default=3, help="timed jobs per setup per round (default 3)")
     parser.add_argument("--inline-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -209,6 +210,7 @@ def main() -> None:
         inline_worker(args.repeat, warmup=1)
         return
 
+    setups = [s for s in SETUPS if not args.only or s[0] in args.only.split(",")]
     import gradserve
 
     model, feeds = model_and_feeds()
@@ -216,22 +218,22 @@ def main() -> None:
     key = model.fingerprint()  # as the server passes its verified model id
     inline_rounds: list[float] = []
     inline_notes: list[dict] = []
-    times: dict[str, list[float]] = {label: [] for label, *_ in SETUPS}
-    infos: dict[str, list[dict]] = {label: [] for label, *_ in SETUPS}
-    walls: dict[str, list[float]] = {label: [] for label, *_ in SETUPS}
-    others: dict[str, list[float]] = {label: [] for label in ("inline", *(s[0] for s in SETUPS))}
+    times: dict[str, list[float]] = {label: [] for label, *_ in setups}
+    infos: dict[str, list[dict]] = {label: [] for label, *_ in setups}
+    walls: dict[str, list[float]] = {label: [] for label, *_ in setups}
+    others: dict[str, list[float]] = {label: [] for label in ("inline", *(s[0] for s in setups))}
     with Cluster(WORKERS, Path(tempfile.mkdtemp(prefix="gs-pipeline-")) / "cluster") as cluster:
         os.environ.update({k: v for k, v in cluster.ray_env().items() if k.startswith("RAY_")})
         session = int((cluster.state / "ray.sid").read_text())
         from gradserve.server.ray_engine import RayEngine
 
         with RayEngine(ray_address=os.environ["RAY_ADDRESS"]) as engine:
-            for label, k, m, r, _ in SETUPS:  # actors started, parameters placed
+            for label, k, m, r, _ in setups:  # actors started, parameters placed
                 for _ in range(2):
                     check(engine.gradients(model, feeds, partitions=k, micro_batches=m, replicas=r, model_key=key),
                           reference)
             for round_ in range(args.rounds):
-                order = ["inline", *(s[0] for s in SETUPS)]
+                order = ["inline", *(s[0] for s in setups)]
                 for name in order if round_ % 2 == 0 else order[::-1]:
                     if name == "inline":
                         with Others(session) as other:
@@ -242,7 +244,7 @@ def main() -> None:
                         print(f"  round {round_ + 1}: inline 1 core {inline_rounds[-1] * 1e3:.0f} ms", file=sys.stderr,
                               flush=True)
                         continue
-                    _, k, m, r, _ = next(s for s in SETUPS if s[0] == name)
+                    _, k, m, r, _ = next(s for s in setups if s[0] == name)
                     with Others(session) as other:
                         wall, got = time_setup(engine, model, feeds, key, reference, k, m, r, args.repeat)
                     others[name].append(other.cores)
@@ -255,7 +257,7 @@ def main() -> None:
     load = lambda name: f"{statistics.median(others[name]):.1f} ({min(others[name]):.1f}-{max(others[name]):.1f})"  # noqa: E731
     rows = [("inline, 1 core", f"{t_inline * 1e3:.0f}", "1.00", "", "", "", load("inline"))]
     lines = []
-    for label, k, m, r, target in SETUPS:
+    for label, k, m, r, target in setups:
         ratios = sorted(ti / t for ti, t in zip(inline_rounds, times[label]))
         speedup = statistics.median(ratios)
         used = set().union(*(nodes_of(i) for i in infos[label]))

@@ -7,6 +7,8 @@ its ``capacity()`` (the Ray engine: two jobs per CPU of the cluster's alive node
 again whenever a job is queued or ends and every :data:`DISPATCH_INTERVAL` seconds, so the server
 takes more jobs when nodes join and fewer when they leave; an engine without ``capacity`` (the
 inline engine) runs :data:`DEFAULT_CONCURRENCY` jobs at once. An explicit number is the limit.
+A job starts on a job thread, except that a synchronous call's job which can start at once runs on
+the call's own thread, which would only wait for it anyway (``submit(claim=True)``).
 
 **Fairness.** Waiting jobs are kept in one queue per client and started round-robin over the
 clients, first come first served within a client: one client's 100 queued jobs delay another
@@ -120,6 +122,7 @@ class Job:
     error: tuple[grpc.StatusCode, str] | None = None
     on_finish: Callable[[], None] | None = None  # e.g. returns the feeds' bytes to the server's budget
     client: str = ""  # who submitted it (client_of): waiting jobs are started round-robin over clients
+    claimed: bool = False  # admitted for its submitter's thread to run (JobRegistry.submit(claim=True))
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
@@ -233,10 +236,15 @@ class JobRegistry:
 
     # -- submitting -------------------------------------------------------------------------------
     def submit(self, model_id: str, model: Model, feeds: Mapping[str, np.ndarray], options: JobOptions,
-               on_finish: Callable[[], None] | None = None, client: str = "") -> Job:
+               on_finish: Callable[[], None] | None = None, client: str = "", *, claim: bool = False) -> Job:
         """Queue a job for ``client`` (see :func:`client_of`); :class:`LimitExceeded` when the
         queue is full, :class:`Unavailable` when the server is shutting down. ``on_finish`` is
-        called once when the job ends, however."""
+        called once when the job ends, however.
+
+        ``claim=True`` is for a caller that will only wait for the job (a synchronous call): when
+        the job can start at once -- nothing waits and fewer than the limit run -- it is admitted
+        as the next job and ``job.claimed`` is set, and the caller must then compute it in its own
+        thread with :meth:`run_claimed`, sparing two thread handoffs. Otherwise it is queued as usual."""
         self.sweep()
         limit = self.limit()
         with self._lock:
@@ -252,14 +260,26 @@ class JobRegistry:
             job_id = f"job-{next(self._counter)}-{secrets.token_hex(8)}"
             job = Job(job_id, model_id, model, feeds, options, on_finish=on_finish, client=client)
             self._jobs[job_id] = job
-            self._waiting.setdefault(client, deque()).append(job)
-        log.info(
-            "job %s queued: model %s, partitions=%s micro_batches=%s replicas=%s input_grads=%s feeds=%s",
-            job_id, model_id[:16], options.partitions, options.micro_batches, options.replicas,
-            list(options.input_grads), {k: tuple(np.shape(v)) for k, v in feeds.items()},
-        )
-        self._dispatch(limit)
+            if claim and not self._waiting and self._admitted < limit:
+                self._admit(job)  # what _dispatch would do next, minus the job thread
+                job.claimed = True
+            else:
+                self._waiting.setdefault(client, deque()).append(job)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "job %s queued: model %s, partitions=%s micro_batches=%s replicas=%s input_grads=%s feeds=%s",
+                job_id, model_id[:16], options.partitions, options.micro_batches, options.replicas,
+                list(options.input_grads), {k: tuple(np.shape(v)) for k, v in feeds.items()},
+            )
+        if not job.claimed:
+            self._dispatch(limit)
         return job
+
+    def run_claimed(self, job: Job) -> None:
+        """Compute a job that :meth:`submit` admitted with ``job.claimed`` in the calling thread, as
+        a job thread would (one cancelled meanwhile ends at once). Call it exactly once per claimed job."""
+        assert job.claimed
+        self._run(job)
 
     def _dispatch(self, limit: int | None = None) -> None:
         """Start waiting jobs while fewer than the limit run: the next client in turn gives its
@@ -276,12 +296,16 @@ class JobRegistry:
                 if job.state != QUEUED:  # cancelled while waiting
                     self._forget_turn(client)
                     continue
-                self._turn[client] = next(self._admissions)
-                self._running_by_client[client] += 1
-                self._admitted += 1
+                self._admit(job)
                 start.append(job)
         for job in start:
             self._pool.submit(self._run, job)
+
+    def _admit(self, job: Job) -> None:
+        """Count ``job`` as started (caller holds the lock); its thread ends with :meth:`_run`'s bookkeeping."""
+        self._turn[job.client] = next(self._admissions)
+        self._running_by_client[job.client] += 1
+        self._admitted += 1
 
     def _run(self, job: Job) -> None:
         try:

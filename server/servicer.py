@@ -11,13 +11,13 @@ import functools
 import inspect
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
 
 from gradserve.proto import chunks
@@ -193,8 +193,11 @@ class GradientServicer:
         return service_pb2.UploadReply(model_id=model_id, bytes_received=asm.received_bytes)
 
     # -- jobs -------------------------------------------------------------------------------------
-    def _submit(self, request_iterator: Iterator, rpc: str, context: grpc.ServicerContext) -> Job:
-        opts = _first(request_iterator, "options", rpc)
+    def _submit(self, opts: service_pb2.JobOptions, feed_chunks: Iterable[service_pb2.TensorChunk],
+                context: grpc.ServicerContext, *, claim: bool = False) -> Job:
+        """Check a job's options and feeds and queue it: the one path of Run, Compute and Submit
+        once their requests are parsed (``feed_chunks``: the TensorChunks of ``opts.feeds``).
+        ``claim``: see :meth:`JobRegistry.submit` (the caller then runs the job, :meth:`_run`)."""
         model = self.store.get(opts.model_id)
         requested = parse_options(opts.partitions, opts.micro_batches, opts.replicas, opts.input_grads)
         options = self.runner.effective(requested)
@@ -206,7 +209,7 @@ class GradientServicer:
         # until then, so a flood of queued jobs cannot exhaust the server's memory.
         held = self.pending.reserve(asm.total_bytes, "the feeds of this job")
         try:
-            for chunk in _rest(request_iterator, "feed", rpc):
+            for chunk in feed_chunks:
                 asm.add(chunk)
             feeds = asm.finish()
             # Check model against feeds now, so a bad batch fails the Submit itself (naming the
@@ -214,32 +217,46 @@ class GradientServicer:
             job_plan = prepare(model, feeds, options.input_grads)
             # Shapes come from the request (feeds, constants): bound what the graph would allocate.
             for name, info in job_plan.shapes.items():
-                elements = int(np.prod(info.shape, dtype=np.int64))
+                elements = math.prod(int(d) for d in info.shape)  # Python ints: no overflow
                 if elements > self.limits.max_tensor_elements:
                     raise LimitExceeded(
                         f"value '{name}' would have shape {info.shape} ({elements} elements); "
                         f"the limit is {self.limits.max_tensor_elements} (--max-tensor-elements)"
                     )
             job = self.registry.submit(opts.model_id, model, feeds, options,
-                                       on_finish=lambda: self.pending.release(held), client=client_of(context))
+                                       on_finish=lambda: self.pending.release(held), client=client_of(context),
+                                       claim=claim)
         except BaseException:
             self.pending.release(held)
             raise
         self._count("jobs")
         return job
 
-    def _result_messages(self, job: Job, result: Result) -> Iterator[service_pb2.ResultChunk]:
+    def _result_messages(self, job: Job, result: Result, *, header_data: bool = False) -> Iterator[service_pb2.ResultChunk]:
+        """The reply of Run, Compute and FetchResult: a ResultHeader, then the tensors' chunks. With
+        ``header_data`` (Compute) the header itself carries the first chunks, up to 1 MiB of them."""
         snap = job.snapshot()
         info = dict(result.info)
         info["server"] = {"job_id": job.id, "model_id": job.model_id, "engine": self.runner.name,
                           "queued_seconds": snap.queued_seconds, "running_seconds": snap.running_seconds}
+        data = chunks.chunks({**result.grads, **result.input_grads})
+        packed, size, rest = [], 0, None
+        if header_data:
+            for chunk in data:
+                if size + len(chunk.data) > chunks.CHUNK_BYTES:
+                    rest = chunk
+                    break
+                packed.append(chunk)
+                size += len(chunk.data)
         header = service_pb2.ResultHeader(
             job_id=job.id, loss=result.loss,
             grads=chunks.headers(result.grads), input_grads=chunks.headers(result.input_grads),
-            info_json=json.dumps(info, default=str),
+            info_json=json.dumps(info, default=str), data=packed,
         )
         yield service_pb2.ResultChunk(header=header)
-        for chunk in chunks.chunks({**result.grads, **result.input_grads}):
+        if rest is not None:
+            yield service_pb2.ResultChunk(data=rest)
+        for chunk in data:
             yield service_pb2.ResultChunk(data=chunk)
 
     def _await(self, job: Job, context: grpc.ServicerContext) -> bool:
@@ -249,12 +266,19 @@ class GradientServicer:
                 return False
         return True
 
-    @_rpc
-    def Run(self, request_iterator: Iterator, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
-        job = self._submit(request_iterator, "Run", context)
+    def _run(self, job: Job, context: grpc.ServicerContext, *, header_data: bool = False) -> Iterator[service_pb2.ResultChunk]:
+        """Wait for a synchronous job (Run, Compute) -- computing it in this thread when the registry
+        let us claim it -- then stream its result (``header_data``: see :meth:`_result_messages`)."""
         # A synchronous job is only wanted while its caller waits: cancel it when the call ends
         # (through the registry, so a queued job releases its slot and its feeds at once).
-        context.add_callback(lambda: job.wait(0) or self.registry.cancel(job.id))
+        watched = False
+        try:
+            watched = context.add_callback(lambda: job.wait(0) or self.registry.cancel(job.id))
+        finally:
+            if not watched:  # the call has already ended
+                self.registry.cancel(job.id)
+            if job.claimed:  # admitted for this thread: it must run it (a cancelled one ends at once)
+                self.registry.run_claimed(job)
         try:
             if not self._await(job, context):
                 log.info("job %s: client went away, cancelling", job.id)
@@ -262,14 +286,28 @@ class GradientServicer:
                 job.wait(_STOP_WAIT)  # forget it once it has stopped: until then it still counts as admitted
                 return
             result = self.registry.take_result(job)
-            yield from self._result_messages(job, result)
+            yield from self._result_messages(job, result, header_data=header_data)
         finally:
             if job.wait(0):  # one still running is dropped by the registry's sweep once it ends
                 self.registry.remove(job.id)
 
     @_rpc
+    def Run(self, request_iterator: Iterator, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
+        opts = _first(request_iterator, "options", "Run")
+        job = self._submit(opts, _rest(request_iterator, "feed", "Run"), context, claim=True)
+        yield from self._run(job, context)
+
+    @_rpc
+    def Compute(self, request: service_pb2.JobRequest, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
+        if not request.HasField("options"):
+            raise BadRequest("Compute: the request has no options")
+        job = self._submit(request.options, request.feeds, context, claim=True)
+        yield from self._run(job, context, header_data=True)
+
+    @_rpc
     def Submit(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.JobHandle:
-        job = self._submit(request_iterator, "Submit", context)
+        opts = _first(request_iterator, "options", "Submit")
+        job = self._submit(opts, _rest(request_iterator, "feed", "Submit"), context)
         return service_pb2.JobHandle(job_id=job.id, model_id=job.model_id)
 
     @_rpc

@@ -67,6 +67,55 @@ def test_failures_keep_their_status_and_queue_is_bounded():
         registry.submit("m", object(), {}, JobOptions())
 
 
+def test_a_claimed_job_runs_in_the_callers_thread_only_when_it_can_start_at_once():
+    threads = []
+    gate = threading.Event()
+
+    def runner(job):
+        threads.append(threading.current_thread())
+        if job.model == "slow":
+            gate.wait(5)
+        check_cancelled(job.cancelled)
+        return Result(1.0, {})
+
+    registry = JobRegistry(runner, max_concurrent=1)
+    try:
+        job = registry.submit("m", "fast", {}, JobOptions(), claim=True)
+        assert job.claimed and job.state == "queued" and not threads  # admitted, left to the caller
+        registry.run_claimed(job)
+        assert job.state == "done" and threads == [threading.current_thread()]
+
+        # The one slot is taken: a claiming submit queues like any other and a job thread runs it.
+        slow = registry.submit("m", "slow", {}, JobOptions(), claim=True)
+        assert slow.claimed
+        runs_slow = threading.Thread(target=registry.run_claimed, args=(slow,))
+        runs_slow.start()
+        queued = registry.submit("m", "fast", {}, JobOptions(), claim=True)
+        assert not queued.claimed and queued.state == "queued"
+        with pytest.raises(LimitExceeded, match="at most 1 at once"):  # the claimed job counts against the limits
+            for _ in range(registry.max_queued):
+                registry.submit("m", "fast", {}, JobOptions(), claim=True)
+        for other in registry.jobs():
+            if other not in (slow, queued):
+                registry.cancel(other.id)
+        gate.set()
+        runs_slow.join(5)
+        assert queued.wait(5) and queued.state == "done" and threads[-1] not in (threading.current_thread(), runs_slow)
+
+        # A claimed job cancelled before it runs ends at once and frees its slot.
+        again = registry.submit("m", "fast", {}, JobOptions(), claim=True)
+        assert again.claimed
+        registry.cancel(again.id)
+        registry.run_claimed(again)
+        assert again.state == "cancelled" and registry._admitted == 0
+        last = registry.submit("m", "fast", {}, JobOptions(), claim=True)
+        assert last.claimed  # the slot is free again
+        registry.run_claimed(last)
+        assert last.state == "done"
+    finally:
+        registry.shutdown(1)
+
+
 def test_byte_budget():
     budget = ByteBudget(100)
     held = budget.reserve(60, "a")

@@ -31,3 +31,11 @@ def test_decode_rejects_size_mismatch_and_bad_dtype():
     msg.dtype = 99
     with pytest.raises(tensors.TensorDecodeError, match="unknown dtype"):
         tensors.decode(msg, "w")
+
+
+def test_compute_takes_one_message_and_streams_its_reply():
+    from gradserve.proto.v1 import service_pb2
+
+    method = service_pb2.DESCRIPTOR.services_by_name["GradientService"].methods_by_name["Compute"]
+    assert (method.client_streaming, method.server_streaming) == (False, True)
+    assert (method.input_type.name, method.output_type.name) == ("JobRequest", "ResultChunk")

@@ -1,8 +1,8 @@
 """The gRPC service end to end over real sockets: a GradientServer on a free port in this process
 (inline engine, so it is fast), driven through gradserve.Client, raw stubs and the CLI.
 
-Covers uploads (content-addressed, >4 MiB, re-upload free), sync and async jobs, Watch, cancel,
-health and reflection, concurrency, every kind of bad request (right status code, message naming
+Covers uploads (content-addressed, >4 MiB, re-upload free), sync jobs (Run and Compute) and async
+ones, Watch, cancel, health and reflection, concurrency, every kind of bad request (right status code, message naming
 the culprit, server still fine afterwards), limits, bearer-token auth, TLS, shutdown and the CLI.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import select
 import shutil
 import signal
@@ -39,8 +40,10 @@ from gradserve.client.remote import (
     RemoteError,
     ResourceExhausted,
     Unauthenticated,
+    _read_result,
     model_manifest,
 )
+from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.events import JobCancelled, ProgressEvent, check_cancelled
 from gradserve.server.inline import InlineEngine
@@ -271,6 +274,156 @@ def test_four_clients_at_once(server):
         assert all(pool.map(work, range(4)))
 
 
+# -- Compute: a job in one request message ---------------------------------------------------------
+
+
+def _job_parts(model_id, feeds, **options):
+    """A job's options and its feeds' chunks, as both Run and Compute carry them."""
+    return service_pb2.JobOptions(model_id=model_id, feeds=chunks.headers(feeds), **options), list(chunks.chunks(feeds))
+
+
+def _compute(client, options, feed_chunks):
+    stub = service_pb2_grpc.GradientServiceStub(client._channel)
+    request = service_pb2.JobRequest(options=options, feeds=feed_chunks)
+    return list(stub.Compute(request, metadata=client._metadata, timeout=10))
+
+
+def _run(client, options, feed_chunks):
+    stub = service_pb2_grpc.GradientServiceStub(client._channel)
+    messages = [service_pb2.JobChunk(options=options)] + [service_pb2.JobChunk(feed=c) for c in feed_chunks]
+    return list(stub.Run(iter(messages), metadata=client._metadata, timeout=10))
+
+
+def _by_rpc(rpc, client, options, feed_chunks):
+    return (_compute if rpc == "Compute" else _run)(client, options, feed_chunks)
+
+
+def _counting_calls(client):
+    """Record which job RPC each Client.gradients call makes."""
+    calls = []
+    for name in ("Compute", "Run"):
+        method = getattr(client._stub, name)
+        setattr(client._stub, name, lambda *a, _method=method, _name=name, **kw: calls.append(_name) or _method(*a, **kw))
+    return calls
+
+
+def test_compute_answers_like_run_in_one_message(client):
+    model, feeds = mlp(20), batch(20)
+    options, feed_chunks = _job_parts(client.upload(model), feeds, input_grads=["x"])
+    by_compute = _compute(client, options, feed_chunks)
+    by_run = _run(client, options, feed_chunks)
+    # Compute: the header carries the bytes; Run is unchanged: the header, then a chunk per tensor.
+    assert len(by_compute) == 1 and len(by_compute[0].header.data) == 4
+    assert len(by_run) == 5 and not by_run[0].header.data
+    reference = REFERENCE.gradients(model, feeds, input_grads=["x"])
+    for messages in (by_compute, by_run):
+        header = messages[0].header
+        assert header.job_id.startswith("job-")  # the first message names the job
+        result = _read_result(iter(messages))
+        assert_same(result, reference)
+        assert result.info["server"]["job_id"] == header.job_id
+    assert by_compute[0].header.job_id != by_run[0].header.job_id
+
+
+def test_compute_result_over_1_mib_continues_in_chunks(client):
+    rng = np.random.default_rng(21)
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, 1024))
+    w = m.param("w", (rng.standard_normal((1024, 600)) * 0.03).astype(np.float32))  # dL/dw: 2.3 MiB
+    model = m.loss(m.tanh(x @ w + m.param("b", np.zeros(600, np.float32))).mean())
+    feeds = {"x": rng.standard_normal((8, 1024)).astype(np.float32)}
+    messages = _compute(client, *_job_parts(client.upload(model), feeds))
+    assert sum(len(c.data) for c in messages[0].header.data) == chunks.CHUNK_BYTES  # as much as fits
+    assert [m.WhichOneof("part") for m in messages] == ["header", "data", "data", "data"]
+    reference = REFERENCE.gradients(model, feeds)
+    assert_same(_read_result(iter(messages)), reference)
+    assert_same(client.gradients(model, feeds), reference)
+
+
+def test_client_computes_small_jobs_and_runs_big_ones(server):
+    model = mlp(22, n_in=256, hidden=4)
+    small, big = batch(22, n=1000, n_in=256), batch(22, n=1100, n_in=256)  # 1.00e6 and 1.13e6 bytes of feeds
+    with Client(server.address, timeout=30) as c:
+        calls = _counting_calls(c)
+        for feeds in (small, big):
+            assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
+    assert calls == ["Compute", "Run"]  # the 1 MiB line (chunks.CHUNK_BYTES)
+
+
+def test_client_falls_back_to_run_on_a_server_without_compute(monkeypatch):
+    from gradserve.server import service
+
+    class WithoutCompute(grpc.GenericRpcHandler):  # a server from before Compute
+        def __init__(self, inner):
+            self.inner = inner
+
+        def service(self, details):
+            return None if details.method.endswith("/Compute") else self.inner.service(details)
+
+    real = service.generic_handler
+    monkeypatch.setattr(service, "generic_handler", lambda servicer: WithoutCompute(real(servicer)))
+    model, feeds = mlp(23), batch(23)
+    with serving() as srv, Client(srv.address, timeout=10) as c:
+        calls = _counting_calls(c)
+        for _ in range(2):
+            assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
+    assert calls == ["Compute", "Run", "Run"]  # UNIMPLEMENTED once, then Run only
+
+
+@pytest.mark.parametrize("rpc", ["Compute", "Run"])
+def test_bad_job_requests_name_the_tensor(client, rpc):
+    model_id = client.upload(mlp(24))
+    options, (x, y) = _job_parts(model_id, batch(24))
+    short = service_pb2.TensorChunk(name="x", offset=0, data=x.data[:100])
+    late = service_pb2.TensorChunk(name="y", offset=8, data=y.data)
+    stray = service_pb2.TensorChunk(name="z", offset=0, data=b"\0" * 4)
+    bad_dtype = service_pb2.JobOptions()
+    bad_dtype.CopyFrom(options)
+    bad_dtype.feeds[0].dtype = 99
+    for request, match in [
+        ((options, [short, y]), "feed 'x'.* needs 256 bytes, got 100"),
+        ((options, [x, late]), "feed 'y': chunk at offset 8, expected offset 0"),
+        ((options, [x, y, stray]), "undeclared tensor 'z'"),
+        ((bad_dtype, [x, y]), "feed 'x'.*dtype"),
+        ((options, [x]), "feed 'y'.* needs 64 bytes, got 0"),
+    ]:
+        code, details = _code_and_details(lambda: _by_rpc(rpc, client, *request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert re.search(match, details), details
+    check_still_serving(client)
+
+
+def test_malformed_compute_requests(client):
+    call = client._channel.unary_stream(f"/{SERVICE}/Compute")
+    code, details = _code_and_details(lambda: list(call(b"\x0a\xff\xff\xff\x0f garbage", timeout=10)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid gradserve.v1.JobRequest" in details
+    code, details = _code_and_details(lambda: _compute(client, None, []))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "Compute: the request has no options" in details
+    code, details = _code_and_details(lambda: _compute(client, *_job_parts("no-such-model", batch(25))))
+    assert code == grpc.StatusCode.NOT_FOUND and "model 'no-such-model'" in details
+    check_still_serving(client)
+
+
+@pytest.mark.parametrize("rpc", ["Compute", "Run"])
+def test_job_request_limits(rpc):
+    limits = Limits(max_tensor_elements=5000, max_feed_bytes=8192, max_message_bytes=1 << 20)
+    with serving(limits=limits) as srv, Client(srv.address, timeout=30) as c:
+        model_id = c.upload(mlp(26))
+        for feeds, match in [
+            (batch(26, n=2000), "feed 'x' of shape \\(2000, 4\\) has 8000 elements; the limit is 5000"),
+            (batch(26, n=1000), "feed 'x' \\(16000 bytes\\) brings the feed data to 16000 bytes; the limit is 8192"),
+        ]:
+            code, details = _code_and_details(lambda: _by_rpc(rpc, c, *_job_parts(model_id, feeds)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and re.search(match, details), details
+        if rpc == "Compute":  # one message over the server's message size: gRPC itself refuses it
+            options, _ = _job_parts(model_id, batch(26))
+            oversize = [service_pb2.TensorChunk(name="x", offset=0, data=b"\0" * (1 << 20))]
+            code, _ = _code_and_details(lambda: _compute(c, options, oversize))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        check_still_serving(c)
+        assert srv.servicer.pending.used == 0
+
+
 @pytest.mark.slow
 def test_ray_engine_behind_the_service(ray_engine):
     """The service on the Ray engine (the default outside tests): partitions and micro-batches
@@ -478,15 +631,19 @@ def test_cancel_running_and_queued_jobs():
         assert srv.servicer.pending.used == 0  # every job's feeds were released, cancelled or not
 
 
-def test_sync_job_is_cancelled_when_the_client_gives_up():
+@pytest.mark.parametrize("rpc", ["Compute", "Run"])
+def test_sync_job_is_cancelled_when_the_client_gives_up(rpc):
     engine = GatedEngine()
     with serving(lambda: engine) as srv, Client(srv.address) as c:
+        c._compute = rpc == "Compute"
+        calls = _counting_calls(c)
         with pytest.raises(DeadlineExceeded):
             c.gradients(mlp(12), batch(12), timeout=0.5)
         deadline = time.monotonic() + 5
         while srv.registry.jobs() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert srv.registry.jobs() == []  # cancelled and forgotten, not left running
+        assert calls == [rpc] and srv.servicer.pending.used == 0
 
 
 def test_graceful_shutdown_cancels_jobs_after_grace_and_closes_engine():
@@ -521,8 +678,14 @@ def test_bearer_token_auth(tmp_path):
                 with pytest.raises(grpc.RpcError) as info:
                     list(stub.Run(iter([service_pb2.JobChunk()]), timeout=10))
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as info:
+                    list(stub.Compute(service_pb2.JobRequest(), timeout=10))
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with Client(srv.address, token_file=tmp_path / "token", timeout=10) as c:
+            calls = _counting_calls(c)
             assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
+            assert calls == ["Compute"]
+            assert srv.stats["jobs"] == 1  # the rejected calls never reached the servicer
         with grpc.insecure_channel(srv.address) as channel:  # health needs no token
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING

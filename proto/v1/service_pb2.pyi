@@ -115,6 +115,14 @@ class JobChunk(_message.Message):
     feed: TensorChunk
     def __init__(self, options: _Optional[_Union[JobOptions, _Mapping]] = ..., feed: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
+class JobRequest(_message.Message):
+    __slots__ = ("options", "feeds")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FEEDS_FIELD_NUMBER: _ClassVar[int]
+    options: JobOptions
+    feeds: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, options: _Optional[_Union[JobOptions, _Mapping]] = ..., feeds: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
 class JobRef(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -174,18 +182,20 @@ class JobStatus(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., event: _Optional[_Union[ProgressEvent, _Mapping]] = ..., events: _Optional[int] = ..., steps_done: _Optional[int] = ..., steps_total: _Optional[int] = ..., error_code: _Optional[str] = ..., message: _Optional[str] = ..., queued_seconds: _Optional[float] = ..., running_seconds: _Optional[float] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("job_id", "loss", "grads", "input_grads", "info_json")
+    __slots__ = ("job_id", "loss", "grads", "input_grads", "info_json", "data")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     INPUT_GRADS_FIELD_NUMBER: _ClassVar[int]
     INFO_JSON_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     loss: float
     grads: _containers.RepeatedCompositeFieldContainer[TensorHeader]
     input_grads: _containers.RepeatedCompositeFieldContainer[TensorHeader]
     info_json: str
-    def __init__(self, job_id: _Optional[str] = ..., loss: _Optional[float] = ..., grads: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., input_grads: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., info_json: _Optional[str] = ...) -> None: ...
+    data: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, job_id: _Optional[str] = ..., loss: _Optional[float] = ..., grads: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., input_grads: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., info_json: _Optional[str] = ..., data: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class ResultChunk(_message.Message):
     __slots__ = ("header", "data")

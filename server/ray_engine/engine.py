@@ -1,10 +1,11 @@
 """The Ray engine: a model's partitions on Ray worker actors, errors flowing back between them.
 
-Per job the driver (this object) plans, then submits every step of a GPipe schedule at once as actor
-calls whose arguments are ObjectRefs: activations flow forward worker to worker, errors flow back,
-and Ray starts each step as soon as its inputs exist. The driver holds references and metadata only;
-it waits on steps with ``fetch_local=False`` to report progress and fetches nothing but the loss and
-the final dL/dw. Parameters are placed in the object store once per model (content hash) and
+Per job the driver (this object) plans, then submits every step of a 1F1B schedule at once as actor
+calls (consecutive steps of a partition grouped into one call where that delays nobody, see
+:mod:`gradserve.server.planning.schedule`) whose arguments are ObjectRefs: activations flow forward
+worker to worker, errors flow back, and Ray starts each call as soon as its inputs exist. The driver
+holds references and metadata only; it waits on calls with ``fetch_local=False`` to report progress
+and fetches nothing but the loss and the final dL/dw (replicas sum theirs on the workers first). Parameters are placed in the object store once per model (content hash) and
 plans are cached per (model, K, split); which actors a job runs on is decided per job by the
 scheduler (:mod:`.scheduler`): the least-loaded nodes, one job's partitions on distinct nodes, actors
 that already hold a stage first (they are not sent the weights again). A stage is loaded on more
