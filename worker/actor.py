@@ -14,6 +14,7 @@ instead of computing (Ray's own task cancellation would break the actor's in-ord
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +23,38 @@ from threadpoolctl import ThreadpoolController
 
 from gradserve.worker.memory import keep_freed_memory
 from gradserve.worker.stage import Stage, StageSpec
+
+
+BY_REF = None  # in StageCall.values: "the next ObjectRef argument of the call"
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """What one actor call runs: consecutive steps of one job on the stage ``key``. Everything but
+    the ObjectRefs travels in this one argument (Ray serialises every argument on its own).
+
+    ``steps`` are tuples:
+
+    - ``("forward", mb, n)``: forward of micro-batch ``mb`` on the next ``n`` values (feeds and
+      boundary inputs, labelled by ``names``); results: the partition's outputs;
+    - ``("backward", mb, n, defer)``: errors at the outputs in (the next ``n`` values, repeated
+      names when several partitions sent one); results: errors at the boundary inputs;
+    - ``("weights", replica, n)``: one result, dL/dw of the job and this stage's compute seconds
+      per replica, with the next ``n`` values -- other replicas' results for this stage -- summed
+      in (a reduction tree instead of every replica's dL/dw travelling to the driver). Ends the job.
+
+    ``values``: one per name, in order: a value carried here (small feeds, loss seeds) or
+    :data:`BY_REF`. ``threads``: BLAS threads for (forward/backward steps, the weight step).
+    ``to_driver``: positions of the results only the driver reads, returned together.
+    """
+
+    key: str
+    job_id: str
+    threads: tuple[int, int]
+    steps: tuple
+    names: tuple[str, ...]
+    values: tuple
+    to_driver: tuple[int, ...] = ()
 
 
 class StageHost:
@@ -42,53 +75,47 @@ class StageHost:
         """Drop a partition (its model was evicted or its weights changed)."""
         self.stages.pop(key, None)
 
-    def run(self, key: str, job_id: str, threads: Sequence[int], steps: Sequence[tuple], names: Sequence[str],
-            *values: Any) -> Any:
-        """Run consecutive steps of one job on the stage ``key``, in one call (see
-        :func:`gradserve.server.planning.schedule.calls`). ``steps`` are tuples
+    def run(self, call: "StageCall", *refs: Any) -> Any:
+        """Run consecutive steps of one job on one stage, in one actor call (see
+        :func:`gradserve.server.planning.schedule.calls`): ``call`` says what (:class:`StageCall`),
+        ``refs`` are the values that come as ObjectRefs (Ray resolves top-level arguments only).
 
-        - ``("forward", mb, n)``: forward of micro-batch ``mb`` on the next ``n`` values (feeds and
-          boundary inputs, labelled by ``names``); returns the partition's outputs;
-        - ``("backward", mb, n, defer)``: errors at the outputs in (the next ``n`` values, repeated
-          names when several partitions sent one), errors at the boundary inputs out;
-        - ``("weights", replica, n)``: dL/dw of the job and this stage's compute seconds, plus the
-          next ``n`` values: other replicas' results for this stage, summed in (a reduction tree
-          instead of every replica's dL/dw travelling to the driver). Ends the job here.
-
-        ``threads``: BLAS threads for (forward/backward steps, the weight step). Returns every
-        step's results in order, each as its own object (``num_returns``; one ``None`` when there
-        are none: a backward that sends no error returns nothing). A step after a failed
-        step of the same job raises that failure again, so an error nobody else reads still
-        reaches the driver through the job's weight step.
+        Returns the results only the driver reads as one object (a tuple, in order), then every
+        other result as its own object (``num_returns``), or one ``None`` when there is nothing to
+        return. A step after a failed step of the same job raises that failure again, so an error
+        nobody else reads still reaches the driver through the job's weight step.
         """
-        stage = self.stages[key]
+        stage = self.stages[call.key]
+        job_id = call.job_id
         if job_id in self.failed:
             raise self.failed[job_id]
+        pending = iter(refs)
+        values = [next(pending) if v is BY_REF else v for v in call.values]
         out: list[Any] = []
         at = 0
         try:
-            for step in steps:
+            for step in call.steps:
                 phase, n = step[0], step[2]
-                args, labels = values[at:at + n], names[at:at + n]
+                args, labels = values[at:at + n], call.names[at:at + n]
                 at += n
                 cancelled = job_id in self.cancelled
                 if phase == "forward":
                     if cancelled:
                         out += [None] * len(stage.spec.outputs)
                         continue
-                    with self.blas.limit(limits=threads[0], user_api="blas"):
+                    with self.blas.limit(limits=call.threads[0], user_api="blas"):
                         out += stage.forward(job_id, step[1], dict(zip(labels, args)))
                 elif phase == "backward":
                     if cancelled:
                         out += [None] * len(stage.spec.wrt_inputs)
                         continue
-                    with self.blas.limit(limits=threads[0], user_api="blas"):
+                    with self.blas.limit(limits=call.threads[0], user_api="blas"):
                         out += stage.backward(job_id, step[1], list(zip(labels, args)), step[3])
                 else:
                     if cancelled:
                         out.append(({}, {}))
                         continue
-                    with self.blas.limit(limits=threads[1], user_api="blas"):
+                    with self.blas.limit(limits=call.threads[1], user_api="blas"):
                         grads, seconds = stage.weight_grads(job_id)
                     by_replica = {step[1]: seconds}
                     for other_grads, other_seconds in args:  # other replicas' results: summed here
@@ -99,9 +126,12 @@ class StageHost:
         except BaseException as exc:
             self.failed[job_id] = exc
             raise
-        if not out:  # a call that returns nothing still returns one object, to be awaited
+        driver = set(call.to_driver)
+        returns = ([tuple(out[i] for i in call.to_driver)] if driver else []) + [
+            v for i, v in enumerate(out) if i not in driver]
+        if not returns:
             return None
-        return out[0] if len(out) == 1 else tuple(out)
+        return returns[0] if len(returns) == 1 else tuple(returns)
 
     @ray.method(concurrency_group="control")
     def cancel(self, job_id: str) -> None:

@@ -39,6 +39,7 @@ from gradserve.server.ray_engine import scheduler
 from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
 from gradserve.server.result import Result
+from gradserve.worker.actor import BY_REF, StageCall
 from gradserve.worker.autodiff import compile_program
 from gradserve.worker.graph import GraphError, Model, feed_signature
 from gradserve.worker.stage import StageSpec
@@ -58,6 +59,7 @@ class _PlanEntry:
     plan: Plan
     specs: list[StageSpec]
     links: Links  # which partitions read which
+    read: frozenset[str] = frozenset()  # values some partition reads (the rest go to the driver only)
     _programs: dict = field(default_factory=dict)
 
     def stage(self, partition: int) -> str:
@@ -344,7 +346,8 @@ class RayEngine:
         ]
         producer = {v: i for i, spec in enumerate(specs) for v in spec.outputs}
         links = Links.of({i: sorted({producer[v] for v in spec.inputs}) for i, spec in enumerate(specs)})
-        entry = self._plans[key] = _PlanEntry(uuid.uuid4().hex[:12], plan, specs, links)
+        read = frozenset(v for spec in specs for v in spec.inputs)
+        entry = self._plans[key] = _PlanEntry(uuid.uuid4().hex[:12], plan, specs, links, read)
         idle = [p for p in self._plans if p[0] not in self._params or self._params[p[0]].users == 0]
         for plan_key in idle[: max(0, len(self._plans) - self._max)]:
             self._unload(self._plans.pop(plan_key))
@@ -444,9 +447,12 @@ class RayEngine:
             t2 = time.perf_counter()
             # One fetch: the chunks' losses, the roots of the dL/dw reduction trees, the dL/dx.
             inputs = list(steps.input_grads.items())
-            fetched = ray.get([*steps.loss, *steps.roots, *(ref for _, refs in inputs for ref in refs)])
-            losses, roots, rest = fetched[:len(steps.loss)], fetched[len(steps.loss):len(steps.loss) + len(steps.roots)], \
-                fetched[len(steps.loss) + len(steps.roots):]
+            wanted = [*steps.loss, *steps.roots, *(out for _, outs in inputs for out in outs)]
+            refs = list({ref: None for ref, _ in wanted})
+            got = dict(zip(refs, ray.get(refs)))
+            values = [got[ref] if at is None else got[ref][at] for ref, at in wanted]
+            losses, values = values[:len(steps.loss)], values[len(steps.loss):]
+            roots, values = values[:len(steps.roots)], values[len(steps.roots):]
             loss = float(sum(float(np.asarray(v).reshape(())) * ch.weight for v, ch in zip(losses, chunks)))
             grads: dict[str, np.ndarray] = {}
             stage_seconds: dict[tuple[int, int], dict] = {}
@@ -455,8 +461,8 @@ class RayEngine:
                 for name, g in part.items():  # a parameter used in several partitions: summed
                     grads[name] = grads[name] + g if name in grads else g
             input_grads = {}
-            for key, refs in inputs:
-                input_grads[key], rest = _sum(rest[:len(refs)]), rest[len(refs):]
+            for key, outs in inputs:
+                input_grads[key], values = _sum(values[:len(outs)]), values[len(outs):]
             t3 = time.perf_counter()
         except BaseException as exc:
             self._abort(job_id, dep)
@@ -481,63 +487,79 @@ class RayEngine:
         acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in range(first, first + m)}  # activations
         errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in acts}  # errors sent back
         children = reduction_children(replica, r)
+        root = reduction_parent(replica, r) is None
         for call in dep.entry.program(m, r, defer):
             p = call.partition
             spec = specs[p]
-            program, names, args, counts, events = [], [], [], [], []
+            program, names, values, refs, results, events = [], [], [], [], [], []
+
+            def take(name: str, value: Any) -> None:  # ObjectRefs go as arguments, the rest inside
+                names.append(name)
+                if isinstance(value, ray.ObjectRef):
+                    values.append(BY_REF)
+                    refs.append(value)
+                else:
+                    values.append(value)
+
             for step in call.steps:
                 c = first + step.micro_batch
+                start = len(names)
                 if step.phase == FORWARD:
-                    step_names = [*spec.feeds, *spec.inputs]
-                    step_args = [feed_refs[c][f] for f in spec.feeds] + [acts[c][v] for v in spec.inputs]
-                    program.append((FORWARD, c, len(step_args)))
-                    counts.append(len(spec.outputs))
+                    for f in spec.feeds:
+                        take(f, feed_refs[c][f])
+                    for v in spec.inputs:
+                        take(v, acts[c][v])
+                    program.append((FORWARD, c, len(names) - start))
+                    # (what it is, chunk, value, whether only the driver reads it)
+                    results += [("act", c, v, v == job.loss and v not in dep.entry.read) for v in spec.outputs]
                 elif step.phase == BACKWARD:
-                    step_names, step_args = [], []
                     for v in spec.outputs:
                         if v == job.loss:  # seed: the chunk's weight in the total loss (the stage shapes it)
-                            step_names.append(v)
-                            step_args.append(np.asarray(chunks[c].weight))
+                            take(v, np.asarray(chunks[c].weight))
                         for ref in errs[c].get(v, []):  # one error per consuming partition, summed there
-                            step_names.append(v)
-                            step_args.append(ref)
-                    program.append((BACKWARD, c, len(step_args), defer))
-                    counts.append(len(spec.wrt_inputs))
+                            take(v, ref)
+                    program.append((BACKWARD, c, len(names) - start, defer))
+                    results += [("err", c, v, v not in spec.inputs) for v in spec.wrt_inputs]
                 else:  # weights: this replica's dL/dw, plus its children's in the reduction tree
-                    step_args = [steps.weights[(child, p)] for child in children]
-                    step_names = [""] * len(step_args)
-                    program.append(("weights", replica, len(step_args)))
-                    counts.append(1)
-                names += step_names
-                args += step_args
+                    for child in children:
+                        take("", steps.weights[(child, p)])
+                    program.append(("weights", replica, len(names) - start))
+                    results.append(("weights", -1, "", root))
                 if step.phase in (FORWARD, BACKWARD):
                     events.append(ProgressEvent(
                         step.phase, p, step.micro_batch, replica, node=dep.where[replica][p]["node_id"],
                         total=2 * len(specs) * m * r,
                     ))
-            outs = _as_list(actors[p].run.options(num_returns=max(1, sum(counts))).remote(
-                dep.keys[p], job_id, threads[replica][p], program, names, *args
+            to_driver = tuple(i for i, res in enumerate(results) if res[3])
+            returns = (1 if to_driver else 0) + len(results) - len(to_driver)
+            outs = _as_list(actors[p].run.options(num_returns=max(1, returns)).remote(
+                StageCall(dep.keys[p], job_id, threads[replica][p], tuple(program), tuple(names), tuple(values),
+                          to_driver),
+                *refs,
             ))
             steps.markers[outs[0]] = events
-            at = 0
-            for step, n in zip(call.steps, counts):
-                mine, at = outs[at:at + n], at + n
-                c = first + step.micro_batch
-                if step.phase == FORWARD:
-                    acts[c].update(zip(spec.outputs, mine))
-                    if job.loss in spec.outputs:
-                        steps.loss.append(acts[c][job.loss])
-                elif step.phase == BACKWARD:
-                    for v, ref in zip(spec.wrt_inputs, mine):
-                        if v in spec.inputs:
-                            errs[c].setdefault(v, []).append(ref)
-                        else:
-                            steps.input_grads.setdefault((c, v), []).append(ref)
+            others = iter(outs[1:] if to_driver else outs)
+            for i, (kind, c, v, driver) in enumerate(results):
+                # The driver's results are read as (ref, position in the packed tuple).
+                out = (outs[0], to_driver.index(i)) if driver else next(others)
+                if kind == "act":
+                    if driver:
+                        steps.loss.append(out)
+                    else:
+                        acts[c][v] = out
+                        if v == job.loss:
+                            steps.loss.append((out, None))
+                elif kind == "err":
+                    if driver:
+                        steps.input_grads.setdefault((c, v), []).append(out)
+                    else:
+                        errs[c].setdefault(v, []).append(out)
                 else:
-                    steps.weights[(replica, p)] = mine[0]
-                    if reduction_parent(replica, r) is None:
-                        steps.roots.append(mine[0])
+                    if driver:
+                        steps.roots.append(out)
                         steps.root_keys.append((p, replica))
+                    else:
+                        steps.weights[(replica, p)] = out
 
     def _watch(self, markers: dict, report, cancelled: threading.Event | None) -> None:
         """Wait for every step, reporting progress; raise the first failure or JobCancelled."""
@@ -617,11 +639,12 @@ class _Submitted:
     """The references a submitted job produces."""
 
     markers: dict = field(default_factory=dict)  # first output of each call -> its steps' progress events
+    # What the driver fetches, as (ref, position in a call's packed results or None):
     loss: list = field(default_factory=list)  # loss per chunk
-    weights: dict = field(default_factory=dict)  # (replica, partition) -> its weight step's result
-    roots: list = field(default_factory=list)  # results of the reduction trees' roots: fetched
+    roots: list = field(default_factory=list)  # results of the reduction trees' roots
     root_keys: list = field(default_factory=list)  # (partition, replica) of each root
-    input_grads: dict = field(default_factory=dict)  # (chunk, input) -> refs to sum
+    input_grads: dict = field(default_factory=dict)  # (chunk, input) -> dL/dx parts to sum
+    weights: dict = field(default_factory=dict)  # (replica, partition) -> ref of a non-root weight result
 
 
 def _defer_weights(where: list[list[dict]], m: int, r: int) -> bool:
