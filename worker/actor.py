@@ -14,6 +14,7 @@ instead of computing (Ray's own task cancellation would break the actor's in-ord
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ from gradserve.worker.memory import keep_freed_memory
 from gradserve.worker.stage import Stage, StageSpec
 
 
+_ENDED_KEPT = 1024  # aborted job ids remembered per actor
 BY_REF = None  # in StageCall.values: "the next ObjectRef argument of the call"
 
 
@@ -54,6 +56,7 @@ class StageCall:
     steps: tuple
     names: tuple[str, ...]
     values: tuple
+    results: int  # how many results the steps give (placeholders stand in for a skipped call)
     to_driver: tuple[int, ...] = ()
 
 
@@ -64,6 +67,7 @@ class StageHost:
         self.stages: dict[str, Stage] = {}
         self.cancelled: set[str] = set()
         self.failed: dict[str, BaseException] = {}  # job id -> the error one of its steps raised here
+        self.ended: OrderedDict[str, None] = OrderedDict()  # jobs aborted here lately: their late steps are no-ops
         self.blas = ThreadpoolController()  # BLAS threads are set per step by the engine
         keep_freed_memory()
 
@@ -85,10 +89,12 @@ class StageHost:
         return. A step after a failed step of the same job raises that failure again, so an error
         nobody else reads still reaches the driver through the job's weight step.
         """
-        stage = self.stages[call.key]
         job_id = call.job_id
         if job_id in self.failed:
             raise self.failed[job_id]
+        if job_id in self.ended:  # a step of an aborted job that arrived late: nothing to do
+            return _placeholders(call)
+        stage = self.stages[call.key]
         pending = iter(refs)
         values = [next(pending) if v is BY_REF else v for v in call.values]
         out: list[Any] = []
@@ -126,12 +132,7 @@ class StageHost:
         except BaseException as exc:
             self.failed[job_id] = exc
             raise
-        driver = set(call.to_driver)
-        returns = ([tuple(out[i] for i in call.to_driver)] if driver else []) + [
-            v for i, v in enumerate(out) if i not in driver]
-        if not returns:
-            return None
-        return returns[0] if len(returns) == 1 else tuple(returns)
+        return _returns(call, out)
 
     @ray.method(concurrency_group="control")
     def cancel(self, job_id: str) -> None:
@@ -145,6 +146,9 @@ class StageHost:
             stage.end_job(job_id)
         self.cancelled.discard(job_id)
         self.failed.pop(job_id, None)
+        self.ended[job_id] = None
+        while len(self.ended) > _ENDED_KEPT:
+            self.ended.popitem(last=False)
 
     @ray.method(concurrency_group="control")
     def job_count(self) -> int:
@@ -157,6 +161,20 @@ class StageHost:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address()}
 
+
+
+def _returns(call: StageCall, out: list) -> Any:
+    """The call's results as Ray returns them: the driver's in one tuple first, then the others."""
+    driver = set(call.to_driver)
+    returns = ([tuple(out[i] for i in call.to_driver)] if driver else []) + [
+        v for i, v in enumerate(out) if i not in driver]
+    if not returns:
+        return None
+    return returns[0] if len(returns) == 1 else tuple(returns)
+
+
+def _placeholders(call: StageCall) -> Any:
+    return _returns(call, [None] * call.results)
 
 
 StageActor = ray.remote(concurrency_groups={"control": 1})(StageHost)

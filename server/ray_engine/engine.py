@@ -465,7 +465,7 @@ class RayEngine:
                 input_grads[key], values = _sum(values[:len(outs)]), values[len(outs):]
             t3 = time.perf_counter()
         except BaseException as exc:
-            self._abort(job_id, dep)
+            self._abort(job_id, dep, steps.refs)
             raise _unwrap(exc) from None
         phases = [stage_seconds.get((i, p), {}) for i in range(r) for p in range(len(dep.specs))]
         return loss, grads, input_grads, {
@@ -534,10 +534,11 @@ class RayEngine:
             returns = (1 if to_driver else 0) + len(results) - len(to_driver)
             outs = _as_list(actors[p].run.options(num_returns=max(1, returns)).remote(
                 StageCall(dep.keys[p], job_id, threads[replica][p], tuple(program), tuple(names), tuple(values),
-                          to_driver),
+                          len(results), to_driver),
                 *refs,
             ))
             steps.markers[outs[0]] = events
+            steps.refs += outs
             others = iter(outs[1:] if to_driver else outs)
             for i, (kind, c, v, driver) in enumerate(results):
                 # The driver's results are read as (ref, position in the packed tuple).
@@ -573,9 +574,10 @@ class RayEngine:
                 for event in markers[ref]:
                     report(event)
 
-    def _abort(self, job_id: str, dep: _Deployment) -> None:
+    def _abort(self, job_id: str, dep: _Deployment, refs: list) -> None:
         """Stop the job's queued steps and free its state on every actor it used; forget actors
-        that died, so the next job gets fresh ones."""
+        that died, so the next job gets fresh ones. ``refs``: every result of the job's calls,
+        read here so that none holding an error is left for Ray to report as unhandled."""
         actors = list({id(a): a for row in dep.actors for a in row}.values())
         dead = []
         for actor in actors:
@@ -586,6 +588,12 @@ class RayEngine:
                 dead.append(actor)
         if dead:
             self._drop_actors(dead)
+        else:  # every call has ended (end_job ran after them): reading the results cannot wait
+            for ref in refs:
+                try:
+                    ray.get(ref, timeout=_CONTROL_TIMEOUT)
+                except Exception:  # noqa: BLE001 -- the job's failure was reported already
+                    pass
         log.info("job %s aborted; per-job state freed on %d actors, %d gone", job_id, len(actors) - len(dead), len(dead))
 
     def _drop_dead(self, actors: list) -> None:
@@ -639,6 +647,7 @@ class _Submitted:
     """The references a submitted job produces."""
 
     markers: dict = field(default_factory=dict)  # first output of each call -> its steps' progress events
+    refs: list = field(default_factory=list)  # every output of every call
     # What the driver fetches, as (ref, position in a call's packed results or None):
     loss: list = field(default_factory=list)  # loss per chunk
     roots: list = field(default_factory=list)  # results of the reduction trees' roots

@@ -1,0 +1,76 @@
+"""The stage actor's body, driven directly (no Ray): one call runs several steps of a job, a
+failure sticks to the job, and steps of an aborted job that arrive late are no-ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradserve
+from gradserve.server.planning.partition import plan_model
+from gradserve.worker.actor import BY_REF, StageCall, StageHost
+from gradserve.worker.graph import GraphError
+from gradserve.worker.stage import StageSpec
+
+
+def _host():
+    """A one-partition stage of z = x @ w, loss = sum(tanh(z)), loaded on a StageHost."""
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, 3), np.float64)
+    w = m.param("w", np.arange(6.0).reshape(3, 2) / 10)
+    model = m.loss(m.tanh(x @ w).sum())
+    part = plan_model(model, {"x": np.ones((4, 3))}, 1).partitions[0]
+    spec = StageSpec(part.nodes, part.feeds, part.inputs, part.outputs, part.params, part.constants, [])
+    host = StageHost()
+    host.load("s", spec, {}, spec.params, *[model.params[p] for p in spec.params])
+    return host, model, spec
+
+
+def _whole_job(job: str, x: np.ndarray, spec: StageSpec) -> StageCall:
+    steps = (("forward", 0, 1), ("backward", 0, 1, False), ("weights", 0, 0))
+    return StageCall("s", job, (1, 1), steps, ("x", spec.outputs[0]), (x, np.asarray(1.0)), 2, to_driver=(0, 1))
+
+
+def test_one_call_runs_forward_backward_and_weights() -> None:
+    host, model, spec = _host()
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    loss, (grads, seconds) = host.run(_whole_job("j", x, spec))
+    expected = gradserve.local().gradients(model, {"x": x})
+    assert np.isclose(loss, expected.loss) and np.allclose(grads["w"], expected.grads["w"])
+    assert set(seconds) == {0}  # compute seconds, per replica
+    assert host.stages["s"].job_count() == 0  # the weight step ended the job
+
+
+def test_values_by_ref_come_from_the_arguments() -> None:
+    host, _, spec = _host()
+    x = np.ones((4, 3))
+    call = _whole_job("j", x, spec)
+    by_ref = StageCall(call.key, call.job_id, call.threads, call.steps, call.names, (BY_REF, BY_REF), 2, (0, 1))
+    assert np.isclose(host.run(by_ref, x, np.asarray(1.0))[0], host.run(_whole_job("k", x, spec))[0])
+
+
+def test_a_failure_sticks_to_its_job_and_a_late_step_of_an_aborted_job_is_a_no_op() -> None:
+    host, _, spec = _host()
+    bad = StageCall("s", "j", (1, 1), (("forward", 0, 1),), ("x",), (np.ones((4, 5)),), 1)
+    with pytest.raises(GraphError, match="MatMul"):
+        host.run(bad)
+    # A later step of the same job raises the same failure, so it reaches the driver.
+    with pytest.raises(Exception) as again:
+        host.run(StageCall("s", "j", (1, 1), (("weights", 0, 0),), (), (), 1))
+    assert again.value is host.failed["j"]
+    host.end_job("j")
+    assert not host.failed and host.stages["s"].job_count() == 0
+    # A step of the ended job that arrives late returns placeholders instead of a KeyError.
+    late = StageCall("s", "j", (1, 1), (("backward", 0, 1, False),), (spec.outputs[0],), (np.asarray(1.0),), 1)
+    assert host.run(late) is None
+    # Other jobs are unaffected.
+    loss, _ = host.run(_whole_job("k", np.ones((4, 3)), spec))
+    assert np.isfinite(loss)
+
+
+def test_cancelled_steps_return_placeholders() -> None:
+    host, _, spec = _host()
+    host.cancel("j")
+    # The loss is missing and the weight step hands over nothing; the stage kept no state.
+    assert host.run(_whole_job("j", np.ones((4, 3)), spec)) == (None, ({}, {}))
+    assert host.stages["s"].job_count() == 0
