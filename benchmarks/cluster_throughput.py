@@ -1,12 +1,14 @@
 """Jobs/s of a gradserve server on a 1-node and on a 2-node cluster, in the same run (issue 10).
 
-    .venv/bin/python benchmarks/cluster_throughput.py [--rounds 3] [--seconds 20] [--clients 4]
+    .venv/bin/python benchmarks/cluster_throughput.py [--rounds 3] [--seconds 20] [--clients 4] [--model mlp|cnn]
 
 Brings up two real multi-node Ray clusters on this machine with ``deploy/local-cluster`` (one
 with 1 worker node, one with 2; 1 CPU per node, the head has none; each with its own server, state
 dir and ports), then alternates rounds between them: in each round ``--clients`` client processes
-send K=1 jobs of a 4 x 512 tanh MLP (float32, batch 1024) to the server for ``--seconds`` seconds,
-each job's loss and dL/dw checked against the inline engine. Reports jobs/s per cluster (median
+send K=1 jobs to the server for ``--seconds`` seconds, each job's loss and dL/dw checked against the
+inline engine. ``--model mlp`` (the issue's setup): a 4 x 512 tanh MLP (float32, batch 1024), 8 MB of
+feeds and gradients moved per job for ~80 ms of compute; ``--model cnn``: a small CNN on 32 x 32
+images (float32, batch 64), compute-bound, with under 1 MB moved per job. Reports jobs/s per cluster (median
 over rounds) and the ratio 2 nodes / 1 node per round (median and range). Target: >= 1.7.
 Both clusters are brought down at the end, whatever happens.
 """
@@ -26,22 +28,50 @@ import numpy as np
 
 from common import Cluster, mlp, mlp_feeds, table
 
-WIDTH, LAYERS, BATCH = 512, 4, 1024
+WIDTH, LAYERS, BATCH = 512, 4, 1024  # --model mlp
+IMAGES, CHANNELS = 64, (3, 32, 64, 64)  # --model cnn: batch, channels per conv layer
 
 
-def feeds_for(client: int) -> dict[str, np.ndarray]:
-    return mlp_feeds(BATCH, WIDTH, seed=100 + client)
+def cnn(seed: int = 0):
+    """Three 3x3 convolutions (3-32-64-64 channels, ReLU, 2x2 max pools after the first two) on
+    32 x 32 images, global average pooling, a 64 x 10 linear layer, mean-squared error; float32."""
+    import gradserve
+
+    rng = np.random.default_rng(seed)
+    m = gradserve.ModelBuilder()
+    h = m.input("x", (None, CHANNELS[0], 32, 32))
+    y = m.input("y", (None, 10))
+    for i, (cin, cout) in enumerate(zip(CHANNELS, CHANNELS[1:])):
+        w = m.param(f"conv{i}.weight", (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32))
+        h = m.relu(m.op("Conv", h, w, pads=[1, 1, 1, 1]))
+        if i < 2:
+            h = m.op("MaxPool", h, kernel_shape=[2, 2], strides=[2, 2])
+    h = m.op("Flatten", m.op("GlobalAveragePool", h))
+    out = h @ m.param("fc.weight", (rng.standard_normal((CHANNELS[-1], 10)) / 8).astype(np.float32))
+    return m.loss(m.mse(out, y))
+
+
+def model_for(kind: str):
+    return mlp(LAYERS, WIDTH, "tanh") if kind == "mlp" else cnn()
+
+
+def feeds_for(kind: str, client: int) -> dict[str, np.ndarray]:
+    if kind == "mlp":
+        return mlp_feeds(BATCH, WIDTH, seed=100 + client)
+    rng = np.random.default_rng(100 + client)
+    return {"x": rng.standard_normal((IMAGES, CHANNELS[0], 32, 32)).astype(np.float32),
+            "y": rng.standard_normal((IMAGES, 10)).astype(np.float32)}
 
 
 # -- client processes -------------------------------------------------------------------------------
 _state: dict = {}
 
 
-def _init() -> None:
+def _init(kind: str) -> None:
     import gradserve
 
-    model = mlp(LAYERS, WIDTH, "tanh")  # the 4 x 512 tanh MLP, mse loss, float32
-    _state["model"] = model
+    _state["kind"] = kind
+    _state["model"] = model_for(kind)
     _state["cases"] = {}
     _state["clients"] = {}
     _state["gradserve"] = gradserve
@@ -61,7 +91,7 @@ def _ensure(index: int, address: str):
     """Client ``index``'s connection to ``address``, feeds and inline reference (made once per process)."""
     gradserve, model = _state["gradserve"], _state["model"]
     if index not in _state["cases"]:
-        feeds = feeds_for(index)
+        feeds = feeds_for(_state["kind"], index)
         _state["cases"][index] = (feeds, gradserve.local().gradients(model, feeds))
     if address not in _state["clients"]:
         _state["clients"][address] = gradserve.Client(address)
@@ -118,6 +148,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per cluster, alternating (default 3)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of one round (default 20)")
     parser.add_argument("--clients", type=int, default=4, help="client processes sending jobs (default 4)")
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
+                        help="mlp: the issue's 4 x 512 MLP (data-heavy); cnn: a compute-bound CNN (default mlp)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="gs-throughput-"))
     ctx = mp.get_context("spawn")
@@ -126,7 +158,7 @@ def main() -> None:
     cpu: dict[int, dict[str, float]] = {1: {}, 2: {}}  # CPU seconds per process kind, over the rounds
     done = {1: 0, 2: 0}
     with Cluster(1, base / "one") as one, Cluster(2, base / "two") as two, \
-            ctx.Pool(args.clients, initializer=_init) as pool:
+            ctx.Pool(args.clients, initializer=_init, initargs=(args.model,)) as pool:
         for cluster in (one, two):
             pool.map(_warm_up, [(i, cluster.address) for i in range(args.clients)])
         for _ in range(args.rounds):
@@ -149,7 +181,9 @@ def main() -> None:
          " ".join(f"{r:.2f}" for r in rates[n]), len(spread[n]))
         for n in (1, 2)
     ]
-    print(f"{args.clients} clients, K=1 jobs of a {LAYERS} x {WIDTH} tanh MLP (float32, batch {BATCH}), every result "
+    what = (f"a {LAYERS} x {WIDTH} tanh MLP (float32, batch {BATCH})" if args.model == "mlp" else
+            f"a CNN ({'-'.join(map(str, CHANNELS))} channels, 32 x 32, float32, batch {IMAGES})")
+    print(f"{args.clients} clients, K=1 jobs of {what}, every result "
           f"checked against the inline engine; {args.rounds} rounds of {args.seconds:.0f} s, alternating; "
           f"{os.cpu_count()} cores")
     print(table(rows, ("cluster (1 CPU per node)", "jobs/s (median)", "per round", "nodes used")))
