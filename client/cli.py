@@ -3,6 +3,7 @@
     gradserve grad MODEL --feeds FEEDS.npz --out GRADS.npz        loss and dL/dw of a model
     gradserve plan MODEL --partitions K|auto --feeds FEEDS.npz     how a model would be split
     gradserve serve [--address HOST:PORT]                         run the gRPC service
+    gradserve status --server HOST:PORT                           what a server is doing
     gradserve demo                                                the seed example and an MLP
 
 Errors in the model or feeds print one line naming the culprit and exit with status 2.
@@ -225,6 +226,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from gradserve.client.remote import Client
+    from gradserve.client.status import format_status, server_status
+
+    with Client(args.server, token_file=args.token_file, ca_file=args.tls_ca, timeout=args.timeout) as client:
+        status = server_status(client)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(status), indent=2))
+    else:
+        print(format_status(status, args.server))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gradserve.client.demo import run_demo
 
@@ -279,6 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="show what a gradserve server is doing",
+                       description="One screen for operators: the server's version, engine and uptime; the "
+                       "cluster's nodes with CPUs, memory and worker actors; jobs queued and running with their "
+                       "progress; stored models (GetServerStatus RPC, which needs the server's token).")
+    p.add_argument("--server", default="127.0.0.1:50051", metavar="HOST:PORT",
+                   help="the server (default 127.0.0.1:50051)")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server's TLS certificate")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long (default 10)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON instead")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="run the seed example and an MLP and check the gradients",
                        description="Builds the seed regression example and an MLP, computes their gradients "

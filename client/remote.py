@@ -11,20 +11,29 @@ Models are content-addressed: :meth:`Client.upload` sends a model only if the se
 already have it, so passing the same model to many jobs costs one small call each. Errors raised
 by the server arrive as :class:`RemoteError` subclasses carrying the gRPC code and the server's
 message; :class:`InvalidArgument` is also a :class:`~gradserve.worker.graph.GraphError`.
+
+Every call is retried when the server is busy (RESOURCE_EXHAUSTED with a retry hint: a full job
+queue) or unavailable, with exponential backoff and jitter, up to the call's timeout: jobs are pure
+functions, so running one twice is harmless. ``Client(address, retry=RetryPolicy(...))`` tunes it,
+``retry=None`` turns it off (see :mod:`gradserve.client.retry`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
 from grpc.experimental import ChannelOptions
 
+from gradserve.client.retry import NO_RETRY, RetryPolicy, retry_hint
 from gradserve.proto import chunks, tensors
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.events import JobCancelled, ProgressEvent
@@ -32,21 +41,30 @@ from gradserve.server.planning.auto import AUTO, Count, count_to_wire
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, Model, graph_from_proto
 
+if TYPE_CHECKING:
+    from gradserve.client.status import ServerStatus
+
 _MAX_MESSAGE = 64 << 20  # what this client accepts; servers send 1 MiB chunks anyway
 # Feeds up to this size go in one Compute request (far below the server's 16 MiB message limit, and
 # gRPC's 4 MiB default); bigger ones stream through Run.
 _COMPUTE_FEED_BYTES = chunks.CHUNK_BYTES
+_DEFAULT_RETRY = RetryPolicy()
+_WARN_AFTER = 10.0  # seconds of retrying one call after which a warning is logged (once per call)
+
+log = logging.getLogger("gradserve.client")
 
 # -- errors ----------------------------------------------------------------------------------------
 
 
 class RemoteError(Exception):
-    """An error answered by the server: ``code`` is the grpc.StatusCode, ``details`` its message."""
+    """An error answered by the server: ``code`` is the grpc.StatusCode, ``details`` its message,
+    ``retry_after`` the server's retry hint in seconds (None: none; negative: do not retry)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after: float | None = None) -> None:
         Exception.__init__(self, details)
         self.code = code
         self.details = details
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return self.details
@@ -100,7 +118,11 @@ def remote_error(err: grpc.RpcError) -> RemoteError:
     """The :class:`RemoteError` subclass for a failed call."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(code)
-    return _ERRORS.get(code, RemoteError)(code, details)
+    try:
+        hint = retry_hint(err.trailing_metadata()) if hasattr(err, "trailing_metadata") else None
+    except Exception:  # noqa: BLE001 -- a call object without metadata: no hint
+        hint = None
+    return _ERRORS.get(code, RemoteError)(code, details, hint)
 
 
 def _calling(fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -185,24 +207,29 @@ class Job:
     def watch(self, timeout: float | None = None) -> Iterator[JobStatus]:
         """Statuses as they happen (one per progress event and state change), ending with the
         final state. ``timeout`` bounds the whole watch (DeadlineExceeded)."""
-        stream = self.client._stub.Watch(service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata,
-                                         timeout=self.client._timeout(timeout))
-        for msg in _streaming(stream):
+        def open_watch(left: float | None) -> tuple[Any, Iterator]:
+            stream = _streaming(self.client._stub.Watch(service_pb2.JobRef(job_id=self.id),
+                                                        metadata=self.client._metadata, timeout=left))
+            return next(stream, None), stream  # the first status comes at once: retried until it does
+
+        first, stream = self.client._retrying("Watch", open_watch, self.client._timeout(timeout))
+        if first is None:
+            return
+        yield JobStatus.from_proto(first)
+        for msg in stream:
             yield JobStatus.from_proto(msg)
 
     def result(self, timeout: float | None = None) -> Result:
         """Wait for the job and return its Result (fetchable once: the server keeps it until it
-        has been delivered whole, so a connection lost half-way is retried once here, and a later
-        call can fetch it too). A failed job raises the error it failed with; a cancelled one
-        raises :class:`Cancelled`."""
-        def fetch() -> Result:
+        has been delivered whole, so a connection lost half-way is retried here -- once even with
+        retries turned off -- and a later call can fetch it too). A failed job raises the error it
+        failed with; a cancelled one raises :class:`Cancelled`."""
+        def fetch(left: float | None) -> Result:
             return _read_result(self.client._stub.FetchResult(
-                service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata, timeout=self.client._timeout(timeout)))
+                service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata, timeout=left))
 
-        try:
-            return fetch()
-        except Unavailable:  # the connection broke; the server still holds the result
-            return fetch()
+        policy = self.client.retry if self.client.retry is not NO_RETRY else _REFETCH_ONCE
+        return self.client._retrying("FetchResult", fetch, self.client._timeout(timeout), policy)
 
     def cancel(self) -> JobStatus:
         """Ask the server to stop the job (at the engine's next phase boundary)."""
@@ -267,6 +294,9 @@ def _read_result(responses: Iterator[service_pb2.ResultChunk]) -> Result:
     return Result(header.loss, {n: arrays[n] for n in grads}, {n: arrays[n] for n in input_grads}, info)
 
 
+_REFETCH_ONCE = RetryPolicy(initial_backoff=0.0, max_backoff=0.0, max_attempts=2, codes={grpc.StatusCode.UNAVAILABLE})
+
+
 def _job_stream(options: service_pb2.JobOptions, arrays: Mapping[str, np.ndarray]) -> Iterator[service_pb2.JobChunk]:
     yield service_pb2.JobChunk(options=options)
     for chunk in chunks.chunks(arrays):
@@ -282,6 +312,9 @@ class Client:
     ``token``/``token_file``: the bearer token the server requires (``--auth-token-file``).
     ``ca_file``: PEM CA certificate to verify the server's TLS certificate; without it the
     connection is plaintext. ``timeout``: default seconds for each call (None: no limit).
+    ``retry``: how calls are retried when the server is busy or unavailable, up to their timeout
+    (:class:`~gradserve.client.retry.RetryPolicy`; None or False: never). ``retries`` counts the
+    retries made, ``retries_by_code`` them by status code name.
     """
 
     def __init__(
@@ -291,6 +324,7 @@ class Client:
         token_file: str | Path | None = None,
         ca_file: str | Path | None = None,
         timeout: float | None = None,
+        retry: RetryPolicy | None | bool = _DEFAULT_RETRY,
     ) -> None:
         if token and token_file:
             raise ValueError("give token or token_file, not both")
@@ -300,6 +334,14 @@ class Client:
             token = read_token_file(token_file)
         self.address = address
         self.timeout = timeout
+        if retry is True:
+            retry = _DEFAULT_RETRY
+        if retry is not None and retry is not False and not isinstance(retry, RetryPolicy):
+            raise TypeError("retry must be a RetryPolicy, or None to turn retries off")
+        self.retry: RetryPolicy = retry or NO_RETRY
+        self.retries = 0
+        self.retries_by_code: Counter[str] = Counter()
+        self._retry_lock = threading.Lock()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -323,8 +365,41 @@ class Client:
     def _timeout(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
 
+    def _retrying(self, what: str, attempt: Callable[[float | None], Any], timeout: float | None,
+                  policy: RetryPolicy | None = None) -> Any:
+        """``attempt(seconds_left)`` under the retry policy (:meth:`RetryPolicy.call`); ``what``
+        names the call in the log. ``attempt`` must build its request afresh: a request stream
+        is consumed by the attempt that sends it."""
+        waited = 0.0
+        warned = False
+
+        def on_retry(exc: BaseException, n: int, delay: float) -> None:
+            nonlocal waited, warned
+            code = getattr(exc, "code", None)
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            with self._retry_lock:
+                self.retries += 1
+                self.retries_by_code[name] += 1
+            waited += delay
+            level = logging.INFO
+            if waited >= _WARN_AFTER and not warned:
+                warned, level = True, logging.WARNING
+            log.log(level, "%s to %s: %s (%s); retry %d in %.2fs%s", what, self.address, name, exc, n, delay,
+                    f", {waited:.0f}s of retrying so far" if level == logging.WARNING else "")
+
+        def guarded(left: float | None) -> Any:
+            try:
+                return attempt(left)
+            except grpc.RpcError as err:  # raised by the call itself rather than by its reply stream
+                raise remote_error(err) from None
+
+        return (policy or self.retry).call(guarded, timeout, on_retry=on_retry)
+
     def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
-        return _calling(method, request, metadata=self._metadata, timeout=self._timeout(timeout))
+        name = getattr(method, "_method", b"")
+        name = name.decode().rsplit("/", 1)[-1] if isinstance(name, bytes) else str(name or "call")
+        return self._retrying(name, lambda left: _calling(method, request, metadata=self._metadata, timeout=left),
+                              self._timeout(timeout))
 
     def close(self) -> None:
         """Close the connection."""
@@ -335,6 +410,14 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the server -------------------------------------------------------------------------------
+    def server_status(self, timeout: float | None = None) -> "ServerStatus":
+        """The server's status for operators: version, engine, uptime, nodes and actors, jobs
+        queued and running, stored models (what ``gradserve status`` prints)."""
+        from gradserve.client.status import server_status
+
+        return server_status(self, timeout)
 
     # -- models -----------------------------------------------------------------------------------
     def has_model(self, model_id: str) -> bool:
@@ -361,7 +444,9 @@ class Client:
                 yield service_pb2.UploadChunk(data=chunk)
 
         try:
-            return self._call(self._stub.UploadModel, messages()).model_id
+            reply = self._retrying("UploadModel", lambda left: _calling(
+                self._stub.UploadModel, messages(), metadata=self._metadata, timeout=left), self._timeout(None))
+            return reply.model_id
         finally:
             if display is not None:
                 display.close()
@@ -411,8 +496,10 @@ class Client:
         ``partitions``, ``micro_batches``, ``replicas``: a number, or ``"auto"`` (the default) for
         the server to choose from the model, the batch and its cluster."""
         model_id = self._model_id(model_or_id)
-        messages = self._job_messages(model_id, feeds, partitions, micro_batches, replicas, input_grads)
-        handle = self._call(self._stub.Submit, messages)
+        options, arrays = self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads)
+        handle = self._retrying("Submit", lambda left: _calling(  # a fresh request stream per attempt
+            self._stub.Submit, _job_stream(options, arrays), metadata=self._metadata, timeout=left),
+            self._timeout(None))
         return Job(self, handle.job_id, handle.model_id)
 
     def gradients(
@@ -435,17 +522,24 @@ class Client:
         model_id = self._model_id(model_or_id, progress=progress)
         if not progress:
             options, arrays = self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads)
-            timeout = self._timeout(timeout)
-            if self._compute and sum(a.nbytes for a in arrays.values()) <= _COMPUTE_FEED_BYTES:
-                request = service_pb2.JobRequest(options=options, feeds=list(chunks.chunks(arrays)))
-                try:
-                    return _read_result(self._stub.Compute(request, metadata=self._metadata, timeout=timeout))
-                except RemoteError as exc:
-                    if exc.code != grpc.StatusCode.UNIMPLEMENTED:
-                        raise
-                    self._compute = False  # a server older than Compute: use Run from now on
-            stream = self._stub.Run(_job_stream(options, arrays), metadata=self._metadata, timeout=timeout)
-            return _read_result(stream)
+            small = sum(a.nbytes for a in arrays.values()) <= _COMPUTE_FEED_BYTES
+            request = None
+
+            def attempt(left: float | None) -> Result:
+                nonlocal request
+                if self._compute and small:
+                    if request is None:  # a unary request can be sent again as it is
+                        request = service_pb2.JobRequest(options=options, feeds=list(chunks.chunks(arrays)))
+                    try:
+                        return _read_result(self._stub.Compute(request, metadata=self._metadata, timeout=left))
+                    except RemoteError as exc:
+                        if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                            raise
+                        self._compute = False  # a server older than Compute: use Run from now on
+                stream = self._stub.Run(_job_stream(options, arrays), metadata=self._metadata, timeout=left)
+                return _read_result(stream)
+
+            return self._retrying("Compute" if self._compute and small else "Run", attempt, self._timeout(timeout))
         from gradserve.client.progress import ProgressLine
 
         deadline = None if self._timeout(timeout) is None else time.monotonic() + self._timeout(timeout)
@@ -454,8 +548,11 @@ class Client:
                           input_grads=input_grads)
         display = ProgressLine()
         try:
-            for status in job.watch(timeout=left()):
-                display.update(status)
+            try:
+                for status in job.watch(timeout=left()):
+                    display.update(status)
+            except Unavailable:
+                pass  # the progress stream broke: FetchResult waits for the job (and retries) all the same
             display.close()
             return job.result(timeout=left())
         except (KeyboardInterrupt, DeadlineExceeded):

@@ -74,8 +74,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="how long an unfetched result is kept (default 600)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, let running jobs finish this long before cancelling them (default 10)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="what the server logs (default info: every job with its model, options and timings)")
+    ops = p.add_argument_group("operating")
+    ops.add_argument("--metrics-address", metavar="HOST:PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (jobs by outcome and code, queue and "
+                     "run time, queued/running jobs, uploads, model store, worker pool, RPCs by method and code; "
+                     "see README 'Operating'); default: not served")
+    ops.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="what the server logs (default info: one line per job outcome -- id, model, K/M/R, "
+                     "seconds, status code -- plus uploads, cancels and start/stop; tracebacks only for internal "
+                     "errors)")
+    ops.add_argument("--log-format", default="text", choices=["text", "json"],
+                     help="text (default), or json: one JSON object per line (time, level, logger, message; a "
+                     "job's outcome line adds its fields as keys) for log shippers")
 
 
 def _default(name: str) -> Any:
@@ -98,6 +108,10 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         raise ValueError("--tls-cert and --tls-key go together")
     if args.engine == "inline" and args.ray_address:
         raise ValueError("--ray-address needs --engine ray")
+    if args.metrics_address is not None:
+        host, sep, port = args.metrics_address.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"--metrics-address must be HOST:PORT, got {args.metrics_address!r}")
     limits = Limits(
         max_model_bytes=args.max_model_bytes,
         max_store_bytes=max(args.max_store_bytes, args.max_model_bytes),
@@ -119,4 +133,6 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         limits=limits,
         grace=args.grace,
         log_level=args.log_level,
+        log_format=args.log_format,
+        metrics_address=args.metrics_address,
     )

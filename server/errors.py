@@ -4,6 +4,12 @@ Every servicer method goes through :func:`status_for`, so a given failure always
 with the same code, and the message is the exception's own (which names the node or tensor at
 fault). Unexpected exceptions become INTERNAL with a short message and are logged with their
 traceback here, never sent to the client.
+
+A RESOURCE_EXHAUSTED that passes by itself (a full job queue: :class:`QueueFull`) and UNAVAILABLE
+carry a retry hint in the trailing metadata: gRPC's retry pushback ``grpc-retry-pushback-ms`` and
+the same value as ``retry-after-ms`` (integer milliseconds). The client retries those after at
+least that long (:mod:`gradserve.client.retry`); a RESOURCE_EXHAUSTED without the hint (a size
+limit) is final.
 """
 
 from __future__ import annotations
@@ -20,7 +26,25 @@ from gradserve.worker.graph import GraphError
 
 log = logging.getLogger("gradserve.server")
 
-__all__ = ["LimitExceeded", "NotFound", "BadRequest", "Unavailable", "ServiceError", "status_for"]
+__all__ = ["LimitExceeded", "RetryLater", "QueueFull", "NotFound", "BadRequest", "Unavailable", "ServiceError",
+           "status_for", "retry_after_for", "abort"]
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6's server pushback
+RETRY_AFTER_KEY = "retry-after-ms"       # the same value under a key no proxy or library treats as reserved
+QUEUE_RETRY_AFTER = 0.5                  # seconds a client turned away by a full queue waits at least
+UNAVAILABLE_RETRY_AFTER = 1.0            # ... and one turned away by a server shutting down
+
+class RetryLater(LimitExceeded):
+    """A limit that frees up by itself: RESOURCE_EXHAUSTED with a retry hint of ``retry_after``
+    seconds, which clients honour as the least they wait before trying again."""
+
+    def __init__(self, message: str, retry_after: float = QUEUE_RETRY_AFTER) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFull(RetryLater):
+    """As many jobs run and wait as the server allows (``max_concurrent_jobs + max_queued_jobs``)."""
 
 
 class NotFound(LookupError):
@@ -39,11 +63,14 @@ class Unavailable(RuntimeError):
 
 
 class ServiceError(Exception):
-    """An error that already carries its status code, e.g. a job's failure replayed to FetchResult."""
+    """An error that already carries its status code, e.g. a job's failure replayed to FetchResult.
+    ``retry_after``: the retry hint to send with it (see :func:`retry_after_for`); when None, one
+    raised while handling the original failure takes that failure's hint."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after = retry_after
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -68,7 +95,39 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log"
 
 
+def retry_after_for(exc: BaseException) -> float | None:
+    """Seconds a client should wait before retrying after ``exc``, or None when a retry cannot
+    help (the client then raises at once)."""
+    hint = getattr(exc, "retry_after", None)
+    if hint is not None:
+        return float(hint)
+    if isinstance(exc, ServiceError):
+        # A failure already mapped (e.g. a rejected job, counted and logged): the hint of the
+        # exception it was made from, if it was raised while handling one.
+        original = exc.__cause__ or exc.__context__
+        return retry_after_for(original) if original is not None and original is not exc else None
+    if isinstance(exc, Unavailable):
+        return UNAVAILABLE_RETRY_AFTER
+    return None
+
+
 def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
-    """End the call with the status for ``exc`` (raises, as ``context.abort`` does)."""
+    """End the call with the status for ``exc`` (raises, as ``context.abort`` does); a failure that
+    passes by itself gets its retry hint in the trailing metadata (module docs)."""
     code, message = status_for(exc)
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        hint = retry_after_for(exc)
+        if hint is not None:
+            ms = str(max(0, round(hint * 1000)))
+            kept = tuple((k, v) for k, v in (_trailing_metadata(context) or ())
+                         if k not in (PUSHBACK_KEY, RETRY_AFTER_KEY))
+            context.set_trailing_metadata(kept + ((PUSHBACK_KEY, ms), (RETRY_AFTER_KEY, ms)))
     context.abort(code, message)
+
+
+def _trailing_metadata(context: grpc.ServicerContext) -> tuple | None:
+    """What the handler already set as trailing metadata (kept beside the hint)."""
+    try:
+        return tuple(context.trailing_metadata() or ())
+    except (AttributeError, NotImplementedError, TypeError):  # older grpc, or a test double
+        return None

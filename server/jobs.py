@@ -15,6 +15,12 @@ clients, first come first served within a client: one client's 100 queued jobs d
 client's single job by at most one job per client ahead of it. A client is a connection: the gRPC
 peer address (``context.peer()``, e.g. ``ipv4:10.0.0.5:53412``), see :func:`client_of`.
 
+**Outcomes.** Every job that ends -- done, failed or cancelled, whether it ran or not -- is counted
+once in the server's metrics and logged in one INFO line (:meth:`JobRegistry._ended`): its id,
+model, partitions/micro-batches/replicas as run, seconds queued and running, and the status code.
+A failure the server handled (bad input, a limit, a cancel) gets that line only; a traceback is
+logged only for an unexpected error (:func:`gradserve.server.errors.status_for`).
+
 Each job carries a ``threading.Event`` handed to the engine as ``cancelled=``: setting it stops the
 job at the engine's next phase boundary. A finished job's result is kept until it has been fetched
 whole once or until it expires (``result_ttl`` seconds), whichever comes first.
@@ -35,8 +41,9 @@ from typing import Any, Callable, Iterable, Mapping
 import grpc
 import numpy as np
 
-from gradserve.server.errors import BadRequest, LimitExceeded, NotFound, ServiceError, Unavailable, status_for
+from gradserve.server.errors import BadRequest, LimitExceeded, NotFound, QueueFull, ServiceError, Unavailable, status_for
 from gradserve.server.events import ProgressEvent
+from gradserve.server.metrics import ServerMetrics
 from gradserve.server.planning.auto import AUTO, Count, count_from_wire
 from gradserve.server.result import Result
 from gradserve.worker.graph import Model
@@ -126,6 +133,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
+    ran_as: tuple[Any, Any, Any] | None = None  # (partitions, micro_batches, replicas) the engine reported
 
     # -- called by the engine's thread ------------------------------------------------------------
     def add_event(self, event: ProgressEvent) -> None:
@@ -186,7 +194,8 @@ class JobRegistry:
     ``runner(job)`` computes a job's Result (it calls the engine with ``progress=job.add_event``
     and ``cancelled=job.cancelled``); any exception it raises becomes the job's failure, mapped to
     a gRPC status by :func:`gradserve.server.errors.status_for`. ``max_concurrent``: a number, or
-    None to follow ``runner.capacity()`` when the runner has one.
+    None to follow ``runner.capacity()`` when the runner has one. ``metrics``: where jobs are
+    counted (the server's; by default a registry of this object's own).
     """
 
     def __init__(
@@ -196,10 +205,14 @@ class JobRegistry:
         max_concurrent: int | None = 4,
         max_queued: int = 64,
         result_ttl: float = 600.0,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         self._runner = runner
+        self.metrics = metrics or ServerMetrics()
+        self.ended: Counter[str] = Counter()  # outcome (done, failed, cancelled) -> jobs since start
+        self.retries = 0  # jobs the engine ran again after losing a worker, since start
         self._capacity: Callable[[], int] | None = getattr(runner, "capacity", None) if max_concurrent is None else None
         self.max_concurrent = max_concurrent or DEFAULT_CONCURRENCY
         self.max_queued = max_queued
@@ -252,7 +265,7 @@ class JobRegistry:
                 raise Unavailable("the server is shutting down and accepts no new jobs")
             active = sum(1 for j in self._jobs.values() if j.state in (QUEUED, RUNNING))
             if active >= limit + self.max_queued:
-                raise LimitExceeded(
+                raise QueueFull(
                     f"{active} jobs are running or queued; the server runs at most {limit} at once "
                     f"and queues {self.max_queued} more -- retry later"
                 )
@@ -265,8 +278,8 @@ class JobRegistry:
                 job.claimed = True
             else:
                 self._waiting.setdefault(client, deque()).append(job)
-        if log.isEnabledFor(logging.INFO):
-            log.info(
+        if log.isEnabledFor(logging.DEBUG):  # INFO has the job's one outcome line (_ended)
+            log.debug(
                 "job %s queued: model %s, partitions=%s micro_batches=%s replicas=%s input_grads=%s feeds=%s",
                 job_id, model_id[:16], options.partitions, options.micro_batches, options.replicas,
                 list(options.input_grads), {k: tuple(np.shape(v)) for k, v in feeds.items()},
@@ -329,35 +342,83 @@ class JobRegistry:
                 return
             if job.cancelled.is_set():
                 self._finish(job, CANCELLED, error=(grpc.StatusCode.CANCELLED, "job cancelled before it started"))
-                return
-            job.state = RUNNING
-            job.started = time.monotonic()
-            job.cond.notify_all()
-        log.info("job %s running (queued %.3fs)", job.id, job.started - job.submitted)
+                ended = True
+            else:
+                ended = False
+                job.state = RUNNING
+                job.started = time.monotonic()
+                job.cond.notify_all()
+        if ended:
+            self._ended(job)
+            return
+        self.metrics.queue_seconds.observe(job.started - job.submitted)
+        log.debug("job %s running (queued %.3fs)", job.id, job.started - job.submitted)
         try:
             result = self._runner(job)
         except BaseException as exc:  # noqa: BLE001 -- every failure is the job's, reported to its client
-            code, message = status_for(exc)
+            code, message = status_for(exc)  # logs a traceback for unexpected errors only
             state = CANCELLED if code == grpc.StatusCode.CANCELLED else FAILED
+            self._count_retries(self._lost_worker_retries(exc))
             with job.cond:
                 self._finish(job, state, error=(code, message))
-            log.info("job %s %s after %.3fs: %s: %s", job.id, state, job.finished - job.started, code.name, message)
         else:
+            self._count_retries(int((result.info or {}).get("retries", 0) or 0))
             with job.cond:
                 self._finish(job, DONE, result=result)
-            log.info("job %s done in %.3fs: loss=%.6g", job.id, job.finished - job.started, result.loss)
+        self._ended(job)
+
+    def _lost_worker_retries(self, exc: BaseException) -> int:
+        """Retries behind a failure: a job that failed by losing a worker (Ray's RayActorError,
+        raised once the engine's ``max_retries`` were spent) was run that many times again."""
+        if not any(c.__name__ == "RayActorError" for c in type(exc).__mro__):
+            return 0
+        return int(getattr(getattr(self._runner, "engine", None), "max_retries", 0) or 0)
+
+    def _count_retries(self, n: int) -> None:
+        if n > 0:
+            with self._lock:
+                self.retries += n
+            self.metrics.worker_retries.inc(n)
 
     @staticmethod
     def _finish(job: Job, state: str, *, result: Result | None = None,
                 error: tuple[grpc.StatusCode, str] | None = None) -> None:
-        # Caller holds job.cond.
+        # Caller holds job.cond, and calls _ended(job) once it has released it.
         job.state, job.result, job.error = state, result, error
         job.finished = time.monotonic()
+        if result is not None:
+            info = result.info or {}
+            job.ran_as = tuple(info.get(k, getattr(job.options, k)) for k in ("partitions", "micro_batches", "replicas"))
         job.model = job.feeds = None  # the job no longer pins the model or the batch in memory
         if job.on_finish is not None:
             job.on_finish, on_finish = None, job.on_finish
             on_finish()
         job.cond.notify_all()
+
+    def _ended(self, job: Job) -> None:
+        """Count and log a job that has just ended: its one outcome line (see the module docs)."""
+        with job.cond:
+            state, error, ran_as = job.state, job.error, job.ran_as
+            submitted, started, finished = job.submitted, job.started, job.finished
+            loss = job.result.loss if job.result is not None else None
+        code, message = (error[0].name, error[1]) if error else ("OK", "")
+        queued = (started if started is not None else finished) - submitted
+        ran = finished - started if started is not None else 0.0
+        with self._lock:
+            self.ended[state] += 1
+        self.metrics.job_ended(state, code, ran if started is not None else None)
+        k, m, r = ran_as or (job.options.partitions, job.options.micro_batches, job.options.replicas)
+        fields = {"job_id": job.id, "model_id": job.model_id[:16], "outcome": state, "code": code,
+                  "partitions": k, "micro_batches": m, "replicas": r,
+                  "queued_seconds": round(queued, 6), "run_seconds": round(ran, 6)}
+        if loss is not None:
+            fields["loss"] = loss
+            detail = f", loss={loss:.6g}"
+        else:
+            fields["error"] = one_line(message)
+            detail = f": {fields['error']}"
+        log.info("job %s %s: model %s K=%s M=%s R=%s, queued %.3fs, ran %.3fs: %s%s", job.id, state,
+                 fields["model_id"], k, m, r, queued, ran, code, detail, extra={"fields": fields})
 
     # -- looking up -------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
@@ -372,10 +433,14 @@ class JobRegistry:
         """Ask a job to stop: a queued job is cancelled at once, a running one at its next phase."""
         job = self.get(job_id)
         job.cancelled.set()
+        ended = False
         with job.cond:
             if job.state == QUEUED:
                 self._finish(job, CANCELLED, error=(grpc.StatusCode.CANCELLED, "job cancelled before it started"))
+                ended = True
             job.cond.notify_all()
+        if ended:
+            self._ended(job)
         log.info("job %s: cancel requested (state %s)", job_id, job.state)
         return job
 
@@ -459,6 +524,12 @@ class JobRegistry:
         for job in still:
             job.wait(5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def one_line(message: str, limit: int = 500) -> str:
+    """``message`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # Bounds on how much work one job may ask for: partitions x replicas worker actors, and

@@ -1,16 +1,19 @@
 """The gRPC GradientService server and ``gradserve serve``.
 
 :class:`GradientServer` wires everything together: the servicer (:mod:`gradserve.server.servicer`),
-the model store, the job registry on top of one engine, bearer-token auth, TLS, health checking
-and reflection. :func:`serve_forever` is what ``gradserve serve`` runs.
+the model store, the job registry on top of one engine, bearer-token auth, TLS, health checking,
+reflection and Prometheus metrics (:mod:`gradserve.server.metrics`). :func:`serve_forever` is what
+``gradserve serve`` runs; :func:`configure_logging` sets up its log (text or JSON lines).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,11 +24,12 @@ from gradserve.server.auth import BearerTokenInterceptor
 from gradserve.server.engines import EngineFactory, EngineRunner, engine_factory
 from gradserve.server.jobs import JobRegistry
 from gradserve.server.limits import Limits
+from gradserve.server.metrics import ServerMetrics, serve_metrics
 from gradserve.server.models import ModelStore
 from gradserve.server.servicer import SERVICE_NAME, GradientServicer, generic_handler
 from gradserve.server.settings import ServerSettings
 
-__all__ = ["GradientServer", "Limits", "SERVICE_NAME", "serve_forever"]
+__all__ = ["GradientServer", "Limits", "SERVICE_NAME", "configure_logging", "serve_forever"]
 
 log = logging.getLogger("gradserve.server")
 
@@ -41,6 +45,9 @@ class GradientServer:
     ``engine_factory`` builds the one engine all jobs share (default: the Ray engine when it is
     available, else the inline engine). ``auth_token`` requires ``authorization: Bearer <token>``
     on every call but health checks; ``tls_cert``/``tls_key`` (PEM bytes) serve TLS.
+    ``metrics_address`` (HOST:PORT): serve Prometheus metrics at ``http://HOST:PORT/metrics``
+    (``self.metrics_address`` is the bound one); the metrics are kept either way
+    (``self.metrics.registry``), in a registry of this server's own.
     """
 
     def __init__(
@@ -53,6 +60,7 @@ class GradientServer:
         tls_cert: bytes | None = None,
         tls_key: bytes | None = None,
         rpc_threads: int = 64,
+        metrics_address: str | None = None,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("TLS needs both a certificate and its private key")
@@ -69,6 +77,10 @@ class GradientServer:
         self.registry: JobRegistry | None = None
         self.store: ModelStore | None = None
         self.servicer: GradientServicer | None = None
+        self.metrics = ServerMetrics()
+        self.requested_metrics_address = metrics_address
+        self.metrics_address: str | None = None
+        self._metrics_http = None
         self._stopped = threading.Event()
 
     def start(self) -> str:
@@ -81,6 +93,9 @@ class GradientServer:
             self._runner.close()  # do not leak an engine (e.g. Ray workers) when binding fails
             if self.registry is not None:
                 self.registry.shutdown(0)
+            if self._server is not None:
+                self._server.stop(0)
+            self._stop_metrics()
             raise
 
     def _start(self) -> str:
@@ -88,9 +103,17 @@ class GradientServer:
         limits = self.limits
         self.store = ModelStore(max(limits.max_store_bytes, limits.max_model_bytes))
         self.registry = JobRegistry(self._runner, max_concurrent=limits.max_concurrent_jobs,
-                                    max_queued=limits.max_queued_jobs, result_ttl=limits.result_ttl)
-        self.servicer = GradientServicer(self.store, self.registry, self._runner, limits)
-        interceptors = [BearerTokenInterceptor(self._auth_token)] if self._auth_token else []
+                                    max_queued=limits.max_queued_jobs, result_ttl=limits.result_ttl,
+                                    metrics=self.metrics)
+        self.servicer = GradientServicer(self.store, self.registry, self._runner, limits, self.metrics)
+        servicer = self.servicer
+        from gradserve.server.status import state
+
+        self.metrics.watch(lambda: state(servicer))
+        # RPCs are counted first, so that calls the token check turns away are counted too.
+        interceptors = [self.metrics.interceptor()]
+        if self._auth_token:
+            interceptors.append(BearerTokenInterceptor(self._auth_token))
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self._rpc_threads, thread_name_prefix="gradserve-rpc"),
             interceptors=interceptors,
@@ -115,15 +138,24 @@ class GradientServer:
             raise OSError(f"cannot listen on {self.requested_address}: {exc}") from None
         if not port:
             raise OSError(f"cannot listen on {self.requested_address}")
+        if self.requested_metrics_address:  # before serving: a busy metrics port fails the start
+            self._metrics_http, self.metrics_address = serve_metrics(self.metrics, self.requested_metrics_address)
         server.start()
         self._server = server
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.requested_address.rpartition(":")[0] or "0.0.0.0"
         self.address = f"{host}:{port}"
-        log.info("serving %s on %s (engine %s, %s, %s)", SERVICE_NAME, self.address, self._runner.name,
-                 "TLS" if self._tls else "plaintext", "token auth" if self._auth_token else "no auth")
+        log.info("serving %s on %s (engine %s, %s, %s%s)", SERVICE_NAME, self.address, self._runner.name,
+                 "TLS" if self._tls else "plaintext", "token auth" if self._auth_token else "no auth",
+                 f", metrics on http://{self.metrics_address}/metrics" if self.metrics_address else "")
         return self.address
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -148,6 +180,7 @@ class GradientServer:
             self._runner.close()
         except Exception:  # noqa: BLE001 -- shutting down anyway; say what failed
             log.exception("closing the engine failed")
+        self._stop_metrics()  # last: a scrape during the grace period still sees the jobs end
         log.info("stopped")
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -163,12 +196,48 @@ class GradientServer:
         self.stop()
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: ``time`` (ISO 8601, UTC), ``level``,
+    ``logger``, ``message``, the record's ``fields`` (``extra={"fields": {...}}``: a job's outcome
+    line carries job_id, model_id, outcome, code, partitions, micro_batches, replicas,
+    queued_seconds, run_seconds and loss or error) and, for errors logged with one, ``traceback``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in (getattr(record, "fields", None) or {}).items():
+            out.setdefault(key, value)
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "info", log_format: str = "text") -> None:
+    """The server's log on stderr: gradserve's loggers at ``level``, every line (Ray's and gRPC's
+    Python loggers included) as text or as JSON (:class:`JsonLogFormatter`)."""
+    if log_format not in ("text", "json"):
+        raise ValueError(f"log format must be text or json, not {log_format!r}")
+    logging.getLogger("gradserve").setLevel(getattr(logging, level.upper()))
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    formatter = JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+
+
 def serve_forever(settings: ServerSettings) -> None:
     """Run ``gradserve serve`` with ``settings`` until SIGINT/SIGTERM, then shut down gracefully."""
-    level = getattr(logging, settings.log_level.upper())
-    logging.getLogger("gradserve").setLevel(level)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     server = GradientServer(
         engine_factory(settings.engine, ray_address=settings.ray_address),
         settings.address,
@@ -176,6 +245,7 @@ def serve_forever(settings: ServerSettings) -> None:
         auth_token=settings.auth_token,
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
+        metrics_address=settings.metrics_address,
     )
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -183,9 +253,14 @@ def serve_forever(settings: ServerSettings) -> None:
             signal.signal(sig, lambda signum, frame: stop.set())
     address = server.start()
     print(f"listening on {address}", flush=True)  # scripts wait for this line
+    if server.metrics_address:
+        print(f"metrics on http://{server.metrics_address}/metrics", flush=True)
     try:
         while not stop.wait(1.0):  # wake up now and then: signals are handled between waits
             pass
     finally:
-        print("shutting down", file=sys.stderr, flush=True)
+        if settings.log_format == "json":  # stderr holds JSON lines only
+            log.info("signal received: shutting down")
+        else:
+            print("shutting down", file=sys.stderr, flush=True)
         server.stop(settings.grace)

@@ -23,9 +23,12 @@ from google.protobuf.message import DecodeError
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.engines import EngineRunner
-from gradserve.server.errors import BadRequest, LimitExceeded, abort
-from gradserve.server.jobs import FINISHED, MAX_KEPT_EVENTS, Job, JobRegistry, JobSnapshot, client_of, parse_options
+from gradserve.server.errors import BadRequest, LimitExceeded, ServiceError, abort, status_for
+from gradserve.server.jobs import (
+    FINISHED, MAX_KEPT_EVENTS, Job, JobRegistry, JobSnapshot, client_of, one_line, parse_options,
+)
 from gradserve.server.limits import ByteBudget, Limits
+from gradserve.server.metrics import ServerMetrics
 from gradserve.server.models import ModelStore
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
@@ -91,19 +94,28 @@ def _rest(requests: Iterator[Any], part: str, rpc: str) -> Iterator[Any]:
         yield getattr(msg, part)
 
 
+def _job_stream(requests: Iterator[Any], rpc: str) -> tuple[Any, Iterator[Any]]:
+    """The options and feed chunks of a Run or Submit request stream."""
+    return _first(requests, "options", rpc), _rest(requests, "feed", rpc)
+
+
 def _request(request: Any) -> Any:
     # A unary request is checked here; a request stream message by message in _first/_rest.
     return request if hasattr(request, "__next__") else _checked(request)
 
 
-def _rpc(method: Callable) -> Callable:
+def _rpc(method: Callable | None = None, *, check: bool = True) -> Callable:
     """Map any exception of a servicer method to its gRPC status (:mod:`gradserve.server.errors`),
-    for unary and streaming responses alike."""
+    for unary and streaming responses alike. ``check=False``: the method checks a unary request
+    itself (:func:`_checked`), as the job RPCs do to count a malformed one as a rejected job."""
+    if method is None:
+        return functools.partial(_rpc, check=check)
+    parse = _request if check else (lambda request: request)
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def streaming(self, request, context):
             try:
-                yield from method(self, _request(request), context)
+                yield from method(self, parse(request), context)
             except Exception as exc:  # noqa: BLE001 -- mapped to a status, unexpected ones logged
                 abort(context, exc)
         return streaming
@@ -111,7 +123,7 @@ def _rpc(method: Callable) -> Callable:
     @functools.wraps(method)
     def unary(self, request, context):
         try:
-            return method(self, _request(request), context)
+            return method(self, parse(request), context)
         except Exception as exc:  # noqa: BLE001
             abort(context, exc)
     return unary
@@ -123,8 +135,12 @@ def _rpc(method: Callable) -> Callable:
 class GradientServicer:
     """The RPC handlers. State lives in the model store and the job registry."""
 
-    def __init__(self, store: ModelStore, registry: JobRegistry, runner: EngineRunner, limits: Limits) -> None:
+    def __init__(self, store: ModelStore, registry: JobRegistry, runner: EngineRunner, limits: Limits,
+                 metrics: ServerMetrics | None = None) -> None:
         self.store, self.registry, self.runner, self.limits = store, registry, runner, limits
+        self.metrics = metrics or registry.metrics
+        self.started = time.time()  # for the uptime GetServerStatus reports
+        self.rejected = 0  # jobs refused when submitted, since start (guarded by _stats_lock)
         self.pending = ByteBudget(limits.max_pending_bytes)
         self._stats_lock = threading.Lock()
         self.stats = {"uploads": 0, "uploads_skipped": 0, "upload_chunks": 0, "has_model_calls": 0, "jobs": 0}
@@ -188,21 +204,52 @@ class GradientServicer:
         check_structure(model)  # unknown ops, dangling inputs... rejected now, naming the node
         stored = self.store.put(model_id, model)
         self._count("uploads")
+        self.metrics.upload_bytes.labels("model").inc(asm.received_bytes)
         log.info("model %s uploaded: %d parameters, %d bytes in %.3fs", model_id[:16], len(model.params),
                  stored.nbytes, time.perf_counter() - t0)
         return service_pb2.UploadReply(model_id=model_id, bytes_received=asm.received_bytes)
 
     # -- jobs -------------------------------------------------------------------------------------
-    def _submit(self, opts: service_pb2.JobOptions, feed_chunks: Iterable[service_pb2.TensorChunk],
+    def _submit(self, parse: Callable[[], tuple[service_pb2.JobOptions, Iterable[service_pb2.TensorChunk]]],
                 context: grpc.ServicerContext, *, claim: bool = False) -> Job:
-        """Check a job's options and feeds and queue it: the one path of Run, Compute and Submit
-        once their requests are parsed (``feed_chunks``: the TensorChunks of ``opts.feeds``).
-        ``claim``: see :meth:`JobRegistry.submit` (the caller then runs the job, :meth:`_run`)."""
+        """Parse a job request, check its options and feeds and queue it: the one path of Run,
+        Compute and Submit. ``parse()`` returns the options and the TensorChunks of their feeds.
+        ``claim``: see :meth:`JobRegistry.submit` (the caller then runs the job, :meth:`_run`).
+        A job refused here (malformed, bad feeds, a limit) gets its one outcome line and is counted
+        as "rejected" (:meth:`_rejected`)."""
+        model_id = ""
+        try:
+            opts, feed_chunks = parse()
+            model_id = opts.model_id
+            return self._accept(opts, feed_chunks, context, claim=claim)
+        except Exception as exc:  # noqa: BLE001 -- mapped to a status once, here
+            raise self._rejected(model_id, exc, context) from exc  # the cause keeps its retry hint (errors.py)
+
+    def _rejected(self, model_id: str, exc: Exception, context: grpc.ServicerContext) -> ServiceError:
+        """Count and log a job refused at submit: its one outcome line. Returns the error to raise,
+        already mapped to its status (so an unexpected error's traceback is logged once)."""
+        # The client went away while sending the job: gRPC raises RpcError from the request stream,
+        # or (cancel racing the end of the stream) it ends early and the feeds come out short.
+        if isinstance(exc, grpc.RpcError) or not context.is_active():
+            code, message = grpc.StatusCode.CANCELLED, "the client went away while sending the job"
+        else:
+            code, message = status_for(exc)
+        with self._stats_lock:
+            self.rejected += 1
+        self.metrics.job_ended("rejected", code.name, None)
+        fields = {"job_id": "", "model_id": model_id[:16], "outcome": "rejected", "code": code.name,
+                  "error": one_line(message)}
+        log.info("job rejected: model %s: %s: %s", fields["model_id"] or "(none)", code.name, fields["error"],
+                 extra={"fields": fields})
+        return ServiceError(code, message)
+
+    def _accept(self, opts: service_pb2.JobOptions, feed_chunks: Iterable[service_pb2.TensorChunk],
+                context: grpc.ServicerContext, *, claim: bool) -> Job:
         model = self.store.get(opts.model_id)
         requested = parse_options(opts.partitions, opts.micro_batches, opts.replicas, opts.input_grads)
         options = self.runner.effective(requested)
         if options != requested:
-            log.info("engine %s runs the whole graph: ignoring partitions/micro_batches/replicas", self.runner.name)
+            log.debug("engine %s runs the whole graph: ignoring partitions/micro_batches/replicas", self.runner.name)
         asm = self._assembler("feed", self.limits.max_feed_bytes)
         asm.declare(opts.feeds, "feed")
         # The feeds stay in memory until the job ends: they count against the pending budget
@@ -212,6 +259,7 @@ class GradientServicer:
             for chunk in feed_chunks:
                 asm.add(chunk)
             feeds = asm.finish()
+            self.metrics.upload_bytes.labels("feeds").inc(asm.received_bytes)
             # Check model against feeds now, so a bad batch fails the Submit itself (naming the
             # tensor) instead of a job later; the engine reuses the cached preparation.
             job_plan = prepare(model, feeds, options.input_grads)
@@ -293,21 +341,23 @@ class GradientServicer:
 
     @_rpc
     def Run(self, request_iterator: Iterator, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
-        opts = _first(request_iterator, "options", "Run")
-        job = self._submit(opts, _rest(request_iterator, "feed", "Run"), context, claim=True)
+        job = self._submit(lambda: _job_stream(request_iterator, "Run"), context, claim=True)
         yield from self._run(job, context)
 
-    @_rpc
+    @_rpc(check=False)
     def Compute(self, request: service_pb2.JobRequest, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
-        if not request.HasField("options"):
-            raise BadRequest("Compute: the request has no options")
-        job = self._submit(request.options, request.feeds, context, claim=True)
+        def parse():
+            msg = _checked(request)
+            if not msg.HasField("options"):
+                raise BadRequest("Compute: the request has no options")
+            return msg.options, msg.feeds
+
+        job = self._submit(parse, context, claim=True)
         yield from self._run(job, context, header_data=True)
 
     @_rpc
     def Submit(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.JobHandle:
-        opts = _first(request_iterator, "options", "Submit")
-        job = self._submit(opts, _rest(request_iterator, "feed", "Submit"), context)
+        job = self._submit(lambda: _job_stream(request_iterator, "Submit"), context)
         return service_pb2.JobHandle(job_id=job.id, model_id=job.model_id)
 
     @_rpc
@@ -349,6 +399,13 @@ class GradientServicer:
         yield from self._result_messages(job, result)
         # Reached only once every chunk went out: a client whose stream broke can fetch again.
         self.registry.release_result(job)
+
+    # -- the server -------------------------------------------------------------------------------
+    @_rpc
+    def GetServerStatus(self, request: service_pb2.ServerStatusRequest, context: grpc.ServicerContext) -> service_pb2.ServerStatus:
+        from gradserve.server.status import server_status
+
+        return server_status(self)
 
 
 def status_message(snap: JobSnapshot) -> service_pb2.JobStatus:

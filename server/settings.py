@@ -22,3 +22,5 @@ class ServerSettings:
     limits: Limits
     grace: float  # seconds running jobs get on shutdown
     log_level: str
+    log_format: str = "text"  # "text", or "json": one JSON object per line
+    metrics_address: str | None = None  # HOST:PORT to serve Prometheus /metrics on; None: not served

@@ -605,7 +605,7 @@ def test_limits_answer_resource_exhausted():
 def test_cancel_running_and_queued_jobs():
     engine = GatedEngine()
     with serving(lambda: engine, limits=Limits(max_concurrent_jobs=1, max_queued_jobs=1)) as srv, \
-            Client(srv.address, timeout=30) as c:
+            Client(srv.address, timeout=30, retry=None) as c:
         model, feeds = mlp(11), batch(11)
         running = c.submit(model, feeds)
         assert engine.started.wait(5)
@@ -650,7 +650,7 @@ def test_graceful_shutdown_cancels_jobs_after_grace_and_closes_engine():
     engine = GatedEngine()
     srv = GradientServer(lambda: engine, "127.0.0.1:0")
     srv.start()
-    with Client(srv.address, timeout=10) as c:
+    with Client(srv.address, timeout=10, retry=None) as c:
         c.submit(mlp(13), batch(13))
         assert engine.started.wait(5)
         (job,) = srv.registry.jobs()
@@ -711,7 +711,7 @@ def test_tls(tls_files):
     with serving(tls_cert=cert.read_bytes(), tls_key=key.read_bytes()) as srv:
         with Client(srv.address, ca_file=cert, timeout=10) as c:
             assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
-        with Client(srv.address, timeout=3) as plain:
+        with Client(srv.address, timeout=3, retry=None) as plain:
             with pytest.raises(RemoteError) as info:
                 plain.has_model("x")
             assert info.value.code == grpc.StatusCode.UNAVAILABLE

@@ -204,3 +204,62 @@ class ResultChunk(_message.Message):
     header: ResultHeader
     data: TensorChunk
     def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., data: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class ServerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "address", "cpus", "memory_bytes", "actors", "busy_actors", "alive")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTORS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_ACTORS_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    cpus: float
+    memory_bytes: int
+    actors: int
+    busy_actors: int
+    alive: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., actors: _Optional[int] = ..., busy_actors: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
+
+class ServerStatus(_message.Message):
+    __slots__ = ("version", "engine", "uptime_seconds", "nodes", "jobs", "models", "max_concurrent_jobs", "max_queued_jobs", "model_store_bytes", "model_store_max_bytes", "pending_bytes", "jobs_ended", "worker_retries")
+    class JobsEndedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STORE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    JOBS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    WORKER_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    engine: str
+    uptime_seconds: float
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    max_concurrent_jobs: int
+    max_queued_jobs: int
+    model_store_bytes: int
+    model_store_max_bytes: int
+    pending_bytes: int
+    jobs_ended: _containers.ScalarMap[str, int]
+    worker_retries: int
+    def __init__(self, version: _Optional[str] = ..., engine: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., model_store_bytes: _Optional[int] = ..., model_store_max_bytes: _Optional[int] = ..., pending_bytes: _Optional[int] = ..., jobs_ended: _Optional[_Mapping[str, int]] = ..., worker_retries: _Optional[int] = ...) -> None: ...

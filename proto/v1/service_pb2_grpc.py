@@ -79,6 +79,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.JobRef.SerializeToString,
                 response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ResultChunk.FromString,
                 _registered_method=True)
+        self.GetServerStatus = channel.unary_unary(
+                '/gradserve.v1.GradientService/GetServerStatus',
+                request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ServerStatusRequest.SerializeToString,
+                response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ServerStatus.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -153,6 +158,15 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerStatus(self, request, context):
+        """The server as operators see it (`gradserve status`): version, engine, uptime, the cluster's
+        nodes and the worker actors on each, the jobs queued and running with their progress, the
+        stored models. Needs the bearer token like every other call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +214,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.FetchResult,
                     request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.JobRef.FromString,
                     response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ResultChunk.SerializeToString,
+            ),
+            'GetServerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStatus,
+                    request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ServerStatusRequest.FromString,
+                    response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ServerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +464,33 @@ class GradientService:
             '/gradserve.v1.GradientService/FetchResult',
             gradserve_dot_proto_dot_v1_dot_service__pb2.JobRef.SerializeToString,
             gradserve_dot_proto_dot_v1_dot_service__pb2.ResultChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/GetServerStatus',
+            gradserve_dot_proto_dot_v1_dot_service__pb2.ServerStatusRequest.SerializeToString,
+            gradserve_dot_proto_dot_v1_dot_service__pb2.ServerStatus.FromString,
             options,
             channel_credentials,
             insecure,
