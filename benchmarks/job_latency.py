@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 def _start_server(address: str) -> subprocess.Popen:
     server = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "ray", "--address", address,
+        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "ray", "--address", address, "--state-dir", "none",
          "--log-level", "warning"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )

@@ -72,9 +72,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="uploads being received plus feeds of queued and running jobs, together (default 8G)")
     lim.add_argument("--result-ttl", type=float, default=_default("result_ttl"), metavar="SECONDS",
                      help="how long an unfetched result is kept (default 600)")
+    lim.add_argument("--max-state-bytes", type=byte_size, default=_default("max_state_bytes"), metavar="SIZE",
+                     help="files in --state-dir together: stored models, accepted jobs' feeds, kept results "
+                     "(default 64G)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, let running jobs finish this long before cancelling them (default 10)")
     ops = p.add_argument_group("operating")
+    ops.add_argument("--state-dir", metavar="DIR|none", default=None,
+                     help="keep stored models, accepted asynchronous jobs (with their feeds) and unfetched results "
+                     "here, so a restart or a crash loses none of them: the server serves the models without a new "
+                     "upload, runs again the jobs that were queued or running, and returns the kept results. "
+                     "Default: gradserve/state under the user's cache directory ($XDG_CACHE_HOME or ~/.cache); "
+                     "'none' keeps everything in memory only. One server per directory.")
     ops.add_argument("--metrics-address", metavar="HOST:PORT",
                      help="serve Prometheus metrics at http://HOST:PORT/metrics (jobs by outcome and code, queue and "
                      "run time, queued/running jobs, uploads, model store, worker pool, RPCs by method and code; "
@@ -122,7 +131,14 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_message_bytes=args.max_message_bytes,
         max_pending_bytes=args.max_pending_bytes,
         result_ttl=args.result_ttl,
+        max_state_bytes=args.max_state_bytes,
     )
+    if args.state_dir is None:
+        from gradserve.server.state import default_state_dir
+
+        state_dir: str | None = str(default_state_dir())
+    else:
+        state_dir = None if args.state_dir.lower() == "none" else args.state_dir
     return ServerSettings(
         address=args.address,
         engine=args.engine,
@@ -135,4 +151,5 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         log_level=args.log_level,
         log_format=args.log_format,
         metrics_address=args.metrics_address,
+        state_dir=state_dir,
     )

@@ -28,6 +28,7 @@ whole once or until it expires (``result_ttl`` seconds), whichever comes first.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -36,7 +37,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import grpc
 import numpy as np
@@ -47,6 +48,10 @@ from gradserve.server.metrics import ServerMetrics
 from gradserve.server.planning.auto import AUTO, Count, count_from_wire
 from gradserve.server.result import Result
 from gradserve.worker.graph import Model
+
+if TYPE_CHECKING:
+    from gradserve.server.models import ModelStore
+    from gradserve.server.state import StateDir
 
 log = logging.getLogger("gradserve.server")
 
@@ -130,6 +135,8 @@ class Job:
     on_finish: Callable[[], None] | None = None  # e.g. returns the feeds' bytes to the server's budget
     client: str = ""  # who submitted it (client_of): waiting jobs are started round-robin over clients
     claimed: bool = False  # admitted for its submitter's thread to run (JobRegistry.submit(claim=True))
+    durable: bool = False  # kept in the state directory until its result is fetched or expires
+    kept: bool = False  # its result is on disk, not in memory (a job finished before a restart)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished: float | None = None
@@ -206,10 +213,12 @@ class JobRegistry:
         max_queued: int = 64,
         result_ttl: float = 600.0,
         metrics: ServerMetrics | None = None,
+        state: "StateDir | None" = None,
     ) -> None:
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         self._runner = runner
+        self.state = state
         self.metrics = metrics or ServerMetrics()
         self.ended: Counter[str] = Counter()  # outcome (done, failed, cancelled) -> jobs since start
         self.retries = 0  # jobs the engine ran again after losing a worker, since start
@@ -225,6 +234,7 @@ class JobRegistry:
         self._running_by_client: Counter[str] = Counter()
         self._admissions = itertools.count()
         self._admitted = 0  # jobs handed to a thread and not yet ended
+        self._reserved = 0  # admitted by submit while their feeds are being written to disk
         self._lock = threading.Lock()
         self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=_MAX_JOB_THREADS, thread_name_prefix="gradserve-job")
@@ -249,7 +259,8 @@ class JobRegistry:
 
     # -- submitting -------------------------------------------------------------------------------
     def submit(self, model_id: str, model: Model, feeds: Mapping[str, np.ndarray], options: JobOptions,
-               on_finish: Callable[[], None] | None = None, client: str = "", *, claim: bool = False) -> Job:
+               on_finish: Callable[[], None] | None = None, client: str = "", *, claim: bool = False,
+               durable: bool = False, job_id: str | None = None) -> Job:
         """Queue a job for ``client`` (see :func:`client_of`); :class:`LimitExceeded` when the
         queue is full, :class:`Unavailable` when the server is shutting down. ``on_finish`` is
         called once when the job ends, however.
@@ -257,21 +268,38 @@ class JobRegistry:
         ``claim=True`` is for a caller that will only wait for the job (a synchronous call): when
         the job can start at once -- nothing waits and fewer than the limit run -- it is admitted
         as the next job and ``job.claimed`` is set, and the caller must then compute it in its own
-        thread with :meth:`run_claimed`, sparing two thread handoffs. Otherwise it is queued as usual."""
+        thread with :meth:`run_claimed`, sparing two thread handoffs. Otherwise it is queued as usual.
+
+        ``durable=True`` (an asynchronous Submit, whose client may be gone when it ends): with a
+        state directory the job and its feeds are written to disk before this returns, so a restart
+        runs it again and keeps its result until fetched. Synchronous jobs are not written: their
+        caller still holds the feeds and its client retries them. ``job_id``: a job recovered
+        from the state directory keeps its id (and its files)."""
         self.sweep()
         limit = self.limit()
         with self._lock:
             if self._closed:
                 raise Unavailable("the server is shutting down and accepts no new jobs")
-            active = sum(1 for j in self._jobs.values() if j.state in (QUEUED, RUNNING))
+            active = self._reserved + sum(1 for j in self._jobs.values() if j.state in (QUEUED, RUNNING))
             if active >= limit + self.max_queued:
                 raise QueueFull(
                     f"{active} jobs are running or queued; the server runs at most {limit} at once "
                     f"and queues {self.max_queued} more -- retry later"
                 )
             # Unguessable ids: a job id is all it takes to fetch a result or cancel the job.
-            job_id = f"job-{next(self._counter)}-{secrets.token_hex(8)}"
-            job = Job(job_id, model_id, model, feeds, options, on_finish=on_finish, client=client)
+            recovered = job_id is not None
+            job_id = job_id or f"job-{next(self._counter)}-{secrets.token_hex(8)}"
+            job = Job(job_id, model_id, model, feeds, options, on_finish=on_finish, client=client,
+                      durable=durable and self.state is not None)
+            write = job.durable and not recovered
+            self._reserved += write
+        if write:  # outside the lock: other submits go on while the feeds reach the disk
+            try:
+                self.state.add_job(job_id, model_id, _options_record(options), client, feeds)
+            finally:
+                with self._lock:
+                    self._reserved -= 1
+        with self._lock:
             self._jobs[job_id] = job
             if claim and not self._waiting and self._admitted < limit:
                 self._admit(job)  # what _dispatch would do next, minus the job thread
@@ -287,6 +315,41 @@ class JobRegistry:
         if not job.claimed:
             self._dispatch(limit)
         return job
+
+    def recover(self, store: "ModelStore") -> int:
+        """Take back what the state directory kept (at start, before serving): queued and running
+        jobs run again under their ids; finished ones keep their results, or their failures, until
+        fetched or expired. Returns how many jobs run again."""
+        if self.state is None:
+            return 0
+        wall, now = time.time(), time.monotonic()
+        again = 0
+        for record in self.state.jobs():
+            options = _options_from_record(record.options)
+            if record.state in (QUEUED, RUNNING):
+                try:
+                    model, feeds = store.get(record.model_id), self.state.load_feeds(record.job_id)
+                    self.submit(record.model_id, model, feeds, options, client=record.client, durable=True,
+                                job_id=record.job_id)
+                    again += 1
+                    continue
+                except Exception as exc:  # noqa: BLE001 -- its model or feeds are gone: it fails, saying why
+                    code, message = status_for(exc)
+                    message = f"could not run again after a restart: {message}"
+                    self.state.set_state(record.job_id, FAILED, code.name, message)
+                    record = dataclasses.replace(record, state=FAILED, error_code=code.name, message=message,
+                                                 finished=wall)
+            job = Job(record.job_id, record.model_id, None, None, options, client=record.client, durable=True,
+                      state=record.state, kept=record.state == DONE)
+            job.submitted = now - (wall - record.submitted)
+            job.started = job.finished = now - (wall - (record.finished or wall))
+            if record.state != DONE:
+                job.error = (getattr(grpc.StatusCode, record.error_code, grpc.StatusCode.UNKNOWN), record.message)
+            with self._lock:
+                self._jobs[job.id] = job
+        if again:
+            log.info("%d jobs accepted before the restart run again", again)
+        return again
 
     def run_claimed(self, job: Job) -> None:
         """Compute a job that :meth:`submit` admitted with ``job.claimed`` in the calling thread, as
@@ -359,13 +422,32 @@ class JobRegistry:
             code, message = status_for(exc)  # logs a traceback for unexpected errors only
             state = CANCELLED if code == grpc.StatusCode.CANCELLED else FAILED
             self._count_retries(self._lost_worker_retries(exc))
+            self._keep(job, state, error=(code, message))
             with job.cond:
                 self._finish(job, state, error=(code, message))
         else:
             self._count_retries(int((result.info or {}).get("retries", 0) or 0))
-            with job.cond:
-                self._finish(job, DONE, result=result)
+            try:
+                self._keep(job, DONE, result=result)  # on disk before anyone can fetch it
+            except BaseException as exc:  # noqa: BLE001 -- e.g. the disk budget: the job fails, saying why
+                code, message = status_for(exc)
+                with job.cond:
+                    self._finish(job, FAILED, error=(code, message))
+            else:
+                with job.cond:
+                    self._finish(job, DONE, result=result)
         self._ended(job)
+
+    def _keep(self, job: Job, state: str, *, result: Result | None = None,
+              error: tuple[grpc.StatusCode, str] | None = None) -> None:
+        """Write a durable job's end to the state directory -- except a cancel that comes from
+        shutting down: that job stays queued on disk, to run again at the next start."""
+        if not job.durable or (self._closed and state == CANCELLED):
+            return
+        if result is not None:
+            self.state.save_result(job.id, result)
+        else:
+            self.state.set_state(job.id, state, error[0].name if error else "", error[1] if error else "")
 
     def _lost_worker_retries(self, exc: BaseException) -> int:
         """Retries behind a failure: a job that failed by losing a worker (Ray's RayActorError,
@@ -440,6 +522,7 @@ class JobRegistry:
                 ended = True
             job.cond.notify_all()
         if ended:
+            self._keep(job, CANCELLED, error=job.error)
             self._ended(job)
         log.info("job %s: cancel requested (state %s)", job_id, job.state)
         return job
@@ -457,6 +540,8 @@ class JobRegistry:
             if job.state != DONE:
                 code, message = job.error or (grpc.StatusCode.INTERNAL, f"job {job.id} has no result")
                 raise ServiceError(code, message)
+            if job.result is None and job.kept and not job.fetched:
+                return self.state.load_result(job.id)  # finished before a restart: read from disk
             if job.result is None:
                 raise NotFound(f"the result of job '{job.id}' was already fetched")
             return job.result
@@ -465,11 +550,15 @@ class JobRegistry:
         """Drop a result that was delivered whole: it can no longer be fetched."""
         with job.cond:
             job.result, job.fetched = None, True
+        if job.durable:
+            self.state.forget_job(job.id)
 
     def remove(self, job_id: str) -> None:
         """Forget a job (its result included)."""
         with self._lock:
-            self._jobs.pop(job_id, None)
+            job = self._jobs.pop(job_id, None)
+        if job is not None and job.durable:
+            self.state.forget_job(job_id)
 
     def jobs(self) -> list[Job]:
         """Every job the registry still knows."""
@@ -485,10 +574,11 @@ class JobRegistry:
                 job_id for job_id, job in self._jobs.items()
                 if job.finished is not None and now - job.finished > self.result_ttl
             ]
-            for job_id in expired:
-                del self._jobs[job_id]
-        for job_id in expired:
-            log.info("job %s expired", job_id)
+            gone = [self._jobs.pop(job_id) for job_id in expired]
+        for job in gone:
+            if job.durable:
+                self.state.forget_job(job.id)
+            log.info("job %s expired", job.id)
 
     def _sweep_loop(self) -> None:
         # Also re-reads the engine's capacity while jobs wait: nodes that joined take them at once.
@@ -524,6 +614,17 @@ class JobRegistry:
         for job in still:
             job.wait(5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _options_record(options: JobOptions) -> dict[str, Any]:
+    """A job's options as the state directory keeps them (JSON)."""
+    return {"partitions": options.partitions, "micro_batches": options.micro_batches,
+            "replicas": options.replicas, "input_grads": list(options.input_grads)}
+
+
+def _options_from_record(record: Mapping[str, Any]) -> JobOptions:
+    return JobOptions(record.get("partitions", AUTO), record.get("micro_batches", AUTO), record.get("replicas", AUTO),
+                      tuple(record.get("input_grads", ())))
 
 
 def one_line(message: str, limit: int = 500) -> str:

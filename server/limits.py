@@ -23,6 +23,7 @@ class Limits:
     max_message_bytes: int = 16 << 20     # one gRPC message (chunks are 1 MiB; the graph travels whole)
     max_pending_bytes: int = 8 << 30      # uploads being received + feeds of queued/running jobs, together
     result_ttl: float = 600.0             # seconds an unfetched result (and a finished job's record) is kept
+    max_state_bytes: int = 64 << 30       # files in the state directory: models, accepted jobs' feeds, results
 
 
 class ByteBudget:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gradserve.server.errors import LimitExceeded, NotFound
 from gradserve.worker.graph import Model
+
+if TYPE_CHECKING:
+    from gradserve.server.state import StateDir
 
 
 def model_bytes(model: Model) -> int:
@@ -31,13 +35,24 @@ class StoredModel:
 
 
 class ModelStore:
-    """Thread-safe LRU store of models; ``max_bytes`` bounds the sum of their sizes."""
+    """Thread-safe LRU store of models; ``max_bytes`` bounds the sum of their sizes.
 
-    def __init__(self, max_bytes: int) -> None:
+    With a ``state`` directory every stored model is also kept on disk (and dropped from it when
+    evicted), and the models kept there are loaded back at start: a restart needs no new upload.
+    """
+
+    def __init__(self, max_bytes: int, state: "StateDir | None" = None) -> None:
         self.max_bytes = max_bytes
         self._models: "OrderedDict[str, StoredModel]" = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._state = state
+        if state is not None:
+            for model_id, model in state.models():
+                if self._bytes + model_bytes(model) > max_bytes:
+                    state.drop_model(model_id)  # the store got smaller since: keep what fits
+                    continue
+                self._add(model_id, model)
 
     def has(self, model_id: str) -> bool:
         """Whether the model is stored (does not count as a use for LRU)."""
@@ -59,7 +74,8 @@ class ModelStore:
             return stored.model
 
     def put(self, model_id: str, model: Model) -> StoredModel:
-        """Store ``model`` under ``model_id``, evicting least recently used models to make room."""
+        """Store ``model`` under ``model_id``, evicting least recently used models to make room
+        (on disk too, with a state directory: written before the model counts as stored)."""
         nbytes = model_bytes(model)
         if nbytes > self.max_bytes:
             raise LimitExceeded(f"model of {nbytes} bytes does not fit the model store ({self.max_bytes} bytes)")
@@ -68,13 +84,33 @@ class ModelStore:
             if existing is not None:
                 self._models.move_to_end(model_id)
                 return existing
+        if self._state is not None:
+            self._state.save_model(model_id, model)  # LimitExceeded (--max-state-bytes) stores nothing
+        evicted = []
+        with self._lock:
+            existing = self._models.get(model_id)  # another upload of the same model meanwhile
+            if existing is not None:
+                return existing
             while self._models and self._bytes + nbytes > self.max_bytes:
                 _, old = self._models.popitem(last=False)
                 self._bytes -= old.nbytes
-            stored = StoredModel(model_id, model, nbytes)
-            self._models[model_id] = stored
-            self._bytes += nbytes
-            return stored
+                evicted.append(old.model_id)
+            stored = self._add(model_id, model)
+        if self._state is not None:
+            for old_id in evicted:
+                self._state.drop_model(old_id)
+        return stored
+
+    def _add(self, model_id: str, model: Model) -> StoredModel:
+        stored = StoredModel(model_id, model, model_bytes(model))
+        self._models[model_id] = stored
+        self._bytes += stored.nbytes
+        return stored
+
+    def entries(self) -> list[StoredModel]:
+        """Every stored model, least recently used first."""
+        with self._lock:
+            return list(self._models.values())
 
     @property
     def nbytes(self) -> int:

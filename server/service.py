@@ -26,6 +26,7 @@ from gradserve.server.jobs import JobRegistry
 from gradserve.server.limits import Limits
 from gradserve.server.metrics import ServerMetrics, serve_metrics
 from gradserve.server.models import ModelStore
+from gradserve.server.state import StateDir
 from gradserve.server.servicer import SERVICE_NAME, GradientServicer, generic_handler
 from gradserve.server.settings import ServerSettings
 
@@ -47,7 +48,9 @@ class GradientServer:
     on every call but health checks; ``tls_cert``/``tls_key`` (PEM bytes) serve TLS.
     ``metrics_address`` (HOST:PORT): serve Prometheus metrics at ``http://HOST:PORT/metrics``
     (``self.metrics_address`` is the bound one); the metrics are kept either way
-    (``self.metrics.registry``), in a registry of this server's own.
+    (``self.metrics.registry``), in a registry of this server's own. ``state_dir``: keep models,
+    accepted asynchronous jobs and unfetched results there (:mod:`gradserve.server.state`), and take
+    them back at start; None keeps everything in memory.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class GradientServer:
         tls_key: bytes | None = None,
         rpc_threads: int = 64,
         metrics_address: str | None = None,
+        state_dir: str | None = None,
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("TLS needs both a certificate and its private key")
@@ -79,6 +83,8 @@ class GradientServer:
         self.servicer: GradientServicer | None = None
         self.metrics = ServerMetrics()
         self.requested_metrics_address = metrics_address
+        self.state_dir = state_dir
+        self.state: StateDir | None = None
         self.metrics_address: str | None = None
         self._metrics_http = None
         self._stopped = threading.Event()
@@ -93,6 +99,8 @@ class GradientServer:
             self._runner.close()  # do not leak an engine (e.g. Ray workers) when binding fails
             if self.registry is not None:
                 self.registry.shutdown(0)
+            if self.state is not None:
+                self.state.close()
             if self._server is not None:
                 self._server.stop(0)
             self._stop_metrics()
@@ -101,10 +109,16 @@ class GradientServer:
     def _start(self) -> str:
         assert self._runner is not None
         limits = self.limits
-        self.store = ModelStore(max(limits.max_store_bytes, limits.max_model_bytes))
+        if self.state_dir is not None:
+            self.state = StateDir(self.state_dir, limits.max_state_bytes)
+        self.store = ModelStore(max(limits.max_store_bytes, limits.max_model_bytes), self.state)
         self.registry = JobRegistry(self._runner, max_concurrent=limits.max_concurrent_jobs,
                                     max_queued=limits.max_queued_jobs, result_ttl=limits.result_ttl,
-                                    metrics=self.metrics)
+                                    metrics=self.metrics, state=self.state)
+        if self.state is not None:
+            self.registry.recover(self.store)
+            log.info("state directory %s: %d models, %d jobs kept", self.state.path, len(self.store),
+                     len(self.registry.jobs()))
         self.servicer = GradientServicer(self.store, self.registry, self._runner, limits, self.metrics)
         servicer = self.servicer
         from gradserve.server.status import state
@@ -181,6 +195,8 @@ class GradientServer:
         except Exception:  # noqa: BLE001 -- shutting down anyway; say what failed
             log.exception("closing the engine failed")
         self._stop_metrics()  # last: a scrape during the grace period still sees the jobs end
+        if self.state is not None:
+            self.state.close()
         log.info("stopped")
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -246,6 +262,7 @@ def serve_forever(settings: ServerSettings) -> None:
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
         metrics_address=settings.metrics_address,
+        state_dir=settings.state_dir,
     )
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():

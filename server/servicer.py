@@ -211,17 +211,18 @@ class GradientServicer:
 
     # -- jobs -------------------------------------------------------------------------------------
     def _submit(self, parse: Callable[[], tuple[service_pb2.JobOptions, Iterable[service_pb2.TensorChunk]]],
-                context: grpc.ServicerContext, *, claim: bool = False) -> Job:
+                context: grpc.ServicerContext, *, claim: bool = False, durable: bool = False) -> Job:
         """Parse a job request, check its options and feeds and queue it: the one path of Run,
         Compute and Submit. ``parse()`` returns the options and the TensorChunks of their feeds.
-        ``claim``: see :meth:`JobRegistry.submit` (the caller then runs the job, :meth:`_run`).
+        ``claim``, ``durable``: see :meth:`JobRegistry.submit` (with ``claim`` the caller then runs
+        the job, :meth:`_run`).
         A job refused here (malformed, bad feeds, a limit) gets its one outcome line and is counted
         as "rejected" (:meth:`_rejected`)."""
         model_id = ""
         try:
             opts, feed_chunks = parse()
             model_id = opts.model_id
-            return self._accept(opts, feed_chunks, context, claim=claim)
+            return self._accept(opts, feed_chunks, context, claim=claim, durable=durable)
         except Exception as exc:  # noqa: BLE001 -- mapped to a status once, here
             raise self._rejected(model_id, exc, context) from exc  # the cause keeps its retry hint (errors.py)
 
@@ -244,7 +245,7 @@ class GradientServicer:
         return ServiceError(code, message)
 
     def _accept(self, opts: service_pb2.JobOptions, feed_chunks: Iterable[service_pb2.TensorChunk],
-                context: grpc.ServicerContext, *, claim: bool) -> Job:
+                context: grpc.ServicerContext, *, claim: bool, durable: bool) -> Job:
         model = self.store.get(opts.model_id)
         requested = parse_options(opts.partitions, opts.micro_batches, opts.replicas, opts.input_grads)
         options = self.runner.effective(requested)
@@ -273,7 +274,7 @@ class GradientServicer:
                     )
             job = self.registry.submit(opts.model_id, model, feeds, options,
                                        on_finish=lambda: self.pending.release(held), client=client_of(context),
-                                       claim=claim)
+                                       claim=claim, durable=durable)
         except BaseException:
             self.pending.release(held)
             raise
@@ -357,7 +358,8 @@ class GradientServicer:
 
     @_rpc
     def Submit(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.JobHandle:
-        job = self._submit(lambda: _job_stream(request_iterator, "Submit"), context)
+        # Its client may be gone when it ends: kept in the state directory, it survives a restart.
+        job = self._submit(lambda: _job_stream(request_iterator, "Submit"), context, durable=True)
         return service_pb2.JobHandle(job_id=job.id, model_id=job.model_id)
 
     @_rpc

@@ -24,3 +24,4 @@ class ServerSettings:
     log_level: str
     log_format: str = "text"  # "text", or "json": one JSON object per line
     metrics_address: str | None = None  # HOST:PORT to serve Prometheus /metrics on; None: not served
+    state_dir: str | None = None  # where models, accepted jobs and results survive a restart; None: memory only

@@ -48,9 +48,7 @@ def _active_jobs(servicer: "GradientServicer") -> list[Job]:
 
 def _stored(servicer: "GradientServicer") -> list:
     """The model store's entries, least recently used first."""
-    store = servicer.store
-    with store._lock:  # noqa: SLF001 -- the store has no listing of its own yet
-        return list(store._models.values())  # noqa: SLF001
+    return servicer.store.entries()
 
 
 def state(servicer: "GradientServicer") -> dict[str, Any]:

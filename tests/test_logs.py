@@ -75,7 +75,7 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str, str, object]:
 
     err = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline", "--address", "127.0.0.1:0",
+        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline", "--address", "127.0.0.1:0", "--state-dir", "none",
          "--metrics-address", "127.0.0.1:0", *args],
         stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

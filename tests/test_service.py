@@ -755,7 +755,7 @@ def test_cli_serve_with_token_file(tmp_path, capsys):
     model_path, feeds_path = _files(tmp_path, 17)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline", "--address", "127.0.0.1:0",
+        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline", "--address", "127.0.0.1:0", "--state-dir", "none",
          "--auth-token-file", str(token_file), "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 
 import numpy as np
 import pytest
 
+import gradserve
 from gradserve.client.demo import mlp_example
 from gradserve.server.errors import LimitExceeded
+from gradserve.server.events import JobCancelled
+from gradserve.server.jobs import JobOptions, JobRegistry
+from gradserve.server.models import ModelStore
 from gradserve.server.result import Result
 from gradserve.server.state import StateDir, StateDirInUse
 
@@ -109,3 +114,41 @@ def test_a_second_server_cannot_use_the_same_directory(state) -> None:
     proc.join(60)
     message = queue.get(timeout=5)
     assert "in use by pid" in message and "--state-dir" in message
+
+
+def test_a_graceful_shutdown_keeps_accepted_jobs_for_the_next_start(tmp_path) -> None:
+    model, feeds = mlp_example()
+    model_id = model.fingerprint()
+    started = threading.Event()
+
+    def stuck(job):  # runs until cancelled
+        started.set()
+        job.cancelled.wait(30)
+        raise JobCancelled("job cancelled")
+
+    state = StateDir(tmp_path, 50 << 20)
+    store = ModelStore(1 << 30, state)
+    store.put(model_id, model)
+    registry = JobRegistry(stuck, max_concurrent=1, state=state)
+    ids = [registry.submit(model_id, model, feeds, JobOptions(), durable=True).id for _ in range(3)]
+    synchronous = registry.submit(model_id, model, feeds, JobOptions())  # not durable: not kept
+    assert started.wait(10)
+    registry.shutdown(grace=0.1)  # cancels the running job and the queued ones
+    assert {r.job_id: r.state for r in state.jobs()} == dict.fromkeys(ids, "queued")
+    assert synchronous.id not in {r.job_id for r in state.jobs()}
+    state.close()
+
+    # The next start: the model is back, the three jobs run again under their ids.
+    state = StateDir(tmp_path, 50 << 20)
+    store = ModelStore(1 << 30, state)
+    assert store.has(model_id)
+    registry = JobRegistry(lambda job: gradserve.local().gradients(job.model, job.feeds), max_concurrent=1, state=state)
+    assert registry.recover(store) == 3
+    expected = gradserve.local().gradients(model, feeds)
+    for job_id in ids:
+        job = registry.get(job_id)
+        assert job.wait(30) and job.state == "done"
+        assert np.allclose(registry.take_result(job).grads["layer0.weight"], expected.grads["layer0.weight"])
+    assert state.jobs() == []  # fetched: forgotten on disk
+    registry.shutdown(0)
+    state.close()
