@@ -11,6 +11,7 @@ import numpy as np
 from gradserve.server.events import Progress, ProgressEvent, check_cancelled
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
+from gradserve.worker import kernels
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import GraphError, Model
 from gradserve.worker.memory import keep_freed_memory
@@ -24,6 +25,9 @@ class InlineEngine:
 
     def __init__(self) -> None:
         keep_freed_memory()  # activations are reused step after step; see gradserve.worker.memory
+        # compiled kernels: loaded from the cache once per process (compiled once per machine), so
+        # no job pays it; kernels use gradserve.worker.kernels' default thread budget
+        kernels.warm_up()
 
     def gradients(
         self,

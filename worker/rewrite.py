@@ -10,6 +10,12 @@ node the user wrote.
   values (2x2 pools). The gradients are identical, ties included: where the window's max is
   positive both forms send the error to the first position holding it; where it is not, both send
   nothing (the rectified window is all zeros, and ReLU's derivative there is 0).
+- **Training-mode BatchNormalization, and the MaxPool and/or Relu that are its only readers, run as
+  one node** (``gradserve.BatchNormReluMaxPool``, see :mod:`gradserve.worker.ops.norm`), when the
+  compiled kernels are available: the statistics and the normalisation in one read of the
+  activation, the ReLU and the pool applied as the values are made, the normalised activation never
+  written. Exact up to float rounding (the statistics are summed in float64 in another order), not
+  bit for bit; the pool picks the same window maximum, the ReLU passes the same errors.
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Mapping
 
+import numpy as np
+
+from gradserve.worker import kernels
 from gradserve.worker.graph import Node
+from gradserve.worker.ops.norm import FUSED_BATCHNORM, POOL_PREFIX
 from gradserve.worker.validate import ValueInfo
 
 
@@ -50,4 +60,48 @@ def optimize(
         nodes[k] = Node(relu.name, relu.op_type, [rectified], [pooled], relu.attrs)
         shapes[rectified] = shapes[pooled]
         notes.append(f"{relu} runs after {node}, on the pooled values (exact: the max of rectified values is the rectified max)")
+    if kernels.available():
+        nodes = _fuse_batchnorm(nodes, shapes, keep, notes)
     return nodes, shapes, notes
+
+
+def _fuse_batchnorm(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], notes: list[str]) -> list[Node]:
+    """Each training-mode BatchNormalization (float32/float64, running statistics unread) followed
+    by a MaxPool (2 spatial dims, no Indices) and/or a Relu, each the only reader of the value
+    before it, becomes one node with the BatchNormalization's name, in its place."""
+    readers = Counter(i for node in nodes for i in node.inputs if i)
+    reader = {i: k for k, node in enumerate(nodes) for i in node.inputs if i}  # the reader, where there is one
+    fused: dict[int, Node] = {}
+    gone: set[int] = set()
+    for k, bn in enumerate(nodes):
+        info = shapes.get(bn.inputs[0]) if bn.inputs else None
+        if (bn.op_type != "BatchNormalization" or not int(bn.attrs.get("training_mode", 0)) or len(bn.inputs) < 3
+                or info is None or info.dtype not in (np.float32, np.float64)
+                or any(o and (readers[o] or o in keep) for o in bn.outputs[1:])):
+            continue
+        chain, value, pooled = [], bn.outputs[0], False
+        attrs = {"epsilon": bn.attrs.get("epsilon", 1e-5), "relu": 0}
+        while value not in keep and readers[value] == 1:
+            j = reader[value]
+            nxt = nodes[j]
+            single = nxt.inputs[:1] == [value] and len([o for o in nxt.outputs if o]) == 1 and nxt.outputs[0]
+            if not single:
+                break
+            if nxt.op_type == "Relu" and not attrs["relu"]:
+                attrs["relu"] = 1
+            elif nxt.op_type == "MaxPool" and len(info.shape) == 4 and len(nxt.inputs) == 1 and not pooled:
+                attrs.update({POOL_PREFIX + a: v for a, v in nxt.attrs.items() if a != "storage_order"})
+                pooled = True
+            else:
+                break
+            chain.append(j)
+            value = nxt.outputs[0]
+        if not chain:
+            continue
+        fused[k] = Node(bn.name, FUSED_BATCHNORM, list(bn.inputs[:3]), [value], attrs)
+        gone.update(chain)
+        for o in [*bn.outputs, *(nodes[j].outputs[0] for j in chain[:-1])]:
+            shapes.pop(o, None)
+        notes.append(f"{bn} runs as one kernel with {' and '.join(str(nodes[j]) for j in chain)} "
+                     "(exact up to float rounding: statistics summed in float64)")
+    return [fused.get(k, node) for k, node in enumerate(nodes) if k not in gone]

@@ -39,6 +39,7 @@ from gradserve.server.ray_engine import scheduler
 from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
 from gradserve.server.result import Result
+from gradserve.worker import kernels
 from gradserve.worker.actor import BY_REF, StageCall
 from gradserve.worker.autodiff import compile_program
 from gradserve.worker.graph import GraphError, Model, feed_signature
@@ -126,6 +127,9 @@ class RayEngine:
             log.info("ray: %s", "joined cluster at " + ray_address if ray_address else "started embedded single-node Ray")
         self.threads = threads_per_worker
         self.max_retries = max_retries
+        # Compile the kernels here first (once per machine), so the actors this machine starts load
+        # them from the cache instead of each compiling them at once.
+        kernels.warm_up()
         self._params: "OrderedDict[str, _Placed]" = OrderedDict()  # content key -> placed parameters
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
         self._plans: "OrderedDict[tuple, _PlanEntry]" = OrderedDict()

@@ -7,9 +7,14 @@ Statistics are computed in at least float32 (float16 inputs are upcast, as ONNX 
 input (the others) with the per-group 1/std; that and the small parameters are all the VJPs read,
 so the runner need not keep X alive. An elementwise pass over an activation costs about as much
 as its arithmetic, so the code counts passes: group sums use einsum (no temporary) and results
-are built in place in a single new array. Training-mode BatchNormalization of float32 data (the
-CNN hot path) goes further: it saves X itself, and its forward and VJP each read X (and the error)
-twice, chunk by chunk so that the several ufuncs per chunk run in cache (_batchnorm_train32).
+are built in place in a single new array.
+
+Training-mode BatchNormalization of float32/float64 data (the CNN hot path) runs compiled kernels
+(:mod:`gradserve.worker.kernels`): per channel, the statistics (float64 sums) and the normalisation
+in one read of X from memory, saving X itself; its VJP likewise. The exact rewrite in
+:mod:`gradserve.worker.rewrite` fuses it with the MaxPool and/or Relu that read it into one node
+(``gradserve.BatchNormReluMaxPool``, below), which never writes the normalised activation. Without
+numba, the numpy path serves.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import math
 
 import numpy as np
 
-from gradserve.worker.ops.registry import OpError, defop, normalize_axis, unbroadcast
+from gradserve.worker import kernels
+from gradserve.worker.ops.pool import _Pool
+from gradserve.worker.ops.registry import OpContext, OpError, defop, normalize_axis, unbroadcast
 
 
 def _work_dtype(dtype) -> np.dtype:
@@ -69,87 +76,33 @@ def _bn_view(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-# Rows per chunk in the float32 BatchNormalization passes: a chunk of each array in flight stays
-# in L2, so the 2-4 ufunc passes per chunk read memory once.
-_CHUNK_BYTES = 256 << 10
+def _kernel_dtype(x: np.ndarray) -> bool:
+    """Whether the compiled BatchNormalization kernels take ``x`` (float32/float64, numba present)."""
+    return x.dtype in (np.float32, np.float64) and x.size > 0 and kernels.available()
 
 
-def _chunks(rows: int, length: int):
-    step = max(1, _CHUNK_BYTES // (4 * max(1, length)))
-    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-
-
-def _row_stats(a2: np.ndarray, b2: np.ndarray, centre: np.ndarray | None = None):
-    """Per-row sums of a2 and of a2 * b2 (float32). With a
-    per-row ``centre`` (rows, 1), the second sum is of a2 * (b2 - centre) -- of (b2 - centre)^2
-    if a2 is b2 -- the centred copy of a chunk only ever in cache: dearer, but free of the
-    cancellation in sum(a*b) - c * sum(a)."""
-    # Row sums as a BLAS matrix-vector product: several times faster than np.add.reduce (measured
-    # 0.2 against 0.8 ms on 8 MB), at the cost of reading a2 once more.
-    s1 = a2 @ np.ones(a2.shape[1], a2.dtype)
-    if centre is None:
-        return s1, np.einsum("ij,ij->i", a2, b2)
-    s2 = np.empty(a2.shape[0], a2.dtype)
-    chunks = _chunks(*a2.shape)
-    tmp = np.empty((chunks[0][1] - chunks[0][0], a2.shape[1]), a2.dtype)
-    for r0, r1 in chunks:
-        t = np.subtract(b2[r0:r1], centre[r0:r1], out=tmp[: r1 - r0])
-        np.einsum("ij,ij->i", t if a2 is b2 else a2[r0:r1], t, out=s2[r0:r1])
-    return s1, s2
-
-
-# Largest mean^2 / variance for which float32 statistics use the uncentred sums: their
-# cancellation then costs at most ~eps32 * 17 relative (~1e-6).
-_UNCENTRED_MAX = 16.0
-
-
-def _channel_total(rows: np.ndarray, shape3) -> np.ndarray:
-    """Per-row results (N*C,) summed over the batch, in float64."""
-    return rows.reshape(shape3[0], shape3[1]).sum(axis=0, dtype=np.float64)
-
-
-def _per_row(v: np.ndarray, shape3) -> np.ndarray:
-    """A per-channel (C,) vector as a float32 column for the (N*C, L) rows."""
-    return np.tile(v.astype(np.float32), shape3[0])[:, None]
-
-
-def _batchnorm_train32(c, x3: np.ndarray, scale, bias, eps: float):
-    """Training-mode BatchNormalization of float32 data, chunk by chunk of rows (so x is read from
-    memory twice: once for the sums of x and x^2, once for y = x * a + b'). The sums are taken per
-    row in float32 and across rows in float64; the variance is E[x^2] - mean^2 unless the mean is
-    large against the spread (mean^2 > _UNCENTRED_MAX * var), where a third, centred pass gives
-    it without cancellation. Saves x itself (no centred copy)."""
+def _batchnorm_kernel(c, x3: np.ndarray, scale, bias, eps: float, relu: bool = False):
+    """Training-mode BatchNormalization (then ReLU if ``relu``) by the compiled kernel: per channel,
+    the statistics and the normalisation in one read of x from memory. Saves x itself."""
     x3 = np.ascontiguousarray(x3)
-    x2 = x3.reshape(-1, x3.shape[2])
-    count = x3.shape[0] * x3.shape[2]
-    s1, s2 = _row_stats(x2, x2)
-    mu = _channel_total(s1, x3.shape) / count
-    v = np.maximum(_channel_total(s2, x3.shape) / count - mu * mu, 0.0)
-    centred = bool(np.any(mu * mu > _UNCENTRED_MAX * v))
-    if centred:
-        centre = _per_row(mu, x3.shape)
-        _, s2 = _row_stats(x2, x2, centre)  # sums of (x - m)^2, with m rounded to float32
-        shift = _channel_total(s1, x3.shape) / count - centre[: x3.shape[1], 0].astype(np.float64)
-        v = np.maximum(_channel_total(s2, x3.shape) / count - shift * shift, 0.0)
-    inv64 = 1.0 / np.sqrt(v + eps)
-    a = scale.astype(np.float64) * inv64
-    y = np.empty(x3.shape, np.float32)
-    y2 = y.reshape(x2.shape)
-    a_r = _per_row(a, x3.shape)
-    if centred:  # y = (x - m) * a + B: no large terms to cancel
-        b_r = _per_row(bias.astype(np.float64), x3.shape)
-        for r0, r1 in _chunks(*x2.shape):
-            np.subtract(x2[r0:r1], centre[r0:r1], out=y2[r0:r1])
-            y2[r0:r1] *= a_r[r0:r1]
-            y2[r0:r1] += b_r[r0:r1]
-    else:  # y = x * a + (B - m * a)
-        b_r = _per_row(bias.astype(np.float64) - mu * a, x3.shape)
-        for r0, r1 in _chunks(*x2.shape):
-            np.multiply(x2[r0:r1], a_r[r0:r1], out=y2[r0:r1])
-            y2[r0:r1] += b_r[r0:r1]
-    mu, v, inv = mu.astype(np.float32), v.astype(np.float32), inv64.astype(np.float32)
-    c.save(x3=x3, mu=mu, v=v, inv=inv, centred=centred)
-    return y, mu, v
+    y3 = np.empty(x3.shape, x3.dtype)
+    stats = np.empty((3, x3.shape[1]))
+    kernels.get().bn_forward(x3, scale, bias, eps, relu, y3, stats, np.empty((3, x3.shape[1]), x3.dtype))
+    c.save(x3=x3, stats=stats, relu_y=y3 if relu else None)
+    return y3, stats[0], stats[1]
+
+
+def _batchnorm_kernel_vjp(c, gy, need_x: bool):
+    """dL/dx (if ``need_x``), dL/dscale, dL/dB of :func:`_batchnorm_kernel` (reads x and the
+    error once)."""
+    x3, stats, relu_y = c.saved["x3"], c.saved["stats"], c.saved["relu_y"]
+    g3 = np.ascontiguousarray(gy, dtype=x3.dtype).reshape(x3.shape)
+    dx3 = np.empty(x3.shape if need_x else (0, 0, 0), x3.dtype)
+    dscale, dbias = np.empty(x3.shape[1]), np.empty(x3.shape[1])
+    relu = relu_y is not None
+    kernels.get().bn_backward(x3, g3, relu_y if relu else g3, c.inputs[1], stats, relu, dx3, dscale, dbias,
+                              np.empty((4, x3.shape[1]), x3.dtype))
+    return (dx3 if need_x else None), dscale, dbias
 
 
 def _batchnorm(c, x, scale, bias, mean, var):
@@ -163,8 +116,8 @@ def _batchnorm(c, x, scale, bias, mean, var):
     for name, t in (("scale", scale), ("B", bias), ("input_mean", mean), ("input_var", var)):
         if t.shape != (channels,):
             raise OpError(f"{name} must have shape ({channels},), got {t.shape}")
-    if training and x.dtype == np.float32 and x3.size:
-        y, mu, v = _batchnorm_train32(c, x3, scale, bias, eps)
+    if training and _kernel_dtype(x):
+        y, mu, v = _batchnorm_kernel(c, x3, scale, bias, eps)
     else:
         # keep x - mean (not xhat): y = (x - mean) * (scale * inv) + B is then two passes
         xc, mu, v, inv = _normalize(x3, eps, None if training else mean, None if training else var, scaled=False)
@@ -180,60 +133,18 @@ def _batchnorm(c, x, scale, bias, mean, var):
     return (y, running_mean, running_var)[:n_out]
 
 
-def _batchnorm_vjp32(c, gy):
-    """VJP of _batchnorm_train32 from x itself: with xhat = (x - mean) * inv and a = scale * inv,
-    dx = a * g + k * x + c0 for per-channel k, c0; chunk by chunk, as the forward."""
-    x, scale = c.inputs[0], c.inputs[1]
-    x3, mu, inv = c.saved["x3"], c.saved["mu"].astype(np.float64), c.saved["inv"].astype(np.float64)
-    needs = list(c.needs) + [False] * (5 - len(c.needs))
-    g3 = np.ascontiguousarray(_bn_view(gy), dtype=np.float32)
-    g2, x2 = g3.reshape(-1, g3.shape[2]), x3.reshape(-1, x3.shape[2])
-    count = x3.shape[0] * x3.shape[2]
-    centred = c.saved["centred"]
-    if centred:
-        centre = _per_row(mu, x3.shape)
-        rows_g, rows_gx = _row_stats(g2, x2, centre)
-        sum_g = _channel_total(rows_g, x3.shape)
-        sum_gxhat = _channel_total(rows_gx, x3.shape) * inv  # sum of g * xhat
-    else:
-        rows_g, rows_gx = _row_stats(g2, x2)
-        sum_g = _channel_total(rows_g, x3.shape)
-        sum_gxhat = (_channel_total(rows_gx, x3.shape) - mu * sum_g) * inv
-    dx = None
-    if needs[0]:
-        a = scale.astype(np.float64) * inv
-        k = -a * inv * sum_gxhat / count
-        # centred: k * (x - m) + c0 with c0 = -a * mean(g); else k * x + (c0 - k * m)
-        c0 = -a * sum_g / count if centred else -a * sum_g / count - k * mu
-        a_r, k_r, c_r = (_per_row(v, x3.shape) for v in (a, k, c0))
-        dx = np.empty(x3.shape, np.float32)
-        d2 = dx.reshape(x2.shape)
-        chunks = _chunks(*x2.shape)
-        tmp = np.empty((chunks[0][1] - chunks[0][0], x2.shape[1]), np.float32)
-        for r0, r1 in chunks:
-            t = tmp[: r1 - r0]
-            np.multiply(g2[r0:r1], a_r[r0:r1], out=d2[r0:r1])
-            if centred:
-                np.subtract(x2[r0:r1], centre[r0:r1], out=t)
-                t *= k_r[r0:r1]
-            else:
-                np.multiply(x2[r0:r1], k_r[r0:r1], out=t)
-            t += c_r[r0:r1]
-            d2[r0:r1] += t
-        dx = dx.reshape(x.shape)
-    dscale = sum_gxhat.astype(scale.dtype) if needs[1] else None
-    dbias = sum_g.astype(c.inputs[2].dtype) if needs[2] else None
-    return dx, dscale, dbias, None, None
-
-
 def _batchnorm_vjp(c, gy, g_rm=None, g_rv=None):
     x, scale = c.inputs[0], c.inputs[1]
-    if "x3" in c.saved:
+    if "x3" in c.saved:  # the kernel's forward
+        needs = list(c.needs) + [False] * (3 - len(c.needs))
         if g_rm is None and g_rv is None:
             if gy is None:
                 return None, None, None, None, None
-            return _batchnorm_vjp32(c, gy)
-        c.saved["xc"] = np.subtract(c.saved["x3"], c.saved["mu"][:, None])  # the general path below
+            dx, dscale, dbias = _batchnorm_kernel_vjp(c, gy, needs[0])
+            return (None if dx is None else dx.reshape(x.shape), dscale.astype(scale.dtype) if needs[1] else None,
+                    dbias.astype(c.inputs[2].dtype) if needs[2] else None, None, None)
+        stats = c.saved["stats"]  # errors at the running statistics too: the general path below
+        c.saved.update(xc=np.subtract(c.saved["x3"], stats[0][:, None]).astype(x.dtype), inv=stats[2].astype(x.dtype))
     xc, inv = c.saved["xc"], c.saved["inv"]
     training = bool(c.attr("training_mode", 0))
     needs = list(c.needs) + [False] * (5 - len(c.needs))
@@ -274,6 +185,63 @@ def _batchnorm_vjp(c, gy, g_rm=None, g_rv=None):
 
 # the VJP reads the saved x - mean, not X: the runner may free the activation
 defop("BatchNormalization", _batchnorm, _batchnorm_vjp, keep=("x1", "x2", "x3", "x4"))
+
+
+# -- BatchNormalization fused with the ReLU and MaxPool after it ----------------------------------------
+# Made only by the exact rewrite in gradserve.worker.rewrite (never sent by users): training-mode
+# BatchNormalization whose only reader is a MaxPool and/or a Relu, as one node. Inputs X, scale, B;
+# attributes: the BatchNormalization's epsilon, relu (0/1) and, if a MaxPool is fused, its
+# attributes prefixed "pool_". The kernels read X from memory once per pass and never write the
+# normalised activation: the forward writes the pooled output and where each window's maximum sits.
+FUSED_BATCHNORM = "gradserve.BatchNormReluMaxPool"
+POOL_PREFIX = "pool_"
+
+
+def _fused_pool(c, x: np.ndarray):
+    if not any(k.startswith(POOL_PREFIX) for k in c.attrs):
+        return None
+    attrs = {k[len(POOL_PREFIX):]: v for k, v in c.attrs.items() if k.startswith(POOL_PREFIX)}
+    return _Pool(OpContext(attrs, node=c.node), x)
+
+
+def _fused_batchnorm(c, x, scale, bias):
+    if not kernels.available():
+        raise OpError(f"{FUSED_BATCHNORM} needs the compiled kernels (numba)")
+    eps, relu = float(c.attr("epsilon", 1e-5)), bool(c.attr("relu", 0))
+    pool = _fused_pool(c, x)
+    if pool is None:
+        return _batchnorm_kernel(c, _bn_view(x), scale, bias, eps, relu)[0].reshape(x.shape)
+    if x.ndim != 4 or x.dtype not in (np.float32, np.float64):
+        raise OpError(f"{FUSED_BATCHNORM} pools (N, C, H, W) float32/float64 inputs, got {x.dtype} {x.shape}")
+    x = np.ascontiguousarray(x)
+    y = np.empty(x.shape[:2] + pool.out, x.dtype)
+    where = np.empty(y.shape, np.int32)
+    stats = np.empty((3, x.shape[1]))
+    geometry = (*pool.kernel, *pool.strides, *pool.dilations, *pool.lo)
+    kernels.get().bn_pool_forward(x, scale, bias, eps, relu, geometry, y, where, stats, np.empty((3, x.shape[1]), x.dtype))
+    c.save(x3=_bn_view(x), stats=stats, where=where)
+    return y
+
+
+def _fused_batchnorm_vjp(c, g):
+    x, scale, bias = c.inputs[0], c.inputs[1], c.inputs[2]
+    needs = list(c.needs) + [False] * (3 - len(c.needs))
+    if "where" not in c.saved:
+        dx, dscale, dbias = _batchnorm_kernel_vjp(c, g, needs[0])
+    else:
+        x3, where = c.saved["x3"], c.saved["where"]
+        g3 = np.ascontiguousarray(g, dtype=x3.dtype).reshape(where.shape[0], where.shape[1], -1)
+        dx = np.empty(x3.shape if needs[0] else (0, 0, 0), x3.dtype)
+        dscale, dbias = np.empty(x3.shape[1]), np.empty(x3.shape[1])
+        kernels.get().bn_pool_backward(x3, g3, where.reshape(g3.shape), scale, c.saved["stats"], dx, dscale, dbias,
+                                       np.empty((4, x3.shape[1]), x3.dtype))
+        dx = dx if needs[0] else None
+    return (None if dx is None else dx.reshape(x.shape), dscale.astype(scale.dtype) if needs[1] else None,
+            dbias.astype(bias.dtype) if needs[2] else None)
+
+
+# the VJP reads X, the scale and the saved statistics and positions
+defop(FUSED_BATCHNORM, _fused_batchnorm, _fused_batchnorm_vjp, keep=("x0", "x1"))
 
 
 # -- LayerNormalization -------------------------------------------------------------------------------

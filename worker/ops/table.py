@@ -4,6 +4,7 @@
 
 Ops are grouped by the module that registers them; an op registered without a VJP (comparisons,
 shape arithmetic, rounding, indices...) is listed as having no gradient: errors never flow through it.
+Ops that only graph rewrites make (``gradserve.*``, never sent by users) are not listed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def markdown() -> str:
     """The supported-op table in Markdown: one row per op family."""
     rows: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
     for op_type, opdef in REGISTRY.items():
+        if op_type.startswith("gradserve."):
+            continue
         module = opdef.forward.__module__.rsplit(".", 1)[-1]
         with_grad, without = rows[module]
         (with_grad if opdef.vjp is not None else without).append(op_type)

@@ -1,0 +1,141 @@
+"""Compiled kernels: the hot loops numpy can only do in several passes over memory, JIT-compiled by
+numba. This package is their one home; the ops in :mod:`gradserve.worker.ops` call them.
+
+- **Loading.** :func:`get` imports the kernel module (and numba) on first use, so processes that
+  never run an op (clients, the CLI) do not pay numba's import. Kernels are compiled once per
+  machine: ``cache=True``, in ``NUMBA_CACHE_DIR`` -- by default ``$XDG_CACHE_HOME/gradserve/numba``
+  (``~/.cache/...``), so a read-only install works; a user's own ``NUMBA_CACHE_DIR`` wins.
+- **Warm-up.** :func:`warm_up` compiles (first time on a machine) or loads (after) every kernel
+  for float32 and float64 on tiny inputs; an engine or worker calls it at start so no job pays it.
+- **Threads.** Kernels parallel over channels use numba's (OpenMP) threads: as many as
+  :func:`threads` allows the calling thread, as threadpoolctl limits BLAS -- an engine that gives a
+  step ``n`` BLAS threads wraps the step in ``threads(n)`` too, so pipelined stages on one node do
+  not oversubscribe it. Without a budget, kernels run on one thread (``GRADSERVE_KERNEL_THREADS``
+  changes that): OpenBLAS's idle threads spin for a while after each product, and a second kernel
+  thread fights them for a core. Measured inside the benchmark CNN's step on 2 cores: two kernel
+  threads made the kernels 1.7x and the convolutions around them 1.4x slower than one. Idle kernel
+  threads sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE`` unless the user set it).
+- **Without numba** (it cannot be imported on some platform, or ``GRADSERVE_KERNELS=0``),
+  :func:`get` returns None, a warning says so once, and the ops run their numpy paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_loaded: ModuleType | None = None
+_failed: str | None = None
+_warm = False
+_budget = threading.local()
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are cached: ``NUMBA_CACHE_DIR`` if the user set it, else gradserve's
+    folder under the user's cache directory."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gradserve" / "numba"
+
+
+def _configure() -> None:
+    """Before numba starts: idle OpenMP threads sleep (a spinning one takes a core from OpenBLAS's
+    threads in the matrix products between two kernels: convolutions measured 50% slower inside a
+    step), and numba's cache goes to :func:`cache_dir` (set before any kernel is defined: numba
+    picks a function's cache location when it is decorated)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    path = cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:  # no usable home: numba then caches beside the sources or not at all
+        log.warning("numba kernel cache %s is not writable; kernels compile in every process", path)
+        return
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(path))
+    import numba
+
+    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+
+
+def get() -> ModuleType | None:
+    """The kernels (module :mod:`.compiled`), importing numba on first call; None if the kernels
+    are off (said once, as a warning)."""
+    global _loaded, _failed
+    if _loaded is not None or _failed is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None and _failed is None:
+            if os.environ.get("GRADSERVE_KERNELS", "1") == "0":
+                _failed = "GRADSERVE_KERNELS=0"
+            else:
+                try:
+                    _configure()
+                    from gradserve.worker.kernels import compiled
+                except ImportError as exc:
+                    _failed = f"numba cannot be imported: {type(exc).__name__}: {exc}"
+                else:
+                    _loaded = compiled
+            if _failed is not None:
+                log.warning("compiled kernels off (%s): gradserve runs its numpy paths, slower on "
+                            "normalisation and pooling", _failed)
+    return _loaded
+
+
+def available() -> bool:
+    """Whether the compiled kernels can run here."""
+    return get() is not None
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, int(os.environ.get("GRADSERVE_KERNEL_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+def thread_budget() -> int:
+    """How many threads a kernel launched from this thread may use (numba's pool size at most)."""
+    import numba
+
+    return min(getattr(_budget, "n", None) or _default_threads(), numba.config.NUMBA_NUM_THREADS)
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Kernels launched from this thread inside the block use up to ``n`` threads (None: the
+    default), as ``threadpoolctl.threadpool_limits(n, user_api="blas")`` does for BLAS."""
+    before = getattr(_budget, "n", None)
+    _budget.n = max(1, int(n)) if n else None
+    try:
+        yield
+    finally:
+        _budget.n = before
+
+
+def warm_up() -> float:
+    """Compile (first run on a machine) or load from the cache every kernel, for float32 and
+    float64, once per process; returns the seconds it took (0 once done, or without kernels)."""
+    global _warm
+    if _warm:
+        return 0.0
+    t = time.perf_counter()
+    k = get()
+    if k is None:
+        return 0.0
+    with _lock:
+        if not _warm:
+            k.warm_up()
+            _warm = True
+    return time.perf_counter() - t

@@ -1,0 +1,276 @@
+"""The numba kernels themselves (imported through :func:`gradserve.worker.kernels.get`, never
+directly: that sets the cache directory first).
+
+Conventions: arrays arrive contiguous; arithmetic is float64 whatever the storage (the loops are
+bound by memory, not arithmetic), results are stored in the output's dtype. Parallel loops run
+over channels, so each thread reads whole channels and a channel read twice in a row (statistics,
+then normalisation) comes the second time from cache.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import numba
+import numpy as np
+from numba import prange
+
+from gradserve.worker.kernels import thread_budget
+
+
+def _threadsafe_layer() -> bool:
+    """Whether numba has a threading layer that several threads may launch kernels on at once
+    (OpenMP or TBB; its fallback, "workqueue", aborts the process if two threads do, as two jobs
+    of the gRPC service may). Kernels are compiled serial without one."""
+    for layer in ("omppool", "tbbpool"):
+        try:
+            importlib.import_module(f"numba.np.ufunc.{layer}")
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+PARALLEL = _threadsafe_layer()
+if PARALLEL and not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "threadsafe"
+_JIT = dict(cache=True, nogil=True)
+# Sums may be reassociated (so they vectorise) and multiply-adds fused; no assumptions about NaN or
+# infinity. Inlined helpers take their caller's flags, so every kernel carries them.
+_FAST = {"reassoc", "contract"}
+
+
+def _parallel(kernel):
+    """The kernel as the ops call it: on this thread's budget of threads (see
+    :func:`gradserve.worker.kernels.threads`)."""
+
+    def launch(*args):
+        if PARALLEL:
+            numba.set_num_threads(thread_budget())
+        return kernel(*args)
+
+    launch.__doc__, launch.__name__, launch.kernel = kernel.__doc__, kernel.__name__.lstrip("_"), kernel
+    return launch
+
+
+# -- batch normalisation (training mode), with an optional ReLU and max pool after it ---------------
+@numba.njit(inline="always", fastmath=_FAST, **_JIT)
+def _stats(x3, c):
+    """Mean and (population) variance of channel c of x3 (N, C, L), in float64, shifted by the
+    channel's first value so that a large mean costs no accuracy."""
+    n_img, _, length = x3.shape
+    shift = np.float64(x3[0, c, 0])
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(n_img):
+        for i in range(length):
+            d = np.float64(x3[n, c, i]) - shift
+            s1 += d
+            s2 += d * d
+    count = n_img * length
+    m = s1 / count
+    return shift + m, max(s2 / count - m * m, 0.0)
+
+
+@numba.njit(inline="always", fastmath=_FAST, **_JIT)
+def _channel_coefficients(x3, c, scale, bias, eps, stats, coef):
+    """Channel c's statistics into stats[:, c] (mean, variance, 1/sqrt(variance + eps), float64),
+    and y = (x - mean) * a + B's mean, a = scale / std and B into coef[:, c], in x's dtype: the
+    elementwise work then runs at its width (float32 has twice the lanes). x - mean is exact-ish
+    where it matters (x near the mean); B absorbs the rounding of the mean."""
+    mean, var = _stats(x3, c)
+    inv = 1.0 / math.sqrt(var + eps)
+    stats[0, c], stats[1, c], stats[2, c] = mean, var, inv
+    a = scale[c] * inv
+    coef[0, c], coef[1, c] = mean, a
+    coef[2, c] = bias[c] + (coef[0, c] - mean) * a  # B, less what rounding the mean moved y by
+
+
+@numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
+def _bn_forward(x3, scale, bias, eps, relu, y3, stats, coef):
+    """y = BatchNorm(x) with batch statistics, then max(y, 0) if ``relu``. x3, y3: (N, C, L).
+    stats (3, C) float64 receives each channel's mean, variance and 1/sqrt(variance + eps); coef
+    (3, C), of x's dtype, is scratch."""
+    n_img, channels, length = x3.shape
+    for c in prange(channels):
+        _channel_coefficients(x3, c, scale, bias, eps, stats, coef)
+        m, a, b = coef[0, c], coef[1, c], coef[2, c]
+        zero = m - m
+        for n in range(n_img):
+            for i in range(length):
+                v = (x3[n, c, i] - m) * a + b
+                y3[n, c, i] = max(v, zero) if relu else v
+
+
+@numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
+def _bn_backward(x3, g3, y3, scale, stats, relu, dx3, dscale, dbias, coef):
+    """VJP of :func:`bn_forward`: given dL/dy (g3) and its output y3 (read only with ``relu``: the
+    error passes where y > 0), writes dL/dx into dx3 (unless it is empty) and dL/dscale, dL/dB.
+    Sums in float64; coef (4, C), of x's dtype, is scratch."""
+    n_img, channels, length = x3.shape
+    count = n_img * length
+    for c in prange(channels):
+        coef[0, c] = stats[0, c]
+        m = coef[0, c]
+        zero = m - m
+        sg = 0.0
+        sgx = 0.0
+        for n in range(n_img):
+            for i in range(length):
+                g = g3[n, c, i] if not relu or y3[n, c, i] > 0 else zero
+                sg += g
+                sgx += g * (x3[n, c, i] - m)
+        inv = stats[2, c]
+        shift = coef[0, c] - stats[0, c]  # what rounding the mean to x's dtype moved it by
+        sgxhat = (sgx + shift * sg) * inv
+        dscale[c], dbias[c] = sgxhat, sg
+        if dx3.size:
+            a = scale[c] * inv
+            k = -a * inv * sgxhat / count
+            coef[1, c], coef[2, c], coef[3, c] = a, k, k * shift - a * sg / count
+            af, k, c0 = coef[1, c], coef[2, c], coef[3, c]
+            for n in range(n_img):
+                for i in range(length):
+                    g = g3[n, c, i] if not relu or y3[n, c, i] > 0 else zero
+                    dx3[n, c, i] = af * g + k * (x3[n, c, i] - m) + c0
+
+
+@numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
+def _bn_pool_forward(x4, scale, bias, eps, relu, pool, y4, where, stats, coef):
+    """MaxPool(y) (then max(., 0) if ``relu``) of y = BatchNorm(x) with batch statistics, without
+    writing y. x4 (N, C, H, W); ``pool`` = (kh, kw, sh, sw, dh, dw, ph, pw): kernel, strides,
+    dilations and begin pads; y4 (N, C, OH, OW). ``where`` (N, C, OH, OW) int32 receives the flat
+    position (in H*W) of each window's maximum -- the first, in kernel order, as torch and the
+    unfused MaxPool pick -- or -1 where no error passes back (the ReLU cut it). stats and coef as
+    in :func:`bn_forward`."""
+    n_img, channels, h, w = x4.shape
+    oh, ow = y4.shape[2], y4.shape[3]
+    tiles = pool == (2, 2, 2, 2, 1, 1, 0, 0) and 2 * oh <= h and 2 * ow <= w
+    x3 = x4.reshape(n_img, channels, h * w)
+    for c in prange(channels):
+        _channel_coefficients(x3, c, scale, bias, eps, stats, coef)
+        m, a, b = coef[0, c], coef[1, c], coef[2, c]
+        for n in range(n_img):
+            if tiles:
+                _pool_2x2(x4[n, c], m, a, b, relu, y4[n, c], where[n, c])
+            else:
+                _pool_any(x4[n, c], m, a, b, relu, pool, y4[n, c], where[n, c])
+
+
+@numba.njit(inline="always", **_JIT)
+def _pool_2x2(x2, m, a, b, relu, y2, where2):
+    """One image's channel: 2x2 windows with stride 2 from the top left (no pad, no dilation).
+    Branch-free, so the loop over a row of windows vectorises: the first maximum of each pair,
+    then of the two pairs (ties keep the earlier one, as kernel order asks)."""
+    w = x2.shape[1]
+    for oi in range(y2.shape[0]):
+        i = 2 * oi
+        for oj in range(y2.shape[1]):
+            j = 2 * oj
+            v0 = (x2[i, j] - m) * a + b
+            v1 = (x2[i, j + 1] - m) * a + b
+            v2 = (x2[i + 1, j] - m) * a + b
+            v3 = (x2[i + 1, j + 1] - m) * a + b
+            top = v1 > v0
+            b01 = v1 if top else v0
+            o01 = 1 if top else 0
+            bottom = v3 > v2
+            b23 = v3 if bottom else v2
+            o23 = w + 1 if bottom else w
+            low = b23 > b01
+            best = b23 if low else b01
+            at = i * w + j + (o23 if low else o01)
+            cut = relu and not best > 0
+            y2[oi, oj] = m - m if cut else best
+            where2[oi, oj] = -1 if cut else at
+
+
+@numba.njit(inline="always", **_JIT)
+def _pool_any(x2, m, a, b, relu, pool, y2, where2):
+    """One image's channel, any window geometry (positions outside the image never win)."""
+    h, w = x2.shape
+    kh, kw, sh, sw, dh, dw, ph, pw = pool
+    for oi in range(y2.shape[0]):
+        for oj in range(y2.shape[1]):
+            best = -np.inf
+            at = -1
+            for ki in range(kh):
+                i = oi * sh - ph + ki * dh
+                if i < 0 or i >= h:
+                    continue
+                for kj in range(kw):
+                    j = oj * sw - pw + kj * dw
+                    if j < 0 or j >= w:
+                        continue
+                    v = (x2[i, j] - m) * a + b
+                    if v > best:
+                        best = v
+                        at = i * w + j
+            if relu and not best > 0:
+                best = 0.0
+                at = -1
+            y2[oi, oj] = best
+            where2[oi, oj] = at
+
+
+@numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
+def _bn_pool_backward(x3, g3, where3, scale, stats, dx3, dscale, dbias, coef):
+    """VJP of :func:`bn_pool_forward`, from x3 (N, C, H*W), the error g3 and positions where3
+    (N, C, OH*OW): the error at y is g at each window's maximum (summed where windows overlap),
+    so the statistics' sums run over the pooled values only; dx is then written in one pass.
+    coef as in :func:`bn_backward`."""
+    n_img, channels, length = x3.shape
+    windows = g3.shape[2]
+    count = n_img * length
+    for c in prange(channels):
+        coef[0, c] = stats[0, c]
+        m = coef[0, c]
+        sg = 0.0
+        sgx = 0.0
+        for n in range(n_img):
+            for o in range(windows):
+                p = where3[n, c, o]
+                if p >= 0:
+                    g = g3[n, c, o]
+                    sg += g
+                    sgx += g * (x3[n, c, p] - m)
+        inv = stats[2, c]
+        shift = coef[0, c] - stats[0, c]  # what rounding the mean to x's dtype moved it by
+        sgxhat = (sgx + shift * sg) * inv
+        dscale[c], dbias[c] = sgxhat, sg
+        if dx3.size:
+            a = scale[c] * inv
+            k = -a * inv * sgxhat / count
+            coef[1, c], coef[2, c], coef[3, c] = a, k, k * shift - a * sg / count
+            af, k, c0 = coef[1, c], coef[2, c], coef[3, c]
+            for n in range(n_img):
+                for i in range(length):
+                    dx3[n, c, i] = k * (x3[n, c, i] - m) + c0
+                for o in range(windows):
+                    p = where3[n, c, o]
+                    if p >= 0:
+                        dx3[n, c, p] += af * g3[n, c, o]
+
+
+bn_forward, bn_backward = _parallel(_bn_forward), _parallel(_bn_backward)
+bn_pool_forward, bn_pool_backward = _parallel(_bn_pool_forward), _parallel(_bn_pool_backward)
+
+
+def warm_up() -> None:
+    """Compile or load every kernel for float32 and float64 (tiny inputs)."""
+    for dtype in (np.float32, np.float64):
+        x = np.linspace(-1, 1, 2 * 2 * 16, dtype=dtype).reshape(2, 2, 4, 4)
+        s, b = np.ones(2, dtype), np.zeros(2, dtype)
+        stats, coef = np.empty((3, 2)), np.empty((4, 2), dtype)
+        x3 = x.reshape(2, 2, 16)
+        y3 = np.empty_like(x3)
+        d1, d2 = np.empty(2), np.empty(2)
+        for relu in (False, True):
+            bn_forward(x3, s, b, 1e-5, relu, y3, stats, coef)
+            bn_backward(x3, y3, y3, s, stats, relu, np.empty_like(x3), d1, d2, coef)
+        y = np.empty((2, 2, 2, 2), dtype)
+        where = np.empty((2, 2, 2, 2), np.int32)
+        bn_pool_forward(x, s, b, 1e-5, True, (2, 2, 2, 2, 1, 1, 0, 0), y, where, stats, coef)
+        bn_pool_backward(x3, y.reshape(2, 2, 4), where.reshape(2, 2, 4), s, stats, np.empty_like(x3), d1, d2, coef)
