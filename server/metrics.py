@@ -141,12 +141,23 @@ class _RpcCounter(grpc.ServerInterceptor):
 
     def __init__(self, counter: Counter) -> None:
         self._counter = counter
+        # method -> (the handler gRPC gave, its counting wrapper): the service's handlers are the
+        # same objects call after call, so each is wrapped once, not on every call
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: gRPC answers UNIMPLEMENTED
-        service, _, method = handler_call_details.method.strip("/").rpartition("/")
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, handler_call_details.method)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler, full_method: str):
+        service, _, method = full_method.strip("/").rpartition("/")
         label = f"{service.rpartition('.')[2]}/{method}"
         count = self._counter
         if handler.response_streaming:
