@@ -141,7 +141,7 @@ def _streaming(responses: Iterator) -> Iterator:
 
 # -- job status ------------------------------------------------------------------------------------
 
-_STATE_NAMES = {
+STATE_NAMES = {  # wire job states as the client library names them
     service_pb2.QUEUED: "queued", service_pb2.RUNNING: "running", service_pb2.DONE: "done",
     service_pb2.FAILED: "failed", service_pb2.CANCELLED: "cancelled",
 }
@@ -184,7 +184,7 @@ class JobStatus:
         if msg.HasField("event"):
             e = msg.event
             event = ProgressEvent(e.phase, e.partition, e.micro_batch, e.replica, e.done, e.node)
-        return cls(msg.job_id, _STATE_NAMES.get(msg.state, "unknown"), msg.steps_done, msg.steps_total, event,
+        return cls(msg.job_id, STATE_NAMES.get(msg.state, "unknown"), msg.steps_done, msg.steps_total, event,
                    msg.event.seconds, msg.error_code, msg.message, msg.queued_seconds, msg.running_seconds)
 
 

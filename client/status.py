@@ -15,15 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gradserve.client.remote import STATE_NAMES
 from gradserve.proto.v1 import service_pb2
 
 if TYPE_CHECKING:
     from gradserve.client.remote import Client
 
-_STATES = {
-    service_pb2.QUEUED: "queued", service_pb2.RUNNING: "running", service_pb2.DONE: "done",
-    service_pb2.FAILED: "failed", service_pb2.CANCELLED: "cancelled",
-}
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,7 @@ class ServerJob:
 
     @classmethod
     def from_proto(cls, msg: service_pb2.JobStatus) -> "ServerJob":
-        return cls(msg.job_id, msg.model_id, _STATES.get(msg.state, "unknown"), msg.steps_done, msg.steps_total,
+        return cls(msg.job_id, msg.model_id, STATE_NAMES.get(msg.state, "unknown"), msg.steps_done, msg.steps_total,
                    msg.queued_seconds, msg.running_seconds, msg.message == "cancel requested")
 
 

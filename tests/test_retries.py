@@ -19,7 +19,6 @@ import grpc
 import numpy as np
 import pytest
 
-import gradserve
 from gradserve.client.remote import (
     Client,
     InvalidArgument,
@@ -36,29 +35,13 @@ from gradserve.server.events import check_cancelled
 from gradserve.server.inline import InlineEngine
 from gradserve.server.limits import Limits
 from gradserve.server.service import GradientServer
+from test_service import batch, mlp
 
 REFERENCE = InlineEngine()
 Code = grpc.StatusCode
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def mlp(seed: int, n_in: int = 4, hidden: int = 8):
-    rng = np.random.default_rng(seed)
-    m = gradserve.ModelBuilder()
-    x = m.input("x", (None, n_in))
-    y = m.input("y", (None, 1))
-    w1 = m.param("w1", rng.standard_normal((n_in, hidden)).astype(np.float32))
-    b1 = m.param("b1", np.zeros(hidden, np.float32))
-    w2 = m.param("w2", rng.standard_normal((hidden, 1)).astype(np.float32))
-    return m.loss(m.mse(m.tanh(x @ w1 + b1) @ w2, y))
-
-
-def batch(seed: int, n: int = 16, n_in: int = 4) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(1000 + seed)
-    return {"x": rng.standard_normal((n, n_in)).astype(np.float32),
-            "y": rng.standard_normal((n, 1)).astype(np.float32)}
 
 
 def same(result, reference) -> bool:
