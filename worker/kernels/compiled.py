@@ -104,6 +104,19 @@ def _bn_forward(x3, scale, bias, eps, relu, y3, stats, coef):
                 y3[n, c, i] = max(v, zero) if relu else v
 
 
+@numba.njit(inline="always", fastmath=_FAST, **_JIT)
+def _backward_coefficients(c, sg, sgx, count, scale, stats, dscale, dbias, coef):
+    """From channel c's sums of the error (sg) and of the error times (x - mean) (sgx): dL/dscale
+    and dL/dB, and in coef[1:4, c] the a, k, c0 of dx = a g + k (x - mean) + c0."""
+    inv = stats[2, c]
+    shift = coef[0, c] - stats[0, c]  # what rounding the mean to x's dtype moved it by
+    sgxhat = (sgx + shift * sg) * inv
+    dscale[c], dbias[c] = sgxhat, sg
+    a = scale[c] * inv
+    k = -a * inv * sgxhat / count
+    coef[1, c], coef[2, c], coef[3, c] = a, k, k * shift - a * sg / count
+
+
 @numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
 def _bn_backward(x3, g3, y3, scale, stats, relu, dx3, dscale, dbias, coef):
     """VJP of :func:`bn_forward`: given dL/dy (g3) and its output y3 (read only with ``relu``: the
@@ -122,14 +135,8 @@ def _bn_backward(x3, g3, y3, scale, stats, relu, dx3, dscale, dbias, coef):
                 g = g3[n, c, i] if not relu or y3[n, c, i] > 0 else zero
                 sg += g
                 sgx += g * (x3[n, c, i] - m)
-        inv = stats[2, c]
-        shift = coef[0, c] - stats[0, c]  # what rounding the mean to x's dtype moved it by
-        sgxhat = (sgx + shift * sg) * inv
-        dscale[c], dbias[c] = sgxhat, sg
+        _backward_coefficients(c, sg, sgx, count, scale, stats, dscale, dbias, coef)
         if dx3.size:
-            a = scale[c] * inv
-            k = -a * inv * sgxhat / count
-            coef[1, c], coef[2, c], coef[3, c] = a, k, k * shift - a * sg / count
             af, k, c0 = coef[1, c], coef[2, c], coef[3, c]
             for n in range(n_img):
                 for i in range(length):
@@ -236,14 +243,8 @@ def _bn_pool_backward(x3, g3, where3, scale, stats, dx3, dscale, dbias, coef):
                     g = g3[n, c, o]
                     sg += g
                     sgx += g * (x3[n, c, p] - m)
-        inv = stats[2, c]
-        shift = coef[0, c] - stats[0, c]  # what rounding the mean to x's dtype moved it by
-        sgxhat = (sgx + shift * sg) * inv
-        dscale[c], dbias[c] = sgxhat, sg
+        _backward_coefficients(c, sg, sgx, count, scale, stats, dscale, dbias, coef)
         if dx3.size:
-            a = scale[c] * inv
-            k = -a * inv * sgxhat / count
-            coef[1, c], coef[2, c], coef[3, c] = a, k, k * shift - a * sg / count
             af, k, c0 = coef[1, c], coef[2, c], coef[3, c]
             for n in range(n_img):
                 for i in range(length):
