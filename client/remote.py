@@ -427,26 +427,43 @@ class Client:
     def upload(self, model: Model, progress: bool = False) -> str:
         """Make sure the server has ``model``; return its id (the content hash). Sends nothing
         but one small call when the server already has it. ``progress=True`` shows the upload on
-        stderr when it takes longer than a second."""
+        stderr when it takes longer than a second. An upload whose stream broke is resumed, not
+        restarted: the server keeps what arrived (ModelInfo.received_bytes) and the retry -- or the
+        next upload of the model, within the server's keep time -- sends only the rest."""
         manifest, arrays = model_manifest(model)
-        if self.has_model(manifest.model_id):
+        info = self._call(self._stub.HasModel, service_pb2.ModelRef(model_id=manifest.model_id))
+        if info.present:
             return manifest.model_id
         from gradserve.client.progress import ProgressLine
 
-        total_mib = max(1, -(-sum(np.asarray(a).nbytes for a in arrays.values()) // chunks.CHUNK_BYTES))
+        sizes = {name: int(np.asarray(a).nbytes) for name, a in arrays.items()}
+        total_mib = max(1, -(-sum(sizes.values()) // chunks.CHUNK_BYTES))
         display = ProgressLine() if progress else None
+        held = [dict(info.received_bytes)]  # what the server kept of an earlier, broken stream
+        attempts = [0]
 
-        def messages() -> Iterator[service_pb2.UploadChunk]:
+        def messages(start: Mapping[str, int]) -> Iterator[service_pb2.UploadChunk]:
             yield service_pb2.UploadChunk(manifest=manifest)
-            for sent, chunk in enumerate(chunks.chunks(arrays), 1):
+            done = sum(min(int(start.get(name, 0)), n) for name, n in sizes.items())
+            for chunk in chunks.chunks(arrays, start=start):
+                done += len(chunk.data)
                 if display is not None:
-                    display.update(_Uploading(min(sent, total_mib), total_mib))
+                    display.update(_Uploading(min(-(-done // chunks.CHUNK_BYTES), total_mib), total_mib))
                 yield service_pb2.UploadChunk(data=chunk)
 
-        try:
-            reply = self._retrying("UploadModel", lambda left: _calling(
-                self._stub.UploadModel, messages(), metadata=self._metadata, timeout=left), self._timeout(None))
+        def attempt(left: float | None) -> str:
+            attempts[0] += 1
+            if attempts[0] > 1:  # a retry: ask what the broken stream left on the server
+                again = _calling(self._stub.HasModel, service_pb2.ModelRef(model_id=manifest.model_id),
+                                 metadata=self._metadata, timeout=left)
+                if again.present:
+                    return manifest.model_id
+                held[0] = dict(again.received_bytes)
+            reply = _calling(self._stub.UploadModel, messages(held[0]), metadata=self._metadata, timeout=left)
             return reply.model_id
+
+        try:
+            return self._retrying("UploadModel", attempt, self._timeout(None))
         finally:
             if display is not None:
                 display.close()

@@ -50,16 +50,23 @@ def headers(arrays: Mapping[str, np.ndarray]) -> list[service_pb2.TensorHeader]:
     return [header(name, a) for name, a in arrays.items()]
 
 
-def chunks(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> Iterator[service_pb2.TensorChunk]:
+def chunks(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES,
+           start: Mapping[str, int] | None = None) -> Iterator[service_pb2.TensorChunk]:
     """The bytes of every array as TensorChunk messages of at most ``chunk_bytes``, tensor after
-    tensor. Lazy, so a big model is never held twice in serialized form."""
+    tensor. Lazy, so a big model is never held twice in serialized form. ``start`` (resuming an
+    upload): per tensor name, the byte offset its chunks begin at (the receiver holds the bytes
+    before it); tensors not named start at 0, those it covers entirely send nothing."""
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
+    start = start or {}
     for name, array in arrays.items():
         array = np.asarray(array)
         wire = np.ascontiguousarray(array, dtype=_wire_dtype(tensors.dtype_code(array.dtype)))
         raw = memoryview(wire.reshape(-1).view(np.uint8))
-        for offset in range(0, len(raw), chunk_bytes):
+        first = int(start.get(name, 0))
+        if first < 0:
+            raise ValueError(f"start offset of '{name}' is negative")
+        for offset in range(first, len(raw), chunk_bytes):
             yield service_pb2.TensorChunk(name=name, offset=offset, data=raw[offset:offset + chunk_bytes].tobytes())
 
 
@@ -85,6 +92,12 @@ class Assembler:
     declared bytes of all tensors together, ``max_elements`` each tensor's element count,
     ``max_chunk_bytes`` a single chunk; exceeding one raises :class:`LimitExceeded`. Anything
     malformed raises :class:`~gradserve.proto.tensors.TensorDecodeError` naming the tensor.
+
+    Resuming (an upload whose stream broke): what was received stays valid -- a chunk is checked
+    before a byte of it is written -- so the same assembler can take a second stream. :meth:`received`
+    tells the sender where each tensor stands; :meth:`resume` then relaxes one rule for the new
+    stream: a chunk may start below what its tensor already holds (a sender that resends from the
+    start), and those bytes are skipped. Gaps are still refused.
     """
 
     def __init__(
@@ -102,6 +115,7 @@ class Assembler:
         self._slots: dict[str, _Slot] = {}
         self.total_bytes = 0
         self.received_bytes = 0
+        self.resumed = False  # see resume()
 
     def declare(self, headers: Iterable[service_pb2.TensorHeader], kind: str = "tensor") -> list[str]:
         """Expect the tensors of ``headers``; ``kind`` names them in errors ("parameter", ...).
@@ -150,7 +164,15 @@ class Assembler:
             raise LimitExceeded(f"{slot.what}: chunk of {size} bytes; the limit is {self.max_chunk_bytes}")
         if size == 0:
             raise TensorDecodeError(f"{slot.what}: empty chunk at offset {chunk.offset}")
-        if chunk.offset != slot.filled:
+        offset = chunk.offset
+        if self.resumed and offset < slot.filled:
+            if offset + size <= slot.filled:
+                return  # bytes this assembler already holds: a resent chunk
+            data = memoryview(chunk.data)[slot.filled - offset:]  # the part past them is new
+            offset, size = slot.filled, size - (slot.filled - offset)
+        else:
+            data = chunk.data
+        if offset != slot.filled:
             raise TensorDecodeError(
                 f"{slot.what}: chunk at offset {chunk.offset}, expected offset {slot.filled} "
                 f"(chunks of a tensor must arrive in order, without gaps or overlaps)"
@@ -162,18 +184,30 @@ class Assembler:
             )
         if slot.array is None:
             slot.array = np.empty(slot.nbytes, np.uint8)  # exactly the declared size, never more
-        slot.array[slot.filled:slot.filled + size] = np.frombuffer(chunk.data, np.uint8)
+        slot.array[slot.filled:slot.filled + size] = np.frombuffer(data, np.uint8)
         slot.filled += size
         self.received_bytes += size
 
+    def received(self) -> dict[str, int]:
+        """Bytes received so far of every declared tensor (contiguous from offset 0), in
+        declaration order."""
+        return {name: slot.filled for name, slot in self._slots.items()}
+
+    def resume(self) -> None:
+        """Take a further stream after one that broke (class docs): chunks below what a tensor
+        already holds are skipped instead of refused."""
+        self.resumed = True
+
     def finish(self) -> dict[str, np.ndarray]:
-        """The arrays (native byte order, writable), once every declared byte has arrived."""
-        out: dict[str, np.ndarray] = {}
-        for name, slot in self._slots.items():
+        """The arrays (native byte order, writable), once every declared byte has arrived. When
+        some are missing it raises and keeps everything, so the assembler can still be resumed."""
+        for slot in self._slots.values():
             if slot.filled != slot.nbytes:
                 raise TensorDecodeError(
                     f"{slot.what}: shape {slot.shape} of {slot.dtype.name} needs {slot.nbytes} bytes, got {slot.filled}"
                 )
+        out: dict[str, np.ndarray] = {}
+        for name, slot in self._slots.items():
             raw = slot.array if slot.array is not None else np.empty(0, np.uint8)
             array = raw.view(slot.dtype).reshape(slot.shape)
             out[name] = array.astype(slot.dtype.newbyteorder("="), copy=False)

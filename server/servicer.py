@@ -8,6 +8,7 @@ Every handler maps its exceptions to a status through :mod:`gradserve.server.err
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -44,6 +45,7 @@ _STATES = {
 }
 _STOP_WAIT = 60.0  # seconds a cancelled synchronous job gets to stop before its call ends anyway
 _POLL = 0.5  # seconds between checks that a waiting streaming call's client is still there
+UPLOAD_TTL = 600.0  # seconds a broken upload's data is kept for a resume (GradientServicer.upload_ttl)
 
 
 # -- request parsing -------------------------------------------------------------------------------
@@ -132,6 +134,16 @@ def _rpc(method: Callable | None = None, *, check: bool = True) -> Callable:
 # -- the servicer ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Partial:
+    """What a broken UploadModel stream delivered, kept for a resume (see ModelInfo.received_bytes)."""
+
+    asm: chunks.Assembler
+    manifest_key: bytes  # SHA-256 of the deterministic manifest: a resume must send the same one
+    held: int            # bytes reserved in the pending budget, released when dropped or completed
+    expires: float       # time.monotonic()
+
+
 class GradientServicer:
     """The RPC handlers. State lives in the model store and the job registry."""
 
@@ -143,7 +155,13 @@ class GradientServicer:
         self.rejected = 0  # jobs refused when submitted, since start (guarded by _stats_lock)
         self.pending = ByteBudget(limits.max_pending_bytes)
         self._stats_lock = threading.Lock()
-        self.stats = {"uploads": 0, "uploads_skipped": 0, "upload_chunks": 0, "has_model_calls": 0, "jobs": 0}
+        self.stats = {"uploads": 0, "uploads_skipped": 0, "upload_chunks": 0, "has_model_calls": 0, "jobs": 0,
+                      "uploads_resumed": 0}
+        # Broken uploads kept for a resume, by model id (at most one each); their bytes stay
+        # reserved in self.pending. Expired ones are dropped by _sweep_partials.
+        self.upload_ttl = UPLOAD_TTL
+        self._partials: dict[str, _Partial] = {}
+        self._partials_lock = threading.Lock()
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -158,12 +176,57 @@ class GradientServicer:
         )
 
     # -- models -----------------------------------------------------------------------------------
+    def _sweep_partials(self) -> None:
+        """Drop the kept partial uploads that expired, releasing their pending bytes."""
+        now = time.monotonic()
+        with self._partials_lock:
+            expired = [(mid, p) for mid, p in self._partials.items() if p.expires <= now]
+            for mid, _ in expired:
+                del self._partials[mid]
+        for mid, p in expired:
+            self.pending.release(p.held)
+            log.info("partial upload of model %s expired: %d of %d bytes dropped", mid[:16],
+                     p.asm.received_bytes, p.asm.total_bytes)
+
+    def _take_partial(self, model_id: str) -> _Partial | None:
+        """Remove and return the partial upload kept for ``model_id`` (the caller owns its bytes)."""
+        with self._partials_lock:
+            return self._partials.pop(model_id, None)
+
+    def _drop_partial(self, model_id: str) -> None:
+        partial = self._take_partial(model_id)
+        if partial is not None:
+            self.pending.release(partial.held)
+
+    def _keep_partial(self, model_id: str, partial: _Partial) -> None:
+        """Keep what a broken stream delivered (when it delivered anything and the model is not
+        stored meanwhile); of two broken streams of one model the one further along is kept."""
+        if partial.asm.received_bytes == 0 or self.store.has(model_id):
+            self.pending.release(partial.held)
+            return
+        partial.expires = time.monotonic() + self.upload_ttl
+        with self._partials_lock:
+            other = self._partials.get(model_id)
+            if other is not None and other.asm.received_bytes >= partial.asm.received_bytes:
+                drop = partial
+            else:
+                self._partials[model_id], drop = partial, other
+        if drop is not None:
+            self.pending.release(drop.held)
+        if drop is not partial:
+            log.info("upload of model %s broke after %d of %d bytes: kept for %.0fs for a resume", model_id[:16],
+                     partial.asm.received_bytes, partial.asm.total_bytes, self.upload_ttl)
+
     @_rpc
     def HasModel(self, request: service_pb2.ModelRef, context: grpc.ServicerContext) -> service_pb2.ModelInfo:
         self._count("has_model_calls")
+        self._sweep_partials()
         stored = self.store.info(request.model_id)
         if stored is None:
-            return service_pb2.ModelInfo(model_id=request.model_id, present=False)
+            with self._partials_lock:
+                partial = self._partials.get(request.model_id)
+                received = partial.asm.received() if partial is not None else {}
+            return service_pb2.ModelInfo(model_id=request.model_id, present=False, received_bytes=received)
         return service_pb2.ModelInfo(model_id=stored.model_id, present=True, parameter_bytes=stored.nbytes,
                                      parameter_count=len(stored.model.params))
 
@@ -174,22 +237,52 @@ class GradientServicer:
         model_id = manifest.model_id
         if len(model_id) != 64 or any(c not in "0123456789abcdef" for c in model_id):
             raise BadRequest("UploadModel: model_id must be the model's SHA-256 fingerprint (64 lowercase hex digits)")
+        self._sweep_partials()
         if self.store.has(model_id):
             # Content-addressed: the same id is the same model, so nothing needs to be read.
+            self._drop_partial(model_id)
             self._count("uploads_skipped")
             return service_pb2.UploadReply(model_id=model_id, already_present=True)
-        asm = self._assembler("model", self.limits.max_model_bytes)
-        params = asm.declare(manifest.parameters, "parameter")
-        consts = asm.declare(manifest.constants, "constant")
+        # A broken upload of this model kept here is resumed when the manifest is the same one;
+        # a different manifest (hence a wrong one, the id being the content hash) starts afresh.
         model = graph_from_proto(manifest.graph)
-        held = self.pending.reserve(asm.total_bytes, f"the upload of model {model_id[:16]}")
+        key = hashlib.sha256(manifest.SerializeToString(deterministic=True)).digest()
+        partial = self._take_partial(model_id)
+        if partial is not None and partial.manifest_key != key:
+            log.info("upload of model %s: the manifest differs from the partial upload kept, which is dropped",
+                     model_id[:16])
+            self.pending.release(partial.held)
+            partial = None
+        params = [h.name for h in manifest.parameters]
+        consts = [h.name for h in manifest.constants]
+        if partial is None:
+            asm = self._assembler("model", self.limits.max_model_bytes)
+            asm.declare(manifest.parameters, "parameter")
+            asm.declare(manifest.constants, "constant")
+            held = self.pending.reserve(asm.total_bytes, f"the upload of model {model_id[:16]}")
+            partial = _Partial(asm, key, held, 0.0)
+        else:
+            asm = partial.asm
+            asm.resume()
+            self._count("uploads_resumed")
+            log.info("upload of model %s resumed at %d of %d bytes", model_id[:16], asm.received_bytes,
+                     asm.total_bytes)
+        start = asm.received_bytes
+        arrays = None
         try:
-            for chunk in _rest(request_iterator, "data", "UploadModel"):
-                asm.add(chunk)
-                self._count("upload_chunks")
+            try:
+                for chunk in _rest(request_iterator, "data", "UploadModel"):
+                    asm.add(chunk)
+                    self._count("upload_chunks")
+            except grpc.RpcError:  # the client went away (not an internal error worth a traceback)
+                raise ServiceError(grpc.StatusCode.CANCELLED, "the client went away while uploading") from None
             arrays = asm.finish()
         finally:
-            self.pending.release(held)  # from here on the model store accounts for the bytes
+            self.metrics.upload_bytes.labels("model").inc(asm.received_bytes - start)
+            if arrays is None:  # the stream broke (or was bad): keep what it delivered, for a while
+                self._keep_partial(model_id, partial)
+            else:
+                self.pending.release(partial.held)  # from here on the model store accounts for the bytes
         for name in consts:
             if name in model.constants:
                 raise GraphError(f"constant '{name}' is sent both inline and in chunks")
@@ -203,11 +296,11 @@ class GradientServicer:
             )
         check_structure(model)  # unknown ops, dangling inputs... rejected now, naming the node
         stored = self.store.put(model_id, model)
+        self._drop_partial(model_id)  # another stream's broken upload of it is not needed any more
         self._count("uploads")
-        self.metrics.upload_bytes.labels("model").inc(asm.received_bytes)
         log.info("model %s uploaded: %d parameters, %d bytes in %.3fs", model_id[:16], len(model.params),
                  stored.nbytes, time.perf_counter() - t0)
-        return service_pb2.UploadReply(model_id=model_id, bytes_received=asm.received_bytes)
+        return service_pb2.UploadReply(model_id=model_id, bytes_received=asm.received_bytes - start)
 
     # -- jobs -------------------------------------------------------------------------------------
     def _submit(self, parse: Callable[[], tuple[service_pb2.JobOptions, Iterable[service_pb2.TensorChunk]]],
@@ -246,6 +339,7 @@ class GradientServicer:
 
     def _accept(self, opts: service_pb2.JobOptions, feed_chunks: Iterable[service_pb2.TensorChunk],
                 context: grpc.ServicerContext, *, claim: bool, durable: bool) -> Job:
+        self._sweep_partials()  # expired partial uploads free the pending budget for these feeds
         model = self.store.get(opts.model_id)
         requested = parse_options(opts.partitions, opts.micro_batches, opts.replicas, opts.input_grads)
         options = self.runner.effective(requested)

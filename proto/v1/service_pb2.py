@@ -25,17 +25,19 @@ _sym_db = _symbol_database.Default()
 from gradserve.proto.v1 import model_pb2 as gradserve_dot_proto_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n gradserve/proto/v1/service.proto\x12\x0cgradserve.v1\x1a\x1egradserve/proto/v1/model.proto\"O\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"9\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa4\x01\n\rModelManifest\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.gradserve.v1.Graph\x12.\n\nparameters\x18\x02 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\x12-\n\tconstants\x18\x03 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\x12\x10\n\x08model_id\x18\x04 \x01(\t\"q\n\x0bUploadChunk\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.gradserve.v1.ModelManifestH\x00\x12)\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x42\x06\n\x04part\"P\n\x0bUploadReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"\x1c\n\x08ModelRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\"`\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x17\n\x0fparameter_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fparameter_count\x18\x04 \x01(\r\"\x9b\x01\n\nJobOptions\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\npartitions\x18\x02 \x01(\r\x12\x15\n\rmicro_batches\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x13\n\x0binput_grads\x18\x05 \x03(\t\x12)\n\x05\x66\x65\x65\x64s\x18\x06 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\"j\n\x08JobChunk\x12+\n\x07options\x18\x01 \x01(\x0b\x32\x18.gradserve.v1.JobOptionsH\x00\x12)\n\x04\x66\x65\x65\x64\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x42\x06\n\x04part\"a\n\nJobRequest\x12)\n\x07options\x18\x01 \x01(\x0b\x32\x18.gradserve.v1.JobOptions\x12(\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32\x19.gradserve.v1.TensorChunk\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"-\n\tJobHandle\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\"\x84\x01\n\rProgressEvent\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\x0f\n\x07replica\x18\x04 \x01(\r\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"\x8f\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.gradserve.v1.JobState\x12*\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x1b.gradserve.v1.ProgressEvent\x12\x0e\n\x06\x65vents\x18\x05 \x01(\r\x12\x12\n\nsteps_done\x18\x06 \x01(\r\x12\x13\n\x0bsteps_total\x18\x07 \x01(\r\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x16\n\x0equeued_seconds\x18\n \x01(\x01\x12\x17\n\x0frunning_seconds\x18\x0b \x01(\x01\"\xc4\x01\n\x0cResultHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12)\n\x05grads\x18\x03 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\x12/\n\x0binput_grads\x18\x04 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\x12\x11\n\tinfo_json\x18\x05 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x06 \x03(\x0b\x32\x19.gradserve.v1.TensorChunk\"n\n\x0bResultChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.gradserve.v1.ResultHeaderH\x00\x12)\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x15\n\x13ServerStatusRequest\"\x86\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x61\x63tors\x18\x05 \x01(\r\x12\x13\n\x0b\x62usy_actors\x18\x06 \x01(\r\x12\r\n\x05\x61live\x18\x07 \x01(\x08\"\xd0\x03\n\x0cServerStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\'\n\x05nodes\x18\x04 \x03(\x0b\x32\x18.gradserve.v1.NodeStatus\x12%\n\x04jobs\x18\x05 \x03(\x0b\x32\x17.gradserve.v1.JobStatus\x12\'\n\x06models\x18\x06 \x03(\x0b\x32\x17.gradserve.v1.ModelInfo\x12\x1b\n\x13max_concurrent_jobs\x18\x07 \x01(\r\x12\x17\n\x0fmax_queued_jobs\x18\x08 \x01(\r\x12\x19\n\x11model_store_bytes\x18\t \x01(\x04\x12\x1d\n\x15model_store_max_bytes\x18\n \x01(\x04\x12\x15\n\rpending_bytes\x18\x0b \x01(\x04\x12=\n\njobs_ended\x18\x0c \x03(\x0b\x32).gradserve.v1.ServerStatus.JobsEndedEntry\x12\x16\n\x0eworker_retries\x18\r \x01(\x04\x1a\x30\n\x0eJobsEndedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*c\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\x95\x05\n\x0fGradientService\x12;\n\x08HasModel\x12\x16.gradserve.v1.ModelRef\x1a\x17.gradserve.v1.ModelInfo\x12\x45\n\x0bUploadModel\x12\x19.gradserve.v1.UploadChunk\x1a\x19.gradserve.v1.UploadReply(\x01\x12<\n\x03Run\x12\x16.gradserve.v1.JobChunk\x1a\x19.gradserve.v1.ResultChunk(\x01\x30\x01\x12@\n\x07\x43ompute\x12\x18.gradserve.v1.JobRequest\x1a\x19.gradserve.v1.ResultChunk0\x01\x12;\n\x06Submit\x12\x16.gradserve.v1.JobChunk\x1a\x17.gradserve.v1.JobHandle(\x01\x12:\n\tGetStatus\x12\x14.gradserve.v1.JobRef\x1a\x17.gradserve.v1.JobStatus\x12\x38\n\x05Watch\x12\x14.gradserve.v1.JobRef\x1a\x17.gradserve.v1.JobStatus0\x01\x12\x37\n\x06\x43\x61ncel\x12\x14.gradserve.v1.JobRef\x1a\x17.gradserve.v1.JobStatus\x12@\n\x0b\x46\x65tchResult\x12\x14.gradserve.v1.JobRef\x1a\x19.gradserve.v1.ResultChunk0\x01\x12P\n\x0fGetServerStatus\x12!.gradserve.v1.ServerStatusRequest\x1a\x1a.gradserve.v1.ServerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n gradserve/proto/v1/service.proto\x12\x0cgradserve.v1\x1a\x1egradserve/proto/v1/model.proto\"O\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.gradserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"9\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa4\x01\n\rModelManifest\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.gradserve.v1.Graph\x12.\n\nparameters\x18\x02 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\x12-\n\tconstants\x18\x03 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\x12\x10\n\x08model_id\x18\x04 \x01(\t\"q\n\x0bUploadChunk\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.gradserve.v1.ModelManifestH\x00\x12)\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x42\x06\n\x04part\"P\n\x0bUploadReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"\x1c\n\x08ModelRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xda\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07present\x18\x02 \x01(\x08\x12\x17\n\x0fparameter_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fparameter_count\x18\x04 \x01(\r\x12\x42\n\x0ereceived_bytes\x18\x05 \x03(\x0b\x32*.gradserve.v1.ModelInfo.ReceivedBytesEntry\x1a\x34\n\x12ReceivedBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x9b\x01\n\nJobOptions\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\npartitions\x18\x02 \x01(\r\x12\x15\n\rmicro_batches\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x13\n\x0binput_grads\x18\x05 \x03(\t\x12)\n\x05\x66\x65\x65\x64s\x18\x06 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\"j\n\x08JobChunk\x12+\n\x07options\x18\x01 \x01(\x0b\x32\x18.gradserve.v1.JobOptionsH\x00\x12)\n\x04\x66\x65\x65\x64\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x42\x06\n\x04part\"a\n\nJobRequest\x12)\n\x07options\x18\x01 \x01(\x0b\x32\x18.gradserve.v1.JobOptions\x12(\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32\x19.gradserve.v1.TensorChunk\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"-\n\tJobHandle\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\"\x84\x01\n\rProgressEvent\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\r\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\x0f\n\x07replica\x18\x04 \x01(\r\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x0c\n\x04node\x18\x06 \x01(\t\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"\x8f\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.gradserve.v1.JobState\x12*\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x1b.gradserve.v1.ProgressEvent\x12\x0e\n\x06\x65vents\x18\x05 \x01(\r\x12\x12\n\nsteps_done\x18\x06 \x01(\r\x12\x13\n\x0bsteps_total\x18\x07 \x01(\r\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x16\n\x0equeued_seconds\x18\n \x01(\x01\x12\x17\n\x0frunning_seconds\x18\x0b \x01(\x01\"\xc4\x01\n\x0cResultHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12)\n\x05grads\x18\x03 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\x12/\n\x0binput_grads\x18\x04 \x03(\x0b\x32\x1a.gradserve.v1.TensorHeader\x12\x11\n\tinfo_json\x18\x05 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x06 \x03(\x0b\x32\x19.gradserve.v1.TensorChunk\"n\n\x0bResultChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.gradserve.v1.ResultHeaderH\x00\x12)\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x19.gradserve.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x15\n\x13ServerStatusRequest\"\x86\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x61\x63tors\x18\x05 \x01(\r\x12\x13\n\x0b\x62usy_actors\x18\x06 \x01(\r\x12\r\n\x05\x61live\x18\x07 \x01(\x08\"\xd0\x03\n\x0cServerStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\'\n\x05nodes\x18\x04 \x03(\x0b\x32\x18.gradserve.v1.NodeStatus\x12%\n\x04jobs\x18\x05 \x03(\x0b\x32\x17.gradserve.v1.JobStatus\x12\'\n\x06models\x18\x06 \x03(\x0b\x32\x17.gradserve.v1.ModelInfo\x12\x1b\n\x13max_concurrent_jobs\x18\x07 \x01(\r\x12\x17\n\x0fmax_queued_jobs\x18\x08 \x01(\r\x12\x19\n\x11model_store_bytes\x18\t \x01(\x04\x12\x1d\n\x15model_store_max_bytes\x18\n \x01(\x04\x12\x15\n\rpending_bytes\x18\x0b \x01(\x04\x12=\n\njobs_ended\x18\x0c \x03(\x0b\x32).gradserve.v1.ServerStatus.JobsEndedEntry\x12\x16\n\x0eworker_retries\x18\r \x01(\x04\x1a\x30\n\x0eJobsEndedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*c\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x32\x95\x05\n\x0fGradientService\x12;\n\x08HasModel\x12\x16.gradserve.v1.ModelRef\x1a\x17.gradserve.v1.ModelInfo\x12\x45\n\x0bUploadModel\x12\x19.gradserve.v1.UploadChunk\x1a\x19.gradserve.v1.UploadReply(\x01\x12<\n\x03Run\x12\x16.gradserve.v1.JobChunk\x1a\x19.gradserve.v1.ResultChunk(\x01\x30\x01\x12@\n\x07\x43ompute\x12\x18.gradserve.v1.JobRequest\x1a\x19.gradserve.v1.ResultChunk0\x01\x12;\n\x06Submit\x12\x16.gradserve.v1.JobChunk\x1a\x17.gradserve.v1.JobHandle(\x01\x12:\n\tGetStatus\x12\x14.gradserve.v1.JobRef\x1a\x17.gradserve.v1.JobStatus\x12\x38\n\x05Watch\x12\x14.gradserve.v1.JobRef\x1a\x17.gradserve.v1.JobStatus0\x01\x12\x37\n\x06\x43\x61ncel\x12\x14.gradserve.v1.JobRef\x1a\x17.gradserve.v1.JobStatus\x12@\n\x0b\x46\x65tchResult\x12\x14.gradserve.v1.JobRef\x1a\x19.gradserve.v1.ResultChunk0\x01\x12P\n\x0fGetServerStatus\x12!.gradserve.v1.ServerStatusRequest\x1a\x1a.gradserve.v1.ServerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradserve.proto.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELINFO_RECEIVEDBYTESENTRY']._loaded_options = None
+  _globals['_MODELINFO_RECEIVEDBYTESENTRY']._serialized_options = b'8\001'
   _globals['_SERVERSTATUS_JOBSENDEDENTRY']._loaded_options = None
   _globals['_SERVERSTATUS_JOBSENDEDENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2499
-  _globals['_JOBSTATE']._serialized_end=2598
+  _globals['_JOBSTATE']._serialized_start=2622
+  _globals['_JOBSTATE']._serialized_end=2721
   _globals['_TENSORHEADER']._serialized_start=82
   _globals['_TENSORHEADER']._serialized_end=161
   _globals['_TENSORCHUNK']._serialized_start=163
@@ -48,34 +50,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADREPLY']._serialized_end=584
   _globals['_MODELREF']._serialized_start=586
   _globals['_MODELREF']._serialized_end=614
-  _globals['_MODELINFO']._serialized_start=616
-  _globals['_MODELINFO']._serialized_end=712
-  _globals['_JOBOPTIONS']._serialized_start=715
-  _globals['_JOBOPTIONS']._serialized_end=870
-  _globals['_JOBCHUNK']._serialized_start=872
-  _globals['_JOBCHUNK']._serialized_end=978
-  _globals['_JOBREQUEST']._serialized_start=980
-  _globals['_JOBREQUEST']._serialized_end=1077
-  _globals['_JOBREF']._serialized_start=1079
-  _globals['_JOBREF']._serialized_end=1103
-  _globals['_JOBHANDLE']._serialized_start=1105
-  _globals['_JOBHANDLE']._serialized_end=1150
-  _globals['_PROGRESSEVENT']._serialized_start=1153
-  _globals['_PROGRESSEVENT']._serialized_end=1285
-  _globals['_JOBSTATUS']._serialized_start=1288
-  _globals['_JOBSTATUS']._serialized_end=1559
-  _globals['_RESULTHEADER']._serialized_start=1562
-  _globals['_RESULTHEADER']._serialized_end=1758
-  _globals['_RESULTCHUNK']._serialized_start=1760
-  _globals['_RESULTCHUNK']._serialized_end=1870
-  _globals['_SERVERSTATUSREQUEST']._serialized_start=1872
-  _globals['_SERVERSTATUSREQUEST']._serialized_end=1893
-  _globals['_NODESTATUS']._serialized_start=1896
-  _globals['_NODESTATUS']._serialized_end=2030
-  _globals['_SERVERSTATUS']._serialized_start=2033
-  _globals['_SERVERSTATUS']._serialized_end=2497
-  _globals['_SERVERSTATUS_JOBSENDEDENTRY']._serialized_start=2449
-  _globals['_SERVERSTATUS_JOBSENDEDENTRY']._serialized_end=2497
-  _globals['_GRADIENTSERVICE']._serialized_start=2601
-  _globals['_GRADIENTSERVICE']._serialized_end=3262
+  _globals['_MODELINFO']._serialized_start=617
+  _globals['_MODELINFO']._serialized_end=835
+  _globals['_MODELINFO_RECEIVEDBYTESENTRY']._serialized_start=783
+  _globals['_MODELINFO_RECEIVEDBYTESENTRY']._serialized_end=835
+  _globals['_JOBOPTIONS']._serialized_start=838
+  _globals['_JOBOPTIONS']._serialized_end=993
+  _globals['_JOBCHUNK']._serialized_start=995
+  _globals['_JOBCHUNK']._serialized_end=1101
+  _globals['_JOBREQUEST']._serialized_start=1103
+  _globals['_JOBREQUEST']._serialized_end=1200
+  _globals['_JOBREF']._serialized_start=1202
+  _globals['_JOBREF']._serialized_end=1226
+  _globals['_JOBHANDLE']._serialized_start=1228
+  _globals['_JOBHANDLE']._serialized_end=1273
+  _globals['_PROGRESSEVENT']._serialized_start=1276
+  _globals['_PROGRESSEVENT']._serialized_end=1408
+  _globals['_JOBSTATUS']._serialized_start=1411
+  _globals['_JOBSTATUS']._serialized_end=1682
+  _globals['_RESULTHEADER']._serialized_start=1685
+  _globals['_RESULTHEADER']._serialized_end=1881
+  _globals['_RESULTCHUNK']._serialized_start=1883
+  _globals['_RESULTCHUNK']._serialized_end=1993
+  _globals['_SERVERSTATUSREQUEST']._serialized_start=1995
+  _globals['_SERVERSTATUSREQUEST']._serialized_end=2016
+  _globals['_NODESTATUS']._serialized_start=2019
+  _globals['_NODESTATUS']._serialized_end=2153
+  _globals['_SERVERSTATUS']._serialized_start=2156
+  _globals['_SERVERSTATUS']._serialized_end=2620
+  _globals['_SERVERSTATUS_JOBSENDEDENTRY']._serialized_start=2572
+  _globals['_SERVERSTATUS_JOBSENDEDENTRY']._serialized_end=2620
+  _globals['_GRADIENTSERVICE']._serialized_start=2724
+  _globals['_GRADIENTSERVICE']._serialized_end=3385
 # @@protoc_insertion_point(module_scope)

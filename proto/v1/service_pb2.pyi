@@ -80,16 +80,25 @@ class ModelRef(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "present", "parameter_bytes", "parameter_count")
+    __slots__ = ("model_id", "present", "parameter_bytes", "parameter_count", "received_bytes")
+    class ReceivedBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     present: bool
     parameter_bytes: int
     parameter_count: int
-    def __init__(self, model_id: _Optional[str] = ..., present: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., parameter_count: _Optional[int] = ...) -> None: ...
+    received_bytes: _containers.ScalarMap[str, int]
+    def __init__(self, model_id: _Optional[str] = ..., present: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., parameter_count: _Optional[int] = ..., received_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class JobOptions(_message.Message):
     __slots__ = ("model_id", "partitions", "micro_batches", "replicas", "input_grads", "feeds")

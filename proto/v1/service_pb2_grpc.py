@@ -97,7 +97,8 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadModel(self, request_iterator, context):
-        """Upload a model: one UploadChunk with the manifest, then the parameter/constant bytes.
+        """Upload a model: one UploadChunk with the manifest, then the parameter/constant bytes. A broken
+        upload can be resumed: HasModel tells what the server kept (ModelInfo.received_bytes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
