@@ -16,7 +16,12 @@ def ray_engine():
 
     from gradserve.server.ray_engine import RayEngine
 
-    engine = RayEngine(threads_per_worker=1)
+    try:
+        engine = RayEngine(threads_per_worker=1)
+    except Exception:  # noqa: BLE001 -- Ray waits 30 s for its raylet; a loaded 2-core machine can miss that once
+        if ray.is_initialized():
+            ray.shutdown()
+        engine = RayEngine(threads_per_worker=1)
     yield engine
     engine.close()
     if ray.is_initialized():
