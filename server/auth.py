@@ -15,6 +15,8 @@ from typing import Callable
 
 import grpc
 
+from gradserve.server.handlers import like
+
 log = logging.getLogger("gradserve.server")
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -70,11 +72,4 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     def deny(request_or_iterator, context: grpc.ServicerContext):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
 
-    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+    return like(handler, deny)

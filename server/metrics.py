@@ -43,6 +43,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gradserve.server.handlers import like
+
 log = logging.getLogger("gradserve.server")
 
 # Seconds: a tiny job takes a few ms, a large one minutes; queueing anything from 0 to minutes.
@@ -187,14 +189,7 @@ class _RpcCounter(grpc.ServerInterceptor):
                 count.labels(label, "OK").inc()
                 return reply
 
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        return make(behaviour, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return like(handler, behaviour)
 
 
 def _code(context: grpc.ServicerContext, default: str) -> str:

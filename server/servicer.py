@@ -25,6 +25,7 @@ from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.engines import EngineRunner
 from gradserve.server.errors import BadRequest, LimitExceeded, ServiceError, abort, status_for
+from gradserve.server.handlers import method_handler
 from gradserve.server.jobs import (
     FINISHED, MAX_KEPT_EVENTS, Job, JobRegistry, JobSnapshot, client_of, one_line, parse_options,
 )
@@ -527,14 +528,8 @@ def generic_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
     for method in service.methods:
         request_cls = getattr(service_pb2, method.input_type.name)
         response_cls = getattr(service_pb2, method.output_type.name)
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
+        handlers[method.name] = method_handler(
+            getattr(servicer, method.name), method.client_streaming, method.server_streaming,
             request_deserializer=_lenient(request_cls),
             response_serializer=response_cls.SerializeToString,
         )
