@@ -16,6 +16,10 @@ node the user wrote.
   activation, the ReLU and the pool applied as the values are made, the normalised activation never
   written. Exact up to float rounding (the statistics are summed in float64 in another order), not
   bit for bit; the pool picks the same window maximum, the ReLU passes the same errors.
+- **A Gemm and the activation (Relu, Tanh, Sigmoid) that is its only reader run as one node**
+  (``gradserve.GemmActivation``, see :mod:`gradserve.worker.ops.linalg`), when the compiled kernels
+  are available: the activation's VJP and the bias error in one pass. Exact up to float rounding
+  (the bias error is summed in float64, in another order).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from gradserve.worker import kernels
 from gradserve.worker.graph import Node
+from gradserve.worker.ops.linalg import FUSED_GEMM, GEMM_ACTIVATIONS
 from gradserve.worker.ops.norm import FUSED_BATCHNORM, POOL_PREFIX
 from gradserve.worker.validate import ValueInfo
 
@@ -62,7 +67,30 @@ def optimize(
         notes.append(f"{relu} runs after {node}, on the pooled values (exact: the max of rectified values is the rectified max)")
     if kernels.available():
         nodes = _fuse_batchnorm(nodes, shapes, keep, notes)
+        nodes = _fuse_gemm_activation(nodes, shapes, keep, notes)
     return nodes, shapes, notes
+
+
+def _fuse_gemm_activation(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], notes: list[str]) -> list[Node]:
+    """Each float32/float64 Gemm whose output is read only by a Relu, Tanh or Sigmoid becomes one
+    node with the Gemm's name, in the Gemm's place, writing the activation's output."""
+    readers = Counter(i for node in nodes for i in node.inputs if i)
+    reader = {i: k for k, node in enumerate(nodes) for i in node.inputs if i}
+    fused: dict[int, Node] = {}
+    gone: set[int] = set()
+    for k, gemm in enumerate(nodes):
+        out = gemm.outputs[0] if gemm.op_type == "Gemm" and len(gemm.outputs) == 1 else ""
+        info = shapes.get(out)
+        if not out or out in keep or readers[out] != 1 or info is None or info.dtype not in (np.float32, np.float64):
+            continue
+        act = nodes[reader[out]]
+        if act.op_type not in GEMM_ACTIVATIONS or act.inputs != [out] or len(act.outputs) != 1:
+            continue
+        fused[k] = Node(gemm.name, FUSED_GEMM, list(gemm.inputs), list(act.outputs), {**gemm.attrs, "activation": act.op_type})
+        gone.add(reader[out])
+        shapes.pop(out, None)
+        notes.append(f"{gemm} runs as one node with {act} (exact up to float rounding: the bias error summed in float64)")
+    return [fused.get(k, node) for k, node in enumerate(nodes) if k not in gone]
 
 
 def _fuse_batchnorm(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], notes: list[str]) -> list[Node]:

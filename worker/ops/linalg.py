@@ -14,7 +14,9 @@ import dataclasses
 
 import numpy as np
 
-from gradserve.worker.ops.registry import OpError, defop, unbroadcast
+from gradserve.worker import kernels
+from gradserve.worker.ops import blas
+from gradserve.worker.ops.registry import OpContext, OpError, defop, get_op, unbroadcast
 
 
 def _t(a: np.ndarray) -> np.ndarray:
@@ -80,10 +82,24 @@ def _gemm_args(c):
             bool(c.attr("transA", 0)), bool(c.attr("transB", 0)))
 
 
+def _blas_ready(a: np.ndarray, b: np.ndarray, cin: np.ndarray) -> bool:
+    """Whether A and B can go to :func:`blas.gemm` as they are (one float dtype, C-contiguous),
+    with a C of that dtype."""
+    return (a.dtype == b.dtype == cin.dtype and a.flags.c_contiguous and b.flags.c_contiguous
+            and a.size > 0 and b.size > 0 and blas.available(a.dtype))
+
+
 def _gemm(c, a, b, cin=None):
     alpha, beta, ta, tb = _gemm_args(c)
     if a.ndim != 2 or b.ndim != 2:
         raise OpError(f"Gemm needs 2-D A and B, got shapes {a.shape} and {b.shape}")
+    if cin is not None and alpha == beta == 1.0 and _blas_ready(a, b, cin):
+        # C first, then BLAS adds the product into it (beta = 1): one pass over Y fewer than adding
+        # C afterwards. The copy also enforces ONNX's unidirectional broadcast of C to (M, N).
+        y = np.empty((a.shape[1] if ta else a.shape[0], b.shape[0] if tb else b.shape[1]), a.dtype)
+        np.copyto(y, cin)
+        blas.gemm(a, b, y, accumulate=True, trans_a=ta, trans_b=tb)
+        return y
     y = (a.T if ta else a) @ (b.T if tb else b)
     if alpha != 1.0:
         y *= alpha  # y is ours: scale in place
@@ -131,6 +147,55 @@ def _gemm_merge(entries):
 
 # C is only read for its shape; A and B each feed the other's error.
 defop("Gemm", _gemm, _gemm_vjp, keep=("x0", "x1"), merge=_gemm_merge)
+
+
+# -- Gemm followed by its activation, as one node ------------------------------------------------------
+# Made by the rewrite (gradserve.worker.rewrite) where a Gemm's only reader is one of these
+# activations: the VJP then gets the error before the activation, and the bias error with it, in one
+# compiled pass over the error and the output (numpy needs three: compare, multiply, sum), and the
+# product's output is never kept. Exact up to float rounding (the bias error is summed in float64).
+FUSED_GEMM = "gradserve.GemmActivation"
+# activation op type -> the kernel's code for its derivative (written from the output y)
+GEMM_ACTIVATIONS = {"Relu": 0, "Tanh": 1, "Sigmoid": 2}
+
+
+def _gemm_activation(c, a, b, cin=None):
+    if not kernels.available():
+        raise OpError(f"{FUSED_GEMM} needs the compiled kernels (numba)")
+    act = str(c.attr("activation"))
+    if act not in GEMM_ACTIVATIONS:
+        raise OpError(f"{FUSED_GEMM}: unknown activation '{act}'")
+    y = _gemm(c, a, b, cin)
+    return get_op(act).forward(OpContext({}, node=c.node), y)
+
+
+def _gemm_activation_vjp(c, g):
+    y = c.outputs[0]
+    g = np.ascontiguousarray(g, dtype=y.dtype)
+    pre = np.empty_like(g)  # the error before the activation
+    colsum = np.empty(g.shape[1])
+    kernels.get().activation_backward(g, np.ascontiguousarray(y), GEMM_ACTIVATIONS[str(c.attr("activation"))], pre, colsum)
+    need_c = len(c.needs) > 2 and c.needs[2]
+    da, db, dc = _gemm_vjp(dataclasses.replace(c, needs=tuple(c.needs[:2])), pre)
+    if need_c:
+        alpha, beta, _, _ = _gemm_args(c)
+        cin = c.inputs[2]
+        dc = (colsum.reshape(cin.shape) if cin.size == g.shape[1] and cin.shape[-1:] == g.shape[1:]
+              else unbroadcast(pre, cin.shape)).astype(y.dtype, copy=False)
+        if beta != 1.0:
+            dc = dc * beta
+    return da, db, dc
+
+
+def _gemm_activation_merge(entries):
+    merged = _gemm_merge(entries)
+    if merged is None:
+        return None
+    ctx, errors = merged  # A and the errors stacked by row; the outputs stack the same way
+    return dataclasses.replace(ctx, outputs=[np.concatenate([c.outputs[0] for c, _ in entries], axis=0)]), errors
+
+
+defop(FUSED_GEMM, _gemm_activation, _gemm_activation_vjp, keep=("x0", "x1", "y"), merge=_gemm_activation_merge)
 
 
 # -- Einsum -------------------------------------------------------------------------------------------

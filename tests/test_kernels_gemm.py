@@ -1,0 +1,126 @@
+"""The fused Gemm + activation node (gradserve.GemmActivation) and its compiled VJP kernel: the
+kernel against numpy, the node against finite differences, the rewrite against the unfused graph
+(within float rounding), micro-batched weight errors, and where the rewrite must not apply."""
+
+import numpy as np
+import pytest
+
+from gradcheck import check_vjp
+from gradserve.server.inline import InlineEngine
+from gradserve.server.planning.prepare import prepare
+from gradserve.worker import kernels
+from gradserve.worker.autodiff import backward, backward_deferred, compile_program, forward
+from gradserve.worker.graph import InputSpec, Model, Node
+from gradserve.worker.ops.linalg import FUSED_GEMM, GEMM_ACTIVATIONS
+from test_kernels_norm import unfused
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not available")
+rng = np.random.default_rng(7)
+DERIVATIVE = {"Relu": lambda y: (y > 0).astype(y.dtype), "Tanh": lambda y: 1 - y * y, "Sigmoid": lambda y: y * (1 - y)}
+OUTPUT = {"Relu": lambda x: np.maximum(x, 0), "Tanh": np.tanh, "Sigmoid": lambda x: 1 / (1 + np.exp(-x))}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", GEMM_ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (64, 7), (130, 300)])  # rows past one parallel piece
+def test_activation_kernel_matches_numpy(act, dtype, shape):
+    g = rng.standard_normal(shape).astype(dtype)
+    y = OUTPUT[act](rng.standard_normal(shape)).astype(dtype)
+    pre, colsum = np.empty_like(g), np.empty(shape[1])
+    kernels.get().activation_backward(g, y, GEMM_ACTIVATIONS[act], pre, colsum)
+    want = g.astype(np.float64) * DERIVATIVE[act](y.astype(np.float64))
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(pre, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(colsum, want.sum(axis=0), rtol=tol, atol=tol * shape[0])
+
+
+def test_relu_kernel_keeps_nan_errors_like_numpy():
+    g = np.array([[np.nan, 1.0, np.inf]], np.float32)
+    y = np.array([[0.0, 0.0, 2.0]], np.float32)
+    pre, colsum = np.empty_like(g), np.empty(3)
+    kernels.get().activation_backward(g, y, GEMM_ACTIVATIONS["Relu"], pre, colsum)
+    np.testing.assert_array_equal(pre, g * (y > 0))
+
+
+CASES = {  # attrs, A shape, B shape, C shape (None: no C)
+    "linear (transB), row bias": ({"transB": 1}, (4, 3), (5, 3), (5,)),
+    "transA, (1, N) bias": ({"transA": 1}, (3, 4), (3, 5), (1, 5)),
+    "full C, alpha and beta": ({"alpha": 0.5, "beta": 2.0}, (4, 3), (3, 5), (4, 5)),
+    "column C": ({}, (4, 3), (3, 5), (4, 1)),
+    "scalar C": ({"beta": -1.5}, (4, 3), (3, 5), ()),
+    "no C": ({"transA": 1, "transB": 1}, (3, 4), (5, 3), None),
+}
+
+
+@pytest.mark.parametrize("act", GEMM_ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_fused_node_vjp_matches_finite_differences(case, act):
+    attrs, sa, sb, sc = CASES[case]
+    inputs = [rng.standard_normal(sa), rng.standard_normal(sb)]
+    if sc is not None:
+        inputs.append(rng.standard_normal(sc))
+    check_vjp(FUSED_GEMM, inputs, {**attrs, "activation": act}, check_shapes=False)
+
+
+def mlp(acts, dtype, extra_reader=False, loss_reads_hidden=False):
+    """x -> Gemm (+bias, transB) -> act -> ... -> sum of squares."""
+    nodes, value, params = [], "x", {}
+    width = 6
+    for i, act in enumerate(acts):
+        params[f"w{i}"] = rng.standard_normal((width, width)).astype(dtype) * 0.5
+        params[f"b{i}"] = rng.standard_normal(width).astype(dtype)
+        nodes.append(Node(f"fc{i}", "Gemm", [value, f"w{i}", f"b{i}"], [f"h{i}"], {"transB": 1}))
+        nodes.append(Node(f"act{i}", act, [f"h{i}"], [f"a{i}"]))
+        value = f"a{i}"
+    nodes += [Node("sq", "Mul", [value, value], ["sq"]), Node("sum", "ReduceSum", ["sq"], ["loss"], {"keepdims": 0})]
+    if extra_reader:  # the first product's output read again
+        nodes[-1:] = [Node("s1", "ReduceSum", ["sq"], ["l1"], {"keepdims": 0}),
+                      Node("s2", "ReduceSum", ["h0"], ["l2"], {"keepdims": 0}), Node("add", "Add", ["l1", "l2"], ["loss"])]
+    model = Model(nodes, [InputSpec("x", np.dtype(dtype), (None, width))], params, "loss")
+    return model, {"x": rng.standard_normal((9, width)).astype(dtype)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rewrite_fuses_gemm_and_activation_within_rounding(dtype):
+    acts = ["Relu", "Tanh", "Sigmoid"]
+    model, feeds = mlp(acts, dtype)
+    job = prepare(model, feeds)
+    assert [(n.name, n.op_type, n.attrs.get("activation")) for n in job.nodes[:3]] == [
+        (f"fc{i}", FUSED_GEMM, act) for i, act in enumerate(acts)]
+    assert len(job.nodes) == 5
+    assert sum("runs as one node with" in r for r in job.rewrites) == 3
+    result = InlineEngine().gradients(model, feeds)
+    loss, grads = unfused(model, feeds)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert abs(result.loss - loss) <= tol * abs(loss)
+    for name in model.params:
+        np.testing.assert_allclose(result.grads[name], grads[name], rtol=tol, atol=tol * np.abs(grads[name]).max())
+        assert np.abs(grads[name]).sum() > 0
+
+
+def test_no_fusion_where_the_product_is_read_again():
+    model, feeds = mlp(["Relu", "Tanh"], np.float32, extra_reader=True)
+    ops = [(n.name, n.op_type) for n in prepare(model, feeds).nodes]
+    assert ("fc0", "Gemm") in ops and ("fc1", FUSED_GEMM) in ops
+    # nor before an activation the kernel has no derivative for
+    model, feeds = mlp(["Softplus", "Relu"], np.float32)
+    ops = [(n.name, n.op_type) for n in prepare(model, feeds).nodes]
+    assert ("fc0", "Gemm") in ops and ("act0", "Softplus") in ops and ("fc1", FUSED_GEMM) in ops
+
+
+def test_micro_batched_weight_errors_merge_into_one_product():
+    """Deferred weight errors of two micro-batches (the pipeline's zero-bubble split) merge into one
+    VJP call whose result is the whole batch's error."""
+    model, feeds = mlp(["Tanh"], np.float64)
+    job = prepare(model, feeds)
+    params = list(model.params)
+    program = compile_program(job.nodes, [*feeds, *params], [model.loss], params)
+    whole = backward(program, forward(program, {**feeds, **model.params}), {model.loss: np.ones(())})
+    tapes, direct = [], {}
+    for half in (slice(0, 4), slice(4, None)):
+        tape = forward(program, {"x": feeds["x"][half], **model.params})
+        direct.update(backward(program, tape, {model.loss: np.ones(())}, defer=["w0"]))
+        tapes.append(tape)
+    assert "w0" not in direct and len(tapes[0].deferred) == 1
+    merged = backward_deferred(program, tapes)
+    np.testing.assert_allclose(merged["w0"], whole["w0"], rtol=1e-12)
