@@ -166,8 +166,8 @@ def test_strided_blas_is_available_here():
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_conv2d_all_paths(monkeypatch, name, path):
-    """Every case through every layout (image-by-image: dX through a stride-1 convolution of the
-    padded error; direct: only stride-1 cases, the others fall back to columns)."""
+    """Every case through every layout (image-by-image: only where dX is not wanted, so the
+    ``wrt=[1, 2]`` check; direct: only stride-1 cases, the others fall back to columns)."""
     direct_calls = use_path(monkeypatch, path)
     c_in, m, k, attrs = CASES[name]
     x = rng.standard_normal((3, c_in, 7, 8))

@@ -6,7 +6,7 @@ Three paths, chosen per call:
   offset is one constant shift, so Y = sum_k W_k @ X[:, shift_k:] is Kp GEMMs on *views* of the
   padded input that add into one output (BLAS's beta = 1, through :mod:`.blas`); dW_k is a GEMM of
   the error with the same views and dX gathers the error the same way. No column matrix is built.
-- **image-by-image** (few input channels, typically the first layer): see :class:`_ImageConv`.
+- **image-by-image** (few input channels and no dX wanted: a first layer): see :class:`_ImageConv`.
 - **columns** (strided convs, or when the strided BLAS is unavailable), described below.
 
 Columns: the input is padded once into a channel-major copy ``xT`` (C, N, *padded), which the forward saves
@@ -299,9 +299,8 @@ class _ImageConv:
     images are (images, C*Kp [+1], L) with L = prod(out), so one batched matmul writes the output
     straight into Y (N, M, L) -- no layout transpose, no padding-grid waste, the bias rides along
     as a row of ones -- and dW (with dB in its last column) is a batched product with G as it
-    comes. dX (stride 1 only) is again a convolution: of G, padded, with the flipped, transposed
-    kernel, written straight into dX. Chosen for small Cin, where the (C*Kp, N*L) column matrix of
-    the channel-major path is short and its transposes and grid copies dominate."""
+    comes. Chosen for small Cin where no dX is wanted (a first layer), where the (C*Kp, N*L)
+    column matrix of the channel-major path is short and its transposes and grid copies dominate."""
 
     def __init__(self, cv: _Conv):
         self.cv = cv
@@ -326,17 +325,6 @@ class _ImageConv:
             buf[:, self.K] = 1
         return buf
 
-    @staticmethod
-    def dx_plan(cv: _Conv):
-        """Padding of G for dX as a stride-1 convolution, or None if that does not apply."""
-        if any(s != 1 for s in cv.strides):
-            return None
-        lo = [(k - 1) * d - b for k, d, b in zip(cv.kernel, cv.dilations, cv.lo)]
-        if min(lo) < 0 or any(b + o > i + (k - 1) * d for b, o, i, k, d in zip(lo, cv.out, cv.in_shape[2:], cv.kernel, cv.dilations)):
-            return None
-        extent = tuple(i + (k - 1) * d for i, k, d in zip(cv.in_shape[2:], cv.kernel, cv.dilations))
-        return lo, extent
-
 
 def _image_forward(c, cv: _Conv, x, w, b):
     ic = _ImageConv(cv)
@@ -358,10 +346,10 @@ def _image_vjp(c, g):
     ic: _ImageConv = c.saved["image"]
     xp = c.saved["xp"]
     w = c.inputs[1]
-    need_x, need_w = c.needs[0], c.needs[1]
+    need_w = c.needs[1]
     need_b = len(c.needs) > 2 and c.needs[2]
     g3 = np.ascontiguousarray(g).reshape(cv.N, cv.M, ic.L)
-    dw = db = dx = None
+    dw = db = None
     if need_w or need_b:
         acc = np.zeros((cv.M, ic.K + 1), g.dtype)
         for n0 in range(0, cv.N, ic.nb):
@@ -370,30 +358,12 @@ def _image_vjp(c, g):
             acc += np.matmul(g3[n0:n1], cols.transpose(0, 2, 1)).sum(axis=0)
         dw = acc[:, : ic.K].reshape(w.shape).astype(g.dtype, copy=False) if need_w else None
         db = acc[:, ic.K].astype(g.dtype) if need_b else None
-    if need_x:
-        lo, extent = ic.dx_plan(cv)
-        n_sp = len(cv.out)
-        gp = scratch("conv_gpad", (cv.N, cv.M) + extent, g.dtype)
-        gp.fill(0)
-        gp[(slice(None), slice(None)) + tuple(slice(b, b + o) for b, o in zip(lo, cv.out))] = g
-        flip = (slice(None), slice(None)) + (slice(None, None, -1),) * n_sp
-        wt = np.ascontiguousarray(w[flip].swapaxes(0, 1)).reshape(cv.C, cv.M * cv.Kp)
-        dx = np.empty((cv.N, cv.C, ic.Lin), g.dtype)
-        rows = cv.M * cv.Kp
-        nb = max(1, min(cv.N, (4 * _BLOCK_ELEMS) // max(1, rows * ic.Lin)))
-        for n0 in range(0, cv.N, nb):
-            n1 = min(cv.N, n0 + nb)
-            buf = scratch("conv_gcols", (n1 - n0, rows, ic.Lin), g.dtype)
-            view = window_view(gp[n0:n1], cv.in_shape[2:], cv.kernel, (1,) * n_sp, cv.dilations)
-            np.copyto(buf.reshape(view.shape), view)
-            np.matmul(wt, buf, out=dx[n0:n1])
-        dx = dx.reshape(cv.in_shape)
-    return dx, dw, db
+    return None, dw, db
 
 
-# Largest Cin for which Conv takes the image-by-image path (measured on 3x3 kernels, batch 64:
-# ~2x faster at Cin 3, slower from Cin 32 on, where the channel-major GEMMs are larger; and when
-# dX is wanted, slower than the direct path from Cin 4 on).
+# Largest Cin for which Conv takes the image-by-image path when no dX is wanted (measured on 3x3
+# kernels, batch 64: ~1.5-2x faster at Cin 1-8, slower from Cin 32 on, where the channel-major GEMMs
+# are larger). Where dX is wanted the other paths won at every Cin measured (1.3-2.6x).
 _IMAGE_MAX_CHANNELS = 16
 # dX by gathering when M <= this * C (see _conv_vjp)
 _GATHER_RATIO = 1.0
@@ -406,14 +376,9 @@ _DIRECT_BLOCK_BYTES = 16 << 20
 _DIRECT_MIN_BLOCK = 4096
 
 
-def _use_image(cv: _Conv, c, x: np.ndarray, w: np.ndarray) -> bool:
-    """The image-by-image path: for few input channels; where dX is wanted, only if the direct
-    path cannot run (its dX is faster from Cin 4 on)."""
-    if cv.group != 1 or cv.C > _IMAGE_MAX_CHANNELS:
-        return False
-    if not c.needs[0]:
-        return True
-    return not _use_direct(cv, x, w) and _ImageConv.dx_plan(cv) is not None
+def _use_image(cv: _Conv, c) -> bool:
+    """The image-by-image path: for few input channels and no dX (typically the first layer)."""
+    return cv.group == 1 and cv.C <= _IMAGE_MAX_CHANNELS and not c.needs[0]
 
 
 def _use_direct(cv: _Conv, x: np.ndarray, w: np.ndarray) -> bool:
@@ -485,7 +450,7 @@ def _input_extent(cv: _Conv) -> int:
 
 def _conv_forward(c, x, w, b=None):
     cv = _Conv(c, x, w)
-    if _use_image(cv, c, x, w):
+    if _use_image(cv, c):
         return _image_forward(c, cv, x, w, b)
     xT = cv.pad(x)
     if _use_direct(cv, x, w):
