@@ -18,8 +18,8 @@ node the user wrote.
   bit for bit; the pool picks the same window maximum, the ReLU passes the same errors.
 - **A Gemm and the activation (Relu, Tanh, Sigmoid) that is its only reader run as one node**
   (``gradserve.GemmActivation``, see :mod:`gradserve.worker.ops.linalg`), when the compiled kernels
-  are available: the activation's VJP and the bias error in one pass. Exact up to float rounding
-  (the bias error is summed in float64, in another order).
+  are available: the activation's VJP in one compiled pass, and the product's output never kept.
+  Exact up to float rounding.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import numpy as np
 
 from gradserve.worker import kernels
 from gradserve.worker.graph import Node
-from gradserve.worker.ops.linalg import FUSED_GEMM, GEMM_ACTIVATIONS
+from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS
+from gradserve.worker.ops.linalg import FUSED_GEMM
 from gradserve.worker.ops.norm import FUSED_BATCHNORM, POOL_PREFIX
 from gradserve.worker.validate import ValueInfo
 
@@ -84,12 +85,12 @@ def _fuse_gemm_activation(nodes: list[Node], shapes: dict[str, ValueInfo], keep:
         if not out or out in keep or readers[out] != 1 or info is None or info.dtype not in (np.float32, np.float64):
             continue
         act = nodes[reader[out]]
-        if act.op_type not in GEMM_ACTIVATIONS or act.inputs != [out] or len(act.outputs) != 1:
+        if act.op_type not in FAST_ACTIVATIONS or act.inputs != [out] or len(act.outputs) != 1:
             continue
         fused[k] = Node(gemm.name, FUSED_GEMM, list(gemm.inputs), list(act.outputs), {**gemm.attrs, "activation": act.op_type})
         gone.add(reader[out])
         shapes.pop(out, None)
-        notes.append(f"{gemm} runs as one node with {act} (exact up to float rounding: the bias error summed in float64)")
+        notes.append(f"{gemm} runs as one node with {act} (exact up to float rounding)")
     return [fused.get(k, node) for k, node in enumerate(nodes) if k not in gone]
 
 

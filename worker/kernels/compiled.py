@@ -255,51 +255,41 @@ def _bn_pool_backward(x3, g3, where3, scale, stats, dx3, dscale, dbias, coef):
                         dx3[n, c, p] += af * g3[n, c, o]
 
 
-# -- a matrix product's activation: its VJP and the bias error in one pass ----------------------------
-# Activation codes: the derivative is written from the activation's output y alone.
-RELU, TANH, SIGMOID = 0, 1, 2
-_ACTIVATION_ROWS = 64  # rows per parallel piece, each with its own float64 column sums
+# -- activations' VJPs (ReLU, tanh, sigmoid), from their outputs, in one pass -------------------------
+RELU, TANH, SIGMOID = 0, 1, 2  # activation codes
+_ACTIVATION_CHUNK = 1 << 14  # elements per parallel piece
+
+
+@numba.njit(fastmath=_FAST, **_JIT)
+def _activation_piece(g1, y1, kind, dx1):
+    # The branch on ``kind`` outside the loops and plain loops over a slice: these vectorise (the
+    # same loops written inline in the prange body measured 1.7x slower).
+    if kind == RELU:
+        for i in range(g1.size):
+            dx1[i] = g1[i] * (1.0 if y1[i] > 0 else 0.0)
+    elif kind == TANH:
+        for i in range(g1.size):
+            dx1[i] = g1[i] * (1.0 - y1[i] * y1[i])
+    else:
+        for i in range(g1.size):
+            dx1[i] = g1[i] * (y1[i] * (1.0 - y1[i]))
 
 
 @numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
-def _activation_backward(g2, y2, kind, gp2, colsum):
-    """``gp2 = g2 * f'(x)`` from ``y2 = f(x)`` (ReLU: y > 0; tanh: 1 - y^2; sigmoid: y (1 - y)) and
-    ``colsum[j] = sum_i gp2[i, j]`` (the bias error of ``Y = f(A B + C)``), reading g and y once.
-    The ReLU multiplies by 0 or 1 (as ``g * (y > 0)`` does: a NaN error stays NaN). Whole rows
-    in the inner loops (so they vectorise), the branch on ``kind`` outside them."""
-    rows, cols = g2.shape
-    pieces = (rows + _ACTIVATION_ROWS - 1) // _ACTIVATION_ROWS
-    partial = np.zeros((pieces, cols))
-    for b in prange(pieces):
-        acc = partial[b]
-        for i in range(b * _ACTIVATION_ROWS, min(rows, (b + 1) * _ACTIVATION_ROWS)):
-            if kind == RELU:
-                for j in range(cols):
-                    d = g2[i, j] * (1.0 if y2[i, j] > 0 else 0.0)
-                    gp2[i, j] = d
-                    acc[j] += d
-            elif kind == TANH:
-                for j in range(cols):
-                    y = y2[i, j]
-                    d = g2[i, j] * (1.0 - y * y)
-                    gp2[i, j] = d
-                    acc[j] += d
-            else:
-                for j in range(cols):
-                    y = y2[i, j]
-                    d = g2[i, j] * (y * (1.0 - y))
-                    gp2[i, j] = d
-                    acc[j] += d
-    for j in range(cols):
-        total = 0.0
-        for b in range(pieces):
-            total += partial[b, j]
-        colsum[j] = total
+def _activation_vjp(g1, y1, kind, dx1):
+    """``dx1 = g1 * f'(x)`` from ``y1 = f(x)`` (flat arrays): ReLU y > 0, tanh 1 - y^2, sigmoid
+    y (1 - y); one read of g and y (numpy needs two or three passes and their temporaries). The
+    ReLU multiplies by 0 or 1, as ``g * (y > 0)`` does: a NaN error stays NaN."""
+    n = g1.size
+    for b in prange((n + _ACTIVATION_CHUNK - 1) // _ACTIVATION_CHUNK):
+        i0 = b * _ACTIVATION_CHUNK
+        i1 = min(n, i0 + _ACTIVATION_CHUNK)
+        _activation_piece(g1[i0:i1], y1[i0:i1], kind, dx1[i0:i1])
 
 
 bn_forward, bn_backward = _parallel(_bn_forward), _parallel(_bn_backward)
 bn_pool_forward, bn_pool_backward = _parallel(_bn_pool_forward), _parallel(_bn_pool_backward)
-activation_backward = _parallel(_activation_backward)
+activation_vjp = _parallel(_activation_vjp)
 
 
 def warm_up() -> None:
@@ -318,6 +308,5 @@ def warm_up() -> None:
         where = np.empty((2, 2, 2, 2), np.int32)
         bn_pool_forward(x, s, b, 1e-5, True, (2, 2, 2, 2, 1, 1, 0, 0), y, where, stats, coef)
         bn_pool_backward(x3, y.reshape(2, 2, 4), where.reshape(2, 2, 4), s, stats, np.empty_like(x3), d1, d2, coef)
-        y2 = x.reshape(4, 16)
         for kind in (RELU, TANH, SIGMOID):
-            activation_backward(y2, y2, kind, np.empty_like(y2), np.empty(16))
+            activation_vjp(x.reshape(-1), x.reshape(-1), kind, np.empty(x.size, dtype))

@@ -12,6 +12,7 @@ from functools import reduce
 
 import numpy as np
 
+from gradserve.worker import kernels
 from gradserve.worker.ops.conv import str_attr
 from gradserve.worker.ops.registry import OpError, defop, unbroadcast
 
@@ -104,26 +105,38 @@ defop("Log", lambda c, x: np.log(x), lambda c, g: g / c.x, keep="x")
 defop("Sqrt", lambda c, x: np.sqrt(x), lambda c, g: g * 0.5 / c.y, keep="y")
 defop("Reciprocal", lambda c, x: 1 / x, lambda c, g: -g * c.y * c.y, keep="y")
 defop("Abs", lambda c, x: np.abs(x), lambda c, g: g * np.sign(c.x), keep="x")
-defop("Tanh", lambda c, x: np.tanh(x), lambda c, g: g * (1 - c.y * c.y), keep="y")
-defop("Sigmoid", lambda c, x: _sigmoid(x), lambda c, g: g * c.y * (1 - c.y), keep="y")
+# Activations whose VJP the compiled kernels run in one pass from the output y: op type -> kernel code
+FAST_ACTIVATIONS = {"Relu": "RELU", "Tanh": "TANH", "Sigmoid": "SIGMOID"}
+_KERNEL_MIN_SIZE = 1 << 14  # below this, numba's call overhead outweighs the passes it saves
+
+
+def activation_vjp(op_type: str, y: np.ndarray, g: np.ndarray, min_size: int = _KERNEL_MIN_SIZE) -> np.ndarray | None:
+    """dL/dx = g * f'(x) for a :data:`FAST_ACTIVATIONS` op with output ``y``, in one compiled pass
+    (numpy takes two or three, with temporaries); None where the kernels cannot take it (no numba,
+    another dtype, a broadcast error, fewer than ``min_size`` elements)."""
+    k = kernels.get() if y.size >= min_size and y.dtype in (np.float32, np.float64) and g.shape == y.shape else None
+    if k is None:
+        return None
+    dx = np.empty(y.shape, y.dtype)
+    k.activation_vjp(np.ascontiguousarray(g, y.dtype).reshape(-1), np.ascontiguousarray(y).reshape(-1),
+                     getattr(k, FAST_ACTIVATIONS[op_type]), dx.reshape(-1))
+    return dx
+
+
+def _fast(op_type: str, numpy_vjp):
+    """The VJP of a :data:`FAST_ACTIVATIONS` op: the compiled pass, or ``numpy_vjp`` where it cannot run."""
+
+    def vjp(c, g):
+        dx = activation_vjp(op_type, c.y, g)
+        return numpy_vjp(c, g) if dx is None else dx
+
+    return vjp
+
+
+defop("Tanh", lambda c, x: np.tanh(x), _fast("Tanh", lambda c, g: g * (1 - c.y * c.y)), keep="y")
+defop("Sigmoid", lambda c, x: _sigmoid(x), _fast("Sigmoid", lambda c, g: g * c.y * (1 - c.y)), keep="y")
 defop("Softplus", lambda c, x: np.logaddexp(0, x), lambda c, g: g * _sigmoid(c.x), keep="x")
-_RELU_CHUNK = 1 << 16  # elements per piece of the Relu VJP: its mask stays in L1/L2
-
-
-def _relu_vjp(c, g):
-    y = c.y
-    if y.size < (1 << 17) or g.shape != y.shape or not (g.flags.c_contiguous and y.flags.c_contiguous):
-        return g * (y > 0)
-    out = np.empty(g.shape, g.dtype)
-    gf, yf, of = g.reshape(-1), y.reshape(-1), out.reshape(-1)
-    mask = np.empty(_RELU_CHUNK, np.bool_)
-    for i0 in range(0, y.size, _RELU_CHUNK):
-        i1 = min(i0 + _RELU_CHUNK, y.size)
-        np.multiply(gf[i0:i1], np.greater(yf[i0:i1], 0, out=mask[: i1 - i0]), out=of[i0:i1])
-    return out
-
-
-defop("Relu", lambda c, x: np.maximum(x, 0), _relu_vjp, keep="y")
+defop("Relu", lambda c, x: np.maximum(x, 0), _fast("Relu", lambda c, g: g * (c.y > 0)), keep="y")
 # alpha may be any sign, so the VJP reads x, not y.
 defop("LeakyRelu", lambda c, x: np.where(x > 0, x, x * float(c.attr("alpha", 0.01))),
       lambda c, g: np.where(c.x > 0, g, g * float(c.attr("alpha", 0.01))), keep="x")

@@ -16,6 +16,7 @@ import numpy as np
 
 from gradserve.worker import kernels
 from gradserve.worker.ops import blas
+from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS, activation_vjp
 from gradserve.worker.ops.registry import OpContext, OpError, defop, get_op, unbroadcast
 
 
@@ -151,40 +152,25 @@ defop("Gemm", _gemm, _gemm_vjp, keep=("x0", "x1"), merge=_gemm_merge)
 
 # -- Gemm followed by its activation, as one node ------------------------------------------------------
 # Made by the rewrite (gradserve.worker.rewrite) where a Gemm's only reader is one of these
-# activations: the VJP then gets the error before the activation, and the bias error with it, in one
-# compiled pass over the error and the output (numpy needs three: compare, multiply, sum), and the
-# product's output is never kept. Exact up to float rounding (the bias error is summed in float64).
+# activations: the VJP then gets the error before the activation in one compiled pass over the
+# error and the output (see elementwise.activation_vjp), and the product's output (the
+# activation's input) is never kept. Exact up to float rounding.
 FUSED_GEMM = "gradserve.GemmActivation"
-# activation op type -> the kernel's code for its derivative (written from the output y)
-GEMM_ACTIVATIONS = {"Relu": 0, "Tanh": 1, "Sigmoid": 2}
 
 
 def _gemm_activation(c, a, b, cin=None):
     if not kernels.available():
         raise OpError(f"{FUSED_GEMM} needs the compiled kernels (numba)")
     act = str(c.attr("activation"))
-    if act not in GEMM_ACTIVATIONS:
+    if act not in FAST_ACTIVATIONS:
         raise OpError(f"{FUSED_GEMM}: unknown activation '{act}'")
     y = _gemm(c, a, b, cin)
     return get_op(act).forward(OpContext({}, node=c.node), y)
 
 
 def _gemm_activation_vjp(c, g):
-    y = c.outputs[0]
-    g = np.ascontiguousarray(g, dtype=y.dtype)
-    pre = np.empty_like(g)  # the error before the activation
-    colsum = np.empty(g.shape[1])
-    kernels.get().activation_backward(g, np.ascontiguousarray(y), GEMM_ACTIVATIONS[str(c.attr("activation"))], pre, colsum)
-    need_c = len(c.needs) > 2 and c.needs[2]
-    da, db, dc = _gemm_vjp(dataclasses.replace(c, needs=tuple(c.needs[:2])), pre)
-    if need_c:
-        alpha, beta, _, _ = _gemm_args(c)
-        cin = c.inputs[2]
-        dc = (colsum.reshape(cin.shape) if cin.size == g.shape[1] and cin.shape[-1:] == g.shape[1:]
-              else unbroadcast(pre, cin.shape)).astype(y.dtype, copy=False)
-        if beta != 1.0:
-            dc = dc * beta
-    return da, db, dc
+    # the error before the activation (whatever its size: this op exists only with the kernels)
+    return _gemm_vjp(c, activation_vjp(str(c.attr("activation")), c.outputs[0], g, min_size=0))
 
 
 def _gemm_activation_merge(entries):
