@@ -132,3 +132,17 @@ def test_micro_batched_weight_errors_merge_into_one_product():
     assert "w0" not in direct and len(tapes[0].deferred) == 1
     merged = backward_deferred(program, tapes)
     np.testing.assert_allclose(merged["w0"], whole["w0"], rtol=1e-12)
+
+
+def test_fused_model_splits_into_micro_batches_and_plans_by_its_products():
+    """Planning sees the rewritten graph: the fused node keeps the batch rows where they are (so
+    the batch splits exactly) and costs what its product costs (so partitions stay balanced)."""
+    from gradcheck import assert_split_exact
+    from gradserve.server.planning.cost import node_flops
+
+    model, feeds = mlp(["Relu", "Tanh"], np.float64)
+    job = prepare(model, feeds)
+    fused = [n for n in job.nodes if n.op_type == FUSED_GEMM]
+    assert len(fused) == 2
+    assert_split_exact(model, feeds, parts=(3,))
+    assert node_flops(fused[0], job.shapes) == 2 * 9 * 6 * 6  # batch x out x in, multiply and add

@@ -35,6 +35,7 @@ import numpy as np
 
 from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
+from gradserve.worker.ops.linalg import FUSED_GEMM
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ class _Follower:
             return self.elementwise(node, tags)
         if op == "MatMul":
             return self.matmul(node, tags, rows)
-        if op == "Gemm":
+        if op in ("Gemm", FUSED_GEMM):  # the fused node's activation keeps the rows where they are
             if rows == [0] and axis == (1 if node.attrs.get("transA", 0) else 0):
                 c = self.shape(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
                 if c is not None and len(c) == 2 and c[0] != 1:
