@@ -59,12 +59,11 @@ def test_1f1b_is_a_valid_order(name: str, m: int) -> None:
 
 @pytest.mark.parametrize("name", sorted(LINKS))
 @pytest.mark.parametrize("m", [1, 2, 4])
-@pytest.mark.parametrize("r", [1, 2])
 @pytest.mark.parametrize("deferred", [True, False])
-def test_calls_keep_the_order_and_delay_nobody(name: str, m: int, r: int, deferred: bool) -> None:
+def test_calls_keep_the_order_and_delay_nobody(name: str, m: int, deferred: bool) -> None:
     links = LINKS[name]
     order = one_f_one_b(links, m)
-    grouped = calls(order, links, m, replicas=r, deferred=deferred)
+    grouped = calls(order, links, m, deferred=deferred)
     # Flattened, the calls hold every step once, each partition's steps in the schedule's order.
     flat = [s for call in grouped for s in call.steps]
     assert sorted(flat, key=order.index) == order and len(flat) == len(order)
@@ -78,10 +77,8 @@ def test_calls_keep_the_order_and_delay_nobody(name: str, m: int, r: int, deferr
             assert {s for s in _needs(step, links) if s.partition != call.partition} <= submitted
             # A step joins a call only when nothing the call made so far is read by others (or
             # it is a weight step with nothing left to compute: it only hands over the sums).
-            free = step.phase == WEIGHTS and not deferred and r == 1
+            free = step.phase == WEIGHTS and not deferred
             assert free or not any(_read_by_others(before, links) for before in call.steps[:i]), f"{step} delays others"
-            if step.phase == WEIGHTS and r > 1:
-                assert len(call.steps) == 1  # it waits for other replicas: a call of its own
         submitted |= set(call.steps)
 
 

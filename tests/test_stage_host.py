@@ -74,3 +74,25 @@ def test_cancelled_steps_return_placeholders() -> None:
     # The loss is missing and the weight step hands over nothing; the stage kept no state.
     assert host.run(_whole_job("j", np.ones((4, 3)), spec)) == (None, ({}, {}))
     assert host.stages["s"].job_count() == 0
+
+
+def test_a_kept_weight_step_and_its_reduce_sum_the_replicas() -> None:
+    """A replica with children in the reduction tree keeps its dL/dw; the later reduce call adds
+    the children's (here one, passed by value) and returns the sum with every replica's seconds."""
+    host, model, spec = _host()
+    rng = np.random.default_rng(1)
+    x0, x1 = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    child = host.run(_whole_job("child", x0, spec))[1]  # another replica's (grads, seconds)
+    steps = (("forward", 0, 1), ("backward", 0, 1, False), ("weights", 1, True))
+    kept = StageCall("s", "j", (1, 1), steps, ("x", spec.outputs[0]), (x1, np.asarray(1.0)), 1, to_driver=(0,))
+    (loss,) = host.run(kept)  # the weight step gave no result: only the loss
+    assert ("j", "s") in host.kept
+    reduce = StageCall("s", "j", (1, 1), (("reduce", 1, 1),), ("",), (BY_REF,), 1, to_driver=(0,))
+    ((grads, seconds),) = host.run(reduce, child)
+    whole = gradserve.local().gradients(model, {"x": np.concatenate([x0, x1])})
+    assert np.allclose(grads["w"], whole.grads["w"]) and set(seconds) == {0, 1}
+    assert not host.kept
+    # A job aborted between the two calls leaves nothing kept behind.
+    host.run(StageCall("s", "k", (1, 1), steps, ("x", spec.outputs[0]), (x1, np.asarray(1.0)), 1, to_driver=(0,)))
+    host.end_job("k")
+    assert not host.kept

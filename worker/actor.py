@@ -42,9 +42,13 @@ class StageCall:
       boundary inputs, labelled by ``names``); results: the partition's outputs;
     - ``("backward", mb, n, defer)``: errors at the outputs in (the next ``n`` values, repeated
       names when several partitions sent one); results: errors at the boundary inputs;
-    - ``("weights", replica, n)``: one result, dL/dw of the job and this stage's compute seconds
-      per replica, with the next ``n`` values -- other replicas' results for this stage -- summed
-      in (a reduction tree instead of every replica's dL/dw travelling to the driver). Ends the job.
+    - ``("weights", replica, keep)``: dL/dw of the job and this stage's compute seconds per
+      replica -- one result, or, with ``keep``, none: they stay here for a later ``reduce``. Ends
+      the job's computing on this stage.
+    - ``("reduce", replica, n)``: one result: the kept dL/dw with the next ``n`` values (other
+      replicas' results for this stage) summed in -- a reduction tree instead of every replica's
+      dL/dw travelling to the driver. A call of its own, so waiting for the other replicas never
+      holds up this replica's own weight step.
 
     ``values``: one per name, in order: a value carried here (small feeds, loss seeds) or
     :data:`BY_REF`. ``threads``: BLAS threads for (forward/backward steps, the weight step).
@@ -69,6 +73,7 @@ class StageHost:
         self.cancelled: set[str] = set()
         self.failed: dict[str, BaseException] = {}  # job id -> the error one of its steps raised here
         self.ended: OrderedDict[str, None] = OrderedDict()  # jobs aborted here lately: their late steps are no-ops
+        self.kept: dict[tuple[str, str], tuple[dict, dict]] = {}  # (job, stage key) -> dL/dw awaiting a reduce
         self.blas = ThreadpoolController()  # BLAS threads are set per step by the engine
         keep_freed_memory()
         kernels.warm_up()  # compiled kernels loaded (or compiled, once per machine) before any job
@@ -103,7 +108,8 @@ class StageHost:
         at = 0
         try:
             for step in call.steps:
-                phase, n = step[0], step[2]
+                phase = step[0]
+                n = 0 if phase == "weights" else step[2]  # values this step reads
                 args, labels = values[at:at + n], call.names[at:at + n]
                 at += n
                 cancelled = job_id in self.cancelled
@@ -119,17 +125,24 @@ class StageHost:
                         continue
                     with self.blas.limit(limits=call.threads[0], user_api="blas"), kernels.threads(call.threads[0]):
                         out += stage.backward(job_id, step[1], list(zip(labels, args)), step[3])
-                else:
+                elif phase == "weights":
                     if cancelled:
-                        out.append(({}, {}))
-                        continue
-                    with self.blas.limit(limits=call.threads[1], user_api="blas"), kernels.threads(call.threads[1]):
-                        grads, seconds = stage.weight_grads(job_id)
-                    by_replica = {step[1]: seconds}
-                    for other_grads, other_seconds in args:  # other replicas' results: summed here
-                        for name, g in other_grads.items():
-                            grads[name] = grads[name] + g if name in grads else g
-                        by_replica.update(other_seconds)
+                        grads, by_replica = {}, {}
+                    else:
+                        with self.blas.limit(limits=call.threads[1], user_api="blas"), kernels.threads(call.threads[1]):
+                            grads, seconds = stage.weight_grads(job_id)
+                        by_replica = {step[1]: seconds}
+                    if step[2]:
+                        self.kept[job_id, call.key] = (grads, by_replica)
+                    else:
+                        out.append((grads, by_replica))
+                else:  # reduce: other replicas' results summed into the kept one
+                    grads, by_replica = self.kept.pop((job_id, call.key), ({}, {}))
+                    if not cancelled:
+                        for other_grads, other_seconds in args:
+                            for name, g in other_grads.items():
+                                grads[name] = grads[name] + g if name in grads else g
+                            by_replica.update(other_seconds)
                     out.append((grads, by_replica))
         except BaseException as exc:
             self.failed[job_id] = exc
@@ -146,6 +159,8 @@ class StageHost:
         once they are done or skipped."""
         for stage in self.stages.values():
             stage.end_job(job_id)
+        for kept in [k for k in self.kept if k[0] == job_id]:
+            del self.kept[kept]
         self.cancelled.discard(job_id)
         self.failed.pop(job_id, None)
         self.ended[job_id] = None

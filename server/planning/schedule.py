@@ -129,20 +129,19 @@ def _merge(orders: list[list[Step]], links: Links, micro_batches: int) -> list[S
     return out
 
 
-def calls(steps: Sequence[Step], links: Links, micro_batches: int, replicas: int = 1, deferred: bool = True) -> list[Call]:
+def calls(steps: Sequence[Step], links: Links, micro_batches: int, deferred: bool = True) -> list[Call]:
     """Group ``steps`` (in submission order) into actor calls, keeping that order (module docs).
-    With several replicas a weight step waits for other replicas' (their dL/dw is summed into
-    it), so it gets a call of its own. Without ``deferred`` weight work (the backwards computed
-    dL/dw as they went) a weight step only hands over the sums: it joins any call, delaying nobody."""
+    A weight step needs only its own partition's earlier steps (other replicas' dL/dw are summed
+    into it by a later call of the engine's, see :func:`reduction_children`). Without ``deferred``
+    weight work (the backwards computed dL/dw as they went) a weight step only hands over the sums:
+    it joins any call, delaying nobody."""
     out: list[Call] = []
     # partition -> its latest call, what that call waits for, whether others read its results
     open_call: dict[int, tuple[Call, set[Step], bool]] = {}
     for step in steps:
         needs = _needs(step, links, micro_batches)
-        if step.phase == WEIGHTS and replicas > 1:
-            needs = {Step(WEIGHTS, -1)}  # another replica's: never part of an earlier call
         current = open_call.get(step.partition)
-        free = step.phase == WEIGHTS and not deferred and replicas == 1  # costs nothing: delays nobody
+        free = step.phase == WEIGHTS and not deferred  # costs nothing: delays nobody
         if current is not None and (free or not current[2]) and needs <= current[1]:
             call, call_needs, read = current
             call.steps.append(step)

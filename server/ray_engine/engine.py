@@ -33,7 +33,7 @@ from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.partition import Plan, plan_job
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.planning.schedule import (
-    BACKWARD, FORWARD, Call, Links, calls, one_f_one_b, reduction_children, reduction_parent,
+    BACKWARD, FORWARD, WEIGHTS, Call, Links, calls, one_f_one_b, reduction_children, reduction_parent,
 )
 from gradserve.server.ray_engine import scheduler
 from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
@@ -66,12 +66,12 @@ class _PlanEntry:
     def stage(self, partition: int) -> str:
         return f"{self.key}/{partition}"
 
-    def program(self, m: int, r: int, deferred: bool) -> list[Call]:
+    def program(self, m: int, deferred: bool) -> list[Call]:
         """One replica's actor calls for ``m`` micro-batches: the 1F1B schedule, steps grouped
-        into calls (:mod:`gradserve.server.planning.schedule`); made once per (m, r, deferred)."""
-        key = (m, r, deferred)
+        into calls (:mod:`gradserve.server.planning.schedule`); made once per (m, deferred)."""
+        key = (m, deferred)
         if key not in self._programs:
-            self._programs[key] = calls(one_f_one_b(self.links, m), self.links, m, replicas=r, deferred=deferred)
+            self._programs[key] = calls(one_f_one_b(self.links, m), self.links, m, deferred=deferred)
         return self._programs[key]
 
 
@@ -492,7 +492,7 @@ class RayEngine:
         errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in acts}  # errors sent back
         children = reduction_children(replica, r)
         root = reduction_parent(replica, r) is None
-        for call in dep.entry.program(m, r, defer):
+        for call in dep.entry.program(m, defer):
             p = call.partition
             spec = specs[p]
             program, names, values, refs, results, events = [], [], [], [], [], []
@@ -524,11 +524,10 @@ class RayEngine:
                             take(v, ref)
                     program.append((BACKWARD, c, len(names) - start, defer))
                     results += [("err", c, v, v not in spec.inputs) for v in spec.wrt_inputs]
-                else:  # weights: this replica's dL/dw, plus its children's in the reduction tree
-                    for child in children:
-                        take("", steps.weights[(child, p)])
-                    program.append(("weights", replica, len(names) - start))
-                    results.append(("weights", -1, "", root))
+                else:  # weights: this replica's dL/dw; kept on the actor if a reduce adds its children's
+                    program.append(("weights", replica, bool(children)))
+                    if not children:
+                        results.append(("weights", -1, "", root))
                 if step.phase in (FORWARD, BACKWARD):
                     events.append(ProgressEvent(
                         step.phase, p, step.micro_batch, replica, node=dep.where[replica][p]["node_id"],
@@ -560,11 +559,26 @@ class RayEngine:
                     else:
                         errs[c].setdefault(v, []).append(out)
                 else:
-                    if driver:
-                        steps.roots.append(out)
-                        steps.root_keys.append((p, replica))
-                    else:
-                        steps.weights[(replica, p)] = out
+                    self._weights_result(steps, replica, p, out, driver)
+            if children and any(step.phase == WEIGHTS for step in call.steps):
+                # The reduction tree's sum, in a call of its own: the children's dL/dw arrive while
+                # this replica computes its own, instead of holding up the call that computes it.
+                kids = [steps.weights[(child, p)] for child in children]
+                reduce = StageCall(dep.keys[p], job_id, threads[replica][p], (("reduce", replica, len(kids)),),
+                                   ("",) * len(kids), (BY_REF,) * len(kids), 1, (0,) if root else ())
+                out = actors[p].run.remote(reduce, *kids)
+                steps.markers[out] = []
+                steps.refs.append(out)
+                self._weights_result(steps, replica, p, (out, 0) if root else out, root)
+
+    @staticmethod
+    def _weights_result(steps: "_Submitted", replica: int, p: int, out, root: bool) -> None:
+        """Record where partition ``p``'s dL/dw of ``replica`` (summed over its reduction subtree) will be."""
+        if root:
+            steps.roots.append(out)
+            steps.root_keys.append((p, replica))
+        else:
+            steps.weights[(replica, p)] = out
 
     def _watch(self, markers: dict, report, cancelled: threading.Event | None) -> None:
         """Wait for every step, reporting progress; raise the first failure or JobCancelled."""
