@@ -424,11 +424,26 @@ def _gelu_tanh(c) -> bool:
     return approximate == "tanh"
 
 
+def _gelu_compiled(x: np.ndarray, g: np.ndarray | None = None) -> np.ndarray | None:
+    """GELU's erf form of ``x``, or with ``g`` its VJP ``g * GELU'(x)``, in one compiled pass
+    (numpy takes ~25 passes for the erf alone); None where the kernels cannot take it."""
+    fits = x.size >= _KERNEL_MIN_SIZE and x.dtype in (np.float32, np.float64) and (g is None or g.shape == x.shape)
+    k = kernels.get() if fits else None
+    if k is None:
+        return None
+    out = np.empty(x.shape, x.dtype)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    k.gelu(flat, flat[:0] if g is None else np.ascontiguousarray(g, x.dtype).reshape(-1), x.dtype == np.float64,
+           out.reshape(-1))
+    return out
+
+
 def _gelu(c, x):
     # Both forms are written in torch's order of operations, so float64 agrees to the last bits.
     if _gelu_tanh(c):
         return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x)))
-    return x * 0.5 * (1.0 + _erf(x * _SQRT_HALF))
+    y = _gelu_compiled(x)
+    return x * 0.5 * (1.0 + _erf(x * _SQRT_HALF)) if y is None else y
 
 
 def _gelu_vjp(c, g):
@@ -437,6 +452,9 @@ def _gelu_vjp(c, g):
         t = np.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x))
         dt = _SQRT_2_OVER_PI * (1.0 + 3 * _GELU_KAPPA * x * x)
         return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt)
+    dx = _gelu_compiled(x, g)
+    if dx is not None:
+        return dx
     # Phi(x) + x phi(x), with Phi the normal CDF and phi its density.
     return g * (0.5 * (1.0 + _erf(x * _SQRT_HALF)) + x * _RSQRT_2PI * np.exp(-0.5 * x * x))
 

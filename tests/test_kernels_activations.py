@@ -1,19 +1,19 @@
-"""The compiled activation VJP (ReLU, tanh, sigmoid) and the fused Gemm + activation node
-(gradserve.GemmActivation): the kernel against numpy, the node against finite differences, the
-rewrite against the unfused graph (within float rounding), micro-batched weight errors, and where
-the rewrite must not apply."""
+"""The compiled activation kernels -- the ReLU / tanh / sigmoid VJP, GELU and its VJP -- and the
+fused Gemm + activation node (gradserve.GemmActivation): the kernels against numpy and against
+finite differences, the rewrite against the unfused graph (within float rounding), micro-batched
+weight errors, and where the rewrite must not apply."""
 
 import numpy as np
 import pytest
 
-from gradcheck import check_vjp
+from gradcheck import check_vjp, run_op
 from gradserve.server.inline import InlineEngine
 from gradserve.server.planning.prepare import prepare
 from gradserve.worker import kernels
 from gradserve.worker.autodiff import backward, backward_deferred, compile_program, forward
 from gradserve.worker.graph import InputSpec, Model, Node
 from gradserve.worker.ops import OpContext, get_op
-from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS, activation_vjp
+from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS, _erf, _gelu_compiled, activation_vjp
 from gradserve.worker.ops.linalg import FUSED_GEMM
 from test_kernels_norm import unfused
 
@@ -48,6 +48,38 @@ def test_relu_kernel_keeps_nan_errors_like_numpy():
     g = np.array([np.nan, 1.0, np.inf], np.float32)
     y = np.array([0.0, 0.0, 2.0], np.float32)
     np.testing.assert_array_equal(activation_vjp("Relu", y, g, min_size=0), g * (y > 0))
+
+
+def gelu_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GELU (erf form) and its derivative in float64, with the standard library's erf."""
+    import math
+
+    x = x.astype(np.float64)
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    return x * cdf, cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_kernel_matches_the_reference(dtype):
+    """Large enough for the compiled pass (checked: the kernel is what ran), values spanning the
+    approximation's clip at |x/sqrt(2)| = 4 and beyond."""
+    x = (rng.standard_normal((130, 300)) * 4).astype(dtype)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    y_want, d_want = gelu_reference(x)
+    assert _gelu_compiled(x) is not None
+    y = run_op("Gelu", [x])[0]
+    ctx = OpContext({}, inputs=[x], needs=(True,))
+    dx = get_op("Gelu").vjp(ctx, g)
+    tol = 2e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(y, y_want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx, g * d_want, rtol=tol, atol=tol * 10)
+    # non-finite inputs give what numpy's formula gives
+    special = np.tile(np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 30.0, -30.0], dtype), 3000)
+    np.testing.assert_array_equal(_gelu_compiled(special), special * 0.5 * (1.0 + _erf(special * np.sqrt(0.5))))
+
+
+def test_gelu_kernel_vjp_matches_finite_differences():
+    check_vjp("Gelu", [rng.standard_normal((40, 500)) * 3])
 
 
 CASES = {  # attrs, A shape, B shape, C shape (None: no C)
