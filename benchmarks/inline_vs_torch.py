@@ -4,7 +4,7 @@
 
 Times one full gradient computation (forward + backward, loss and dL/dw for every parameter):
 torch autograd on the torch model, and gradserve's inline engine on the same model exported to
-ONNX. Targets (issue 12): ratio <= 1.05 on the MLP, <= 1.3 on the CNN.
+ONNX. Targets (issue 12): ratio <= 1.05 on the MLP, <= 1.3 on the CNN (the FFN block has none).
 
 The compiled kernels' one-off cost is reported apart: compiling them all into an empty cache
 (what the first run on a machine pays) and loading them from the cache (what every new process
@@ -90,13 +90,22 @@ def run_side(side: str, case: str, repeat: int) -> dict:
     return {"name": name, "seconds": median_seconds(step, repeat)}
 
 
-CASES = {"mlp": mlp_case, "cnn": cnn_case}
+def ffn_case():
+    """A transformer's feed-forward block (Linear, GELU, Linear on (batch, sequence, features)):
+    no target, it shows the elementwise kernels (GELU) beside the products."""
+    torch.manual_seed(0)
+    net = WithLoss(nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)), "mse")
+    x, y = torch.randn(16, 128, 256), torch.randn(16, 128, 256)
+    return "FFN 256-1024-256 GELU, 16 x 128 tokens, float32", net, x, y
+
+
+CASES = {"mlp": mlp_case, "cnn": cnn_case, "ffn": ffn_case}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per model (median reported)")
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of: mlp, cnn")
+    parser.add_argument("--models", default="mlp,cnn,ffn", help="comma-separated subset of: mlp, cnn, ffn")
     parser.add_argument("--rounds", type=int, default=3,
                         help="times each side is run, alternating, each in a fresh process (this machine's speed "
                              "drifts by several percent over minutes; the ratio reported is the median of the rounds)")

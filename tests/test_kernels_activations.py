@@ -13,7 +13,7 @@ from gradserve.worker import kernels
 from gradserve.worker.autodiff import backward, backward_deferred, compile_program, forward
 from gradserve.worker.graph import InputSpec, Model, Node
 from gradserve.worker.ops import OpContext, get_op
-from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS, _erf, _gelu_compiled, activation_vjp
+from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS, _erf, activation_vjp, erf_compiled
 from gradserve.worker.ops.linalg import FUSED_GEMM
 from test_kernels_norm import unfused
 
@@ -66,7 +66,7 @@ def test_gelu_kernel_matches_the_reference(dtype):
     x = (rng.standard_normal((130, 300)) * 4).astype(dtype)
     g = rng.standard_normal(x.shape).astype(dtype)
     y_want, d_want = gelu_reference(x)
-    assert _gelu_compiled(x) is not None
+    assert erf_compiled("GELU", x) is not None
     y = run_op("Gelu", [x])[0]
     ctx = OpContext({}, inputs=[x], needs=(True,))
     dx = get_op("Gelu").vjp(ctx, g)
@@ -75,11 +75,28 @@ def test_gelu_kernel_matches_the_reference(dtype):
     np.testing.assert_allclose(dx, g * d_want, rtol=tol, atol=tol * 10)
     # non-finite inputs give what numpy's formula gives
     special = np.tile(np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 30.0, -30.0], dtype), 3000)
-    np.testing.assert_array_equal(_gelu_compiled(special), special * 0.5 * (1.0 + _erf(special * np.sqrt(0.5))))
+    np.testing.assert_array_equal(erf_compiled("GELU", special), special * 0.5 * (1.0 + _erf(special * np.sqrt(0.5))))
 
 
-def test_gelu_kernel_vjp_matches_finite_differences():
-    check_vjp("Gelu", [rng.standard_normal((40, 500)) * 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_erf_kernel_matches_the_standard_library(dtype):
+    import math
+
+    x = (rng.standard_normal((130, 300)) * 2).astype(dtype)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    assert erf_compiled("ERF", x) is not None
+    want = np.vectorize(math.erf)(x.astype(np.float64))
+    tol = 2e-7 if dtype == np.float32 else 1e-15
+    np.testing.assert_allclose(run_op("Erf", [x])[0], want, rtol=tol, atol=tol)
+    dx = get_op("Erf").vjp(OpContext({}, inputs=[x], needs=(True,)), g)
+    np.testing.assert_allclose(dx, g * 2 / math.sqrt(math.pi) * np.exp(-x.astype(np.float64) ** 2), rtol=tol * 10, atol=tol)
+    special = np.tile(np.array([np.inf, -np.inf, np.nan, 0.0, 10.0, -10.0], dtype), 4000)
+    np.testing.assert_array_equal(erf_compiled("ERF", special), _erf(special))
+
+
+@pytest.mark.parametrize("op", ["Gelu", "Erf"])
+def test_erf_family_vjps_match_finite_differences(op):
+    check_vjp(op, [rng.standard_normal((40, 500)) * 2])
 
 
 CASES = {  # attrs, A shape, B shape, C shape (None: no C)

@@ -289,12 +289,13 @@ def _activation_vjp(g1, y1, kind, dx1):
         _activation_piece(g1[i0:i1], y1[i0:i1], kind, dx1[i0:i1])
 
 
-# -- GELU (the erf form) and its VJP, one pass each --------------------------------------------------
-# numpy spends ~25 passes over memory on erf (a rational function, term by term) and more on GELU's
-# VJP; here each element is done in registers. Arithmetic in float64. The erf is libm's when
+# -- erf and GELU (its erf form), and their VJPs, one pass each ---------------------------------------
+# numpy spends ~25 passes over memory on erf (a rational function, term by term) and more on the
+# VJPs; here each element is done in registers. Arithmetic in float64. The erf is libm's when
 # ``exact`` (float64 data), else Eigen's single-precision rational approximation (a few float32 ulp,
 # as numpy's float32 path computes it). GELU's tanh form stays with numpy, whose vectorised tanh
 # beats a scalar one here.
+ERF, GELU = 0, 1  # function codes
 _SQRT_HALF, _RSQRT_2PI = 0.7071067811865476, 0.3989422804014327
 
 
@@ -319,10 +320,24 @@ def _erf32(x):
     return min(max(x * p / q, -1.0), 1.0)
 
 
+@numba.njit(inline="always", fastmath=_FAST, **_JIT)
+def _exp(x, exact):
+    # float32 data: float32's exp is 2.5x faster than float64's (libm's, not vectorised)
+    return math.exp(x) if exact else np.float64(math.exp(np.float32(x)))
+
+
 @numba.njit(fastmath=_FAST, **_JIT)
-def _gelu_piece(x1, g1, exact, out1):
-    # Four plain loops, the branches outside them: the approximate forward vectorises.
-    if g1.size == 0:
+def _erf_piece(x1, g1, kind, exact, out1):
+    # Plain loops with the branches outside them, so the forwards vectorise.
+    forward = g1.size == 0
+    if kind == ERF and forward:
+        if exact:
+            for i in range(x1.size):
+                out1[i] = math.erf(np.float64(x1[i]))
+        else:
+            for i in range(x1.size):
+                out1[i] = _erf32(np.float64(x1[i]))
+    elif forward:
         if exact:
             for i in range(x1.size):
                 x = np.float64(x1[i])
@@ -331,31 +346,28 @@ def _gelu_piece(x1, g1, exact, out1):
             for i in range(x1.size):
                 x = np.float64(x1[i])
                 out1[i] = x * 0.5 * (1.0 + _erf32(x * _SQRT_HALF))
-    elif exact:
+    else:  # GELU'(x) = Phi(x) + x phi(x)
         for i in range(x1.size):
             x = np.float64(x1[i])
-            out1[i] = g1[i] * (0.5 * (1.0 + math.erf(x * _SQRT_HALF)) + x * _RSQRT_2PI * math.exp(-0.5 * x * x))
-    else:  # float32 data: float32's exp is 2.5x faster than float64's (libm, not vectorised)
-        for i in range(x1.size):
-            x = np.float64(x1[i])
-            density = np.float64(math.exp(np.float32(-0.5 * x * x)))
-            out1[i] = g1[i] * (0.5 * (1.0 + _erf32(x * _SQRT_HALF)) + x * _RSQRT_2PI * density)
+            cdf = 0.5 * (1.0 + (math.erf(x * _SQRT_HALF) if exact else _erf32(x * _SQRT_HALF)))
+            out1[i] = g1[i] * (cdf + x * _RSQRT_2PI * _exp(-0.5 * x * x, exact))
 
 
 @numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
-def _gelu(x1, g1, exact, out1):
-    """GELU (erf form) of flat ``x1`` into ``out1`` when ``g1`` is empty, else its VJP
-    ``g1 * GELU'(x1)``; ``exact``: libm's erf, else float32's approximation."""
+def _erf_family(x1, g1, kind, exact, out1):
+    """``kind`` (:data:`ERF` or :data:`GELU`, erf form) of flat ``x1`` into ``out1`` when ``g1``
+    is empty, else GELU's VJP ``g1 * GELU'(x1)`` (erf's is numpy's: one exp, which numpy
+    vectorises); ``exact``: libm's erf (else float32's approximation)."""
     n = x1.size
     for b in prange((n + _ACTIVATION_CHUNK - 1) // _ACTIVATION_CHUNK):
         i0 = b * _ACTIVATION_CHUNK
         i1 = min(n, i0 + _ACTIVATION_CHUNK)
-        _gelu_piece(x1[i0:i1], g1[i0:i1] if g1.size else g1, exact, out1[i0:i1])
+        _erf_piece(x1[i0:i1], g1[i0:i1] if g1.size else g1, kind, exact, out1[i0:i1])
 
 
 bn_forward, bn_backward = _parallel(_bn_forward), _parallel(_bn_backward)
 bn_pool_forward, bn_pool_backward = _parallel(_bn_pool_forward), _parallel(_bn_pool_backward)
-activation_vjp, gelu = _parallel(_activation_vjp), _parallel(_gelu)
+activation_vjp, erf_family = _parallel(_activation_vjp), _parallel(_erf_family)
 
 
 def warm_up() -> None:
@@ -376,5 +388,5 @@ def warm_up() -> None:
         bn_pool_backward(x3, y.reshape(2, 2, 4), where.reshape(2, 2, 4), s, stats, np.empty_like(x3), d1, d2, coef)
         for kind in (RELU, TANH, SIGMOID):
             activation_vjp(x.reshape(-1), x.reshape(-1), kind, np.empty(x.size, dtype))
-        for g in (x.reshape(-1)[:0], x.reshape(-1)):  # forward, VJP
-            gelu(x.reshape(-1), g, dtype == np.float64, np.empty(x.size, dtype))
+        for kind, g in ((ERF, x.reshape(-1)[:0]), (GELU, x.reshape(-1)[:0]), (GELU, x.reshape(-1))):
+            erf_family(x.reshape(-1), g, kind, dtype == np.float64, np.empty(x.size, dtype))

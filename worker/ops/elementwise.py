@@ -140,7 +140,13 @@ defop("Relu", lambda c, x: np.maximum(x, 0), _fast("Relu", lambda c, g: g * (c.y
 # alpha may be any sign, so the VJP reads x, not y.
 defop("LeakyRelu", lambda c, x: np.where(x > 0, x, x * float(c.attr("alpha", 0.01))),
       lambda c, g: np.where(c.x > 0, g, g * float(c.attr("alpha", 0.01))), keep="x")
-defop("Erf", lambda c, x: _erf(x), lambda c, g: g * (_TWO_OVER_SQRT_PI * np.exp(-c.x * c.x)), keep="x")
+def _erf_op(c, x):
+    y = erf_compiled("ERF", x)
+    return _erf(x) if y is None else y
+
+
+# The VJP stays numpy's: one exp, which numpy vectorises and a compiled loop would not.
+defop("Erf", _erf_op, lambda c, g: g * (_TWO_OVER_SQRT_PI * np.exp(-c.x * c.x)), keep="x")
 
 
 # -- erf ------------------------------------------------------------------------------------------------
@@ -424,17 +430,18 @@ def _gelu_tanh(c) -> bool:
     return approximate == "tanh"
 
 
-def _gelu_compiled(x: np.ndarray, g: np.ndarray | None = None) -> np.ndarray | None:
-    """GELU's erf form of ``x``, or with ``g`` its VJP ``g * GELU'(x)``, in one compiled pass
-    (numpy takes ~25 passes for the erf alone); None where the kernels cannot take it."""
+def erf_compiled(kind: str, x: np.ndarray, g: np.ndarray | None = None) -> np.ndarray | None:
+    """``kind`` ("ERF" or "GELU", its erf form) of ``x``, or with ``g`` GELU's VJP ``g * GELU'(x)``,
+    in one compiled pass (numpy takes ~25 passes for the erf alone); None where the kernels cannot
+    take it (no numba, another dtype, a broadcast error, a small array)."""
     fits = x.size >= _KERNEL_MIN_SIZE and x.dtype in (np.float32, np.float64) and (g is None or g.shape == x.shape)
     k = kernels.get() if fits else None
     if k is None:
         return None
     out = np.empty(x.shape, x.dtype)
     flat = np.ascontiguousarray(x).reshape(-1)
-    k.gelu(flat, flat[:0] if g is None else np.ascontiguousarray(g, x.dtype).reshape(-1), x.dtype == np.float64,
-           out.reshape(-1))
+    k.erf_family(flat, flat[:0] if g is None else np.ascontiguousarray(g, x.dtype).reshape(-1), getattr(k, kind),
+                 x.dtype == np.float64, out.reshape(-1))
     return out
 
 
@@ -442,7 +449,7 @@ def _gelu(c, x):
     # Both forms are written in torch's order of operations, so float64 agrees to the last bits.
     if _gelu_tanh(c):
         return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x)))
-    y = _gelu_compiled(x)
+    y = erf_compiled("GELU", x)
     return x * 0.5 * (1.0 + _erf(x * _SQRT_HALF)) if y is None else y
 
 
@@ -452,7 +459,7 @@ def _gelu_vjp(c, g):
         t = np.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x))
         dt = _SQRT_2_OVER_PI * (1.0 + 3 * _GELU_KAPPA * x * x)
         return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt)
-    dx = _gelu_compiled(x, g)
+    dx = erf_compiled("GELU", x, g)
     if dx is not None:
         return dx
     # Phi(x) + x phi(x), with Phi the normal CDF and phi its density.

@@ -25,6 +25,15 @@ def _t(a: np.ndarray) -> np.ndarray:
     return a.T if a.ndim == 2 else np.swapaxes(a, -1, -2)
 
 
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.matmul``, with a stack of matrices times one matrix as one product over all their rows:
+    numpy would run one small BLAS call per matrix of the stack (a (16, 128, 256) activation times
+    a (256, 1024) weight: 16 products of 128 rows, at about half the speed of one of 2048)."""
+    if a.ndim > 2 and b.ndim == 2 and a.size and a.shape[-1] == b.shape[0]:
+        return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + b.shape[-1:])
+    return np.matmul(a, b)
+
+
 def _matmul_vjp(c, g):
     a, b = c.inputs
     if a.ndim == 1 and b.ndim == 1:  # a dot product: g is a scalar
@@ -37,7 +46,7 @@ def _matmul_vjp(c, g):
     g2 = g2 if b.ndim > 1 else g2[..., None]
     da = db = None
     if c.needs[0]:
-        da = unbroadcast(np.matmul(g2, _t(b2)), a2.shape).reshape(a.shape)
+        da = unbroadcast(_matmul(g2, _t(b2)), a2.shape).reshape(a.shape)
     if c.needs[1]:
         if b2.ndim == 2 and a2.ndim > 2:
             # Weight shared across the batch: fold the batch into the rows, one BLAS call.
@@ -75,7 +84,7 @@ def _matmul_merge(entries):
     return _stack_rows(flat, 0, 0)
 
 
-defop("MatMul", lambda c, a, b: np.matmul(a, b), _matmul_vjp, keep="x", merge=_matmul_merge)
+defop("MatMul", lambda c, a, b: _matmul(a, b), _matmul_vjp, keep="x", merge=_matmul_merge)
 
 
 def _gemm_args(c):
