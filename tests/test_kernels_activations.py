@@ -5,8 +5,12 @@ weight errors, and where the rewrite must not apply."""
 
 import numpy as np
 import pytest
+import torch
+
+import gradserve
 
 from gradcheck import check_vjp, run_op
+from torch_oracle import check_module
 from gradserve.server.inline import InlineEngine
 from gradserve.server.planning.prepare import prepare
 from gradserve.worker import kernels
@@ -195,3 +199,77 @@ def test_fused_model_splits_into_micro_batches_and_plans_by_its_products():
     assert len(fused) == 2
     assert_split_exact(model, feeds, parts=(3,))
     assert node_flops(fused[0], job.shapes) == 2 * 9 * 6 * 6  # batch x out x in, multiply and add
+
+
+# -- GELU written out with Erf (torch's exports below opset 20) becomes one Gelu node ----------------
+class FFNLoss(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+
+    def forward(self, x, y):
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_legacy_gelu_export_runs_as_one_gelu_and_matches_torch(dtype, tmp_path):
+    """The TorchScript exporter (opset 17) writes nn.GELU() as Div, Erf, Add, Mul, Mul: the job runs
+    one Gelu node (with enough elements for the compiled pass) and its gradients equal torch's."""
+    torch.manual_seed(0)
+    args = [torch.randn(4, 128, 32, dtype=dtype), torch.randn(4, 128, 8, dtype=dtype)]
+    module = FFNLoss().to(dtype)
+    result = check_module(module, args, ["x", "y"], tmp_path, exporter="legacy")
+    model = gradserve.load_onnx(tmp_path / "FFNLoss-legacy.onnx")
+    job = prepare(model, {"x": args[0].numpy(), "y": args[1].numpy()})
+    assert [n.op_type for n in job.nodes].count("Gelu") == 1 and "Erf" not in [n.op_type for n in job.nodes]
+    assert any("run as one Gelu" in r for r in job.rewrites)
+    assert np.isfinite(result.loss)
+
+
+def erf_gelu(order: str, dtype, sqrt2: float = float(np.sqrt(2.0)), extra_reader: bool = False):
+    """x -> GELU written out (``order``: "x first" multiplies by x then 0.5, "half first" the other
+    way, "times" scales by 1/sqrt(2) instead of dividing) -> sum of squares."""
+    consts = {"s": np.asarray(sqrt2 if order != "times" else 1 / sqrt2, dtype), "one": np.asarray(1.0, dtype),
+              "half": np.asarray(0.5, dtype)}
+    nodes = [Node("scale", "Mul" if order == "times" else "Div", ["x", "s"], ["d"]), Node("erf", "Erf", ["d"], ["e"]),
+             Node("plus", "Add", ["one", "e"], ["a"])]
+    if order == "half first":
+        nodes += [Node("m1", "Mul", ["half", "a"], ["m"]), Node("m2", "Mul", ["x", "m"], ["g"])]
+    else:
+        nodes += [Node("m1", "Mul", ["x", "a"], ["m"]), Node("m2", "Mul", ["m", "half"], ["g"])]
+    nodes += [Node("sq", "Mul", ["g", "g"], ["sq"]), Node("sum", "ReduceSum", ["sq"], ["loss"], {"keepdims": 0})]
+    if extra_reader:
+        nodes[-1:] = [Node("s1", "ReduceSum", ["sq"], ["l1"], {"keepdims": 0}),
+                      Node("s2", "ReduceSum", ["e"], ["l2"], {"keepdims": 0}), Node("add", "Add", ["l1", "l2"], ["loss"])]
+    model = Model(nodes, [InputSpec("x", np.dtype(dtype), (None, 50))], {"w": np.ones(50, dtype)}, "loss", constants=consts)
+    model.nodes.insert(0, Node("mw", "Mul", ["x0", "w"], ["x"]))  # a parameter before it, so dL/dw exists
+    model.inputs = [InputSpec("x0", np.dtype(dtype), (None, 50))]
+    return model, {"x0": (rng.standard_normal((400, 50)) * 2).astype(dtype)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("order", ["x first", "half first", "times"])
+def test_gelu_rewrite_within_rounding(order, dtype):
+    model, feeds = erf_gelu(order, dtype)
+    job = prepare(model, feeds)
+    assert [n.op_type for n in job.nodes] == ["Mul", "Gelu", "Mul", "ReduceSum"]
+    result = InlineEngine().gradients(model, feeds)
+    loss, grads = unfused(model, feeds)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert abs(result.loss - loss) <= tol * abs(loss)
+    np.testing.assert_allclose(result.grads["w"], grads["w"], rtol=tol, atol=tol * np.abs(grads["w"]).max())
+
+
+def test_no_gelu_rewrite_where_the_numbers_or_the_readers_differ():
+    def ops(model, feeds):
+        return [n.op_type for n in prepare(model, feeds).nodes]
+
+    assert "Gelu" not in ops(*erf_gelu("x first", np.float32, sqrt2=1.5))
+    # float32's sqrt(2) is not float64's: a float64 graph dividing by it is not GELU to float64 rounding
+    assert "Gelu" not in ops(*erf_gelu("x first", np.float64, sqrt2=float(np.float32(np.sqrt(2.0)))))
+    assert "Gelu" in ops(*erf_gelu("x first", np.float32, sqrt2=float(np.float32(np.sqrt(2.0)))))
+    assert "Gelu" not in ops(*erf_gelu("x first", np.float32, extra_reader=True))  # erf's value read again
+    # a scalar that is a parameter (dL/d it is returned) is not a constant
+    model, feeds = erf_gelu("x first", np.float32)
+    model.params["half"] = model.constants.pop("half")
+    assert "Gelu" not in ops(model, feeds)

@@ -187,8 +187,8 @@ def unfused(model, feeds):
     from gradserve.worker.validate import check_structure
 
     nodes = check_structure(model)
-    program = compile_program(nodes, [*feeds, *model.params], [model.loss], list(model.params))
-    tape = forward(program, {**feeds, **model.params})
+    program = compile_program(nodes, [*feeds, *model.params, *model.constants], [model.loss], list(model.params))
+    tape = forward(program, {**feeds, **model.params, **model.constants})
     loss = tape.outputs[model.loss]
     return float(loss), backward(program, tape, {model.loss: np.ones_like(loss)})
 

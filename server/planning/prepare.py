@@ -62,7 +62,8 @@ def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable
     nodes = check_structure(model)
     shapes = infer_shapes(model, nodes, feeds)
     check_loss(model, shapes)
-    nodes, shapes, rewrites = optimize(nodes, shapes, keep={model.loss, *model.params, *model.constants, *feeds})
+    nodes, shapes, rewrites = optimize(nodes, shapes, keep={model.loss, *model.params, *model.constants, *feeds},
+                                       constants=model.constants)
     params = tuple(p for p, v in model.params.items() if v.dtype.kind == "f")
     job = PreparedJob(tuple(nodes), shapes, params, input_grads, model.loss, tuple(rewrites), structure)
     with _LOCK:
