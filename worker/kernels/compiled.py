@@ -320,12 +320,6 @@ def _erf32(x):
     return min(max(x * p / q, -1.0), 1.0)
 
 
-@numba.njit(inline="always", fastmath=_FAST, **_JIT)
-def _exp(x, exact):
-    # float32 data: float32's exp is 2.5x faster than float64's (libm's, not vectorised)
-    return math.exp(x) if exact else np.float64(math.exp(np.float32(x)))
-
-
 @numba.njit(fastmath=_FAST, **_JIT)
 def _erf_piece(x1, g1, kind, exact, out1):
     # Plain loops with the branches outside them, so the forwards vectorise.
@@ -346,18 +340,19 @@ def _erf_piece(x1, g1, kind, exact, out1):
             for i in range(x1.size):
                 x = np.float64(x1[i])
                 out1[i] = x * 0.5 * (1.0 + _erf32(x * _SQRT_HALF))
-    else:  # GELU'(x) = Phi(x) + x phi(x)
+    else:  # GELU'(x) = Phi(x) + x phi(x); out1 holds exp(-x^2 / 2) on entry
         for i in range(x1.size):
             x = np.float64(x1[i])
             cdf = 0.5 * (1.0 + (math.erf(x * _SQRT_HALF) if exact else _erf32(x * _SQRT_HALF)))
-            out1[i] = g1[i] * (cdf + x * _RSQRT_2PI * _exp(-0.5 * x * x, exact))
+            out1[i] = g1[i] * (cdf + x * _RSQRT_2PI * np.float64(out1[i]))
 
 
 @numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
 def _erf_family(x1, g1, kind, exact, out1):
     """``kind`` (:data:`ERF` or :data:`GELU`, erf form) of flat ``x1`` into ``out1`` when ``g1``
-    is empty, else GELU's VJP ``g1 * GELU'(x1)`` (erf's is numpy's: one exp, which numpy
-    vectorises); ``exact``: libm's erf (else float32's approximation)."""
+    is empty, else GELU's VJP ``g1 * GELU'(x1)``, with ``out1`` holding ``exp(-x1^2 / 2)`` on
+    entry: numpy vectorises exp, a compiled loop here would call libm once per element (erf's own
+    VJP, just an exp, stays numpy's). ``exact``: libm's erf (else float32's approximation)."""
     n = x1.size
     for b in prange((n + _ACTIVATION_CHUNK - 1) // _ACTIVATION_CHUNK):
         i0 = b * _ACTIVATION_CHUNK
