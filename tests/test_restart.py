@@ -105,15 +105,14 @@ def test_a_synchronous_call_rides_out_a_crash(tmp_path) -> None:
     try:
         with Client(address, timeout=120) as client:
             client.upload(model)
-            # Keep the one slot busy so the synchronous job is still waiting when the server dies.
-            blocker = client.submit(model, _feeds(9), partitions=1)
+            # Keep the one slot busy -- four jobs of 4x the batch ahead, a few seconds of work -- so
+            # the synchronous job is still waiting behind them when the server dies.
+            for i in range(4):
+                client.submit(model, {"x": np.concatenate([_feeds(9 + i)["x"]] * 4)}, partitions=1)
             call = threading.Thread(target=lambda: out.update(result=client.gradients(model, _feeds(1), partitions=1)))
             call.start()
-            deadline = time.monotonic() + 60
-            while blocker.status().state != "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            time.sleep(0.2)  # the synchronous job has reached the server
+            time.sleep(0.5)  # the synchronous job has reached the server (it is not listed in the status)
+            assert call.is_alive() and len(client.server_status().jobs) >= 2, "the jobs ahead finished too soon"
             _kill(server)
             time.sleep(0.5)  # the client sees the server gone and retries
             server = _serve(address, state)
