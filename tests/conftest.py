@@ -41,7 +41,7 @@ def ray_engine():
 
     # Ray gives its raylet 30 s to start. Right after a local-cluster test, that cluster's daemons
     # may still be shutting down and take the 2 cores: let them go first, and try again if missed.
-    _wait_for_no_ray_daemons(60)
+    _wait_for_no_ray_daemons(15)  # a cluster of the developer's own would stay: do not wait long
     for attempt in range(3):
         try:
             engine = RayEngine(threads_per_worker=1)
