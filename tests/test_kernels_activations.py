@@ -273,3 +273,26 @@ def test_no_gelu_rewrite_where_the_numbers_or_the_readers_differ():
     model, feeds = erf_gelu("x first", np.float32)
     model.params["half"] = model.constants.pop("half")
     assert "Gelu" not in ops(model, feeds)
+
+
+def test_read_only_inputs_use_the_warmed_up_versions():
+    """Arrays from Ray's object store are read-only, and numba compiles one version per argument
+    type: the kernels take their inputs read-only always, so a worker's first job neither compiles
+    nor loads a version the warm-up did not make."""
+    kernels.warm_up()
+    k = kernels.get()
+    names = ("activation_vjp", "erf_family", "bn_forward", "bn_backward")
+    before = {n: len(getattr(k, n).kernel.signatures) for n in names}
+    x = np.linspace(-2, 2, 2 * 2 * 16, dtype=np.float32)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    for g in (x, frozen):
+        k.activation_vjp(frozen, g, k.TANH, np.empty_like(x))
+        k.erf_family(g, g[:0], k.GELU, False, np.empty_like(x))
+        x3 = g.reshape(2, 2, 16)
+        ones, zeros = np.ones(2, np.float32), np.zeros(2, np.float32)
+        ones.flags.writeable = False
+        stats, coef, y3 = np.empty((3, 2)), np.empty((4, 2), np.float32), np.empty((2, 2, 16), np.float32)
+        k.bn_forward(x3, ones, zeros, 1e-5, True, y3, stats, coef)
+        k.bn_backward(x3, y3, y3, ones, stats, True, np.empty_like(y3), np.empty(2), np.empty(2), coef)
+    assert {n: len(getattr(k, n).kernel.signatures) for n in names} == before

@@ -44,13 +44,22 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy")
 _FAST = {"reassoc", "contract"}
 
 
-def _parallel(kernel):
+def _parallel(kernel, inputs: tuple[int, ...]):
     """The kernel as the ops call it: on this thread's budget of threads (see
-    :func:`gradserve.worker.kernels.threads`)."""
+    :func:`gradserve.worker.kernels.threads`), with the arrays at positions ``inputs`` always passed
+    read-only. numba compiles one version per argument type, and read-only is part of the type:
+    arrays from Ray's object store (parameters, another stage's activations) are read-only, a
+    process's own are not, so without this a worker's first job would compile (or load) versions
+    that the warm-up did not make."""
 
     def launch(*args):
         if PARALLEL:
             numba.set_num_threads(thread_budget())
+        args = list(args)
+        for i in inputs:
+            if args[i].flags.writeable:
+                args[i] = args[i].view()
+                args[i].flags.writeable = False
         return kernel(*args)
 
     launch.__doc__, launch.__name__, launch.kernel = kernel.__doc__, kernel.__name__.lstrip("_"), kernel
@@ -360,9 +369,10 @@ def _erf_family(x1, g1, kind, exact, out1):
         _erf_piece(x1[i0:i1], g1[i0:i1] if g1.size else g1, kind, exact, out1[i0:i1])
 
 
-bn_forward, bn_backward = _parallel(_bn_forward), _parallel(_bn_backward)
-bn_pool_forward, bn_pool_backward = _parallel(_bn_pool_forward), _parallel(_bn_pool_backward)
-activation_vjp, erf_family = _parallel(_activation_vjp), _parallel(_erf_family)
+bn_forward, bn_backward = _parallel(_bn_forward, (0, 1, 2)), _parallel(_bn_backward, (0, 1, 2, 3, 4))
+bn_pool_forward = _parallel(_bn_pool_forward, (0, 1, 2))
+bn_pool_backward = _parallel(_bn_pool_backward, (0, 1, 2, 3, 4))
+activation_vjp, erf_family = _parallel(_activation_vjp, (0, 1)), _parallel(_erf_family, (0, 1))
 
 
 def warm_up() -> None:
