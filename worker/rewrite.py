@@ -80,12 +80,22 @@ def optimize(
     return nodes, shapes, notes
 
 
+def _uses(nodes: list[Node]) -> tuple[Counter, dict[str, int]]:
+    """How many nodes read each value, and a node that reads it: its only reader where the count is 1."""
+    readers = Counter(i for node in nodes for i in node.inputs if i)
+    return readers, {i: k for k, node in enumerate(nodes) for i in node.inputs if i}
+
+
+def _replaced(nodes: list[Node], fused: dict[int, Node], gone: set[int]) -> list[Node]:
+    """``nodes`` with the ``fused`` nodes in the places they are keyed by, and the ``gone`` ones dropped."""
+    return [fused.get(k, node) for k, node in enumerate(nodes) if k not in gone]
+
+
 def _fuse_gelu(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], constants: Mapping[str, np.ndarray],
                notes: list[str]) -> list[Node]:
     """Each ``0.5 * x * (1 + erf(x / sqrt(2)))`` written out in ops (see the module docs) becomes
     one Gelu node with the Erf's name, in the place of the last of them."""
-    readers = Counter(i for node in nodes for i in node.inputs if i)
-    reader = {i: k for k, node in enumerate(nodes) for i in node.inputs if i}  # the reader, where there is one
+    readers, reader = _uses(nodes)
     producer = {o: k for k, node in enumerate(nodes) for o in node.outputs if o}
 
     def only_reader(value: str, op_type: str) -> int | None:
@@ -144,14 +154,13 @@ def _fuse_gelu(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], 
         for i in (j, k, plus, first):
             shapes.pop(nodes[i].outputs[0], None)
         notes.append(f"{erf} and the four ops around it run as one Gelu (exact up to float rounding)")
-    return [fused.get(k, node) for k, node in enumerate(nodes) if k not in gone]
+    return _replaced(nodes, fused, gone)
 
 
 def _fuse_gemm_activation(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], notes: list[str]) -> list[Node]:
     """Each float32/float64 Gemm whose output is read only by a Relu, Tanh or Sigmoid becomes one
     node with the Gemm's name, in the Gemm's place, writing the activation's output."""
-    readers = Counter(i for node in nodes for i in node.inputs if i)
-    reader = {i: k for k, node in enumerate(nodes) for i in node.inputs if i}
+    readers, reader = _uses(nodes)
     fused: dict[int, Node] = {}
     gone: set[int] = set()
     for k, gemm in enumerate(nodes):
@@ -166,15 +175,14 @@ def _fuse_gemm_activation(nodes: list[Node], shapes: dict[str, ValueInfo], keep:
         gone.add(reader[out])
         shapes.pop(out, None)
         notes.append(f"{gemm} runs as one node with {act} (exact up to float rounding)")
-    return [fused.get(k, node) for k, node in enumerate(nodes) if k not in gone]
+    return _replaced(nodes, fused, gone)
 
 
 def _fuse_batchnorm(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], notes: list[str]) -> list[Node]:
     """Each training-mode BatchNormalization (float32/float64, running statistics unread) followed
     by a MaxPool (2 spatial dims, no Indices) and/or a Relu, each the only reader of the value
     before it, becomes one node with the BatchNormalization's name, in its place."""
-    readers = Counter(i for node in nodes for i in node.inputs if i)
-    reader = {i: k for k, node in enumerate(nodes) for i in node.inputs if i}  # the reader, where there is one
+    readers, reader = _uses(nodes)
     fused: dict[int, Node] = {}
     gone: set[int] = set()
     for k, bn in enumerate(nodes):
@@ -208,4 +216,4 @@ def _fuse_batchnorm(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[s
             shapes.pop(o, None)
         notes.append(f"{bn} runs as one kernel with {' and '.join(str(nodes[j]) for j in chain)} "
                      "(exact up to float rounding: statistics summed in float64)")
-    return [fused.get(k, node) for k, node in enumerate(nodes) if k not in gone]
+    return _replaced(nodes, fused, gone)
