@@ -11,8 +11,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch==2.13.0 is pinned in the test extra: it is the CPU build (never let pip pick a CUDA build)
-	$(BIN)/pip install --quiet -e '.[test]'
+	# torch==2.13.0 is pinned in the test extra: it is the CPU build (never let pip pick a CUDA build);
+	# mkl: the BLAS the products run on where the CPU is Intel's (see worker/ops/blas.py)
+	$(BIN)/pip install --quiet -e '.[test,mkl]'
 	touch $(STAMP)
 
 demo: $(STAMP)  ## seed example + MLP through a local gRPC server on embedded Ray

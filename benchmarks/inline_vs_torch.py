@@ -136,8 +136,11 @@ def main() -> None:
         t_torch, t_ours = (statistics.median(r[i] for r in rounds) for i in (0, 1))
         rows.append((timed["torch"]["name"], f"{t_torch * 1e3:.1f}", f"{t_ours * 1e3:.1f}",
                      f"{statistics.median(ratios):.2f}", f"{ratios[0]:.2f}-{ratios[-1]:.2f}"))
+    from gradserve.worker.ops import blas
+
     print(f"median of {args.repeat} runs per side and round, {args.rounds} rounds, {cpu_model()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, numpy {np.__version__}")
+          f"torch {torch.__version__}, numpy {np.__version__}, gradserve's BLAS: {blas.backend().name} "
+          f"(GRADSERVE_BLAS={os.environ.get('GRADSERVE_BLAS', 'auto')})")
     print(table(rows, ("model", "torch ms", "gradserve inline ms", "ratio (median)", "ratio (range)")))
     print(f"compiled kernels (not in the times above): compiling all {compile_s:.1f} s (first run on a machine), "
           f"loading them from the cache {load_s:.2f} s (once per process)")

@@ -12,6 +12,7 @@ from gradserve.server.events import Progress, ProgressEvent, check_cancelled
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
 from gradserve.worker import kernels
+from gradserve.worker.ops import blas
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import GraphError, Model
 from gradserve.worker.memory import keep_freed_memory
@@ -28,6 +29,7 @@ class InlineEngine:
         # compiled kernels: loaded from the cache once per process (compiled once per machine), so
         # no job pays it; kernels use gradserve.worker.kernels' default thread budget
         kernels.warm_up()
+        blas.backend()  # the BLAS library chosen and loaded, also before the first job
 
     def gradients(
         self,

@@ -104,8 +104,9 @@ def test_dockerfile_runs_gradserve_as_non_root():
 
 def test_dockerfile_installs_the_package_without_test_extras():
     runs = " ".join(a for i, a in _dockerfile() if i == "RUN")
-    assert re.search(r"pip install [^&]*(?<![\w/.-])\.(?=\s|$)", runs), "installs the package with `pip install .`"
-    assert "torch" not in runs and "[test]" not in runs and "[dev]" not in runs
+    install = re.search(r"pip install [^&]*?(?<![\w/.-])\"?\.(\[[^\]]*\])?\"?(?=\s|$)", runs)
+    assert install, "installs the package with `pip install .` (or `.[extras]`)"
+    assert "torch" not in runs and "test" not in (install.group(1) or "") and "dev" not in (install.group(1) or "")
 
 
 def test_dockerfile_copies_only_what_exists_and_is_not_ignored():

@@ -13,16 +13,17 @@ instead of computing (Ray's own task cancellation would break the actor's in-ord
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import ray
-from threadpoolctl import ThreadpoolController
 
 from gradserve.worker import kernels
+from gradserve.worker.ops import blas
 from gradserve.worker.memory import keep_freed_memory
 from gradserve.worker.stage import Stage, StageSpec
 
@@ -74,9 +75,9 @@ class StageHost:
         self.failed: dict[str, BaseException] = {}  # job id -> the error one of its steps raised here
         self.ended: OrderedDict[str, None] = OrderedDict()  # jobs aborted here lately: their late steps are no-ops
         self.kept: dict[tuple[str, str], tuple[dict, dict]] = {}  # (job, stage key) -> dL/dw awaiting a reduce
-        self.blas = ThreadpoolController()  # BLAS threads are set per step by the engine
         keep_freed_memory()
         kernels.warm_up()  # compiled kernels loaded (or compiled, once per machine) before any job
+        blas.backend()  # and the BLAS library chosen and loaded
 
     def load(self, key: str, spec: StageSpec, constants: dict[str, np.ndarray], names: Sequence[str], *params: np.ndarray) -> None:
         """Host a partition under ``key``; ``params`` arrive as object-store refs Ray resolved."""
@@ -117,19 +118,19 @@ class StageHost:
                     if cancelled:
                         out += [None] * len(stage.spec.outputs)
                         continue
-                    with self.blas.limit(limits=call.threads[0], user_api="blas"), kernels.threads(call.threads[0]):
+                    with _threads(call.threads[0]):
                         out += stage.forward(job_id, step[1], dict(zip(labels, args)))
                 elif phase == "backward":
                     if cancelled:
                         out += [None] * len(stage.spec.wrt_inputs)
                         continue
-                    with self.blas.limit(limits=call.threads[0], user_api="blas"), kernels.threads(call.threads[0]):
+                    with _threads(call.threads[0]):
                         out += stage.backward(job_id, step[1], list(zip(labels, args)), step[3])
                 elif phase == "weights":
                     if cancelled:
                         grads, by_replica = {}, {}
                     else:
-                        with self.blas.limit(limits=call.threads[1], user_api="blas"), kernels.threads(call.threads[1]):
+                        with _threads(call.threads[1]):
                             grads, seconds = stage.weight_grads(job_id)
                         by_replica = {step[1]: seconds}
                     if step[2]:
@@ -178,6 +179,13 @@ class StageHost:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address()}
 
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """A step's budget of threads (set by the engine), for BLAS and the compiled kernels alike."""
+    with blas.limit(n), kernels.threads(n):
+        yield
 
 
 def _returns(call: StageCall, out: list) -> Any:

@@ -1,25 +1,39 @@
-"""GEMM on strided numpy views that adds into its output: ``out (+)= op(a) @ op(b)``.
+"""The one place the ops reach BLAS: which library does the products, its threads, and GEMM on
+strided numpy views that can add into its output (``out (+)= op(a) @ op(b)``).
 
-``np.matmul`` hands contiguous-enough views to BLAS without copying, but it always overwrites its
-output. A direct convolution is a *sum* of GEMMs over shifted views of one padded input
-(``Y = sum_k W_k @ X[:, shift_k:]``); with only ``np.matmul`` each shifted view must first be
-copied into a column matrix (im2col) or each product summed in another pass, and those copies
-cost as much as the products themselves. BLAS's own ``beta = 1`` does the sum for free, so this
-module calls ``cblas_?gemm`` of the OpenBLAS that numpy itself loaded (found through
-threadpoolctl, so the thread limits set there apply), through ctypes, which releases the GIL.
+**Which BLAS.** numpy's wheels bring OpenBLAS. Intel's MKL (the ``mkl`` wheel, installed with
+``gradserve[mkl]``) runs the products of the benchmark models 10-13% faster on Intel CPUs (the MLP's
+512 x 1024 x 1024, and twice as fast on a convolution's thin weight-error products). With
+``GRADSERVE_BLAS=auto`` (the default) MKL is used where it is installed and the CPU is Intel's
+(on other CPUs its fast paths are not guaranteed; OpenBLAS has kernels tuned for them), else
+numpy's OpenBLAS; ``mkl`` or ``openblas`` asks for one, ``numpy`` makes no direct BLAS call at all
+(every product through ``np.matmul``).
 
-:func:`available` says whether that worked for a dtype: the library must be found, its integer
-width known, and a small self-test against ``np.matmul`` must pass. Callers keep a numpy path for
-when it is not (another BLAS, another platform), and ``GRADSERVE_STRIDED_BLAS=0`` forces that path.
+Every large product the ops make goes through :func:`matmul` or :func:`gemm`, so only one library
+runs them: two libraries' thread pools in one process fight (an idle OpenBLAS thread spins for a
+while after each product; an MKL product right after an OpenBLAS one measured 2.5x slower). Small
+products (below :data:`SMALL_FLOPS`) go to ``np.matmul``, which runs them on one thread.
+
+**Why GEMM on views.** ``np.matmul`` hands contiguous-enough views to BLAS without copying, but it
+always overwrites its output. A direct convolution is a *sum* of GEMMs over shifted views of one
+padded input (``Y = sum_k W_k @ X[:, shift_k:]``); BLAS's own ``beta = 1`` does that sum for free.
+
+The library is reached through ctypes (which releases the GIL): MKL's ``cblas_?gemm_64`` from the
+``mkl`` wheel, or the ``cblas_?gemm`` of the OpenBLAS that numpy itself loaded (found through
+threadpoolctl). A small self-test against ``np.matmul`` must pass before either is used.
+:func:`available` says whether a dtype has a direct GEMM; callers keep a numpy path for when not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import importlib.metadata
 import logging
 import os
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -29,11 +43,33 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # Symbol name stems as the OpenBLAS builds numpy ships with spell them: scipy-openblas (numpy >= 2
 # wheels) prefixes "scipy_" and, being ILP64, suffixes "64_"; older numpy wheels only suffix.
 _NAMINGS = (("scipy_", "64_"), ("", "64_"), ("", ""))
+# Products with fewer multiply-adds than this go to np.matmul: a ctypes call costs a few
+# microseconds more than numpy's, and BLAS runs a product this small on one thread anyway.
+SMALL_FLOPS = 1 << 16
+CHOICES = ("auto", "mkl", "openblas", "numpy")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The BLAS library the ops call directly: its name ("mkl", "openblas", or "numpy" when none
+    is called directly), version, and its ``cblas_?gemm`` per dtype char ('f', 'd')."""
+
+    name: str
+    version: str = ""
+    routines: tuple[tuple[str, Callable], ...] = ()
+
+    def routine(self, char: str) -> Callable | None:
+        return dict(self.routines).get(char)
+
+
+def backend() -> Backend:
+    """The BLAS in use in this process (chosen and self-tested on first call; see the module doc)."""
+    return _backend()
 
 
 def available(dtype: np.dtype | type) -> bool:
     """Whether :func:`gemm` can run on arrays of ``dtype`` (float32 or float64)."""
-    return _routine(np.dtype(dtype).char) is not None
+    return backend().routine(np.dtype(dtype).char) is not None
 
 
 def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, accumulate: bool,
@@ -42,10 +78,183 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, accumulate: bool,
     transposes when asked. All three are 2-D arrays of one float dtype whose rows may be strided
     (unit stride within a row, e.g. ``x[:, s:s + n]`` of a wider array); ``out`` must not overlap
     ``a`` or ``b``. Call only when :func:`available` says so."""
-    fn = _routine(out.dtype.char)
+    fn = backend().routine(out.dtype.char)
     if fn is None:
-        raise RuntimeError(f"no strided BLAS GEMM for {out.dtype}")
+        raise RuntimeError(f"no direct BLAS GEMM for {out.dtype}")
     _call(fn, a, b, out, accumulate, trans_a, trans_b)
+
+
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``np.matmul(a, b, out=out)`` with the large products on :func:`backend`'s GEMM: operands in
+    any layout BLAS can read (a transposed view is passed as BLAS's transpose flag, not copied); a
+    stack of matrices times one matrix as one product over all the stack's rows (numpy would make
+    one call per matrix); other stacks one GEMM per matrix. Small products, 1-D operands and
+    integer dtypes are ``np.matmul``'s."""
+    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)  # numpy says what is wrong
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    direct = (m * n * k >= SMALL_FLOPS and a.dtype == b.dtype and (out is None or out.dtype == a.dtype)
+              and available(a.dtype))
+    if a.ndim > 2 and b.ndim == 2:  # the stack's rows fold into one product
+        shape = a.shape[:-1] + (n,)
+        a2 = a.reshape(-1, k)  # a view unless the stack is itself strided
+        if out is None:
+            return (_into(a2, b, np.empty((a2.shape[0], n), a.dtype)) if direct else np.matmul(a2, b)).reshape(shape)
+        if out.shape == shape and out.flags.c_contiguous:
+            (_into if direct else _numpy_into)(a2, b, out.reshape(-1, n))
+            return out
+    if a.ndim == b.ndim == 2:
+        if out is None:
+            out = np.empty((m, n), np.result_type(a, b))
+        (_into if direct else _numpy_into)(a, b, out)
+        return out
+    if not direct:
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+    stack = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if out is None:
+        out = np.empty(stack + (m, n), a.dtype)
+    elif out.shape != stack + (m, n):
+        return np.matmul(a, b, out=out)  # numpy's broadcasting rules and errors
+    a3, b3 = np.broadcast_to(a, stack + (m, k)), np.broadcast_to(b, stack + (k, n))
+    for i in np.ndindex(stack):
+        _into(a3[i], b3[i], out[i])
+    return out
+
+
+def _numpy_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    return np.matmul(a, b, out=out)
+
+
+def _into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[...] = a @ b`` for 2-D views, through the backend's GEMM where BLAS can address all
+    three without a copy (else numpy's matmul)."""
+    ta, tb = _layout(a), _layout(b)
+    if ta is None or tb is None or _layout(out) is not False or min(a.shape + b.shape) == 0:
+        return np.matmul(a, b, out=out)
+    gemm(a.T if ta else a, b.T if tb else b, out, accumulate=False, trans_a=ta, trans_b=tb)
+    return out
+
+
+def _layout(x: np.ndarray) -> bool | None:
+    """How BLAS can read a 2-D view: False row-major as it is, True as the transpose of a row-major
+    view, None not at all (it would need a copy)."""
+    item = x.itemsize
+    rows, cols = x.shape
+    if (cols <= 1 or x.strides[1] == item) and (rows <= 1 or (x.strides[0] % item == 0 and x.strides[0] >= cols * item)):
+        return False
+    if (rows <= 1 or x.strides[0] == item) and (cols <= 1 or (x.strides[1] % item == 0 and x.strides[1] >= rows * item)):
+        return True
+    return None
+
+
+# -- threads ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _controller(library: str):
+    """threadpoolctl's view of the libraries loaded once ``library`` is (it only sees those loaded
+    when it looks)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def limit(n: int | None) -> Iterator[None]:
+    """BLAS products inside the block use up to ``n`` threads (None: no limit), in every BLAS
+    library loaded (threadpoolctl's limits are per process: callers give one step at a time)."""
+    if not n:
+        yield
+        return
+    with _controller(backend().name).limit(limits=int(n), user_api="blas"):
+        yield
+
+
+# -- choosing and binding the library ------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _backend() -> Backend:
+    choice = os.environ.get("GRADSERVE_BLAS", "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        log.warning("GRADSERVE_BLAS=%s is not one of %s; using auto", choice, ", ".join(CHOICES))
+        choice = "auto"
+    found = None
+    if choice == "mkl" or (choice == "auto" and _intel_cpu()):
+        found = _tested(_bind_mkl, "MKL")
+        if found is None and choice == "mkl":
+            log.warning("GRADSERVE_BLAS=mkl but MKL is not usable (pip install 'gradserve[mkl]'); using OpenBLAS")
+    if found is None and choice != "numpy":
+        found = _tested(_bind_openblas, "OpenBLAS")
+    if found is None:
+        log.info("no direct BLAS GEMM: products go through numpy's matmul")
+        return Backend("numpy")
+    log.info("BLAS: %s %s", found.name, found.version)
+    return found
+
+
+def _tested(bind: Callable[[], Backend | None], label: str) -> Backend | None:
+    """The backend ``bind`` finds, with only the routines that pass their self-test."""
+    try:
+        found = bind()
+    except Exception as exc:  # any surprise here means: try the next library
+        log.warning("%s GEMM unavailable (%s)", label, exc)
+        return None
+    if found is None:
+        return None
+    good = tuple((char, fn) for char, fn in found.routines if _self_test(fn, np.dtype(char)))
+    if len(good) < len(found.routines):
+        log.warning("%s GEMM failed its self-test for some dtypes; numpy's matmul does those", label)
+    return Backend(found.name, found.version, good) if good else None
+
+
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        return False
+
+
+def _signature(fn: Callable, char: str, index: type) -> Callable:
+    scalar = ctypes.c_float if char == "f" else ctypes.c_double
+    ptr = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, index,
+                   scalar, ptr, index, ptr, index, scalar, ptr, index]
+    fn.restype = None
+    return fn
+
+
+def _bind_mkl() -> Backend | None:
+    try:
+        files = importlib.metadata.files("mkl") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    paths = [str(f.locate()) for f in files if os.path.basename(str(f)).startswith("libmkl_rt.so")]
+    if not paths:
+        return None
+    handle = ctypes.CDLL(paths[0])
+    version = ctypes.create_string_buffer(256)
+    handle.mkl_get_version_string(version, len(version))
+    # the _64 entry points take 64-bit integers whatever interface layer the user's environment picked
+    routines = tuple((char, _signature(getattr(handle, f"cblas_{'s' if char == 'f' else 'd'}gemm_64"), char, ctypes.c_int64))
+                     for char in "fd")
+    return Backend("mkl", version.value.decode(errors="replace").strip(), routines)
+
+
+def _bind_openblas() -> Backend | None:
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        if lib.get("internal_api") != "openblas":
+            continue
+        handle = ctypes.CDLL(lib["filepath"])
+        for prefix, suffix in _NAMINGS:
+            names = [f"{prefix}cblas_{c}gemm{suffix}" for c in "sd"]
+            config = getattr(handle, f"{prefix}openblas_get_config{suffix}", None)
+            if config is None or not all(hasattr(handle, name) for name in names):
+                continue
+            config.restype = ctypes.c_char_p
+            index = ctypes.c_int64 if b"USE64BITINT" in (config() or b"") else ctypes.c_int
+            routines = tuple((char, _signature(getattr(handle, name), char, index)) for char, name in zip("fd", names))
+            return Backend("openblas", str(lib.get("version") or ""), routines)
+    return None
 
 
 def _call(fn: Callable, a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool,
@@ -84,45 +293,6 @@ def _leading(x: np.ndarray, dtype: np.dtype) -> int:
     if stride % item or stride // item < max(1, cols):
         raise ValueError(f"gemm cannot use a row stride of {stride} bytes for rows of {cols}")
     return stride // item
-
-
-@functools.lru_cache(maxsize=None)
-def _routine(char: str) -> Callable | None:
-    """The ctypes function for ``cblas_sgemm`` ('f') or ``cblas_dgemm`` ('d'), self-tested."""
-    if char not in "fd" or os.environ.get("GRADSERVE_STRIDED_BLAS", "1") == "0":
-        return None
-    try:
-        fn = _bind(char)
-        if fn is not None and not _self_test(fn, np.dtype(char)):
-            log.warning("strided BLAS GEMM (%s) failed its self-test; using numpy's matmul paths", char)
-            fn = None
-    except Exception as exc:  # any surprise here means: use the numpy paths
-        log.warning("strided BLAS GEMM unavailable (%s); using numpy's matmul paths", exc)
-        fn = None
-    return fn
-
-
-def _bind(char: str) -> Callable | None:
-    from threadpoolctl import threadpool_info
-
-    for lib in threadpool_info():
-        if lib.get("internal_api") != "openblas":
-            continue
-        handle = ctypes.CDLL(lib["filepath"])
-        for prefix, suffix in _NAMINGS:
-            fn = getattr(handle, f"{prefix}cblas_{'s' if char == 'f' else 'd'}gemm{suffix}", None)
-            config = getattr(handle, f"{prefix}openblas_get_config{suffix}", None)
-            if fn is None or config is None:
-                continue
-            config.restype = ctypes.c_char_p
-            index = ctypes.c_int64 if b"USE64BITINT" in (config() or b"") else ctypes.c_int
-            scalar = ctypes.c_float if char == "f" else ctypes.c_double
-            ptr = ctypes.c_void_p
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, index,
-                           scalar, ptr, index, ptr, index, scalar, ptr, index]
-            fn.restype = None
-            return fn
-    return None
 
 
 def _self_test(fn: Callable, dtype: np.dtype) -> bool:

@@ -336,7 +336,7 @@ def _image_forward(c, cv: _Conv, x, w, b):
     y = np.empty((cv.N, cv.M, ic.L), dtype)
     for n0 in range(0, cv.N, ic.nb):
         n1 = min(cv.N, n0 + ic.nb)
-        np.matmul(wb, ic.cols(xp, n0, n1, b is not None), out=y[n0:n1])
+        blas.matmul(wb, ic.cols(xp, n0, n1, b is not None), out=y[n0:n1])
     c.save(conv=cv, image=ic, xp=xp)
     return y.reshape((cv.N, cv.M) + cv.out)
 
@@ -355,7 +355,7 @@ def _image_vjp(c, g):
         for n0 in range(0, cv.N, ic.nb):
             n1 = min(cv.N, n0 + ic.nb)
             cols = ic.cols(xp, n0, n1, True)  # the ones row gives dB in the last column
-            acc += np.matmul(g3[n0:n1], cols.transpose(0, 2, 1)).sum(axis=0)
+            acc += blas.matmul(g3[n0:n1], cols.transpose(0, 2, 1)).sum(axis=0)
         dw = acc[:, : ic.K].reshape(w.shape).astype(g.dtype, copy=False) if need_w else None
         db = acc[:, ic.K].astype(g.dtype) if need_b else None
     return None, dw, db
@@ -471,7 +471,7 @@ def _conv_forward(c, x, w, b=None):
     if ones:
         w3 = np.concatenate([w3, b.reshape(1, cv.M, 1).astype(w3.dtype)], axis=2)
     for p0, p1 in cv.ranges:
-        np.matmul(w3, cv.cols(xT, p0, p1, buf, ones), out=yT[:, p0:p1].reshape(cv.group, cv.Mg, p1 - p0))
+        blas.matmul(w3, cv.cols(xT, p0, p1, buf, ones), out=yT[:, p0:p1].reshape(cv.group, cv.Mg, p1 - p0))
     y = np.empty((cv.N, cv.M) + cv.out, dtype=yT.dtype)
     if ones:
         np.copyto(y, cv.from_grid(yT))
@@ -500,7 +500,7 @@ def _gather_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndar
         cols = buf[: Kp * M * pb].reshape(Kp, M, pb)
         for k, sh in enumerate(cv.shifts):
             np.copyto(cols[k], gext[:, base - sh + q0 : base - sh + q1])
-        np.matmul(wg, cols.reshape(Kp * M, pb), out=dxg[:, q0:q1])
+        blas.matmul(wg, cols.reshape(Kp * M, pb), out=dxg[:, q0:q1])
     return dxg.reshape((C, cv.N) + cv.grid)
 
 
@@ -544,11 +544,11 @@ def _conv_vjp(c, g):
     for p0, p1 in cv.ranges:
         gb = gT[:, :, p0:p1]
         if need_w:
-            dw3 += np.matmul(cv.cols(xT, p0, p1, buf, ones), gb.swapaxes(1, 2))
+            dw3 += blas.matmul(cv.cols(xT, p0, p1, buf, ones), gb.swapaxes(1, 2))
         if need_x and not gather:
             out = dbuf[: cv.C * cv.Kp * (p1 - p0)].reshape(G, Kg, p1 - p0)
             # one output channel per group (depthwise): an outer product, which BLAS does slowly
-            dcols = np.multiply(w3T, gb, out=out) if Mg == 1 else np.matmul(w3T, gb, out=out)
+            dcols = np.multiply(w3T, gb, out=out) if Mg == 1 else blas.matmul(w3T, gb, out=out)
             cv.col2im(dxT, dcols, p0, p1)
     if ones:
         db = dw3[0, Kg].copy()

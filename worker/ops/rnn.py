@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from gradserve.worker.ops import blas
 from gradserve.worker.ops.conv import str_attr
 from gradserve.worker.ops.registry import OpError, defop
 
@@ -186,7 +187,7 @@ def _input_projection(s: _Setup, X: np.ndarray, W: np.ndarray) -> tuple[np.ndarr
     """Each direction's inputs (D, T, B, I) in processing order and X @ W^T for all steps at once
     (D, T, B, G*H): the recurrence then adds only H @ R^T per step."""
     Xd = s.per_direction(_seq_major(s, X))
-    xw = np.matmul(Xd.reshape(s.D, s.T * s.B, -1), W.transpose(0, 2, 1)).reshape(s.D, s.T, s.B, -1)
+    xw = blas.matmul(Xd.reshape(s.D, s.T * s.B, -1), W.transpose(0, 2, 1)).reshape(s.D, s.T, s.B, -1)
     return Xd, xw
 
 
@@ -224,12 +225,12 @@ def _input_grads(c, s: _Setup, dG: np.ndarray, W: np.ndarray, dR: Callable[[], n
     dG2 = dG.reshape(s.D, s.T * s.B, -1)
     dX = dW = None
     if needs[0]:
-        dXd = np.matmul(dG2, W).reshape(s.D, s.T, s.B, -1)
+        dXd = blas.matmul(dG2, W).reshape(s.D, s.T, s.B, -1)
         dXs = sum(s.orient(dXd[d], rev) for d, rev in enumerate(s.reverse))
         dX = dXs if s.layout == 0 else np.ascontiguousarray(dXs.transpose(1, 0, 2))
     if needs[1]:
         Xd = c.saved["Xd"]
-        dW = np.matmul(dG2.transpose(0, 2, 1), Xd.reshape(s.D, s.T * s.B, -1))
+        dW = blas.matmul(dG2.transpose(0, 2, 1), Xd.reshape(s.D, s.T * s.B, -1))
     grads = [dX, dW, dR() if needs[2] else None, dB() if needs[3] and n_in > 3 else None, None,
              _state_out(s, dh0) if needs[5] and n_in > 5 and c.inputs[5] is not None else None]
     return grads
@@ -258,7 +259,7 @@ def _rnn(c, X, W, R, B=None, seq_lens=None, h0=None):
     h_all[:, 0] = _state(s, h0, X.dtype)
     keep = np.empty(xw.shape, bool) if s.clip is not None else None
     for t in range(s.T):
-        pre = xw[:, t] + np.matmul(h_all[:, t], Rt)
+        pre = xw[:, t] + blas.matmul(h_all[:, t], Rt)
         if keep is not None:
             keep[:, t] = np.abs(pre) <= s.clip
         h_all[:, t + 1] = _masked(s, t, _act(s.acts, 0, _clip(pre, s.clip)), h_all[:, t])
@@ -283,12 +284,12 @@ def _rnn_vjp(c, gY=None, gYh=None):
         if keep is not None:
             g *= keep[:, t]
         dG[:, t] = g
-        dh = np.matmul(g, R)
+        dh = blas.matmul(g, R)
         if dpass is not None:
             dh += dpass
 
     def dR():
-        return np.matmul(dG.reshape(s.D, -1, s.H).transpose(0, 2, 1), h_all[:, :-1].reshape(s.D, -1, s.H))
+        return blas.matmul(dG.reshape(s.D, -1, s.H).transpose(0, 2, 1), h_all[:, :-1].reshape(s.D, -1, s.H))
 
     def dB():
         db = _sum_tb(dG)
@@ -324,18 +325,18 @@ def _gru(c, X, W, R, B=None, seq_lens=None, h0=None):
         hp = h_all[:, t]
         x = xw[:, t]
         if lbr:
-            rec = np.matmul(hp, Rt)
+            rec = blas.matmul(hp, Rt)
             pre_zr = x[..., : 2 * H] + rec[..., : 2 * H]
             q = rec[..., 2 * H:] if rb_h is None else rec[..., 2 * H:] + rb_h
             q_all[:, t] = q
         else:
-            pre_zr = x[..., : 2 * H] + np.matmul(hp, Rt[..., : 2 * H])
+            pre_zr = x[..., : 2 * H] + blas.matmul(hp, Rt[..., : 2 * H])
         zr = _act(s.acts, 0, _clip(pre_zr, s.clip))
         r = zr[..., H:]
         if lbr:
             pre_h = x[..., 2 * H:] + r * q
         else:
-            pre_h = x[..., 2 * H:] + np.matmul(r * hp, Rt[..., 2 * H:])
+            pre_h = x[..., 2 * H:] + blas.matmul(r * hp, Rt[..., 2 * H:])
         hh = _act(s.acts, 1, _clip(pre_h, s.clip))
         gates[:, t, :, : 2 * H] = zr
         gates[:, t, :, 2 * H:] = hh
@@ -376,16 +377,16 @@ def _gru_vjp(c, gY=None, gYh=None):
             dr = dph * q_all[:, t]
             dq = dph * r
             dq_all[:, t] = dq
-            dhp += np.matmul(dq, R_h)
+            dhp += blas.matmul(dq, R_h)
         else:
-            drh = np.matmul(dph, R_h)  # error at r * H_prev
+            drh = blas.matmul(dph, R_h)  # error at r * H_prev
             dr = drh * hp
             dhp += drh * r
         dG[:, t, :, :H] = dz
         dG[:, t, :, H: 2 * H] = dr
         dG[:, t, :, : 2 * H] *= dzr_act[:, t]
         dG[:, t, :, 2 * H:] = dph
-        dhp += np.matmul(dG[:, t, :, : 2 * H], R_zr)
+        dhp += blas.matmul(dG[:, t, :, : 2 * H], R_zr)
         dh = dhp if dpass is None else dhp + dpass
 
     # The recurrent side of the h gate: its error is dq (at H_prev @ Rh^T + Rbh) with
@@ -395,9 +396,9 @@ def _gru_vjp(c, gY=None, gYh=None):
     def dR():
         hprev = h_all[:, :-1]
         rows = lambda a: a.reshape(s.D, s.T * s.B, -1)  # noqa: E731
-        d_zr = np.matmul(rows(dG[..., : 2 * H]).transpose(0, 2, 1), rows(hprev))
+        d_zr = blas.matmul(rows(dG[..., : 2 * H]).transpose(0, 2, 1), rows(hprev))
         h_in = hprev if lbr else gates[..., H: 2 * H] * hprev
-        d_h = np.matmul(rows(d_rec_h).transpose(0, 2, 1), rows(h_in))
+        d_h = blas.matmul(rows(d_rec_h).transpose(0, 2, 1), rows(h_in))
         return np.concatenate([d_zr, d_h], axis=1)
 
     def dB():
@@ -427,7 +428,7 @@ def _lstm(c, X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
     keep = np.empty(xw.shape, bool) if s.clip is not None else None
     for t in range(s.T):
         hp, cp = h_all[:, t], c_all[:, t]
-        pre = xw[:, t] + np.matmul(hp, Rt)
+        pre = xw[:, t] + blas.matmul(hp, Rt)
         if P is not None:
             pre[..., :H] += p_i * cp
             pre[..., 2 * H: 3 * H] += p_f * cp
@@ -496,13 +497,13 @@ def _lstm_vjp(c, gY=None, gYh=None, gYc=None):
         dc = dcn * f
         if P is not None:
             dc += d[..., :H] * p_i + d[..., 2 * H: 3 * H] * p_f
-        dh = np.matmul(d, R)
+        dh = blas.matmul(d, R)
         if dh_pass is not None:
             dh += dh_pass
             dc += dc_pass
 
     def dR():
-        return np.matmul(dG.reshape(s.D, -1, 4 * H).transpose(0, 2, 1), h_all[:, :-1].reshape(s.D, -1, H))
+        return blas.matmul(dG.reshape(s.D, -1, 4 * H).transpose(0, 2, 1), h_all[:, :-1].reshape(s.D, -1, H))
 
     def dB():
         db = _sum_tb(dG)
