@@ -140,15 +140,14 @@ def test_conv_grads_match_torch_across_calls():
             np.testing.assert_allclose(errs[name], t.grad.numpy(), rtol=1e-10, atol=1e-10)
 
 
-PATHS = ["columns", "image", "direct"]
+PATHS = ["columns", "direct"]
 
 
 def use_path(monkeypatch, path):
-    """Steer Conv onto one of its three code paths: the channel-major column matrix, the
-    image-by-image layout (small Cin), or the direct sum of GEMMs over shifted views (stride 1, when
-    the strided BLAS is there), the latter in tiny blocks so products cross block boundaries.
+    """Steer Conv onto one of its two code paths: the channel-major column matrix, or the direct sum
+    of GEMMs over shifted views (stride 1, when the strided BLAS is there), the latter in tiny
+    blocks so products cross block boundaries.
     Returns a list that collects one entry per direct forward, to show the path really ran."""
-    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 1 << 30 if path == "image" else 0)
     monkeypatch.setattr(conv_mod, "_DIRECT_MIN_CHANNELS", 1 if path == "direct" else 1 << 30)
     monkeypatch.setattr(conv_mod, "_DIRECT_MIN_BLOCK", 16)
     monkeypatch.setattr(conv_mod, "_DIRECT_BLOCK_BYTES", 64)
@@ -166,8 +165,8 @@ def test_strided_blas_is_available_here():
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_conv2d_all_paths(monkeypatch, name, path):
-    """Every case through every layout (image-by-image: only where dX is not wanted, so the
-    ``wrt=[1, 2]`` check; direct: only stride-1 cases, the others fall back to columns)."""
+    """Every case through every path, with and without dX (``wrt=[1, 2]``: a first layer's VJP);
+    direct: only stride-1 cases, the others fall back to columns."""
     direct_calls = use_path(monkeypatch, path)
     c_in, m, k, attrs = CASES[name]
     x = rng.standard_normal((3, c_in, 7, 8))
@@ -202,7 +201,7 @@ def test_conv_1d_3d_auto_pad_all_paths(monkeypatch, path):
 @pytest.mark.parametrize("path", PATHS)
 def test_conv_float32_grads_match_torch_all_paths(monkeypatch, path):
     direct_calls = use_path(monkeypatch, path)
-    monkeypatch.setattr(conv_mod, "_BLOCK_ELEMS", 4096)  # several image blocks
+    monkeypatch.setattr(conv_mod, "_BLOCK_ELEMS", 4096)  # several column blocks
     from gradserve.worker.autodiff import backward, compile_program, forward
     from gradserve.worker.graph import Node
 
@@ -231,7 +230,6 @@ def test_conv_gathered_input_error_many_blocks(monkeypatch, attrs):
     calls = []
     real = conv_mod._gather_dx
     monkeypatch.setattr(conv_mod, "_gather_dx", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(conv_mod, "_IMAGE_MAX_CHANNELS", 0)
     monkeypatch.setattr(conv_mod, "_BLOCK_ELEMS", 64)
     x, w, b = rng.standard_normal((3, 4, 6, 7)), rng.standard_normal((3, 4, 3, 3)), rng.standard_normal(3)
     check_vjp("Conv", [x, w, b], attrs)

@@ -1,12 +1,11 @@
 """Convolution (ONNX ``Conv``, any number of spatial dims) as BLAS matrix products.
 
-Three paths, chosen per call:
+Two paths, chosen per call:
 
 - **direct** (stride 1, the usual case): on the flat grid described in :class:`_Conv`, each kernel
   offset is one constant shift, so Y = sum_k W_k @ X[:, shift_k:] is Kp GEMMs on *views* of the
   padded input that add into one output (BLAS's beta = 1, through :mod:`.blas`); dW_k is a GEMM of
   the error with the same views and dX gathers the error the same way. No column matrix is built.
-- **image-by-image** (few input channels and no dX wanted: a first layer): see :class:`_ImageConv`.
 - **columns** (strided convs, or when the strided BLAS is unavailable), described below.
 
 Columns: the input is padded once into a channel-major copy ``xT`` (C, N, *padded), which the forward saves
@@ -294,77 +293,6 @@ class _Conv:
         return v.swapaxes(0, 1)
 
 
-class _ImageConv:
-    """Conv computed image by image in the NCHW layout itself (group 1): the columns of a block of
-    images are (images, C*Kp [+1], L) with L = prod(out), so one batched matmul writes the output
-    straight into Y (N, M, L) -- no layout transpose, no padding-grid waste, the bias rides along
-    as a row of ones -- and dW (with dB in its last column) is a batched product with G as it
-    comes. Chosen for small Cin where no dX is wanted (a first layer), where the (C*Kp, N*L)
-    column matrix of the channel-major path is short and its transposes and grid copies dominate."""
-
-    def __init__(self, cv: _Conv):
-        self.cv = cv
-        self.K = cv.C * cv.Kp
-        self.L = math.prod(cv.out)
-        self.Lin = math.prod(cv.in_shape[2:])
-        per_image = (self.K + 1) * self.L
-        self.nb = max(1, min(cv.N, (4 * _BLOCK_ELEMS) // max(1, per_image)))
-
-    def padded(self, x: np.ndarray) -> np.ndarray:
-        cv = self.cv
-        return pad_input(x, cv.lo, cv.extent)
-
-    def cols(self, xp: np.ndarray, n0: int, n1: int, ones: bool) -> np.ndarray:
-        """(n1-n0, C*Kp [+1 row of ones], L) columns of images n0:n1, in scratch."""
-        cv = self.cv
-        rows = self.K + (1 if ones else 0)
-        buf = scratch("conv_icols", (n1 - n0, rows, self.L), xp.dtype)
-        view = window_view(xp[n0:n1], cv.out, cv.kernel, cv.strides, cv.dilations)
-        np.copyto(buf[:, : self.K].reshape(view.shape), view)
-        if ones:
-            buf[:, self.K] = 1
-        return buf
-
-
-def _image_forward(c, cv: _Conv, x, w, b):
-    ic = _ImageConv(cv)
-    xp = ic.padded(x)
-    dtype = np.result_type(x, w)
-    wb = w.reshape(cv.M, ic.K)
-    if b is not None:
-        wb = np.concatenate([wb, b.reshape(cv.M, 1).astype(wb.dtype)], axis=1)
-    y = np.empty((cv.N, cv.M, ic.L), dtype)
-    for n0 in range(0, cv.N, ic.nb):
-        n1 = min(cv.N, n0 + ic.nb)
-        blas.matmul(wb, ic.cols(xp, n0, n1, b is not None), out=y[n0:n1])
-    c.save(conv=cv, image=ic, xp=xp)
-    return y.reshape((cv.N, cv.M) + cv.out)
-
-
-def _image_vjp(c, g):
-    cv: _Conv = c.saved["conv"]
-    ic: _ImageConv = c.saved["image"]
-    xp = c.saved["xp"]
-    w = c.inputs[1]
-    need_w = c.needs[1]
-    need_b = len(c.needs) > 2 and c.needs[2]
-    g3 = np.ascontiguousarray(g).reshape(cv.N, cv.M, ic.L)
-    dw = db = None
-    if need_w or need_b:
-        acc = np.zeros((cv.M, ic.K + 1), g.dtype)
-        for n0 in range(0, cv.N, ic.nb):
-            n1 = min(cv.N, n0 + ic.nb)
-            cols = ic.cols(xp, n0, n1, True)  # the ones row gives dB in the last column
-            acc += blas.matmul(g3[n0:n1], cols.transpose(0, 2, 1)).sum(axis=0)
-        dw = acc[:, : ic.K].reshape(w.shape).astype(g.dtype, copy=False) if need_w else None
-        db = acc[:, ic.K].astype(g.dtype) if need_b else None
-    return None, dw, db
-
-
-# Largest Cin for which Conv takes the image-by-image path when no dX is wanted (measured on 3x3
-# kernels, batch 64: ~1.5-2x faster at Cin 1-8, slower from Cin 32 on, where the channel-major GEMMs
-# are larger). Where dX is wanted the other paths won at every Cin measured (1.3-2.6x).
-_IMAGE_MAX_CHANNELS = 16
 # dX by gathering when M <= this * C (see _conv_vjp)
 _GATHER_RATIO = 1.0
 # Stride-1 convs whose groups have at least this many input and output channels run direct (see
@@ -374,11 +302,6 @@ _DIRECT_MIN_CHANNELS = 4
 # memory on large layers; measured best from 16 MB up for the layers of the benchmark CNN.
 _DIRECT_BLOCK_BYTES = 16 << 20
 _DIRECT_MIN_BLOCK = 4096
-
-
-def _use_image(cv: _Conv, c) -> bool:
-    """The image-by-image path: for few input channels and no dX (typically the first layer)."""
-    return cv.group == 1 and cv.C <= _IMAGE_MAX_CHANNELS and not c.needs[0]
 
 
 def _use_direct(cv: _Conv, x: np.ndarray, w: np.ndarray) -> bool:
@@ -450,8 +373,6 @@ def _input_extent(cv: _Conv) -> int:
 
 def _conv_forward(c, x, w, b=None):
     cv = _Conv(c, x, w)
-    if _use_image(cv, c):
-        return _image_forward(c, cv, x, w, b)
     xT = cv.pad(x)
     if _use_direct(cv, x, w):
         y = np.empty((cv.N, cv.M) + cv.out, dtype=x.dtype)
@@ -505,8 +426,6 @@ def _gather_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndar
 
 
 def _conv_vjp(c, g):
-    if "image" in c.saved:
-        return _image_vjp(c, g)
     if "direct" in c.saved:
         return _direct_vjp(c, g)
     cv: _Conv = c.saved["conv"]
