@@ -3,6 +3,8 @@ BatchNormalization -> MaxPool -> Relu node the rewrite makes: against a plain nu
 (forward and VJP, float32 and float64), against finite differences, and -- through whole graphs --
 against the unfused ops within float rounding."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -236,19 +238,52 @@ def test_no_fusion_where_it_would_change_meaning():
     assert not any(n.op_type == FUSED_BATCHNORM for n in prepare(model, feeds).nodes)
 
 
-def test_warm_up_and_thread_budget():
+def test_warm_up_and_thread_budget(monkeypatch):
     import numba
 
+    from gradserve.worker.ops import blas
+
     assert kernels.warm_up() >= 0
-    assert kernels.thread_budget() == 1  # the default (GRADSERVE_KERNEL_THREADS unset)
+    monkeypatch.delenv("GRADSERVE_KERNEL_THREADS", raising=False)
+    every_core = min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
+    default = 1 if blas.backend().idle_threads_spin else every_core
+    assert kernels.thread_budget() == default
     model, feeds = bn_model([RELU, POOL], np.float32)
     want = InlineEngine().gradients(model, feeds)
     with kernels.threads(2):
         assert kernels.thread_budget() == min(2, numba.config.NUMBA_NUM_THREADS)
         got = InlineEngine().gradients(model, feeds)
         assert numba.get_num_threads() == kernels.thread_budget()  # what the last kernel ran on
-    assert kernels.thread_budget() == 1
+    assert kernels.thread_budget() == default
     assert got.loss == pytest.approx(want.loss, rel=1e-6)
+    monkeypatch.setenv("GRADSERVE_KERNEL_THREADS", "1")
+    assert kernels.thread_budget() == 1
+
+
+@pytest.mark.parametrize("library", ["openblas", "mkl"])
+def test_kernels_take_every_core_unless_the_blas_threads_spin(monkeypatch, library):
+    """One kernel thread beside OpenBLAS (its idle threads spin), every core beside MKL (its sleep)."""
+    import importlib.metadata
+
+    import numba
+
+    from gradserve.worker.ops import blas
+
+    if library == "mkl":
+        try:
+            importlib.metadata.distribution("mkl")
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip("the mkl extra is not installed")
+    monkeypatch.delenv("GRADSERVE_KERNEL_THREADS", raising=False)
+    monkeypatch.setenv("GRADSERVE_BLAS", library)
+    blas._backend.cache_clear()
+    try:
+        assert blas.backend().name == library
+        every_core = min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
+        assert kernels.thread_budget() == (1 if library == "openblas" else every_core)
+    finally:
+        monkeypatch.undo()
+        blas._backend.cache_clear()
 
 
 def test_without_numba_the_numpy_paths_give_the_same_gradients(tmp_path):

@@ -10,11 +10,13 @@ numba. This package is their one home; the ops in :mod:`gradserve.worker.ops` ca
 - **Threads.** Kernels parallel over channels use numba's (OpenMP) threads: as many as
   :func:`threads` allows the calling thread, as threadpoolctl limits BLAS -- an engine that gives a
   step ``n`` BLAS threads wraps the step in ``threads(n)`` too, so pipelined stages on one node do
-  not oversubscribe it. Without a budget, kernels run on one thread (``GRADSERVE_KERNEL_THREADS``
-  changes that): OpenBLAS's idle threads spin for a while after each product, and a second kernel
-  thread fights them for a core. Measured inside the benchmark CNN's step on 2 cores: two kernel
-  threads made the kernels 1.7x and the convolutions around them 1.4x slower than one. Idle kernel
-  threads sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE`` unless the user set it).
+  not oversubscribe it. Without a budget (``GRADSERVE_KERNEL_THREADS`` sets one), kernels run on
+  every core where the products run on MKL, whose idle threads sleep, and on one thread where they
+  run on OpenBLAS: its idle threads spin for a while after each product, and a second kernel thread
+  fights them for a core (inside the benchmark CNN's step on 2 cores, two kernel threads made the
+  kernels 1.7x and the convolutions around them 1.4x slower than one; on MKL they made the kernels
+  1.8x faster). Idle kernel threads sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE`` unless the
+  user set it).
 - **Without numba** (it cannot be imported on some platform, or ``GRADSERVE_KERNELS=0``),
   :func:`get` returns None, a warning says so once, and the ops run their numpy paths.
 """
@@ -99,10 +101,15 @@ def available() -> bool:
 
 
 def _default_threads() -> int:
+    """The budget outside :func:`threads`: ``GRADSERVE_KERNEL_THREADS``, else every core unless the
+    BLAS's idle threads spin (see the module doc)."""
     try:
-        return max(1, int(os.environ.get("GRADSERVE_KERNEL_THREADS", "1")))
-    except ValueError:
-        return 1
+        return max(1, int(os.environ["GRADSERVE_KERNEL_THREADS"]))
+    except (KeyError, ValueError):
+        pass
+    from gradserve.worker.ops import blas  # (imported here: the ops import this package)
+
+    return 1 if blas.backend().idle_threads_spin else len(os.sched_getaffinity(0))
 
 
 def thread_budget() -> int:

@@ -32,6 +32,7 @@ import functools
 import importlib.metadata
 import logging
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -52,11 +53,16 @@ CHOICES = ("auto", "mkl", "openblas", "numpy")
 @dataclass(frozen=True)
 class Backend:
     """The BLAS library the ops call directly: its name ("mkl", "openblas", or "numpy" when none
-    is called directly), version, and its ``cblas_?gemm`` per dtype char ('f', 'd')."""
+    is called directly), version, and its ``cblas_?gemm`` per dtype char ('f', 'd').
+
+    ``idle_threads_spin``: whether the library's threads keep a core busy for a while after each
+    product (OpenBLAS's do; MKL's sleep, as :func:`_bind_mkl` asks). Other threads started between
+    two products (the compiled kernels') then fight them for the cores."""
 
     name: str
     version: str = ""
     routines: tuple[tuple[str, Callable], ...] = ()
+    idle_threads_spin: bool = True
 
     def routine(self, char: str) -> Callable | None:
         return dict(self.routines).get(char)
@@ -201,7 +207,7 @@ def _tested(bind: Callable[[], Backend | None], label: str) -> Backend | None:
     good = tuple((char, fn) for char, fn in found.routines if _self_test(fn, np.dtype(char)))
     if len(good) < len(found.routines):
         log.warning("%s GEMM failed its self-test for some dtypes; numpy's matmul does those", label)
-    return Backend(found.name, found.version, good) if good else None
+    return dataclasses.replace(found, routines=good) if good else None
 
 
 def _intel_cpu() -> bool:
@@ -229,13 +235,18 @@ def _bind_mkl() -> Backend | None:
     paths = [str(f.locate()) for f in files if os.path.basename(str(f)).startswith("libmkl_rt.so")]
     if not paths:
         return None
+    # Idle MKL threads sleep at once instead of spinning for 200 ms (Intel OpenMP's default), which
+    # would take a core from the compiled kernels between two products; read when MKL starts its
+    # threads, so set before it is loaded. A user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     handle = ctypes.CDLL(paths[0])
     version = ctypes.create_string_buffer(256)
     handle.mkl_get_version_string(version, len(version))
     # the _64 entry points take 64-bit integers whatever interface layer the user's environment picked
     routines = tuple((char, _signature(getattr(handle, f"cblas_{'s' if char == 'f' else 'd'}gemm_64"), char, ctypes.c_int64))
                      for char in "fd")
-    return Backend("mkl", version.value.decode(errors="replace").strip(), routines)
+    spins = os.environ["OMP_WAIT_POLICY"].upper() == "ACTIVE"
+    return Backend("mkl", version.value.decode(errors="replace").strip(), routines, idle_threads_spin=spins)
 
 
 def _bind_openblas() -> Backend | None:
