@@ -91,6 +91,9 @@ def _layouts(x: np.ndarray):
     ((3, 64, 70), (3, 70, 80)),  # batched
     ((64, 70), (2, 3, 70, 80)),  # broadcast over a stack
     ((1, 64, 70), (4, 70, 80)),
+    ((1, 64, 70), (1, 70, 80)),  # a stack of one
+    ((2, 1, 64, 70), (1, 3, 70, 80)),  # broadcast along different axes: no one stride per operand
+    ((2, 3, 64, 70), (2, 3, 70, 80)),  # two stack axes that flatten into one
     ((4, 5), (5, 3)),  # small: numpy's
 ])
 def test_matmul_is_numpys_matmul(library, dtype, shapes):
@@ -194,3 +197,13 @@ def test_products_of_the_ops_on_each_library(library, monkeypatch):
     check_vjp("RNN", [seq, rng.standard_normal((1, hidden, 40)) * 0.1, rng.standard_normal((1, hidden, hidden)) * 0.1],
               {"hidden_size": hidden}, n_outputs=2)
     assert bool(calls) == (library != "numpy"), "the products reached the library asked for"
+
+
+@pytest.mark.parametrize("library", _libraries(), indirect=True)
+def test_a_stack_of_products_is_one_batched_call_where_the_library_has_one(library, monkeypatch):
+    calls = []
+    real = blas._batched
+    monkeypatch.setattr(blas, "_batched", lambda *args: calls.append(args[-1]) or real(*args))
+    a, b = rng.standard_normal((2, 3, 40, 50)), rng.standard_normal((2, 3, 50, 60))
+    np.testing.assert_allclose(blas.matmul(a, b), np.matmul(a, b), rtol=1e-12, atol=1e-12)
+    assert calls == ([2] if blas.backend().batch_routine("d") else [])  # one call over both stack axes
