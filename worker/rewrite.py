@@ -24,6 +24,12 @@ node the user wrote.
   (``gradserve.GemmActivation``, see :mod:`gradserve.worker.ops.linalg`), when the compiled kernels
   are available: the activation's VJP in one compiled pass, and the product's output never kept.
   Exact up to float rounding.
+- **A mean squared error runs as one node** (``gradserve.MeanSquaredError``, see
+  :mod:`gradserve.worker.ops.loss`), when the compiled kernels are available: ``Sub``, then ``Mul``
+  of the difference by itself (or ``Pow`` with the constant 2), then ``ReduceMean`` over every
+  axis, each the only reader of the value before it, the two inputs of one shape -- what
+  ``F.mse_loss`` exports to. The difference and the sum of its squares in one pass (summed in
+  float64), the VJP in one. Exact up to float rounding.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from gradserve.worker import kernels
 from gradserve.worker.graph import Node
 from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS
 from gradserve.worker.ops.linalg import FUSED_GEMM
+from gradserve.worker.ops.loss import FUSED_MSE
 from gradserve.worker.ops.norm import FUSED_BATCHNORM, POOL_PREFIX
 from gradserve.worker.validate import ValueInfo
 
@@ -77,6 +84,7 @@ def optimize(
     if kernels.available():
         nodes = _fuse_batchnorm(nodes, shapes, keep, notes)
         nodes = _fuse_gemm_activation(nodes, shapes, keep, notes)
+        nodes = _fuse_squared_error(nodes, shapes, keep, constants or {}, notes)
     return nodes, shapes, notes
 
 
@@ -217,3 +225,60 @@ def _fuse_batchnorm(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[s
         notes.append(f"{bn} runs as one kernel with {' and '.join(str(nodes[j]) for j in chain)} "
                      "(exact up to float rounding: statistics summed in float64)")
     return _replaced(nodes, fused, gone)
+
+
+def _fuse_squared_error(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str],
+                        constants: Mapping[str, np.ndarray], notes: list[str]) -> list[Node]:
+    """Each mean of squared differences written out in ops (see the module docs) becomes one node
+    with the ReduceMean's name, in its place."""
+    readers, reader = _uses(nodes)
+    producer = {o: k for k, node in enumerate(nodes) for o in node.outputs if o}
+    fused: dict[int, Node] = {}
+    gone: set[int] = set()
+    for k, mean in enumerate(nodes):
+        if mean.op_type != "ReduceMean" or len(mean.outputs) != 1 or not mean.inputs:
+            continue
+        square = mean.inputs[0]
+        j = producer.get(square)
+        if j is None or square in keep or readers[square] != 1 or not _over_every_axis(mean, shapes.get(square), constants):
+            continue
+        sq = nodes[j]
+        diff = sq.inputs[0] if sq.inputs else ""
+        if sq.op_type == "Mul" and sq.inputs == [diff, diff]:
+            uses = 2
+        elif sq.op_type == "Pow" and len(sq.inputs) == 2 and _is_two(constants.get(sq.inputs[1])):
+            uses = 1
+        else:
+            continue
+        i = producer.get(diff)
+        if i is None or diff in keep or readers[diff] != uses or nodes[i].op_type != "Sub" or len(nodes[i].inputs) != 2:
+            continue
+        sub = nodes[i]
+        a, b = (shapes.get(v) for v in sub.inputs)
+        if a is None or b is None or a != b or a.dtype not in (np.float32, np.float64) or not all(isinstance(n, int) for n in a.shape):
+            continue
+        fused[k] = Node(mean.name, FUSED_MSE, list(sub.inputs), list(mean.outputs), {"keepdims": int(mean.attrs.get("keepdims", 1))})
+        gone.update((i, j))
+        shapes.pop(diff, None)
+        shapes.pop(square, None)
+        notes.append(f"{sub}, {sq} and {mean} run as one mean squared error (exact up to float rounding)")
+    return _replaced(nodes, fused, gone)
+
+
+def _over_every_axis(mean: Node, info: ValueInfo | None, constants: Mapping[str, np.ndarray]) -> bool:
+    """Whether a ReduceMean averages its input over every axis (axes omitted, or all of them)."""
+    if "axes" in mean.attrs:  # opsets before 18
+        axes = [int(a) for a in mean.attrs["axes"]]
+    elif len(mean.inputs) > 1 and mean.inputs[1]:
+        if mean.inputs[1] not in constants:
+            return False
+        axes = [int(a) for a in np.ravel(constants[mean.inputs[1]])]
+    else:
+        axes = []
+    if not axes:
+        return not mean.attrs.get("noop_with_empty_axes", 0)
+    return info is not None and sorted(a % max(len(info.shape), 1) for a in axes) == list(range(len(info.shape)))
+
+
+def _is_two(value: np.ndarray | None) -> bool:
+    return value is not None and value.size == 1 and float(np.ravel(value)[0]) == 2.0

@@ -36,6 +36,7 @@ import numpy as np
 from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
 from gradserve.worker.ops.linalg import FUSED_GEMM
+from gradserve.worker.ops.loss import FUSED_MSE
 
 
 @dataclass(frozen=True)
@@ -362,6 +363,9 @@ class _Follower:
             raise _refuse(node, "gathers along the batch axis")
         if op in _REDUCE:
             return self.reduce(node, axis)
+        if op == FUSED_MSE:  # a difference (elementwise), then a mean over every axis, the batch's too
+            self.elementwise(node, tags)
+            return ("mean", None)
         if op in ("SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss") and rows[:2] == [0, 1]:
             if tags[0].axis != 0 or tags[1] != tags[0]:
                 raise _refuse(node, "has the batch off axis 0 of its scores or labels")

@@ -298,6 +298,50 @@ def _activation_vjp(g1, y1, kind, dx1):
         _activation_piece(g1[i0:i1], y1[i0:i1], kind, dx1[i0:i1])
 
 
+# -- squared difference (a mean-squared-error loss) -------------------------------------------------
+@numba.njit(fastmath=_FAST, **_JIT)
+def _squares_piece(a1, b1):
+    total = 0.0
+    for i in range(a1.size):
+        v = np.float64(a1[i]) - np.float64(b1[i])
+        total += v * v
+    return total
+
+
+@numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
+def _squared_difference(a1, b1):
+    """The sum of the squares of ``a1 - b1`` (flat arrays), in float64, in one read of each. Each
+    chunk sums on its own and the chunks' sums are added in order, so the result does not depend
+    on the number of threads."""
+    n = a1.size
+    chunks = (n + _ACTIVATION_CHUNK - 1) // _ACTIVATION_CHUNK
+    sums = np.zeros(chunks)
+    for b in prange(chunks):
+        i0 = b * _ACTIVATION_CHUNK
+        i1 = min(n, i0 + _ACTIVATION_CHUNK)
+        sums[b] = _squares_piece(a1[i0:i1], b1[i0:i1])
+    total = 0.0
+    for b in range(chunks):
+        total += sums[b]
+    return total
+
+
+@numba.njit(fastmath=_FAST, **_JIT)
+def _scaled_piece(a1, b1, scale, out1):
+    for i in range(a1.size):
+        out1[i] = (a1[i] - b1[i]) * scale
+
+
+@numba.njit(parallel=PARALLEL, fastmath=_FAST, **_JIT)
+def _scaled_difference(a1, b1, scale, out1):
+    """``out1 = (a1 - b1) * scale`` (flat arrays, scale of their dtype) in one pass."""
+    n = a1.size
+    for b in prange((n + _ACTIVATION_CHUNK - 1) // _ACTIVATION_CHUNK):
+        i0 = b * _ACTIVATION_CHUNK
+        i1 = min(n, i0 + _ACTIVATION_CHUNK)
+        _scaled_piece(a1[i0:i1], b1[i0:i1], scale, out1[i0:i1])
+
+
 # -- erf and GELU (its erf form), and their VJPs, one pass each ---------------------------------------
 # numpy spends ~25 passes over memory on erf (a rational function, term by term) and more on the
 # VJPs; here each element is done in registers. Arithmetic in float64. The erf is libm's when
@@ -373,6 +417,7 @@ bn_forward, bn_backward = _parallel(_bn_forward, (0, 1, 2)), _parallel(_bn_backw
 bn_pool_forward = _parallel(_bn_pool_forward, (0, 1, 2))
 bn_pool_backward = _parallel(_bn_pool_backward, (0, 1, 2, 3, 4))
 activation_vjp, erf_family = _parallel(_activation_vjp, (0, 1)), _parallel(_erf_family, (0, 1))
+squared_difference, scaled_difference = _parallel(_squared_difference, (0, 1)), _parallel(_scaled_difference, (0, 1))
 
 
 def warm_up() -> None:
@@ -393,5 +438,7 @@ def warm_up() -> None:
         bn_pool_backward(x3, y.reshape(2, 2, 4), where.reshape(2, 2, 4), s, stats, np.empty_like(x3), d1, d2, coef)
         for kind in (RELU, TANH, SIGMOID):
             activation_vjp(x.reshape(-1), x.reshape(-1), kind, np.empty(x.size, dtype))
+        squared_difference(x.reshape(-1), x.reshape(-1))
+        scaled_difference(x.reshape(-1), x.reshape(-1), dtype(2), np.empty(x.size, dtype))
         for kind, g in ((ERF, x.reshape(-1)[:0]), (GELU, x.reshape(-1)[:0]), (GELU, x.reshape(-1))):
             erf_family(x.reshape(-1), g, kind, dtype == np.float64, np.empty(x.size, dtype))

@@ -1,4 +1,5 @@
-"""Classification losses: SoftmaxCrossEntropyLoss and NegativeLogLikelihoodLoss.
+"""Losses: SoftmaxCrossEntropyLoss and NegativeLogLikelihoodLoss (ONNX's), and the mean squared
+error as one node (``gradserve.MeanSquaredError``, made by :mod:`gradserve.worker.rewrite`).
 
 Both take class scores (N, C) or (N, C, d1, ...) and integer labels (N,) or (N, d1, ...), with
 optional per-class weights and ignore_index. Per-element weights w = weights[label] (0 where the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradserve.worker import kernels
 from gradserve.worker.ops.conv import str_attr
 from gradserve.worker.ops.registry import OpError, defop
 
@@ -118,3 +120,44 @@ def _nll_vjp(c, g):
 
 
 defop("NegativeLogLikelihoodLoss", _nll, _nll_vjp, keep=(), differentiable=(0,))
+
+
+# -- mean squared error, as one node ---------------------------------------------------------------
+# What ``F.mse_loss`` exports to: Sub, then Mul of the difference by itself (or Pow 2), then a
+# ReduceMean over every axis. The rewrite makes it this node where the two inputs have one shape and
+# the compiled kernels are there: forward one read of the inputs (the squares summed in float64),
+# the VJP one pass writing the error, instead of five passes each way. It keeps its inputs (one is
+# the target, a feed kept anyway) rather than the difference, so the memory model counts what it
+# holds. Equal to the unfused ops up to float rounding.
+FUSED_MSE = "gradserve.MeanSquaredError"
+
+
+def _flat_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if a.shape != b.shape or a.dtype != b.dtype or a.dtype not in (np.float32, np.float64):
+        raise OpError(f"{FUSED_MSE} needs two float32 or float64 inputs of one shape, got {a.shape} {a.dtype} and {b.shape} {b.dtype}")
+    return np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+
+
+def _mse_kernels():
+    k = kernels.get()
+    if k is None:
+        raise OpError(f"{FUSED_MSE} needs the compiled kernels (numba)")
+    return k
+
+
+def _mse(c, a, b):
+    total = _mse_kernels().squared_difference(*_flat_pair(a, b))
+    mean = total / a.size if a.size else np.nan  # (ReduceMean of nothing: NaN, as numpy's mean)
+    return np.full((1,) * a.ndim if int(c.attr("keepdims", 1)) else (), mean, a.dtype)
+
+
+def _mse_vjp(c, g):
+    a, b = c.inputs
+    # d loss / d a = 2 (a - b) / n times the loss's one error; d loss / d b is its negative
+    scale = 2.0 * float(np.sum(g)) / max(a.size, 1)
+    da = np.empty(a.shape, a.dtype)
+    _mse_kernels().scaled_difference(*_flat_pair(a, b), a.dtype.type(scale), da.reshape(-1))
+    return (da if c.needs[0] else None), (np.negative(da) if c.needs[1] else None)
+
+
+defop(FUSED_MSE, _mse, _mse_vjp, keep=("x0", "x1"))
