@@ -24,6 +24,10 @@ node the user wrote.
   (``gradserve.GemmActivation``, see :mod:`gradserve.worker.ops.linalg`), when the compiled kernels
   are available: the activation's VJP in one compiled pass, and the product's output never kept.
   Exact up to float rounding.
+- **A MatMul by a 2-D weight and the Add of a bias along its last axis run as one node**
+  (``gradserve.MatMulAdd``, see :mod:`gradserve.worker.ops.linalg`): torch's nn.Linear on inputs of
+  more than two dims. A Gemm of the rows, the product added into the bias by BLAS. Exact up to
+  float rounding.
 - **A mean squared error runs as one node** (``gradserve.MeanSquaredError``, see
   :mod:`gradserve.worker.ops.loss`), when the compiled kernels are available: ``Sub``, then ``Mul``
   of the difference by itself (or ``Pow`` with the constant 2), then ``ReduceMean`` over every
@@ -43,7 +47,7 @@ import numpy as np
 from gradserve.worker import kernels
 from gradserve.worker.graph import Node
 from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS
-from gradserve.worker.ops.linalg import FUSED_GEMM
+from gradserve.worker.ops.linalg import FUSED_GEMM, FUSED_LINEAR
 from gradserve.worker.ops.loss import FUSED_MSE
 from gradserve.worker.ops.norm import FUSED_BATCHNORM, POOL_PREFIX
 from gradserve.worker.validate import ValueInfo
@@ -81,6 +85,7 @@ def optimize(
         shapes[rectified] = shapes[pooled]
         notes.append(f"{relu} runs after {node}, on the pooled values (exact: the max of rectified values is the rectified max)")
     nodes = _fuse_gelu(nodes, shapes, keep, constants or {}, notes)
+    nodes = _fuse_linear(nodes, shapes, keep, notes)
     if kernels.available():
         nodes = _fuse_batchnorm(nodes, shapes, keep, notes)
         nodes = _fuse_gemm_activation(nodes, shapes, keep, notes)
@@ -282,3 +287,35 @@ def _over_every_axis(mean: Node, info: ValueInfo | None, constants: Mapping[str,
 
 def _is_two(value: np.ndarray | None) -> bool:
     return value is not None and value.size == 1 and float(np.ravel(value)[0]) == 2.0
+
+
+def _fuse_linear(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], notes: list[str]) -> list[Node]:
+    """Each float32/float64 MatMul of X (rank >= 2) by a 2-D W whose product is read only by an Add
+    of a bias of W's columns (shape (N,) or (1, ..., N)) becomes one node with the MatMul's name,
+    in the Add's place (the bias may be made after the product)."""
+    readers, reader = _uses(nodes)
+    fused: dict[int, Node] = {}
+    gone: set[int] = set()
+    for k, mm in enumerate(nodes):
+        out = mm.outputs[0] if mm.op_type == "MatMul" and len(mm.outputs) == 1 and len(mm.inputs) == 2 else ""
+        if not out or out in keep or readers[out] != 1:
+            continue
+        x, w, y = shapes.get(mm.inputs[0]), shapes.get(mm.inputs[1]), shapes.get(out)
+        if x is None or w is None or y is None or len(x.shape) < 2 or len(w.shape) != 2:
+            continue
+        j = reader[out]
+        add = nodes[j]
+        if add.op_type != "Add" or len(add.inputs) != 2 or add.inputs[0] == add.inputs[1] or len(add.outputs) != 1:
+            continue
+        bias = add.inputs[1] if add.inputs[0] == out else add.inputs[0]
+        b = shapes.get(bias)
+        n = w.shape[1]
+        if (b is None or not {x.dtype, w.dtype, b.dtype} <= {y.dtype} or y.dtype not in (np.float32, np.float64)
+                or shapes.get(add.outputs[0]) != y or len(b.shape) > len(y.shape) or not b.shape
+                or b.shape[-1] != n or any(d != 1 for d in b.shape[:-1])):
+            continue
+        fused[j] = Node(mm.name, FUSED_LINEAR, [mm.inputs[0], mm.inputs[1], bias], list(add.outputs), {})
+        gone.add(k)
+        shapes.pop(out, None)
+        notes.append(f"{mm} and {add} run as one node (exact up to float rounding)")
+    return _replaced(nodes, fused, gone)

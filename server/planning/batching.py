@@ -35,7 +35,7 @@ import numpy as np
 
 from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
-from gradserve.worker.ops.linalg import FUSED_GEMM
+from gradserve.worker.ops.linalg import FUSED_GEMM, FUSED_LINEAR
 from gradserve.worker.ops.loss import FUSED_MSE
 
 
@@ -293,6 +293,10 @@ class _Follower:
         if op in _ELEMENTWISE:
             return self.elementwise(node, tags)
         if op == "MatMul":
+            return self.matmul(node, tags, rows)
+        if op == FUSED_LINEAR:  # a MatMul, then a bias that must not depend on the sample
+            if 2 in rows:
+                raise _refuse(node, "adds a bias computed from the batch to every sample's product")
             return self.matmul(node, tags, rows)
         if op in ("Gemm", FUSED_GEMM):  # the fused node's activation keeps the rows where they are
             if rows == [0] and axis == (1 if node.attrs.get("transA", 0) else 0):

@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from gradserve.worker.graph import Node
-from gradserve.worker.ops.linalg import FUSED_GEMM
+from gradserve.worker.ops.linalg import FUSED_GEMM, FUSED_LINEAR
 from gradserve.worker.validate import ValueInfo
 
 
@@ -25,7 +25,7 @@ def node_flops(node: Node, shapes: Mapping[str, ValueInfo]) -> int:
     """Estimated forward FLOPs of ``node``."""
     out = _numel(shapes.get(node.outputs[0])) if node.outputs else 0
     first = shapes.get(node.inputs[0]) if node.inputs and node.inputs[0] else None
-    if node.op_type == "MatMul" and first is not None and first.shape:
+    if node.op_type in ("MatMul", FUSED_LINEAR) and first is not None and first.shape:
         return 2 * out * first.shape[-1]
     if node.op_type in ("Gemm", FUSED_GEMM) and first is not None and len(first.shape) == 2:
         k = first.shape[0] if node.attrs.get("transA", 0) else first.shape[1]

@@ -184,6 +184,48 @@ def _gemm_activation_merge(entries):
 defop(FUSED_GEMM, _gemm_activation, _gemm_activation_vjp, keep=("x0", "x1", "y"), merge=_gemm_activation_merge)
 
 
+# -- a product and the bias added to it, as one node --------------------------------------------------
+# Made by the rewrite (gradserve.worker.rewrite) where a MatMul of activations (rank >= 2) by a 2-D
+# weight is read only by an Add of a bias along its last axis: what torch exports nn.Linear to for
+# inputs of more than two dims. It is a Gemm of the activations' rows, which writes the bias first
+# and has BLAS add the product into it (beta = 1): one pass over the output fewer, and the VJP sums
+# the bias's error in the same place. Exact up to float rounding.
+FUSED_LINEAR = "gradserve.MatMulAdd"
+
+
+def _rows_context(c, x: np.ndarray, w: np.ndarray, b: np.ndarray):
+    """The Gemm this node is: X's rows (M, K) times W (K, N) plus the bias as one row (1, N)."""
+    return dataclasses.replace(c, inputs=[x.reshape(-1, x.shape[-1]), w, b.reshape(1, -1)])
+
+
+def _linear(c, x, w, b):
+    if x.ndim < 2 or w.ndim != 2 or b.size != w.shape[1] or (b.ndim and b.shape[-1] != w.shape[1]):
+        raise OpError(f"{FUSED_LINEAR} needs X (..., K), W (K, N) and a bias of N along the last axis, "
+                      f"got {x.shape}, {w.shape} and {b.shape}")
+    rows = _rows_context(c, x, w, b)
+    return _gemm(rows, *rows.inputs).reshape(x.shape[:-1] + (w.shape[1],))
+
+
+def _linear_vjp(c, g):
+    x, w, b = c.inputs
+    dx, dw, db = _gemm_vjp(_rows_context(c, x, w, b), g.reshape(-1, w.shape[1]))
+    return (None if dx is None else dx.reshape(x.shape)), dw, (None if db is None else db.reshape(b.shape))
+
+
+def _linear_merge(entries):
+    # dW sums over every row of X, whatever the leading axes: fold them into rows, then stack
+    flat = [(_rows_context(ctx, *ctx.inputs), [g[0].reshape(-1, ctx.inputs[1].shape[1])])
+            for ctx, g in entries if g[0] is not None]
+    merged = _gemm_merge(flat) if len(flat) == len(entries) else None
+    if merged is None:
+        return None
+    ctx, errors = merged  # X's rows stacked; the bias as the node has it, so its error takes its shape
+    return dataclasses.replace(ctx, inputs=[*ctx.inputs[:2], entries[0][0].inputs[2]]), errors
+
+
+defop(FUSED_LINEAR, _linear, _linear_vjp, keep=("x0", "x1"), merge=_linear_merge)  # the bias: its shape only
+
+
 # -- Einsum -------------------------------------------------------------------------------------------
 # An equation is first rewritten into a plain one with every axis named by a letter: each ellipsis
 # becomes fresh letters (right-aligned across operands, as broadcasting aligns them), an operand's
