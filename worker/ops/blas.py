@@ -12,7 +12,8 @@ numpy's OpenBLAS; ``mkl`` or ``openblas`` asks for one, ``numpy`` makes no direc
 Every large product the ops make goes through :func:`matmul` or :func:`gemm`, so only one library
 runs them: two libraries' thread pools in one process fight (an idle OpenBLAS thread spins for a
 while after each product; an MKL product right after an OpenBLAS one measured 2.5x slower). Small
-products (below :data:`SMALL_FLOPS`) go to ``np.matmul``, which runs them on one thread.
+products (below :data:`SMALL_FLOPS`) go to ``np.matmul``, which runs them on one thread. On MKL a
+stack of products is one batched call; on OpenBLAS numpy's own loop runs it.
 
 **Why GEMM on views.** ``np.matmul`` hands contiguous-enough views to BLAS without copying, but it
 always overwrites its output. A direct convolution is a *sum* of GEMMs over shifted views of one
@@ -28,12 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import importlib.metadata
 import logging
 import math
 import os
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
