@@ -37,7 +37,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
@@ -182,6 +182,31 @@ class Job:
                 queued_seconds=started - self.submitted,
                 running_seconds=((self.finished or now) - self.started) if self.started is not None else 0.0,
             )
+
+    def watch(self, active: Callable[[], bool], poll: float) -> Iterator[JobSnapshot]:
+        """The job's history, then its changes, until it finishes (or ``active()`` turns false,
+        checked every ``poll`` seconds at most): each progress event in order (state running, the
+        steps done by then), and each new state, the finished one last."""
+        seen = 0  # progress events already given
+        given_state = None
+        while active():
+            # The state and the event count read together: every event counted happened before
+            # that state, so it is replayed first, and a finished state is the last word (read
+            # apart, an event and the end could both land in between: "done" was given, then that
+            # event as "running", then "done" again).
+            snap = self.snapshot()
+            while seen < snap.events:
+                kept = seen < MAX_KEPT_EVENTS  # past the cap only the latest event is known
+                replay = self.snapshot(seen) if kept else snap
+                yield replay
+                seen = seen + 1 if kept else snap.events
+                given_state = replay.state
+            if snap.state != given_state:
+                yield snap
+                given_state = snap.state
+            if snap.state in FINISHED:
+                return
+            self.wait_change(seen, snap.state, poll)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job has finished (True) or ``timeout`` seconds passed (False)."""

@@ -27,7 +27,7 @@ from gradserve.server.engines import EngineRunner
 from gradserve.server.errors import BadRequest, LimitExceeded, ServiceError, abort, status_for
 from gradserve.server.handlers import method_handler
 from gradserve.server.jobs import (
-    FINISHED, MAX_KEPT_EVENTS, Job, JobRegistry, JobSnapshot, client_of, one_line, parse_options,
+    Job, JobRegistry, JobSnapshot, client_of, one_line, parse_options,
 )
 from gradserve.server.limits import ByteBudget, Limits
 from gradserve.server.metrics import ServerMetrics
@@ -464,24 +464,8 @@ class GradientServicer:
     @_rpc
     def Watch(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> Iterator[service_pb2.JobStatus]:
         job = self.registry.get(request.job_id)
-        seen = 0          # progress events already sent
-        sent_state = None
-        while context.is_active():
-            with job.cond:
-                count = job.event_count
-            while seen < count:
-                kept = seen < MAX_KEPT_EVENTS  # past the cap only the latest event is known
-                snap = job.snapshot(seen if kept else None)
-                yield status_message(snap)
-                seen = seen + 1 if kept else count
-                sent_state = snap.state
-            snap = job.snapshot()
-            if snap.state != sent_state:
-                yield status_message(snap)
-                sent_state = snap.state
-            if snap.state in FINISHED and seen >= snap.events:
-                return
-            job.wait_change(seen, snap.state, _POLL)
+        for snap in job.watch(context.is_active, _POLL):
+            yield status_message(snap)
 
     @_rpc
     def Cancel(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> service_pb2.JobStatus:

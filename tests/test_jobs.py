@@ -147,3 +147,25 @@ def test_unexpected_errors_are_internal_and_short():
     code, message = status_for(KeyError("secret internal detail"))
     assert code == grpc.StatusCode.INTERNAL
     assert "secret" not in message and "KeyError" in message
+
+
+def test_watch_replays_every_event_before_the_end_and_ends_once():
+    """An event and the job's end that both land while a watcher replays the history: the
+    watcher still gives every event (as running) first and "done" once, last."""
+    from gradserve.server.events import ProgressEvent
+    from gradserve.server.jobs import DONE, RUNNING, Job
+
+    job = Job("j1", "m1", None, None, JobOptions(partitions=1, micro_batches=1, replicas=1))
+    job.state, job.started = RUNNING, time.monotonic()
+    job.add_event(ProgressEvent("forward", 0, done=False))
+    job.add_event(ProgressEvent("forward", 0, done=True))
+    given = []
+    for snap in job.watch(lambda: True, poll=0.01):
+        given.append((snap.state, snap.steps_done))
+        if len(given) == 1:  # while the watcher is between its reads: the last event, then the end
+            job.add_event(ProgressEvent("backward", 0, done=True))
+            with job.cond:
+                job.state = DONE
+                job.cond.notify_all()
+        assert len(given) < 10, given
+    assert given == [(RUNNING, 0), (RUNNING, 1), (RUNNING, 2), (DONE, 2)]
