@@ -63,18 +63,18 @@ class Backend:
 
     name: str
     version: str = ""
-    routines: tuple[tuple[str, Callable], ...] = ()
+    routines: dict[str, Callable] = dataclasses.field(default_factory=dict)  # (looked up per product)
     idle_threads_spin: bool = True
     # cblas_?gemm_batch_strided per dtype char, where the library has it (MKL): a stack of
     # products in one call, which MKL spreads over its threads (one call per matrix measured 5-13x
     # slower on attention-sized stacks: each call wakes the threads)
-    batched: tuple[tuple[str, Callable], ...] = ()
+    batched: dict[str, Callable] = dataclasses.field(default_factory=dict)
 
     def routine(self, char: str) -> Callable | None:
-        return dict(self.routines).get(char)
+        return self.routines.get(char)
 
     def batch_routine(self, char: str) -> Callable | None:
-        return dict(self.batched).get(char)
+        return self.batched.get(char)
 
 
 def backend() -> Backend:
@@ -251,8 +251,8 @@ def _tested(bind: Callable[[], Backend | None], label: str) -> Backend | None:
         return None
     if found is None:
         return None
-    good = tuple((char, fn) for char, fn in found.routines if _self_test(fn, np.dtype(char)))
-    batched = tuple((char, fn) for char, fn in found.batched if char in dict(good) and _batch_self_test(fn, np.dtype(char)))
+    good = {char: fn for char, fn in found.routines.items() if _self_test(fn, np.dtype(char))}
+    batched = {char: fn for char, fn in found.batched.items() if char in good and _batch_self_test(fn, np.dtype(char))}
     if len(good) < len(found.routines) or len(batched) < len(found.batched):
         log.warning("%s GEMM failed its self-test for some dtypes; numpy's matmul does those", label)
     return dataclasses.replace(found, routines=good, batched=batched) if good else None
@@ -304,10 +304,10 @@ def _bind_mkl() -> Backend | None:
     version = ctypes.create_string_buffer(256)
     handle.mkl_get_version_string(version, len(version))
     # the _64 entry points take 64-bit integers whatever interface layer the user's environment picked
-    routines = tuple((char, _signature(getattr(handle, f"cblas_{'s' if char == 'f' else 'd'}gemm_64"), char, ctypes.c_int64))
-                     for char in "fd")
-    batched = tuple((char, _batch_signature(getattr(handle, f"cblas_{'s' if char == 'f' else 'd'}gemm_batch_strided_64"), char))
-                    for char in "fd")
+    routines = {char: _signature(getattr(handle, f"cblas_{'s' if char == 'f' else 'd'}gemm_64"), char, ctypes.c_int64)
+                for char in "fd"}
+    batched = {char: _batch_signature(getattr(handle, f"cblas_{'s' if char == 'f' else 'd'}gemm_batch_strided_64"), char)
+               for char in "fd"}
     spins = os.environ["OMP_WAIT_POLICY"].upper() == "ACTIVE"
     return Backend("mkl", version.value.decode(errors="replace").strip(), routines, idle_threads_spin=spins, batched=batched)
 
@@ -326,7 +326,7 @@ def _bind_openblas() -> Backend | None:
                 continue
             config.restype = ctypes.c_char_p
             index = ctypes.c_int64 if b"USE64BITINT" in (config() or b"") else ctypes.c_int
-            routines = tuple((char, _signature(getattr(handle, name), char, index)) for char, name in zip("fd", names))
+            routines = {char: _signature(getattr(handle, name), char, index) for char, name in zip("fd", names)}
             return Backend("openblas", str(lib.get("version") or ""), routines)
     return None
 
