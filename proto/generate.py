@@ -3,12 +3,19 @@
 The sources live in ``proto/v1/*.proto`` but are compiled under the virtual path
 ``gradserve/proto/v1/`` so the generated imports read ``from gradserve.proto.v1 import model_pb2``.
 ``--check`` compares instead of writing and exits 1 when the committed files are stale.
+
+What ``--check`` compares is what the modules mean, not the generator's version stamps: the
+compiled descriptors (every message, enum and service, byte for byte) and the generated code with
+its version lines masked. A patch release of grpcio-tools stamps its own version into every module
+(``GRPC_GENERATED_VERSION``, ``Protobuf Python Version``); that alone is not staleness. The
+committed stamps are floors for the runtime (the modules refuse to import under an older grpcio or
+protobuf), so ``pyproject.toml``'s ranges start at them (``tests/test_proto.py`` checks that).
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -40,6 +47,25 @@ def generate(out_dir: Path) -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 
 
+# Lines that carry the generator's version and nothing about the messages or services.
+_VERSION_STAMPS = re.compile(
+    rb"^(# Protobuf Python Version: .*"
+    rb"|GRPC_GENERATED_VERSION = .*"
+    rb"|_runtime_version\.ValidateProtobufRuntimeVersion\((?:.|\n)*?\n\))$",
+    re.MULTILINE,
+)
+
+
+def meaning(code: bytes) -> bytes:
+    """A generated module with its generator's version stamps masked."""
+    return _VERSION_STAMPS.sub(b"<version>", code)
+
+
+def same_meaning(fresh: Path, committed: Path) -> bool:
+    """Whether a committed module says what a freshly generated one says (versions aside)."""
+    return committed.exists() and meaning(fresh.read_bytes()) == meaning(committed.read_bytes())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed modules are stale")
@@ -47,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         files = generate(Path(tmp))
         root = Path(tmp) / VIRTUAL
-        stale = [f for f in files if not (HERE / f).exists() or not filecmp.cmp(root / f, HERE / f, shallow=False)]
+        stale = [f for f in files if not same_meaning(root / f, HERE / f)]
         if args.check:
             for f in stale:
                 print(f"stale: proto/{f}", file=sys.stderr)
