@@ -1,38 +1,49 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
-# Each creates .venv and installs what it needs when missing.
+# Each creates .venv and installs what it needs when missing, at the versions in constraints.txt.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+LOCK := constraints.txt
+PIP := $(BIN)/pip install --quiet --constraint $(LOCK)
+# Intel's MKL (~1 GB) is only used on Intel CPUs (worker/ops/blas.py), so the demo takes it only there.
+# The tests take it on every x86-64 CPU, so both BLAS paths are tested wherever CI runs.
+DEMO_SPEC := $(if $(shell grep -qs GenuineIntel /proc/cpuinfo && echo intel),.[mkl],.)
 
-.PHONY: demo test test-fast bench proto proto-check clean
+.PHONY: demo test test-fast proto proto-check lock clean
 
-$(STAMP): pyproject.toml
+$(VENV)/.core: pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch==2.13.0 is pinned in the test extra: it is the CPU build (never let pip pick a CUDA build);
-	# mkl: the BLAS the products run on where the CPU is Intel's (see worker/ops/blas.py)
-	$(BIN)/pip install --quiet -e '.[test,mkl]'
-	touch $(STAMP)
+	$(PIP) --upgrade pip
+	$(PIP) -e '$(DEMO_SPEC)'
+	touch $@
 
-demo: $(STAMP)  ## seed example + MLP through a local gRPC server on embedded Ray
+# torch==2.13.0 (test extra) is the CPU build on disk: never let pip pick a CUDA build.
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) -e '.[test,mkl]'
+	touch $@
+
+demo: $(VENV)/.core  ## seed example + MLP through a local gRPC server on embedded Ray (no torch, no test tools)
 	$(BIN)/gradserve demo
 
-test: $(STAMP)  ## the whole suite, slow multi-process tests included (what CI runs)
+test: $(VENV)/.test  ## the whole suite, slow multi-process tests included (what CI runs)
 	$(BIN)/python -m pytest -q tests
 
-test-fast: $(STAMP)  ## skip the slow multi-process tests
+test-fast: $(VENV)/.test  ## skip the slow multi-process tests
 	$(BIN)/python -m pytest -q -m 'not slow' tests
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
-
-proto: $(STAMP)  ## regenerate proto/v1/*_pb2*.py from the .proto files
+proto: $(VENV)/.test  ## regenerate proto/v1/*_pb2*.py from the .proto files
 	$(BIN)/python -m gradserve.proto.generate
 
-proto-check: $(STAMP)
+proto-check: $(VENV)/.test
 	$(BIN)/python -m gradserve.proto.generate --check
+
+lock:  ## refresh constraints.txt: the newest releases pip resolves today, for the test and demo environments
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet '.[test,mkl,dev]'
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/pip freeze --all --exclude gradserve | sed 's/^torch==\([^+]*\)+cpu$$/torch==\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv build
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
