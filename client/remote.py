@@ -6,16 +6,22 @@
         for status in job.watch():
             print(status.state, status.steps_done, "/", status.steps_total)
         result = job.result()
+        job = client.job(job_id)                                   # a job by id, from any process
 
-Models are content-addressed: :meth:`Client.upload` sends a model only if the server does not
-already have it, so passing the same model to many jobs costs one small call each. Errors raised
+The address is "host:port"; without a port it is 50051, the server's default (see
+:func:`gradserve.client.connection.server_target`). Models are content-addressed:
+:meth:`Client.upload` sends a model only if the server does not already have it, so passing the
+same model to many jobs costs one small call each. Errors raised
 by the server arrive as :class:`RemoteError` subclasses carrying the gRPC code and the server's
 message; :class:`InvalidArgument` is also a :class:`~gradserve.worker.graph.GraphError`.
 
 Every call is retried when the server is busy (RESOURCE_EXHAUSTED with a retry hint: a full job
 queue) or unavailable, with exponential backoff and jitter, up to the call's timeout: jobs are pure
 functions, so running one twice is harmless. ``Client(address, retry=RetryPolicy(...))`` tunes it,
-``retry=None`` turns it off (see :mod:`gradserve.client.retry`).
+``retry=None`` turns it off (see :mod:`gradserve.client.retry`). Retries are for a server that is
+busy or restarting: until a client has had an answer from its server, a call that cannot connect
+is retried for ``connect_timeout`` seconds (2 by default) only, then raises :class:`Unavailable`
+saying "no gradserve server at HOST:PORT (connection refused)" -- or whatever gRPC found wrong.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ import grpc
 import numpy as np
 from grpc.experimental import ChannelOptions
 
+from gradserve.client.connection import connect_failure, server_target
 from gradserve.client.retry import NO_RETRY, RetryPolicy, retry_hint
 from gradserve.proto import chunks, tensors
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.events import JobCancelled, ProgressEvent
-from gradserve.server.planning.auto import AUTO, Count, count_to_wire
+from gradserve.server.planning.counts import AUTO, Count, count_to_wire
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, Model, graph_from_proto
 
@@ -50,6 +57,9 @@ _MAX_MESSAGE = 64 << 20  # what this client accepts; servers send 1 MiB chunks a
 _COMPUTE_FEED_BYTES = chunks.CHUNK_BYTES
 _DEFAULT_RETRY = RetryPolicy()
 _WARN_AFTER = 10.0  # seconds of retrying one call after which a warning is logged (once per call)
+CONNECT_TIMEOUT = 2.0  # seconds a call retries a server this client has never reached
+# Codes a failed call can get without the server having answered it.
+_NOT_AN_ANSWER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 log = logging.getLogger("gradserve.client")
 
@@ -173,10 +183,26 @@ class JobStatus:
     message: str = ""
     queued_seconds: float = 0.0
     running_seconds: float = 0.0
+    model_id: str = ""
 
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
+
+    def describe(self) -> str:
+        """One line: ``job ID: running, 3/8 steps (backward p1), queued 0.0 s, running 1.2 s``; a
+        failed or cancelled job ends with its error code and message."""
+        steps = f"{self.steps_done}/{self.steps_total or '?'} steps"
+        if self.event is not None and self.state == "running":
+            steps += f" ({self.event.phase} p{self.event.partition})"
+        times = f"queued {self.queued_seconds:.1f} s" + (
+            f", running {self.running_seconds:.1f} s" if self.running_seconds else "")
+        line = f"job {self.job_id}: {self.state}, {steps}, {times}"
+        if self.error_code or (self.message and self.state in ("failed", "cancelled")):
+            line += f": {self.error_code or self.state} {self.message}".rstrip()
+        elif self.message:
+            line += f" ({self.message})"
+        return line
 
     @classmethod
     def from_proto(cls, msg: service_pb2.JobStatus) -> "JobStatus":
@@ -185,13 +211,15 @@ class JobStatus:
             e = msg.event
             event = ProgressEvent(e.phase, e.partition, e.micro_batch, e.replica, e.done, e.node)
         return cls(msg.job_id, STATE_NAMES.get(msg.state, "unknown"), msg.steps_done, msg.steps_total, event,
-                   msg.event.seconds, msg.error_code, msg.message, msg.queued_seconds, msg.running_seconds)
+                   msg.event.seconds, msg.error_code, msg.message, msg.queued_seconds, msg.running_seconds,
+                   msg.model_id)
 
 
 class Job:
-    """A job submitted with :meth:`Client.submit`."""
+    """A job on the server: from :meth:`Client.submit`, or by its id from :meth:`Client.job` (any
+    client, any process, after a client restart). ``model_id``: the model it runs, when known."""
 
-    def __init__(self, client: "Client", job_id: str, model_id: str) -> None:
+    def __init__(self, client: "Client", job_id: str, model_id: str | None = None) -> None:
         self.client = client
         self.id = job_id
         self.model_id = model_id
@@ -307,14 +335,19 @@ def _job_stream(options: service_pb2.JobOptions, arrays: Mapping[str, np.ndarray
 
 
 class Client:
-    """A connection to a gradserve server at ``address`` ("host:port").
+    """A connection to a gradserve server at ``address``: "host:port", "host" or "[v6]" for port
+    50051, or a gRPC target such as "unix:/path" (:func:`~gradserve.client.connection.server_target`;
+    ValueError for a malformed one). Nothing is sent until the first call.
 
     ``token``/``token_file``: the bearer token the server requires (``--auth-token-file``).
     ``ca_file``: PEM CA certificate to verify the server's TLS certificate; without it the
     connection is plaintext. ``timeout``: default seconds for each call (None: no limit).
     ``retry``: how calls are retried when the server is busy or unavailable, up to their timeout
     (:class:`~gradserve.client.retry.RetryPolicy`; None or False: never). ``retries`` counts the
-    retries made, ``retries_by_code`` them by status code name.
+    retries made, ``retries_by_code`` them by status code name. ``connect_timeout``: seconds a
+    connection attempt may take, and how long a call retries a server this client has never had an
+    answer from before it raises :class:`Unavailable` ("no gradserve server at HOST:PORT (reason)");
+    None: retry it like a server that went away, up to the call's timeout.
     """
 
     def __init__(
@@ -325,7 +358,11 @@ class Client:
         ca_file: str | Path | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None | bool = _DEFAULT_RETRY,
+        connect_timeout: float | None = CONNECT_TIMEOUT,
     ) -> None:
+        address = server_target(address)
+        if connect_timeout is not None and not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be positive seconds or None, got {connect_timeout!r}")
         if token and token_file:
             raise ValueError("give token or token_file, not both")
         if token_file:
@@ -334,6 +371,8 @@ class Client:
             token = read_token_file(token_file)
         self.address = address
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._reached = False  # True once the server has answered a call (retries are for such servers)
         if retry is True:
             retry = _DEFAULT_RETRY
         if retry is not None and retry is not False and not isinstance(retry, RetryPolicy):
@@ -350,6 +389,10 @@ class Client:
             # while no other is open, which cost ~0.3 ms of a tiny job's ~2 ms.
             (ChannelOptions.SingleThreadedUnaryStream, 1),
         ]
+        if connect_timeout is not None:
+            # gRPC's least time for a connection attempt (20 s by default): a host that drops packets
+            # or a port that never speaks HTTP/2 would hold the first call that long.
+            options.append(("grpc.min_reconnect_backoff_ms", max(100, round(connect_timeout * 1000))))
         if ca_file:
             try:
                 ca = Path(ca_file).read_bytes()
@@ -389,11 +432,34 @@ class Client:
 
         def guarded(left: float | None) -> Any:
             try:
-                return attempt(left)
-            except grpc.RpcError as err:  # raised by the call itself rather than by its reply stream
-                raise remote_error(err) from None
+                try:
+                    value = attempt(left)
+                except grpc.RpcError as err:  # raised by the call itself rather than by its reply stream
+                    raise remote_error(err) from None
+            except RemoteError as exc:
+                self._reached = self._reached or exc.code not in _NOT_AN_ANSWER
+                raise
+            self._reached = True
+            return value
 
-        return (policy or self.retry).call(guarded, timeout, on_retry=on_retry)
+        def window(exc: BaseException) -> float | None:
+            return self.connect_timeout if self._unreached(exc) else None
+
+        try:
+            return (policy or self.retry).call(guarded, timeout, on_retry=on_retry, window=window)
+        except Unavailable as exc:
+            reason = self._unreached(exc)
+            if reason is None:
+                raise
+            log.debug("%s to %s: %s", what, self.address, exc.details)
+            raise Unavailable(exc.code, f"no gradserve server at {self.address} ({reason})") from None
+
+    def _unreached(self, exc: BaseException) -> str | None:
+        """Why the call could not connect, when ``exc`` says so and this client has never had an
+        answer from its server (a wrong address, or a server not up yet); else None."""
+        if self._reached or not isinstance(exc, Unavailable):
+            return None
+        return connect_failure(exc.details)
 
     def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
         name = getattr(method, "_method", b"")
@@ -518,6 +584,16 @@ class Client:
             self._stub.Submit, _job_stream(options, arrays), metadata=self._metadata, timeout=left),
             self._timeout(None))
         return Job(self, handle.job_id, handle.model_id)
+
+    def job(self, job_id: str) -> Job:
+        """The job with id ``job_id``, submitted by this client or any other -- in another process,
+        before a restart -- as a :class:`Job`: ``status()``, ``watch()``, ``result()`` and
+        ``cancel()`` work as for one from :meth:`submit`. Checked with one GetStatus call: an id the
+        server does not know (never submitted, or expired) raises :class:`NotFound` naming it."""
+        if not isinstance(job_id, str) or not job_id.strip():
+            raise ValueError(f"job id must be a non-empty string, got {job_id!r}")
+        status = Job(self, job_id).status()
+        return Job(self, job_id, status.model_id or None)
 
     def gradients(
         self,

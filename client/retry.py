@@ -10,7 +10,10 @@ The delays grow exponentially with "full jitter" (a uniform draw between 0 and t
 cap, so that many clients turned away together do not come back together); the server's hint is
 added to the draw, so it is the least the client waits. Retries stop at the call's deadline: a
 retry whose delay would end past it is not made, and the last error is raised. A call without a
-deadline gives up after ``max_elapsed`` seconds.
+deadline gives up after ``max_elapsed`` seconds. A failure may come with a shorter window of its own
+(``call(..., window=...)``): the client gives a server it has never reached a few seconds to
+accept a connection, not the call's whole timeout (retries are for a server that is busy or
+restarting, not for a wrong address).
 
 The server's hint travels as gRPC's retry pushback (``grpc-retry-pushback-ms``, see gRFC A6) and,
 for clients that strip ``grpc-`` keys, as ``retry-after-ms``; both hold integer milliseconds. As in
@@ -106,6 +109,7 @@ class RetryPolicy:
         timeout: float | None = None,
         *,
         on_retry: Callable[[BaseException, int, float], None] | None = None,
+        window: Callable[[BaseException], float | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | Any = random,
@@ -113,7 +117,9 @@ class RetryPolicy:
         """``attempt(seconds_left)`` until it returns, retrying the failures this policy allows
         within ``timeout`` seconds (None: ``max_elapsed``). ``seconds_left`` is what remains of
         ``timeout`` (None without one): the attempt passes it on as its gRPC timeout. ``on_retry(exc,
-        n, delay)`` is called before the n-th retry (1-based) sleeps."""
+        n, delay)`` is called before the n-th retry (1-based) sleeps. ``window(exc)``: the seconds
+        from the start within which the failure ``exc`` is retried (the last retry as it ends), or
+        None for no limit but the deadline."""
         start = clock()
         budget = timeout if timeout is not None else self.max_elapsed
         deadline = None if budget is None else start + budget
@@ -126,6 +132,12 @@ class RetryPolicy:
                 if not self.retryable(exc) or (self.max_attempts is not None and retry + 1 >= self.max_attempts):
                     raise
                 delay = self.delay(retry, getattr(exc, "retry_after", None), rng)
+                limit = window(exc) if window is not None else None
+                if limit is not None:
+                    rest = start + limit - clock()
+                    if rest <= 0:
+                        raise  # the failure's own window is over
+                    delay = min(delay, rest)  # the last try is made as the window closes
                 if deadline is not None and clock() + delay >= deadline:
                     raise  # the retry would start past the deadline: the last error is the answer
                 retry += 1
