@@ -4,6 +4,7 @@
     gradserve plan MODEL --partitions K|auto --feeds FEEDS.npz     how a model would be split
     gradserve serve [--address HOST:PORT]                         run the gRPC service
     gradserve status --server HOST:PORT                           what a server is doing
+    gradserve job ID --server HOST:PORT [--out GRADS.npz]         a job's status, or its result
     gradserve demo                                                the seed example and an MLP
 
 Errors in the model or feeds print one line naming the culprit and exit with status 2.
@@ -21,23 +22,15 @@ from typing import Sequence
 
 import numpy as np
 
-from gradserve.worker.graph import GraphError
+from gradserve.client.cli_inputs import (
+    CliError, check_grad_options, check_partition_count, check_plan_options, memory_size, output_path, read_feeds,
+    write_npz,
+)
+from gradserve.worker.graph import GraphError, Model
 
 log = logging.getLogger("gradserve")
 
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
-def _read_feeds(path: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:  # never unpickle: feeds may come from anywhere
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise CliError(f"feeds file {path} does not exist") from None
-    except (ValueError, OSError) as exc:
-        raise CliError(f"cannot read feeds file {path}: {exc}") from None
+__all__ = ["CliError", "build_parser", "main"]
 
 
 def _load_model(args: argparse.Namespace):
@@ -66,10 +59,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_input_grads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-grads", metavar="NAMES", help="comma-separated inputs whose dL/dx to return too")
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where to compute")
-    g.add_argument("--engine", choices=["inline", "ray"], default="inline",
-                   help="inline: this process; ray: partitions on Ray worker actors (default: inline)")
+    g.add_argument("--engine", choices=["inline", "ray"],
+                   help="inline: this process; ray: partitions on Ray worker actors (default: inline; "
+                   "not with --server)")
     g.add_argument("--partitions", type=_count, metavar="K|auto",
                    help="ray engine or server: split the graph into K partitions; auto: the fewest that fit in memory "
                    "(default: auto)")
@@ -81,14 +79,53 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "auto: on spare nodes")
     g.add_argument("--ray-address", metavar="ADDR",
                    help="join this Ray cluster (e.g. 'auto' or HOST:PORT); default: start an embedded one")
-    g.add_argument("--server", metavar="HOST:PORT", help="send the job to a gradserve server instead")
+    g.add_argument("--server", type=_server_address, metavar="HOST:PORT",
+                   help="send the job to a gradserve server instead (port 50051 unless given)")
     g.add_argument("--token-file", metavar="FILE", help="with --server: file holding the bearer token")
     g.add_argument("--tls-ca", metavar="FILE", help="with --server: CA certificate to verify the server's TLS certificate")
+    g.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                   help="with --server: fail if the job has not finished after this long; the server cancels it "
+                   "(default: no limit)")
+
+
+def _server_address(text: str) -> str:
+    """argparse type of --server: HOST:PORT, HOST or [IPv6] (port 50051), or a gRPC target (unix:PATH)."""
+    from gradserve.client.connection import server_target
+
+    try:
+        return server_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --timeout: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None, message: str):
+    """Say what ran out of time when ``--timeout SECONDS`` ends a remote call: ``message`` with
+    ``{}`` standing for the seconds (instead of gRPC's "Deadline Exceeded")."""
+    from gradserve.client.remote import DeadlineExceeded
+
+    try:
+        yield
+    except DeadlineExceeded as exc:
+        if seconds is None:
+            raise
+        raise DeadlineExceeded(exc.code, message.format(f"{seconds:g}")) from None
 
 
 def _count(text: str):
     """argparse type of --partitions/--micro-batches/--replicas: 'auto' or a number >= 1."""
-    from gradserve.server.planning.auto import parse_count
+    from gradserve.server.planning.counts import parse_count
 
     try:
         return parse_count(text)
@@ -102,38 +139,61 @@ def _split_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _input_grads(args: argparse.Namespace) -> list[str]:
+    return [s for s in (args.input_grads or "").split(",") if s]
+
+
+def _feeds(args: argparse.Namespace, model: Model) -> dict[str, np.ndarray]:
+    return read_feeds(args.feeds, [s.name for s in model.inputs])
+
+
 def cmd_grad(args: argparse.Namespace) -> int:
+    check_grad_options(args)
+    if args.timeout is not None and not args.server:
+        raise CliError("--timeout goes with --server")
+    out = output_path(args.out)
     model = _load_model(args)
-    feeds = _read_feeds(args.feeds)
-    input_grads = [s for s in (args.input_grads or "").split(",") if s]
+    feeds = _feeds(args, model)
+    input_grads = _input_grads(args)
     split = _split_options(args)
+    check_partition_count(model, feeds, input_grads, split.get("partitions"))
     if args.server:
         from gradserve.client.remote import Client
 
-        with Client(args.server, token_file=args.token_file, ca_file=args.tls_ca) as client:
-            result = client.gradients(model, feeds, input_grads=input_grads, progress=not args.quiet, **split)
+        with Client(args.server, token_file=args.token_file, ca_file=args.tls_ca) as client, _time_limit(
+                args.timeout, "the job did not finish within --timeout {} s; the server cancels it"):
+            result = client.gradients(model, feeds, input_grads=input_grads, progress=not args.quiet,
+                                      timeout=args.timeout, **split)
     else:
         from gradserve.client.local import local
 
-        options = {}
-        if args.engine == "ray":
-            options = dict(split, ray_address=args.ray_address)
-        elif split or args.ray_address is not None:
-            raise CliError("--partitions/--micro-batches/--replicas/--ray-address need --engine ray or --server")
-        with local(args.engine, **options) as engine:
-            counts = [split.get(k, 1) for k in ("partitions", "micro_batches", "replicas")]
-            # with auto the engine decides: the progress line then counts steps without a total
+        engine_name = args.engine or "inline"  # options it does not take: refused by check_grad_options
+        options = dict(split, ray_address=args.ray_address) if engine_name == "ray" else {}
+        with local(engine_name, **options) as engine:
+            # inline: one pass each way; ray: a count not given is auto (the engine's default),
+            # which the engine decides: the progress line then counts steps without a total
+            unset = 1 if engine_name == "inline" else "auto"
+            counts = [split.get(k, unset) for k in ("partitions", "micro_batches", "replicas")]
             steps = 2 * (int(np.prod(counts)) if all(isinstance(c, int) for c in counts) else 0)
             with _progress_display(steps, enabled=not args.quiet) as progress:
                 result = engine.gradients(model, feeds, input_grads=input_grads, progress=progress)
-    np.savez(args.out, **result.to_npz_dict())
-    if not args.quiet:
-        print(f"loss = {result.loss:.6g}")
-        for name, g in result.grads.items():
-            print(f"  dL/d{name}: shape {g.shape}, |g| = {float(np.linalg.norm(g)):.6g}")
-        _print_placement(result.info)
-        print(f"wrote {args.out}")
+    _write_result(result, out, args.quiet)
     return 0
+
+
+def _write_result(result, out: Path, quiet: bool) -> None:
+    """Write ``result`` (a :class:`~gradserve.server.result.Result`) to ``out`` and, unless
+    ``quiet``, print the loss, each dL/dw's shape and norm, how auto chose and where it ran."""
+    write_npz(out, result.to_npz_dict())
+    if quiet:
+        return
+    print(f"loss = {result.loss:.6g}")
+    for name, g in result.grads.items():
+        print(f"  dL/d{name}: shape {g.shape}, |g| = {float(np.linalg.norm(g)):.6g}")
+    for reason in result.info.get("auto") or []:  # how K, M and R came about, as `plan` says it
+        print(f"  {reason}")
+    _print_placement(result.info)
+    print(f"wrote {out}")
 
 
 @contextlib.contextmanager
@@ -169,12 +229,11 @@ def _plan_cluster(args: argparse.Namespace) -> tuple[list, str]:
     from gradserve.server.planning import memory
 
     if args.ray_address:
-        if args.nodes or args.memory_per_node:
-            raise CliError("give --ray-address or --nodes/--memory-per-node, not both")
         import ray
 
-        ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING,
-                 configure_logging=False, log_to_driver=False)
+        from gradserve.server.ray_engine.connect import connect
+
+        connect(args.ray_address, log_to_driver=False)  # a token the cluster refuses: one line, exit 2
         try:
             nodes = memory.cluster_nodes()
         finally:
@@ -182,37 +241,33 @@ def _plan_cluster(args: argparse.Namespace) -> tuple[list, str]:
         if not nodes:
             raise CliError(f"the Ray cluster at {args.ray_address} has no alive nodes with CPUs")
         return nodes, f"the Ray cluster at {args.ray_address}"
-    if args.nodes or args.memory_per_node:
-        this = memory.machine_node()
-        size = memory.parse_size(args.memory_per_node) if args.memory_per_node else this.memory_bytes
-        if (args.nodes or 1) < 1:
-            raise CliError(f"--nodes must be at least 1, got {args.nodes}")
-        return memory.nodes_of(args.nodes or 1, size, args.cpus_per_node), "as described"
+    if any(v is not None for v in (args.nodes, args.memory_per_node, args.cpus_per_node)):
+        size = args.memory_per_node if args.memory_per_node is not None else memory.machine_node().memory_bytes
+        return memory.nodes_of(args.nodes or 1, size, args.cpus_per_node or 1.0), "as described"
     return [memory.machine_node()], "this machine (describe another with --nodes/--memory-per-node or --ray-address)"
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    """What ``grad --engine ray`` or a server would run with the same options: the Ray engine's own
+    choice (:func:`~gradserve.server.planning.auto.choose`), with the same defaults (``auto``)."""
     from gradserve.server.planning.auto import AUTO, choose
     from gradserve.server.planning.memory import describe_nodes
-    from gradserve.server.planning.partition import plan_model
+    from gradserve.server.planning.partition import batch_of_one, check_partitions
     from gradserve.server.planning.prepare import prepare
 
+    check_plan_options(args)
     model = _load_model(args)
-    feeds = _read_feeds(args.feeds) if args.feeds else None
-    split_at = [s for s in (args.split_at or "").split(",") if s] or None
-    counts = (args.partitions, args.micro_batches, args.replicas)
-    if AUTO not in counts and not (args.ray_address or args.nodes or args.memory_per_node):
-        plan = plan_model(model, feeds, partitions=args.partitions, split_at=split_at)  # no cluster: FLOPs only
-        print(plan.describe())
-        return 0
-    if split_at:
-        raise CliError("--split-at fixes the partitions: it does not go with auto or a cluster description")
-    if feeds is None:
-        raise CliError("planning for a cluster (auto, --nodes, --ray-address) needs --feeds: the batch decides "
-                       "memory and micro-batches")
-    nodes, source = _plan_cluster(args)
-    choice = choose(prepare(model, feeds), model, feeds, nodes, *counts)
-    print(f"cluster: {describe_nodes(nodes)}, {source}")
+    feeds = _feeds(args, model) if args.feeds else batch_of_one(model)
+    job = prepare(model, feeds, _input_grads(args))
+    counts = [AUTO if c is None else c for c in (args.partitions, args.micro_batches, args.replicas)]
+    check_partitions(job, counts[0])  # before reading a cluster
+    split_at = [s for s in (args.split_at or "").split(",") if s]
+    nodes, source = _plan_cluster(args) if not split_at else ([], "")
+    choice = choose(job, model, feeds, nodes, *counts, split_at=split_at)
+    if source:
+        print(f"cluster: {describe_nodes(nodes)}, {source}")
+    if not args.feeds:
+        print("feeds: none given, so a batch of one (zeros, every symbolic dimension 1)")
     print(choice.describe())
     print(choice.plan.describe())
     return 0
@@ -242,6 +297,49 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    """A job by its id: print its status (``--watch``: each change until it ends), cancel it, or
+    wait for its result and write it as ``grad`` does (``--out``)."""
+    import time
+
+    from gradserve.client.remote import Client
+
+    if args.cancel and (args.out or args.watch):
+        raise CliError("--cancel does not go with --out or --watch")
+    out = output_path(args.out) if args.out else None
+    end = None if args.timeout is None else time.monotonic() + args.timeout
+    left = lambda: None if end is None else max(0.0, end - time.monotonic())  # noqa: E731
+    with Client(args.server, token_file=args.token_file, ca_file=args.tls_ca, timeout=args.timeout) as client, \
+            _time_limit(args.timeout, f"job {args.job_id} did not finish within --timeout {{}} s; it keeps running"):
+        job = client.job(args.job_id)
+        if args.cancel:
+            _print_job(job.cancel(), args.json)
+        elif args.watch:
+            for status in job.watch(timeout=left()):
+                _print_job(status, args.json)
+        elif out is None:
+            _print_job(job.status(), args.json)
+        if out is not None:
+            _write_result(job.result(timeout=left()), out, quiet=args.json)
+    return 0
+
+
+def _print_job(status, as_json: bool) -> None:
+    """One line for a :class:`~gradserve.client.remote.JobStatus`: text, or a JSON object."""
+    import dataclasses
+    import json
+
+    print(json.dumps(dataclasses.asdict(status)) if as_json else status.describe(), flush=True)
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    """Where the server of ``status`` and ``job`` is, and how to talk to it."""
+    p.add_argument("--server", type=_server_address, default="127.0.0.1:50051", metavar="HOST:PORT",
+                   help="the server (default 127.0.0.1:50051; port 50051 unless given)")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server's TLS certificate")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gradserve.client.demo import run_demo
 
@@ -262,32 +360,42 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compute the loss and dL/dw for every parameter. GRADS.npz gets 'loss' "
                        "plus one array per parameter, keyed by the parameter's name.")
     _add_model_args(p)
-    p.add_argument("--feeds", required=True, metavar="FEEDS.npz", help="one array per model input, keyed by input name")
+    p.add_argument("--feeds", required=True, metavar="FEEDS.npz",
+                   help="one array per model input, keyed by input name (or an .npy: the one input's array)")
     p.add_argument("--out", required=True, metavar="GRADS.npz", help="where to write the loss and gradients")
-    p.add_argument("--input-grads", metavar="NAMES", help="comma-separated inputs whose dL/dx to return too")
+    _add_input_grads(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     _add_engine_args(p)
     p.set_defaults(func=cmd_grad)
 
     p = sub.add_parser("plan", help="show how a model would be split into partitions",
-                       description="Print the partition plan: per partition its nodes, parameters, "
-                       "estimated FLOPs and memory, and every tensor that crosses a partition boundary. With "
-                       "auto, or a cluster (--nodes/--memory-per-node, --ray-address), the plan fits the nodes' "
-                       "memory and auto explains its choice.")
+                       description="Print the plan that 'grad --engine ray' or a server would run with the same "
+                       "options -- the same defaults (auto) and the same choice -- on a cluster (this machine, "
+                       "one described with --nodes/--memory-per-node, or a Ray cluster's nodes): the partitions, "
+                       "micro-batches and replicas, each saying whether it was asked for or chosen by auto and "
+                       "why; then per partition its nodes, parameters, estimated FLOPs and memory, and every "
+                       "tensor that crosses a partition boundary. Every node counts as free for replicas.")
     _add_model_args(p)
-    p.add_argument("--partitions", type=_count, default=2, metavar="K|auto",
-                   help="number of partitions, or auto: the fewest that fit the nodes' memory (default 2)")
-    p.add_argument("--micro-batches", type=_count, default=1, metavar="M|auto",
-                   help="micro-batches in flight (memory; default 1), or auto: where pipelining pays")
-    p.add_argument("--replicas", type=_count, default=1, metavar="R|auto",
-                   help="data-parallel copies (default 1), or auto: on spare nodes")
-    p.add_argument("--feeds", metavar="FEEDS.npz", help="feeds that fix the input shapes (default: batch size 1)")
-    p.add_argument("--split-at", metavar="NODES", help="comma-separated node names that start a new partition")
-    g = p.add_argument_group("the cluster to plan for (with auto; default: this machine as one node)")
+    p.add_argument("--partitions", type=_count, metavar="K|auto",
+                   help="number of partitions, or auto: the fewest that fit the nodes' memory (default: auto)")
+    p.add_argument("--micro-batches", type=_count, metavar="M|auto",
+                   help="micro-batches in flight, or auto: where pipelining pays (default: auto)")
+    p.add_argument("--replicas", type=_count, metavar="R|auto",
+                   help="data-parallel copies, or auto: on spare nodes (default: auto)")
+    p.add_argument("--feeds", metavar="FEEDS.npz",
+                   help="the feeds grad would send (.npz, or .npy for a one-input model): they fix the shapes and "
+                   "the batch that auto splits. Default: zeros with every symbolic dimension 1, a batch of one, "
+                   "which auto never pipelines or replicates")
+    _add_input_grads(p)
+    p.add_argument("--split-at", metavar="NODES",
+                   help="comma-separated node names that start a new partition (instead of --partitions; no "
+                   "cluster: memory is not checked, as in the Ray engine)")
+    g = p.add_argument_group("the cluster to plan for (default: this machine as one node, its physical memory)")
     g.add_argument("--ray-address", metavar="ADDR", help="read the nodes and their memory from this Ray cluster")
     g.add_argument("--nodes", type=int, metavar="N", help="a cluster of N identical nodes")
-    g.add_argument("--memory-per-node", metavar="SIZE", help="each node's memory, e.g. 1200M or 2G (Ray's memory resource)")
-    g.add_argument("--cpus-per-node", type=float, default=1.0, metavar="C", help="each node's CPUs (default 1)")
+    g.add_argument("--memory-per-node", type=memory_size, metavar="SIZE",
+                   help="each node's memory, e.g. 1200M or 2G (Ray's memory resource; default: this machine's)")
+    g.add_argument("--cpus-per-node", type=float, metavar="C", help="each node's CPUs (default 1)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("serve", help="run the gRPC gradient service",
@@ -301,13 +409,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One screen for operators: the server's version, engine and uptime; the "
                        "cluster's nodes with CPUs, memory and worker actors; jobs queued and running with their "
                        "progress; stored models (GetServerStatus RPC, which needs the server's token).")
-    p.add_argument("--server", default="127.0.0.1:50051", metavar="HOST:PORT",
-                   help="the server (default 127.0.0.1:50051)")
-    p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
-    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server's TLS certificate")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long (default 10)")
+    _add_server_args(p)
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="give up after this long (default 10)")
     p.add_argument("--json", action="store_true", help="print the status as JSON instead")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("job", help="show, watch, cancel or fetch a job by its id",
+                       description="A job submitted by any client (Client.submit, Client.job): print its status, "
+                       "follow it (--watch), cancel it (--cancel), or wait for its result and write it as 'grad' "
+                       "does (--out). A result can be fetched once. An unknown id fails naming it.")
+    p.add_argument("job_id", metavar="ID",
+                   help="the job's id (Job.id in Python; 'gradserve status' lists running jobs)")
+    _add_server_args(p)
+    p.add_argument("--out", metavar="GRADS.npz", help="wait for the job and write its loss and gradients here")
+    p.add_argument("--watch", action="store_true", help="print the status at each change until the job ends")
+    p.add_argument("--cancel", action="store_true", help="ask the server to stop the job")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                   help="give up waiting after this long; the job keeps running (default: no limit)")
+    p.add_argument("--json", action="store_true", help="print statuses as JSON objects, one a line (and the "
+                   "result quietly)")
+    p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("demo", help="run the seed example and an MLP and check the gradients",
                        description="Builds the seed regression example and an MLP, computes their gradients "

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference, version_converter
+from onnx import external_data_helper, helper, numpy_helper, shape_inference, version_converter
 
 from gradserve.proto import tensors
 from gradserve.worker.graph import DEFAULT_OPSET, SUPPORTED_OPSETS, GraphError, InputSpec, Model, Node
@@ -115,7 +115,8 @@ def _read(source: ModelSource) -> onnx.ModelProto:
             if isinstance(source, (bytes, bytearray, memoryview)):
                 proto = onnx.load_from_string(bytes(source))
             else:
-                proto = onnx.load(str(source))  # from a path so external tensor data is found
+                # external data later (_load_external_data): a missing file is not a malformed model
+                proto = onnx.load(str(source), load_external_data=False)
         except OSError:  # a missing or unreadable file is not a malformed model
             raise
         except Exception as exc:  # protobuf raises DecodeError, others on truncated data
@@ -124,7 +125,40 @@ def _read(source: ModelSource) -> onnx.ModelProto:
     # ModelProto always has an IR version and a graph.
     if proto.ir_version <= 0 or not proto.HasField("graph"):
         raise GraphError("not an ONNX model: no IR version or graph in the data")
+    if isinstance(source, (str, Path)):
+        _load_external_data(proto, Path(source))
     return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Read the tensors ``proto`` keeps in external data files (found relative to the model file
+    ``path``, as ONNX says); GraphError naming the file and the tensor when one is missing."""
+    missing: dict[str, list[str]] = {}
+    for tensor in _tensors(proto.graph):
+        if external_data_helper.uses_external_data(tensor):
+            location = external_data_helper.ExternalDataInfo(tensor).location
+            if not (path.parent / location).is_file():
+                missing.setdefault(location, []).append(tensor.name)
+    for location, names in missing.items():
+        who = f"tensor '{names[0]}' needs" if len(names) == 1 else f"tensors '{names[0]}' and {len(names) - 1} more need"
+        raise GraphError(f"{path}: external data file {path.parent / location} is missing ({who} it; "
+                         "it belongs next to the model)")
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:  # onnx raises ValueError, OSError... naming the tensor
+        raise GraphError(f"{path}: cannot read its external data: {_first_line(str(exc))}") from None
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``graph`` and its subgraphs: initializers and node attributes."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
 
 
 def _normalize_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

@@ -43,16 +43,18 @@ class ProgressLine:
         self._shown, self._last_text, self._last_time = True, text, now
 
     def render(self, status, elapsed: float) -> str:
-        total = max(status.steps_total, 1)
-        done = min(status.steps_done, total)
-        filled = round(self.WIDTH * done / total)
-        bar = "#" * filled + "." * (self.WIDTH - filled)
+        if status.steps_total > 0:
+            done = min(status.steps_done, status.steps_total)
+            filled = round(self.WIDTH * done / status.steps_total)
+            count = f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{status.steps_total}"
+        else:  # the total is not known (yet): the engine is still choosing how many steps, say
+            count = f"[{status.steps_done} steps]"
         where = ""
         if status.event is not None and status.state == "running":
             e = status.event
             where = f" {e.phase} p{e.partition}" + (f" mb{e.micro_batch}" if e.micro_batch else "") + (
                 f" r{e.replica}" if e.replica else "")
-        return f"[{bar}] {done}/{total} {status.state}{where} {elapsed:.1f}s"
+        return f"{count} {status.state}{where} {elapsed:.1f}s"
 
     def close(self) -> None:
         """End the line (only if anything was shown)."""

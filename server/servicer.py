@@ -32,6 +32,7 @@ from gradserve.server.jobs import (
 from gradserve.server.limits import ByteBudget, Limits
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.models import ModelStore
+from gradserve.server.planning.partition import check_partitions
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, graph_from_proto
@@ -359,6 +360,7 @@ class GradientServicer:
             # Check model against feeds now, so a bad batch fails the Submit itself (naming the
             # tensor) instead of a job later; the engine reuses the cached preparation.
             job_plan = prepare(model, feeds, options.input_grads)
+            check_partitions(job_plan, options.partitions)  # 9 asked of a graph that gives 4: refused now
             # Shapes come from the request (feeds, constants): bound what the graph would allocate.
             for name, info in job_plan.shapes.items():
                 elements = math.prod(int(d) for d in info.shape)  # Python ints: no overflow

@@ -122,12 +122,16 @@ def test_progress_events_cover_every_step(ray_engine):
     steps = {(e.phase, e.partition, e.micro_batch) for e in events}
     assert steps == {(ph, p, mb) for ph in ("forward", "backward") for p in range(3) for mb in range(2)}
     assert {e.total for e in events} == {12}
-    # A graph with fewer nodes than partitions asked for: the total counts the partitions used.
+    # A graph with fewer nodes than partitions asked for: refused before any step (it used to run
+    # fewer partitions without a word); the most it can give runs, and the total counts those.
     m = gradserve.ModelBuilder()
     x = m.input("x", (None, 2), np.float64)
     model = m.loss((x @ m.param("w", np.ones((2, 1)))).sum())
     small = []
-    result = ray_engine.gradients(model, {"x": np.ones((4, 2))}, partitions=4, progress=small.append)
+    with pytest.raises(GraphError, match="at most 2 partitions"):
+        ray_engine.gradients(model, {"x": np.ones((4, 2))}, partitions=4, progress=small.append)
+    assert small == []
+    result = ray_engine.gradients(model, {"x": np.ones((4, 2))}, partitions=2, progress=small.append)
     assert result.info["partitions"] == 2 and {e.total for e in small} == {4}
 
 

@@ -124,7 +124,9 @@ def plan_job(
     replicas: int = 1,
     grow: bool = False,
 ) -> Plan:
-    """Split ``job`` into at most ``partitions`` parts (fewer when the graph has fewer nodes).
+    """Split ``job`` into ``partitions`` parts (or at the nodes ``split_at`` names); GraphError when
+    its graph cannot be cut into that many (:func:`check_partitions`). With ``grow=True``,
+    ``partitions`` is where growing starts.
 
     ``job`` holds one micro-batch's shapes and ``micro_batches`` says how many are in flight; the
     plan's ``memory`` estimates each partition. With ``cluster`` (the nodes partitions may run on),
@@ -139,8 +141,10 @@ def plan_job(
     mm = MemoryModel(job, model, micro_batches)
     if split_at:
         return _checked(_build(nodes, _manual_cuts(nodes, split_at), job, model, mm), cluster, replicas)
+    if not grow:
+        check_partitions(job, partitions)
     if not cluster:
-        return _build(nodes, _best_cuts(nodes, job.shapes, min(partitions, len(nodes))), job, model, mm)
+        return _build(nodes, _best_cuts(nodes, job.shapes, partitions), job, model, mm)
     limit = largest(cluster).memory_bytes
     _check_feasible(mm, cluster, replicas)
     k = min(partitions, len(nodes))
@@ -158,6 +162,23 @@ def plan_job(
     if attempt is None:  # no cut into k partitions keeps each within the largest node
         attempt = _build(nodes, _best_cuts(nodes, job.shapes, k), job, model, mm)
     return _checked(attempt, cluster, replicas)
+
+
+def max_partitions(job: PreparedJob) -> int:
+    """The most partitions ``job``'s graph can be cut into: one node each (partitions are runs of
+    the nodes that reach the loss, none empty)."""
+    return len(job.nodes)
+
+
+def check_partitions(job: PreparedJob, partitions: int | str) -> None:
+    """GraphError when an explicit partition count is more than ``job``'s graph can give (``auto``
+    always passes): a job asking for 9 does not silently run 4."""
+    most = max_partitions(job)
+    if partitions != "auto" and int(partitions) > most:
+        raise GraphError(
+            f"{partitions} partitions asked for, but the graph can be cut into at most {most} partition"
+            f"{'s' if most != 1 else ''} (one per node that reaches the loss)"
+        )
 
 
 def _checked(plan: Plan, cluster: Sequence[NodeInfo] | None, replicas: int) -> Plan:
@@ -207,12 +228,15 @@ def _check_feasible(mm: MemoryModel, cluster: Sequence[NodeInfo], replicas: int)
 def plan_model(
     model: Model, feeds: Mapping[str, np.ndarray] | None, partitions: int, split_at: Sequence[str] | None = None
 ) -> Plan:
-    """Plan ``model`` for the given feeds (or, without feeds, a batch of one)."""
-    if feeds is None:
-        feeds = {
-            s.name: np.zeros(tuple(d if isinstance(d, int) else 1 for d in s.shape), s.dtype) for s in model.inputs
-        }
+    """Plan ``model`` for the given feeds (or, without feeds, :func:`batch_of_one`)."""
+    feeds = batch_of_one(model) if feeds is None else feeds
     return plan_job(prepare(model, feeds), model, partitions, split_at)
+
+
+def batch_of_one(model: Model) -> dict[str, np.ndarray]:
+    """Zero feeds of the inputs' declared shapes with every symbolic dimension 1 (a batch of one):
+    what planning without feeds assumes."""
+    return {s.name: np.zeros(tuple(d if isinstance(d, int) else 1 for d in s.shape), s.dtype) for s in model.inputs}
 
 
 def _manual_cuts(nodes: list[Node], split_at: Sequence[str]) -> list[int]:
