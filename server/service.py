@@ -251,6 +251,13 @@ def configure_logging(level: str = "info", log_format: str = "text") -> None:
         handler.setFormatter(formatter)
 
 
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set ``stop`` (only the main thread may install signal handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop.set())
+
+
 def serve_forever(settings: ServerSettings) -> None:
     """Run ``gradserve serve`` with ``settings`` until SIGINT/SIGTERM, then shut down gracefully."""
     configure_logging(settings.log_level, settings.log_format)
@@ -265,10 +272,13 @@ def serve_forever(settings: ServerSettings) -> None:
         state_dir=settings.state_dir,
     )
     stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, frame: stop.set())
+    _stop_on_signals(stop)  # a signal while the engine starts stops the server right after
     address = server.start()
+    # Again: Ray's core worker, started in the driver with the engine, installs its C++ failure
+    # handler for SIGTERM too, which prints "*** SIGTERM received ..." and a stack trace twice
+    # before passing the signal on -- a graceful stop that looks like a crash. Ours replaces it for
+    # SIGINT/SIGTERM only; the crash signals (SIGSEGV, SIGABRT...) keep Ray's traces.
+    _stop_on_signals(stop)
     print(f"listening on {address}", flush=True)  # scripts wait for this line
     if server.metrics_address:
         print(f"metrics on http://{server.metrics_address}/metrics", flush=True)
