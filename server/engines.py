@@ -63,7 +63,7 @@ def engine_factory(kind: str | None = None, *, ray_address: str | None = None) -
 def _inline() -> Engine:
     from gradserve.server.inline import InlineEngine
 
-    return InlineEngine()
+    return InlineEngine(warm_up=True)  # the server lives long: its jobs should not pay the kernels' loading
 
 
 class EngineRunner:

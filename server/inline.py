@@ -24,11 +24,14 @@ class InlineEngine:
 
     name = "inline"
 
-    def __init__(self) -> None:
+    def __init__(self, warm_up: bool = False) -> None:
+        """``warm_up``: load every compiled kernel now (0.6 s from the cache; compiled once per
+        machine), as a long-lived process (the server) wants so that no job pays it. Otherwise
+        each kernel loads the first time an op calls it (~20 ms), and small jobs, whose ops take
+        numpy's paths, never import numba: what a one-job process (the CLI) wants."""
         keep_freed_memory()  # activations are reused step after step; see gradserve.worker.memory
-        # compiled kernels: loaded from the cache once per process (compiled once per machine), so
-        # no job pays it; kernels use gradserve.worker.kernels' default thread budget
-        kernels.warm_up()
+        if warm_up:  # kernels use gradserve.worker.kernels' default thread budget
+            kernels.warm_up()
         blas.backend()  # the BLAS library chosen and loaded, also before the first job
 
     def gradients(

@@ -22,18 +22,23 @@ node the user wrote.
   One pass each way with the compiled kernels instead of five ops. Exact up to float rounding.
 - **A Gemm and the activation (Relu, Tanh, Sigmoid) that is its only reader run as one node**
   (``gradserve.GemmActivation``, see :mod:`gradserve.worker.ops.linalg`), when the compiled kernels
-  are available: the activation's VJP in one compiled pass, and the product's output never kept.
-  Exact up to float rounding.
+  are on: the activation's VJP in one compiled pass (numpy's formula on small arrays), and the
+  product's output never kept. Exact up to float rounding.
 - **A MatMul by a 2-D weight and the Add of a bias along its last axis run as one node**
   (``gradserve.MatMulAdd``, see :mod:`gradserve.worker.ops.linalg`): torch's nn.Linear on inputs of
   more than two dims. A Gemm of the rows, the product added into the bias by BLAS. Exact up to
   float rounding.
 - **A mean squared error runs as one node** (``gradserve.MeanSquaredError``, see
-  :mod:`gradserve.worker.ops.loss`), when the compiled kernels are available: ``Sub``, then ``Mul``
+  :mod:`gradserve.worker.ops.loss`), when the compiled kernels are on: ``Sub``, then ``Mul``
   of the difference by itself (or ``Pow`` with the constant 2), then ``ReduceMean`` over every
   axis, each the only reader of the value before it, the two inputs of one shape -- what
   ``F.mse_loss`` exports to. The difference and the sum of its squares in one pass (summed in
-  float64), the VJP in one. Exact up to float rounding.
+  float64), the VJP in one (numpy's passes on small arrays). Exact up to float rounding.
+
+"The kernels are on" is :func:`gradserve.worker.kernels.enabled`: numba installed and not turned
+off, asked without importing it. Of these nodes only the BatchNormalization one has no numpy path,
+so only a model that has one makes planning import numba; the others call a kernel only for arrays
+large enough to pay for it, so a process running small jobs never loads numba at all.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def optimize(
         notes.append(f"{relu} runs after {node}, on the pooled values (exact: the max of rectified values is the rectified max)")
     nodes = _fuse_gelu(nodes, shapes, keep, constants or {}, notes)
     nodes = _fuse_linear(nodes, shapes, keep, notes)
-    if kernels.available():
+    if kernels.enabled():  # (without importing numba: see the module docs)
         nodes = _fuse_batchnorm(nodes, shapes, keep, notes)
         nodes = _fuse_gemm_activation(nodes, shapes, keep, notes)
         nodes = _fuse_squared_error(nodes, shapes, keep, constants or {}, notes)
@@ -221,7 +226,8 @@ def _fuse_batchnorm(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[s
                 break
             chain.append(j)
             value = nxt.outputs[0]
-        if not chain:
+        # the fused node has no numpy path: numba must import (asked only of a model that has one)
+        if not chain or not kernels.available():
             continue
         fused[k] = Node(bn.name, FUSED_BATCHNORM, list(bn.inputs[:3]), [value], attrs)
         gone.update(chain)

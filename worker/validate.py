@@ -1,24 +1,26 @@
 """Checks a model before anything runs: structure, ops, feeds, and shapes/dtypes by inference.
 
 Structure and feeds are checked here; shapes and dtypes by ONNX's own shape inference (our op types
-*are* ONNX ops, so the ONNX spec's inference rules are the independent authority). Every error is a
-:class:`GraphError` naming the node or tensor at fault.
+*are* ONNX ops, so the ONNX spec's inference rules are the independent authority), called through
+:mod:`gradserve.worker.onnx_lite`, which does not import onnx's Python package (1.2 s of start-up).
+Every error is a :class:`GraphError` naming the node or tensor at fault.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import onnx
-from onnx import helper, shape_inference
 
+from gradserve.worker import onnx_lite
 from gradserve.worker.graph import DEFAULT_OPSET, GraphError, Model, Node
 from gradserve.worker.ops import get_op
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -152,19 +154,19 @@ def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray
     graph_inputs = []
     for name, value in list(feeds.items()) + list(model.params.items()):
         known[name] = ValueInfo(tuple(value.shape), value.dtype)
-        graph_inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+        graph_inputs.append(onnx_lite.value_info(name, value.dtype, value.shape))
     for name, value in model.constants.items():
         known[name] = ValueInfo(tuple(value.shape), value.dtype)
     onnx_nodes = []
     for node in nodes:
         try:
-            onnx_nodes.append(helper.make_node(node.op_type, node.inputs, node.outputs, name=node.name, **_onnx_attrs(node)))
+            onnx_nodes.append(onnx_lite.node(node.op_type, node.inputs, node.outputs, node.name, node.attrs))
         except Exception as exc:
             raise GraphError(f"{node}: bad attributes: {exc}") from None
     for node, onnx_node in zip(nodes, onnx_nodes):
         try:
-            onnx.checker.check_node(onnx_node, _checker_context(model.opset))
-        except onnx.checker.ValidationError as exc:
+            onnx_lite.check_node(onnx_node, model.opset)
+        except onnx_lite.CheckFailed as exc:
             raise GraphError(f"{node}: {_first_line(str(exc))}") from None
     _infer_into(known, model, nodes, onnx_nodes, graph_inputs, dict(model.constants))
     if any(o and o not in known for n in nodes for o in n.outputs):
@@ -181,19 +183,18 @@ def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray
 
 def _infer_into(known: dict[str, ValueInfo], model: Model, nodes: list[Node], onnx_nodes: list, graph_inputs: list,
                 constants: Mapping[str, np.ndarray]) -> None:
-    initializers = [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()]
+    initializers = [onnx_lite.tensor(np.asarray(v), k) for k, v in constants.items()]
     for name, value in constants.items():
         known[name] = ValueInfo(tuple(np.shape(value)), np.asarray(value).dtype)
-    proto = onnx_model(helper.make_graph(onnx_nodes, "check", graph_inputs, [], initializer=initializers), model.opset)
     try:
-        inferred = shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-    except (shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        inferred = onnx_lite.infer_shapes(onnx_lite.model(onnx_nodes, graph_inputs, initializers, model.opset))
+    except onnx_lite.CheckFailed as exc:
         raise GraphError(_name_node(str(exc), nodes)) from None
     for vi in inferred.graph.value_info:
         t = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         if t.HasField("shape") and all(d >= 0 for d in dims):
-            known[vi.name] = ValueInfo(dims, helper.tensor_dtype_to_np_dtype(t.elem_type))
+            known[vi.name] = ValueInfo(dims, onnx_lite.numpy_dtype(t.elem_type))
 
 
 _SHAPE_VALUE_LIMIT = 64  # elements: shape vectors and scalars derived from them, never activations
@@ -238,24 +239,22 @@ def check_loss(model: Model, shapes: Mapping[str, ValueInfo]) -> None:
 
 
 def onnx_model(graph: onnx.GraphProto, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """An ONNX ModelProto around ``graph`` at ``opset``, with the IR version that opset needs."""
+    """An ONNX ModelProto around ``graph`` at ``opset``, with the IR version that opset needs
+    (for ONNX import, which has imported onnx anyway)."""
+    from onnx import helper
+
     opsets = [helper.make_opsetid("", opset)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
 
 
-@functools.lru_cache(maxsize=None)
-def _checker_context(opset: int):
-    ctx = onnx.checker.C.CheckerContext()
-    ctx.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
-    ctx.opset_imports = {"": opset}
-    return ctx
-
-
 def _onnx_attrs(node: Node) -> dict:
+    """``node``'s attributes as ``onnx.helper.make_node`` takes them (arrays as TensorProtos)."""
+    from onnx import numpy_helper
+
     out = {}
     for key, value in node.attrs.items():
         if isinstance(value, np.ndarray):
-            value = onnx.numpy_helper.from_array(value)
+            value = numpy_helper.from_array(value)
         out[key] = value
     return out
 

@@ -1,12 +1,16 @@
 """Compiled kernels: the hot loops numpy can only do in several passes over memory, JIT-compiled by
 numba. This package is their one home; the ops in :mod:`gradserve.worker.ops` call them.
 
-- **Loading.** :func:`get` imports the kernel module (and numba) on first use, so processes that
-  never run an op (clients, the CLI) do not pay numba's import. Kernels are compiled once per
+- **Loading.** :func:`get` imports the kernel module (and numba, 0.3 s) the first time an op
+  calls a kernel, and numba loads each kernel from its cache the first time it runs (~20 ms), so
+  processes that never run one -- clients, the CLI on small jobs (the ops take numpy's paths below
+  a size where a kernel pays) -- pay neither. :func:`enabled` answers "are the kernels on here?"
+  without importing numba: planning decides its rewrites with it. Kernels are compiled once per
   machine: ``cache=True``, in ``NUMBA_CACHE_DIR`` -- by default ``$XDG_CACHE_HOME/gradserve/numba``
   (``~/.cache/...``), so a read-only install works; a user's own ``NUMBA_CACHE_DIR`` wins.
 - **Warm-up.** :func:`warm_up` compiles (first time on a machine) or loads (after) every kernel
-  for float32 and float64 on tiny inputs; an engine or worker calls it at start so no job pays it.
+  for float32 and float64 on tiny inputs (0.6 s from the cache); long-lived processes -- Ray
+  workers, the server -- call it at start so no job pays it.
 - **Threads.** Kernels parallel over channels use numba's (OpenMP) threads: as many as
   :func:`threads` allows the calling thread, as threadpoolctl limits BLAS -- an engine that gives a
   step ``n`` BLAS threads wraps the step in ``threads(n)`` too, so pipelined stages on one node do
@@ -24,6 +28,8 @@ numba. This package is their one home; the ops in :mod:`gradserve.worker.ops` ca
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import logging
 import os
 import threading
@@ -33,6 +39,10 @@ from types import ModuleType
 from typing import Iterator
 
 log = logging.getLogger(__name__)
+
+# Arrays of fewer elements take the ops' numpy paths, not a kernel: numba's call overhead outweighs
+# the passes a kernel saves there, and a process whose arrays are all smaller never imports numba.
+MIN_SIZE = 1 << 14
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
@@ -96,8 +106,22 @@ def get() -> ModuleType | None:
 
 
 def available() -> bool:
-    """Whether the compiled kernels can run here."""
+    """Whether the compiled kernels can run here (imports numba to find out)."""
     return get() is not None
+
+
+def enabled() -> bool:
+    """Whether the kernels are on here -- not turned off (``GRADSERVE_KERNELS=0``) and numba
+    installed -- answered without importing numba. Where numba is installed but cannot be imported
+    this says True and :func:`available` False: whoever must run a kernel asks :func:`get`."""
+    if _loaded is not None or _failed is not None:
+        return _loaded is not None
+    return os.environ.get("GRADSERVE_KERNELS", "1") != "0" and _numba_installed()
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
 
 
 def _default_threads() -> int:

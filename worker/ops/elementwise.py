@@ -107,7 +107,7 @@ defop("Reciprocal", lambda c, x: 1 / x, lambda c, g: -g * c.y * c.y, keep="y")
 defop("Abs", lambda c, x: np.abs(x), lambda c, g: g * np.sign(c.x), keep="x")
 # Activations whose VJP the compiled kernels run in one pass from the output y: op type -> kernel code
 FAST_ACTIVATIONS = {"Relu": "RELU", "Tanh": "TANH", "Sigmoid": "SIGMOID"}
-_KERNEL_MIN_SIZE = 1 << 14  # below this, numba's call overhead outweighs the passes it saves
+_KERNEL_MIN_SIZE = kernels.MIN_SIZE  # below this, numba's call overhead outweighs the passes it saves
 
 
 def activation_vjp(op_type: str, y: np.ndarray, g: np.ndarray, min_size: int = _KERNEL_MIN_SIZE) -> np.ndarray | None:

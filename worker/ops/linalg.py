@@ -14,9 +14,8 @@ import dataclasses
 
 import numpy as np
 
-from gradserve.worker import kernels
 from gradserve.worker.ops import blas
-from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS, activation_vjp
+from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS
 from gradserve.worker.ops.registry import OpContext, OpError, defop, get_op, unbroadcast
 
 
@@ -152,15 +151,14 @@ defop("Gemm", _gemm, _gemm_vjp, keep=("x0", "x1"), merge=_gemm_merge)
 
 # -- Gemm followed by its activation, as one node ------------------------------------------------------
 # Made by the rewrite (gradserve.worker.rewrite) where a Gemm's only reader is one of these
-# activations: the VJP then gets the error before the activation in one compiled pass over the
-# error and the output (see elementwise.activation_vjp), and the product's output (the
-# activation's input) is never kept. Exact up to float rounding.
+# activations: the VJP then gets the error before the activation from the activation's own VJP --
+# one compiled pass over the error and the output on large arrays, numpy's formula on small ones
+# (see elementwise.activation_vjp) -- and the product's output (the activation's input) is never
+# kept. Exact up to float rounding.
 FUSED_GEMM = "gradserve.GemmActivation"
 
 
 def _gemm_activation(c, a, b, cin=None):
-    if not kernels.available():
-        raise OpError(f"{FUSED_GEMM} needs the compiled kernels (numba)")
     act = str(c.attr("activation"))
     if act not in FAST_ACTIVATIONS:
         raise OpError(f"{FUSED_GEMM}: unknown activation '{act}'")
@@ -169,8 +167,8 @@ def _gemm_activation(c, a, b, cin=None):
 
 
 def _gemm_activation_vjp(c, g):
-    # the error before the activation (whatever its size: this op exists only with the kernels)
-    return _gemm_vjp(c, activation_vjp(str(c.attr("activation")), c.outputs[0], g, min_size=0))
+    act = get_op(str(c.attr("activation")))
+    return _gemm_vjp(c, act.vjp(OpContext({}, outputs=[c.outputs[0]], needs=(True,), node=c.node), g))
 
 
 def _gemm_activation_merge(entries):

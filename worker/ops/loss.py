@@ -125,8 +125,9 @@ defop("NegativeLogLikelihoodLoss", _nll, _nll_vjp, keep=(), differentiable=(0,))
 # -- mean squared error, as one node ---------------------------------------------------------------
 # What ``F.mse_loss`` exports to: Sub, then Mul of the difference by itself (or Pow 2), then a
 # ReduceMean over every axis. The rewrite makes it this node where the two inputs have one shape and
-# the compiled kernels are there: forward one read of the inputs (the squares summed in float64),
-# the VJP one pass writing the error, instead of five passes each way. It keeps its inputs (one is
+# the compiled kernels are on: forward one read of the inputs (the squares summed in float64),
+# the VJP one pass writing the error, instead of five passes each way (numpy's passes on arrays too
+# small for a kernel to pay, see gradserve.worker.kernels.MIN_SIZE). It keeps its inputs (one is
 # the target, a feed kept anyway) rather than the difference, so the memory model counts what it
 # holds. Equal to the unfused ops up to float rounding.
 FUSED_MSE = "gradserve.MeanSquaredError"
@@ -138,15 +139,32 @@ def _flat_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
 
 
-def _mse_kernels():
-    k = kernels.get()
-    if k is None:
-        raise OpError(f"{FUSED_MSE} needs the compiled kernels (numba)")
-    return k
+def _kernels_for(a: np.ndarray):
+    """The compiled kernels for ``a``, or None: too small to pay (numpy's paths then, and numba not
+    imported for it), or the kernels cannot be loaded."""
+    return kernels.get() if a.size >= kernels.MIN_SIZE else None
+
+
+def _squared_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """The sum of (a - b)^2 over flat ``a`` and ``b``, in float64."""
+    k = _kernels_for(a)
+    if k is not None:
+        return k.squared_difference(a, b)
+    d = np.subtract(a, b, dtype=np.float64)
+    return float(np.dot(d, d))
+
+
+def _scaled_difference(a: np.ndarray, b: np.ndarray, scale: np.floating, out: np.ndarray) -> None:
+    """``out = (a - b) * scale``, all flat."""
+    k = _kernels_for(a)
+    if k is not None:
+        k.scaled_difference(a, b, scale, out)
+    else:
+        np.multiply(np.subtract(a, b), scale, out=out)
 
 
 def _mse(c, a, b):
-    total = _mse_kernels().squared_difference(*_flat_pair(a, b))
+    total = _squared_difference(*_flat_pair(a, b))
     mean = total / a.size if a.size else np.nan  # (ReduceMean of nothing: NaN, as numpy's mean)
     return np.full((1,) * a.ndim if int(c.attr("keepdims", 1)) else (), mean, a.dtype)
 
@@ -156,7 +174,7 @@ def _mse_vjp(c, g):
     # d loss / d a = 2 (a - b) / n times the loss's one error; d loss / d b is its negative
     scale = 2.0 * float(np.sum(g)) / max(a.size, 1)
     da = np.empty(a.shape, a.dtype)
-    _mse_kernels().scaled_difference(*_flat_pair(a, b), a.dtype.type(scale), da.reshape(-1))
+    _scaled_difference(*_flat_pair(a, b), a.dtype.type(scale), da.reshape(-1))
     return (da if c.needs[0] else None), (np.negative(da) if c.needs[1] else None)
 
 
