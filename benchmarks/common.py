@@ -1,5 +1,5 @@
 """Shared benchmark plumbing: timing medians, the MLP the benchmarks time, exporting torch models,
-bringing a local multi-node cluster up and down, printing a table.
+starting a local server, bringing a local multi-node cluster up and down, printing a table.
 
 Importing this module is cheap: torch is imported only by :func:`export_onnx` and gradserve only
 by :func:`mlp`, so cluster and client processes (and single-threaded baselines that must set their
@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -94,6 +94,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_server(address: str, log: "IO[str]", *args: str) -> subprocess.Popen:
+    """``gradserve serve --engine ray`` (embedded single-node Ray, no state dir) on ``address``, its
+    log written to ``log`` (a file: a pipe nobody reads would fill up and stall the server), extra
+    ``args`` appended; returns once it answers. Exits the benchmark if it does not start in 120 s."""
+    import gradserve
+
+    # "local": a Ray of its own, even while a cluster started with `ray start` runs on this machine
+    # (Ray would join that one: another benchmark's or test's deploy/local-cluster).
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "ray", "--address", address,
+         "--state-dir", "none", *args],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True,
+    )
+    deadline = time.monotonic() + 120
+    with gradserve.Client(address, timeout=2) as client:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                log.flush()
+                sys.exit(f"the server exited:\n{Path(log.name).read_text()[-3000:]}")
+            try:
+                client.has_model("0" * 64)
+                return server
+            except Exception:  # noqa: BLE001 -- not listening yet
+                time.sleep(0.2)
+    server.kill()
+    sys.exit("the server did not start within 120 s")
 
 
 def cpu_model() -> str:

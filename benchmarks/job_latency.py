@@ -14,46 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 import gradserve
+from common import free_port, start_server
 from gradserve.client.demo import seed_closed_form, seed_example
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {1: 5.0, 2: 8.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(address: str) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "ray", "--address", address, "--state-dir", "none",
-         "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 120
-    with gradserve.Client(address, timeout=2) as client:
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                sys.exit(f"the server exited:\n{server.stderr.read()[-3000:]}")
-            try:
-                client.has_model("0" * 64)
-                return server
-            except Exception:  # noqa: BLE001 -- not listening yet
-                time.sleep(0.2)
-    server.kill()
-    sys.exit("the server did not start within 120 s")
 
 
 def _check(result, expected) -> None:
@@ -68,8 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     model, feeds = seed_example()
     expected = seed_closed_form(feeds)
-    address = f"127.0.0.1:{_free_port()}"
-    server = _start_server(address)
+    address = f"127.0.0.1:{free_port()}"
+    log = tempfile.NamedTemporaryFile("w+", prefix="gradserve-server-", suffix=".log")
+    server = start_server(address, log, "--log-level", "warning")
     times: dict[int, list[float]] = {1: [], 2: []}
     parts: dict[int, dict[str, list[float]]] = {1: {}, 2: {}}
     try:
@@ -94,6 +66,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+        log.close()
     print(f"tiny job (seed example) through gRPC + the Ray engine, one client, model uploaded; "
           f"{args.rounds} rounds x {args.jobs} jobs per K; {os.cpu_count()} cores")
     for k in (1, 2):

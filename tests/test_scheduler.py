@@ -2,6 +2,8 @@
 the engine's capacity, fairness between clients), without Ray or sockets."""
 
 import argparse
+import dataclasses
+import itertools
 import threading
 import time
 
@@ -10,7 +12,8 @@ import pytest
 
 from gradserve.client.serve_args import add_serve_args
 from gradserve.server.jobs import DEFAULT_CONCURRENCY, JobOptions, JobRegistry, client_of
-from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor, NodeInfo, choose
+from gradserve.server.planning.memory import ACTOR_BASE_BYTES
+from gradserve.server.ray_engine.scheduler import MIN_RESERVATION, ActorInfo, NewActor, NodeInfo, choose, size_class
 from gradserve.server.result import Result
 
 A, B, C = NodeInfo("a", 1), NodeInfo("b", 1), NodeInfo("c", 1)
@@ -106,6 +109,87 @@ def test_decisions_are_repeatable():
 
 def test_no_known_node_lets_ray_place_actors():
     assert choose(["s/0"], [], []) == [NewActor("")]
+
+
+# -- reservations in coarse sizes (issue 19) ----------------------------------------------------------
+MB = 1 << 20
+BASE = ACTOR_BASE_BYTES
+# What the planner estimates for benchmarks/small_jobs.py's two models (5 x 32 and 3 x 40 tanh MLPs,
+# batch 16) at K = 1, 2, 3: the worker process plus some tens of KB per partition.
+SMALL_NEEDS = {
+    ("a", 1): [75850], ("a", 2): [47040, 39050], ("a", 3): [36480, 33920, 25930],
+    ("b", 1): [71610], ("b", 2): [48800, 35610], ("b", 3): [32400, 32400, 32410],
+}
+
+
+_new_ids = itertools.count(1000)
+
+
+def _run_job(actors: list, stages: list, nodes: list, needs: list) -> tuple[list, list]:
+    """Place one job and apply the decisions to the pool as the engine does: retire, start, load.
+    Returns the new pool (every actor idle again: jobs run one after another) and the picks."""
+    picks = choose(stages, nodes, actors, needs)
+    pool = {a.actor_id: a for a in actors}
+    for pick, stage in zip(picks, stages):
+        if isinstance(pick, NewActor):
+            for gone in pick.retire:
+                del pool[gone]
+            actor = ActorInfo(next(_new_ids), pick.node_id, memory=pick.memory)
+        else:
+            actor = pool[pick.actor_id]
+        pool[actor.actor_id] = dataclasses.replace(actor, stages=actor.stages | {stage})
+    return list(pool.values()), picks
+
+
+def test_size_classes_are_coarse_powers_of_two():
+    assert size_class(0) == 0
+    assert size_class(BASE + 75850) == size_class(1) == MIN_RESERVATION == 256 * MB
+    assert size_class(256 * MB + 1) == 512 * MB and size_class(512 * MB) == 512 * MB
+    assert size_class(3 * GB) == 4 * GB
+
+
+def test_small_stages_of_any_model_and_k_share_the_pool_once_warm():
+    """Two small models, K = 3, 2, 1 in turn, model and K changing every job: after the first job
+    of each (model, K), no actor is started or retired."""
+    node = NodeInfo("a", 2, 8 * GB)
+    order = [("b", 3), ("a", 2), ("b", 1), ("a", 3), ("b", 2), ("a", 1)]
+    actors: list = []
+    for cycle in range(4):
+        for model, k in order:
+            stages = [f"{model}{k}/{p}" for p in range(k)]
+            actors, picks = _run_job(actors, stages, [node], [BASE + n for n in SMALL_NEEDS[model, k]])
+            if cycle:
+                assert all(isinstance(p, ActorInfo) for p in picks), (cycle, model, k, picks)
+    assert len(actors) == 3 and {a.memory for a in actors} == {MIN_RESERVATION}
+
+
+def test_new_actors_round_up_only_into_memory_nobody_needs():
+    """A new actor reserves its need's size class where its node has that much unreserved, after
+    the job's other new actors have their needs, and within one CPU's share of the node."""
+    (pick,) = choose(["s/0"], [NodeInfo("a", 2, 8 * GB)], [], needs=[600 * MB])
+    assert pick.memory == GB
+    (pick,) = choose(["s/0"], [NodeInfo("a", 2, GB)], [], needs=[300 * MB])
+    assert pick.memory == 512 * MB  # the class is the CPU's share
+    (pick,) = choose(["s/0"], [NodeInfo("a", 2, GB)], [], needs=[600 * MB])
+    assert pick.memory == 600 * MB  # the class (1 GiB) would leave the other CPU nothing: exact
+    (pick,) = choose(["s/0"], [NodeInfo("a", 1, 400 * MB)], [], needs=[300 * MB])
+    assert pick.memory == 400 * MB  # what the node has, short of the class
+    small, big = choose(["s/0", "s/1"], [NodeInfo("a", 2, GB)], [], needs=[300 * MB, 600 * MB])
+    assert small.memory >= 300 * MB and big.memory >= 600 * MB and small.memory + big.memory <= GB
+    (pick,) = choose(["s/0"], [NodeInfo("a", 1)], [], needs=[300 * MB])
+    assert pick.memory == 300 * MB  # unknown memory: nothing to round into
+    busy = [ActorInfo(1, "a", load=1, memory=7 * GB + 256 * MB)]
+    (pick,) = choose(["s/0"], [NodeInfo("a", 2, 8 * GB)], busy, needs=[600 * MB])
+    assert pick.memory == 768 * MB  # all that is left, short of the class (1 GiB)
+
+
+def test_the_smallest_actor_that_holds_a_stage_is_chosen():
+    """Best fit: a small stage takes the small actor, leaving the big one for the big stage, so the
+    job starts nothing."""
+    node = NodeInfo("a", 2, 4 * GB)
+    actors = [ActorInfo("big", "a", memory=GB), ActorInfo("small", "a", memory=256 * MB)]
+    picks = choose(["s/0", "s/1"], [node], actors, needs=[200 * MB, 700 * MB])
+    assert [p.actor_id for p in picks] == ["small", "big"]
 
 
 # -- admission --------------------------------------------------------------------------------------

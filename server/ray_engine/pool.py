@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from gradserve.server.planning.memory import NodeInfo
+from gradserve.server.planning.memory import NodeInfo, fmt_bytes
 from gradserve.worker.actor import StageActor
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,13 @@ def cpu_nodes() -> list[dict]:
 
 class WorkerPool:
     """Stage actors started on the nodes the scheduler picks; ``where[i]`` says where
-    ``actors[i]`` runs (node id, ip, cpus, pid). Not thread-safe: the engine calls it under its lock."""
+    ``actors[i]`` runs (node id, ip, cpus, pid, the memory it reserved); ``started`` counts the
+    actors ever started. Not thread-safe: the engine calls it under its lock."""
 
     def __init__(self) -> None:
         self.actors: list[Any] = []
         self.where: list[dict] = []
+        self.started = 0
         self._nodes: list[dict] = []
         self._nodes_at = -NODES_TTL
 
@@ -84,7 +86,9 @@ class WorkerPool:
             where["memory"] = int(reserve)
             self.where.append(where)
         self.actors += new
-        log.info("worker pool: %d actors on %d nodes", len(self.actors), len({w["node_id"] for w in self.where}))
+        self.started += len(new)
+        log.info("worker pool: started %d (reserving %s); %d actors on %d nodes", len(new),
+                 ", ".join(fmt_bytes(m) for m in memory), len(self.actors), len({w["node_id"] for w in self.where}))
         return new
 
     def where_of(self, actor: Any) -> dict:
