@@ -9,7 +9,8 @@ A RESOURCE_EXHAUSTED that passes by itself (a full job queue: :class:`QueueFull`
 carry a retry hint in the trailing metadata: gRPC's retry pushback ``grpc-retry-pushback-ms`` and
 the same value as ``retry-after-ms`` (integer milliseconds). The client retries those after at
 least that long (:mod:`gradserve.client.retry`); a RESOURCE_EXHAUSTED without the hint (a size
-limit) is final.
+limit) is final, and so is a failure that carries a negative hint ("-1": a job's failure replayed to
+FetchResult, which fetching again cannot change).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from gradserve.worker.graph import GraphError
 
 log = logging.getLogger("gradserve.server")
 
-__all__ = ["LimitExceeded", "RetryLater", "QueueFull", "NotFound", "BadRequest", "Unavailable", "ServiceError",
-           "status_for", "retry_after_for", "abort"]
+__all__ = ["LimitExceeded", "RetryLater", "QueueFull", "NotFound", "BadRequest", "Unavailable", "WorkerLost",
+           "ServiceError", "status_for", "retry_after_for", "abort"]
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6's server pushback
 RETRY_AFTER_KEY = "retry-after-ms"       # the same value under a key no proxy or library treats as reserved
@@ -60,6 +61,17 @@ class BadRequest(ValueError):
 
 class Unavailable(RuntimeError):
     """The server is shutting down and takes no new work (UNAVAILABLE)."""
+
+
+class WorkerLost(Unavailable):
+    """A job that lost a worker (its process or node died) on every run the engine allows: the
+    first and ``retries`` more on fresh workers. UNAVAILABLE with a retry hint, not INTERNAL: nothing
+    is wrong with the job or the server, the cluster is losing workers (nodes replaced, memory
+    pressure), and the client's retry of a synchronous call may well find it whole again."""
+
+    def __init__(self, message: str, retries: int) -> None:
+        super().__init__(message)
+        self.retries = retries
 
 
 class ServiceError(Exception):
@@ -118,7 +130,7 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
         hint = retry_after_for(exc)
         if hint is not None:
-            ms = str(max(0, round(hint * 1000)))
+            ms = str(round(hint * 1000)) if hint >= 0 else "-1"  # negative: do not retry (gRFC A6)
             kept = tuple((k, v) for k, v in (_trailing_metadata(context) or ())
                          if k not in (PUSHBACK_KEY, RETRY_AFTER_KEY))
             context.set_trailing_metadata(kept + ((PUSHBACK_KEY, ms), (RETRY_AFTER_KEY, ms)))

@@ -42,7 +42,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 import grpc
 import numpy as np
 
-from gradserve.server.errors import BadRequest, LimitExceeded, NotFound, QueueFull, ServiceError, Unavailable, status_for
+from gradserve.server.errors import (
+    BadRequest, LimitExceeded, NotFound, QueueFull, ServiceError, Unavailable, WorkerLost, status_for,
+)
 from gradserve.server.events import ProgressEvent
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.planning.auto import AUTO, Count, count_from_wire
@@ -474,12 +476,12 @@ class JobRegistry:
         else:
             self.state.set_state(job.id, state, error[0].name if error else "", error[1] if error else "")
 
-    def _lost_worker_retries(self, exc: BaseException) -> int:
-        """Retries behind a failure: a job that failed by losing a worker (Ray's RayActorError,
-        raised once the engine's ``max_retries`` were spent) was run that many times again."""
-        if not any(c.__name__ == "RayActorError" for c in type(exc).__mro__):
-            return 0
-        return int(getattr(getattr(self._runner, "engine", None), "max_retries", 0) or 0)
+    @staticmethod
+    def _lost_worker_retries(exc: BaseException) -> int:
+        """Retries behind a failure: a job that lost a worker on every run the engine allows fails
+        with :class:`WorkerLost` (the engine tells a lost worker from other failures, see
+        :func:`gradserve.server.ray_engine.is_worker_loss`), saying how often it ran again."""
+        return exc.retries if isinstance(exc, WorkerLost) else 0
 
     def _count_retries(self, n: int) -> None:
         if n > 0:
@@ -554,17 +556,20 @@ class JobRegistry:
 
     def take_result(self, job: Job) -> Result:
         """The result of a finished job, handed out once; a failed job raises its failure."""
-        result = self.peek_result(job)
+        result = self.peek_result(job, stored=False)
         self.release_result(job)
         return result
 
-    def peek_result(self, job: Job) -> Result:
+    def peek_result(self, job: Job, *, stored: bool = True) -> Result:
         """The result of a finished job, kept for another fetch until :meth:`release_result`
-        (so a stream that breaks half-way loses nothing); a failed job raises its failure."""
+        (so a stream that breaks half-way loses nothing); a failed job raises its failure. For a
+        ``stored`` job (FetchResult) that failure is final: fetching again gives the same answer,
+        even an UNAVAILABLE one (a job that kept losing workers), which a synchronous caller
+        instead retries by running the job again."""
         with job.cond:
             if job.state != DONE:
                 code, message = job.error or (grpc.StatusCode.INTERNAL, f"job {job.id} has no result")
-                raise ServiceError(code, message)
+                raise ServiceError(code, message, retry_after=-1.0 if stored else None)
             if job.result is None and job.kept and not job.fetched:
                 return self.state.load_result(job.id)  # finished before a restart: read from disk
             if job.result is None:
