@@ -60,8 +60,8 @@ def test_small_memory_splits_and_pipelines(deep):
     assert len(choice.plan.partitions) == 2
     assert all(m.total <= small for m in choice.plan.memory)
     assert all(m.micro_batches == choice.m for m in choice.plan.memory)
-    assert any(r.startswith("partitions: 2: the whole job needs") for r in choice.reasons)
-    assert any(r.startswith(f"micro-batches: {choice.m}: pipelining") for r in choice.reasons)
+    assert any(r.startswith("partitions: 2, auto: the whole job needs") for r in choice.reasons)
+    assert any(r.startswith(f"micro-batches: {choice.m}, auto: pipelining") for r in choice.reasons)
 
 
 def test_explicit_numbers_mean_exactly_those(deep):
@@ -105,3 +105,58 @@ def test_wire_contract_round_trip():
     assert [count_to_wire(v) for v in (AUTO, 1, 7)] == [0, 1, 7]
     with pytest.raises(ValueError):
         count_to_wire(0)
+
+
+# -- load and placement: auto under a fake cluster's load, with the engine's measured costs ---------
+
+
+def test_a_queue_gets_whole_jobs_not_replicas(deep):
+    """Replicas only out of capacity nobody waits for: with other jobs running or queued, R = 1."""
+    model, feeds, job = deep
+    idle = choose(job, model, feeds, nodes_of(2, BIG), others=0)
+    assert idle.r == 2
+    loaded = choose(job, model, feeds, nodes_of(2, BIG), others=3)
+    assert (loaded.k, loaded.m, loaded.r) == (1, 1, 1)
+    assert any("3 other jobs running or waiting" in r for r in loaded.reasons)
+
+
+def test_partitions_sharing_a_node_are_not_pipelined(deep):
+    """Stages on one node share its cores: pipelining them only adds calls (M = 1)."""
+    model, feeds, job = deep
+    one_node = choose(job, model, feeds, nodes_of(1, BIG, cpus=2), 2)
+    assert (one_node.k, one_node.m) == (2, 1)
+    assert any("share 1 node" in r for r in one_node.reasons)
+    two_nodes = choose(job, model, feeds, nodes_of(2, BIG, cpus=1), 2)
+    assert two_nodes.k == 2 and two_nodes.m > 1
+
+
+def test_measured_costs_decide_whether_splitting_pays(deep):
+    """The same job on the same idle nodes: where a Ray call is cheap the work is shared out;
+    where calls cost as much as the work, it stays whole."""
+    from gradserve.server.planning.timing import Costs
+
+    model, feeds, job = deep
+    cheap = choose(job, model, feeds, nodes_of(2, BIG), costs=Costs(call_seconds=1e-4))
+    dear = choose(job, model, feeds, nodes_of(2, BIG), costs=Costs(call_seconds=5.0))
+    assert cheap.r == 2 and dear.r == 1
+    assert any("too small to share out" in r for r in dear.reasons)
+    piped = choose(job, model, feeds, nodes_of(2, BIG), 2, costs=Costs(call_seconds=1e-4))
+    whole = choose(job, model, feeds, nodes_of(2, BIG), 2, costs=Costs(call_seconds=5.0))
+    assert piped.m > 1 and whole.m == 1
+
+
+@pytest.mark.parametrize("call", [1e-5, 1e-3, 2e-2, 1.0])
+@pytest.mark.parametrize("nodes", [1, 2, 3, 6])
+def test_auto_never_predicts_slower_than_one_copy_unpipelined(deep, call, nodes):
+    from gradserve.server.planning.auto import _Timing
+    from gradserve.server.planning.timing import Costs, Shape
+
+    model, feeds, job = deep
+    costs = Costs(call_seconds=call)
+    for k in (1, 2, 3):
+        choice = choose(job, model, feeds, nodes_of(nodes, BIG, cpus=2), k, costs=costs)
+        plan = plan_job(job, model, k)
+        shape = Shape(sum(p.flops for p in plan.partitions), sum(b.nbytes for b in plan.boundaries.values()),
+                      sum(v.nbytes for v in model.params.values()))
+        timing = _Timing(shape, costs, 2, nodes)
+        assert timing.seconds(k, choice.m, choice.r) <= timing.seconds(k, 1, 1)

@@ -15,7 +15,9 @@ actors as concurrent jobs need them, so a job with new feeds on an idle cluster 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -26,18 +28,23 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import ray
 
+from gradserve.server.errors import WorkerLost
 from gradserve.server.events import JobCancelled, Progress, ProgressEvent
 from gradserve.server.planning import auto
 from gradserve.server.planning.auto import AUTO, Choice, Count, parse_count
 from gradserve.server.planning.batching import split_batch
-from gradserve.server.planning.partition import Plan, plan_job
+from gradserve.server.planning.partition import Plan
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.planning.schedule import (
     BACKWARD, FORWARD, WEIGHTS, Call, Links, calls, one_f_one_b, reduction_children, reduction_parent,
 )
+from gradserve.server.planning.timing import Costs
+from gradserve.server.ray_engine import costs as costs_module
 from gradserve.server.ray_engine import scheduler
+from gradserve.server.ray_engine.connect import connect
 from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
+from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
 from gradserve.worker import kernels
 from gradserve.worker.actor import BY_REF, StageCall
@@ -88,6 +95,22 @@ class _Deployment:
     others: dict[str, int]  # node id -> other jobs' slots running there when this job was placed
 
 
+def _counted(method):
+    """Count the engine's calls of ``method`` in progress (``self._inflight``): the jobs that
+    ``auto`` sees running beside a new one."""
+    @functools.wraps(method)  # keeps the signature, which the server's runner inspects
+    def counted(self, *args, **kwargs):
+        with self._lock:
+            self._inflight += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    return counted
+
+
 class RayEngine:
     """Partitions each model over Ray worker actors (see the module docs).
 
@@ -96,9 +119,11 @@ class RayEngine:
     model's cost and memory, the batch and the cluster's free nodes (see
     :mod:`gradserve.server.planning.auto`).
     ``ray_address``: join that cluster; None starts an embedded single-node Ray unless this process
-    already is connected. ``threads_per_worker``: BLAS threads per step (default: chosen per job,
-    see :func:`_blas_threads`). ``max_retries``: how often a job that lost a worker is run again
-    on fresh workers before the error reaches the caller.
+    already is connected or ``RAY_ADDRESS`` names a cluster (:func:`.connect.connect`, which raises
+    :class:`.connect.RayConnectError` when the cluster refuses our token). ``threads_per_worker``:
+    BLAS threads per step (default: chosen per job, see :func:`_blas_threads`). ``max_retries``:
+    how often a job that lost a worker (:func:`.worker_loss.is_worker_loss`) is run again on fresh
+    workers; then it fails with :class:`~gradserve.server.errors.WorkerLost` (UNAVAILABLE).
     """
 
     name = "ray"
@@ -111,20 +136,13 @@ class RayEngine:
         ray_address: str | None = None,
         threads_per_worker: int | None = None,
         max_deployments: int = 8,
-        max_retries: int = 1,
+        max_retries: int = 3,  # a second loss during the retry is plausible: a node going away
     ):
         self.partitions, self.micro_batches, self.replicas = partitions, micro_batches, replicas
         self._owns_ray = False
         if not ray.is_initialized():
-            ray.init(
-                address=ray_address,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=True,
-                configure_logging=False,
-            )
+            connect(ray_address)  # a cluster that refuses our token: RayConnectError, before any work
             self._owns_ray = True
-            log.info("ray: %s", "joined cluster at " + ray_address if ray_address else "started embedded single-node Ray")
         self.threads = threads_per_worker
         self.max_retries = max_retries
         # Compile the kernels here first (once per machine), so the actors this machine starts load
@@ -134,6 +152,8 @@ class RayEngine:
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
         self._plans: "OrderedDict[tuple, _PlanEntry]" = OrderedDict()
         self._choices: "OrderedDict[tuple, Choice]" = OrderedDict()  # see _choose
+        self._inflight = 0  # gradients() calls in progress: the load auto sees (guarded by _lock)
+        self._costs: tuple[Costs, float] = (Costs(), -math.inf)  # measured costs, when (see _cluster_costs)
         # stage key -> {id(actor): (actor, ref of its load call)}: which actors hold which stage
         # (a load in flight counts: a second job waits on the same call instead of loading again)
         self._hosts: dict[str, dict[int, tuple[Any, ray.ObjectRef]]] = {}
@@ -148,6 +168,7 @@ class RayEngine:
         self._submit = threading.Lock()
 
     # -- public ------------------------------------------------------------------------------------
+    @_counted
     def gradients(
         self,
         model: Model,
@@ -189,14 +210,13 @@ class RayEngine:
                     finally:
                         self._release(deployment)
                     break
-                except ray.exceptions.RayActorError:
-                    # A worker died (its node went away, it ran out of memory...). Its actors have
-                    # left the pool (_abort); steps are pure functions of their inputs, so the job
-                    # runs again from the start on workers the scheduler picks afresh.
-                    if retries >= self.max_retries:
+                except Exception as exc:  # noqa: BLE001 -- only a lost worker is retried, the rest re-raised
+                    if not is_worker_loss(exc):
                         raise
-                    retries += 1
-                    log.warning("job %s lost a worker; retrying on fresh workers (%d/%d)", job_id, retries, self.max_retries)
+                    # A worker died (its process or node, out of memory...). Its actors have left
+                    # the pool (_abort, _deploy); steps are pure functions of their inputs, so the
+                    # job runs again from the start on workers the scheduler picks afresh.
+                    retries = self._next_retry(exc, job_id, retries, cancelled)
         finally:
             with self._lock:
                 placed.users -= 1
@@ -232,26 +252,45 @@ class RayEngine:
             k, m, r = (parse_count(a if a is not None else d) for a, d in zip(asked, defaults))
         except ValueError as exc:
             raise GraphError(f"partitions, micro_batches and replicas: {exc}") from None
-        if split_at:  # manual cuts fix the partitions; nothing is chosen
-            k, m, r = len(split_at) + 1, (1 if m == AUTO else m), (1 if r == AUTO else r)
-            split = split_batch(model, full, feeds, m * r)
-            return Choice(k, m, r, ["partitions: cut at the nodes asked for"], plan_job(split.job, split.model, k, split_at),
-                          split)
+        if split_at:  # manual cuts fix the partitions; nothing is chosen (nor cached)
+            return auto.choose(full, model, feeds, [], k, m, r, split_at=split_at)
         with self._lock:
             nodes = self._pool.nodes()
             busy = {w["node_id"] for a, w in zip(self._pool.actors, self._pool.where) if self._busy[id(a)]}
+            others = max(0, self._inflight - 1)  # jobs running or being placed besides this one (plan(): none)
         free = [n for n in nodes if n.node_id not in busy]
-        key = (full.structure, feed_signature(feeds), full.input_grads, k, m, r, tuple(nodes), len(free))
+        costs = self._cluster_costs(idle=others == 0)
+        key = (full.structure, feed_signature(feeds), full.input_grads, k, m, r, tuple(nodes), len(free), others > 0,
+               costs)
         with self._lock:
             hit = self._choices.get(key)
         if hit is not None:  # the same choice and plan; the batch is this job's own
             return dataclasses.replace(hit, split=split_batch(model, full, feeds, hit.m * hit.r))
-        choice = auto.choose(full, model, feeds, nodes, k, m, r, free=free)
+        choice = auto.choose(full, model, feeds, nodes, k, m, r, free=free, others=others, costs=costs)
         with self._lock:
             self._choices[key] = choice
             while len(self._choices) > 4 * self._max:
                 self._choices.popitem(last=False)
         return choice
+
+    def _cluster_costs(self, idle: bool) -> Costs:
+        """What a call, a byte and a FLOP cost on this cluster (:mod:`.costs`), measured on an idle
+        pool actor when there is one and the engine runs no other job (a busy actor's queue would
+        be timed instead of Ray), every ``costs.REFRESH_SECONDS``; the defaults until then."""
+        value, at = self._costs
+        if not idle or time.monotonic() - at < costs_module.REFRESH_SECONDS:
+            return value
+        with self._lock:
+            actor = next((a for a in self._pool.actors if not self._busy[id(a)]), None)
+        if actor is None:
+            return value
+        try:
+            value = costs_module.measure(actor)
+        except ray.exceptions.RayError as exc:  # the actor died meanwhile: measure another time
+            log.info("could not measure the cluster's costs: %s", exc)
+            return value
+        self._costs = (value, time.monotonic())
+        return value
 
     def capacity(self) -> int:
         """How many jobs this engine usefully computes at once: two per CPU of the cluster's alive
@@ -597,13 +636,13 @@ class RayEngine:
         that died, so the next job gets fresh ones. ``refs``: every result of the job's calls,
         read here so that none holding an error is left for Ray to report as unhandled."""
         actors = list({id(a): a for row in dep.actors for a in row}.values())
-        dead = []
-        for actor in actors:
-            try:
-                ray.get(actor.cancel.remote(job_id), timeout=_CONTROL_TIMEOUT)  # takes effect at once
-                ray.get(actor.end_job.remote(job_id), timeout=_STEP_DRAIN_TIMEOUT)  # after the skipped steps
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                dead.append(actor)
+        # Asking every actor, not only the one whose error surfaced, finds each that died: a job
+        # that read a lost result (an ObjectLostError) does not say whose it was.
+        cancels = [actor.cancel.remote(job_id) for actor in actors]  # takes effect at once
+        dead = [a for a, ref in zip(actors, cancels) if not _answers(ref, _CONTROL_TIMEOUT)]
+        alive = [a for a in actors if all(a is not d for d in dead)]
+        ends = [actor.end_job.remote(job_id) for actor in alive]  # runs after the skipped steps
+        dead += [a for a, ref in zip(alive, ends) if not _answers(ref, _STEP_DRAIN_TIMEOUT)]
         if dead:
             self._drop_actors(dead)
         else:  # every call has ended (end_job ran after them): reading the results cannot wait
@@ -615,15 +654,27 @@ class RayEngine:
         log.info("job %s aborted; per-job state freed on %d actors, %d gone", job_id, len(actors) - len(dead), len(dead))
 
     def _drop_dead(self, actors: list) -> None:
-        """Drop those of ``actors`` that no longer answer."""
-        dead = []
-        for actor in {id(a): a for a in actors}.values():
-            try:
-                ray.get(actor.job_count.remote(), timeout=_CONTROL_TIMEOUT)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                dead.append(actor)
+        """Drop those of ``actors`` that no longer answer (asked all at once)."""
+        unique = list({id(a): a for a in actors}.values())
+        pings = [actor.job_count.remote() for actor in unique]
+        dead = [a for a, ref in zip(unique, pings) if not _answers(ref, _CONTROL_TIMEOUT)]
         if dead:
             self._drop_actors(dead)
+
+    def _next_retry(self, exc: BaseException, job_id: str, retries: int, cancelled: threading.Event | None) -> int:
+        """The retry count of the next run of a job whose run ``retries`` lost a worker (``exc``);
+        raises :class:`WorkerLost` once ``max_retries`` are spent, JobCancelled if the job was
+        cancelled meanwhile (no point placing it again)."""
+        if cancelled is not None and cancelled.is_set():
+            raise JobCancelled("job cancelled") from None
+        lines = str(exc).strip().splitlines()
+        what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        if retries >= self.max_retries:
+            raise WorkerLost(f"the job lost a Ray worker on each of its {retries + 1} runs (last: {what}); "
+                             "the cluster is losing workers or nodes, try again later", retries) from exc
+        log.warning("job %s lost a worker (%s); running it again on fresh workers (%d/%d)",
+                    job_id, what, retries + 1, self.max_retries)
+        return retries + 1
 
     def _drop_actors(self, dead: list) -> None:
         """Remove dead or stuck actors from the pool and from the stages' hosts; the next jobs
@@ -757,6 +808,18 @@ def _as_list(refs: Any) -> list:
 def _sum(values: list) -> np.ndarray | None:
     present = [v for v in values if v is not None]
     return sum(present[1:], present[0]) if present else None
+
+
+def _answers(ref: ray.ObjectRef, timeout: float) -> bool:
+    """Whether an actor answered its control call ``ref`` within ``timeout`` seconds. Any failure
+    makes it one not to use again: dead (:func:`is_worker_loss`), stuck, or broken (logged)."""
+    try:
+        ray.get(ref, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 -- a control call that fails, whyever, condemns its actor
+        if not (is_worker_loss(exc) or isinstance(exc, ray.exceptions.GetTimeoutError)):
+            log.warning("an actor failed a control call (%s: %s); dropping it", type(exc).__name__, exc)
+        return False
+    return True
 
 
 def _unwrap(exc: BaseException) -> BaseException:
