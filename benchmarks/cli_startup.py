@@ -1,5 +1,5 @@
 """Wall time of small things, start-up included: the CLI's help, a tiny inline ``gradserve grad``,
-and importing the client library (issues 19 and 23).
+importing the client library, and failing on an unreachable server (issues 19 and 23).
 
     .venv/bin/python benchmarks/cli_startup.py [--runs 10] [--rounds 3] [--importtime]
 
@@ -15,7 +15,9 @@ set: compiling gradserve's sources adds 0.1-0.3 s to every process). ``python -c
 the inline engine's in this process. Beside the wall time, the processes' CPU time (user + system):
 on a shared machine it moves less with the other load.
 ``--importtime`` also prints, per command, the largest imports ``python -X importtime`` reports.
-Target (issue 19): the tiny inline ``grad`` under 1 s.
+The unreachable-server commands (``status`` and ``grad --server`` to a port nobody listens on)
+must fail with "no gradserve server at ..." (exit status 1).
+Targets (issue 19): the tiny inline ``grad`` under 1 s; an unreachable server reported within 5 s.
 
 To time another checkout (say, the code before a change), run this script with ``PYTHONPATH``
 pointing at a folder holding a ``gradserve`` link to that checkout's root: that copy then shadows
@@ -37,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cpu_model, mlp, mlp_feeds, table
+from common import cpu_model, free_port, mlp, mlp_feeds, table
 
 TARGET_SECONDS = 1.0
+UNREACHABLE_SECONDS = 5.0
 LAYERS, WIDTH, BATCH = 2, 16, 32
 
 
@@ -80,6 +83,7 @@ def _onnx_bytes(model) -> bytes:
 def _commands(folder: Path) -> dict[str, list[str]]:
     cli, py = _gradserve(), sys.executable
     grad = ["--feeds", str(folder / "f.npz"), "--out", str(folder / "g.npz"), "--quiet"]
+    nobody = f"127.0.0.1:{free_port()}"  # free now, and nothing here listens on it later
     return {
         "python -c pass (floor)": [py, "-c", "pass"],
         "python -c 'import numpy' (floor)": [py, "-c", "import numpy"],
@@ -88,6 +92,8 @@ def _commands(folder: Path) -> dict[str, list[str]]:
         "gradserve grad tiny.gsm (inline)": [*cli, "grad", str(folder / "tiny.gsm"), *grad],
         "gradserve grad tiny.onnx (inline)": [*cli, "grad", str(folder / "tiny.onnx"), *grad],
         "import gradserve; gradserve.Client": [py, "-c", "import gradserve; gradserve.Client"],
+        "gradserve status, unreachable server": [*cli, "status", "--server", nobody],
+        "gradserve grad --server, unreachable": [*cli, "grad", str(folder / "tiny.gsm"), *grad, "--server", nobody],
     }
 
 
@@ -111,6 +117,11 @@ def _run(command: list[str], folder: Path, expected: dict) -> tuple[float, float
     cpu, t = _cpu_seconds(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=_environment(folder))
     seconds, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
+    if "--server" in command:  # an unreachable server: the failure is the result
+        if done.returncode != 1 or "no gradserve server at" not in done.stderr:
+            sys.exit(f"{' '.join(command)}: expected 'no gradserve server at ...', exit 1; got {done.returncode}:\n"
+                     f"{done.stderr[-2000:]}")
+        return seconds, cpu
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
     if "grad" in command and "--help" not in command:
@@ -164,6 +175,8 @@ def main() -> None:
             target = ""
             if name.startswith("gradserve grad tiny"):
                 target = "< 1 s: " + ("met" if statistics.median(values) < TARGET_SECONDS else "MISSED")
+            elif "unreachable" in name:
+                target = "< 5 s: " + ("met" if statistics.median(values) < UNREACHABLE_SECONDS else "MISSED")
             rows.append((name, f"{statistics.median(values):.3f} s", f"{min(values):.3f}-{max(values):.3f}",
                          f"{statistics.median(cpu[name]):.3f} s", target))
         print(table(rows, ("command", "wall, median", "rounds' range", "CPU, median", "target")))
