@@ -8,7 +8,8 @@ import pytest
 
 import gradserve
 from gradserve.server.planning.partition import plan_model
-from gradserve.worker.actor import BY_REF, StageCall, StageHost
+from gradserve.worker.actor import StageHost
+from gradserve.worker.protocol import BY_REF, Backward, Forward, Reduce, StageCall, Weights
 from gradserve.worker.graph import GraphError
 from gradserve.worker.stage import StageSpec
 
@@ -27,7 +28,7 @@ def _host():
 
 
 def _whole_job(job: str, x: np.ndarray, spec: StageSpec) -> StageCall:
-    steps = (("forward", 0, 1), ("backward", 0, 1, False), ("weights", 0, 0))
+    steps = (Forward(0, 1), Backward(0, 1, False), Weights(0, False))
     return StageCall("s", job, (1, 1), steps, ("x", spec.outputs[0]), (x, np.asarray(1.0)), 2, to_driver=(0, 1))
 
 
@@ -51,17 +52,17 @@ def test_values_by_ref_come_from_the_arguments() -> None:
 
 def test_a_failure_sticks_to_its_job_and_a_late_step_of_an_aborted_job_is_a_no_op() -> None:
     host, _, spec = _host()
-    bad = StageCall("s", "j", (1, 1), (("forward", 0, 1),), ("x",), (np.ones((4, 5)),), 1)
+    bad = StageCall("s", "j", (1, 1), (Forward(0, 1),), ("x",), (np.ones((4, 5)),), 1)
     with pytest.raises(GraphError, match="MatMul"):
         host.run(bad)
     # A later step of the same job raises the same failure, so it reaches the driver.
     with pytest.raises(Exception) as again:
-        host.run(StageCall("s", "j", (1, 1), (("weights", 0, 0),), (), (), 1))
+        host.run(StageCall("s", "j", (1, 1), (Weights(0, False),), (), (), 1))
     assert again.value is host.failed["j"]
     host.end_job("j")
     assert not host.failed and host.stages["s"].job_count() == 0
     # A step of the ended job that arrives late returns placeholders instead of a KeyError.
-    late = StageCall("s", "j", (1, 1), (("backward", 0, 1, False),), (spec.outputs[0],), (np.asarray(1.0),), 1)
+    late = StageCall("s", "j", (1, 1), (Backward(0, 1, False),), (spec.outputs[0],), (np.asarray(1.0),), 1)
     assert host.run(late) is None
     # Other jobs are unaffected.
     loss, _ = host.run(_whole_job("k", np.ones((4, 3)), spec))
@@ -83,11 +84,11 @@ def test_a_kept_weight_step_and_its_reduce_sum_the_replicas() -> None:
     rng = np.random.default_rng(1)
     x0, x1 = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
     child = host.run(_whole_job("child", x0, spec))[1]  # another replica's (grads, seconds)
-    steps = (("forward", 0, 1), ("backward", 0, 1, False), ("weights", 1, True))
+    steps = (Forward(0, 1), Backward(0, 1, False), Weights(1, True))
     kept = StageCall("s", "j", (1, 1), steps, ("x", spec.outputs[0]), (x1, np.asarray(1.0)), 1, to_driver=(0,))
     (loss,) = host.run(kept)  # the weight step gave no result: only the loss
     assert ("j", "s") in host.kept
-    reduce = StageCall("s", "j", (1, 1), (("reduce", 1, 1),), ("",), (BY_REF,), 1, to_driver=(0,))
+    reduce = StageCall("s", "j", (1, 1), (Reduce(1, 1),), ("",), (BY_REF,), 1, to_driver=(0,))
     ((grads, seconds),) = host.run(reduce, child)
     whole = gradserve.local().gradients(model, {"x": np.concatenate([x0, x1])})
     assert np.allclose(grads["w"], whole.grads["w"]) and set(seconds) == {0, 1}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -25,45 +24,11 @@ import ray
 from gradserve.worker import kernels
 from gradserve.worker.ops import blas
 from gradserve.worker.memory import keep_freed_memory
+from gradserve.worker.protocol import BY_REF, Backward, Forward, Reduce, StageCall, Weights
 from gradserve.worker.stage import Stage, StageSpec
 
 
 _ENDED_KEPT = 1024  # aborted job ids remembered per actor
-BY_REF = None  # in StageCall.values: "the next ObjectRef argument of the call"
-
-
-@dataclass(frozen=True)
-class StageCall:
-    """What one actor call runs: consecutive steps of one job on the stage ``key``. Everything but
-    the ObjectRefs travels in this one argument (Ray serialises every argument on its own).
-
-    ``steps`` are tuples:
-
-    - ``("forward", mb, n)``: forward of micro-batch ``mb`` on the next ``n`` values (feeds and
-      boundary inputs, labelled by ``names``); results: the partition's outputs;
-    - ``("backward", mb, n, defer)``: errors at the outputs in (the next ``n`` values, repeated
-      names when several partitions sent one); results: errors at the boundary inputs;
-    - ``("weights", replica, keep)``: dL/dw of the job and this stage's compute seconds per
-      replica -- one result, or, with ``keep``, none: they stay here for a later ``reduce``. Ends
-      the job's computing on this stage.
-    - ``("reduce", replica, n)``: one result: the kept dL/dw with the next ``n`` values (other
-      replicas' results for this stage) summed in -- a reduction tree instead of every replica's
-      dL/dw travelling to the driver. A call of its own, so waiting for the other replicas never
-      holds up this replica's own weight step.
-
-    ``values``: one per name, in order: a value carried here (small feeds, loss seeds) or
-    :data:`BY_REF`. ``threads``: BLAS threads for (forward/backward steps, the weight step).
-    ``to_driver``: positions of the results only the driver reads, returned together.
-    """
-
-    key: str
-    job_id: str
-    threads: tuple[int, int]
-    steps: tuple
-    names: tuple[str, ...]
-    values: tuple
-    results: int  # how many results the steps give (placeholders stand in for a skipped call)
-    to_driver: tuple[int, ...] = ()
 
 
 class StageHost:
@@ -87,9 +52,10 @@ class StageHost:
         """Drop a partition (its model was evicted or its weights changed)."""
         self.stages.pop(key, None)
 
-    def run(self, call: "StageCall", *refs: Any) -> Any:
+    def run(self, call: StageCall, *refs: Any) -> Any:
         """Run consecutive steps of one job on one stage, in one actor call (see
-        :func:`gradserve.server.planning.schedule.calls`): ``call`` says what (:class:`StageCall`),
+        :func:`gradserve.server.planning.schedule.calls`): ``call`` says what
+        (:class:`~gradserve.worker.protocol.StageCall`, its steps typed actions),
         ``refs`` are the values that come as ObjectRefs (Ray resolves top-level arguments only).
 
         Returns the results only the driver reads as one object (a tuple, in order), then every
@@ -109,42 +75,43 @@ class StageHost:
         at = 0
         try:
             for step in call.steps:
-                phase = step[0]
-                n = 0 if phase == "weights" else step[2]  # values this step reads
-                args, labels = values[at:at + n], call.names[at:at + n]
-                at += n
+                args, labels = values[at:at + step.reads], call.names[at:at + step.reads]
+                at += step.reads
                 cancelled = job_id in self.cancelled
-                if phase == "forward":
-                    if cancelled:
-                        out += [None] * len(stage.spec.outputs)
-                        continue
-                    with _threads(call.threads[0]):
-                        out += stage.forward(job_id, step[1], dict(zip(labels, args)))
-                elif phase == "backward":
-                    if cancelled:
-                        out += [None] * len(stage.spec.wrt_inputs)
-                        continue
-                    with _threads(call.threads[0]):
-                        out += stage.backward(job_id, step[1], list(zip(labels, args)), step[3])
-                elif phase == "weights":
-                    if cancelled:
-                        grads, by_replica = {}, {}
-                    else:
-                        with _threads(call.threads[1]):
-                            grads, seconds = stage.weight_grads(job_id)
-                        by_replica = {step[1]: seconds}
-                    if step[2]:
-                        self.kept[job_id, call.key] = (grads, by_replica)
-                    else:
+                match step:
+                    case Forward(micro_batch=mb):
+                        if cancelled:
+                            out += [None] * len(stage.spec.outputs)
+                            continue
+                        with _threads(call.threads[0]):
+                            out += stage.forward(job_id, mb, dict(zip(labels, args)))
+                    case Backward(micro_batch=mb, defer=defer):
+                        if cancelled:
+                            out += [None] * len(stage.spec.wrt_inputs)
+                            continue
+                        with _threads(call.threads[0]):
+                            out += stage.backward(job_id, mb, list(zip(labels, args)), defer)
+                    case Weights(replica=replica, keep=keep):
+                        if cancelled:
+                            grads, by_replica = {}, {}
+                        else:
+                            with _threads(call.threads[1]):
+                                grads, seconds = stage.weight_grads(job_id)
+                            by_replica = {replica: seconds}
+                        if keep:
+                            self.kept[job_id, call.key] = (grads, by_replica)
+                        else:
+                            out.append((grads, by_replica))
+                    case Reduce():  # other replicas' results summed into the kept one
+                        grads, by_replica = self.kept.pop((job_id, call.key), ({}, {}))
+                        if not cancelled:
+                            for other_grads, other_seconds in args:
+                                for name, g in other_grads.items():
+                                    grads[name] = grads[name] + g if name in grads else g
+                                by_replica.update(other_seconds)
                         out.append((grads, by_replica))
-                else:  # reduce: other replicas' results summed into the kept one
-                    grads, by_replica = self.kept.pop((job_id, call.key), ({}, {}))
-                    if not cancelled:
-                        for other_grads, other_seconds in args:
-                            for name, g in other_grads.items():
-                                grads[name] = grads[name] + g if name in grads else g
-                            by_replica.update(other_seconds)
-                    out.append((grads, by_replica))
+                    case _:
+                        raise TypeError(f"not a step: {step!r}")
         except BaseException as exc:
             self.failed[job_id] = exc
             raise

@@ -47,7 +47,7 @@ from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
 from gradserve.worker import kernels
-from gradserve.worker.actor import BY_REF, StageCall
+from gradserve.worker.protocol import BY_REF, Backward, Forward, Kind, Output, Reduce, StageCall, Weights
 from gradserve.worker.autodiff import compile_program
 from gradserve.worker.graph import GraphError, Model, feed_signature
 from gradserve.worker.stage import StageSpec
@@ -552,27 +552,27 @@ class RayEngine:
                         take(f, feed_refs[c][f])
                     for v in spec.inputs:
                         take(v, acts[c][v])
-                    program.append((FORWARD, c, len(names) - start))
-                    # (what it is, chunk, value, whether only the driver reads it)
-                    results += [("act", c, v, v == job.loss and v not in dep.entry.read) for v in spec.outputs]
+                    program.append(Forward(c, len(names) - start))
+                    results += [Output(Kind.ACTIVATION, c, v, v == job.loss and v not in dep.entry.read)
+                                for v in spec.outputs]
                 elif step.phase == BACKWARD:
                     for v in spec.outputs:
                         if v == job.loss:  # seed: the chunk's weight in the total loss (the stage shapes it)
                             take(v, np.asarray(chunks[c].weight))
                         for ref in errs[c].get(v, []):  # one error per consuming partition, summed there
                             take(v, ref)
-                    program.append((BACKWARD, c, len(names) - start, defer))
-                    results += [("err", c, v, v not in spec.inputs) for v in spec.wrt_inputs]
+                    program.append(Backward(c, len(names) - start, defer))
+                    results += [Output(Kind.ERROR, c, v, v not in spec.inputs) for v in spec.wrt_inputs]
                 else:  # weights: this replica's dL/dw; kept on the actor if a reduce adds its children's
-                    program.append(("weights", replica, bool(children)))
+                    program.append(Weights(replica, bool(children)))
                     if not children:
-                        results.append(("weights", -1, "", root))
+                        results.append(Output(Kind.WEIGHTS, -1, "", root))
                 if step.phase in (FORWARD, BACKWARD):
                     events.append(ProgressEvent(
                         step.phase, p, step.micro_batch, replica, node=dep.where[replica][p]["node_id"],
                         total=2 * len(specs) * m * r,
                     ))
-            to_driver = tuple(i for i, res in enumerate(results) if res[3])
+            to_driver = tuple(i for i, res in enumerate(results) if res.to_driver)
             returns = (1 if to_driver else 0) + len(results) - len(to_driver)
             outs = _as_list(actors[p].run.options(num_returns=max(1, returns)).remote(
                 StageCall(dep.keys[p], job_id, threads[replica][p], tuple(program), tuple(names), tuple(values),
@@ -582,17 +582,18 @@ class RayEngine:
             steps.markers[outs[0]] = events
             steps.refs += outs
             others = iter(outs[1:] if to_driver else outs)
-            for i, (kind, c, v, driver) in enumerate(results):
+            for i, res in enumerate(results):
+                c, v, driver = res.chunk, res.value, res.to_driver
                 # The driver's results are read as (ref, position in the packed tuple).
                 out = (outs[0], to_driver.index(i)) if driver else next(others)
-                if kind == "act":
+                if res.kind is Kind.ACTIVATION:
                     if driver:
                         steps.loss.append(out)
                     else:
                         acts[c][v] = out
                         if v == job.loss:
                             steps.loss.append((out, None))
-                elif kind == "err":
+                elif res.kind is Kind.ERROR:
                     if driver:
                         steps.input_grads.setdefault((c, v), []).append(out)
                     else:
@@ -603,7 +604,7 @@ class RayEngine:
                 # The reduction tree's sum, in a call of its own: the children's dL/dw arrive while
                 # this replica computes its own, instead of holding up the call that computes it.
                 kids = [steps.weights[(child, p)] for child in children]
-                reduce = StageCall(dep.keys[p], job_id, threads[replica][p], (("reduce", replica, len(kids)),),
+                reduce = StageCall(dep.keys[p], job_id, threads[replica][p], (Reduce(replica, len(kids)),),
                                    ("",) * len(kids), (BY_REF,) * len(kids), 1, (0,) if root else ())
                 out = actors[p].run.remote(reduce, *kids)
                 steps.markers[out] = []

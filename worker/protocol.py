@@ -1,0 +1,105 @@
+"""What the engine asks of a stage actor, typed from the schedule to the actor and back.
+
+One actor call (:class:`StageCall`) runs consecutive steps of one job on one stage. Each step is an
+action -- :class:`Forward`, :class:`Backward`, :class:`Weights` or :class:`Reduce` -- that reads the
+next ``reads`` of the call's values and gives results in a fixed order; :class:`Output` says what
+each result is and who reads it. No Ray here: the protocol is plain data, so the engine, the actor
+and their tests share it without a cluster.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Union
+
+BY_REF = None  # in StageCall.values: "the next ObjectRef argument of the call"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Forward of ``micro_batch`` on the next ``reads`` values (feeds and boundary inputs, labelled
+    by the call's names); results: the partition's outputs, in order."""
+
+    micro_batch: int
+    reads: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backward:
+    """Backward of ``micro_batch``: the errors at the partition's outputs are the next ``reads``
+    values (a name repeats when several partitions sent one: they are summed). ``defer``: leave
+    dL/dw to the weight step (zero-bubble). Results: the errors at the boundary inputs, in order."""
+
+    micro_batch: int
+    reads: int
+    defer: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """dL/dw of the job on this stage and its compute seconds, for ``replica``: one result, or,
+    with ``keep``, none (they stay on the actor for a later :class:`Reduce`). Ends the job's
+    computing on this stage."""
+
+    replica: int
+    keep: bool
+
+    @property
+    def reads(self) -> int:
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reduce:
+    """One result: the kept dL/dw of ``replica`` with the next ``reads`` values (other replicas'
+    weight results for this stage) summed in: a reduction tree instead of every replica's dL/dw
+    travelling to the driver. A call of its own, so waiting for other replicas never holds up
+    this replica's own weight step."""
+
+    replica: int
+    reads: int
+
+
+Action = Union[Forward, Backward, Weights, Reduce]
+
+
+@dataclass(frozen=True, slots=True)
+class StageCall:
+    """What one actor call runs: consecutive ``steps`` of one job on the stage ``key``. Everything
+    but the ObjectRefs travels in this one argument (Ray serialises every argument on its own).
+
+    ``values``: one per name, in order: a value carried here (small feeds, loss seeds) or
+    :data:`BY_REF`. ``threads``: BLAS threads for (forward/backward steps, the weight step).
+    ``results``: how many results the steps give (placeholders stand in for a skipped call);
+    ``to_driver``: positions of the results only the driver reads, returned together.
+    """
+
+    key: str
+    job_id: str
+    threads: tuple[int, int]
+    steps: tuple[Action, ...]
+    names: tuple[str, ...]
+    values: tuple
+    results: int
+    to_driver: tuple[int, ...] = ()
+
+
+class Kind(enum.Enum):
+    """What a step's result is."""
+
+    ACTIVATION = "activation"  # a partition's output (the loss included)
+    ERROR = "error"  # dL/d(boundary input), sent back to the partition that produced it
+    WEIGHTS = "weights"  # (dL/dw, compute seconds by replica)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One result of a call as the engine books it: its ``kind``, the micro-batch (``chunk``, -1
+    for weights) and value name it belongs to, and whether only the driver reads it (then it
+    travels in the call's first, packed result)."""
+
+    kind: Kind
+    chunk: int
+    value: str
+    to_driver: bool
