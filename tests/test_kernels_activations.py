@@ -279,7 +279,7 @@ def test_read_only_inputs_use_the_warmed_up_versions():
     """Arrays from Ray's object store are read-only, and numba compiles one version per argument
     type: the kernels take their inputs read-only always, so a worker's first job neither compiles
     nor loads a version the warm-up did not make."""
-    kernels.warm_up()
+    kernels.warm_up(compile=True)
     k = kernels.get()
     names = ("activation_vjp", "erf_family", "bn_forward", "bn_backward")
     before = {n: len(getattr(k, n).kernel.signatures) for n in names}

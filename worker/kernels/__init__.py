@@ -8,9 +8,13 @@ numba. This package is their one home; the ops in :mod:`gradserve.worker.ops` ca
   without importing numba: planning decides its rewrites with it. Kernels are compiled once per
   machine: ``cache=True``, in ``NUMBA_CACHE_DIR`` -- by default ``$XDG_CACHE_HOME/gradserve/numba``
   (``~/.cache/...``), so a read-only install works; a user's own ``NUMBA_CACHE_DIR`` wins.
-- **Warm-up.** :func:`warm_up` compiles (first time on a machine) or loads (after) every kernel
-  for float32 and float64 on tiny inputs (0.6 s from the cache); long-lived processes -- Ray
-  workers, the server -- call it at start so no job pays it.
+- **Warm-up.** :func:`warm_up` loads every kernel for float32 and float64 from the cache (0.6-1 s)
+  where a full compile already ran on this machine; long-lived processes -- Ray workers, the
+  server -- call it at start so no job pays the loading. On a machine that never compiled them it
+  compiles nothing (all of them took 45 s on one core of an AMD EPYC, the whole of a first demo's
+  wait): each kernel then compiles the first time a job needs it, once per machine, and processes
+  that need none -- small jobs take numpy's paths -- pay nothing. ``warm_up(compile=True)``
+  compiles them all and marks the cache complete (:func:`_complete_marker`).
 - **Threads.** Kernels parallel over channels use numba's (OpenMP) threads: as many as
   :func:`threads` allows the calling thread, as threadpoolctl limits BLAS -- an engine that gives a
   step ``n`` BLAS threads wraps the step in ``threads(n)`` too, so pipelined stages on one node do
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import logging
 import os
@@ -155,13 +160,35 @@ def threads(n: int | None) -> Iterator[None]:
         _budget.n = before
 
 
-def warm_up() -> float:
-    """Compile (first run on a machine) or load from the cache every kernel, for float32 and
-    float64, once per process; returns the seconds it took (0 once done, or without kernels)."""
+def _complete_marker() -> Path:
+    """The file that says every kernel of this version of the kernel module is in the cache: it
+    names the module's size and modification time and numba's version (a changed module or numba
+    compiles anew, into other cache entries)."""
+    import importlib.metadata
+
+    source = Path(__file__).with_name("compiled.py")
+    stat = source.stat()
+    try:
+        numba_version = importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
+        numba_version = "none"
+    where = hashlib.sha1(str(source).encode()).hexdigest()[:8]  # numba caches per source path too
+    key = f"{stat.st_size}-{int(stat.st_mtime)}-{numba_version}-{where}"
+    return cache_dir() / f"complete-{key}"
+
+
+def warm_up(compile: bool = False) -> float:
+    """Load every kernel for float32 and float64 from the cache, once per process, where a full
+    compile ran on this machine (else nothing: kernels compile on first use); ``compile=True``
+    compiles what is missing and marks the cache complete. Returns the seconds it took (0 once
+    done, without kernels, or with nothing compiled yet)."""
     global _warm
     if _warm:
         return 0.0
     t = time.perf_counter()
+    if not compile and not _complete_marker().exists():
+        log.info("compiled kernels: not all in the cache yet; each compiles the first time a job needs it")
+        return 0.0
     k = get()
     if k is None:
         return 0.0
@@ -169,4 +196,6 @@ def warm_up() -> float:
         if not _warm:
             k.warm_up()
             _warm = True
+            with contextlib.suppress(OSError):  # an unwritable cache: the next process loads lazily
+                _complete_marker().touch()
     return time.perf_counter() - t
