@@ -91,7 +91,9 @@ defop("Mean", lambda c, *xs: (reduce(np.add, xs) / len(xs)).astype(xs[0].dtype, 
 
 
 # -- unary ----------------------------------------------------------------------------------------------
-def _sigmoid(x):
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) without overflow, and exact in relative terms for very negative x (where
+    0.5 tanh(x / 2) + 0.5 rounds to 0): the Sigmoid op's and the RNN gates'."""
     e = np.exp(-np.abs(x))  # never overflows; both branches are the same function
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
@@ -134,8 +136,8 @@ def _fast(op_type: str, numpy_vjp):
 
 
 defop("Tanh", lambda c, x: np.tanh(x), _fast("Tanh", lambda c, g: g * (1 - c.y * c.y)), keep="y")
-defop("Sigmoid", lambda c, x: _sigmoid(x), _fast("Sigmoid", lambda c, g: g * c.y * (1 - c.y)), keep="y")
-defop("Softplus", lambda c, x: np.logaddexp(0, x), lambda c, g: g * _sigmoid(c.x), keep="x")
+defop("Sigmoid", lambda c, x: sigmoid(x), _fast("Sigmoid", lambda c, g: g * c.y * (1 - c.y)), keep="y")
+defop("Softplus", lambda c, x: np.logaddexp(0, x), lambda c, g: g * sigmoid(c.x), keep="x")
 defop("Relu", lambda c, x: np.maximum(x, 0), _fast("Relu", lambda c, g: g * (c.y > 0)), keep="y")
 # alpha may be any sign, so the VJP reads x, not y.
 defop("LeakyRelu", lambda c, x: np.where(x > 0, x, x * float(c.attr("alpha", 0.01))),
@@ -412,7 +414,7 @@ defop("Softsign", lambda c, x: x / (1.0 + np.abs(x)), lambda c, g: g / np.square
 def _mish_vjp(c, g):
     x = c.x
     t = np.tanh(np.logaddexp(0.0, x))  # x tanh(softplus x): d/dx = t + x (1 - t^2) sigmoid(x)
-    return g * (t + x * (1.0 - t * t) * _sigmoid(x))
+    return g * (t + x * (1.0 - t * t) * sigmoid(x))
 
 
 defop("Mish", lambda c, x: x * np.tanh(np.logaddexp(0.0, x)), _mish_vjp, keep="x")

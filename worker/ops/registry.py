@@ -18,6 +18,8 @@ with the right shape and dtype for the rest.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -139,7 +141,14 @@ def unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def stand_in(array: np.ndarray) -> np.ndarray:
     """A zero-memory array with ``array``'s shape and dtype, for VJPs that only read shapes."""
-    return np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape)
+    return _stand_in(array.dtype, array.shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stand_in(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    # read-only (broadcast_to's views are), so one per shape serves every step: making one costs
+    # ~15 us, which a tiny job pays a dozen times per step
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
 
 def normalize_axis(axis: int, ndim: int, node: str = "") -> int:

@@ -29,17 +29,14 @@ import numpy as np
 
 from gradserve.worker.ops import blas
 from gradserve.worker.ops.conv import str_attr
+from gradserve.worker.ops.elementwise import sigmoid
 from gradserve.worker.ops.registry import OpError, defop
 
 
 # -- activations ----------------------------------------------------------------------------------
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * np.tanh(0.5 * x) + 0.5  # no overflow for large |x|, unlike 1 / (1 + exp(-x))
-
-
 # name -> (function, derivative expressed through the function's *output*)
 _ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
-    "sigmoid": (_sigmoid, lambda y: y * (1 - y)),
+    "sigmoid": (sigmoid, lambda y: y * (1 - y)),
     "tanh": (np.tanh, lambda y: 1 - y * y),
     "relu": (lambda x: np.maximum(x, 0), lambda y: (y > 0).astype(y.dtype)),
 }
