@@ -221,6 +221,16 @@ class Job:
             self.cond.wait_for(lambda: self.event_count > seen_events or self.state != seen_state, timeout)
 
 
+@dataclass(frozen=True)
+class RegistryCounts:
+    """See :meth:`JobRegistry.counts`."""
+
+    admitted: int  # running, or handed to a thread to run
+    waiting: int
+    ended: dict[str, int]
+    retries: int
+
+
 class JobRegistry:
     """Runs jobs, at most ``max_concurrent`` at once and fairly between clients (module docs),
     and keeps their records.
@@ -594,6 +604,18 @@ class JobRegistry:
         """Every job the registry still knows."""
         with self._lock:
             return list(self._jobs.values())
+
+    def counts(self) -> "RegistryCounts":
+        """One consistent read of what the status screen and the tests need: jobs admitted to run
+        now, jobs waiting, ended jobs by outcome, and retries after lost workers."""
+        with self._lock:
+            waiting = sum(len(queue) for queue in self._waiting.values())
+            return RegistryCounts(self._admitted, waiting, dict(self.ended), self.retries)
+
+    def dispatch(self) -> None:
+        """Start waiting jobs now if the limit (re-read from the engine) allows: what the registry
+        does on every submit, every job's end and every ``DISPATCH_INTERVAL`` seconds."""
+        self._dispatch()
 
     # -- housekeeping -----------------------------------------------------------------------------
     def sweep(self) -> None:

@@ -74,8 +74,8 @@ def server_status(servicer: "GradientServicer") -> service_pb2.ServerStatus:
     from gradserve.server.servicer import status_message
 
     registry = servicer.registry
-    with registry._lock:  # noqa: SLF001 -- one consistent read of the counts
-        ended, retries = dict(registry.ended), registry.retries
+    counts = registry.counts()
+    ended, retries = counts.ended, counts.retries
     ended["rejected"] = servicer.rejected
     msg = service_pb2.ServerStatus(
         version=version(),
