@@ -26,7 +26,6 @@ saying "no gradserve server at HOST:PORT (connection refused)" -- or whatever gR
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -40,10 +39,15 @@ import numpy as np
 from grpc.experimental import ChannelOptions
 
 from gradserve.client.connection import connect_failure, server_target
-from gradserve.client.retry import NO_RETRY, RetryPolicy, retry_hint
+# errors and job handles live in their own modules; their names stay importable from here
+from gradserve.client.errors import (  # noqa: F401
+    Cancelled, DeadlineExceeded, Internal, InvalidArgument, NotFound, RemoteError, ResourceExhausted,
+    Unauthenticated, Unavailable, calling, remote_error, streaming,
+)
+from gradserve.client.job import STATE_NAMES, Job, JobStatus, read_result  # noqa: F401
+from gradserve.client.retry import NO_RETRY, RetryPolicy
 from gradserve.proto import chunks, tensors
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
-from gradserve.server.events import JobCancelled, ProgressEvent
 from gradserve.server.planning.counts import AUTO, Count, count_to_wire
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, Model, graph_from_proto
@@ -63,100 +67,6 @@ _NOT_AN_ANSWER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLIN
 
 log = logging.getLogger("gradserve.client")
 
-# -- errors ----------------------------------------------------------------------------------------
-
-
-class RemoteError(Exception):
-    """An error answered by the server: ``code`` is the grpc.StatusCode, ``details`` its message,
-    ``retry_after`` the server's retry hint in seconds (None: none; negative: do not retry)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, retry_after: float | None = None) -> None:
-        Exception.__init__(self, details)
-        self.code = code
-        self.details = details
-        self.retry_after = retry_after
-
-    def __str__(self) -> str:
-        return self.details
-
-
-class InvalidArgument(RemoteError, GraphError):
-    """The model, feeds or request are wrong; the message names the node or tensor."""
-
-
-class NotFound(RemoteError, LookupError):
-    """Unknown model id or job id."""
-
-
-class ResourceExhausted(RemoteError):
-    """A server limit was hit (model or tensor size, queue length); the message names it."""
-
-
-class Unauthenticated(RemoteError, PermissionError):
-    """Missing or wrong bearer token."""
-
-
-class Cancelled(RemoteError, JobCancelled):
-    """The job (or call) was cancelled."""
-
-
-class DeadlineExceeded(RemoteError, TimeoutError):
-    """The call did not finish within its timeout."""
-
-
-class Unavailable(RemoteError, ConnectionError):
-    """The server cannot be reached (down, wrong address, TLS mismatch) or is shutting down."""
-
-
-class Internal(RemoteError):
-    """The server failed unexpectedly; its log has the details."""
-
-
-_ERRORS = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.CANCELLED: Cancelled,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.INTERNAL: Internal,
-}
-
-
-def remote_error(err: grpc.RpcError) -> RemoteError:
-    """The :class:`RemoteError` subclass for a failed call."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    details = (err.details() if hasattr(err, "details") else None) or str(code)
-    try:
-        hint = retry_hint(err.trailing_metadata()) if hasattr(err, "trailing_metadata") else None
-    except Exception:  # noqa: BLE001 -- a call object without metadata: no hint
-        hint = None
-    return _ERRORS.get(code, RemoteError)(code, details, hint)
-
-
-def _calling(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except grpc.RpcError as err:
-        raise remote_error(err) from None
-
-
-def _streaming(responses: Iterator) -> Iterator:
-    try:
-        yield from responses
-    except grpc.RpcError as err:
-        raise remote_error(err) from None
-
-
-# -- job status ------------------------------------------------------------------------------------
-
-STATE_NAMES = {  # wire job states as the client library names them
-    service_pb2.QUEUED: "queued", service_pb2.RUNNING: "running", service_pb2.DONE: "done",
-    service_pb2.FAILED: "failed", service_pb2.CANCELLED: "cancelled",
-}
-
-
 @dataclass(frozen=True)
 class _Uploading:
     """What the progress line shows during an upload: chunks (MiB) sent of all."""
@@ -166,103 +76,6 @@ class _Uploading:
     state: str = "uploading"
     event: None = None
     finished: bool = False
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    """Where a remote job is: ``state`` is queued, running, done, failed or cancelled; ``event``
-    the progress event this status reports (or the latest); ``seconds`` when it happened."""
-
-    job_id: str
-    state: str
-    steps_done: int
-    steps_total: int
-    event: ProgressEvent | None = None
-    seconds: float = 0.0
-    error_code: str = ""
-    message: str = ""
-    queued_seconds: float = 0.0
-    running_seconds: float = 0.0
-    model_id: str = ""
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("done", "failed", "cancelled")
-
-    def describe(self) -> str:
-        """One line: ``job ID: running, 3/8 steps (backward p1), queued 0.0 s, running 1.2 s``; a
-        failed or cancelled job ends with its error code and message."""
-        steps = f"{self.steps_done}/{self.steps_total or '?'} steps"
-        if self.event is not None and self.state == "running":
-            steps += f" ({self.event.phase} p{self.event.partition})"
-        times = f"queued {self.queued_seconds:.1f} s" + (
-            f", running {self.running_seconds:.1f} s" if self.running_seconds else "")
-        line = f"job {self.job_id}: {self.state}, {steps}, {times}"
-        if self.error_code or (self.message and self.state in ("failed", "cancelled")):
-            line += f": {self.error_code or self.state} {self.message}".rstrip()
-        elif self.message:
-            line += f" ({self.message})"
-        return line
-
-    @classmethod
-    def from_proto(cls, msg: service_pb2.JobStatus) -> "JobStatus":
-        event = None
-        if msg.HasField("event"):
-            e = msg.event
-            event = ProgressEvent(e.phase, e.partition, e.micro_batch, e.replica, e.done, e.node)
-        return cls(msg.job_id, STATE_NAMES.get(msg.state, "unknown"), msg.steps_done, msg.steps_total, event,
-                   msg.event.seconds, msg.error_code, msg.message, msg.queued_seconds, msg.running_seconds,
-                   msg.model_id)
-
-
-class Job:
-    """A job on the server: from :meth:`Client.submit`, or by its id from :meth:`Client.job` (any
-    client, any process, after a client restart). ``model_id``: the model it runs, when known."""
-
-    def __init__(self, client: "Client", job_id: str, model_id: str | None = None) -> None:
-        self.client = client
-        self.id = job_id
-        self.model_id = model_id
-
-    def __repr__(self) -> str:
-        return f"Job({self.id!r})"
-
-    def status(self) -> JobStatus:
-        """The job's state and latest progress now."""
-        msg = self.client._call(self.client._stub.GetStatus, service_pb2.JobRef(job_id=self.id))
-        return JobStatus.from_proto(msg)
-
-    def watch(self, timeout: float | None = None) -> Iterator[JobStatus]:
-        """Statuses as they happen (one per progress event and state change), ending with the
-        final state. ``timeout`` bounds the whole watch (DeadlineExceeded)."""
-        def open_watch(left: float | None) -> tuple[Any, Iterator]:
-            stream = _streaming(self.client._stub.Watch(service_pb2.JobRef(job_id=self.id),
-                                                        metadata=self.client._metadata, timeout=left))
-            return next(stream, None), stream  # the first status comes at once: retried until it does
-
-        first, stream = self.client._retrying("Watch", open_watch, self.client._timeout(timeout))
-        if first is None:
-            return
-        yield JobStatus.from_proto(first)
-        for msg in stream:
-            yield JobStatus.from_proto(msg)
-
-    def result(self, timeout: float | None = None) -> Result:
-        """Wait for the job and return its Result (fetchable once: the server keeps it until it
-        has been delivered whole, so a connection lost half-way is retried here -- once even with
-        retries turned off -- and a later call can fetch it too). A failed job raises the error it
-        failed with; a cancelled one raises :class:`Cancelled`."""
-        def fetch(left: float | None) -> Result:
-            return _read_result(self.client._stub.FetchResult(
-                service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata, timeout=left))
-
-        policy = self.client.retry if self.client.retry is not NO_RETRY else _REFETCH_ONCE
-        return self.client._retrying("FetchResult", fetch, self.client._timeout(timeout), policy)
-
-    def cancel(self) -> JobStatus:
-        """Ask the server to stop the job (at the engine's next phase boundary)."""
-        msg = self.client._call(self.client._stub.Cancel, service_pb2.JobRef(job_id=self.id))
-        return JobStatus.from_proto(msg)
 
 
 # -- wire helpers ----------------------------------------------------------------------------------
@@ -297,32 +110,6 @@ def model_manifest(model: Model) -> tuple[service_pb2.ModelManifest, dict[str, n
         graph=graph, parameters=chunks.headers(params), constants=chunks.headers(constants), model_id=model_id
     )
     return manifest, {**params, **constants}
-
-
-def _read_result(responses: Iterator[service_pb2.ResultChunk]) -> Result:
-    stream = _streaming(responses)
-    first = next(stream, None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise RemoteError(grpc.StatusCode.INTERNAL, "the server's result stream does not start with a header")
-    header = first.header
-    asm = chunks.Assembler(what="result")
-    grads = asm.declare(header.grads, "gradient")
-    input_grads = asm.declare(header.input_grads, "input gradient")
-    for chunk in header.data:  # Compute: a small result's bytes come with the header
-        asm.add(chunk)
-    for msg in stream:
-        if msg.WhichOneof("part") != "data":
-            raise RemoteError(grpc.StatusCode.INTERNAL, "the server's result stream has a second header")
-        asm.add(msg.data)
-    arrays = asm.finish()
-    try:
-        info = json.loads(header.info_json) if header.info_json else {}
-    except json.JSONDecodeError:
-        info = {}
-    return Result(header.loss, {n: arrays[n] for n in grads}, {n: arrays[n] for n in input_grads}, info)
-
-
-_REFETCH_ONCE = RetryPolicy(initial_backoff=0.0, max_backoff=0.0, max_attempts=2, codes={grpc.StatusCode.UNAVAILABLE})
 
 
 def _job_stream(options: service_pb2.JobOptions, arrays: Mapping[str, np.ndarray]) -> Iterator[service_pb2.JobChunk]:
@@ -464,7 +251,7 @@ class Client:
     def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
         name = getattr(method, "_method", b"")
         name = name.decode().rsplit("/", 1)[-1] if isinstance(name, bytes) else str(name or "call")
-        return self._retrying(name, lambda left: _calling(method, request, metadata=self._metadata, timeout=left),
+        return self._retrying(name, lambda left: calling(method, request, metadata=self._metadata, timeout=left),
                               self._timeout(timeout))
 
     def close(self) -> None:
@@ -520,12 +307,12 @@ class Client:
         def attempt(left: float | None) -> str:
             attempts[0] += 1
             if attempts[0] > 1:  # a retry: ask what the broken stream left on the server
-                again = _calling(self._stub.HasModel, service_pb2.ModelRef(model_id=manifest.model_id),
+                again = calling(self._stub.HasModel, service_pb2.ModelRef(model_id=manifest.model_id),
                                  metadata=self._metadata, timeout=left)
                 if again.present:
                     return manifest.model_id
                 held[0] = dict(again.received_bytes)
-            reply = _calling(self._stub.UploadModel, messages(held[0]), metadata=self._metadata, timeout=left)
+            reply = calling(self._stub.UploadModel, messages(held[0]), metadata=self._metadata, timeout=left)
             return reply.model_id
 
         try:
@@ -580,7 +367,7 @@ class Client:
         the server to choose from the model, the batch and its cluster."""
         model_id = self._model_id(model_or_id)
         options, arrays = self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads)
-        handle = self._retrying("Submit", lambda left: _calling(  # a fresh request stream per attempt
+        handle = self._retrying("Submit", lambda left: calling(  # a fresh request stream per attempt
             self._stub.Submit, _job_stream(options, arrays), metadata=self._metadata, timeout=left),
             self._timeout(None))
         return Job(self, handle.job_id, handle.model_id)
@@ -624,13 +411,13 @@ class Client:
                     if request is None:  # a unary request can be sent again as it is
                         request = service_pb2.JobRequest(options=options, feeds=list(chunks.chunks(arrays)))
                     try:
-                        return _read_result(self._stub.Compute(request, metadata=self._metadata, timeout=left))
+                        return read_result(self._stub.Compute(request, metadata=self._metadata, timeout=left))
                     except RemoteError as exc:
                         if exc.code != grpc.StatusCode.UNIMPLEMENTED:
                             raise
                         self._compute = False  # a server older than Compute: use Run from now on
                 stream = self._stub.Run(_job_stream(options, arrays), metadata=self._metadata, timeout=left)
-                return _read_result(stream)
+                return read_result(stream)
 
             return self._retrying("Compute" if self._compute and small else "Run", attempt, self._timeout(timeout))
         from gradserve.client.progress import ProgressLine

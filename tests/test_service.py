@@ -40,8 +40,8 @@ from gradserve.client.remote import (
     RemoteError,
     ResourceExhausted,
     Unauthenticated,
-    _read_result,
     model_manifest,
+    read_result,
 )
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
@@ -319,7 +319,7 @@ def test_compute_answers_like_run_in_one_message(client):
     for messages in (by_compute, by_run):
         header = messages[0].header
         assert header.job_id.startswith("job-")  # the first message names the job
-        result = _read_result(iter(messages))
+        result = read_result(iter(messages))
         assert_same(result, reference)
         assert result.info["server"]["job_id"] == header.job_id
     assert by_compute[0].header.job_id != by_run[0].header.job_id
@@ -336,7 +336,7 @@ def test_compute_result_over_1_mib_continues_in_chunks(client):
     assert sum(len(c.data) for c in messages[0].header.data) == chunks.CHUNK_BYTES  # as much as fits
     assert [m.WhichOneof("part") for m in messages] == ["header", "data", "data", "data"]
     reference = REFERENCE.gradients(model, feeds)
-    assert_same(_read_result(iter(messages)), reference)
+    assert_same(read_result(iter(messages)), reference)
     assert_same(client.gradients(model, feeds), reference)
 
 
