@@ -22,32 +22,30 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import ray
 
 from gradserve.server.errors import WorkerLost
-from gradserve.server.events import JobCancelled, Progress, ProgressEvent
+from gradserve.server.events import JobCancelled, Progress
 from gradserve.server.planning import auto
 from gradserve.server.planning.auto import AUTO, Choice, Count, parse_count
 from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.partition import Plan
 from gradserve.server.planning.prepare import prepare
-from gradserve.server.planning.schedule import (
-    BACKWARD, FORWARD, WEIGHTS, Call, Links, calls, one_f_one_b, reduction_children, reduction_parent,
-)
+from gradserve.server.planning.schedule import Links
 from gradserve.server.planning.timing import Costs
 from gradserve.server.ray_engine import costs as costs_module
 from gradserve.server.ray_engine import scheduler
 from gradserve.server.ray_engine.connect import connect
 from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
+from gradserve.server.ray_engine.submit import Deployment, PlanEntry, Submitted, blas_threads, submit_replica
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
 from gradserve.worker import kernels
-from gradserve.worker.protocol import BY_REF, Backward, Forward, Kind, Output, Reduce, StageCall, Weights
 from gradserve.worker.autodiff import compile_program
 from gradserve.worker.graph import GraphError, Model, feed_signature
 from gradserve.worker.stage import StageSpec
@@ -57,42 +55,6 @@ log = logging.getLogger(__name__)
 _CONTROL_TIMEOUT = 30.0  # seconds for an actor to answer a control call (cancel, where, load)
 _STEP_DRAIN_TIMEOUT = 300.0  # seconds for an actor to finish or skip a failed job's queued steps
 _INLINE_BYTES = 100 * 1024  # feeds up to this size travel inside the call (Ray's inline limit)
-
-
-@dataclass
-class _PlanEntry:
-    """A model's plan for (input_grads, K, split): its stages, loadable on any pool actor."""
-
-    key: str  # prefix of the stage keys actors host this plan's partitions under
-    plan: Plan
-    specs: list[StageSpec]
-    links: Links  # which partitions read which
-    read: frozenset[str] = frozenset()  # values some partition reads (the rest go to the driver only)
-    _programs: dict = field(default_factory=dict)
-
-    def stage(self, partition: int) -> str:
-        return f"{self.key}/{partition}"
-
-    def program(self, m: int, deferred: bool) -> list[Call]:
-        """One replica's actor calls for ``m`` micro-batches: the 1F1B schedule, steps grouped
-        into calls (:mod:`gradserve.server.planning.schedule`); made once per (m, deferred)."""
-        key = (m, deferred)
-        if key not in self._programs:
-            self._programs[key] = calls(one_f_one_b(self.links, m), self.links, m, deferred=deferred)
-        return self._programs[key]
-
-
-@dataclass
-class _Deployment:
-    """One job's placement: its plan's stages loaded on the actors the scheduler chose."""
-
-    keys: list[str]  # stage key per partition
-    plan: Plan
-    specs: list[StageSpec]
-    entry: _PlanEntry
-    actors: list[list[Any]]  # [replica][partition]
-    where: list[list[dict]]  # node placement per actor
-    others: dict[str, int]  # node id -> other jobs' slots running there when this job was placed
 
 
 def _counted(method):
@@ -121,7 +83,7 @@ class RayEngine:
     ``ray_address``: join that cluster; None starts an embedded single-node Ray unless this process
     already is connected or ``RAY_ADDRESS`` names a cluster (:func:`.connect.connect`, which raises
     :class:`.connect.RayConnectError` when the cluster refuses our token). ``threads_per_worker``:
-    BLAS threads per step (default: chosen per job, see :func:`_blas_threads`). ``max_retries``:
+    BLAS threads per step (default: chosen per job, see :func:`blas_threads`). ``max_retries``:
     how often a job that lost a worker (:func:`.worker_loss.is_worker_loss`) is run again on fresh
     workers; then it fails with :class:`~gradserve.server.errors.WorkerLost` (UNAVAILABLE).
     """
@@ -150,7 +112,7 @@ class RayEngine:
         kernels.warm_up()
         self._params: "OrderedDict[str, _Placed]" = OrderedDict()  # content key -> placed parameters
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
-        self._plans: "OrderedDict[tuple, _PlanEntry]" = OrderedDict()
+        self._plans: "OrderedDict[tuple, PlanEntry]" = OrderedDict()
         self._choices: "OrderedDict[tuple, Choice]" = OrderedDict()  # see _choose
         self._inflight = 0  # gradients() calls in progress: the load auto sees (guarded by _lock)
         self._costs: tuple[Costs, float] = (Costs(), -math.inf)  # measured costs, when (see _cluster_costs)
@@ -365,13 +327,13 @@ class RayEngine:
         for plan_key in [p for p in self._plans if p[0] == key]:
             self._unload(self._plans.pop(plan_key))
 
-    def _unload(self, entry: _PlanEntry) -> None:
+    def _unload(self, entry: PlanEntry) -> None:
         """Free an evicted plan's stages on every actor holding one (caller holds the lock)."""
         for p in range(len(entry.specs)):
             for actor, _ in self._hosts.pop(entry.stage(p), {}).values():
                 actor.unload.remote(entry.stage(p))
 
-    def _plan_entry(self, model: Model, fingerprint: str, job, plan: Plan) -> _PlanEntry:
+    def _plan_entry(self, model: Model, fingerprint: str, job, plan: Plan) -> PlanEntry:
         """The stages of a plan, made on first use (caller holds the lock)."""
         key = (fingerprint, job.input_grads, tuple(p.nodes[0].name for p in plan.partitions),
                tuple(m.total for m in plan.memory or ()))
@@ -390,14 +352,14 @@ class RayEngine:
         producer = {v: i for i, spec in enumerate(specs) for v in spec.outputs}
         links = Links.of({i: sorted({producer[v] for v in spec.inputs}) for i, spec in enumerate(specs)})
         read = frozenset(v for spec in specs for v in spec.inputs)
-        entry = self._plans[key] = _PlanEntry(uuid.uuid4().hex[:12], plan, specs, links, read)
+        entry = self._plans[key] = PlanEntry(uuid.uuid4().hex[:12], plan, specs, links, read)
         idle = [p for p in self._plans if p[0] not in self._params or self._params[p[0]].users == 0]
         for plan_key in idle[: max(0, len(self._plans) - self._max)]:
             self._unload(self._plans.pop(plan_key))
         return entry
 
     def _deploy(self, model: Model, fingerprint: str, placed: "_Placed", job, choice: Choice, split_at,
-                refresh: bool = False) -> _Deployment:
+                refresh: bool = False) -> Deployment:
         """Place one job: the scheduler picks an actor per (replica, partition), and each one not
         yet holding its stage loads it (parameters come from the object store: Ray moves each to
         a node once). The chosen actors count as busy until :meth:`_release`."""
@@ -440,7 +402,7 @@ class RayEngine:
                 loads.append(hosts[id(actor)][1])
                 self._busy[id(actor)] += 1
             where = [[self._pool.where_of(chosen[i * k + p]) for p in range(k)] for i in range(r)]
-        dep = _Deployment(
+        dep = Deployment(
             [entry.stage(p) for p in range(k)], entry.plan, entry.specs, entry,
             [chosen[i * k:(i + 1) * k] for i in range(r)], where, dict(others),
         )
@@ -461,7 +423,7 @@ class RayEngine:
         )
         return dep
 
-    def _release(self, dep: _Deployment) -> None:
+    def _release(self, dep: Deployment) -> None:
         """The job's actors are no longer busy with it."""
         with self._lock:
             for row in dep.actors:
@@ -471,20 +433,20 @@ class RayEngine:
                         del self._busy[id(actor)]
 
     # -- one job -----------------------------------------------------------------------------------
-    def _run(self, job_id, dep: _Deployment, job, chunks, m: int, r: int, progress, cancelled):
+    def _run(self, job_id, dep: Deployment, job, chunks, m: int, r: int, progress, cancelled):
         report = progress or (lambda event: None)
         t0 = time.perf_counter()
-        steps = _Submitted()
+        steps = Submitted()
         try:
             # Large feeds go into the object store before taking the submission lock (other jobs
             # need not wait for these copies); small ones travel inside the call, as Ray would
             # put them there anyway (below its 100 KiB inline limit), without a put's round trip.
             feeds = [{k: v if v.nbytes <= _INLINE_BYTES else ray.put(v) for k, v in chunk.feeds.items()}
                      for chunk in chunks]
-            threads = _blas_threads(dep.where, m, r, self.threads, dep.others)
+            threads = blas_threads(dep.where, m, r, self.threads, dep.others)
             with self._submit:
                 for replica in range(r):
-                    self._submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, r, threads)
+                    submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, r, threads)
             t1 = time.perf_counter()
             self._watch(steps.markers, report, cancelled)
             t2 = time.perf_counter()
@@ -519,107 +481,6 @@ class RayEngine:
             "stage_phases": phases,  # the same, split into forward / backward / weights
         }
 
-    def _submit_replica(
-        self, steps: "_Submitted", job_id: str, dep: _Deployment, job, chunks, feed_refs, replica: int, m: int, r: int,
-        threads,
-    ) -> None:
-        """Submit one replica's calls (:meth:`_PlanEntry.program`); record the refs in ``steps``."""
-        specs, actors = dep.specs, dep.actors[replica]
-        first = replica * m
-        defer = _defer_weights(dep.where, m, r)
-        acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in range(first, first + m)}  # activations
-        errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in acts}  # errors sent back
-        children = reduction_children(replica, r)
-        root = reduction_parent(replica, r) is None
-        for call in dep.entry.program(m, defer):
-            p = call.partition
-            spec = specs[p]
-            program, names, values, refs, results, events = [], [], [], [], [], []
-
-            def take(name: str, value: Any) -> None:  # ObjectRefs go as arguments, the rest inside
-                names.append(name)
-                if isinstance(value, ray.ObjectRef):
-                    values.append(BY_REF)
-                    refs.append(value)
-                else:
-                    values.append(value)
-
-            for step in call.steps:
-                c = first + step.micro_batch
-                start = len(names)
-                if step.phase == FORWARD:
-                    for f in spec.feeds:
-                        take(f, feed_refs[c][f])
-                    for v in spec.inputs:
-                        take(v, acts[c][v])
-                    program.append(Forward(c, len(names) - start))
-                    results += [Output(Kind.ACTIVATION, c, v, v == job.loss and v not in dep.entry.read)
-                                for v in spec.outputs]
-                elif step.phase == BACKWARD:
-                    for v in spec.outputs:
-                        if v == job.loss:  # seed: the chunk's weight in the total loss (the stage shapes it)
-                            take(v, np.asarray(chunks[c].weight))
-                        for ref in errs[c].get(v, []):  # one error per consuming partition, summed there
-                            take(v, ref)
-                    program.append(Backward(c, len(names) - start, defer))
-                    results += [Output(Kind.ERROR, c, v, v not in spec.inputs) for v in spec.wrt_inputs]
-                else:  # weights: this replica's dL/dw; kept on the actor if a reduce adds its children's
-                    program.append(Weights(replica, bool(children)))
-                    if not children:
-                        results.append(Output(Kind.WEIGHTS, -1, "", root))
-                if step.phase in (FORWARD, BACKWARD):
-                    events.append(ProgressEvent(
-                        step.phase, p, step.micro_batch, replica, node=dep.where[replica][p]["node_id"],
-                        total=2 * len(specs) * m * r,
-                    ))
-            to_driver = tuple(i for i, res in enumerate(results) if res.to_driver)
-            returns = (1 if to_driver else 0) + len(results) - len(to_driver)
-            outs = _as_list(actors[p].run.options(num_returns=max(1, returns)).remote(
-                StageCall(dep.keys[p], job_id, threads[replica][p], tuple(program), tuple(names), tuple(values),
-                          len(results), to_driver),
-                *refs,
-            ))
-            steps.markers[outs[0]] = events
-            steps.refs += outs
-            others = iter(outs[1:] if to_driver else outs)
-            for i, res in enumerate(results):
-                c, v, driver = res.chunk, res.value, res.to_driver
-                # The driver's results are read as (ref, position in the packed tuple).
-                out = (outs[0], to_driver.index(i)) if driver else next(others)
-                if res.kind is Kind.ACTIVATION:
-                    if driver:
-                        steps.loss.append(out)
-                    else:
-                        acts[c][v] = out
-                        if v == job.loss:
-                            steps.loss.append((out, None))
-                elif res.kind is Kind.ERROR:
-                    if driver:
-                        steps.input_grads.setdefault((c, v), []).append(out)
-                    else:
-                        errs[c].setdefault(v, []).append(out)
-                else:
-                    self._weights_result(steps, replica, p, out, driver)
-            if children and any(step.phase == WEIGHTS for step in call.steps):
-                # The reduction tree's sum, in a call of its own: the children's dL/dw arrive while
-                # this replica computes its own, instead of holding up the call that computes it.
-                kids = [steps.weights[(child, p)] for child in children]
-                reduce = StageCall(dep.keys[p], job_id, threads[replica][p], (Reduce(replica, len(kids)),),
-                                   ("",) * len(kids), (BY_REF,) * len(kids), 1, (0,) if root else ())
-                out = actors[p].run.remote(reduce, *kids)
-                steps.markers[out] = []
-                steps.refs.append(out)
-                self._weights_result(steps, replica, p, (out, 0) if root else out, root)
-
-    @staticmethod
-    def _weights_result(steps: "_Submitted", replica: int, p: int, out, root: bool) -> None:
-        """Record where partition ``p``'s dL/dw of ``replica`` (summed over its reduction subtree) will be."""
-        if root:
-            steps.roots.append(out)
-            steps.root_keys.append((p, replica))
-        else:
-            steps.weights[(replica, p)] = out
-
     def _watch(self, markers: dict, report, cancelled: threading.Event | None) -> None:
         """Wait for every step, reporting progress; raise the first failure or JobCancelled."""
         pending = list(markers)
@@ -632,7 +493,7 @@ class RayEngine:
                 for event in markers[ref]:
                     report(event)
 
-    def _abort(self, job_id: str, dep: _Deployment, refs: list) -> None:
+    def _abort(self, job_id: str, dep: Deployment, refs: list) -> None:
         """Stop the job's queued steps and free its state on every actor it used; forget actors
         that died, so the next job gets fresh ones. ``refs``: every result of the job's calls,
         read here so that none holding an error is left for Ray to report as unhandled."""
@@ -751,59 +612,6 @@ class _Placed:
         return params.keys() == self.views.keys() and all(
             np.array_equal(params[name], view) for name, view in self.views.items()
         )
-
-
-@dataclass
-class _Submitted:
-    """The references a submitted job produces."""
-
-    markers: dict = field(default_factory=dict)  # first output of each call -> its steps' progress events
-    refs: list = field(default_factory=list)  # every output of every call
-    # What the driver fetches, as (ref, position in a call's packed results or None):
-    loss: list = field(default_factory=list)  # loss per chunk
-    roots: list = field(default_factory=list)  # results of the reduction trees' roots
-    root_keys: list = field(default_factory=list)  # (partition, replica) of each root
-    input_grads: dict = field(default_factory=dict)  # (chunk, input) -> dL/dx parts to sum
-    weights: dict = field(default_factory=dict)  # (replica, partition) -> ref of a non-root weight result
-
-
-def _defer_weights(where: list[list[dict]], m: int, r: int) -> bool:
-    """Defer weight gradients (zero-bubble) unless nothing could overlap them: one micro-batch, one
-    replica, every stage on one node (then computing them at once, with all cores, is cheaper)."""
-    return not (m == 1 and r == 1 and len({w["node_id"] for row in where for w in row}) == 1)
-
-
-def _blas_threads(
-    where: list[list[dict]], m: int, r: int, fixed: int | None, others: Mapping[str, int] | None = None
-) -> list[list[tuple[int, int]]]:
-    """BLAS threads per (replica, partition): (for forward/backward steps, for the weight step).
-
-    Stages of one pipeline with a single micro-batch run one after another, so each may use all of
-    its node's cores; with several micro-batches or replicas, stages on a node run at once and
-    share its cores (more threads than cores makes OpenBLAS crawl). The deferred weight-gradient
-    steps of all stages run at once at the end, so they always share. ``others``: slots of other
-    jobs running on each node, which share its cores too.
-    """
-    others = others or {}
-    per_node: dict[str, int] = {}
-    for row in where:
-        for w in row:
-            per_node[w["node_id"]] = per_node.get(w["node_id"], 0) + 1
-    out = []
-    for row in where:
-        cells = []
-        for w in row:
-            busy = others.get(w["node_id"], 0)
-            shared = max(1, w["cpus"] // (per_node[w["node_id"]] + busy))
-            alone = max(1, w["cpus"] // (1 + busy)) if m == 1 and r == 1 else shared
-            weights = alone if not _defer_weights(where, m, r) else shared
-            cells.append((fixed, fixed) if fixed else (alone, weights))
-        out.append(cells)
-    return out
-
-
-def _as_list(refs: Any) -> list:
-    return refs if isinstance(refs, list) else [refs]
 
 
 def _sum(values: list) -> np.ndarray | None:

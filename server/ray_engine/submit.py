@@ -1,0 +1,211 @@
+"""Submitting one job's actor calls: its plan's stages as loaded on actors (:class:`PlanEntry`,
+:class:`Deployment`), each replica's calls built from the schedule and sent
+(:func:`submit_replica`), the references they produce (:class:`Submitted`), and how many BLAS
+threads each step gets (:func:`blas_threads`). The engine (:mod:`.engine`) decides what runs where;
+this module turns one placed job into Ray calls, typed end to end (:mod:`gradserve.worker.protocol`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+
+from gradserve.server.events import ProgressEvent
+from gradserve.server.planning.partition import Plan
+from gradserve.server.planning.schedule import (
+    BACKWARD, FORWARD, WEIGHTS, Call, Links, calls, one_f_one_b, reduction_children, reduction_parent,
+)
+from gradserve.worker.protocol import BY_REF, Backward, Forward, Kind, Output, Reduce, StageCall, Weights
+from gradserve.worker.stage import StageSpec
+
+
+@dataclass
+class PlanEntry:
+    """A model's plan for (input_grads, K, split): its stages, loadable on any pool actor."""
+
+    key: str  # prefix of the stage keys actors host this plan's partitions under
+    plan: Plan
+    specs: list[StageSpec]
+    links: Links  # which partitions read which
+    read: frozenset[str] = frozenset()  # values some partition reads (the rest go to the driver only)
+    _programs: dict = field(default_factory=dict)
+
+    def stage(self, partition: int) -> str:
+        return f"{self.key}/{partition}"
+
+    def program(self, m: int, deferred: bool) -> list[Call]:
+        """One replica's actor calls for ``m`` micro-batches: the 1F1B schedule, steps grouped
+        into calls (:mod:`gradserve.server.planning.schedule`); made once per (m, deferred)."""
+        key = (m, deferred)
+        if key not in self._programs:
+            self._programs[key] = calls(one_f_one_b(self.links, m), self.links, m, deferred=deferred)
+        return self._programs[key]
+
+
+@dataclass
+class Deployment:
+    """One job's placement: its plan's stages loaded on the actors the scheduler chose."""
+
+    keys: list[str]  # stage key per partition
+    plan: Plan
+    specs: list[StageSpec]
+    entry: PlanEntry
+    actors: list[list[Any]]  # [replica][partition]
+    where: list[list[dict]]  # node placement per actor
+    others: dict[str, int]  # node id -> other jobs' slots running there when this job was placed
+
+
+@dataclass
+class Submitted:
+    """The references a submitted job produces."""
+
+    markers: dict = field(default_factory=dict)  # first output of each call -> its steps' progress events
+    refs: list = field(default_factory=list)  # every output of every call
+    # What the driver fetches, as (ref, position in a call's packed results or None):
+    loss: list = field(default_factory=list)  # loss per chunk
+    roots: list = field(default_factory=list)  # results of the reduction trees' roots
+    root_keys: list = field(default_factory=list)  # (partition, replica) of each root
+    input_grads: dict = field(default_factory=dict)  # (chunk, input) -> dL/dx parts to sum
+    weights: dict = field(default_factory=dict)  # (replica, partition) -> ref of a non-root weight result
+
+
+def defer_weights(where: list[list[dict]], m: int, r: int) -> bool:
+    """Defer weight gradients (zero-bubble) unless nothing could overlap them: one micro-batch, one
+    replica, every stage on one node (then computing them at once, with all cores, is cheaper)."""
+    return not (m == 1 and r == 1 and len({w["node_id"] for row in where for w in row}) == 1)
+
+
+def blas_threads(
+    where: list[list[dict]], m: int, r: int, fixed: int | None, others: Mapping[str, int] | None = None
+) -> list[list[tuple[int, int]]]:
+    """BLAS threads per (replica, partition): (for forward/backward steps, for the weight step).
+
+    Stages of one pipeline with a single micro-batch run one after another, so each may use all of
+    its node's cores; with several micro-batches or replicas, stages on a node run at once and
+    share its cores (more threads than cores makes OpenBLAS crawl). The deferred weight-gradient
+    steps of all stages run at once at the end, so they always share. ``others``: slots of other
+    jobs running on each node, which share its cores too.
+    """
+    others = others or {}
+    per_node: dict[str, int] = {}
+    for row in where:
+        for w in row:
+            per_node[w["node_id"]] = per_node.get(w["node_id"], 0) + 1
+    out = []
+    for row in where:
+        cells = []
+        for w in row:
+            busy = others.get(w["node_id"], 0)
+            shared = max(1, w["cpus"] // (per_node[w["node_id"]] + busy))
+            alone = max(1, w["cpus"] // (1 + busy)) if m == 1 and r == 1 else shared
+            weights = alone if not defer_weights(where, m, r) else shared
+            cells.append((fixed, fixed) if fixed else (alone, weights))
+        out.append(cells)
+    return out
+
+
+def submit_replica(
+    steps: "Submitted", job_id: str, dep: Deployment, job, chunks, feed_refs, replica: int, m: int, r: int,
+    threads,
+) -> None:
+    """Submit one replica's calls (:meth:`PlanEntry.program`); record the refs in ``steps``."""
+    specs, actors = dep.specs, dep.actors[replica]
+    first = replica * m
+    defer = defer_weights(dep.where, m, r)
+    acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in range(first, first + m)}  # activations
+    errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in acts}  # errors sent back
+    children = reduction_children(replica, r)
+    root = reduction_parent(replica, r) is None
+    for call in dep.entry.program(m, defer):
+        p = call.partition
+        spec = specs[p]
+        program, names, values, refs, results, events = [], [], [], [], [], []
+
+        def take(name: str, value: Any) -> None:  # ObjectRefs go as arguments, the rest inside
+            names.append(name)
+            if isinstance(value, ray.ObjectRef):
+                values.append(BY_REF)
+                refs.append(value)
+            else:
+                values.append(value)
+
+        for step in call.steps:
+            c = first + step.micro_batch
+            start = len(names)
+            if step.phase == FORWARD:
+                for f in spec.feeds:
+                    take(f, feed_refs[c][f])
+                for v in spec.inputs:
+                    take(v, acts[c][v])
+                program.append(Forward(c, len(names) - start))
+                results += [Output(Kind.ACTIVATION, c, v, v == job.loss and v not in dep.entry.read)
+                            for v in spec.outputs]
+            elif step.phase == BACKWARD:
+                for v in spec.outputs:
+                    if v == job.loss:  # seed: the chunk's weight in the total loss (the stage shapes it)
+                        take(v, np.asarray(chunks[c].weight))
+                    for ref in errs[c].get(v, []):  # one error per consuming partition, summed there
+                        take(v, ref)
+                program.append(Backward(c, len(names) - start, defer))
+                results += [Output(Kind.ERROR, c, v, v not in spec.inputs) for v in spec.wrt_inputs]
+            else:  # weights: this replica's dL/dw; kept on the actor if a reduce adds its children's
+                program.append(Weights(replica, bool(children)))
+                if not children:
+                    results.append(Output(Kind.WEIGHTS, -1, "", root))
+            if step.phase in (FORWARD, BACKWARD):
+                events.append(ProgressEvent(
+                    step.phase, p, step.micro_batch, replica, node=dep.where[replica][p]["node_id"],
+                    total=2 * len(specs) * m * r,
+                ))
+        to_driver = tuple(i for i, res in enumerate(results) if res.to_driver)
+        returns = (1 if to_driver else 0) + len(results) - len(to_driver)
+        outs = as_list(actors[p].run.options(num_returns=max(1, returns)).remote(
+            StageCall(dep.keys[p], job_id, threads[replica][p], tuple(program), tuple(names), tuple(values),
+                      len(results), to_driver),
+            *refs,
+        ))
+        steps.markers[outs[0]] = events
+        steps.refs += outs
+        others = iter(outs[1:] if to_driver else outs)
+        for i, res in enumerate(results):
+            c, v, driver = res.chunk, res.value, res.to_driver
+            # The driver's results are read as (ref, position in the packed tuple).
+            out = (outs[0], to_driver.index(i)) if driver else next(others)
+            if res.kind is Kind.ACTIVATION:
+                if driver:
+                    steps.loss.append(out)
+                else:
+                    acts[c][v] = out
+                    if v == job.loss:
+                        steps.loss.append((out, None))
+            elif res.kind is Kind.ERROR:
+                if driver:
+                    steps.input_grads.setdefault((c, v), []).append(out)
+                else:
+                    errs[c].setdefault(v, []).append(out)
+            else:
+                weights_result(steps, replica, p, out, driver)
+        if children and any(step.phase == WEIGHTS for step in call.steps):
+            # The reduction tree's sum, in a call of its own: the children's dL/dw arrive while
+            # this replica computes its own, instead of holding up the call that computes it.
+            kids = [steps.weights[(child, p)] for child in children]
+            reduce = StageCall(dep.keys[p], job_id, threads[replica][p], (Reduce(replica, len(kids)),),
+                               ("",) * len(kids), (BY_REF,) * len(kids), 1, (0,) if root else ())
+            out = actors[p].run.remote(reduce, *kids)
+            steps.markers[out] = []
+            steps.refs.append(out)
+            weights_result(steps, replica, p, (out, 0) if root else out, root)
+
+def weights_result(steps: "Submitted", replica: int, p: int, out, root: bool) -> None:
+    """Record where partition ``p``'s dL/dw of ``replica`` (summed over its reduction subtree) will be."""
+    if root:
+        steps.roots.append(out)
+        steps.root_keys.append((p, replica))
+    else:
+        steps.weights[(replica, p)] = out
+
+
+def as_list(refs: Any) -> list:
+    return refs if isinstance(refs, list) else [refs]
