@@ -5,8 +5,9 @@ calls (consecutive steps of a partition grouped into one call where that delays 
 :mod:`gradserve.server.planning.schedule`) whose arguments are ObjectRefs: activations flow forward
 worker to worker, errors flow back, and Ray starts each call as soon as its inputs exist. The driver
 holds references and metadata only; it waits on calls with ``fetch_local=False`` to report progress
-and fetches nothing but the loss and the final dL/dw (replicas sum theirs on the workers first). Parameters are placed in the object store once per model (content hash) and
-plans are cached per (model, K, split); which actors a job runs on is decided per job by the
+and fetches nothing but the loss and the final dL/dw (replicas sum theirs on the workers first);
+building and sending one job's calls is :mod:`.submit`'s. Parameters are placed in the object
+store once per model (content hash) and plans are cached per (model, K, split); which actors a job runs on is decided per job by the
 scheduler (:mod:`.scheduler`): the least-loaded nodes, one job's partitions on distinct nodes, actors
 that already hold a stage first (they are not sent the weights again). A stage is loaded on more
 actors as concurrent jobs need them, so a job with new feeds on an idle cluster only sends the feeds.
