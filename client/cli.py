@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+import gradserve
 from gradserve.client.cli_inputs import (
     CliError, check_grad_options, check_partition_count, check_plan_options, memory_size, output_path, read_feeds,
     write_npz,
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0],
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"gradserve {gradserve.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("grad", help="compute the loss and dL/dw of a model on a batch of feeds",

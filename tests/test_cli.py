@@ -124,3 +124,14 @@ def test_counts_accept_auto_and_refuse_nonsense(saved_model, capsys):
     assert "'auto' or a whole number" in capsys.readouterr().err
     assert main(["grad", str(path), "--feeds", str(feeds_path), "--out", "g.npz", "--partitions", "auto"]) == 2
     assert "--engine ray" in capsys.readouterr().err
+
+
+def test_version_is_the_packages(capsys):
+    import tomllib
+    from pathlib import Path
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert capsys.readouterr().out.strip() == f"gradserve {declared}" == f"gradserve {gradserve.__version__}"
