@@ -21,7 +21,8 @@ the graph cannot give is refused, :func:`~gradserve.server.planning.partition.ch
 Each reason says where its count came from: ``as asked``, or ``auto: <why>``. Manual cuts
 (``split_at``) fix the partitions and choose nothing. This is the one decision of the Ray engine,
 the server and ``gradserve plan``. On the wire, 0 means ``auto`` (see ``proto/v1/service.proto``);
-:func:`count_to_wire`/:func:`count_from_wire` are the one translation.
+:func:`~gradserve.server.planning.counts.count_to_wire`/:func:`~gradserve.server.planning.counts.count_from_wire`
+(in :mod:`.counts`, which clients import without the planner) are the one translation.
 """
 
 from __future__ import annotations
