@@ -26,6 +26,7 @@ saying "no gradserve server at HOST:PORT (connection refused)" -- or whatever gR
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -53,7 +54,9 @@ from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, Model, graph_from_proto
 
 if TYPE_CHECKING:
+    from gradserve.client.session import RemoteSession
     from gradserve.client.status import ServerStatus
+    from gradserve.worker.optim import Optimizer, ParamGroups, Schedule
 
 _MAX_MESSAGE = 64 << 20  # what this client accepts; servers send 1 MiB chunks anyway
 # Feeds up to this size go in one Compute request (far below the server's 16 MiB message limit, and
@@ -81,7 +84,9 @@ class _Uploading:
 # -- wire helpers ----------------------------------------------------------------------------------
 
 
-def _native(array: np.ndarray) -> np.ndarray:
+def wire_array(array: Any) -> np.ndarray:
+    """``array`` as it travels: native byte order, C order; an unsupported dtype raises ValueError
+    naming it, before any call."""
     array = np.asarray(array)
     tensors.dtype_code(array.dtype)  # unsupported dtypes fail here, naming the dtype, before any call
     # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into 1-d ones.
@@ -99,7 +104,7 @@ def model_manifest(model: Model) -> tuple[service_pb2.ModelManifest, dict[str, n
     params = {}
     for name, value in model.params.items():
         try:
-            params[name] = _native(value)
+            params[name] = wire_array(value)
         except ValueError as exc:
             raise GraphError(f"parameter '{name}': {exc}") from None
     canonical.params = params
@@ -328,7 +333,7 @@ class Client:
         arrays = {}
         for name, value in feeds.items():
             try:
-                arrays[name] = _native(value)
+                arrays[name] = wire_array(value)
             except ValueError as exc:
                 raise GraphError(f"feed '{name}': {exc}") from None
         counts = {}
@@ -371,6 +376,48 @@ class Client:
             self._stub.Submit, _job_stream(options, arrays), metadata=self._metadata, timeout=left),
             self._timeout(None))
         return Job(self, handle.job_id, handle.model_id)
+
+    def session(
+        self,
+        model_or_id: Model | str,
+        optimizer: "Optimizer | ParamGroups",
+        *,
+        param_groups: Mapping[str, Mapping[str, Any]] | None = None,
+        partitions: Count = AUTO,
+        micro_batches: Count = AUTO,
+        replicas: Count = AUTO,
+        max_norm: float | None = None,
+        schedule: "Schedule | None" = None,
+    ) -> "RemoteSession":
+        """Open a training session on the server: the model's weights and the optimizer's state
+        stay on its workers, and each :meth:`RemoteSession.step` sends only its batch.
+
+        ``optimizer``: a :mod:`gradserve.optim` optimizer (SGD, Adam, AdamW, torch's arguments);
+        ``param_groups``: per-parameter overrides of its hyper-parameters, by parameter name;
+        ``max_norm``: clip dL/dw by global norm before each update; ``schedule``: the learning
+        rate per step, a list of (step, lr) or a callable (run here). The counts are chosen at
+        the first step (``"auto"``) and kept. Uploads the model first if the server lacks it."""
+        from gradserve.client.session import RemoteSession
+        from gradserve.worker.optim import Optimizer, ParamGroups
+
+        if isinstance(optimizer, ParamGroups):
+            groups = optimizer if param_groups is None else ParamGroups(optimizer.optimizer, param_groups)
+        elif isinstance(optimizer, Optimizer):
+            groups = ParamGroups(optimizer, param_groups)
+        else:
+            raise TypeError(f"optimizer must be a gradserve.optim optimizer (SGD, Adam, AdamW), not {optimizer!r}")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm must be positive, not {max_norm!r}")
+        model_id = self._model_id(model_or_id)
+        options, _ = self._job_options(model_id, {}, partitions, micro_batches, replicas, ())
+        request = service_pb2.SessionOptions(
+            model_id=model_id, partitions=options.partitions, micro_batches=options.micro_batches,
+            replicas=options.replicas, optimizer_json=json.dumps(groups.to_dict()), max_norm=max_norm or 0.0,
+        )
+        # Not retried: a retry after a lost reply would open a second session.
+        info = self._retrying("OpenSession", lambda left: calling(
+            self._stub.OpenSession, request, metadata=self._metadata, timeout=left), self._timeout(None), NO_RETRY)
+        return RemoteSession(self, info, groups, schedule)
 
     def job(self, job_id: str) -> Job:
         """The job with id ``job_id``, submitted by this client or any other -- in another process,

@@ -63,6 +63,18 @@ class StoredModel:
 
 
 @dataclass(frozen=True)
+class OpenSession:
+    """A training session the server holds."""
+
+    session_id: str
+    model_id: str
+    steps: int
+    idle_seconds: float
+    partitions: int  # 0 until its first step places it
+    replicas: int
+
+
+@dataclass(frozen=True)
 class ServerStatus:
     """What ``GetServerStatus`` answers (see ``proto/v1/service.proto``)."""
 
@@ -79,6 +91,8 @@ class ServerStatus:
     pending_bytes: int
     jobs_ended: dict[str, int] = field(default_factory=dict)  # outcome -> jobs since start
     worker_retries: int = 0
+    sessions: list[OpenSession] = field(default_factory=list)  # open training sessions, oldest first
+    session_steps: int = 0  # training steps applied since start
 
     @property
     def queued(self) -> list[ServerJob]:
@@ -99,6 +113,9 @@ class ServerStatus:
             max_concurrent_jobs=msg.max_concurrent_jobs, max_queued_jobs=msg.max_queued_jobs,
             model_store_bytes=msg.model_store_bytes, model_store_max_bytes=msg.model_store_max_bytes,
             pending_bytes=msg.pending_bytes, jobs_ended=dict(msg.jobs_ended), worker_retries=msg.worker_retries,
+            sessions=[OpenSession(t.session_id, t.model_id, t.steps, t.idle_seconds, t.partitions, t.replicas)
+                      for t in msg.sessions],
+            session_steps=msg.session_steps,
         )
 
 
@@ -171,6 +188,12 @@ def format_status(status: ServerStatus, address: str = "") -> str:
         lines += _table(["JOB", "MODEL", "STATE", "STEPS", "QUEUED", "RUNNING"], rows)
     else:
         lines.append("jobs queued and running: none")
+    lines.append("")
+    lines.append(f"training sessions: {len(status.sessions)} open, {status.session_steps} steps since start")
+    if status.sessions:
+        lines += _table(["SESSION", "MODEL", "STEPS", "PARTITIONS", "REPLICAS", "IDLE"],
+                        [[t.session_id, t.model_id[:16], str(t.steps), str(t.partitions or "-"),
+                          str(t.replicas or "-"), f"{t.idle_seconds:.0f}s"] for t in status.sessions])
     lines.append("")
     lines.append(f"models: {len(status.models)}, {_bytes(status.model_store_bytes)} of "
                  f"{_bytes(status.model_store_max_bytes)}")

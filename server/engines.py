@@ -105,6 +105,15 @@ class EngineRunner:
             kwargs["model_key"] = job.model_id
         return self.engine.gradients(job.model, job.feeds, **kwargs)
 
+    def session(self, model, optimizer, counts: tuple, **options: Any):
+        """A training session on the engine (:mod:`gradserve.server.session`); ``counts``:
+        (partitions, micro_batches, replicas), for engines that split the work."""
+        if self.splits:
+            partitions, micro_batches, replicas = counts
+            return self.engine.session(model, optimizer, partitions=partitions, micro_batches=micro_batches,
+                                       replicas=replicas, **options)
+        return self.engine.session(model, optimizer, **options)
+
     def close(self) -> None:
         close = getattr(self.engine, "close", None)
         if close is not None:

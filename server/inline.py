@@ -11,11 +11,13 @@ import numpy as np
 from gradserve.server.events import Progress, ProgressEvent, check_cancelled
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
+from gradserve.server.session import Session
 from gradserve.worker import kernels
 from gradserve.worker.ops import blas
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import GraphError, Model
 from gradserve.worker.memory import keep_freed_memory
+from gradserve.worker.optim import clip_scale, local_sq_norm
 
 
 class InlineEngine:
@@ -70,6 +72,11 @@ class InlineEngine:
         info = {"engine": self.name, "seconds": {"prepare": t1 - t0, "forward": t2 - t1, "backward": t3 - t2}}
         return Result(float(loss.reshape(())), grads, inputs, info)
 
+    def session(self, model: Model, optimizer, **options) -> "InlineSession":
+        """A training session whose weights and optimizer state live in this process (see
+        :class:`gradserve.server.session.Session` for ``optimizer`` and ``options``)."""
+        return InlineSession(self, model, optimizer, **options)
+
     def close(self) -> None:
         """Nothing to release; present so every engine can be used the same way."""
 
@@ -78,3 +85,31 @@ class InlineEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class InlineSession(Session):
+    """A training session in this process: the reference the Ray engine's sessions are checked against."""
+
+    def __init__(self, engine: InlineEngine, model: Model, optimizer, **options) -> None:
+        super().__init__(model, optimizer, **options)
+        self._engine = engine
+        self._states = self.groups.init_state(self.model.params)
+
+    def _step(self, feeds, number, lr, return_grads):
+        result = self._engine.gradients(self.model, feeds)
+        scale = 1.0
+        if self.max_norm is not None:
+            scale = clip_scale(local_sq_norm(result.grads.values()), self.max_norm)
+        params = {name: self.model.params[name] for name in result.grads}
+        self.groups.step(params, result.grads, self._states, number, lr, scale)
+        return result.loss, result.grads, result.info
+
+    def _gradients(self, feeds) -> Result:
+        return self._engine.gradients(self.model, feeds)
+
+    def _set_weights(self, values) -> None:
+        for name, value in values.items():
+            np.copyto(self.model.params[name], value)
+
+    def _weights(self, names):
+        return {name: self.model.params[name].copy() for name in names}

@@ -24,6 +24,8 @@ class Limits:
     max_pending_bytes: int = 8 << 30      # uploads being received + feeds of queued/running jobs, together
     result_ttl: float = 600.0             # seconds an unfetched result (and a finished job's record) is kept
     max_state_bytes: int = 64 << 30       # files in the state directory: models, accepted jobs' feeds, results
+    session_idle_ttl: float = 1800.0      # seconds a training session may go without a call before it is closed
+    max_sessions_per_client: int = 8     # training sessions one client (connection) may hold open
 
 
 class ByteBudget:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gradserve.server.handlers import like
@@ -94,7 +94,7 @@ class ServerMetrics:
 class _StateCollector(Collector):
     """Gauges read at scrape time. ``state()`` returns a dict with: version, engine, started (Unix
     time), queued, running, max_concurrent, pending_bytes, store_bytes, store_models,
-    store_max_bytes, and nodes: a list of dicts (node_id, cpus, memory_bytes, actors, busy_actors,
+    store_max_bytes, sessions, session_steps, and nodes: a list of dicts (node_id, cpus, memory_bytes, actors, busy_actors,
     alive) as :mod:`gradserve.server.status` builds them."""
 
     def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
@@ -121,8 +121,11 @@ class _StateCollector(Collector):
             ("gradserve_model_store_bytes", "store_bytes", "Bytes of the stored models' parameters and constants"),
             ("gradserve_model_store_models", "store_models", "Models stored"),
             ("gradserve_model_store_max_bytes", "store_max_bytes", "The model store's budget in bytes"),
+            ("gradserve_sessions_open", "sessions", "Training sessions open"),
         ):
             yield GaugeMetricFamily(name, text, value=s[key])
+        yield CounterMetricFamily("gradserve_session_steps", "Training steps applied by all sessions since start",
+                                  value=s["session_steps"])
         nodes = [n for n in s["nodes"] if n.get("alive", True)]
         yield GaugeMetricFamily("gradserve_pool_nodes", "Alive nodes that compute", value=len(nodes))
         per_node = {

@@ -190,6 +190,8 @@ class GradientServer:
         done = self._server.stop(grace)         # no new calls; open ones get up to `grace`
         self.registry.shutdown(grace)
         done.wait(grace + 5.0)
+        if self.servicer is not None:
+            self.servicer.sessions.close_all()  # their weights go with the engine
         try:
             self._runner.close()
         except Exception:  # noqa: BLE001 -- shutting down anyway; say what failed

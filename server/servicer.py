@@ -1,30 +1,24 @@
-"""The RPC handlers of GradientService (``proto/v1/service.proto``).
-
-Requests are parsed here, not by gRPC: gRPC answers a message it cannot parse with a bare
-INTERNAL, while a client that sends garbage deserves INVALID_ARGUMENT and a message saying so.
-Every handler maps its exceptions to a status through :mod:`gradserve.server.errors`.
+"""The RPC handlers of GradientService (``proto/v1/service.proto``): models, jobs and the server's
+status here, training sessions in :mod:`gradserve.server.session_rpcs`. Requests are parsed, and
+exceptions mapped to statuses, by :mod:`gradserve.server.rpc`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
-import json
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.engines import EngineRunner
-from gradserve.server.errors import BadRequest, LimitExceeded, ServiceError, abort, status_for
+from gradserve.server.errors import BadRequest, LimitExceeded, ServiceError, status_for
 from gradserve.server.handlers import method_handler
 from gradserve.server.jobs import (
     Job, JobRegistry, JobSnapshot, client_of, one_line, parse_options,
@@ -35,6 +29,9 @@ from gradserve.server.models import ModelStore
 from gradserve.server.planning.partition import check_partitions
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
+from gradserve.server.session_rpcs import SessionRPCs
+from gradserve.server.sessions import SessionRegistry
+from gradserve.server.rpc import checked, first, job_stream, lenient, rest, result_messages, rpc
 from gradserve.worker.graph import GraphError, graph_from_proto
 from gradserve.worker.validate import check_structure
 
@@ -50,89 +47,6 @@ _POLL = 0.5  # seconds between checks that a waiting streaming call's client is 
 UPLOAD_TTL = 600.0  # seconds a broken upload's data is kept for a resume (GradientServicer.upload_ttl)
 
 
-# -- request parsing -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Malformed:
-    """Stands in for a request message that did not parse (see :func:`_lenient`)."""
-
-    type_name: str
-    error: str
-
-
-def _lenient(cls: type) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        msg = cls()
-        try:
-            msg.ParseFromString(data)
-        except (DecodeError, ValueError, RuntimeError) as exc:
-            return _Malformed(cls.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
-        return msg
-
-    return parse
-
-
-def _checked(msg: Any) -> Any:
-    if isinstance(msg, _Malformed):
-        raise BadRequest(f"request is not a valid {msg.type_name} message: {msg.error}")
-    return msg
-
-
-def _first(requests: Iterator[Any], part: str, rpc: str) -> Any:
-    """The first message of a request stream, which must carry ``part``."""
-    first = _checked(next(requests, None))
-    if first is None:
-        raise BadRequest(f"{rpc}: empty request stream")
-    if first.WhichOneof("part") != part:
-        raise BadRequest(f"{rpc}: the first message must carry the {part}")
-    return getattr(first, part)
-
-
-def _rest(requests: Iterator[Any], part: str, rpc: str) -> Iterator[Any]:
-    """The remaining messages of a request stream, each of which must carry ``part``."""
-    for msg in requests:
-        msg = _checked(msg)
-        if msg.WhichOneof("part") != part:
-            raise BadRequest(f"{rpc}: after the first message, every message must carry a {part} chunk")
-        yield getattr(msg, part)
-
-
-def _job_stream(requests: Iterator[Any], rpc: str) -> tuple[Any, Iterator[Any]]:
-    """The options and feed chunks of a Run or Submit request stream."""
-    return _first(requests, "options", rpc), _rest(requests, "feed", rpc)
-
-
-def _request(request: Any) -> Any:
-    # A unary request is checked here; a request stream message by message in _first/_rest.
-    return request if hasattr(request, "__next__") else _checked(request)
-
-
-def _rpc(method: Callable | None = None, *, check: bool = True) -> Callable:
-    """Map any exception of a servicer method to its gRPC status (:mod:`gradserve.server.errors`),
-    for unary and streaming responses alike. ``check=False``: the method checks a unary request
-    itself (:func:`_checked`), as the job RPCs do to count a malformed one as a rejected job."""
-    if method is None:
-        return functools.partial(_rpc, check=check)
-    parse = _request if check else (lambda request: request)
-    if inspect.isgeneratorfunction(method):
-        @functools.wraps(method)
-        def streaming(self, request, context):
-            try:
-                yield from method(self, parse(request), context)
-            except Exception as exc:  # noqa: BLE001 -- mapped to a status, unexpected ones logged
-                abort(context, exc)
-        return streaming
-
-    @functools.wraps(method)
-    def unary(self, request, context):
-        try:
-            return method(self, parse(request), context)
-        except Exception as exc:  # noqa: BLE001
-            abort(context, exc)
-    return unary
-
-
 # -- the servicer ----------------------------------------------------------------------------------
 
 
@@ -146,12 +60,14 @@ class _Partial:
     expires: float       # time.monotonic()
 
 
-class GradientServicer:
-    """The RPC handlers. State lives in the model store and the job registry."""
+class GradientServicer(SessionRPCs):
+    """The RPC handlers. State lives in the model store, the job registry and the session registry."""
 
     def __init__(self, store: ModelStore, registry: JobRegistry, runner: EngineRunner, limits: Limits,
                  metrics: ServerMetrics | None = None) -> None:
         self.store, self.registry, self.runner, self.limits = store, registry, runner, limits
+        self.sessions = SessionRegistry(runner.session, idle_ttl=limits.session_idle_ttl,
+                                        max_per_client=limits.max_sessions_per_client)
         self.metrics = metrics or registry.metrics
         self.started = time.time()  # for the uptime GetServerStatus reports
         self.rejected = 0  # jobs refused when submitted, since start (guarded by _stats_lock)
@@ -219,7 +135,7 @@ class GradientServicer:
             log.info("upload of model %s broke after %d of %d bytes: kept for %.0fs for a resume", model_id[:16],
                      partial.asm.received_bytes, partial.asm.total_bytes, self.upload_ttl)
 
-    @_rpc
+    @rpc
     def HasModel(self, request: service_pb2.ModelRef, context: grpc.ServicerContext) -> service_pb2.ModelInfo:
         self._count("has_model_calls")
         self._sweep_partials()
@@ -232,10 +148,10 @@ class GradientServicer:
         return service_pb2.ModelInfo(model_id=stored.model_id, present=True, parameter_bytes=stored.nbytes,
                                      parameter_count=len(stored.model.params))
 
-    @_rpc
+    @rpc
     def UploadModel(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.UploadReply:
         t0 = time.perf_counter()
-        manifest = _first(request_iterator, "manifest", "UploadModel")
+        manifest = first(request_iterator, "manifest", "UploadModel")
         model_id = manifest.model_id
         if len(model_id) != 64 or any(c not in "0123456789abcdef" for c in model_id):
             raise BadRequest("UploadModel: model_id must be the model's SHA-256 fingerprint (64 lowercase hex digits)")
@@ -273,7 +189,7 @@ class GradientServicer:
         arrays = None
         try:
             try:
-                for chunk in _rest(request_iterator, "data", "UploadModel"):
+                for chunk in rest(request_iterator, "data", "UploadModel"):
                     asm.add(chunk)
                     self._count("upload_chunks")
             except grpc.RpcError:  # the client went away (not an internal error worth a traceback)
@@ -379,31 +295,12 @@ class GradientServicer:
         return job
 
     def _result_messages(self, job: Job, result: Result, *, header_data: bool = False) -> Iterator[service_pb2.ResultChunk]:
-        """The reply of Run, Compute and FetchResult: a ResultHeader, then the tensors' chunks. With
-        ``header_data`` (Compute) the header itself carries the first chunks, up to 1 MiB of them."""
+        """The reply of Run, Compute and FetchResult (:func:`~gradserve.server.rpc.result_messages`),
+        its info telling the job's server-side story."""
         snap = job.snapshot()
-        info = dict(result.info)
-        info["server"] = {"job_id": job.id, "model_id": job.model_id, "engine": self.runner.name,
-                          "queued_seconds": snap.queued_seconds, "running_seconds": snap.running_seconds}
-        data = chunks.chunks({**result.grads, **result.input_grads})
-        packed, size, rest = [], 0, None
-        if header_data:
-            for chunk in data:
-                if size + len(chunk.data) > chunks.CHUNK_BYTES:
-                    rest = chunk
-                    break
-                packed.append(chunk)
-                size += len(chunk.data)
-        header = service_pb2.ResultHeader(
-            job_id=job.id, loss=result.loss,
-            grads=chunks.headers(result.grads), input_grads=chunks.headers(result.input_grads),
-            info_json=json.dumps(info, default=str), data=packed,
-        )
-        yield service_pb2.ResultChunk(header=header)
-        if rest is not None:
-            yield service_pb2.ResultChunk(data=rest)
-        for chunk in data:
-            yield service_pb2.ResultChunk(data=chunk)
+        server = {"job_id": job.id, "model_id": job.model_id, "engine": self.runner.name,
+                  "queued_seconds": snap.queued_seconds, "running_seconds": snap.running_seconds}
+        return result_messages(job.id, result, {"server": server}, header_data=header_data)
 
     def _await(self, job: Job, context: grpc.ServicerContext) -> bool:
         """Wait for ``job`` while the client is there; False if the client went away."""
@@ -437,15 +334,15 @@ class GradientServicer:
             if job.wait(0):  # one still running is dropped by the registry's sweep once it ends
                 self.registry.remove(job.id)
 
-    @_rpc
+    @rpc
     def Run(self, request_iterator: Iterator, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
-        job = self._submit(lambda: _job_stream(request_iterator, "Run"), context, claim=True)
+        job = self._submit(lambda: job_stream(request_iterator, "Run"), context, claim=True)
         yield from self._run(job, context)
 
-    @_rpc(check=False)
+    @rpc(check=False)
     def Compute(self, request: service_pb2.JobRequest, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
         def parse():
-            msg = _checked(request)
+            msg = checked(request)
             if not msg.HasField("options"):
                 raise BadRequest("Compute: the request has no options")
             return msg.options, msg.feeds
@@ -453,27 +350,27 @@ class GradientServicer:
         job = self._submit(parse, context, claim=True)
         yield from self._run(job, context, header_data=True)
 
-    @_rpc
+    @rpc
     def Submit(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.JobHandle:
         # Its client may be gone when it ends: kept in the state directory, it survives a restart.
-        job = self._submit(lambda: _job_stream(request_iterator, "Submit"), context, durable=True)
+        job = self._submit(lambda: job_stream(request_iterator, "Submit"), context, durable=True)
         return service_pb2.JobHandle(job_id=job.id, model_id=job.model_id)
 
-    @_rpc
+    @rpc
     def GetStatus(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> service_pb2.JobStatus:
         return status_message(self.registry.get(request.job_id).snapshot())
 
-    @_rpc
+    @rpc
     def Watch(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> Iterator[service_pb2.JobStatus]:
         job = self.registry.get(request.job_id)
         for snap in job.watch(context.is_active, _POLL):
             yield status_message(snap)
 
-    @_rpc
+    @rpc
     def Cancel(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> service_pb2.JobStatus:
         return status_message(self.registry.cancel(request.job_id).snapshot())
 
-    @_rpc
+    @rpc
     def FetchResult(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
         job = self.registry.get(request.job_id)
         if not self._await(job, context):
@@ -484,7 +381,7 @@ class GradientServicer:
         self.registry.release_result(job)
 
     # -- the server -------------------------------------------------------------------------------
-    @_rpc
+    @rpc
     def GetServerStatus(self, request: service_pb2.ServerStatusRequest, context: grpc.ServicerContext) -> service_pb2.ServerStatus:
         from gradserve.server.status import server_status
 
@@ -516,7 +413,7 @@ def generic_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
         response_cls = getattr(service_pb2, method.output_type.name)
         handlers[method.name] = method_handler(
             getattr(servicer, method.name), method.client_streaming, method.server_streaming,
-            request_deserializer=_lenient(request_cls),
+            request_deserializer=lenient(request_cls),
             response_serializer=response_cls.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

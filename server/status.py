@@ -66,6 +66,8 @@ def state(servicer: "GradientServicer") -> dict[str, Any]:
         "store_models": len(servicer.store),
         "store_max_bytes": servicer.store.max_bytes,
         "nodes": nodes(servicer.runner.engine),
+        "sessions": servicer.sessions.open_count(),
+        "session_steps": servicer.sessions.steps,
     }
 
 
@@ -91,6 +93,8 @@ def server_status(servicer: "GradientServicer") -> service_pb2.ServerStatus:
         pending_bytes=servicer.pending.used,
         jobs_ended={k: int(v) for k, v in ended.items()},
         worker_retries=retries,
+        sessions=[service_pb2.SessionStatus(**s) for s in servicer.sessions.snapshot()],
+        session_steps=servicer.sessions.steps,
     )
     for n in nodes(servicer.runner.engine):
         msg.nodes.add(node_id=n["node_id"], address=n.get("address", ""), cpus=float(n.get("cpus", 0)),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
@@ -24,8 +25,10 @@ import ray
 from gradserve.worker import kernels
 from gradserve.worker.ops import blas
 from gradserve.worker.memory import keep_freed_memory
-from gradserve.worker.protocol import BY_REF, Backward, Forward, Reduce, StageCall, Weights
+from gradserve.worker.optim import ParamGroups
+from gradserve.worker.protocol import BY_REF, Backward, Forward, Norm, Reduce, StageCall, Update, Weights
 from gradserve.worker.stage import Stage, StageSpec
+from gradserve.worker.training import Trainer, sum_parts
 
 
 _ENDED_KEPT = 1024  # aborted job ids remembered per actor
@@ -40,6 +43,7 @@ class StageHost:
         self.failed: dict[str, BaseException] = {}  # job id -> the error one of its steps raised here
         self.ended: OrderedDict[str, None] = OrderedDict()  # jobs aborted here lately: their late steps are no-ops
         self.kept: dict[tuple[str, str], tuple[dict, dict]] = {}  # (job, stage key) -> dL/dw awaiting a reduce
+        self.trainers: dict[str, Trainer] = {}  # stage key -> its optimizer, for a training session's stages
         keep_freed_memory()
         kernels.warm_up()  # compiled kernels loaded (or compiled, once per machine) before any job
         blas.backend()  # and the BLAS library chosen and loaded
@@ -49,8 +53,22 @@ class StageHost:
         self.stages[key] = Stage(spec, dict(zip(names, params)), constants)
 
     def unload(self, key: str) -> None:
-        """Drop a partition (its model was evicted or its weights changed)."""
+        """Drop a partition (its model was evicted or its weights changed, or its session closed)."""
         self.stages.pop(key, None)
+        self.trainers.pop(key, None)
+
+    def train(self, key: str, groups: dict, owned: Sequence[str]) -> None:
+        """Make the loaded stage ``key`` a training session's: it owns its weights from now on and
+        updates them with the optimizer ``groups`` describes (:meth:`ParamGroups.to_dict`)."""
+        self.trainers[key] = Trainer(self.stages[key], ParamGroups.from_dict(groups), owned)
+
+    def set_weights(self, key: str, values: dict[str, np.ndarray]) -> None:
+        """Overwrite some of a session stage's parameters."""
+        self.trainers[key].set_weights(values)
+
+    def weights(self, key: str, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """A session stage's current parameters (all, or those of ``names`` it holds)."""
+        return self.trainers[key].weights(names)
 
     def run(self, call: StageCall, *refs: Any) -> Any:
         """Run consecutive steps of one job on one stage, in one actor call (see
@@ -110,12 +128,37 @@ class StageHost:
                                     grads[name] = grads[name] + g if name in grads else g
                                 by_replica.update(other_seconds)
                         out.append((grads, by_replica))
+                    case Norm():  # a session's dL/dw, summed and kept, and its share of the norm
+                        grads = self._session_grads(job_id, call.key, args)
+                        self.kept[job_id, call.key] = (grads, {})
+                        out.append(0.0 if cancelled else self.trainers[call.key].sq_norm(grads))
+                    case Update(replica=replica, step=number, lr=lr, scale=scale, grads=give):
+                        grads = self._session_grads(job_id, call.key, args)
+                        seconds = 0.0
+                        if not cancelled:
+                            with _threads(call.threads[1]):
+                                seconds = self._timed_update(call.key, grads, number, lr, scale)
+                        owned = self.trainers[call.key].owned if give else ()  # a shared one, once
+                        out.append(({n: grads[n] for n in owned if n in grads}, {replica: {"update": seconds}}))
                     case _:
                         raise TypeError(f"not a step: {step!r}")
         except BaseException as exc:
             self.failed[job_id] = exc
             raise
         return _returns(call, out)
+
+    def _session_grads(self, job_id: str, key: str, parts: list) -> dict[str, np.ndarray]:
+        """A session step's dL/dw for stage ``key``: the kept one, or ``parts`` (weight results)
+        summed in order."""
+        if not parts:
+            return self.kept.pop((job_id, key), ({}, {}))[0]
+        mine = self.stages[key].params
+        return sum_parts([{n: g for n, g in grads.items() if n in mine} for grads, _ in parts])
+
+    def _timed_update(self, key: str, grads: dict, step: int, lr: float | None, scale: float) -> float:
+        t = time.perf_counter()
+        self.trainers[key].apply(grads, step, lr, scale)
+        return time.perf_counter() - t
 
     @ray.method(concurrency_group="control")
     def cancel(self, job_id: str) -> None:

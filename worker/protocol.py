@@ -1,7 +1,8 @@
 """What the engine asks of a stage actor, typed from the schedule to the actor and back.
 
 One actor call (:class:`StageCall`) runs consecutive steps of one job on one stage. Each step is an
-action -- :class:`Forward`, :class:`Backward`, :class:`Weights` or :class:`Reduce` -- that reads the
+action -- :class:`Forward`, :class:`Backward`, :class:`Weights` or :class:`Reduce`, and in training
+sessions :class:`Norm` and :class:`Update` -- that reads the
 next ``reads`` of the call's values and gives results in a fixed order; :class:`Output` says what
 each result is and who reads it. No Ray here: the protocol is plain data, so the engine, the actor
 and their tests share it without a cluster.
@@ -61,7 +62,32 @@ class Reduce:
     reads: int
 
 
-Action = Union[Forward, Backward, Weights, Reduce]
+@dataclass(frozen=True, slots=True)
+class Norm:
+    """A training step's first half when clipping by global norm: dL/dw of this stage -- the kept
+    one, or, with ``reads``, those values (replicas' and sharing partitions' weight results) summed
+    in order and kept -- and one result, its share of the squared norm."""
+
+    reads: int
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """The optimizer's step on this stage's parameters (a training session's stage, see
+    :mod:`gradserve.worker.training`): with dL/dw the kept one, or, with ``reads``, those values
+    summed in order (every replica sums the same parts in the same order, so all stay equal),
+    times ``scale`` (global-norm clipping), at learning rate ``lr`` (None: the optimizer's) as
+    step ``step``. One result: (dL/dw if ``grads`` else nothing, compute seconds by replica)."""
+
+    replica: int
+    reads: int
+    step: int
+    lr: float | None
+    scale: float
+    grads: bool
+
+
+Action = Union[Forward, Backward, Weights, Reduce, Norm, Update]
 
 
 @dataclass(frozen=True, slots=True)

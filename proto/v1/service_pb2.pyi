@@ -214,6 +214,88 @@ class ResultChunk(_message.Message):
     data: TensorChunk
     def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., data: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
+class SessionOptions(_message.Message):
+    __slots__ = ("model_id", "partitions", "micro_batches", "replicas", "optimizer_json", "max_norm")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_NORM_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    partitions: int
+    micro_batches: int
+    replicas: int
+    optimizer_json: str
+    max_norm: float
+    def __init__(self, model_id: _Optional[str] = ..., partitions: _Optional[int] = ..., micro_batches: _Optional[int] = ..., replicas: _Optional[int] = ..., optimizer_json: _Optional[str] = ..., max_norm: _Optional[float] = ...) -> None: ...
+
+class SessionRef(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "model_id", "steps", "idle_ttl_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    model_id: str
+    steps: int
+    idle_ttl_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., model_id: _Optional[str] = ..., steps: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class StepOptions(_message.Message):
+    __slots__ = ("session_id", "step", "update", "return_grads", "lr", "feeds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_GRADS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    FEEDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    update: bool
+    return_grads: bool
+    lr: float
+    feeds: _containers.RepeatedCompositeFieldContainer[TensorHeader]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., update: _Optional[bool] = ..., return_grads: _Optional[bool] = ..., lr: _Optional[float] = ..., feeds: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ...) -> None: ...
+
+class StepChunk(_message.Message):
+    __slots__ = ("options", "feed")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FEED_FIELD_NUMBER: _ClassVar[int]
+    options: StepOptions
+    feed: TensorChunk
+    def __init__(self, options: _Optional[_Union[StepOptions, _Mapping]] = ..., feed: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class WeightsHeader(_message.Message):
+    __slots__ = ("session_id", "weights")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    weights: _containers.RepeatedCompositeFieldContainer[TensorHeader]
+    def __init__(self, session_id: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: WeightsHeader
+    data: TensorChunk
+    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., data: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class WeightsRequest(_message.Message):
+    __slots__ = ("session_id", "names")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ServerStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -237,7 +319,7 @@ class NodeStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., actors: _Optional[int] = ..., busy_actors: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("version", "engine", "uptime_seconds", "nodes", "jobs", "models", "max_concurrent_jobs", "max_queued_jobs", "model_store_bytes", "model_store_max_bytes", "pending_bytes", "jobs_ended", "worker_retries")
+    __slots__ = ("version", "engine", "uptime_seconds", "nodes", "jobs", "models", "max_concurrent_jobs", "max_queued_jobs", "model_store_bytes", "model_store_max_bytes", "pending_bytes", "jobs_ended", "worker_retries", "sessions", "session_steps")
     class JobsEndedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +340,8 @@ class ServerStatus(_message.Message):
     PENDING_BYTES_FIELD_NUMBER: _ClassVar[int]
     JOBS_ENDED_FIELD_NUMBER: _ClassVar[int]
     WORKER_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_STEPS_FIELD_NUMBER: _ClassVar[int]
     version: str
     engine: str
     uptime_seconds: float
@@ -271,4 +355,22 @@ class ServerStatus(_message.Message):
     pending_bytes: int
     jobs_ended: _containers.ScalarMap[str, int]
     worker_retries: int
-    def __init__(self, version: _Optional[str] = ..., engine: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., model_store_bytes: _Optional[int] = ..., model_store_max_bytes: _Optional[int] = ..., pending_bytes: _Optional[int] = ..., jobs_ended: _Optional[_Mapping[str, int]] = ..., worker_retries: _Optional[int] = ...) -> None: ...
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionStatus]
+    session_steps: int
+    def __init__(self, version: _Optional[str] = ..., engine: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., model_store_bytes: _Optional[int] = ..., model_store_max_bytes: _Optional[int] = ..., pending_bytes: _Optional[int] = ..., jobs_ended: _Optional[_Mapping[str, int]] = ..., worker_retries: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ..., session_steps: _Optional[int] = ...) -> None: ...
+
+class SessionStatus(_message.Message):
+    __slots__ = ("session_id", "model_id", "steps", "idle_seconds", "partitions", "replicas")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    model_id: str
+    steps: int
+    idle_seconds: float
+    partitions: int
+    replicas: int
+    def __init__(self, session_id: _Optional[str] = ..., model_id: _Optional[str] = ..., steps: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., partitions: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...

@@ -5,7 +5,7 @@ import warnings
 
 from gradserve.proto.v1 import service_pb2 as gradserve_dot_proto_dot_v1_dot_service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -78,6 +78,31 @@ class GradientServiceStub:
                 '/gradserve.v1.GradientService/FetchResult',
                 request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.JobRef.SerializeToString,
                 response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ResultChunk.FromString,
+                _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/gradserve.v1.GradientService/OpenSession',
+                request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionOptions.SerializeToString,
+                response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.Step = channel.stream_stream(
+                '/gradserve.v1.GradientService/Step',
+                request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.StepChunk.SerializeToString,
+                response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ResultChunk.FromString,
+                _registered_method=True)
+        self.SetWeights = channel.stream_unary(
+                '/gradserve.v1.GradientService/SetWeights',
+                request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.WeightsChunk.SerializeToString,
+                response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.GetWeights = channel.unary_stream(
+                '/gradserve.v1.GradientService/GetWeights',
+                request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.WeightsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.WeightsChunk.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/gradserve.v1.GradientService/CloseSession',
+                request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionRef.SerializeToString,
+                response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
                 _registered_method=True)
         self.GetServerStatus = channel.unary_unary(
                 '/gradserve.v1.GradientService/GetServerStatus',
@@ -159,6 +184,43 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Training sessions: a model's weights and optimizer state stay on the server's workers between
+        steps, so a step sends the batch and nothing of the model. A session is closed by
+        CloseSession, or by the server once idle past its TTL (SessionInfo.idle_ttl_seconds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request_iterator, context):
+        """One step: one StepChunk with the options, then the feed bytes. The reply is a ResultHeader
+        (the loss before the update; dL/dw when asked), then the gradient bytes, as Run's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetWeights(self, request_iterator, context):
+        """Replace some weights: a WeightsChunk with the header, then their bytes. Only those named travel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWeights(self, request, context):
+        """The current weights: a WeightsChunk with the header, then their bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerStatus(self, request, context):
         """The server as operators see it (`gradserve status`): version, engine, uptime, the cluster's
         nodes and the worker actors on each, the jobs queued and running with their progress, the
@@ -215,6 +277,31 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.FetchResult,
                     request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.JobRef.FromString,
                     response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ResultChunk.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionOptions.FromString,
+                    response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.SerializeToString,
+            ),
+            'Step': grpc.stream_stream_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.StepChunk.FromString,
+                    response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ResultChunk.SerializeToString,
+            ),
+            'SetWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.SetWeights,
+                    request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.WeightsChunk.FromString,
+                    response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.SerializeToString,
+            ),
+            'GetWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetWeights,
+                    request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.WeightsRequest.FromString,
+                    response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.WeightsChunk.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionRef.FromString,
+                    response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.SerializeToString,
             ),
             'GetServerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerStatus,
@@ -465,6 +552,141 @@ class GradientService:
             '/gradserve.v1.GradientService/FetchResult',
             gradserve_dot_proto_dot_v1_dot_service__pb2.JobRef.SerializeToString,
             gradserve_dot_proto_dot_v1_dot_service__pb2.ResultChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/OpenSession',
+            gradserve_dot_proto_dot_v1_dot_service__pb2.SessionOptions.SerializeToString,
+            gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradserve.v1.GradientService/Step',
+            gradserve_dot_proto_dot_v1_dot_service__pb2.StepChunk.SerializeToString,
+            gradserve_dot_proto_dot_v1_dot_service__pb2.ResultChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradserve.v1.GradientService/SetWeights',
+            gradserve_dot_proto_dot_v1_dot_service__pb2.WeightsChunk.SerializeToString,
+            gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.GradientService/GetWeights',
+            gradserve_dot_proto_dot_v1_dot_service__pb2.WeightsRequest.SerializeToString,
+            gradserve_dot_proto_dot_v1_dot_service__pb2.WeightsChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/CloseSession',
+            gradserve_dot_proto_dot_v1_dot_service__pb2.SessionRef.SerializeToString,
+            gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import ray
@@ -43,13 +43,19 @@ from gradserve.server.ray_engine import scheduler
 from gradserve.server.ray_engine.connect import connect
 from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
-from gradserve.server.ray_engine.submit import Deployment, PlanEntry, Submitted, blas_threads, submit_replica
+from gradserve.server.ray_engine.submit import (
+    Deployment, PlanEntry, Submitted, Training, blas_threads, submit_replica, submit_updates,
+)
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
 from gradserve.worker import kernels
 from gradserve.worker.autodiff import compile_program
 from gradserve.worker.graph import GraphError, Model, feed_signature
+from gradserve.worker.optim import clip_scale
 from gradserve.worker.stage import StageSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradserve.server.ray_engine.session import RaySession
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +206,16 @@ class RayEngine:
             "seconds": {"prepare_and_deploy": t1 - t0, **seconds},
         }
         return Result(loss, params, inputs, info)
+
+    def session(self, model: Model, optimizer, *, partitions: Count | None = None,
+                micro_batches: Count | None = None, replicas: Count | None = None, **options) -> "RaySession":
+        """A training session: each partition's weights and optimizer state stay on its worker
+        between steps (:class:`~gradserve.server.ray_engine.session.RaySession`; ``optimizer`` and
+        ``options`` as :class:`gradserve.server.session.Session` takes them). The counts are chosen
+        (``auto``) at the first step, from its batch, and kept for the session's life."""
+        from gradserve.server.ray_engine.session import RaySession  # it builds on this module
+
+        return RaySession(self, model, optimizer, (partitions, micro_batches, replicas), **options)
 
     def plan(self, model: Model, feeds: Mapping[str, np.ndarray], partitions: Count | None = None) -> Plan:
         """The partition plan this engine would use for ``model`` on ``feeds`` (nothing is run)."""
@@ -434,7 +450,11 @@ class RayEngine:
                         del self._busy[id(actor)]
 
     # -- one job -----------------------------------------------------------------------------------
-    def _run(self, job_id, dep: Deployment, job, chunks, m: int, r: int, progress, cancelled):
+    def _run(self, job_id, dep: Deployment, job, chunks, m: int, r: int, progress, cancelled,
+             training: Training | None = None, max_norm: float | None = None):
+        """Submit one job's calls, wait for them, fetch the loss, dL/dw and dL/dx. A training
+        session's step (``training``) also updates the weights where they are, after clipping
+        dL/dw to ``max_norm`` when given (which waits for the norm before the updates go)."""
         report = progress or (lambda event: None)
         t0 = time.perf_counter()
         steps = Submitted()
@@ -447,7 +467,13 @@ class RayEngine:
             threads = blas_threads(dep.where, m, r, self.threads, dep.others)
             with self._submit:
                 for replica in range(r):
-                    submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, r, threads)
+                    submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, r, threads, training)
+                if training is not None and max_norm is None:  # each update right after its dL/dw
+                    submit_updates(steps, job_id, dep, r, threads, training, 1.0)
+            if training is not None and max_norm is not None:  # one norm over all stages first
+                norms = ray.get(submit_updates(steps, job_id, dep, r, threads, training, None)[:len(dep.specs)])
+                scale = clip_scale(sum(n[0] for n in norms), max_norm)  # replica 0's stages: the sums are alike
+                submit_updates(steps, job_id, dep, r, threads, training, scale)
             t1 = time.perf_counter()
             self._watch(steps.markers, report, cancelled)
             t2 = time.perf_counter()
@@ -508,12 +534,10 @@ class RayEngine:
         dead += [a for a, ref in zip(alive, ends) if not _answers(ref, _STEP_DRAIN_TIMEOUT)]
         if dead:
             self._drop_actors(dead)
-        else:  # every call has ended (end_job ran after them): reading the results cannot wait
-            for ref in refs:
-                try:
-                    ray.get(ref, timeout=_CONTROL_TIMEOUT)
-                except Exception:  # noqa: BLE001 -- the job's failure was reported already
-                    pass
+        # Every call has ended now (end_job ran after it, or its actor is dead or was just killed,
+        # which fails it at once): reading the results cannot wait long. Unread, the errors of the
+        # calls that needed a dead actor's results would be logged by Ray as unhandled tracebacks.
+        _drain(refs, _CONTROL_TIMEOUT)
         log.info("job %s aborted; per-job state freed on %d actors, %d gone", job_id, len(actors) - len(dead), len(dead))
 
     def _drop_dead(self, actors: list) -> None:
@@ -618,6 +642,20 @@ class _Placed:
 def _sum(values: list) -> np.ndarray | None:
     present = [v for v in values if v is not None]
     return sum(present[1:], present[0]) if present else None
+
+
+def _drain(refs: list, timeout: float) -> None:
+    """Read each of a failed job's ``refs`` that has finished within ``timeout`` seconds, ignoring
+    failures (the job's was reported already), so that Ray logs none as an unhandled error."""
+    unique = list(dict.fromkeys(refs))  # ray.wait takes each ref once, and at least one
+    if not unique:
+        return
+    finished, _ = ray.wait(unique, num_returns=len(unique), timeout=timeout, fetch_local=False)
+    for ref in finished:
+        try:
+            ray.get(ref, timeout=timeout)
+        except Exception:  # noqa: BLE001 -- a result that failed, or was lost with its node: nothing to report
+            pass
 
 
 def _answers(ref: ray.ObjectRef, timeout: float) -> bool:

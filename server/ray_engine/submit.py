@@ -17,7 +17,7 @@ from gradserve.server.planning.partition import Plan
 from gradserve.server.planning.schedule import (
     BACKWARD, FORWARD, WEIGHTS, Call, Links, calls, one_f_one_b, reduction_children, reduction_parent,
 )
-from gradserve.worker.protocol import BY_REF, Backward, Forward, Kind, Output, Reduce, StageCall, Weights
+from gradserve.worker.protocol import BY_REF, Backward, Forward, Kind, Norm, Output, Reduce, StageCall, Update, Weights
 from gradserve.worker.stage import StageSpec
 
 
@@ -55,6 +55,19 @@ class Deployment:
     actors: list[list[Any]]  # [replica][partition]
     where: list[list[dict]]  # node placement per actor
     others: dict[str, int]  # node id -> other jobs' slots running there when this job was placed
+
+
+@dataclass(frozen=True)
+class Training:
+    """What a training session's step adds to a job: after its dL/dw, the optimizer's update on
+    every stage (:func:`submit_updates`). ``exchange``: dL/dw parts travel between workers
+    (replicas, or a parameter several partitions hold) instead of staying where they were computed."""
+
+    step: int
+    lr: float | None
+    grads: bool  # dL/dw back to the driver too
+    exchange: bool
+    sharing: tuple[tuple[int, ...], ...]  # per partition: the partitions whose dL/dw it sums (itself too)
 
 
 @dataclass
@@ -108,16 +121,18 @@ def blas_threads(
 
 def submit_replica(
     steps: "Submitted", job_id: str, dep: Deployment, job, chunks, feed_refs, replica: int, m: int, r: int,
-    threads,
+    threads, training: Training | None = None,
 ) -> None:
-    """Submit one replica's calls (:meth:`PlanEntry.program`); record the refs in ``steps``."""
+    """Submit one replica's calls (:meth:`PlanEntry.program`); record the refs in ``steps``. In a
+    training step (``training``), dL/dw is kept on the actor, or, to be exchanged, a result for
+    the update calls to read (:func:`submit_updates`); never reduced here."""
     specs, actors = dep.specs, dep.actors[replica]
     first = replica * m
     defer = defer_weights(dep.where, m, r)
     acts: dict[int, dict[str, ray.ObjectRef]] = {c: {} for c in range(first, first + m)}  # activations
     errs: dict[int, dict[str, list[ray.ObjectRef]]] = {c: {} for c in acts}  # errors sent back
-    children = reduction_children(replica, r)
-    root = reduction_parent(replica, r) is None
+    children = reduction_children(replica, r) if training is None else []
+    root = reduction_parent(replica, r) is None and training is None
     for call in dep.entry.program(m, defer):
         p = call.partition
         spec = specs[p]
@@ -150,6 +165,10 @@ def submit_replica(
                         take(v, ref)
                 program.append(Backward(c, len(names) - start, defer))
                 results += [Output(Kind.ERROR, c, v, v not in spec.inputs) for v in spec.wrt_inputs]
+            elif training is not None:  # a session's dL/dw: kept for the update, or shared with it
+                program.append(Weights(replica, not training.exchange))
+                if training.exchange:
+                    results.append(Output(Kind.WEIGHTS, -1, "", False))
             else:  # weights: this replica's dL/dw; kept on the actor if a reduce adds its children's
                 program.append(Weights(replica, bool(children)))
                 if not children:
@@ -197,6 +216,36 @@ def submit_replica(
             steps.markers[out] = []
             steps.refs.append(out)
             weights_result(steps, replica, p, (out, 0) if root else out, root)
+
+def submit_updates(
+    steps: Submitted, job_id: str, dep: Deployment, r: int, threads, training: Training, scale: float | None,
+) -> list:
+    """A training step's second half: per (replica, partition) one call that sums the stage's
+    dL/dw parts (every replica the same parts in the same order) and applies the optimizer
+    (:class:`Update`, its results booked as the reduction roots the driver fetches), or, with
+    ``scale`` None (clipping: the norm is needed first), :class:`Norm` calls whose results --
+    each stage's share of the squared norm -- are returned."""
+    norms = []
+    for replica in range(r):
+        for p, actor in enumerate(dep.actors[replica]):
+            parts = ([steps.weights[(i, q)] for i in range(r) for q in training.sharing[p]]
+                     if training.exchange else [])
+            if scale is None:
+                step, to_driver = Norm(len(parts)), (0,)
+            else:
+                step = Update(replica, len(parts), training.step, training.lr, scale, training.grads and replica == 0)
+                to_driver = (0,)
+            call = StageCall(dep.keys[p], job_id, threads[replica][p], (step,), ("",) * len(parts),
+                             (BY_REF,) * len(parts), 1, to_driver)
+            out = actor.run.remote(call, *parts)
+            steps.markers[out] = []
+            steps.refs.append(out)
+            if scale is None:
+                norms.append(out)
+            else:
+                weights_result(steps, replica, p, (out, 0), True)
+    return norms
+
 
 def weights_result(steps: "Submitted", replica: int, p: int, out, root: bool) -> None:
     """Record where partition ``p``'s dL/dw of ``replica`` (summed over its reduction subtree) will be."""

@@ -1,0 +1,155 @@
+"""Training sessions: a model's weights and optimizer state stay with the engine between steps.
+
+A job sends the whole model and returns all of dL/dw; a training loop built on jobs ships the
+model every step. A session keeps it: ``session.step(feeds)`` runs forward, backward and the
+optimizer's update where the weights live -- in this process for the inline engine, on each
+partition's worker for the Ray engine -- and returns the loss. What every engine's session shares
+is here: the step count, the learning-rate schedule (evaluated here, as a schedule may be any
+callable), clipping's settings, checks of names and shapes, and the session's life. The engines
+supply where the weights are (:meth:`Session._step` and friends).
+
+    with gradserve.local("ray").session(model, optimizer=gradserve.optim.Adam(lr=1e-3),
+                                        partitions=2) as session:
+        for x, y in batches:
+            print(session.step({"x": x, "y": y}).loss)
+        weights = session.weights()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from gradserve.server.result import Result
+from gradserve.worker.graph import GraphError, Model
+from gradserve.worker.optim import Optimizer, ParamGroups, Schedule, check_schedule, lr_at
+
+
+@dataclass
+class StepResult:
+    """One training step: its loss (before the update), its number (from 1), and dL/dw when the
+    step was asked for them (``return_grads=True``), else None."""
+
+    loss: float
+    step: int
+    grads: dict[str, np.ndarray] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class SessionClosed(RuntimeError):
+    """A step or query on a session that was closed."""
+
+
+class Session:
+    """What every engine's session shares. Open one with an engine's ``session(...)``."""
+
+    def __init__(
+        self,
+        model: Model,
+        optimizer: Optimizer | ParamGroups,
+        *,
+        param_groups: Mapping[str, Mapping[str, Any]] | None = None,
+        max_norm: float | None = None,
+        schedule: Schedule | None = None,
+    ) -> None:
+        """``optimizer``: how every parameter is updated (:mod:`gradserve.optim`); ``param_groups``:
+        per-parameter overrides of its hyper-parameters, by parameter name. ``max_norm``: clip
+        dL/dw by its global norm first, as ``torch.nn.utils.clip_grad_norm_``. ``schedule``: the
+        learning rate per step, a list of (step, lr) or a callable step -> lr."""
+        if isinstance(optimizer, ParamGroups):
+            groups = optimizer if param_groups is None else ParamGroups(optimizer.optimizer, param_groups)
+        elif isinstance(optimizer, Optimizer):
+            groups = ParamGroups(optimizer, param_groups)
+        else:
+            raise TypeError(f"optimizer must be a gradserve.optim optimizer (SGD, Adam, AdamW), not {optimizer!r}")
+        unknown = sorted(set(groups.overrides) - set(model.params))
+        if unknown:
+            raise GraphError(f"param_groups name '{unknown[0]}', which is not a parameter of the model")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm must be positive, not {max_norm!r}")
+        self.groups = groups
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.schedule = schedule if schedule is None or callable(schedule) else check_schedule(schedule)
+        # The session's own copy of the model: its weights are the session's from now on.
+        self.model = dataclasses.replace(model, params={n: np.array(p, copy=True) for n, p in model.params.items()})
+        self.steps = 0  # updates applied so far
+        self.closed = False
+
+    # -- public --------------------------------------------------------------------------------------
+    @property
+    def placement(self) -> dict[str, Any]:
+        """Where the session computes: partitions, micro_batches, replicas (and the Ray engine's
+        nodes); empty until the first step places a session that is placed then."""
+        return {"partitions": 1, "micro_batches": 1, "replicas": 1}
+
+    def step(self, feeds: Mapping[str, np.ndarray], return_grads: bool = False, lr: float | None = None) -> StepResult:
+        """Forward, backward and one optimizer update at the current weights; the loss is the
+        one before the update (as ``loss.backward(); opt.step()`` would report it). ``lr``: this
+        step's learning rate, in place of the schedule's (or the optimizer's)."""
+        self._check_open()
+        number = self.steps + 1
+        if lr is None and self.schedule is not None:
+            lr = lr_at(self.schedule, number)
+        loss, grads, info = self._step(feeds, number, lr, return_grads)
+        self.steps = number
+        return StepResult(loss, number, grads if return_grads else None, {**info, "lr": lr})
+
+    def gradients(self, feeds: Mapping[str, np.ndarray]) -> Result:
+        """The loss and dL/dw at the current weights, which stay as they are."""
+        self._check_open()
+        return self._gradients(feeds)
+
+    def set_weights(self, values: Mapping[str, np.ndarray]) -> None:
+        """Replace some weights (only those given travel); their optimizer state stays."""
+        self._check_open()
+        for name, value in values.items():
+            current = self.model.params.get(name)
+            if current is None:
+                raise GraphError(f"set_weights: '{name}' is not a parameter of the session's model")
+            if np.shape(value) != current.shape:
+                raise GraphError(f"set_weights: parameter '{name}' has shape {current.shape}, not {np.shape(value)}")
+        self._set_weights({n: np.asarray(v, dtype=self.model.params[n].dtype) for n, v in values.items()})
+
+    def weights(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The current weights (all, or those named)."""
+        self._check_open()
+        wanted = list(self.model.params) if names is None else list(names)
+        unknown = [n for n in wanted if n not in self.model.params]
+        if unknown:
+            raise GraphError(f"weights: '{unknown[0]}' is not a parameter of the session's model")
+        return self._weights(wanted)
+
+    def close(self) -> None:
+        """Free the session's weights and optimizer state wherever they are."""
+        if not self.closed:
+            self.closed = True
+            self._close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what each engine supplies -----------------------------------------------------------------
+    def _step(self, feeds, number: int, lr: float | None, return_grads: bool) -> tuple[float, dict | None, dict]:
+        raise NotImplementedError
+
+    def _gradients(self, feeds) -> Result:
+        raise NotImplementedError
+
+    def _set_weights(self, values: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def _weights(self, names: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Nothing to free by default."""
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionClosed("the session is closed")
