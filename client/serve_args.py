@@ -75,6 +75,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-state-bytes", type=byte_size, default=_default("max_state_bytes"), metavar="SIZE",
                      help="files in --state-dir together: stored models, accepted jobs' feeds, kept results "
                      "(default 64G)")
+    ses = p.add_argument_group("training sessions")
+    ses.add_argument("--session-idle-ttl", type=float, default=_default("session_idle_ttl"), metavar="SECONDS",
+                     help="close a session after this long without a call, freeing its workers' memory (default %(default)g)")
+    ses.add_argument("--max-sessions-per-client", type=_positive_int, default=_default("max_sessions_per_client"),
+                     metavar="N", help="sessions one client connection may hold open (default %(default)s)")
+    ses.add_argument("--session-checkpoint-steps", type=_positive_int, default=_default("session_checkpoint_steps"),
+                     metavar="N", help="checkpoint each session's weights and optimizer state every N steps "
+                                       "(default %(default)s) ...")
+    ses.add_argument("--session-checkpoint-seconds", type=float, default=_default("session_checkpoint_seconds"),
+                     metavar="SECONDS", help="... or every SECONDS, whichever comes first (default %(default)g); "
+                                             "into --state-dir, and what a session that lost a worker restarts from")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, let running jobs finish this long before cancelling them (default 10)")
     ops = p.add_argument_group("operating")
@@ -132,6 +143,10 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_pending_bytes=args.max_pending_bytes,
         result_ttl=args.result_ttl,
         max_state_bytes=args.max_state_bytes,
+        session_idle_ttl=args.session_idle_ttl,
+        max_sessions_per_client=args.max_sessions_per_client,
+        session_checkpoint_steps=args.session_checkpoint_steps,
+        session_checkpoint_seconds=args.session_checkpoint_seconds,
     )
     if args.state_dir is None:
         from gradserve.server.state import default_state_dir

@@ -56,8 +56,15 @@ class RemoteSession:
         if lr is not None:
             options.lr = lr
         result = self._send(feeds, options)
-        self.steps = number
-        return StepResult(result.loss, number, result.grads if return_grads else None, result.info)
+        # The server's number: lower than ours when it went back to a checkpoint (info["restored_from_step"]).
+        self.steps = int(result.info.get("step", number))
+        return StepResult(result.loss, self.steps, result.grads if return_grads else None, result.info)
+
+    def checkpoint(self) -> None:
+        """Ask the server to checkpoint the session now (its weights and optimizer state, kept in
+        its state directory: what it restarts from after losing a worker or a restart)."""
+        self._check_open()
+        self.client._call(self.client._stub.CheckpointSession, service_pb2.SessionRef(session_id=self.id))
 
     def gradients(self, feeds: Mapping[str, Any]) -> Result:
         """The loss and dL/dw at the session's current weights, which stay as they are."""

@@ -11,7 +11,7 @@ import numpy as np
 from gradserve.server.events import Progress, ProgressEvent, check_cancelled
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.result import Result
-from gradserve.server.session import Session
+from gradserve.server.session import Checkpoint, Session
 from gradserve.worker import kernels
 from gradserve.worker.ops import blas
 from gradserve.worker.autodiff import backward, compile_program, forward
@@ -90,10 +90,18 @@ class InlineEngine:
 class InlineSession(Session):
     """A training session in this process: the reference the Ray engine's sessions are checked against."""
 
-    def __init__(self, engine: InlineEngine, model: Model, optimizer, **options) -> None:
+    def __init__(self, engine: InlineEngine, model: Model, optimizer, *, start: "Checkpoint | None" = None,
+                 **options) -> None:
+        """``start``: a checkpoint to go on from (a server restarting its sessions)."""
         super().__init__(model, optimizer, **options)
         self._engine = engine
         self._states = self.groups.init_state(self.model.params)
+        if start is not None:
+            self.steps = start.step
+            self._set_weights(start.weights)
+            for name, state in start.states.items():
+                for key, value in state.items():
+                    np.copyto(self._states[name][key], value)
 
     def _step(self, feeds, number, lr, return_grads):
         result = self._engine.gradients(self.model, feeds)
@@ -113,3 +121,7 @@ class InlineSession(Session):
 
     def _weights(self, names):
         return {name: self.model.params[name].copy() for name in names}
+
+    def _take_checkpoint(self):
+        return (self._weights(list(self.model.params)),
+                {name: {k: v.copy() for k, v in state.items()} for name, state in self._states.items()})

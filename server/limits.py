@@ -26,6 +26,10 @@ class Limits:
     max_state_bytes: int = 64 << 30       # files in the state directory: models, accepted jobs' feeds, results
     session_idle_ttl: float = 1800.0      # seconds a training session may go without a call before it is closed
     max_sessions_per_client: int = 8     # training sessions one client (connection) may hold open
+    # A training session's checkpoint (weights and optimizer state, to the state directory and what a
+    # lost worker restarts it from) is taken every this many steps or seconds, whichever comes first.
+    session_checkpoint_steps: int = 100
+    session_checkpoint_seconds: float = 300.0
 
 
 class ByteBudget:

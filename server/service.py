@@ -28,6 +28,7 @@ from gradserve.server.metrics import ServerMetrics, serve_metrics
 from gradserve.server.models import ModelStore
 from gradserve.server.state import StateDir
 from gradserve.server.servicer import SERVICE_NAME, GradientServicer, generic_handler
+from gradserve.server.sessions import SessionRegistry
 from gradserve.server.settings import ServerSettings
 
 __all__ = ["GradientServer", "Limits", "SERVICE_NAME", "configure_logging", "serve_forever"]
@@ -119,7 +120,14 @@ class GradientServer:
             self.registry.recover(self.store)
             log.info("state directory %s: %d models, %d jobs kept", self.state.path, len(self.store),
                      len(self.registry.jobs()))
-        self.servicer = GradientServicer(self.store, self.registry, self._runner, limits, self.metrics)
+        sessions = SessionRegistry(
+            self._runner.session, idle_ttl=limits.session_idle_ttl, max_per_client=limits.max_sessions_per_client,
+            state=self.state, checkpoint_steps=limits.session_checkpoint_steps,
+            checkpoint_seconds=limits.session_checkpoint_seconds,
+        )
+        if self.state is not None and sessions.recover(self.store):
+            log.info("state directory %s: %d training sessions reopened", self.state.path, sessions.open_count())
+        self.servicer = GradientServicer(self.store, self.registry, self._runner, limits, self.metrics, sessions)
         servicer = self.servicer
         from gradserve.server.status import state
 

@@ -64,10 +64,10 @@ class GradientServicer(SessionRPCs):
     """The RPC handlers. State lives in the model store, the job registry and the session registry."""
 
     def __init__(self, store: ModelStore, registry: JobRegistry, runner: EngineRunner, limits: Limits,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None, sessions: SessionRegistry | None = None) -> None:
         self.store, self.registry, self.runner, self.limits = store, registry, runner, limits
-        self.sessions = SessionRegistry(runner.session, idle_ttl=limits.session_idle_ttl,
-                                        max_per_client=limits.max_sessions_per_client)
+        self.sessions = sessions or SessionRegistry(runner.session, idle_ttl=limits.session_idle_ttl,
+                                                    max_per_client=limits.max_sessions_per_client)
         self.metrics = metrics or registry.metrics
         self.started = time.time()  # for the uptime GetServerStatus reports
         self.rejected = 0  # jobs refused when submitted, since start (guarded by _stats_lock)

@@ -18,14 +18,19 @@ supply where the weights are (:meth:`Session._step` and friends).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from gradserve.server.errors import Unavailable
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, Model
 from gradserve.worker.optim import Optimizer, ParamGroups, Schedule, check_schedule, lr_at
+
+
+MAX_RESTORES = 3  # times one step may find the session's workers lost and go back to a checkpoint
 
 
 @dataclass
@@ -43,6 +48,24 @@ class SessionClosed(RuntimeError):
     """A step or query on a session that was closed."""
 
 
+@dataclass
+class Checkpoint:
+    """What a session restarts from: the weights and optimizer state after ``step`` steps."""
+
+    step: int
+    weights: dict[str, np.ndarray]
+    states: dict[str, dict[str, np.ndarray]]
+
+
+class Restored(Exception):
+    """Raised by an engine's step when it lost the session's state and restarted it from its last
+    checkpoint (``step``); :meth:`Session.step` then runs the step again from there."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"restored from step {step}")
+        self.step = step
+
+
 class Session:
     """What every engine's session shares. Open one with an engine's ``session(...)``."""
 
@@ -54,11 +77,20 @@ class Session:
         param_groups: Mapping[str, Mapping[str, Any]] | None = None,
         max_norm: float | None = None,
         schedule: Schedule | None = None,
+        checkpoint_steps: int | None = None,
+        checkpoint_seconds: float | None = None,
+        on_checkpoint: Callable[["Checkpoint"], None] | None = None,
     ) -> None:
         """``optimizer``: how every parameter is updated (:mod:`gradserve.optim`); ``param_groups``:
         per-parameter overrides of its hyper-parameters, by parameter name. ``max_norm``: clip
         dL/dw by its global norm first, as ``torch.nn.utils.clip_grad_norm_``. ``schedule``: the
-        learning rate per step, a list of (step, lr) or a callable step -> lr."""
+        learning rate per step, a list of (step, lr) or a callable step -> lr.
+
+        Checkpoints -- the weights and optimizer state, taken every ``checkpoint_steps`` steps or
+        ``checkpoint_seconds`` seconds, whichever comes first, and by :meth:`checkpoint` -- are
+        what a session whose workers were lost restarts from; ``on_checkpoint`` gets each (the
+        server writes them to its state directory). Without either setting none is taken by
+        itself, and a lost worker restarts the session from its first step."""
         if isinstance(optimizer, ParamGroups):
             groups = optimizer if param_groups is None else ParamGroups(optimizer.optimizer, param_groups)
         elif isinstance(optimizer, Optimizer):
@@ -77,6 +109,10 @@ class Session:
         self.model = dataclasses.replace(model, params={n: np.array(p, copy=True) for n, p in model.params.items()})
         self.steps = 0  # updates applied so far
         self.closed = False
+        self.checkpoint_steps, self.checkpoint_seconds = checkpoint_steps, checkpoint_seconds
+        self.on_checkpoint = on_checkpoint
+        self.last_checkpoint: Checkpoint | None = None
+        self._checkpointed_at = time.monotonic()
 
     # -- public --------------------------------------------------------------------------------------
     @property
@@ -90,17 +126,60 @@ class Session:
         one before the update (as ``loss.backward(); opt.step()`` would report it). ``lr``: this
         step's learning rate, in place of the schedule's (or the optimizer's)."""
         self._check_open()
+        (loss, grads, info, number, lr_used), restored = self._restoring(
+            lambda: self._numbered_step(feeds, lr, return_grads))
+        if restored is not None:
+            info["restored_from_step"] = restored
+        self.steps = number
+        if self._checkpoint_due():
+            self.checkpoint()
+        return StepResult(loss, number, grads if return_grads else None, {**info, "lr": lr_used})
+
+    def _restoring(self, attempt: Callable[[], Any]) -> tuple[Any, int | None]:
+        """``attempt()``, run again each time the engine lost the session's state and went back
+        to a checkpoint (:class:`Restored`; at most MAX_RESTORES times); with the step restored from."""
+        restored = None
+        for tries in range(1, MAX_RESTORES + 2):
+            try:
+                return attempt(), restored
+            except Restored as exc:
+                restored, self.steps = exc.step, exc.step
+                if tries > MAX_RESTORES:
+                    raise Unavailable(f"the session lost workers on {tries} tries of one call; it is at step "
+                                      f"{exc.step} now, try again later") from exc
+        raise AssertionError("unreachable")
+
+    def _numbered_step(self, feeds, lr: float | None, return_grads: bool):
         number = self.steps + 1
         if lr is None and self.schedule is not None:
             lr = lr_at(self.schedule, number)
         loss, grads, info = self._step(feeds, number, lr, return_grads)
-        self.steps = number
-        return StepResult(loss, number, grads if return_grads else None, {**info, "lr": lr})
+        return loss, grads, dict(info), number, lr
+
+    def checkpoint(self) -> Checkpoint:
+        """Take a checkpoint now (the weights and optimizer state after :attr:`steps` steps)."""
+        self._check_open()
+        weights, states = self._take_checkpoint()
+        self.last_checkpoint = Checkpoint(self.steps, weights, states)
+        self._checkpointed_at = time.monotonic()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.last_checkpoint)
+        return self.last_checkpoint
+
+    def _checkpoint_due(self) -> bool:
+        taken = self.last_checkpoint.step if self.last_checkpoint is not None else 0
+        if self.checkpoint_steps is not None and self.steps - taken >= self.checkpoint_steps:
+            return True
+        return (self.checkpoint_seconds is not None
+                and time.monotonic() - self._checkpointed_at >= self.checkpoint_seconds)
 
     def gradients(self, feeds: Mapping[str, np.ndarray]) -> Result:
         """The loss and dL/dw at the current weights, which stay as they are."""
         self._check_open()
-        return self._gradients(feeds)
+        result, restored = self._restoring(lambda: self._gradients(feeds))
+        if restored is not None:
+            result.info["restored_from_step"] = restored
+        return result
 
     def set_weights(self, values: Mapping[str, np.ndarray]) -> None:
         """Replace some weights (only those given travel); their optimizer state stays."""
@@ -145,6 +224,9 @@ class Session:
         raise NotImplementedError
 
     def _weights(self, names: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _take_checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
         raise NotImplementedError
 
     def _close(self) -> None:

@@ -1,5 +1,5 @@
 """The training-session RPCs of GradientService (OpenSession, Step, SetWeights, GetWeights,
-CloseSession; ``proto/v1/service.proto``), mixed into :class:`~gradserve.server.servicer.GradientServicer`.
+CheckpointSession, CloseSession; ``proto/v1/service.proto``), mixed into :class:`~gradserve.server.servicer.GradientServicer`.
 
 A step runs on the call's thread, one at a time per session (:mod:`gradserve.server.sessions`).
 Steps are numbered: a step resent after its reply was lost is answered from the session's last
@@ -65,13 +65,17 @@ class SessionRPCs:
             return session.gradients(feeds)
         if entry.last_step is not None and opts.step == entry.last_step[0]:
             return entry.last_step[1]  # sent again: its reply was lost on the way
-        if opts.step != session.steps + 1:
+        restored, entry.restored_from = entry.restored_from, None
+        if restored is None and opts.step != session.steps + 1:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"step {opts.step} sent, but session {entry.id} has applied {session.steps} steps "
                                f"(the next one is {session.steps + 1})")
         t = time.perf_counter()
         step = session.step(feeds, return_grads=opts.return_grads, lr=opts.lr if opts.HasField("lr") else None)
-        result = Result(step.loss, step.grads or {}, {}, {**step.info, "step": step.step})
+        info = {**step.info, "step": step.step}
+        if restored is not None:  # reopened from a checkpoint (a server restart): the client's count was ahead
+            info.setdefault("restored_from_step", restored)
+        result = Result(step.loss, step.grads or {}, {}, info)
         entry.last_step = (step.step, result)
         self.sessions.count_step()
         log.debug("session %s: step %d, loss %.6g, %.1f ms", entry.id, step.step, step.loss,
@@ -99,6 +103,14 @@ class SessionRPCs:
                                                                       weights=chunks.headers(values)))
         for chunk in chunks.chunks(values):
             yield service_pb2.WeightsChunk(data=chunk)
+
+    @rpc
+    def CheckpointSession(self, request: service_pb2.SessionRef, context: grpc.ServicerContext) -> service_pb2.SessionInfo:
+        entry = self.sessions.get(request.session_id)
+        with entry.lock:
+            entry.last_used = time.monotonic()
+            entry.session.checkpoint()
+        return _info(entry, self.sessions.idle_ttl)
 
     @rpc
     def CloseSession(self, request: service_pb2.SessionRef, context: grpc.ServicerContext) -> service_pb2.SessionInfo:

@@ -8,6 +8,8 @@ Layout of ``DIR``:
 - ``jobs/<job id>.feeds.npz``: an accepted job's feeds, written before the job is acknowledged;
 - ``jobs/<job id>.result.npz``: a finished job's loss, dL/dw, dL/dx and info, until fetched or
   expired (read with ``allow_pickle=False``: arrays only);
+- ``sessions/<session id>.session.npz``: an open training session's last checkpoint: its weights,
+  optimizer state and description (model, optimizer, counts, step), until the session closes;
 - ``state.sqlite3``: one row per job (model, options, client, state, error), in SQLite's
   write-ahead log mode;
 - ``lock``: held (``flock``) while a server uses the directory, so a second server on the same
@@ -80,7 +82,7 @@ class StateDir:
     def __init__(self, path: str | Path, max_bytes: int) -> None:
         self.path = Path(path).expanduser()
         self.max_bytes = max_bytes
-        for sub in ("models", "jobs"):
+        for sub in _SUBDIRS:
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.path / "lock", "a+")
         try:
@@ -101,7 +103,7 @@ class StateDir:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
         self._clean_temporaries()
-        self._bytes = sum(f.stat().st_size for sub in ("models", "jobs") for f in (self.path / sub).iterdir())
+        self._bytes = sum(f.stat().st_size for sub in _SUBDIRS for f in (self.path / sub).iterdir())
 
     def close(self) -> None:
         """Release the directory (the files stay)."""
@@ -196,6 +198,38 @@ class StateDir:
         return [JobRecord(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
 
     # -- files -------------------------------------------------------------------------------------
+    # -- training sessions -----------------------------------------------------------------------------
+    def save_session(self, session_id: str, meta: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+                     states: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Keep a session's checkpoint (replacing its previous one): ``meta`` (JSON-able: model,
+        optimizer, counts, step...), its weights and its optimizer state."""
+        arrays = {"meta": np.array(json.dumps(dict(meta)))}
+        arrays.update({f"w/{name}": value for name, value in weights.items()})
+        arrays.update({f"s/{name}/{key}": value for name, state in states.items() for key, value in state.items()})
+        self._write_npz(self._session_path(session_id), arrays, f"session {session_id}'s checkpoint")
+
+    def drop_session(self, session_id: str) -> None:
+        self._remove(self._session_path(session_id))
+
+    def sessions(self) -> Iterator[tuple[str, dict[str, Any], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]]:
+        """Every kept session checkpoint: (id, meta, weights, optimizer states)."""
+        for path in sorted((self.path / "sessions").glob("*.session.npz")):
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                weights: dict[str, np.ndarray] = {}
+                states: dict[str, dict[str, np.ndarray]] = {}
+                for key in data.files:
+                    kind, _, rest = key.partition("/")
+                    if kind == "w":
+                        weights[rest] = data[key]
+                    elif kind == "s":
+                        name, _, state_key = rest.rpartition("/")
+                        states.setdefault(name, {})[state_key] = data[key]
+            yield path.name[: -len(".session.npz")], meta, weights, states
+
+    def _session_path(self, session_id: str) -> Path:
+        return self.path / "sessions" / f"{_safe(session_id)}.session.npz"
+
     def _model_path(self, model_id: str) -> Path:
         if len(model_id) != 64 or any(c not in "0123456789abcdef" for c in model_id):
             raise ValueError(f"not a model id: {model_id!r}")
@@ -250,9 +284,12 @@ class StateDir:
 
     def _clean_temporaries(self) -> None:
         """Temporary files a crash left behind."""
-        for sub in ("models", "jobs"):
+        for sub in _SUBDIRS:
             for tmp in (self.path / sub).glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+
+
+_SUBDIRS = ("models", "jobs", "sessions")
 
 
 def _safe(job_id: str) -> str:

@@ -5,6 +5,7 @@ session equals training with torch.optim on the same model (inline), and the inl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.inline import InlineEngine
 from gradserve.server.limits import Limits
+from gradserve.server.planning import memory
 from gradserve.server.service import GradientServer
 from gradserve.server.session import SessionClosed
 from gradserve.worker.graph import GraphError
@@ -300,3 +302,72 @@ def test_a_ray_session_through_the_server(ray_engine):
                 assert got.loss == pytest.approx(reference.step(b).loss, rel=1e-12)
             assert got.info["partitions"] == 2 and got.info["replicas"] == 2
             assert_close(session.weights(), reference.weights(), rtol=1e-10)
+
+
+# -- nothing is lost ---------------------------------------------------------------------------------
+
+def test_a_server_restart_on_the_same_state_directory_brings_sessions_back(tmp_path):
+    model, batches = mlp()
+    reference = gradserve.local().session(model, Adam(lr=0.02))
+    first = GradientServer(InlineEngine, "127.0.0.1:0", limits=Limits(session_checkpoint_steps=2),
+                           state_dir=str(tmp_path))
+    first.start()
+    client = Client(first.address, timeout=60)
+    try:
+        session = client.session(model, Adam(lr=0.02))
+        for b in batches[:3]:
+            assert session.step(b).loss == pytest.approx(reference.step(b).loss, rel=1e-12)
+        # every 2 steps a checkpoint went to the state directory
+        (kept,) = list(first.state.sessions())
+        assert kept[0] == session.id and kept[1]["step"] == 2
+    finally:
+        first.stop(grace=1.0)  # a graceful stop checkpoints the last step too
+    second = GradientServer(InlineEngine, first.address, state_dir=str(tmp_path))
+    second.start()
+    try:
+        step = session.step(batches[3])  # the same client, the server back at the same address
+        want = reference.step(batches[3])
+        assert (step.step, step.info["restored_from_step"]) == (4, 3)
+        assert step.loss == pytest.approx(want.loss, rel=1e-12)
+        assert_close(session.weights(), reference.weights(), rtol=1e-12)
+        session.close()
+        assert list(second.state.sessions()) == []  # a closed session's checkpoint goes with it
+    finally:
+        client.close()
+        second.stop(grace=1.0)
+
+
+@pytest.mark.slow
+def test_a_ray_session_that_loses_a_worker_goes_on_from_its_last_checkpoint(ray_engine):
+    model, batches = mlp()
+    session = ray_engine.session(model, Adam(lr=0.02), partitions=2, micro_batches=1, replicas=1, checkpoint_steps=2)
+    reference = gradserve.local().session(model, Adam(lr=0.02))
+    for b in batches[:3]:
+        session.step(b)
+    for b in batches[:2]:
+        reference.step(b)  # the checkpoint: after step 2
+    ray.kill(session._dep.actors[0][1])  # the worker of partition 1, with its weights and Adam's moments
+    step = session.step(batches[3])
+    want = reference.step(batches[3])
+    assert (step.step, step.info["restored_from_step"]) == (3, 2)
+    assert step.loss == pytest.approx(want.loss, rel=1e-12)
+    assert_close(session.weights(), reference.weights(), rtol=1e-10)
+    step = session.step(batches[4])  # and it goes on normally
+    assert step.step == 4 and "restored_from_step" not in step.info
+    assert step.loss == pytest.approx(reference.step(batches[4]).loss, rel=1e-12)
+    session.close()
+
+
+@pytest.mark.slow
+def test_a_session_whose_optimizer_state_cannot_fit_is_refused_before_it_starts(ray_engine, monkeypatch):
+    model, batches = mlp()
+    as_job = ray_engine.plan(model, batches[0], partitions=1).memory[0].total
+    weights = sum(p.nbytes for p in model.params.values())
+    real = ray_engine._pool.nodes
+    # nodes that fit the job, and the session's own copy of the weights, but not Adam's two moments too
+    monkeypatch.setattr(ray_engine._pool, "nodes", lambda refresh=False: [
+        dataclasses.replace(n, memory_bytes=as_job + 2 * weights) for n in real(refresh)])
+    with ray_engine.session(model, Adam(lr=0.01), partitions=1, micro_batches=1, replicas=1) as session:
+        with pytest.raises(memory.ResourceExhausted, match=r"more for its own weights and the optimizer's state"):
+            session.step(batches[0])
+        assert session._dep is None and session.steps == 0  # nothing was placed

@@ -57,10 +57,15 @@ class StageHost:
         self.stages.pop(key, None)
         self.trainers.pop(key, None)
 
-    def train(self, key: str, groups: dict, owned: Sequence[str]) -> None:
+    def train(self, key: str, groups: dict, owned: Sequence[str], states: dict | None = None) -> None:
         """Make the loaded stage ``key`` a training session's: it owns its weights from now on and
-        updates them with the optimizer ``groups`` describes (:meth:`ParamGroups.to_dict`)."""
-        self.trainers[key] = Trainer(self.stages[key], ParamGroups.from_dict(groups), owned)
+        updates them with the optimizer ``groups`` describes (:meth:`ParamGroups.to_dict`), from
+        the optimizer ``states`` of a checkpoint if given."""
+        self.trainers[key] = Trainer(self.stages[key], ParamGroups.from_dict(groups), owned, states)
+
+    def checkpoint(self, key: str) -> tuple[dict, dict]:
+        """A session stage's owned weights and their optimizer state."""
+        return self.trainers[key].checkpoint()
 
     def set_weights(self, key: str, values: dict[str, np.ndarray]) -> None:
         """Overwrite some of a session stage's parameters."""

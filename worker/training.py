@@ -26,12 +26,18 @@ class Trainer:
     """The optimizer of one stage: its own parameters (``owned``: those whose norm it counts, a
     parameter shared by several partitions is counted by one) and their state."""
 
-    def __init__(self, stage: Stage, groups: ParamGroups, owned: Sequence[str]) -> None:
+    def __init__(self, stage: Stage, groups: ParamGroups, owned: Sequence[str],
+                 states: Mapping[str, State] | None = None) -> None:
+        """``states``: the optimizer state to go on from (a checkpoint's), else a fresh one."""
         stage.params = {name: np.array(value, copy=True) for name, value in stage.params.items()}  # writable
         self.stage = stage
         self.groups = groups
         self.owned = tuple(owned)
         self.states: dict[str, State] = groups.init_state(stage.params)
+        for name, state in (states or {}).items():
+            if name in self.states:
+                for key, value in state.items():
+                    np.copyto(self.states[name][key], value)
 
     def sq_norm(self, grads: Mapping[str, np.ndarray]) -> float:
         """The sum of squares of the owned parameters' gradients (this stage's share of the norm)."""
@@ -50,6 +56,12 @@ class Trainer:
                 if np.shape(value) != target.shape:
                     raise ValueError(f"parameter {name!r} has shape {target.shape}, not {np.shape(value)}")
                 np.copyto(target, value, casting="same_kind")
+
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, State]]:
+        """Copies of the owned parameters and their optimizer state: what a restart needs."""
+        params = self.stage.params
+        return ({name: params[name].copy() for name in self.owned},
+                {name: {k: v.copy() for k, v in self.states[name].items()} for name in self.owned})
 
     def weights(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Copies of the stage's parameters (all, or those of ``names`` it holds)."""

@@ -104,6 +104,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionRef.SerializeToString,
                 response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
                 _registered_method=True)
+        self.CheckpointSession = channel.unary_unary(
+                '/gradserve.v1.GradientService/CheckpointSession',
+                request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionRef.SerializeToString,
+                response_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
+                _registered_method=True)
         self.GetServerStatus = channel.unary_unary(
                 '/gradserve.v1.GradientService/GetServerStatus',
                 request_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.ServerStatusRequest.SerializeToString,
@@ -221,6 +226,13 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckpointSession(self, request, context):
+        """Checkpoint the session now (otherwise every --session-checkpoint-steps/-seconds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerStatus(self, request, context):
         """The server as operators see it (`gradserve status`): version, engine, uptime, the cluster's
         nodes and the worker actors on each, the jobs queued and running with their progress, the
@@ -300,6 +312,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
+                    request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionRef.FromString,
+                    response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.SerializeToString,
+            ),
+            'CheckpointSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointSession,
                     request_deserializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionRef.FromString,
                     response_serializer=gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.SerializeToString,
             ),
@@ -685,6 +702,33 @@ class GradientService:
             request,
             target,
             '/gradserve.v1.GradientService/CloseSession',
+            gradserve_dot_proto_dot_v1_dot_service__pb2.SessionRef.SerializeToString,
+            gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/CheckpointSession',
             gradserve_dot_proto_dot_v1_dot_service__pb2.SessionRef.SerializeToString,
             gradserve_dot_proto_dot_v1_dot_service__pb2.SessionInfo.FromString,
             options,

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import ray
@@ -376,10 +376,11 @@ class RayEngine:
         return entry
 
     def _deploy(self, model: Model, fingerprint: str, placed: "_Placed", job, choice: Choice, split_at,
-                refresh: bool = False) -> Deployment:
+                refresh: bool = False, extra: Sequence[int] = ()) -> Deployment:
         """Place one job: the scheduler picks an actor per (replica, partition), and each one not
         yet holding its stage loads it (parameters come from the object store: Ray moves each to
-        a node once). The chosen actors count as busy until :meth:`_release`."""
+        a node once). The chosen actors count as busy until :meth:`_release`. ``extra``: bytes
+        per partition beyond the plan's (a training session's weights and optimizer state)."""
         with self._lock:
             entry = self._plan_entry(model, fingerprint, job, choice.plan)
             k, r = len(entry.specs), choice.r
@@ -392,7 +393,8 @@ class RayEngine:
                 ActorInfo(id(a), w["node_id"], self._busy[id(a)], frozenset(held.get(id(a), ())), w.get("memory", 0))
                 for a, w in zip(self._pool.actors, self._pool.where)
             ]
-            needs = [entry.plan.memory[p].total if entry.plan.memory else 0 for _, p in slots]
+            needs = [(entry.plan.memory[p].total if entry.plan.memory else 0) + (extra[p] if extra else 0)
+                     for _, p in slots]
             picks = scheduler.choose([entry.stage(p) for _, p in slots], self._pool.nodes(refresh), infos, needs)
             others = Counter()
             for info in infos:

@@ -10,34 +10,40 @@ per stage (:func:`~gradserve.server.ray_engine.submit.submit_updates`), queued r
 stage's own dL/dw so it overlaps the other stages' backward; replicas each sum the same dL/dw
 parts in the same order and apply the same update, so they stay equal.
 
-Not yet: checkpoints, and so surviving a lost worker (the step fails with ``WorkerLost`` and the
-session is closed); sessions through the gRPC service.
+A lost worker takes its stages' weights with it: the session then goes back to its last
+checkpoint (:meth:`Session.checkpoint`; without one, to its first step), is placed afresh on the
+workers left, and runs the step again from there; the step reports ``restored_from_step``.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 
-from gradserve.server.errors import WorkerLost
 from gradserve.server.planning.batching import split_batch
+from gradserve.server.planning.memory import ResourceExhausted, fmt_bytes
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.ray_engine.submit import Deployment, Training
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
-from gradserve.server.session import Session
+from gradserve.server.session import Checkpoint, Restored, Session
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradserve.server.ray_engine.engine import RayEngine
+
+log = logging.getLogger("gradserve.ray_engine")
 
 
 class RaySession(Session):
     """A session whose stages train on Ray workers. Open it with :meth:`RayEngine.session`."""
 
-    def __init__(self, engine: "RayEngine", model, optimizer, counts: tuple, **options: Any) -> None:
+    def __init__(self, engine: "RayEngine", model, optimizer, counts: tuple, *, start: Checkpoint | None = None,
+                 **options: Any) -> None:
+        """``start``: a checkpoint to go on from (a server restarting its sessions)."""
         super().__init__(model, optimizer, **options)
         self._engine = engine
         self._counts = counts  # (K, M, R) as asked; fixed by the first step
@@ -47,6 +53,10 @@ class RaySession(Session):
         self._mr = (1, 1)
         self._exchange = False
         self._sharing: tuple[tuple[int, ...], ...] = ()
+        self._start_states: dict | None = None  # optimizer state the next placement starts from
+        if start is not None:
+            self.steps, self.last_checkpoint = start.step, start
+            self._start_from(start)
 
     @property
     def placement(self) -> dict[str, Any]:
@@ -74,11 +84,15 @@ class RaySession(Session):
         try:
             return self._engine._run(uuid.uuid4().hex[:12], dep, job, chunks, m, r, None, None, training, self.max_norm)
         except Exception as exc:
-            if is_worker_loss(exc):  # its weights were on that worker: nothing to go on from
-                self.close()
-                raise WorkerLost(f"the session lost a Ray worker holding its weights ({type(exc).__name__}); "
-                                 "the session is closed", 0) from exc
-            raise
+            if not is_worker_loss(exc):
+                raise
+            # Some of the weights were on that worker: the last checkpoint is all there is to go on from.
+            start = self.last_checkpoint or Checkpoint(0, self.model.params, self.groups.init_state(self.model.params))
+            log.warning("session %s lost a worker (%s); restarting it from step %d", self._key, type(exc).__name__,
+                        start.step)
+            self._unplace()
+            self._start_from(start)
+            raise Restored(start.step) from exc
 
     def _job(self, feeds):
         """The deployment (made by the first step), and this batch prepared and split for it."""
@@ -95,13 +109,15 @@ class RaySession(Session):
         with engine._lock:
             placed = engine._params[self._key] = _placed(self.model.params)
             placed.users += 1  # held until close: the session's stages are never evicted
-        dep = engine._deploy(choice.split.model, self._key, placed, choice.split.job, choice, None)
+        extra = self._check_memory(choice)
+        dep = engine._deploy(choice.split.model, self._key, placed, choice.split.job, choice, None, extra=extra)
         holders: dict[str, list[int]] = {}
         for p, spec in enumerate(dep.specs):
             for name in spec.params:
                 holders.setdefault(name, []).append(p)
-        groups = self.groups.to_dict()
-        calls = [actor.train.remote(dep.keys[p], groups, [n for n in dep.specs[p].params if holders[n][0] == p])
+        groups, states = self.groups.to_dict(), self._start_states or {}
+        calls = [actor.train.remote(dep.keys[p], groups, [n for n in dep.specs[p].params if holders[n][0] == p],
+                                    {n: states[n] for n in dep.specs[p].params if n in states} or None)
                  for row in dep.actors for p, actor in enumerate(row)]
         try:
             ray.get(calls)
@@ -109,8 +125,30 @@ class RaySession(Session):
             engine._release(dep)
             raise
         self._dep, self._mr, self._split_model = dep, (choice.m, choice.r), choice.split.model
+        self._start_states = None
         self._sharing = tuple(tuple(sorted({q for n in spec.params for q in holders[n]})) for spec in dep.specs)
         self._exchange = choice.r > 1 or any(len(parts) > 1 for parts in holders.values())
+
+    def _check_memory(self, choice) -> list[int]:
+        """Bytes each partition's worker holds beyond a job's: its own copy of its weights and the
+        optimizer's state (Adam: two more copies). RESOURCE_EXHAUSTED before anything is placed
+        when a partition would not fit the largest node."""
+        plan, params = choice.plan, self.model.params
+        extra = []
+        for part in plan.partitions:
+            mine = {n: params[n] for n in part.params}
+            extra.append(sum(p.nbytes for p in mine.values()) + self.groups.state_bytes(mine))
+        nodes = self._engine._pool.nodes()
+        top = max((n.memory_bytes for n in nodes), default=0)
+        job = [m.total for m in plan.memory] if plan.memory else [0] * len(extra)
+        worst = max(range(len(extra)), key=lambda p: job[p] + extra[p])
+        if top and job[worst] + extra[worst] > top:
+            raise ResourceExhausted(
+                f"the session's partition {worst} of {len(extra)} needs {fmt_bytes(job[worst] + extra[worst])} "
+                f"({fmt_bytes(job[worst])} as a job, {fmt_bytes(extra[worst])} more for its own weights and the "
+                f"optimizer's state), but the largest node has {fmt_bytes(top)}: use more partitions, an "
+                "optimizer with less state (SGD without momentum keeps none), or larger nodes")
+        return extra
 
     # -- weights -------------------------------------------------------------------------------------
     def _set_weights(self, values) -> None:
@@ -136,6 +174,37 @@ class RaySession(Session):
                 out.setdefault(name, value)
         return {name: out[name] for name in names}
 
+    def _take_checkpoint(self):
+        if self._dep is None:
+            states = self._start_states or self.groups.init_state(self.model.params)
+            return {n: p.copy() for n, p in self.model.params.items()}, states
+        weights: dict[str, np.ndarray] = {}
+        states: dict[str, dict[str, np.ndarray]] = {}
+        for part_weights, part_states in ray.get(
+                [actor.checkpoint.remote(self._dep.keys[p]) for p, actor in enumerate(self._dep.actors[0])]):
+            weights.update(part_weights)
+            states.update(part_states)
+        return weights, states
+
+    def _start_from(self, start: Checkpoint) -> None:
+        """The next placement starts from ``start``'s weights and optimizer state."""
+        for name, value in start.weights.items():
+            if value is not self.model.params[name]:
+                np.copyto(self.model.params[name], value)
+        self._start_states = start.states
+
+    def _unplace(self) -> None:
+        """Let go of the placement: stages unloaded on the actors that hold them, actors released."""
+        engine = self._engine
+        if self._dep is not None:
+            engine._release(self._dep)
+            self._dep = None
+        with engine._lock:
+            placed = engine._params.get(self._key)
+            if placed is not None:
+                placed.users -= 1
+            engine._forget(self._key)  # its stages unloaded on every actor holding them
+
     def replica_weights(self) -> list[dict[str, np.ndarray]]:
         """Every replica's copy of the weights (they are equal; tests check that they stay so)."""
         if self._dep is None:
@@ -149,14 +218,7 @@ class RaySession(Session):
         return out
 
     def _close(self) -> None:
-        engine = self._engine
-        if self._dep is not None:
-            engine._release(self._dep)
-        with engine._lock:
-            placed = engine._params.get(self._key)
-            if placed is not None:
-                placed.users -= 1
-            engine._forget(self._key)  # its stages unloaded on every actor holding them
+        self._unplace()
 
 
 def _placed(params):
