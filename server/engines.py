@@ -1,7 +1,6 @@
 """Which engine the server computes with, and how a job is handed to it.
 
-The server takes an *engine factory* (any callable returning an object with
-``.gradients(model, feeds, *, input_grads, progress, cancelled, ...)`` and ``.close()``);
+The server takes an *engine factory*: any callable returning an :class:`Engine`.
 :func:`engine_factory` builds the one ``gradserve serve --engine`` asks for. The Ray engine is
 imported lazily, only when chosen, so the inline engine works without Ray ever loading.
 """
@@ -9,16 +8,33 @@ imported lazily, only when chosen, so the inline engine works without Ray ever l
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from gradserve.server.jobs import Job, JobOptions
 from gradserve.server.result import Result
 
 log = logging.getLogger("gradserve.server")
 
-Engine = Any  # duck-typed: .gradients(...) -> Result and .close()
+class Engine(Protocol):
+    """What the server asks of an engine.
+
+    ``gradients(model, feeds, *, input_grads, progress, cancelled)`` computes one job; an engine
+    that ``splits`` the work (Ray) also takes ``partitions``, ``micro_batches``, ``replicas`` (a
+    number or "auto"), ``model_key`` (the server's verified content hash of the model) and
+    ``job_id`` (the server's id, for its logs). ``session(model, optimizer, ...)`` opens a training
+    session (:mod:`gradserve.server.session`). Optional: ``capacity()`` (jobs it usefully runs at
+    once) and ``status()`` (its nodes, for ``gradserve status``).
+    """
+
+    name: str
+    splits: bool
+
+    def gradients(self, model: Any, feeds: Any, **options: Any) -> Result: ...
+
+    def close(self) -> None: ...
+
+
 EngineFactory = Callable[[], Engine]
 
 ENGINES = ("ray", "inline")
@@ -72,16 +88,10 @@ class EngineRunner:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.name = getattr(engine, "name", type(engine).__name__)
-        try:
-            params = inspect.signature(engine.gradients).parameters
-        except (TypeError, ValueError):
-            params = {}
-        # Engines that split the work (Ray) take partitions/micro_batches/replicas per call; the
-        # inline engine runs the whole graph at once, so for it those options mean nothing.
-        self.splits = "partitions" in params
-        # The server's model id is a content hash it verified at upload: engines that cache
-        # parameters by content take it instead of hashing the weights again on every job.
-        self.keyed = "model_key" in params
+        # Engines that split the work (Ray) take partitions/micro_batches/replicas per call, and the
+        # server's model id (a content hash verified at upload: they need not hash the weights
+        # again) and job id; the inline engine runs the whole graph at once.
+        self.splits = bool(getattr(engine, "splits", False))
 
     def capacity(self) -> int | None:
         """Jobs the engine usefully computes at once (the Ray engine: follows the cluster's CPUs);
@@ -100,9 +110,7 @@ class EngineRunner:
         kwargs: dict[str, Any] = dict(input_grads=job.options.input_grads, progress=job.add_event, cancelled=job.cancelled)
         if self.splits:
             kwargs.update(partitions=job.options.partitions, micro_batches=job.options.micro_batches,
-                          replicas=job.options.replicas)
-        if self.keyed:
-            kwargs["model_key"] = job.model_id
+                          replicas=job.options.replicas, model_key=job.model_id, job_id=job.id)
         return self.engine.gradients(job.model, job.feeds, **kwargs)
 
     def session(self, model, optimizer, counts: tuple, **options: Any):

@@ -25,6 +25,7 @@ class InlineEngine:
     other engine is checked against."""
 
     name = "inline"
+    splits = False  # the whole graph in one process: no partitions, micro-batches or replicas (engines.Engine)
 
     def __init__(self, warm_up: bool = False) -> None:
         """``warm_up``: load every compiled kernel now (0.6 s from the cache; compiled once per

@@ -179,6 +179,7 @@ def test_server_refuses_at_submit_with_invalid_argument(ray_engine, onnx_model):
 
     class Shared:  # the session's engine, closed by its fixture; counts the jobs that reach it
         name = "ray"
+        splits = True
 
         def gradients(self, model, feeds, *, partitions=None, **options):
             calls.append(partitions)

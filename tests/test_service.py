@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import gradserve
+from borrowed import Borrowed
 from gradserve.client.cli import main as cli_main
 from gradserve.client.progress import ProgressLine
 from gradserve.client.remote import (
@@ -429,11 +430,7 @@ def test_ray_engine_behind_the_service(ray_engine):
     """The service on the Ray engine (the default outside tests): partitions and micro-batches
     reach the engine, progress arrives per step, and the result equals the inline engine's."""
 
-    class Shared:  # the session's engine is closed by its fixture, not by this server
-        name = "ray"
-        gradients = ray_engine.gradients
-
-    with serving(lambda: Shared()) as srv, Client(srv.address, timeout=120) as c:
+    with serving(lambda: Borrowed(ray_engine)) as srv, Client(srv.address, timeout=120) as c:
         model, feeds = mlp(30), batch(30, n=16)
         job = c.submit(model, feeds, partitions=2, micro_batches=2, input_grads=["x"])
         statuses = list(job.watch(timeout=120))

@@ -25,6 +25,8 @@ from gradserve.server.session import SessionClosed
 from gradserve.worker.graph import GraphError
 from gradserve.worker.optim import SGD, Adam, AdamW
 
+from borrowed import Borrowed
+
 SIZES = [6, 12, 8, 2]
 STEPS = 6
 
@@ -288,14 +290,9 @@ def test_bad_session_requests_are_refused_naming_the_fault():
 
 @pytest.mark.slow
 def test_a_ray_session_through_the_server(ray_engine):
-    class Shared:  # the test session's engine, closed by its fixture, not by this server
-        name = "ray"
-        gradients = ray_engine.gradients
-        session = ray_engine.session
-
     model, batches = mlp()
     reference = gradserve.local().session(model, AdamW(lr=0.01))
-    with serving(lambda: Shared()) as (server, client):
+    with serving(lambda: Borrowed(ray_engine)) as (server, client):
         with client.session(model, AdamW(lr=0.01), partitions=2, replicas=2, micro_batches=1) as session:
             for b in batches:
                 got = session.step(b)

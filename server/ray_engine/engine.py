@@ -96,6 +96,7 @@ class RayEngine:
     """
 
     name = "ray"
+    splits = True  # takes partitions, micro_batches, replicas, model_key and job_id per job (engines.Engine)
 
     def __init__(
         self,
@@ -151,11 +152,14 @@ class RayEngine:
         cancelled: threading.Event | None = None,
         split_at: list[str] | None = None,
         model_key: str | None = None,
+        job_id: str | None = None,
     ) -> Result:
         """Loss and dL/dw, computed by the partitioned pipeline; equal to the inline engine's.
 
         ``model_key``: a content hash of the model the caller has already verified (the server's
         model id); without it the engine checks the parameters against the copy it placed.
+        ``job_id``: the caller's name for the job (the server's job id), so that the engine's log
+        lines match its outcome line; runs after a lost worker are ``ID.1``, ``ID.2``...
         """
         t0 = time.perf_counter()
         full = prepare(model, feeds, input_grads)
@@ -165,9 +169,11 @@ class RayEngine:
         chunks, job = split.chunks, split.job  # job: shapes of one micro-batch, for planning
         key, placed = self._acquire(model, model_key)
         retries = 0
+        name = job_id or uuid.uuid4().hex[:12]
         try:  # while the job holds its parameters, neither they nor their plans are evicted
             while True:
-                job_id = uuid.uuid4().hex[:12]
+                # A run's id is new after a lost worker: actors ignore the late steps of an aborted run.
+                job_id = name if retries == 0 else f"{name}.{retries}"
                 try:
                     # After a lost worker the nodes are read again: one that left is not chosen.
                     deployment = self._deploy(split.model, key, placed, job, choice, split_at, refresh=retries > 0)
