@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from typing import Any, Callable, Protocol
 
-from gradserve.server.jobs import Job, JobOptions
+from gradserve.server.job import Job, JobOptions
 from gradserve.server.result import Result
 
 log = logging.getLogger("gradserve.server")

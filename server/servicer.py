@@ -20,9 +20,8 @@ from gradserve.proto.v1 import service_pb2
 from gradserve.server.engines import EngineRunner
 from gradserve.server.errors import BadRequest, LimitExceeded, ServiceError, status_for
 from gradserve.server.handlers import method_handler
-from gradserve.server.jobs import (
-    Job, JobRegistry, JobSnapshot, client_of, one_line, parse_options,
-)
+from gradserve.server.job import Job, JobSnapshot, client_of, one_line, parse_options
+from gradserve.server.jobs import JobRegistry
 from gradserve.server.limits import ByteBudget, Limits
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.models import ModelStore

@@ -20,7 +20,7 @@ import numpy as np
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.errors import BadRequest, ServiceError
-from gradserve.server.jobs import client_of, parse_options
+from gradserve.server.job import client_of, parse_options
 from gradserve.server.result import Result
 from gradserve.server.rpc import first, job_stream, rest, result_messages, rpc
 from gradserve.server.sessions import OpenSession

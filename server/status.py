@@ -9,7 +9,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from gradserve.proto.v1 import service_pb2
-from gradserve.server.jobs import QUEUED, RUNNING, Job
+from gradserve.server.job import QUEUED, RUNNING, Job
 
 if TYPE_CHECKING:
     from gradserve.server.servicer import GradientServicer

@@ -12,7 +12,8 @@ from gradserve.proto.chunks import LimitExceeded
 from gradserve.proto.tensors import TensorDecodeError
 from gradserve.server.errors import BadRequest, NotFound, ServiceError, Unavailable, status_for
 from gradserve.server.events import JobCancelled, check_cancelled
-from gradserve.server.jobs import JobOptions, JobRegistry
+from gradserve.server.job import JobOptions
+from gradserve.server.jobs import JobRegistry
 from gradserve.server.limits import ByteBudget
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError
@@ -153,7 +154,7 @@ def test_watch_replays_every_event_before_the_end_and_ends_once():
     """An event and the job's end that both land while a watcher replays the history: the
     watcher still gives every event (as running) first and "done" once, last."""
     from gradserve.server.events import ProgressEvent
-    from gradserve.server.jobs import DONE, RUNNING, Job
+    from gradserve.server.job import DONE, RUNNING, Job
 
     job = Job("j1", "m1", None, None, JobOptions(partitions=1, micro_batches=1, replicas=1))
     job.state, job.started = RUNNING, time.monotonic()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from gradserve.client.serve_args import add_serve_args
-from gradserve.server.jobs import DEFAULT_CONCURRENCY, JobOptions, JobRegistry, client_of
+from gradserve.server.job import JobOptions, client_of
+from gradserve.server.jobs import DEFAULT_CONCURRENCY, JobRegistry
 from gradserve.server.planning.memory import ACTOR_BASE_BYTES
 from gradserve.server.ray_engine.scheduler import MIN_RESERVATION, ActorInfo, NewActor, NodeInfo, choose, size_class
 from gradserve.server.result import Result

@@ -12,7 +12,8 @@ import gradserve
 from gradserve.client.demo import mlp_example
 from gradserve.server.errors import LimitExceeded
 from gradserve.server.events import JobCancelled
-from gradserve.server.jobs import JobOptions, JobRegistry
+from gradserve.server.job import JobOptions
+from gradserve.server.jobs import JobRegistry
 from gradserve.server.models import ModelStore
 from gradserve.server.result import Result
 from gradserve.server.state import StateDir, StateDirInUse
