@@ -1,7 +1,6 @@
 """``auto`` partitions, micro-batches and replicas on hand-made clusters (no Ray), and the wire
 contract: 0 means auto."""
 
-import numpy as np
 import pytest
 
 from gradserve.client.demo import mlp_example

@@ -460,3 +460,20 @@ def test_grid_sample_and_col2im_split_per_sample():
     model = m.loss(m.op("ReduceMean", folded * folded, keepdims=0))
     model.opset = 20
     assert_split_exact(model, {"x": f64(B, 2, 4, 4)})
+
+
+def test_bit_shift_splits_exactly():
+    """BitShift had a row in the op table but no batch rule, so micro-batching refused any model
+    using it; its rule now comes from the op's row (elementwise, like every op of its module)."""
+    B = 6
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, 4), np.float64)
+    bits = m.input("bits", (None, 4), np.int64)
+    as_uint8 = {"to": 2}  # BitShift takes unsigned ints only, which do not travel on the wire: cast in the graph
+    shifted = m.op("BitShift", m.op("Cast", bits, **as_uint8), m.op("Cast", m.constant(np.array([1])), **as_uint8),
+                   direction="LEFT")
+    scale = m.op("Cast", shifted, to=11)  # to double
+    model = m.loss(m.op("ReduceMean", m.tanh(x @ m.param("w", f64(4, 4))) * scale, keepdims=0))
+    feeds = {"x": f64(B, 4), "bits": RNG.integers(0, 8, (B, 4))}
+    split = assert_split_exact(model, feeds)
+    assert [c.feeds["bits"].shape[0] for c in split.chunks] == [2, 2, 2]

@@ -155,7 +155,7 @@ def test_a_port_that_never_answers_fails_fast():
             _fails_fast(c, "connection timed out")
 
 
-def test_tls_mismatches_fail_fast_naming_the_handshake(tls_files, tmp_path):
+def test_tls_mismatches_fail_fast_naming_the_handshake(tls_files, tmp_path):  # noqa: F811 -- the fixture
     cert, key = tls_files
     with serving(tls_cert=cert.read_bytes(), tls_key=key.read_bytes()) as tls, serving() as plain:
         with Client(tls.address, connect_timeout=0.5) as c:  # plaintext to a TLS server

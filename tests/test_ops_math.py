@@ -121,11 +121,34 @@ def test_max_min_forward_and_ties():
     xs = [rng.standard_normal((2, 3)), rng.standard_normal(3), rng.standard_normal((2, 1))]
     np.testing.assert_array_equal(run_op("Max", xs)[0], np.maximum(np.maximum(xs[0], xs[1]), xs[2]))
     np.testing.assert_array_equal(run_op("Min", xs)[0], np.minimum(np.minimum(xs[0], xs[1]), xs[2]))
-    # a tie gives the error to the first input that attains the extreme, once
+    # a tie splits the error evenly between the inputs that attain the extreme
     a, b = np.array([1.0, 2.0, 3.0]), np.array([1.0, 5.0, 0.0])
     da, db = vjp("Max", [a, b], np.array([10.0, 20.0, 30.0]), [0, 1])
-    np.testing.assert_array_equal(da, [10.0, 0.0, 30.0])
-    np.testing.assert_array_equal(db, [0.0, 20.0, 0.0])
+    np.testing.assert_array_equal(da, [5.0, 0.0, 30.0])
+    np.testing.assert_array_equal(db, [5.0, 20.0, 0.0])
+
+
+@pytest.mark.parametrize("op, fn", [("Max", "maximum"), ("Min", "minimum")])
+def test_max_min_ties_match_torch(op, fn):
+    """At ties torch.maximum/minimum give each input half the error, broadcast inputs included
+    (a scalar tied with two entries gets both halves); three tied inputs get a third each, as
+    torch.amax over the stacked inputs does."""
+    torch = pytest.importorskip("torch")
+    a, b = np.array([[1.0, 2.0, 3.0], [4.0, 4.0, -1.0]]), np.array([1.0, 5.0, 3.0])
+    s = np.array(4.0)
+    for inputs in ([a, b], [a, s], [s, b]):
+        g = rng.standard_normal(np.broadcast_shapes(*(x.shape for x in inputs)))
+        ts = [torch.tensor(x, requires_grad=True) for x in inputs]
+        getattr(torch, fn)(*ts).backward(torch.from_numpy(g))
+        got = vjp(op, inputs, g, [0, 1])
+        for mine, t in zip(got, ts):
+            np.testing.assert_allclose(mine, t.grad.numpy(), rtol=1e-15)
+    three = [np.array([1.0, 2.0]), np.array([1.0, 0.0]), np.array([1.0, 2.0])]
+    ts = [torch.tensor(x, requires_grad=True) for x in three]
+    reduce_ = torch.amax if op == "Max" else torch.amin
+    reduce_(torch.stack(ts), dim=0).backward(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    for mine, t in zip(vjp(op, three, np.array([3.0, 4.0]), [0, 1, 2]), ts):
+        np.testing.assert_allclose(mine, t.grad.numpy(), rtol=1e-15)
 
 
 @pytest.mark.parametrize("bounds", [(-0.5, 0.5), (None, 0.3), (-0.3, None), (None, None), (0.4, -0.4)])

@@ -82,6 +82,17 @@ def test_reduce_max_splits_ties_evenly():
     np.testing.assert_allclose(g, [[6.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
 
 
+@pytest.mark.parametrize("op, fn", [("ReduceMax", "amax"), ("ReduceMin", "amin")])
+def test_reduce_extreme_ties_match_torch(op, fn):
+    torch = pytest.importorskip("torch")
+    x = np.array([[[1.0, 3.0], [3.0, 0.0]], [[2.0, 2.0], [2.0, 2.0]], [[-1.0, 5.0], [-1.0, -1.0]]])
+    for axes, keepdims in (([1, 2], 0), ([0], 1), ([2], 0)):
+        g = rng.standard_normal(run_op(op, [x], {"axes": axes, "keepdims": keepdims})[0].shape)
+        t = torch.tensor(x, requires_grad=True)
+        getattr(torch, fn)(t, dim=axes, keepdim=bool(keepdims)).backward(torch.from_numpy(g))
+        np.testing.assert_allclose(vjp(op, [x], g, {"axes": axes, "keepdims": keepdims}), t.grad.numpy(), rtol=1e-15)
+
+
 def test_reduce_prod_with_zeros():
     x = np.array([[2.0, 0.0, 3.0], [0.0, 0.0, 5.0], [1.0, 2.0, 4.0]])
     g = vjp("ReduceProd", [x], np.ones(3), {"axes": [1], "keepdims": 0})

@@ -245,7 +245,7 @@ def test_a_worker_dying_mid_job(ray_engine):
 
     rng = np.random.default_rng(12)
     m = gradserve.ModelBuilder()
-    h = x = m.input("x", (None, 384), np.float64)
+    h = m.input("x", (None, 384), np.float64)
     for i in range(6):  # about a second of work: long enough to kill a worker mid-way
         h = m.tanh(h @ m.param(f"w{i}", rng.standard_normal((384, 384)) / 20))
     model = m.loss((h * h).mean())

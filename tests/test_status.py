@@ -53,7 +53,7 @@ def test_status_rpc_shows_queued_and_running_jobs_and_models_and_needs_the_token
         assert node.cpus >= 1 and node.memory_bytes > 0 and node.actors == 0 and node.alive
 
         screen = format_status(status, srv.address)
-        for text in (f"engine gated", running.id, queued.id, model.fingerprint()[:16], other.fingerprint()[:16],
+        for text in ("engine gated", running.id, queued.id, model.fingerprint()[:16], other.fingerprint()[:16],
                      "0/2", "1 running, 1 queued"):
             assert text in screen, text
 

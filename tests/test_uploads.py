@@ -13,7 +13,7 @@ import pytest
 from gradserve.client.remote import Client, model_manifest
 from gradserve.proto import chunks
 from gradserve.proto.tensors import TensorDecodeError
-from gradserve.proto.v1 import service_pb2, service_pb2_grpc
+from gradserve.proto.v1 import service_pb2
 from test_service import REFERENCE, assert_same, batch, mlp, serving
 
 MIB = chunks.CHUNK_BYTES

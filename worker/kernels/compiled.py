@@ -17,7 +17,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from gradserve.worker.kernels import thread_budget
+from gradserve.worker.kernels import ERF32, thread_budget
 
 
 def _threadsafe_layer() -> bool:
@@ -352,22 +352,19 @@ ERF, GELU = 0, 1  # function codes
 _SQRT_HALF, _RSQRT_2PI = 0.7071067811865476, 0.3989422804014327
 
 
+_ERF32_P, _ERF32_Q = ERF32  # numba folds these global tuples in as constants
+
+
 @numba.njit(inline="always", fastmath=_FAST, **_JIT)
 def _erf32(x):
     x = min(max(x, -4.0), 4.0)  # erf(4) rounds to 1 in float32
     t = x * x
-    p = -2.72614225801306e-10
-    p = p * t + 2.77068142495902e-08
-    p = p * t - 2.10102402082508e-06
-    p = p * t - 5.69250639462346e-05
-    p = p * t - 7.34990630326855e-04
-    p = p * t - 2.95459980854025e-03
-    p = p * t - 1.60960333262415e-02
-    q = -1.45660718464996e-05
-    q = q * t - 2.13374055278905e-04
-    q = q * t - 1.68282697438203e-03
-    q = q * t - 7.37332916720468e-03
-    q = q * t - 1.42647390514189e-02
+    p = _ERF32_P[0]
+    for k in range(1, len(_ERF32_P)):
+        p = p * t + _ERF32_P[k]
+    q = _ERF32_Q[0]
+    for k in range(1, len(_ERF32_Q)):
+        q = q * t + _ERF32_Q[k]
     # In float64 the approximation overshoots |erf| = 1 by ~5e-8 near the clip, where float32
     # rounds it to 1: clamp, so that 1 + erf(-big) is 0 there too (GELU(-inf) is then nan, as numpy's).
     return min(max(x * p / q, -1.0), 1.0)

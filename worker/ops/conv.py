@@ -34,7 +34,11 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from gradserve.worker.ops import blas
-from gradserve.worker.ops.registry import OpContext, OpError, defop
+from gradserve.worker.ops.batch import PER_SAMPLE
+from gradserve.worker.ops.registry import OpContext, OpError, family, numel, per_element
+
+# Every op here works within each sample (input 0's axis 0); the others are parameters.
+defop = family(batch=PER_SAMPLE, flops=per_element)
 
 # Elements per block of columns: a few MB, so a block and its matmul result stay in L2/L3.
 _BLOCK_ELEMS = 1 << 20
@@ -510,7 +514,15 @@ def _direct_vjp(c, g):
     return dx, dw, db
 
 
-defop("Conv", _conv_forward, _conv_vjp, keep="x1")
+def _conv_flops(node, shapes) -> int | None:
+    """2 x multiply-adds: each output element sums a kernel's worth (W is (C_out, C_in / group, k...))."""
+    w = shapes.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or len(w.shape) < 3:
+        return None
+    return 2 * numel(shapes.get(node.outputs[0])) * int(np.prod(w.shape[1:], dtype=np.int64))
+
+
+defop("Conv", _conv_forward, _conv_vjp, keep="x1", flops=_conv_flops)
 
 
 # -- ConvTranspose ------------------------------------------------------------------------------------
@@ -621,8 +633,16 @@ def _conv_transpose_vjp(c, g):
     return dx, dw, db
 
 
+def _conv_transpose_flops(node, shapes) -> int | None:
+    """2 x multiply-adds: each input element feeds a kernel's worth (W is (C_in, C_out / group, k...))."""
+    w = shapes.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or len(w.shape) < 3:
+        return None
+    return 2 * numel(shapes.get(node.inputs[0])) * int(np.prod(w.shape[1:], dtype=np.int64))
+
+
 # The forward reads X and W; the VJP reads X (for dW) and W (for dX), never Y.
-defop("ConvTranspose", _conv_transpose, _conv_transpose_vjp, keep=("x0", "x1"))
+defop("ConvTranspose", _conv_transpose, _conv_transpose_vjp, keep=("x0", "x1"), flops=_conv_transpose_flops)
 
 
 # -- Col2Im (opset 18) --------------------------------------------------------------------------------

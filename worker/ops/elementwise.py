@@ -14,7 +14,13 @@ import numpy as np
 
 from gradserve.worker import kernels
 from gradserve.worker.ops.conv import str_attr
-from gradserve.worker.ops.registry import OpError, defop, unbroadcast
+from gradserve.worker.graph import Node
+from gradserve.worker.ops.batch import ELEMENTWISE, ELEMENTWISE_LINEAR, NONE, SHAPE, BatchRule, Rows, elementwise, \
+    linear, refuse
+from gradserve.worker.ops.registry import OpError, family, per_element, split_ties, unbroadcast
+
+# Every op here keeps each element's value to itself, so a batched input's samples stay apart.
+defop = family(batch=ELEMENTWISE, flops=per_element)
 
 
 def _needs(c, i: int) -> bool:
@@ -22,15 +28,38 @@ def _needs(c, i: int) -> bool:
 
 
 # -- binary, broadcasting ---------------------------------------------------------------------------
+def _sum_of_reductions(node: Node, tags: list, reduced: list) -> object:
+    """Add/Sub of batch reductions: one of the same kind; a batch-independent term would be
+    counted once per micro-batch."""
+    if NONE in tags or SHAPE in tags:
+        raise refuse(node, "adds a term that does not depend on the batch; split into micro-batches it "
+                           "would be counted once per micro-batch")
+    if len(set(reduced)) == 1 and reduced[0][0] != "count":
+        return reduced[0]
+    raise refuse(node, "adds batch reductions of different kinds (a sum and a mean, or cross-entropies)")
+
+
+def _scaled_reduction(node: Node, tags: list, reduced: list) -> object:
+    """Mul (either factor) or Div (the numerator) of one batch reduction by a batch-independent
+    factor: still linear in it."""
+    if len(reduced) == 1 and (node.op_type == "Mul" or tags[0] in reduced):
+        return reduced[0]
+    raise refuse(node, "is not linear in the batch reduction below it")
+
+
+_SUMMED = BatchRule(elementwise, infer="broadcast", reduced=_sum_of_reductions)
+_SCALED = BatchRule(elementwise, infer="broadcast", reduced=_scaled_reduction)
+
 defop("Add", lambda c, a, b: a + b,
       lambda c, g: (unbroadcast(g, c.inputs[0].shape) if c.needs[0] else None,
-                    unbroadcast(g, c.inputs[1].shape) if c.needs[1] else None), keep=())
+                    unbroadcast(g, c.inputs[1].shape) if c.needs[1] else None), keep=(), batch=_SUMMED)
 defop("Sub", lambda c, a, b: a - b,
       lambda c, g: (unbroadcast(g, c.inputs[0].shape) if c.needs[0] else None,
-                    unbroadcast(-g, c.inputs[1].shape) if c.needs[1] else None), keep=())
+                    unbroadcast(-g, c.inputs[1].shape) if c.needs[1] else None), keep=(), batch=_SUMMED)
 defop("Mul", lambda c, a, b: a * b,
       lambda c, g: (unbroadcast(g * c.inputs[1], c.inputs[0].shape) if c.needs[0] else None,
-                    unbroadcast(g * c.inputs[0], c.inputs[1].shape) if c.needs[1] else None), keep="x")
+                    unbroadcast(g * c.inputs[0], c.inputs[1].shape) if c.needs[1] else None), keep="x",
+      batch=_SCALED)
 def _div(c, a, b):
     if a.dtype.kind in "iu":  # ONNX integer division truncates toward zero (C's, not Python's //)
         return np.trunc(a / b).astype(a.dtype)
@@ -39,7 +68,8 @@ def _div(c, a, b):
 
 defop("Div", _div,
       lambda c, g: (unbroadcast(g / c.inputs[1], c.inputs[0].shape) if c.needs[0] else None,
-                    unbroadcast(-g * c.y / c.inputs[1], c.inputs[1].shape) if c.needs[1] else None))
+                    unbroadcast(-g * c.y / c.inputs[1], c.inputs[1].shape) if c.needs[1] else None),
+      batch=_SCALED)
 
 
 def _pow(c, a, b):
@@ -70,16 +100,8 @@ defop("Pow", _pow, _pow_vjp)
 
 # -- variadic, broadcasting -------------------------------------------------------------------------
 def _extreme_vjp(c, g):
-    """Max/Min: the error goes to the first input attaining the extreme (a valid subgradient; torch
-    instead splits ties evenly between two inputs)."""
-    y = c.y
-    free = np.ones(g.shape, dtype=bool)  # positions whose error is not yet given away
-    grads = []
-    for k, x in enumerate(c.inputs):
-        hit = free & (x == y)
-        free &= ~hit
-        grads.append(unbroadcast(np.where(hit, g, 0), x.shape) if c.needs[k] else None)
-    return tuple(grads)
+    """Max/Min: the error splits evenly among the inputs attaining the extreme (see split_ties)."""
+    return tuple(e if c.needs[k] else None for k, e in enumerate(split_ties(g, c.y, c.inputs)))
 
 
 defop("Max", lambda c, *xs: reduce(np.maximum, xs), _extreme_vjp)
@@ -100,8 +122,8 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 _TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)  # a Python float: keeps float32 float32
 
-defop("Neg", lambda c, x: -x, lambda c, g: -g, keep=())
-defop("Identity", lambda c, x: x, lambda c, g: g, keep=())
+defop("Neg", lambda c, x: -x, lambda c, g: -g, keep=(), batch=ELEMENTWISE_LINEAR)
+defop("Identity", lambda c, x: x, lambda c, g: g, keep=(), batch=ELEMENTWISE_LINEAR)
 defop("Exp", lambda c, x: np.exp(x), lambda c, g: g * c.y, keep="y")
 defop("Log", lambda c, x: np.log(x), lambda c, g: g / c.x, keep="x")
 defop("Sqrt", lambda c, x: np.sqrt(x), lambda c, g: g * 0.5 / c.y, keep="y")
@@ -172,12 +194,9 @@ _ERF_BIG = ((1.63153871373020978e-2, 3.05326634961232344e-1, 3.60344899949804439
             (1.0, 2.56852019228982242e00, 1.87295284992346047e00, 5.27905102951428412e-1,
              6.05183413124413191e-2, 2.33520497626869185e-3))
 _RSQRT_PI = 0.5641895835477562869
-# float32 (and float16): Eigen's / XLA's single-precision erf, x P(x^2)/Q(x^2) on x clipped to
-# [-4, 4] (erf(4) rounds to 1 in float32); a few ulp, ~10x faster than the float64 path.
-_ERF32 = ((-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-           -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02),
-          (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-           -1.42647390514189e-02))
+# float32 (and float16): Eigen's / XLA's single-precision erf (see kernels.ERF32); a few ulp, ~10x
+# faster than the float64 path.
+_ERF32 = kernels.ERF32
 
 
 def _horner(t: np.ndarray, coeffs) -> np.ndarray:
@@ -284,7 +303,8 @@ def _cast_vjp(c, g):
     return None
 
 
-defop("Cast", lambda c, x: x.astype(onnx_dtype(c.attr("to")), copy=False), _cast_vjp, keep=())
+defop("Cast", lambda c, x: x.astype(onnx_dtype(c.attr("to")), copy=False), _cast_vjp, keep=(),
+      batch=ELEMENTWISE_LINEAR)
 
 
 def _dropout(c, x, ratio=None, training_mode=None):
@@ -570,4 +590,7 @@ defop("Mod", _mod, _mod_vjp)
 # -- CastLike: Cast to the second input's type (its values are never read) ------------------------------------
 # saturate (opset 19+) only concerns float8 targets, which numpy cannot represent.
 defop("CastLike", lambda c, x, like: x.astype(like.dtype, copy=False),
-      lambda c, g: (_cast_vjp(c, g), None), keep=(), differentiable=(0,))
+      lambda c, g: (_cast_vjp(c, g), None), keep=(), differentiable=(0,),
+      # input 1 gives only its dtype: the output is batched as input 0 is
+      batch=BatchRule(lambda view, node, tags: tags[0] if isinstance(tags[0], Rows) else NONE,
+                      shape_inputs=(1,), reduced=linear))

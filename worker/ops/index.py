@@ -17,7 +17,16 @@ import math
 
 import numpy as np
 
-from gradserve.worker.ops.registry import OpError, defop, normalize_axis
+from gradserve.worker.graph import Node
+from gradserve.worker.ops.batch import NONE, BatchRule, BatchView, Rows, along_attr, along_axis, each_output, \
+    first_rows, never, refuse
+from gradserve.worker.ops.registry import OpError, family, normalize_axis, per_element
+
+defop = family(flops=per_element)
+
+
+def _unsplit(op: str):
+    return never(f"is not known to keep the samples of a batch independent (no rule written for {op})")
 
 
 def _str_attr(c, name: str, default: str) -> str:
@@ -110,8 +119,17 @@ def _gather_nd(c, data, indices):
     return _gather_rows(c, data, lin, lead)
 
 
-defop("GatherElements", _gather_elements, _gather_vjp, keep=(), differentiable=(0,))
-defop("GatherND", _gather_nd, _gather_vjp, keep=(), differentiable=(0,))
+def _gather_elements_batch(view: BatchView, node: Node, tags: list) -> Rows:
+    """Exact along another axis than the batch's, with data and indices batched alike."""
+    out = along_axis(view, node, tags, int(node.attrs.get("axis", 0)), params=False)
+    if not tags[0] == tags[1] == first_rows(tags):
+        raise refuse(node, "gathers with data and indices not both batched along one axis")
+    return out
+
+
+defop("GatherElements", _gather_elements, _gather_vjp, keep=(), differentiable=(0,),
+      batch=BatchRule(_gather_elements_batch))
+defop("GatherND", _gather_nd, _gather_vjp, keep=(), differentiable=(0,), batch=_unsplit("GatherND"))
 
 
 # -- scatters --------------------------------------------------------------------------------------------
@@ -170,8 +188,9 @@ def _scatter_nd(c, data, indices, updates):
     return _scatter_rows(c, data, lin, lead, updates)
 
 
-defop("ScatterElements", _scatter_elements, _scatter_vjp, keep=(), differentiable=(0, 2))
-defop("ScatterND", _scatter_nd, _scatter_vjp, keep=(), differentiable=(0, 2))
+defop("ScatterElements", _scatter_elements, _scatter_vjp, keep=(), differentiable=(0, 2),
+      batch=_unsplit("ScatterElements"))
+defop("ScatterND", _scatter_nd, _scatter_vjp, keep=(), differentiable=(0, 2), batch=_unsplit("ScatterND"))
 
 
 # -- CumSum ----------------------------------------------------------------------------------------------
@@ -202,7 +221,15 @@ def _cumsum_vjp(c, g):
     return _cumsum_along(g, ax, bool(c.attr("exclusive", 0)), not c.attr("reverse", 0)), None
 
 
-defop("CumSum", _cumsum, _cumsum_vjp, keep=(), differentiable=(0,))
+def _cumsum_batch(view: BatchView, node: Node, tags: list) -> Rows:
+    """Exact along another axis than the batch's (a constant axis input)."""
+    c = view.const(node, 1)
+    if c is None or tags[1] != NONE:
+        raise refuse(node, "has an axis that is not a constant")
+    return along_axis(view, node, tags, int(c.reshape(-1)[0]))
+
+
+defop("CumSum", _cumsum, _cumsum_vjp, keep=(), differentiable=(0,), batch=BatchRule(_cumsum_batch, infer="same"))
 
 
 # -- TopK ------------------------------------------------------------------------------------------------
@@ -232,7 +259,8 @@ def _topk_vjp(c, g, _g_indices=None):
     return dx, None
 
 
-defop("TopK", _topk, _topk_vjp, keep=(), differentiable=(0,))
+defop("TopK", _topk, _topk_vjp, keep=(), differentiable=(0,),
+      batch=BatchRule(each_output(along_attr(-1)), shape_inputs=(1,)))
 
 
 # -- NonZero, OneHot -------------------------------------------------------------------------------------
@@ -242,7 +270,7 @@ def _nonzero(c, x):
     return np.array(np.nonzero(x), dtype=np.int64).reshape(x.ndim, -1)
 
 
-defop("NonZero", _nonzero)
+defop("NonZero", _nonzero, batch=never("has as many outputs as its batch holds nonzeros: samples do not stay apart"))
 
 
 def _one_hot_positions(c, indices: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -279,7 +307,7 @@ def _one_hot_vjp(c, g):
 
 
 # the VJP reads indices and depth (small); values only for its shape
-defop("OneHot", _one_hot, _one_hot_vjp, keep=("x0", "x1"), differentiable=(2,))
+defop("OneHot", _one_hot, _one_hot_vjp, keep=("x0", "x1"), differentiable=(2,), batch=_unsplit("OneHot"))
 
 
 # -- Unique ------------------------------------------------------------------------------------------------
@@ -307,4 +335,4 @@ def _unique_vjp(c, g, *_int_errors):
     return (None,)
 
 
-defop("Unique", _unique, _unique_vjp, keep=())
+defop("Unique", _unique, _unique_vjp, keep=(), batch=never("finds the unique values of the whole batch"))

@@ -16,7 +16,11 @@ import numpy as np
 
 from gradserve.worker.ops import blas
 from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS
-from gradserve.worker.ops.registry import OpContext, OpError, defop, get_op, unbroadcast
+from gradserve.worker.graph import Node
+from gradserve.worker.ops.batch import BatchRule, BatchView, Rows, batched_at, refuse
+from gradserve.worker.ops.registry import OpContext, OpError, family, get_op, numel, per_element, unbroadcast
+
+defop = family(flops=per_element)
 
 
 def _t(a: np.ndarray) -> np.ndarray:
@@ -74,7 +78,33 @@ def _matmul_merge(entries):
     return _stack_rows(flat, 0, 0)
 
 
-defop("MatMul", lambda c, a, b: blas.matmul(a, b), _matmul_vjp, keep="x", merge=_matmul_merge)
+def _matmul_batch(view: BatchView, node: Node, tags: list) -> Rows:
+    """The batch along A's rows, A's stacked matrices times one B (or the converse), or both
+    operands' stacks: exact unless the product contracts over it."""
+    rows = batched_at(tags)
+    ra, rb, ro = view.rank(node.inputs[0]), view.rank(node.inputs[1]), view.rank(node.outputs[0])
+    if None in (ra, rb, ro):
+        raise refuse(node, "has inputs of unknown shape")
+    a = tags[rows[0]].axis
+    if rows == [0] and ra == ro and (a == ra - 2 or (a < ra - 2 and rb <= 2)):
+        return view.rows(a)
+    if rows == [1] and rb == ro and a < rb - 2 and ra <= 2:
+        return view.rows(a)
+    if rows == [0, 1] and ra == rb == ro and a == tags[1].axis and a < ro - 2:
+        return view.rows(a)  # batched product: sample i's matrices times sample i's matrices
+    raise refuse(node, "contracts over the batch axis")
+
+
+def _matmul_flops(node: Node, shapes) -> int | None:
+    """2 x multiply-adds: each output element sums over A's last axis."""
+    first = shapes.get(node.inputs[0])
+    if first is None or not first.shape:
+        return None
+    return 2 * numel(shapes.get(node.outputs[0])) * first.shape[-1]
+
+
+defop("MatMul", lambda c, a, b: blas.matmul(a, b), _matmul_vjp, keep="x", merge=_matmul_merge,
+      batch=BatchRule(_matmul_batch), flops=_matmul_flops)
 
 
 def _gemm_args(c):
@@ -145,8 +175,30 @@ def _gemm_merge(entries):
     return _stack_rows(entries, 0, 1 if _gemm_args(entries[0][0])[2] else 0)
 
 
+def _gemm_batch(view: BatchView, node: Node, tags: list) -> Rows:
+    """The batch along A's rows (A's columns when transposed); C a row vector or a scalar. The fused
+    node's activation keeps the rows where they are."""
+    if batched_at(tags) == [0] and tags[0].axis == (1 if node.attrs.get("transA", 0) else 0):
+        c = view.shape(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+        if c is not None and len(c) == 2 and c[0] != 1:
+            raise view.mixing(node, 2, 0)
+        return view.rows(0)
+    raise refuse(node, "contracts over the batch axis")
+
+
+def _gemm_flops(node: Node, shapes) -> int | None:
+    """2 x multiply-adds over A's inner axis (its rows when transposed)."""
+    first = shapes.get(node.inputs[0])
+    if first is None or len(first.shape) != 2:
+        return None
+    k = first.shape[0] if node.attrs.get("transA", 0) else first.shape[1]
+    return 2 * numel(shapes.get(node.outputs[0])) * k
+
+
+_GEMM = dict(batch=BatchRule(_gemm_batch), flops=_gemm_flops)
+
 # C is only read for its shape; A and B each feed the other's error.
-defop("Gemm", _gemm, _gemm_vjp, keep=("x0", "x1"), merge=_gemm_merge)
+defop("Gemm", _gemm, _gemm_vjp, keep=("x0", "x1"), merge=_gemm_merge, **_GEMM)
 
 
 # -- Gemm followed by its activation, as one node ------------------------------------------------------
@@ -179,7 +231,8 @@ def _gemm_activation_merge(entries):
     return dataclasses.replace(ctx, outputs=[np.concatenate([c.outputs[0] for c, _ in entries], axis=0)]), errors
 
 
-defop(FUSED_GEMM, _gemm_activation, _gemm_activation_vjp, keep=("x0", "x1", "y"), merge=_gemm_activation_merge)
+defop(FUSED_GEMM, _gemm_activation, _gemm_activation_vjp, keep=("x0", "x1", "y"), merge=_gemm_activation_merge,
+      **_GEMM)
 
 
 # -- a product and the bias added to it, as one node --------------------------------------------------
@@ -221,7 +274,15 @@ def _linear_merge(entries):
     return dataclasses.replace(ctx, inputs=[*ctx.inputs[:2], entries[0][0].inputs[2]]), errors
 
 
-defop(FUSED_LINEAR, _linear, _linear_vjp, keep=("x0", "x1"), merge=_linear_merge)  # the bias: its shape only
+def _linear_batch(view: BatchView, node: Node, tags: list) -> Rows:
+    """A MatMul, then a bias that must not depend on the sample."""
+    if 2 in batched_at(tags):
+        raise refuse(node, "adds a bias computed from the batch to every sample's product")
+    return _matmul_batch(view, node, tags)
+
+
+defop(FUSED_LINEAR, _linear, _linear_vjp, keep=("x0", "x1"), merge=_linear_merge,  # the bias: its shape only
+      batch=BatchRule(_linear_batch), flops=_matmul_flops)
 
 
 # -- Einsum -------------------------------------------------------------------------------------------
@@ -339,7 +400,24 @@ def _einsum_vjp(c, g):
     return tuple(grads)
 
 
-defop("Einsum", _einsum, _einsum_vjp, keep="x")
+def _einsum_batch(view: BatchView, node: Node, tags: list) -> Rows:
+    """Exact when every batched operand's batch index is one letter, kept in the output (not
+    summed) and absent from the unbatched operands."""
+    eq = str(node.attrs.get("equation", "")).replace(" ", "")
+    if "->" not in eq or "." in eq:
+        raise refuse(node, "has an equation without an explicit output or with '...'")
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    letters = {terms[k][t.axis] for k, t in enumerate(tags) if isinstance(t, Rows) and t.axis < len(terms[k])}
+    if len(letters) != 1:
+        raise refuse(node, "gives its batched operands different batch indices")
+    (b,) = letters
+    if b not in out or any(b in terms[k] for k, t in enumerate(tags) if not isinstance(t, Rows)):
+        raise refuse(node, f"sums over the batch index '{b}' or shares it with an unbatched operand")
+    return view.rows(out.index(b))
+
+
+defop("Einsum", _einsum, _einsum_vjp, keep="x", batch=BatchRule(_einsum_batch))
 
 
 # -- Det ----------------------------------------------------------------------------------------------------
@@ -362,6 +440,15 @@ def _adjugate(x: np.ndarray) -> np.ndarray:
     return sign[..., None, None] * np.matmul(np.swapaxes(vt, -1, -2) * others[..., None, :], np.swapaxes(u, -1, -2))
 
 
+def _det_batch(view: BatchView, node: Node, tags: list) -> Rows:
+    """One determinant per matrix of the last two axes: exact with the batch before them."""
+    axis = tags[0].axis
+    if axis >= (view.rank(node.inputs[0]) or 0) - 2:
+        raise refuse(node, "takes determinants across the batch axis")
+    return view.rows(axis)
+
+
 # d det(X) / dX = adj(X)^T
 defop("Det", _det,
-      lambda c, g: (g[..., None, None] * np.swapaxes(_adjugate(c.x), -1, -2)).astype(c.x.dtype, copy=False), keep="x")
+      lambda c, g: (g[..., None, None] * np.swapaxes(_adjugate(c.x), -1, -2)).astype(c.x.dtype, copy=False), keep="x",
+      batch=BatchRule(_det_batch))

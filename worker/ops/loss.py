@@ -13,7 +13,11 @@ import numpy as np
 
 from gradserve.worker import kernels
 from gradserve.worker.ops.conv import str_attr
-from gradserve.worker.ops.registry import OpError, defop
+from gradserve.worker.graph import Node
+from gradserve.worker.ops.batch import BatchRule, BatchView, batched_at, elementwise, refuse
+from gradserve.worker.ops.registry import OpError, family, per_element
+
+defop = family(flops=per_element)
 
 
 def _targets(c, x: np.ndarray, labels: np.ndarray, weights: np.ndarray | None):
@@ -97,7 +101,43 @@ def _sce_vjp(c, g_loss, g_logp=None):
     return dx.astype(c.inputs[0].dtype, copy=False), None, None
 
 
-defop("SoftmaxCrossEntropyLoss", _sce, _sce_vjp, keep=(), differentiable=(0,))
+# ops that only rearrange labels within each sample: counting a feed's entries counts the loss's
+_REARRANGING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Transpose")
+
+
+def _labels_feed(view: BatchView, node: Node) -> str:
+    """The feed holding a loss's labels, through ops that only rearrange them within samples:
+    counting its entries that are not ignore_index counts the loss's."""
+    name = node.inputs[1]
+    while name not in view.batched:
+        maker = view.producer(name)
+        if maker is None or maker.op_type not in _REARRANGING:
+            raise refuse(node, f"has labels '{name}' that are not a feed (or a reshape of one), so "
+                               "micro-batches cannot be weighted by their targets")
+        name = maker.inputs[0]
+    return name
+
+
+def _loss_batch(view: BatchView, node: Node, tags: list) -> object:
+    """Scores and labels batched on axis 0: per-sample losses, their sum, their mean, or their mean
+    over the targets that are not ignore_index (the micro-batches are weighted by their counts)."""
+    if batched_at(tags)[:2] != [0, 1]:
+        raise refuse(node, "is not known to keep the samples of a batch independent")
+    if tags[0].axis != 0 or tags[1] != tags[0]:
+        raise refuse(node, "has the batch off axis 0 of its scores or labels")
+    reduction = node.attrs.get("reduction", "mean")
+    if len(node.inputs) > 2 and node.inputs[2] and reduction == "mean":
+        raise refuse(node, "is a class-weighted mean")
+    if reduction == "none":
+        return view.rows(0)
+    if reduction == "sum":
+        return ("sum", None)
+    if "ignore_index" in node.attrs:
+        return ("count", (_labels_feed(view, node), int(node.attrs["ignore_index"])))
+    return ("mean", None)
+
+
+defop("SoftmaxCrossEntropyLoss", _sce, _sce_vjp, keep=(), differentiable=(0,), batch=BatchRule(_loss_batch))
 
 
 # -- NegativeLogLikelihoodLoss ------------------------------------------------------------------------
@@ -119,7 +159,7 @@ def _nll_vjp(c, g):
     return dx, None, None
 
 
-defop("NegativeLogLikelihoodLoss", _nll, _nll_vjp, keep=(), differentiable=(0,))
+defop("NegativeLogLikelihoodLoss", _nll, _nll_vjp, keep=(), differentiable=(0,), batch=BatchRule(_loss_batch))
 
 
 # -- mean squared error, as one node ---------------------------------------------------------------
@@ -178,4 +218,10 @@ def _mse_vjp(c, g):
     return (da if c.needs[0] else None), (np.negative(da) if c.needs[1] else None)
 
 
-defop(FUSED_MSE, _mse, _mse_vjp, keep=("x0", "x1"))
+def _mse_batch(view: BatchView, node: Node, tags: list) -> object:
+    """A difference (elementwise), then a mean over every axis, the batch's too."""
+    elementwise(view, node, tags)
+    return ("mean", None)
+
+
+defop(FUSED_MSE, _mse, _mse_vjp, keep=("x0", "x1"), batch=BatchRule(_mse_batch))

@@ -25,7 +25,19 @@ import numpy as np
 
 from gradserve.worker import kernels
 from gradserve.worker.ops.pool import _Pool
-from gradserve.worker.ops.registry import OpContext, OpError, defop, normalize_axis, unbroadcast
+from gradserve.worker.ops.batch import PER_SAMPLE_SAME_SHAPE, BatchRule, along_attr, never, per_sample, refuse
+from gradserve.worker.ops.registry import OpContext, OpError, family, normalize_axis, per_element, unbroadcast
+
+# Normalisations within each sample (ONNX infers no output shape for some: it is the input's).
+defop = family(batch=PER_SAMPLE_SAME_SHAPE, flops=per_element)
+_WHOLE_BATCH = "in training mode normalises with statistics of the whole batch"
+
+
+def _batchnorm_batch(view, node, tags):
+    """In inference mode the statistics are parameters: per sample; in training mode they are the batch's."""
+    if node.attrs.get("training_mode", 0):
+        raise refuse(node, _WHOLE_BATCH)
+    return per_sample(view, node, tags)
 
 
 def _work_dtype(dtype) -> np.dtype:
@@ -184,7 +196,8 @@ def _batchnorm_vjp(c, gy, g_rm=None, g_rv=None):
 
 
 # the VJP reads the saved x - mean, not X: the runner may free the activation
-defop("BatchNormalization", _batchnorm, _batchnorm_vjp, keep=("x1", "x2", "x3", "x4"))
+defop("BatchNormalization", _batchnorm, _batchnorm_vjp, keep=("x1", "x2", "x3", "x4"),
+      batch=BatchRule(_batchnorm_batch))
 
 
 # -- BatchNormalization fused with the ReLU and MaxPool after it ----------------------------------------
@@ -241,7 +254,7 @@ def _fused_batchnorm_vjp(c, g):
 
 
 # the VJP reads X, the scale and the saved statistics and positions
-defop(FUSED_BATCHNORM, _fused_batchnorm, _fused_batchnorm_vjp, keep=("x0", "x1"))
+defop(FUSED_BATCHNORM, _fused_batchnorm, _fused_batchnorm_vjp, keep=("x0", "x1"), batch=never(_WHOLE_BATCH))
 
 
 # -- LayerNormalization -------------------------------------------------------------------------------
@@ -298,7 +311,8 @@ def _layernorm_vjp(c, gy, g_mean=None, g_inv=None):
     return dx, dscale, dbias
 
 
-defop("LayerNormalization", _layernorm, _layernorm_vjp, keep=("x1", "x2"))
+defop("LayerNormalization", _layernorm, _layernorm_vjp, keep=("x1", "x2"),
+      batch=BatchRule(along_attr(-1, trailing=True), infer="same"))  # it and the axes after it
 
 
 # -- InstanceNormalization ----------------------------------------------------------------------------

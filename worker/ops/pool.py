@@ -14,7 +14,11 @@ import math
 import numpy as np
 
 from gradserve.worker.ops.conv import geometry, offset_slices, pad_input, padded_extent, scratch, spatial_attrs
-from gradserve.worker.ops.registry import OpError, defop
+from gradserve.worker.ops.batch import PER_SAMPLE
+from gradserve.worker.ops.registry import OpError, family, per_element
+
+# Every pool works within each sample (its windows never reach across axis 0).
+defop = family(batch=PER_SAMPLE, flops=per_element)
 
 
 class _Pool:

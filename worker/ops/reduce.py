@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradserve.worker.ops.registry import OpError, defop, normalize_axis
+from gradserve.worker.graph import Node
+from gradserve.worker.ops.batch import BatchRule, BatchView, along_attr, first_rows, linear, never, refuse
+from gradserve.worker.ops.registry import OpError, family, normalize_axis, per_element, split_ties
+
+defop = family(flops=per_element)
 
 
 def _norm_axes(c, x: np.ndarray, axes: np.ndarray | None = None) -> tuple[int, ...]:
@@ -58,9 +62,8 @@ def _count(c) -> int:
 
 
 def _extreme_vjp(c, g):
-    hit = c.x == _kd(c, c.y)
-    ties = hit.sum(axis=c.saved["axes"], keepdims=True)
-    return hit * (_kd(c, g) / ties).astype(g.dtype, copy=False)
+    """ReduceMax/ReduceMin: the error splits evenly among the tied extremes (see split_ties)."""
+    return split_ties(_kd(c, g), _kd(c, c.y), [c.x], c.saved["axes"])[0]
 
 
 def _prod_vjp(c, g):
@@ -90,11 +93,37 @@ def _logsumexp(x, axes):
         return np.log(np.sum(np.exp(x - m), axis=axes, keepdims=True)) + m
 
 
-_AXES_INPUT = {"differentiable": (0,)}  # the axes input (opset 18+) is int64: no error
+def _reduce_batch(view: BatchView, node: Node, tags: list) -> object:
+    """A reduction within each sample keeps the batch; over the batch axis only a sum or a mean is
+    exact (the micro-batches' losses are then weighted and summed)."""
+    axis = first_rows(tags).axis
+    rank = view.rank(node.inputs[0])
+    if rank is None:
+        raise refuse(node, "has an input of unknown shape")
+    axes = view.axes(node, 1)
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] and view.const(node, 1) is None:
+        raise refuse(node, "has axes that are not constants")
+    if not axes:  # omitted or empty: every axis, unless asked to do nothing
+        if node.attrs.get("noop_with_empty_axes", 0):
+            return view.rows(axis)
+        axes = list(range(rank))
+    axes = [a % rank for a in axes]
+    if axis not in axes:  # a reduction within each sample
+        return view.rows(axis if node.attrs.get("keepdims", 1) else axis - sum(a < axis for a in axes))
+    if node.op_type == "ReduceMean":
+        return ("mean", None)
+    if node.op_type == "ReduceSum":
+        return ("sum", None)
+    raise refuse(node, "reduces over the batch with something other than a sum or a mean")
+
+
+# the axes input (opset 18+) is int64: no error; it is read as a shape
+_AXES_INPUT = {"differentiable": (0,), "batch": BatchRule(_reduce_batch, shape_inputs=(1,))}
+_LINEAR = {**_AXES_INPUT, "batch": BatchRule(_reduce_batch, shape_inputs=(1,), reduced=linear)}
 defop("ReduceSum", _reducer(lambda x, a: np.sum(x, axis=a, keepdims=True)),
-      lambda c, g: np.broadcast_to(_kd(c, g), c.x.shape).copy(), keep=(), **_AXES_INPUT)
+      lambda c, g: np.broadcast_to(_kd(c, g), c.x.shape).copy(), keep=(), **_LINEAR)
 defop("ReduceMean", _reducer(lambda x, a: np.mean(x, axis=a, keepdims=True)),
-      lambda c, g: np.broadcast_to(_kd(c, g), c.x.shape) * (1 / _count(c)), keep=(), **_AXES_INPUT)
+      lambda c, g: np.broadcast_to(_kd(c, g), c.x.shape) * (1 / _count(c)), keep=(), **_LINEAR)
 defop("ReduceMax", _reducer(lambda x, a: np.max(x, axis=a, keepdims=True)), _extreme_vjp, **_AXES_INPUT)
 defop("ReduceMin", _reducer(lambda x, a: np.min(x, axis=a, keepdims=True)), _extreme_vjp, **_AXES_INPUT)
 defop("ReduceProd", _reducer(lambda x, a: np.prod(x, axis=a, keepdims=True)), _prod_vjp, **_AXES_INPUT)
@@ -135,9 +164,10 @@ def _log_softmax(c, x):
     return s
 
 
-defop("Softmax", _softmax, _softmax_vjp, keep="y")
+_ALONG_AXIS = BatchRule(along_attr(-1), infer="same")  # exact when the batch is not along it
+defop("Softmax", _softmax, _softmax_vjp, keep="y", batch=_ALONG_AXIS)
 defop("LogSoftmax", _log_softmax,
-      lambda c, g: g - np.exp(c.y) * np.sum(g, axis=_axis(c, c.y), keepdims=True), keep="y")
+      lambda c, g: g - np.exp(c.y) * np.sum(g, axis=_axis(c, c.y), keepdims=True), keep="y", batch=_ALONG_AXIS)
 
 
 # -- index-valued: no error -------------------------------------------------------------------------
@@ -162,6 +192,8 @@ def _hardmax(c, x):
     return y
 
 
-defop("ArgMax", _arg(np.argmax))
-defop("ArgMin", _arg(np.argmin))
-defop("Hardmax", _hardmax)
+_ARG_UNSPLIT = never("is not known to keep the samples of a batch independent (no rule written for ArgMax/ArgMin: "
+                     "with keepdims=0 the batch axis moves)")
+defop("ArgMax", _arg(np.argmax), batch=_ARG_UNSPLIT)
+defop("ArgMin", _arg(np.argmin), batch=_ARG_UNSPLIT)
+defop("Hardmax", _hardmax, batch=_ALONG_AXIS)

@@ -14,6 +14,12 @@ chose to ``c.save(...)``, and ``c.needs[i]`` -- whether input i wants an error a
 input errors (dL/dX of the first layer) are skipped. ``keep`` says which values the VJP reads: the
 runner keeps only those alive after the forward pass, and hands the VJP cheap zero-stride stand-ins
 with the right shape and dtype for the rest.
+
+A row also says what planning needs to know about the op, so there is one table: ``batch`` -- how
+it moves the batch axis when a job is split into micro-batches (a
+:class:`~gradserve.worker.ops.batch.BatchRule`, or ``never(reason)``), and ``flops`` -- its
+estimated forward FLOPs from the shapes of its values. A module whose ops share a rule declares it
+once with :func:`family`; tests/test_op_table.py checks every row has both.
 """
 
 from __future__ import annotations
@@ -21,9 +27,13 @@ from __future__ import annotations
 import functools
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gradserve.worker.graph import Node
+    from gradserve.worker.ops.batch import BatchRule
 
 
 class OpError(ValueError):
@@ -64,6 +74,9 @@ Forward = Callable[..., "np.ndarray | tuple[np.ndarray, ...]"]
 Vjp = Callable[..., "np.ndarray | tuple[np.ndarray | None, ...] | None"]
 # [(context, errors at the outputs), ...] -> one (context, errors) whose VJP gives their sum, or None
 Merge = Callable[[list], "tuple[OpContext, list] | None"]
+# (node, the ValueInfo of each value of its job) -> estimated forward FLOPs; None when a shape it
+# needs is unknown (then the per-element default counts)
+FlopCount = Callable[["Node", Mapping[str, Any]], "int | None"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,10 @@ class OpDef:
     # Optional: folds the deferred weight-error work of several micro-batches into one VJP call
     # (see :func:`gradserve.worker.autodiff.backward_deferred`); None where it cannot.
     merge: Merge | None = None
+    # How the op moves the batch axis (see :mod:`gradserve.worker.ops.batch`); None: not stated.
+    batch: BatchRule | None = None
+    # Its estimated forward FLOPs (see :func:`per_element`); None: not stated.
+    flops: FlopCount | None = None
 
     def keeps_input(self, i: int) -> bool:
         return self.keep_inputs is True or (isinstance(self.keep_inputs, tuple) and i in self.keep_inputs)
@@ -98,11 +115,14 @@ def defop(
     keep: str | Iterable[str] = ("x", "y"),
     differentiable: Iterable[int] | None = None,
     merge: Merge | None = None,
+    batch: BatchRule | None = None,
+    flops: FlopCount | None = None,
 ) -> OpDef:
     """Register an op. ``keep`` names what the VJP reads: ``"x"`` (all inputs), ``"x0"``/``"x1"``...
     (single inputs), ``"y"`` (outputs), or ``()`` (shapes only). ``vjp=None`` marks an op whose
     inputs never get an error (shape ops, comparisons, Cast to int...). ``merge`` (optional) turns
-    the deferred VJPs of several micro-batches into one call whose input errors are their sum."""
+    the deferred VJPs of several micro-batches into one call whose input errors are their sum.
+    ``batch`` and ``flops`` are for planning (see the module docs)."""
     if op_type in REGISTRY:
         raise RuntimeError(f"op {op_type} registered twice")
     keeps = {keep} if isinstance(keep, str) else set(keep)
@@ -117,9 +137,31 @@ def defop(
         "y" in keeps,
         None if differentiable is None else tuple(differentiable),
         merge,
+        batch,
+        flops,
     )
     REGISTRY[op_type] = opdef
     return opdef
+
+
+def family(**fields: Any) -> Callable[..., OpDef]:
+    """:func:`defop` with defaults for a module whose ops share them (``batch=``, ``flops=``); a
+    row may still override each."""
+    return functools.partial(defop, **fields)
+
+
+def numel(info: Any) -> int:
+    """The number of elements of a value from its ValueInfo; 0 when unknown (None)."""
+    return int(np.prod(info.shape, dtype=np.int64)) if info is not None else 0
+
+
+def per_element(node: Node, shapes: Mapping[str, Any]) -> int:
+    """The default FLOP count: one per element of the output or of the inputs, whichever is more.
+    Estimates, not measurements: ops whose cost is not about one per element (products,
+    convolutions, recurrences) count their own."""
+    out = numel(shapes.get(node.outputs[0])) if node.outputs else 0
+    ins = sum(numel(shapes.get(i)) for i in node.inputs if i)
+    return max(out, ins, 1)
 
 
 def get_op(op_type: str) -> OpDef | None:
@@ -137,6 +179,20 @@ def unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if axes:
         g = g.sum(axis=axes, keepdims=True)
     return g.reshape(shape)
+
+
+def split_ties(g: np.ndarray, y: np.ndarray, xs: Sequence[np.ndarray], axes: tuple[int, ...] = ()) -> list[np.ndarray]:
+    """The VJP of an extreme (max or min), for Max/Min and ReduceMax/ReduceMin alike: the error at
+    each output goes to the values attaining it, split evenly among ties, as torch does
+    (torch.maximum gives each of two tied inputs half, torch.amax each of k tied elements 1/k), so
+    the errors always sum to the incoming one. ``xs`` are the candidates (inputs, broadcast against
+    ``y``); ``axes`` the axes they were reduced over, which ``y`` and ``g`` keep (size 1). Returns
+    each candidate's error in its shape; a NaN extreme, attained by none, gives NaN errors."""
+    hits = [x == y for x in xs]
+    ties = sum(h.sum(axis=axes, keepdims=True) if axes else h for h in hits)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = (g / ties).astype(g.dtype, copy=False)
+        return [unbroadcast(h * share, x.shape) for h, x in zip(hits, xs)]
 
 
 def stand_in(array: np.ndarray) -> np.ndarray:

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.worker.ops.conv import str_attr
-from gradserve.worker.ops.registry import OpError, defop, normalize_axis
+from gradserve.worker.graph import Node
+from gradserve.worker.ops.batch import SHAPE, BatchRule, BatchView, Rows, never, per_sample, refuse
+from gradserve.worker.ops.registry import OpError, family, normalize_axis, per_element
+
+defop = family(flops=per_element)
 
 _COORD_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
                 "tf_crop_and_resize")
@@ -218,7 +222,27 @@ def _resize_vjp(c, g):
     return g
 
 
-defop("Resize", _resize, _resize_vjp, keep=(), differentiable=(0,))
+def _resize_batch(view: BatchView, node: Node, tags: list) -> Rows:
+    """Per sample, when the scale along the batch axis is 1 or the size the batch's own (from Shape)."""
+    out = per_sample(view, node, tags)
+    rank = view.rank(node.inputs[0]) or 0
+    axes = [a % rank for a in node.attrs.get("axes", range(rank))]
+    if 0 not in axes:
+        return out
+    k = axes.index(0)
+    scales, sizes = view.const(node, 2), view.const(node, 3)
+    if scales is not None and scales.size and float(scales.reshape(-1)[k]) == 1.0:
+        return out
+    if len(node.inputs) > 3 and tags[3] == SHAPE:
+        return out  # sizes computed from the batch's shape: planning checks axis 0 follows it
+    if sizes is not None and sizes.size and int(sizes.reshape(-1)[k]) == view.shape(node.inputs[0])[0]:
+        raise refuse(node, f"has constant sizes {sizes.tolist()} that hold the batch size; each micro-batch "
+                           "needs its own")
+    raise refuse(node, "resizes along the batch axis")
+
+
+defop("Resize", _resize, _resize_vjp, keep=(), differentiable=(0,),
+      batch=BatchRule(_resize_batch, shape_inputs=(1, 2, 3)))
 
 
 # -- Upsample (deprecated since opset 10) -------------------------------------------------------------
@@ -232,7 +256,8 @@ def _upsample(c, x, scales=None):
     return _resize(c, x, None, scales, attrs=attrs)
 
 
-defop("Upsample", _upsample, _resize_vjp, keep=(), differentiable=(0,))
+defop("Upsample", _upsample, _resize_vjp, keep=(), differentiable=(0,),
+      batch=never("is not known to keep the samples of a batch independent (no rule written for Upsample)"))
 
 
 # -- GridSample (opsets 16 and 20) ----------------------------------------------------------------------
@@ -408,4 +433,11 @@ def _grid_sample_vjp(c, g: np.ndarray):
 
 
 # The VJP reads X (for dgrid) and the saved taps, never the grid itself.
-defop("GridSample", _grid_sample, _grid_sample_vjp, keep="x0")
+def _grid_sample_batch(view: BatchView, node: Node, tags: list) -> Rows:
+    """Sample i's image read at sample i's grid points."""
+    if tags[0] != Rows(0) or tags[1] != Rows(0):
+        raise refuse(node, "samples images and grids that are not both batched on axis 0")
+    return Rows(0)
+
+
+defop("GridSample", _grid_sample, _grid_sample_vjp, keep="x0", batch=BatchRule(_grid_sample_batch))

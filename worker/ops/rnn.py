@@ -30,7 +30,9 @@ import numpy as np
 from gradserve.worker.ops import blas
 from gradserve.worker.ops.conv import str_attr
 from gradserve.worker.ops.elementwise import sigmoid
-from gradserve.worker.ops.registry import OpError, defop
+from gradserve.worker.graph import Node
+from gradserve.worker.ops.batch import NONE, BatchRule, BatchView, Rows, refuse
+from gradserve.worker.ops.registry import OpError, defop, numel
 
 
 # -- activations ----------------------------------------------------------------------------------
@@ -522,8 +524,40 @@ def _lstm_vjp(c, gY=None, gYh=None, gYc=None):
     return tuple(grads)
 
 
+def _rnn_batch(view: BatchView, node: Node, tags: list) -> list:
+    """X is (T, B, I) for layout=0, (B, T, I) for layout=1; Y is (T, D, B, H) or (B, T, D, H); the
+    states (D, B, H) or (B, D, H). Weights are unbatched; sequence_lens and initial states batched."""
+    layout = int(node.attrs.get("layout", 0))
+    x_axis, state_axis, y_axis = (1, 1, 2) if layout == 0 else (0, 0, 0)
+    wanted = {0: Rows(x_axis), 4: Rows(0), 5: Rows(state_axis), 6: Rows(state_axis)}
+    if node.op_type != "LSTM":
+        del wanted[6]
+    for k, (name, t) in enumerate(zip(node.inputs, tags)):
+        want = wanted.get(k, NONE)
+        if not name or t == want:
+            continue
+        if want == NONE:
+            raise refuse(node, f"reads batched weights ('{name}')")
+        if t == NONE:
+            raise refuse(node, f"reads '{name}', which is not computed from the batch but has one entry per "
+                               "sample (it holds the batch size)")
+        raise refuse(node, f"does not have the batch on axis {want.axis} of '{name}' (layout={layout})")
+    return [Rows(y_axis), Rows(state_axis), Rows(state_axis)][: len(node.outputs)]
+
+
+def _rnn_flops(node: Node, shapes) -> int | None:
+    """2 x multiply-adds: every step of every sample multiplies by W and R ((D, G*H, I), (D, G*H, H))."""
+    if len(node.inputs) <= 2:
+        return None
+    first, w, r = (shapes.get(node.inputs[k]) for k in range(3))
+    if w is None or r is None or first is None or len(first.shape) != 3:
+        return None
+    return 2 * first.shape[0] * first.shape[1] * (numel(w) + numel(r))
+
+
 # Every VJP reads W and R (errors to X and to earlier steps) and LSTM's P; X is saved by the forward
 # only when W needs an error (see _save_inputs); the rest is saved state.
-defop("RNN", _rnn, _rnn_vjp, keep=("x1", "x2"), differentiable=(0, 1, 2, 3, 5))
-defop("GRU", _gru, _gru_vjp, keep=("x1", "x2"), differentiable=(0, 1, 2, 3, 5))
-defop("LSTM", _lstm, _lstm_vjp, keep=("x1", "x2", "x7"), differentiable=(0, 1, 2, 3, 5, 6, 7))
+_PLANNING = dict(batch=BatchRule(_rnn_batch), flops=_rnn_flops)
+defop("RNN", _rnn, _rnn_vjp, keep=("x1", "x2"), differentiable=(0, 1, 2, 3, 5), **_PLANNING)
+defop("GRU", _gru, _gru_vjp, keep=("x1", "x2"), differentiable=(0, 1, 2, 3, 5), **_PLANNING)
+defop("LSTM", _lstm, _lstm_vjp, keep=("x1", "x2", "x7"), differentiable=(0, 1, 2, 3, 5, 6, 7), **_PLANNING)

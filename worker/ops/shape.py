@@ -10,11 +10,16 @@ Outputs may be views of the input (Reshape, Transpose, Slice...); ops never writ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
-from gradserve.worker.ops.registry import OpError, defop, normalize_axis, unbroadcast
+from gradserve.worker.ops import shape_batch as rules
+from gradserve.worker.ops.batch import PER_SAMPLE, SHAPE, BatchRule, along_attr, each_output, linear, never
+from gradserve.worker.ops.registry import OpError, family, normalize_axis, per_element, unbroadcast
+
+defop = family(flops=per_element)
 
 
 def _ints(a: np.ndarray | None) -> list[int]:
@@ -72,11 +77,13 @@ def _transpose_vjp(c, g):
     return np.transpose(g, None if perm is None else np.argsort([int(p) for p in perm]))
 
 
-defop("Reshape", _reshape, _to_shape, keep=(), differentiable=(0,))
-defop("Flatten", _flatten, _to_shape, keep=())
-defop("Squeeze", _squeeze, _to_shape, keep=(), differentiable=(0,))
-defop("Unsqueeze", _unsqueeze, _to_shape, keep=(), differentiable=(0,))
-defop("Transpose", _transpose, _transpose_vjp, keep=())
+_SQUEEZE = BatchRule(rules.squeeze, shape_inputs=(1,), reduced=linear)
+defop("Reshape", _reshape, _to_shape, keep=(), differentiable=(0,),
+      batch=BatchRule(rules.reshape, shape_inputs=(1,), reduced=linear, sized_by_constant=True))
+defop("Flatten", _flatten, _to_shape, keep=(), batch=BatchRule(rules.flatten, reduced=linear))
+defop("Squeeze", _squeeze, _to_shape, keep=(), differentiable=(0,), batch=_SQUEEZE)
+defop("Unsqueeze", _unsqueeze, _to_shape, keep=(), differentiable=(0,), batch=_SQUEEZE)
+defop("Transpose", _transpose, _transpose_vjp, keep=(), batch=BatchRule(rules.transpose, reduced=linear))
 
 
 # DepthToSpace / SpaceToDepth (pixel shuffle): a reshape, a transpose and a reshape; the VJP runs the
@@ -116,8 +123,8 @@ def _shuffle_vjp(c, g):
     return g.reshape(c.saved["moved"]).transpose(np.argsort(c.saved["perm"])).reshape(c.x.shape)
 
 
-defop("DepthToSpace", _depth_to_space, _shuffle_vjp, keep=())
-defop("SpaceToDepth", _space_to_depth, _shuffle_vjp, keep=())
+defop("DepthToSpace", _depth_to_space, _shuffle_vjp, keep=(), batch=PER_SAMPLE)
+defop("SpaceToDepth", _space_to_depth, _shuffle_vjp, keep=(), batch=PER_SAMPLE)
 
 
 # -- joining and splitting ----------------------------------------------------------------------------
@@ -156,8 +163,9 @@ def _split_vjp(c, *gs):
     return np.concatenate(parts, axis=_axis(c, c.x.ndim)), None
 
 
-defop("Concat", _concat, _concat_vjp, keep=())
-defop("Split", _split, _split_vjp, keep=(), differentiable=(0,))
+defop("Concat", _concat, _concat_vjp, keep=(), batch=BatchRule(rules.concat))
+defop("Split", _split, _split_vjp, keep=(), differentiable=(0,),
+      batch=BatchRule(each_output(along_attr(0)), shape_inputs=(1,)))
 
 
 # -- Slice ----------------------------------------------------------------------------------------------
@@ -194,7 +202,8 @@ def _slice_vjp(c, g):
     return dx
 
 
-defop("Slice", _slice, _slice_vjp, keep=(), differentiable=(0,))
+defop("Slice", _slice, _slice_vjp, keep=(), differentiable=(0,),
+      batch=BatchRule(rules.slice_axis, shape_inputs=(1, 2, 3, 4), sized_by_constant=True))
 
 
 # -- broadcasting and repeating ----------------------------------------------------------------------
@@ -222,8 +231,11 @@ def _tile_vjp(c, g):
     return g.reshape(split).sum(axis=tuple(range(0, 2 * len(shape), 2)))
 
 
-defop("Expand", _expand, lambda c, g: unbroadcast(g, c.x.shape), keep=(), differentiable=(0,))
-defop("Tile", _tile, _tile_vjp, keep=(), differentiable=(0,))
+# an unbatched value copied to the batch's shape (from Shape) mixes no samples: batched on axis 0
+_TILE = BatchRule(rules.expand_or_tile, shape_inputs=(1,), shaped_by=1, sized_by_constant=True)
+defop("Expand", _expand, lambda c, g: unbroadcast(g, c.x.shape), keep=(), differentiable=(0,),
+      batch=dataclasses.replace(_TILE, reduced=linear))
+defop("Tile", _tile, _tile_vjp, keep=(), differentiable=(0,), batch=_TILE)
 
 
 # -- Pad --------------------------------------------------------------------------------------------------
@@ -292,7 +304,7 @@ def _pad_vjp(c, g):
     return dx, None, dcval, None
 
 
-defop("Pad", _pad, _pad_vjp, keep=(), differentiable=(0, 2))
+defop("Pad", _pad, _pad_vjp, keep=(), differentiable=(0, 2), batch=BatchRule(rules.pad))
 
 
 def _trilu(c, x, k=None):
@@ -306,7 +318,8 @@ def _triangle(x, k: int, upper) -> np.ndarray:
 
 
 # The VJP of a mask is the same mask.
-defop("Trilu", _trilu, lambda c, g: _triangle(g, c.saved["k"], c.attr("upper", 1)), keep=(), differentiable=(0,))
+defop("Trilu", _trilu, lambda c, g: _triangle(g, c.saved["k"], c.attr("upper", 1)), keep=(), differentiable=(0,),
+      batch=never("is not known to keep the samples of a batch independent (no rule written for Trilu)"))
 
 
 # -- Gather -------------------------------------------------------------------------------------------
@@ -331,7 +344,7 @@ def _gather_vjp(c, g):
     return np.moveaxis(acc.reshape((shape[axis],) + pre + post), 0, axis), None
 
 
-defop("Gather", _gather, _gather_vjp, keep=(), differentiable=(0,))
+defop("Gather", _gather, _gather_vjp, keep=(), differentiable=(0,), batch=BatchRule(rules.gather))
 
 
 # -- generators: outputs that carry no error ----------------------------------------------------------
@@ -372,8 +385,13 @@ def _range(c, start, limit, delta):
     return (s + d * np.arange(n)).astype(start.dtype, copy=False)
 
 
-defop("Shape", _shape)
-defop("Size", lambda c, x: np.array(x.size, dtype=np.int64))
-defop("ConstantOfShape", _constant_of_shape)
-defop("Constant", _constant)
-defop("Range", _range)
+_OF_SHAPE = BatchRule(lambda view, node, tags: SHAPE)  # the batch's shape: fine as a shape, not as data
+defop("Shape", _shape, batch=_OF_SHAPE)
+defop("Size", lambda c, x: np.array(x.size, dtype=np.int64), batch=_OF_SHAPE)
+# shaped like the batch (from Shape): one value, the same in every sample, so batched on axis 0
+defop("ConstantOfShape", _constant_of_shape,
+      batch=BatchRule(None, refused="takes its shape from the batch's data", shape_inputs=(0,), shaped_by=0,
+                      sized_by_constant=True))
+defop("Constant", _constant, batch=never("has no inputs"))
+defop("Range", _range, batch=never("is not known to keep the samples of a batch independent (a sequence from "
+                                   "batched scalars)"))
