@@ -47,11 +47,12 @@ from gradserve.client.errors import (  # noqa: F401
 )
 from gradserve.client.job import STATE_NAMES, Job, JobStatus, read_result  # noqa: F401
 from gradserve.client.retry import NO_RETRY, RetryPolicy
-from gradserve.proto import chunks, tensors
+from gradserve.client.wire import job_stream, model_manifest, wire_arrays
+from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.planning.counts import AUTO, Count, count_to_wire
 from gradserve.server.result import Result
-from gradserve.worker.graph import GraphError, Model, graph_from_proto
+from gradserve.worker.graph import Model
 
 if TYPE_CHECKING:
     from gradserve.client.session import RemoteSession
@@ -79,48 +80,6 @@ class _Uploading:
     state: str = "uploading"
     event: None = None
     finished: bool = False
-
-
-# -- wire helpers ----------------------------------------------------------------------------------
-
-
-def wire_array(array: Any) -> np.ndarray:
-    """``array`` as it travels: native byte order, C order; an unsupported dtype raises ValueError
-    naming it, before any call."""
-    array = np.asarray(array)
-    tensors.dtype_code(array.dtype)  # unsupported dtypes fail here, naming the dtype, before any call
-    # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into 1-d ones.
-    return np.asarray(array, dtype=array.dtype.newbyteorder("="), order="C")
-
-
-def model_manifest(model: Model) -> tuple[service_pb2.ModelManifest, dict[str, np.ndarray]]:
-    """The manifest announcing ``model`` and the arrays whose chunks follow it.
-
-    The model id is the fingerprint of the model *as the server will rebuild it* from the graph
-    message (defaults filled in, constants decoded), so both sides hash exactly the same thing.
-    """
-    graph = model.graph_proto()
-    canonical = graph_from_proto(graph)
-    params = {}
-    for name, value in model.params.items():
-        try:
-            params[name] = wire_array(value)
-        except ValueError as exc:
-            raise GraphError(f"parameter '{name}': {exc}") from None
-    canonical.params = params
-    model_id = canonical.fingerprint()
-    constants = canonical.constants
-    del graph.constants[:]  # constants travel chunked, like parameters, however big they are
-    manifest = service_pb2.ModelManifest(
-        graph=graph, parameters=chunks.headers(params), constants=chunks.headers(constants), model_id=model_id
-    )
-    return manifest, {**params, **constants}
-
-
-def _job_stream(options: service_pb2.JobOptions, arrays: Mapping[str, np.ndarray]) -> Iterator[service_pb2.JobChunk]:
-    yield service_pb2.JobChunk(options=options)
-    for chunk in chunks.chunks(arrays):
-        yield service_pb2.JobChunk(feed=chunk)
 
 
 # -- the client ------------------------------------------------------------------------------------
@@ -330,12 +289,7 @@ class Client:
     def _job_options(self, model_id: str, feeds: Mapping[str, Any], partitions: Count, micro_batches: Count,
                      replicas: Count, input_grads: Iterable[str]) -> tuple[service_pb2.JobOptions, dict[str, np.ndarray]]:
         """A job's options message and the feed arrays whose bytes follow it."""
-        arrays = {}
-        for name, value in feeds.items():
-            try:
-                arrays[name] = wire_array(value)
-            except ValueError as exc:
-                raise GraphError(f"feed '{name}': {exc}") from None
+        arrays = wire_arrays(feeds, "feed")
         counts = {}
         for name, value in (("partitions", partitions), ("micro_batches", micro_batches), ("replicas", replicas)):
             try:
@@ -351,7 +305,7 @@ class Client:
     def _job_messages(self, model_id: str, feeds: Mapping[str, Any], partitions: Count, micro_batches: Count,
                       replicas: Count, input_grads: Iterable[str]) -> Iterator[service_pb2.JobChunk]:
         """A Run or Submit request stream: the options, then the feeds' chunks."""
-        return _job_stream(*self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads))
+        return job_stream(*self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads))
 
     def _model_id(self, model_or_id: Model | str, progress: bool = False) -> str:
         return model_or_id if isinstance(model_or_id, str) else self.upload(model_or_id, progress=progress)
@@ -373,7 +327,7 @@ class Client:
         model_id = self._model_id(model_or_id)
         options, arrays = self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads)
         handle = self._retrying("Submit", lambda left: calling(  # a fresh request stream per attempt
-            self._stub.Submit, _job_stream(options, arrays), metadata=self._metadata, timeout=left),
+            self._stub.Submit, job_stream(options, arrays), metadata=self._metadata, timeout=left),
             self._timeout(None))
         return Job(self, handle.job_id, handle.model_id)
 
@@ -463,7 +417,7 @@ class Client:
                         if exc.code != grpc.StatusCode.UNIMPLEMENTED:
                             raise
                         self._compute = False  # a server older than Compute: use Run from now on
-                stream = self._stub.Run(_job_stream(options, arrays), metadata=self._metadata, timeout=left)
+                stream = self._stub.Run(job_stream(options, arrays), metadata=self._metadata, timeout=left)
                 return read_result(stream)
 
             return self._retrying("Compute" if self._compute and small else "Run", attempt, self._timeout(timeout))

@@ -20,6 +20,7 @@ import numpy as np
 
 from gradserve.client.errors import calling, streaming
 from gradserve.client.job import read_result
+from gradserve.client.wire import wire_arrays
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.result import Result
@@ -73,7 +74,7 @@ class RemoteSession:
     def set_weights(self, values: Mapping[str, Any]) -> None:
         """Replace some weights on the server (only those given travel); their optimizer state stays."""
         self._check_open()
-        arrays = {name: _array(f"weight '{name}'", v) for name, v in values.items()}
+        arrays = wire_arrays(values, "weight")
         header = service_pb2.WeightsHeader(session_id=self.id, weights=chunks.headers(arrays))
 
         def messages() -> Iterator[service_pb2.WeightsChunk]:
@@ -119,7 +120,7 @@ class RemoteSession:
 
     def _send(self, feeds: Mapping[str, Any], options: service_pb2.StepOptions) -> Result:
         self._check_open()
-        arrays = {name: _array(f"feed '{name}'", v) for name, v in feeds.items()}
+        arrays = wire_arrays(feeds, "feed")
         options.feeds.extend(chunks.headers(arrays))
 
         def attempt(left: float | None) -> Result:  # a fresh request stream per attempt
@@ -135,12 +136,3 @@ class RemoteSession:
     def _check_open(self) -> None:
         if self.closed:
             raise SessionClosed("the session is closed")
-
-
-def _array(what: str, value: Any) -> np.ndarray:
-    from gradserve.client.remote import wire_array  # remote imports this module on first use
-
-    try:
-        return wire_array(value)
-    except ValueError as exc:
-        raise GraphError(f"{what}: {exc}") from None

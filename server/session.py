@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from gradserve.server.errors import Unavailable
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, Model
 from gradserve.worker.optim import Optimizer, ParamGroups, Schedule, check_schedule, lr_at
@@ -145,6 +144,8 @@ class Session:
             except Restored as exc:
                 restored, self.steps = exc.step, exc.step
                 if tries > MAX_RESTORES:
+                    from gradserve.server.errors import Unavailable  # grpc: not for every inline job's import
+
                     raise Unavailable(f"the session lost workers on {tries} tries of one call; it is at step "
                                       f"{exc.step} now, try again later") from exc
         raise AssertionError("unreachable")

@@ -41,9 +41,9 @@ from gradserve.client.remote import (
     RemoteError,
     ResourceExhausted,
     Unauthenticated,
-    model_manifest,
     read_result,
 )
+from gradserve.client.wire import model_manifest
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.events import JobCancelled, ProgressEvent, check_cancelled

@@ -42,7 +42,7 @@ def test_the_client_imports_no_op_library_onnx_numba_or_ray():
 import numpy as np
 import gradserve
 gradserve.Client
-from gradserve.client.remote import model_manifest
+from gradserve.client.wire import model_manifest
 m = gradserve.ModelBuilder()
 x = m.input("x", (None, 3))
 model = m.loss((x @ m.param("w", np.ones((3, 2))) + 1.0).sum())

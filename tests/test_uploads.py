@@ -10,7 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.client.remote import Client, model_manifest
+from gradserve.client.remote import Client
+from gradserve.client.wire import model_manifest
 from gradserve.proto import chunks
 from gradserve.proto.tensors import TensorDecodeError
 from gradserve.proto.v1 import service_pb2
