@@ -352,16 +352,9 @@ class Client:
         rate per step, a list of (step, lr) or a callable (run here). The counts are chosen at
         the first step (``"auto"``) and kept. Uploads the model first if the server lacks it."""
         from gradserve.client.session import RemoteSession
-        from gradserve.worker.optim import Optimizer, ParamGroups
+        from gradserve.worker.optim import ParamGroups
 
-        if isinstance(optimizer, ParamGroups):
-            groups = optimizer if param_groups is None else ParamGroups(optimizer.optimizer, param_groups)
-        elif isinstance(optimizer, Optimizer):
-            groups = ParamGroups(optimizer, param_groups)
-        else:
-            raise TypeError(f"optimizer must be a gradserve.optim optimizer (SGD, Adam, AdamW), not {optimizer!r}")
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"max_norm must be positive, not {max_norm!r}")
+        groups = ParamGroups.of(optimizer, param_groups, max_norm)
         model_id = self._model_id(model_or_id)
         options, _ = self._job_options(model_id, {}, partitions, micro_batches, replicas, ())
         request = service_pb2.SessionOptions(

@@ -90,17 +90,10 @@ class Session:
         what a session whose workers were lost restarts from; ``on_checkpoint`` gets each (the
         server writes them to its state directory). Without either setting none is taken by
         itself, and a lost worker restarts the session from its first step."""
-        if isinstance(optimizer, ParamGroups):
-            groups = optimizer if param_groups is None else ParamGroups(optimizer.optimizer, param_groups)
-        elif isinstance(optimizer, Optimizer):
-            groups = ParamGroups(optimizer, param_groups)
-        else:
-            raise TypeError(f"optimizer must be a gradserve.optim optimizer (SGD, Adam, AdamW), not {optimizer!r}")
+        groups = ParamGroups.of(optimizer, param_groups, max_norm)
         unknown = sorted(set(groups.overrides) - set(model.params))
         if unknown:
             raise GraphError(f"param_groups name '{unknown[0]}', which is not a parameter of the model")
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"max_norm must be positive, not {max_norm!r}")
         self.groups = groups
         self.max_norm = None if max_norm is None else float(max_norm)
         self.schedule = schedule if schedule is None or callable(schedule) else check_schedule(schedule)

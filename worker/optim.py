@@ -297,6 +297,20 @@ class ParamGroups:
             # normalised as the optimizer holds them (betas a tuple even from JSON's list)
             self.overrides[name] = {k: getattr(self._per_param[name], k) for k in given}
 
+    @classmethod
+    def of(cls, optimizer: "Optimizer | ParamGroups", overrides: Mapping[str, Mapping[str, Any]] | None = None,
+           max_norm: float | None = None) -> "ParamGroups":
+        """The groups a session is opened with: ``optimizer`` (or groups, whose overrides
+        ``overrides`` replaces when given); TypeError for anything else, ValueError for a
+        ``max_norm`` (checked here too, as every opener takes it) that is not positive."""
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm must be positive, not {max_norm!r}")
+        if isinstance(optimizer, ParamGroups):
+            return optimizer if overrides is None else cls(optimizer.optimizer, overrides)
+        if isinstance(optimizer, Optimizer):
+            return cls(optimizer, overrides)
+        raise TypeError(f"optimizer must be a gradserve.optim optimizer (SGD, Adam, AdamW), not {optimizer!r}")
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ParamGroups) and (self.optimizer, self.overrides) == (other.optimizer, other.overrides)
 
