@@ -15,6 +15,7 @@ import torch
 
 import gradserve
 from gradserve.client.remote import Client, InvalidArgument, NotFound, ResourceExhausted
+from gradserve.client.status import format_status, server_status
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.inline import InlineEngine
@@ -265,8 +266,12 @@ def test_sessions_are_limited_per_client_and_closed_when_idle():
     model, batches = mlp()
     with serving(max_sessions_per_client=1, session_idle_ttl=60.0) as (server, client):
         session = client.session(model, SGD(lr=0.1))
+        session.step(batches[0])
         with pytest.raises(ResourceExhausted, match="sessions open"):
             client.session(model, SGD(lr=0.1))
+        status = server_status(client)
+        assert [(t.session_id, t.steps) for t in status.sessions] == [(session.id, 1)] and status.session_steps == 1
+        assert "training sessions: 1 open, 1 steps since start" in format_status(status)
         server.servicer.sessions.get(session.id).last_used -= 61.0  # as if a minute had passed idle
         server.servicer.sessions.sweep()
         with pytest.raises(NotFound, match=session.id):
