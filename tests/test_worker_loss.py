@@ -27,7 +27,8 @@ from ray import exceptions as rx
 import gradserve
 from gradserve.server.errors import ServiceError, WorkerLost, retry_after_for, status_for
 from gradserve.server.events import JobCancelled
-from gradserve.server.jobs import JobOptions, JobRegistry
+from gradserve.server.job import JobOptions
+from gradserve.server.jobs import JobRegistry
 from gradserve.server.planning.schedule import reduction_parent
 from gradserve.server.ray_engine import is_worker_loss
 from gradserve.worker.graph import GraphError
@@ -306,6 +307,7 @@ class Watched:
     (a test's :class:`Ambush`); the server does not close it."""
 
     name = "ray"
+    splits = True
 
     def __init__(self, engine) -> None:
         self.engine, self.watch = engine, None
@@ -369,3 +371,28 @@ def test_through_the_servers_compute_call(ray_engine, monkeypatch):
         again, ambush = ambushed(client, pids)
         assert ambush.killed.is_set() and client.retries > before
         assert_same_result(again, reference)
+
+
+@pytest.mark.slow
+def test_through_the_servers_submit_call(ray_engine):
+    """A submitted job runs on the registry's own thread, not the call's: a worker lost there is a
+    retry too, and the client fetches the job's correct result, never an error."""
+    from gradserve.client.remote import Client
+    from gradserve.client.status import server_status
+    from test_service import serving
+
+    options, (hold_r, hold_p), (kill_r, kill_p), when = MOMENTS["backward"]
+    model, feeds = mlp(seed=41)
+    reference = INLINE.gradients(model, feeds)
+    watched = Watched(ray_engine)
+    with serving(lambda: watched) as srv, Client(srv.address, timeout=120, retry=None) as client:
+        pids = placement(client.submit(model, feeds, **options).result())
+        victim = pids[kill_r][kill_p]
+        with Ambush(ray_engine, hold=pids[hold_r][hold_p], kill=victim, when=when) as ambush:
+            watched.watch = ambush
+            try:
+                result = client.submit(model, feeds, **options).result()
+            finally:
+                watched.watch = None
+        check_recovered(ray_engine, result, reference, victim, ambush)
+        assert server_status(client).worker_retries == result.info["retries"]
