@@ -23,8 +23,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import ray
@@ -36,30 +35,25 @@ from gradserve.server.planning.auto import AUTO, Choice, Count, parse_count
 from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.partition import Plan
 from gradserve.server.planning.prepare import prepare
-from gradserve.server.planning.schedule import Links
 from gradserve.server.planning.timing import Costs
 from gradserve.server.ray_engine import costs as costs_module
-from gradserve.server.ray_engine import scheduler
 from gradserve.server.ray_engine.connect import connect
-from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, NODES_TTL, WorkerPool, cpu_nodes
-from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
+from gradserve.server.ray_engine.placement import CONTROL_TIMEOUT, Placement, PlacedParams, answers
+from gradserve.server.ray_engine.pool import NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.submit import (
     Deployment, PlanEntry, Submitted, Training, blas_threads, submit_replica, submit_updates,
 )
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
 from gradserve.worker import kernels
-from gradserve.worker.autodiff import compile_program
 from gradserve.worker.graph import GraphError, Model, feed_signature
 from gradserve.worker.optim import clip_scale
-from gradserve.worker.stage import StageSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradserve.server.ray_engine.session import RaySession
 
 log = logging.getLogger(__name__)
 
-_CONTROL_TIMEOUT = 30.0  # seconds for an actor to answer a control call (cancel, where, load)
 _STEP_DRAIN_TIMEOUT = 300.0  # seconds for an actor to finish or skip a failed job's queued steps
 _INLINE_BYTES = 100 * 1024  # feeds up to this size travel inside the call (Ray's inline limit)
 
@@ -80,7 +74,7 @@ def _counted(method):
     return counted
 
 
-class RayEngine:
+class RayEngine(Placement):
     """Partitions each model over Ray worker actors (see the module docs).
 
     ``partitions``/``micro_batches``/``replicas`` are defaults that each job may override: a
@@ -118,7 +112,7 @@ class RayEngine:
         # Compile the kernels here first (once per machine), so the actors this machine starts load
         # them from the cache instead of each compiling them at once.
         kernels.warm_up()
-        self._params: "OrderedDict[str, _Placed]" = OrderedDict()  # content key -> placed parameters
+        self._params: "OrderedDict[str, PlacedParams]" = OrderedDict()  # content key -> placed parameters
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
         self._plans: "OrderedDict[tuple, PlanEntry]" = OrderedDict()
         self._choices: "OrderedDict[tuple, Choice]" = OrderedDict()  # see _choose
@@ -307,156 +301,6 @@ class RayEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- deployment --------------------------------------------------------------------------------
-    def _acquire(self, model: Model, model_key: str | None) -> tuple[str, "_Placed"]:
-        """The model's parameters in the object store, placed once per content, marked in use.
-
-        Hashing every parameter on every job costs more than some jobs (1.4 GB/s), so without a
-        ``model_key`` the parameters are compared with the copies placed for the same structure
-        (a read of the object store, several times faster) and placed anew when none matches: a
-        training loop that updates weights in place gets fresh ones every step, and the stale copy
-        is dropped as soon as no job uses it.
-        """
-        with self._lock:
-            if model_key is None:
-                structure = model.structure_fingerprint()
-                keys = self._latest.setdefault(structure, [])
-                key = next((k for k in keys if self._params[k].matches(model.params)), None)
-                if key is None:
-                    key = f"{structure[:24]}-{uuid.uuid4().hex[:8]}"
-                    for old in [k for k in keys if self._params[k].users == 0]:
-                        self._forget(old)
-                    self._latest.setdefault(structure, []).append(key)  # _forget may drop an empty list
-            else:
-                key = model_key
-            placed = self._params.get(key)
-            if placed is None:
-                placed = self._params[key] = _Placed.put(model.params)
-                log.info("model %s: %d parameters placed in the object store", key[:12], len(model.params))
-                for old in [k for k, p in self._params.items() if p.users == 0 and k != key][: max(0, len(self._params) - self._max)]:
-                    self._forget(old)
-            self._params.move_to_end(key)
-            placed.users += 1
-            return key, placed
-
-    def _forget(self, key: str) -> None:
-        """Drop a model's placed parameters and its plans' stages (caller holds the lock)."""
-        self._params.pop(key, None)
-        for structure, keys in list(self._latest.items()):
-            if key in keys:
-                keys.remove(key)
-            if not keys:
-                del self._latest[structure]
-        for plan_key in [p for p in self._plans if p[0] == key]:
-            self._unload(self._plans.pop(plan_key))
-
-    def _unload(self, entry: PlanEntry) -> None:
-        """Free an evicted plan's stages on every actor holding one (caller holds the lock)."""
-        for p in range(len(entry.specs)):
-            for actor, _ in self._hosts.pop(entry.stage(p), {}).values():
-                actor.unload.remote(entry.stage(p))
-
-    def _plan_entry(self, model: Model, fingerprint: str, job, plan: Plan) -> PlanEntry:
-        """The stages of a plan, made on first use (caller holds the lock)."""
-        key = (fingerprint, job.input_grads, tuple(p.nodes[0].name for p in plan.partitions),
-               tuple(m.total for m in plan.memory or ()))
-        entry = self._plans.get(key)
-        if entry is not None:
-            self._plans.move_to_end(key)
-            return entry
-        whole = compile_program(list(job.nodes), [*job.shapes], [job.loss], job.wrt)
-        specs = [
-            StageSpec(
-                p.nodes, p.feeds, p.inputs, p.outputs, p.params, p.constants,
-                [v for v in p.inputs if v in whole.requires_grad] + [f for f in p.feeds if f in job.input_grads],
-            )
-            for p in plan.partitions
-        ]
-        producer = {v: i for i, spec in enumerate(specs) for v in spec.outputs}
-        links = Links.of({i: sorted({producer[v] for v in spec.inputs}) for i, spec in enumerate(specs)})
-        read = frozenset(v for spec in specs for v in spec.inputs)
-        entry = self._plans[key] = PlanEntry(uuid.uuid4().hex[:12], plan, specs, links, read)
-        idle = [p for p in self._plans if p[0] not in self._params or self._params[p[0]].users == 0]
-        for plan_key in idle[: max(0, len(self._plans) - self._max)]:
-            self._unload(self._plans.pop(plan_key))
-        return entry
-
-    def _deploy(self, model: Model, fingerprint: str, placed: "_Placed", job, choice: Choice, split_at,
-                refresh: bool = False, extra: Sequence[int] = ()) -> Deployment:
-        """Place one job: the scheduler picks an actor per (replica, partition), and each one not
-        yet holding its stage loads it (parameters come from the object store: Ray moves each to
-        a node once). The chosen actors count as busy until :meth:`_release`. ``extra``: bytes
-        per partition beyond the plan's (a training session's weights and optimizer state)."""
-        with self._lock:
-            entry = self._plan_entry(model, fingerprint, job, choice.plan)
-            k, r = len(entry.specs), choice.r
-            slots = [(i, p) for i in range(r) for p in range(k)]
-            held: dict[int, set[str]] = {}
-            for stage_key, hosts in self._hosts.items():
-                for actor_id in hosts:
-                    held.setdefault(actor_id, set()).add(stage_key)
-            infos = [
-                ActorInfo(id(a), w["node_id"], self._busy[id(a)], frozenset(held.get(id(a), ())), w.get("memory", 0))
-                for a, w in zip(self._pool.actors, self._pool.where)
-            ]
-            needs = [(entry.plan.memory[p].total if entry.plan.memory else 0) + (extra[p] if extra else 0)
-                     for _, p in slots]
-            picks = scheduler.choose([entry.stage(p) for _, p in slots], self._pool.nodes(refresh), infos, needs)
-            others = Counter()
-            for info in infos:
-                others[info.node_id] += info.load
-            # New actors start under the lock (rare: only while the pool grows to the cluster).
-            starting = [pick for pick in picks if isinstance(pick, NewActor)]
-            retire = {actor_id for pick in starting for actor_id in pick.retire}
-            if retire:  # idle actors whose reservations are too small: their memory goes to new ones
-                self._forget_actors([a for a in self._pool.actors if id(a) in retire],
-                                    why="retired, their reservations too small for a new stage,")
-            new = iter(self._pool.spawn([pick.node_id for pick in starting], [pick.memory for pick in starting]))
-            by_id = {id(a): a for a in self._pool.actors}
-            chosen = [by_id[pick.actor_id] if isinstance(pick, ActorInfo) else next(new) for pick in picks]
-            loads = []
-            for actor, (_, p) in zip(chosen, slots):
-                stage_key, spec = entry.stage(p), entry.specs[p]
-                hosts = self._hosts.setdefault(stage_key, {})
-                if id(actor) not in hosts:
-                    ref = actor.load.remote(
-                        stage_key, spec, {c: model.constants[c] for c in spec.constants}, spec.params,
-                        *[placed.refs[name] for name in spec.params],
-                    )
-                    hosts[id(actor)] = (actor, ref)
-                loads.append(hosts[id(actor)][1])
-                self._busy[id(actor)] += 1
-            where = [[self._pool.where_of(chosen[i * k + p]) for p in range(k)] for i in range(r)]
-        dep = Deployment(
-            [entry.stage(p) for p in range(k)], entry.plan, entry.specs, entry,
-            [chosen[i * k:(i + 1) * k] for i in range(r)], where, dict(others),
-        )
-        try:
-            ray.get(loads, timeout=ACTOR_START_TIMEOUT)  # outside the lock: other jobs go on placing
-        except BaseException:
-            with self._lock:  # a failed load must not be waited on by later jobs: load again
-                failed = set(loads)
-                for hosts in self._hosts.values():
-                    for actor_id in [a for a, (_, ref) in hosts.items() if ref in failed]:
-                        del hosts[actor_id]
-            self._release(dep)
-            self._drop_dead(chosen)
-            raise
-        log.debug(
-            "model %s: %d partitions x %d replicas on nodes %s",
-            fingerprint[:12], k, r, sorted({w["node_id"][:8] for row in where for w in row}),
-        )
-        return dep
-
-    def _release(self, dep: Deployment) -> None:
-        """The job's actors are no longer busy with it."""
-        with self._lock:
-            for row in dep.actors:
-                for actor in row:
-                    self._busy[id(actor)] -= 1
-                    if self._busy[id(actor)] <= 0:
-                        del self._busy[id(actor)]
-
     # -- one job -----------------------------------------------------------------------------------
     def _run(self, job_id, dep: Deployment, job, chunks, m: int, r: int, progress, cancelled,
              training: Training | None = None, max_norm: float | None = None):
@@ -536,25 +380,17 @@ class RayEngine:
         # Asking every actor, not only the one whose error surfaced, finds each that died: a job
         # that read a lost result (an ObjectLostError) does not say whose it was.
         cancels = [actor.cancel.remote(job_id) for actor in actors]  # takes effect at once
-        dead = [a for a, ref in zip(actors, cancels) if not _answers(ref, _CONTROL_TIMEOUT)]
+        dead = [a for a, ref in zip(actors, cancels) if not answers(ref, CONTROL_TIMEOUT)]
         alive = [a for a in actors if all(a is not d for d in dead)]
         ends = [actor.end_job.remote(job_id) for actor in alive]  # runs after the skipped steps
-        dead += [a for a, ref in zip(alive, ends) if not _answers(ref, _STEP_DRAIN_TIMEOUT)]
+        dead += [a for a, ref in zip(alive, ends) if not answers(ref, _STEP_DRAIN_TIMEOUT)]
         if dead:
             self._drop_actors(dead)
         # Every call has ended now (end_job ran after it, or its actor is dead or was just killed,
         # which fails it at once): reading the results cannot wait long. Unread, the errors of the
         # calls that needed a dead actor's results would be logged by Ray as unhandled tracebacks.
-        _drain(refs, _CONTROL_TIMEOUT)
+        _drain(refs, CONTROL_TIMEOUT)
         log.info("job %s aborted; per-job state freed on %d actors, %d gone", job_id, len(actors) - len(dead), len(dead))
-
-    def _drop_dead(self, actors: list) -> None:
-        """Drop those of ``actors`` that no longer answer (asked all at once)."""
-        unique = list({id(a): a for a in actors}.values())
-        pings = [actor.job_count.remote() for actor in unique]
-        dead = [a for a, ref in zip(unique, pings) if not _answers(ref, _CONTROL_TIMEOUT)]
-        if dead:
-            self._drop_actors(dead)
 
     def _next_retry(self, exc: BaseException, job_id: str, retries: int, cancelled: threading.Event | None) -> int:
         """The retry count of the next run of a job whose run ``retries`` lost a worker (``exc``);
@@ -570,22 +406,6 @@ class RayEngine:
         log.warning("job %s lost a worker (%s); running it again on fresh workers (%d/%d)",
                     job_id, what, retries + 1, self.max_retries)
         return retries + 1
-
-    def _drop_actors(self, dead: list) -> None:
-        """Remove dead or stuck actors from the pool and from the stages' hosts; the next jobs
-        get actors the scheduler picks, started where the pool has fewest."""
-        with self._lock:
-            self._forget_actors(dead)
-
-    def _forget_actors(self, actors: list, why: str = "lost") -> None:
-        """Kill ``actors`` and forget them everywhere (caller holds the lock)."""
-        gone = self._pool.drop(actors, why)
-        for hosts in self._hosts.values():
-            for actor_id in gone & hosts.keys():
-                del hosts[actor_id]
-        for actor_id in gone:
-            self._busy.pop(actor_id, None)
-
 
     # -- status (read-only) ------------------------------------------------------------------------
     def status(self) -> dict:
@@ -628,25 +448,6 @@ class RayEngine:
                           "alive": False})
         return {"nodes": nodes, "actors": len(where), "max_retries": self.max_retries}
 
-@dataclass
-class _Placed:
-    """A model's parameters in the object store, with zero-copy views of them for comparison."""
-
-    refs: dict[str, ray.ObjectRef]
-    views: dict[str, np.ndarray]
-    users: int = 0  # jobs running on these parameters (guarded by the engine's lock)
-
-    @classmethod
-    def put(cls, params: Mapping[str, np.ndarray]) -> "_Placed":
-        refs = {name: ray.put(value) for name, value in params.items()}
-        return cls(refs, dict(zip(refs, ray.get(list(refs.values())))))
-
-    def matches(self, params: Mapping[str, np.ndarray]) -> bool:
-        return params.keys() == self.views.keys() and all(
-            np.array_equal(params[name], view) for name, view in self.views.items()
-        )
-
-
 def _sum(values: list) -> np.ndarray | None:
     present = [v for v in values if v is not None]
     return sum(present[1:], present[0]) if present else None
@@ -664,18 +465,6 @@ def _drain(refs: list, timeout: float) -> None:
             ray.get(ref, timeout=timeout)
         except Exception:  # noqa: BLE001 -- a result that failed, or was lost with its node: nothing to report
             pass
-
-
-def _answers(ref: ray.ObjectRef, timeout: float) -> bool:
-    """Whether an actor answered its control call ``ref`` within ``timeout`` seconds. Any failure
-    makes it one not to use again: dead (:func:`is_worker_loss`), stuck, or broken (logged)."""
-    try:
-        ray.get(ref, timeout=timeout)
-    except Exception as exc:  # noqa: BLE001 -- a control call that fails, whyever, condemns its actor
-        if not (is_worker_loss(exc) or isinstance(exc, ray.exceptions.GetTimeoutError)):
-            log.warning("an actor failed a control call (%s: %s); dropping it", type(exc).__name__, exc)
-        return False
-    return True
 
 
 def _unwrap(exc: BaseException) -> BaseException:

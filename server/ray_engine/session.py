@@ -27,6 +27,7 @@ import ray
 from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.memory import ResourceExhausted, fmt_bytes
 from gradserve.server.planning.prepare import prepare
+from gradserve.server.ray_engine.placement import PlacedParams
 from gradserve.server.ray_engine.submit import Deployment, Training
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
@@ -107,7 +108,7 @@ class RaySession(Session):
         engine = self._engine
         choice = engine._choose(self.model, full, feeds, self._counts, None)
         with engine._lock:
-            placed = engine._params[self._key] = _placed(self.model.params)
+            placed = engine._params[self._key] = PlacedParams.put(self.model.params)
             placed.users += 1  # held until close: the session's stages are never evicted
         extra = self._check_memory(choice)
         dep = engine._deploy(choice.split.model, self._key, placed, choice.split.job, choice, None, extra=extra)
@@ -219,9 +220,3 @@ class RaySession(Session):
 
     def _close(self) -> None:
         self._unplace()
-
-
-def _placed(params):
-    from gradserve.server.ray_engine.engine import _Placed  # the engine's own record of placed weights
-
-    return _Placed.put(params)

@@ -1,0 +1,244 @@
+"""Where a Ray job runs: its model's parameters placed in the object store once per content
+(:class:`PlacedParams`), its plan's stages (:class:`~.submit.PlanEntry`) loaded on the pool's actors
+the scheduler (:mod:`.scheduler`) picks, those actors counted busy while jobs run on them, and
+actors that died or stopped answering dropped from the pool and from the stages they held.
+
+:class:`Placement` is mixed into :class:`~.engine.RayEngine`, whose ``__init__`` makes the state
+these methods share under ``self._lock``: ``_pool`` (the worker actors), ``_params`` and ``_latest``
+(placed parameters by content key, and the keys of each model structure), ``_plans`` (plan entries),
+``_hosts`` (which actors hold which stage), ``_busy`` (running jobs per actor) and ``_max``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import ray
+
+from gradserve.server.planning.auto import Choice
+from gradserve.server.planning.partition import Plan
+from gradserve.server.planning.schedule import Links
+from gradserve.server.ray_engine import scheduler
+from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT
+from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
+from gradserve.server.ray_engine.submit import Deployment, PlanEntry
+from gradserve.server.ray_engine.worker_loss import is_worker_loss
+from gradserve.worker.autodiff import compile_program
+from gradserve.worker.graph import Model
+from gradserve.worker.stage import StageSpec
+
+log = logging.getLogger("gradserve.server.ray_engine.engine")  # one logger for the engine's lines
+
+CONTROL_TIMEOUT = 30.0  # seconds for an actor to answer a control call (cancel, where, load)
+
+
+class Placement:
+    """The engine's placing of jobs on actors (see the module docs)."""
+
+    def _acquire(self, model: Model, model_key: str | None) -> tuple[str, "PlacedParams"]:
+        """The model's parameters in the object store, placed once per content, marked in use.
+
+        Hashing every parameter on every job costs more than some jobs (1.4 GB/s), so without a
+        ``model_key`` the parameters are compared with the copies placed for the same structure
+        (a read of the object store, several times faster) and placed anew when none matches: a
+        training loop that updates weights in place gets fresh ones every step, and the stale copy
+        is dropped as soon as no job uses it.
+        """
+        with self._lock:
+            if model_key is None:
+                structure = model.structure_fingerprint()
+                keys = self._latest.setdefault(structure, [])
+                key = next((k for k in keys if self._params[k].matches(model.params)), None)
+                if key is None:
+                    key = f"{structure[:24]}-{uuid.uuid4().hex[:8]}"
+                    for old in [k for k in keys if self._params[k].users == 0]:
+                        self._forget(old)
+                    self._latest.setdefault(structure, []).append(key)  # _forget may drop an empty list
+            else:
+                key = model_key
+            placed = self._params.get(key)
+            if placed is None:
+                placed = self._params[key] = PlacedParams.put(model.params)
+                log.info("model %s: %d parameters placed in the object store", key[:12], len(model.params))
+                for old in [k for k, p in self._params.items() if p.users == 0 and k != key][: max(0, len(self._params) - self._max)]:
+                    self._forget(old)
+            self._params.move_to_end(key)
+            placed.users += 1
+            return key, placed
+
+    def _forget(self, key: str) -> None:
+        """Drop a model's placed parameters and its plans' stages (caller holds the lock)."""
+        self._params.pop(key, None)
+        for structure, keys in list(self._latest.items()):
+            if key in keys:
+                keys.remove(key)
+            if not keys:
+                del self._latest[structure]
+        for plan_key in [p for p in self._plans if p[0] == key]:
+            self._unload(self._plans.pop(plan_key))
+
+    def _unload(self, entry: PlanEntry) -> None:
+        """Free an evicted plan's stages on every actor holding one (caller holds the lock)."""
+        for p in range(len(entry.specs)):
+            for actor, _ in self._hosts.pop(entry.stage(p), {}).values():
+                actor.unload.remote(entry.stage(p))
+
+    def _plan_entry(self, model: Model, fingerprint: str, job, plan: Plan) -> PlanEntry:
+        """The stages of a plan, made on first use (caller holds the lock)."""
+        key = (fingerprint, job.input_grads, tuple(p.nodes[0].name for p in plan.partitions),
+               tuple(m.total for m in plan.memory or ()))
+        entry = self._plans.get(key)
+        if entry is not None:
+            self._plans.move_to_end(key)
+            return entry
+        whole = compile_program(list(job.nodes), [*job.shapes], [job.loss], job.wrt)
+        specs = [
+            StageSpec(
+                p.nodes, p.feeds, p.inputs, p.outputs, p.params, p.constants,
+                [v for v in p.inputs if v in whole.requires_grad] + [f for f in p.feeds if f in job.input_grads],
+            )
+            for p in plan.partitions
+        ]
+        producer = {v: i for i, spec in enumerate(specs) for v in spec.outputs}
+        links = Links.of({i: sorted({producer[v] for v in spec.inputs}) for i, spec in enumerate(specs)})
+        read = frozenset(v for spec in specs for v in spec.inputs)
+        entry = self._plans[key] = PlanEntry(uuid.uuid4().hex[:12], plan, specs, links, read)
+        idle = [p for p in self._plans if p[0] not in self._params or self._params[p[0]].users == 0]
+        for plan_key in idle[: max(0, len(self._plans) - self._max)]:
+            self._unload(self._plans.pop(plan_key))
+        return entry
+
+    def _deploy(self, model: Model, fingerprint: str, placed: "PlacedParams", job, choice: Choice, split_at,
+                refresh: bool = False, extra: Sequence[int] = ()) -> Deployment:
+        """Place one job: the scheduler picks an actor per (replica, partition), and each one not
+        yet holding its stage loads it (parameters come from the object store: Ray moves each to
+        a node once). The chosen actors count as busy until :meth:`_release`. ``extra``: bytes
+        per partition beyond the plan's (a training session's weights and optimizer state)."""
+        with self._lock:
+            entry = self._plan_entry(model, fingerprint, job, choice.plan)
+            k, r = len(entry.specs), choice.r
+            slots = [(i, p) for i in range(r) for p in range(k)]
+            held: dict[int, set[str]] = {}
+            for stage_key, hosts in self._hosts.items():
+                for actor_id in hosts:
+                    held.setdefault(actor_id, set()).add(stage_key)
+            infos = [
+                ActorInfo(id(a), w["node_id"], self._busy[id(a)], frozenset(held.get(id(a), ())), w.get("memory", 0))
+                for a, w in zip(self._pool.actors, self._pool.where)
+            ]
+            needs = [(entry.plan.memory[p].total if entry.plan.memory else 0) + (extra[p] if extra else 0)
+                     for _, p in slots]
+            picks = scheduler.choose([entry.stage(p) for _, p in slots], self._pool.nodes(refresh), infos, needs)
+            others = Counter()
+            for info in infos:
+                others[info.node_id] += info.load
+            # New actors start under the lock (rare: only while the pool grows to the cluster).
+            starting = [pick for pick in picks if isinstance(pick, NewActor)]
+            retire = {actor_id for pick in starting for actor_id in pick.retire}
+            if retire:  # idle actors whose reservations are too small: their memory goes to new ones
+                self._forget_actors([a for a in self._pool.actors if id(a) in retire],
+                                    why="retired, their reservations too small for a new stage,")
+            new = iter(self._pool.spawn([pick.node_id for pick in starting], [pick.memory for pick in starting]))
+            by_id = {id(a): a for a in self._pool.actors}
+            chosen = [by_id[pick.actor_id] if isinstance(pick, ActorInfo) else next(new) for pick in picks]
+            loads = []
+            for actor, (_, p) in zip(chosen, slots):
+                stage_key, spec = entry.stage(p), entry.specs[p]
+                hosts = self._hosts.setdefault(stage_key, {})
+                if id(actor) not in hosts:
+                    ref = actor.load.remote(
+                        stage_key, spec, {c: model.constants[c] for c in spec.constants}, spec.params,
+                        *[placed.refs[name] for name in spec.params],
+                    )
+                    hosts[id(actor)] = (actor, ref)
+                loads.append(hosts[id(actor)][1])
+                self._busy[id(actor)] += 1
+            where = [[self._pool.where_of(chosen[i * k + p]) for p in range(k)] for i in range(r)]
+        dep = Deployment(
+            [entry.stage(p) for p in range(k)], entry.plan, entry.specs, entry,
+            [chosen[i * k:(i + 1) * k] for i in range(r)], where, dict(others),
+        )
+        try:
+            ray.get(loads, timeout=ACTOR_START_TIMEOUT)  # outside the lock: other jobs go on placing
+        except BaseException:
+            with self._lock:  # a failed load must not be waited on by later jobs: load again
+                failed = set(loads)
+                for hosts in self._hosts.values():
+                    for actor_id in [a for a, (_, ref) in hosts.items() if ref in failed]:
+                        del hosts[actor_id]
+            self._release(dep)
+            self._drop_dead(chosen)
+            raise
+        log.debug(
+            "model %s: %d partitions x %d replicas on nodes %s",
+            fingerprint[:12], k, r, sorted({w["node_id"][:8] for row in where for w in row}),
+        )
+        return dep
+
+    def _release(self, dep: Deployment) -> None:
+        """The job's actors are no longer busy with it."""
+        with self._lock:
+            for row in dep.actors:
+                for actor in row:
+                    self._busy[id(actor)] -= 1
+                    if self._busy[id(actor)] <= 0:
+                        del self._busy[id(actor)]
+
+    def _drop_dead(self, actors: list) -> None:
+        """Drop those of ``actors`` that no longer answer (asked all at once)."""
+        unique = list({id(a): a for a in actors}.values())
+        pings = [actor.job_count.remote() for actor in unique]
+        dead = [a for a, ref in zip(unique, pings) if not answers(ref, CONTROL_TIMEOUT)]
+        if dead:
+            self._drop_actors(dead)
+
+    def _drop_actors(self, dead: list) -> None:
+        """Remove dead or stuck actors from the pool and from the stages' hosts; the next jobs
+        get actors the scheduler picks, started where the pool has fewest."""
+        with self._lock:
+            self._forget_actors(dead)
+
+    def _forget_actors(self, actors: list, why: str = "lost") -> None:
+        """Kill ``actors`` and forget them everywhere (caller holds the lock)."""
+        gone = self._pool.drop(actors, why)
+        for hosts in self._hosts.values():
+            for actor_id in gone & hosts.keys():
+                del hosts[actor_id]
+        for actor_id in gone:
+            self._busy.pop(actor_id, None)
+
+
+@dataclass
+class PlacedParams:
+    """A model's parameters in the object store, with zero-copy views of them for comparison."""
+
+    refs: dict[str, ray.ObjectRef]
+    views: dict[str, np.ndarray]
+    users: int = 0  # jobs running on these parameters (guarded by the engine's lock)
+
+    @classmethod
+    def put(cls, params: Mapping[str, np.ndarray]) -> "PlacedParams":
+        refs = {name: ray.put(value) for name, value in params.items()}
+        return cls(refs, dict(zip(refs, ray.get(list(refs.values())))))
+
+    def matches(self, params: Mapping[str, np.ndarray]) -> bool:
+        return params.keys() == self.views.keys() and all(
+            np.array_equal(params[name], view) for name, view in self.views.items()
+        )
+
+
+def answers(ref: ray.ObjectRef, timeout: float) -> bool:
+    """Whether an actor answered its control call ``ref`` within ``timeout`` seconds. Any failure
+    makes it one not to use again: dead (:func:`is_worker_loss`), stuck, or broken (logged)."""
+    try:
+        ray.get(ref, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 -- a control call that fails, whyever, condemns its actor
+        if not (is_worker_loss(exc) or isinstance(exc, ray.exceptions.GetTimeoutError)):
+            log.warning("an actor failed a control call (%s: %s); dropping it", type(exc).__name__, exc)
+        return False
+    return True
