@@ -25,7 +25,7 @@ import numpy as np
 import gradserve
 from gradserve.client.cli_inputs import (
     CliError, check_grad_options, check_partition_count, check_plan_options, memory_size, output_path, read_feeds,
-    write_npz,
+    seconds, server_address, split_count, write_npz,
 )
 from gradserve.worker.graph import GraphError, Model
 
@@ -69,45 +69,24 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", choices=["inline", "ray"],
                    help="inline: this process; ray: partitions on Ray worker actors (default: inline; "
                    "not with --server)")
-    g.add_argument("--partitions", type=_count, metavar="K|auto",
+    g.add_argument("--partitions", type=split_count, metavar="K|auto",
                    help="ray engine or server: split the graph into K partitions; auto: the fewest that fit in memory "
                    "(default: auto)")
-    g.add_argument("--micro-batches", type=_count, metavar="M|auto",
+    g.add_argument("--micro-batches", type=split_count, metavar="M|auto",
                    help="ray engine or server: pipeline M micro-batches through the partitions (GPipe); auto: where "
                    "pipelining pays")
-    g.add_argument("--replicas", type=_count, metavar="R|auto",
+    g.add_argument("--replicas", type=split_count, metavar="R|auto",
                    help="ray engine or server: R data-parallel copies of the pipeline, each on a slice of the batch; "
                    "auto: on spare nodes")
     g.add_argument("--ray-address", metavar="ADDR",
                    help="join this Ray cluster (e.g. 'auto' or HOST:PORT); default: start an embedded one")
-    g.add_argument("--server", type=_server_address, metavar="HOST:PORT",
+    g.add_argument("--server", type=server_address, metavar="HOST:PORT",
                    help="send the job to a gradserve server instead (port 50051 unless given)")
     g.add_argument("--token-file", metavar="FILE", help="with --server: file holding the bearer token")
     g.add_argument("--tls-ca", metavar="FILE", help="with --server: CA certificate to verify the server's TLS certificate")
-    g.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+    g.add_argument("--timeout", type=seconds, metavar="SECONDS",
                    help="with --server: fail if the job has not finished after this long; the server cancels it "
                    "(default: no limit)")
-
-
-def _server_address(text: str) -> str:
-    """argparse type of --server: HOST:PORT, HOST or [IPv6] (port 50051), or a gRPC target (unix:PATH)."""
-    from gradserve.client.connection import server_target
-
-    try:
-        return server_target(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _seconds(text: str) -> float:
-    """argparse type of --timeout: a number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
 
 
 @contextlib.contextmanager
@@ -122,16 +101,6 @@ def _time_limit(seconds: float | None, message: str):
         if seconds is None:
             raise
         raise DeadlineExceeded(exc.code, message.format(f"{seconds:g}")) from None
-
-
-def _count(text: str):
-    """argparse type of --partitions/--micro-batches/--replicas: 'auto' or a number >= 1."""
-    from gradserve.server.planning.counts import parse_count
-
-    try:
-        return parse_count(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _split_options(args: argparse.Namespace) -> dict:
@@ -335,7 +304,7 @@ def _print_job(status, as_json: bool) -> None:
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     """Where the server of ``status`` and ``job`` is, and how to talk to it."""
-    p.add_argument("--server", type=_server_address, default="127.0.0.1:50051", metavar="HOST:PORT",
+    p.add_argument("--server", type=server_address, default="127.0.0.1:50051", metavar="HOST:PORT",
                    help="the server (default 127.0.0.1:50051; port 50051 unless given)")
     p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
     p.add_argument("--tls-ca", metavar="FILE", help="CA certificate to verify the server's TLS certificate")
@@ -378,11 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "why; then per partition its nodes, parameters, estimated FLOPs and memory, and every "
                        "tensor that crosses a partition boundary. Every node counts as free for replicas.")
     _add_model_args(p)
-    p.add_argument("--partitions", type=_count, metavar="K|auto",
+    p.add_argument("--partitions", type=split_count, metavar="K|auto",
                    help="number of partitions, or auto: the fewest that fit the nodes' memory (default: auto)")
-    p.add_argument("--micro-batches", type=_count, metavar="M|auto",
+    p.add_argument("--micro-batches", type=split_count, metavar="M|auto",
                    help="micro-batches in flight, or auto: where pipelining pays (default: auto)")
-    p.add_argument("--replicas", type=_count, metavar="R|auto",
+    p.add_argument("--replicas", type=split_count, metavar="R|auto",
                    help="data-parallel copies, or auto: on spare nodes (default: auto)")
     p.add_argument("--feeds", metavar="FEEDS.npz",
                    help="the feeds grad would send (.npz, or .npy for a one-input model): they fix the shapes and "
@@ -412,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "cluster's nodes with CPUs, memory and worker actors; jobs queued and running with their "
                        "progress; stored models (GetServerStatus RPC, which needs the server's token).")
     _add_server_args(p)
-    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS",
                    help="give up after this long (default 10)")
     p.add_argument("--json", action="store_true", help="print the status as JSON instead")
     p.set_defaults(func=cmd_status)
@@ -427,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="GRADS.npz", help="wait for the job and write its loss and gradients here")
     p.add_argument("--watch", action="store_true", help="print the status at each change until the job ends")
     p.add_argument("--cancel", action="store_true", help="ask the server to stop the job")
-    p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS",
                    help="give up waiting after this long; the job keeps running (default: no limit)")
     p.add_argument("--json", action="store_true", help="print statuses as JSON objects, one a line (and the "
                    "result quietly)")

@@ -1,5 +1,5 @@
 """What ``gradserve grad`` and ``gradserve plan`` check before any work starts: options that
-contradict each other, the feeds file, and where the result goes.
+contradict each other, option values (the argparse types), the feeds file, and where the result goes.
 
 Every fault is a :class:`CliError`, which :func:`gradserve.client.cli.main` prints as one line
 with exit status 2. The result is written to a temporary file beside ``--out`` and renamed over
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
+    from gradserve.server.planning.counts import Count
     from gradserve.worker.graph import Model
 
 
@@ -71,6 +72,37 @@ def memory_size(text: str) -> int:
 
     try:
         return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def server_address(text: str) -> str:
+    """argparse type of --server: HOST:PORT, HOST or [IPv6] (port 50051), or a gRPC target (unix:PATH)."""
+    from gradserve.client.connection import server_target
+
+    try:
+        return server_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def seconds(text: str) -> float:
+    """argparse type of --timeout: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def split_count(text: str) -> Count:
+    """argparse type of --partitions/--micro-batches/--replicas: 'auto' or a number >= 1."""
+    from gradserve.server.planning.counts import parse_count
+
+    try:
+        return parse_count(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

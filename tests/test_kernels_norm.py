@@ -14,7 +14,7 @@ from gradserve.server.planning.prepare import prepare
 from gradserve.worker import kernels
 from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import InputSpec, Model, Node
-from gradserve.worker.ops.norm import FUSED_BATCHNORM
+from gradserve.worker.ops.batchnorm import FUSED_BATCHNORM
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not available")
 rng = np.random.default_rng(5)
@@ -89,7 +89,7 @@ def fused_attrs(eps, relu, pool_attrs):
 
 def ref_geometry(x_shape, pool_attrs):
     """The reference's pool tuple: from the unfused MaxPool's own output shape."""
-    from gradserve.worker.ops.conv import geometry, spatial_attrs
+    from gradserve.worker.ops.window import geometry, spatial_attrs
     from gradserve.worker.ops.registry import OpContext
 
     kernel, strides, dilations, pads, auto_pad = spatial_attrs(OpContext(pool_attrs), 2)

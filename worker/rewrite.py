@@ -11,7 +11,7 @@ node the user wrote.
   positive both forms send the error to the first position holding it; where it is not, both send
   nothing (the rectified window is all zeros, and ReLU's derivative there is 0).
 - **Training-mode BatchNormalization, and the MaxPool and/or Relu that are its only readers, run as
-  one node** (``gradserve.BatchNormReluMaxPool``, see :mod:`gradserve.worker.ops.norm`), when the
+  one node** (``gradserve.BatchNormReluMaxPool``, see :mod:`gradserve.worker.ops.batchnorm`), when the
   compiled kernels are available: the statistics and the normalisation in one read of the
   activation, the ReLU and the pool applied as the values are made, the normalised activation never
   written. Exact up to float rounding (the statistics are summed in float64 in another order), not
@@ -51,10 +51,10 @@ import numpy as np
 
 from gradserve.worker import kernels
 from gradserve.worker.graph import Node
-from gradserve.worker.ops.elementwise import FAST_ACTIVATIONS
+from gradserve.worker.ops.activations import FAST_ACTIVATIONS
 from gradserve.worker.ops.linalg import FUSED_GEMM, FUSED_LINEAR
 from gradserve.worker.ops.loss import FUSED_MSE
-from gradserve.worker.ops.norm import FUSED_BATCHNORM, POOL_PREFIX
+from gradserve.worker.ops.batchnorm import FUSED_BATCHNORM, POOL_PREFIX
 from gradserve.worker.validate import ValueInfo
 
 

@@ -2,7 +2,7 @@
 
 Two paths, chosen per call:
 
-- **direct** (stride 1, the usual case): on the flat grid described in :class:`_Conv`, each kernel
+- **direct** (stride 1, the usual case): on the flat grid described in :class:`ConvPlan`, each kernel
   offset is one constant shift, so Y = sum_k W_k @ X[:, shift_k:] is Kp GEMMs on *views* of the
   padded input that add into one output (BLAS's beta = 1, through :mod:`.blas`); dW_k is a GEMM of
   the error with the same views and dX gathers the error the same way. No column matrix is built.
@@ -17,25 +17,21 @@ the full (C*prod(kernel), N*H*W) column matrix. The bias (and its error) ride in
 one more column of W against a row of ones. With no more output than input channels, dX is
 gathered instead (a convolution of the error with the flipped kernel), which needs no col2im.
 
-ConvTranspose (at the end) is the adjoint of a Conv and runs on the same paths: its forward is
-that Conv's dX, its dX that Conv's forward, its dW that Conv's dW.
-
-Col2Im (at the end, torch's F.fold) sums columns back into the image, as the columns path's col2im does.
-
-The pooling ops reuse the attribute parsing, output geometry and padding helpers from here.
+ConvTranspose and Col2Im, the adjoints that run on these same paths, are in :mod:`.conv_transpose`;
+the window geometry Conv shares with them and with pooling is in :mod:`.window`.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from gradserve.worker.ops import blas
 from gradserve.worker.ops.batch import PER_SAMPLE
 from gradserve.worker.ops.registry import OpContext, OpError, family, numel, per_element
+from gradserve.worker.ops.scratch import scratch
+from gradserve.worker.ops.window import geometry, offset_slices, pad_input, padded_extent, spatial_attrs, window_view
 
 # Every op here works within each sample (input 0's axis 0); the others are parameters.
 defop = family(batch=PER_SAMPLE, flops=per_element)
@@ -45,122 +41,8 @@ _BLOCK_ELEMS = 1 << 20
 # Largest prod(padded)/prod(out) for which stride-1 convs use the shifted (flat) grid.
 _FLAT_MAX_RATIO = 2.0
 
-_scratch = threading.local()
-_SCRATCH_MAX_BYTES = 64 << 20
 
-
-def scratch(name: str, shape, dtype) -> np.ndarray:
-    """A per-thread reusable buffer for temporaries that never leave the op. Fresh multi-MB arrays
-    cost page faults (and zeroing) on first touch, which for a conv layer adds up to a good part of
-    the copies themselves; reusing the buffers keeps them mapped and warm. Very large requests are
-    not cached, so the pool never holds more than a few of those sizes per thread."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    size = math.prod(shape)
-    dtype = np.dtype(dtype)
-    if size * dtype.itemsize > _SCRATCH_MAX_BYTES:
-        return np.empty(shape, dtype)
-    pool = _scratch.__dict__
-    buf = pool.get((name, dtype))
-    if buf is None or buf.size < size:
-        buf = pool[(name, dtype)] = np.empty(max(size, 1), dtype)
-    return buf[:size].reshape(shape)
-
-
-def str_attr(value, default: str) -> str:
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def spatial_attrs(c, n: int, kernel: tuple[int, ...] | None = None):
-    """kernel_shape, strides, dilations, pads (begin..., end...) and auto_pad for ``n`` spatial dims."""
-    kernel = tuple(int(k) for k in (c.attr("kernel_shape") or kernel or ()))
-    if len(kernel) != n:
-        raise OpError(f"kernel_shape {list(kernel)} does not match {n} spatial dims")
-    strides = tuple(int(s) for s in (c.attr("strides") or (1,) * n))
-    dilations = tuple(int(d) for d in (c.attr("dilations") or (1,) * n))
-    pads = tuple(int(p) for p in (c.attr("pads") or (0,) * (2 * n)))
-    if len(strides) != n or len(dilations) != n or len(pads) != 2 * n:
-        raise OpError(f"strides/dilations/pads do not match {n} spatial dims")
-    if min(strides + dilations + kernel) < 1 or min(pads) < 0:
-        raise OpError("strides, dilations and kernel_shape must be positive and pads non-negative")
-    auto_pad = str_attr(c.attr("auto_pad"), "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
-        raise OpError(f"unknown auto_pad '{auto_pad}'")
-    return kernel, strides, dilations, pads, auto_pad
-
-
-def geometry(spatial, kernel, strides, dilations, pads, auto_pad, ceil_mode=False):
-    """Output spatial shape and the begin/end pads actually applied (ONNX opset 17 rules, including
-    the pooling ceil_mode rule that the last window must start inside the input or its left pad)."""
-    n = len(spatial)
-    out, lo, hi = [], [], []
-    for d in range(n):
-        size, s, span = spatial[d], strides[d], (kernel[d] - 1) * dilations[d] + 1
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            o = -(-size // s)
-            total = max(0, (o - 1) * s + span - size)
-            b = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
-            e = total - b
-        elif auto_pad == "VALID":
-            b = e = 0
-            o = (size - span) // s + 1
-        else:
-            b, e = pads[d], pads[n + d]
-            rest = size + b + e - span
-            if ceil_mode and rest >= 0:
-                o = -(-rest // s) + 1
-                if (o - 1) * s >= size + b:
-                    o -= 1
-            else:
-                o = rest // s + 1 if rest >= 0 else 0
-        if o < 1:
-            raise OpError(f"window of {span} does not fit spatial dim {d} of size {size} with pads ({b}, {e})")
-        out.append(o)
-        lo.append(b)
-        hi.append(e)
-    return tuple(out), tuple(lo), tuple(hi)
-
-
-def padded_extent(out, kernel, strides, dilations):
-    """Length of each padded spatial dim that the windows actually read."""
-    return tuple((o - 1) * s + (k - 1) * d + 1 for o, k, s, d in zip(out, kernel, strides, dilations))
-
-
-def pad_input(x: np.ndarray, lo, extent, fill=0.0, channel_major=False) -> np.ndarray:
-    """``x`` (N, C, *S) placed at offset ``lo`` in a ``fill``-ed buffer of spatial ``extent``
-    (cropping what no window reads); (C, N, *extent) if ``channel_major``."""
-    n_sp = x.ndim - 2
-    if not channel_major and all(b == 0 for b in lo) and tuple(extent) == x.shape[2:]:
-        return x
-    lead = (x.shape[1], x.shape[0]) if channel_major else x.shape[:2]
-    buf = np.zeros(lead + tuple(extent), x.dtype) if fill == 0 else np.full(lead + tuple(extent), fill, x.dtype)
-    valid = [max(0, min(x.shape[2 + d], extent[d] - lo[d])) for d in range(n_sp)]
-    src = x[(slice(None), slice(None)) + tuple(slice(0, v) for v in valid)]
-    buf[(slice(None), slice(None)) + tuple(slice(b, b + v) for b, v in zip(lo, valid))] = src.swapaxes(0, 1) if channel_major else src
-    return buf
-
-
-def window_view(xp: np.ndarray, out, kernel, strides, dilations) -> np.ndarray:
-    """Zero-copy view (A, B, *kernel, *out) of a padded (A, B, *extent) array: element
-    [a, b, k..., o...] is xp[a, b, o*stride + k*dilation]."""
-    st = xp.strides
-    sp = st[2:]
-    return as_strided(
-        xp,
-        xp.shape[:2] + tuple(kernel) + tuple(out),
-        st[:2] + tuple(s * d for s, d in zip(sp, dilations)) + tuple(s * t for s, t in zip(sp, strides)),
-        writeable=False,
-    )
-
-
-def offset_slices(kernel, out, strides, dilations):
-    """For each kernel offset (C order): the index tuple of the padded spatial positions it reads."""
-    for k in np.ndindex(*kernel):
-        yield k, tuple(slice(i * d, i * d + (o - 1) * s + 1, s) for i, d, o, s in zip(k, dilations, out, strides))
-
-
-class _Conv:
+class ConvPlan:
     """Everything the forward and the VJP share about one Conv application.
 
     Outputs are computed on a grid of positions per channel, flattened over (N, *grid): the output
@@ -297,7 +179,7 @@ class _Conv:
         return v.swapaxes(0, 1)
 
 
-# dX by gathering when M <= this * C (see _conv_vjp)
+# dX by gathering when M <= this * C (see conv_vjp)
 _GATHER_RATIO = 1.0
 # Stride-1 convs whose groups have at least this many input and output channels run direct (see
 # _direct_forward); below it the GEMMs are too thin to beat building columns.
@@ -308,11 +190,12 @@ _DIRECT_BLOCK_BYTES = 16 << 20
 _DIRECT_MIN_BLOCK = 4096
 
 
-def _use_direct(cv: _Conv, x: np.ndarray, w: np.ndarray) -> bool:
+def use_direct(cv: ConvPlan, x: np.ndarray, w: np.ndarray) -> bool:
+    """Whether this Conv takes the direct path (BLAS-accumulated GEMMs on shifted views)."""
     return cv.flat and x.dtype == w.dtype and min(cv.Cg, cv.Mg) >= _DIRECT_MIN_CHANNELS and blas.available(x.dtype)
 
 
-def _offset_weights(cv: _Conv, w: np.ndarray) -> np.ndarray:
+def _offset_weights(cv: ConvPlan, w: np.ndarray) -> np.ndarray:
     """W as one (M, Cg) matrix per kernel offset: (Kp, M, Cg), contiguous."""
     return np.ascontiguousarray(w.reshape(cv.M, cv.Cg, cv.Kp).transpose(2, 0, 1))
 
@@ -324,12 +207,12 @@ def _blocks(n: int, rows: int, itemsize: int):
     return [(p0, min(n, p0 + step)) for p0 in range(0, n, step)]
 
 
-def _groups(cv: _Conv) -> list[tuple[slice, slice]]:
+def _groups(cv: ConvPlan) -> list[tuple[slice, slice]]:
     """Per group: its output channels (rows of W, Y, G) and its input channels (rows of X)."""
     return [(slice(g * cv.Mg, (g + 1) * cv.Mg), slice(g * cv.Cg, (g + 1) * cv.Cg)) for g in range(cv.group)]
 
 
-def _direct_forward(cv: _Conv, xT: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _direct_forward(cv: ConvPlan, xT: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Y on the flat grid, (M, P) in scratch: for every kernel offset k, Y += W_k @ (X shifted by
     k) -- a GEMM on a view of the padded input, with no column matrix."""
     wk = _offset_weights(cv, w)
@@ -341,7 +224,7 @@ def _direct_forward(cv: _Conv, xT: np.ndarray, w: np.ndarray) -> np.ndarray:
     return yT
 
 
-def _direct_dw(cv: _Conv, xT: np.ndarray, gT: np.ndarray, shape) -> np.ndarray:
+def _direct_dw(cv: ConvPlan, xT: np.ndarray, gT: np.ndarray, shape) -> np.ndarray:
     """dW_k = G @ (X shifted by k)^T over the grid (its padding positions hold zero errors),
     summed over blocks of positions. (One wide product over error rows stacked per shift measured
     18% faster with warm caches and no faster inside a real step, where its extra copies come from
@@ -354,7 +237,7 @@ def _direct_dw(cv: _Conv, xT: np.ndarray, gT: np.ndarray, shape) -> np.ndarray:
     return dwk.transpose(1, 2, 0).reshape(shape)
 
 
-def _direct_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndarray:
+def _direct_dx(cv: ConvPlan, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndarray:
     """dX on the flat grid by gathering: input position q gets sum_k W_k^T g[q + margin - shift_k],
     read from the error grid padded with ``head`` zeros in front (and margin behind). Returns the
     (C, N, *grid) images view of a scratch buffer."""
@@ -369,16 +252,17 @@ def _direct_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndar
     return dxg.reshape((cv.C, cv.N) + cv.grid)
 
 
-def _input_extent(cv: _Conv) -> int:
+def _input_extent(cv: ConvPlan) -> int:
     """Flat-grid positions up to and including the last real input pixel."""
     fstrides = [math.prod(cv.grid[d + 1 :]) for d in range(len(cv.grid))]
     return (cv.N - 1) * cv.L + sum((i - 1) * fs for i, fs in zip(cv.in_shape[2:], fstrides)) + 1
 
 
-def _conv_forward(c, x, w, b=None):
-    cv = _Conv(c, x, w)
+def conv_forward(c: OpContext, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """The Conv op's forward: Y = conv(X, W) + B, saving the padded input for :func:`conv_vjp`."""
+    cv = ConvPlan(c, x, w)
     xT = cv.pad(x)
-    if _use_direct(cv, x, w):
+    if use_direct(cv, x, w):
         y = np.empty((cv.N, cv.M) + cv.out, dtype=x.dtype)
         from_grid = cv.from_grid(_direct_forward(cv, xT, w))
         if b is None:
@@ -408,7 +292,7 @@ def _conv_forward(c, x, w, b=None):
     return y
 
 
-def _gather_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndarray:
+def _gather_dx(cv: ConvPlan, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndarray:
     """dX on the flat grid (group 1): input position q gets sum_k W_k^T g[q + margin - shift_k],
     read from the error grid padded with ``head`` zeros in front (and margin behind). Returns the
     (C, N, *grid) images view of a scratch buffer."""
@@ -429,10 +313,11 @@ def _gather_dx(cv: _Conv, w: np.ndarray, gext: np.ndarray, head: int) -> np.ndar
     return dxg.reshape((C, cv.N) + cv.grid)
 
 
-def _conv_vjp(c, g):
+def conv_vjp(c: OpContext, g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The Conv op's VJP: (dX, dW, dB) for error ``g``, each None where ``c.needs`` says no."""
     if "direct" in c.saved:
         return _direct_vjp(c, g)
-    cv: _Conv = c.saved["conv"]
+    cv: ConvPlan = c.saved["conv"]
     xT = c.saved["xT"]
     w = c.inputs[1]
     need_x, need_w = c.needs[0], c.needs[1]
@@ -496,7 +381,7 @@ def _conv_vjp(c, g):
 
 
 def _direct_vjp(c, g):
-    cv: _Conv = c.saved["conv"]
+    cv: ConvPlan = c.saved["conv"]
     w = c.inputs[1]
     need_x, need_w = c.needs[0], c.needs[1]
     need_b = len(c.needs) > 2 and c.needs[2]
@@ -522,178 +407,4 @@ def _conv_flops(node, shapes) -> int | None:
     return 2 * numel(shapes.get(node.outputs[0])) * int(np.prod(w.shape[1:], dtype=np.int64))
 
 
-defop("Conv", _conv_forward, _conv_vjp, keep="x1", flops=_conv_flops)
-
-
-# -- ConvTranspose ------------------------------------------------------------------------------------
-# ConvTranspose is the adjoint of a Conv: with the same W, strides, pads and dilations, the Conv that
-# maps an image of ConvTranspose's output shape to one of its input shape has
-#   ConvTranspose(X)            = that Conv's dX, given error X,
-#   dL/dX of ConvTranspose      = that Conv's forward applied to dL/dY,
-#   dL/dW of ConvTranspose      = that Conv's dW, with input dL/dY and error X.
-# W is (C, M/group, *kernel) in both readings, so everything below runs the Conv code above on an
-# OpContext describing that Conv (explicit pads, auto_pad resolved), and shares all its paths.
-
-
-def _transpose_attrs(c, x: np.ndarray, w: np.ndarray) -> tuple[dict, tuple[int, ...], tuple[int, ...]]:
-    """The attributes of the adjoint Conv (explicit pads), ConvTranspose's output spatial shape (by
-    the ONNX rules for output_shape / output_padding / auto_pad) and the rows at the end of each
-    spatial dim that lie beyond that Conv's input (output padding no input pixel reaches)."""
-    n = x.ndim - 2
-    kernel, strides, dilations, pads, auto_pad = spatial_attrs(c, n, w.shape[2:])
-    if kernel != w.shape[2:]:
-        raise OpError(f"kernel_shape {list(kernel)} does not match W {w.shape}")
-    out_pad = tuple(int(p) for p in (c.attr("output_padding") or (0,) * n))
-    if len(out_pad) != n or min(out_pad, default=0) < 0:
-        raise OpError(f"output_padding {list(out_pad)} must be non-negative, one per spatial dim")
-    spatial = x.shape[2:]
-    # the output extent with no padding at all
-    full = [s * (i - 1) + op + (k - 1) * d + 1 for s, i, op, k, d in zip(strides, spatial, out_pad, kernel, dilations)]
-    out_shape = c.attr("output_shape")
-    if out_shape is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        out_shape = [i * s for i, s in zip(spatial, strides)]
-    if out_shape is not None:  # pads are derived (any given are ignored, as the spec says)
-        out_shape = [int(o) for o in out_shape][-n:]  # some exporters give (N, C, *spatial)
-        total = [f - o for f, o in zip(full, out_shape)]
-        if min(total) < 0:
-            raise OpError(f"output_shape {out_shape} is larger than ConvTranspose can produce ({full})")
-        # the odd pixel is cropped at the end for SAME_UPPER, at the start otherwise (ONNX reference)
-        lo = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
-        pads = tuple(lo) + tuple(t - b for t, b in zip(total, lo))
-    elif auto_pad == "VALID":
-        pads = (0,) * (2 * n)
-    out = tuple(f - pads[d] - pads[n + d] for d, f in enumerate(full))
-    if min(out) < 1:
-        raise OpError(f"ConvTranspose output shape {out} is empty")
-    # The adjoint Conv sees only the core of Y that some input pixel reaches: output_padding beyond
-    # the end pad adds rows past the last window (zero but for the bias), which the Conv geometry
-    # would count as further windows. Its end pad is what is left of the pad after output_padding.
-    tail = tuple(max(0, op - pads[n + d]) for d, op in enumerate(out_pad))
-    adj_pads = tuple(pads[:n]) + tuple(max(0, pads[n + d] - op) for d, op in enumerate(out_pad))
-    attrs = {"kernel_shape": kernel, "strides": strides, "dilations": dilations, "pads": adj_pads,
-             "group": int(c.attr("group", 1))}
-    return attrs, out, tail
-
-
-def _adjoint_context(attrs: dict, y_shape: tuple[int, ...], w: np.ndarray, needs: tuple[bool, ...]):
-    """An OpContext, and its _Conv, for the adjoint Conv on an input of ``y_shape`` (a zero-memory
-    stand-in: the Conv set-up and VJP read only its shape)."""
-    ctx = OpContext(attrs, inputs=(np.broadcast_to(np.zeros((), w.dtype), y_shape), w), needs=needs)
-    return ctx, _Conv(ctx, ctx.inputs[0], w)
-
-
-def _conv_transpose(c, x, w, b=None):
-    if x.ndim < 3 or w.ndim != x.ndim:
-        raise OpError(f"ConvTranspose needs X (N, C, *spatial) and W (C, M/group, *kernel), got {x.shape} and {w.shape}")
-    attrs, out, tail = _transpose_attrs(c, x, w)
-    group = attrs["group"]
-    if w.shape[0] != x.shape[1] or x.shape[1] % group:
-        raise OpError(f"X has {x.shape[1]} channels and W is {w.shape}, incompatible with group={group}")
-    n, m = x.shape[0], w.shape[1] * group
-    core = tuple(o - t for o, t in zip(out, tail))
-    ctx, cv = _adjoint_context(attrs, (n, m) + core, w, (True, False, False))
-    if cv.out != x.shape[2:]:  # cannot happen for valid attributes; guards the derivation above
-        raise OpError(f"ConvTranspose geometry mismatch: {cv.out} vs {x.shape[2:]}")
-    # Y = the adjoint Conv's dX for error X; direct (BLAS-accumulated) when that Conv would be
-    ctx.save(conv=cv, xT=None)
-    if _use_direct(cv, x, w):
-        ctx.save(direct=True)
-    y = _conv_vjp(ctx, x.astype(w.dtype, copy=False))[0]
-    if any(tail):
-        y_core, y = y, np.zeros((n, m) + out, y.dtype)
-        y[_core_index(core)] = y_core
-    if b is not None:
-        y += b.reshape((1, -1) + (1,) * len(out)).astype(y.dtype, copy=False)
-    c.save(attrs=attrs, core=core)
-    return y
-
-
-def _core_index(core: tuple[int, ...]) -> tuple[slice, ...]:
-    return (slice(None), slice(None)) + tuple(slice(0, k) for k in core)
-
-
-def _conv_transpose_vjp(c, g):
-    x, w = c.inputs[0], c.inputs[1]
-    need_x, need_w = c.needs[0], c.needs[1]
-    need_b = len(c.needs) > 2 and c.needs[2]
-    db = g.sum(axis=(0,) + tuple(range(2, g.ndim))).astype(w.dtype) if need_b else None
-    dx = dw = None
-    g = g.astype(w.dtype, copy=False)[_core_index(c.saved["core"])]  # the tail rows reach no input
-    if need_x or need_w:
-        ctx, cv = _adjoint_context(c.saved["attrs"], g.shape, w, (False, need_w, False))
-        if need_x:  # the adjoint Conv's forward on the error (which also saves what its dW reads)
-            dx = _conv_forward(ctx, g, w)
-        else:  # only dW: set up what that forward would have saved
-            ctx.save(conv=cv, xT=cv.pad(g))
-            if _use_direct(cv, g, w):
-                ctx.save(direct=True)
-        if need_w:
-            ctx.needs = (False, True, False)
-            dw = _conv_vjp(ctx, x.astype(w.dtype, copy=False))[1]
-    return dx, dw, db
-
-
-def _conv_transpose_flops(node, shapes) -> int | None:
-    """2 x multiply-adds: each input element feeds a kernel's worth (W is (C_in, C_out / group, k...))."""
-    w = shapes.get(node.inputs[1]) if len(node.inputs) > 1 else None
-    if w is None or len(w.shape) < 3:
-        return None
-    return 2 * numel(shapes.get(node.inputs[0])) * int(np.prod(w.shape[1:], dtype=np.int64))
-
-
-# The forward reads X and W; the VJP reads X (for dW) and W (for dX), never Y.
-defop("ConvTranspose", _conv_transpose, _conv_transpose_vjp, keep=("x0", "x1"), flops=_conv_transpose_flops)
-
-
-# -- Col2Im (opset 18) --------------------------------------------------------------------------------
-# The adjoint of im2col (torch's F.fold): column l of block k holds the pixel at kernel offset k of
-# window l, so each kernel offset adds one strided slice of the padded image -- the same col2im a
-# Conv's columns path does -- and the pads are cropped. dL/dinput is im2col of the error: the error
-# padded the same way and read through the same slices. A loop over kernel offsets, never pixels.
-
-
-def _col2im_geometry(c, x: np.ndarray, image_shape: np.ndarray, block_shape: np.ndarray):
-    """The image shape, kernel, strides, dilations, windows per dim, begin pads and padded extent."""
-    image = tuple(int(v) for v in np.asarray(image_shape).reshape(-1))
-    block = tuple(int(v) for v in np.asarray(block_shape).reshape(-1))
-    n = len(image)
-    if n < 1 or len(block) != n or x.ndim != 3:
-        raise OpError(f"{c.node}: Col2Im needs input (N, C*prod(block), L) and image_shape, block_shape of one "
-                      f"length, got {x.shape}, {list(image)}, {list(block)}")
-    kernel, strides, dilations, pads, _ = spatial_attrs(c, n, block)
-    out, lo, _ = geometry(image, kernel, strides, dilations, pads, "NOTSET")
-    kp = math.prod(kernel)
-    if x.shape[1] % kp or x.shape[2] != math.prod(out):
-        raise OpError(f"{c.node}: Col2Im input {x.shape} does not hold blocks {list(block)} of the "
-                      f"{math.prod(out)} windows of image {list(image)}")
-    # every padded position a window reads, and the whole image (a window may stop short of its end)
-    extent = tuple(max(e, b + i) for e, b, i in zip(padded_extent(out, kernel, strides, dilations), lo, image))
-    return image, kernel, strides, dilations, out, lo, extent
-
-
-def _col2im(c, x, image_shape, block_shape):
-    image, kernel, strides, dilations, out, lo, extent = _col2im_geometry(c, x, image_shape, block_shape)
-    n, ch = x.shape[0], x.shape[1] // math.prod(kernel)
-    cols = x.reshape((n, ch, math.prod(kernel)) + out)
-    buf = np.zeros((n, ch) + extent, x.dtype)
-    for k, (_, sl) in enumerate(offset_slices(kernel, out, strides, dilations)):
-        target = buf[(slice(None), slice(None)) + sl]
-        np.add(target, cols[:, :, k], out=target)
-    c.save(geometry=(kernel, strides, dilations, out, lo, extent))
-    return np.ascontiguousarray(buf[(slice(None), slice(None)) + tuple(slice(b, b + i) for b, i in zip(lo, image))])
-
-
-def _col2im_vjp(c, g):
-    kernel, strides, dilations, out, lo, extent = c.saved["geometry"]
-    x = c.inputs[0]
-    if x.dtype.kind != "f" or not c.needs[0]:
-        return None, None, None
-    gp = pad_input(g.astype(x.dtype, copy=False), lo, extent)
-    dx = np.empty((x.shape[0], x.shape[1] // math.prod(kernel), math.prod(kernel)) + out, x.dtype)
-    for k, (_, sl) in enumerate(offset_slices(kernel, out, strides, dilations)):
-        dx[:, :, k] = gp[(slice(None), slice(None)) + sl]
-    return dx.reshape(x.shape), None, None
-
-
-# The VJP reads only shapes (and the saved geometry); image_shape and block_shape get no error.
-defop("Col2Im", _col2im, _col2im_vjp, keep=(), differentiable=(0,))
+defop("Conv", conv_forward, conv_vjp, keep="x1", flops=_conv_flops)

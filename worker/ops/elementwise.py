@@ -1,31 +1,27 @@
-"""Elementwise ops. Binary ops broadcast like numpy; their VJPs undo it with ``unbroadcast``.
-Unary VJPs are ``g * f'(x)``, written with the output ``c.y`` where that is cheaper.
+"""Elementwise ops of two or more inputs, and the selections, comparisons, logic, casts and bitwise
+ops. Binary ops broadcast like numpy; their VJPs undo it with ``unbroadcast``.
+
+One-input math (exp, log, trigonometry, erf, rounding) is in :mod:`.unary` and the activations in
+:mod:`.activations`: split by what a reader looks for, as the three families share only the batch
+rule.
 
 Float outputs keep the input dtype: constants are Python floats (weak under NEP 50), and results
-that numpy would promote (``float32 ** int64``, the float64 ``erf``) are cast back.
+that numpy would promote (``float32 ** int64``) are cast back.
 """
 
 from __future__ import annotations
 
-import math
 from functools import reduce
 
 import numpy as np
 
-from gradserve.worker import kernels
-from gradserve.worker.ops.conv import str_attr
 from gradserve.worker.graph import Node
 from gradserve.worker.ops.batch import ELEMENTWISE, ELEMENTWISE_LINEAR, NONE, SHAPE, BatchRule, Rows, elementwise, \
     linear, refuse
-from gradserve.worker.ops.registry import OpError, family, per_element, split_ties, unbroadcast
+from gradserve.worker.ops.registry import OpError, family, per_element, split_ties, str_attr, unbroadcast
 
 # Every op here keeps each element's value to itself, so a batched input's samples stay apart.
 defop = family(batch=ELEMENTWISE, flops=per_element)
-
-
-def _needs(c, i: int) -> bool:
-    return i < len(c.needs) and c.needs[i]
-
 
 # -- binary, broadcasting ---------------------------------------------------------------------------
 def _sum_of_reductions(node: Node, tags: list, reduced: list) -> object:
@@ -111,138 +107,6 @@ defop("Sum", lambda c, *xs: reduce(np.add, xs),
 defop("Mean", lambda c, *xs: (reduce(np.add, xs) / len(xs)).astype(xs[0].dtype, copy=False),
       lambda c, g: tuple(unbroadcast(g, x.shape) / len(c.inputs) for x in c.inputs), keep=())
 
-
-# -- unary ----------------------------------------------------------------------------------------------
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-x)) without overflow, and exact in relative terms for very negative x (where
-    0.5 tanh(x / 2) + 0.5 rounds to 0): the Sigmoid op's and the RNN gates'."""
-    e = np.exp(-np.abs(x))  # never overflows; both branches are the same function
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
-
-
-_TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)  # a Python float: keeps float32 float32
-
-defop("Neg", lambda c, x: -x, lambda c, g: -g, keep=(), batch=ELEMENTWISE_LINEAR)
-defop("Identity", lambda c, x: x, lambda c, g: g, keep=(), batch=ELEMENTWISE_LINEAR)
-defop("Exp", lambda c, x: np.exp(x), lambda c, g: g * c.y, keep="y")
-defop("Log", lambda c, x: np.log(x), lambda c, g: g / c.x, keep="x")
-defop("Sqrt", lambda c, x: np.sqrt(x), lambda c, g: g * 0.5 / c.y, keep="y")
-defop("Reciprocal", lambda c, x: 1 / x, lambda c, g: -g * c.y * c.y, keep="y")
-defop("Abs", lambda c, x: np.abs(x), lambda c, g: g * np.sign(c.x), keep="x")
-# Activations whose VJP the compiled kernels run in one pass from the output y: op type -> kernel code
-FAST_ACTIVATIONS = {"Relu": "RELU", "Tanh": "TANH", "Sigmoid": "SIGMOID"}
-_KERNEL_MIN_SIZE = kernels.MIN_SIZE  # below this, numba's call overhead outweighs the passes it saves
-
-
-def activation_vjp(op_type: str, y: np.ndarray, g: np.ndarray, min_size: int = _KERNEL_MIN_SIZE) -> np.ndarray | None:
-    """dL/dx = g * f'(x) for a :data:`FAST_ACTIVATIONS` op with output ``y``, in one compiled pass
-    (numpy takes two or three, with temporaries); None where the kernels cannot take it (no numba,
-    another dtype, a broadcast error, fewer than ``min_size`` elements)."""
-    k = kernels.get() if y.size >= min_size and y.dtype in (np.float32, np.float64) and g.shape == y.shape else None
-    if k is None:
-        return None
-    dx = np.empty(y.shape, y.dtype)
-    k.activation_vjp(np.ascontiguousarray(g, y.dtype).reshape(-1), np.ascontiguousarray(y).reshape(-1),
-                     getattr(k, FAST_ACTIVATIONS[op_type]), dx.reshape(-1))
-    return dx
-
-
-def _fast(op_type: str, numpy_vjp):
-    """The VJP of a :data:`FAST_ACTIVATIONS` op: the compiled pass, or ``numpy_vjp`` where it cannot run."""
-
-    def vjp(c, g):
-        dx = activation_vjp(op_type, c.y, g)
-        return numpy_vjp(c, g) if dx is None else dx
-
-    return vjp
-
-
-defop("Tanh", lambda c, x: np.tanh(x), _fast("Tanh", lambda c, g: g * (1 - c.y * c.y)), keep="y")
-defop("Sigmoid", lambda c, x: sigmoid(x), _fast("Sigmoid", lambda c, g: g * c.y * (1 - c.y)), keep="y")
-defop("Softplus", lambda c, x: np.logaddexp(0, x), lambda c, g: g * sigmoid(c.x), keep="x")
-defop("Relu", lambda c, x: np.maximum(x, 0), _fast("Relu", lambda c, g: g * (c.y > 0)), keep="y")
-# alpha may be any sign, so the VJP reads x, not y.
-defop("LeakyRelu", lambda c, x: np.where(x > 0, x, x * float(c.attr("alpha", 0.01))),
-      lambda c, g: np.where(c.x > 0, g, g * float(c.attr("alpha", 0.01))), keep="x")
-def _erf_op(c, x):
-    y = erf_compiled("ERF", x)
-    return _erf(x) if y is None else y
-
-
-# The VJP stays numpy's: one exp, which numpy vectorises and a compiled loop would not.
-defop("Erf", _erf_op, lambda c, g: g * (_TWO_OVER_SQRT_PI * np.exp(-c.x * c.x)), keep="x")
-
-
-# -- erf ------------------------------------------------------------------------------------------------
-# float64: W. J. Cody's rational Chebyshev approximations (Math. Comp. 23, 1969; netlib specfun
-# CALERF), within ~1e-15 relative of math.erf. |x| <= 0.46875: erf = x P(x^2)/Q(x^2); beyond that
-# erfc(|x|) = exp(-x^2) R(|x|), with R in |x| up to 4 and in 1/x^2 past it. (Cody splits exp(-x^2)
-# to keep erfc itself accurate; erf = 1 - erfc does not need that.) Coefficients are listed highest
-# degree first for _horner.
-_ERF_SMALL = ((1.85777706184603153e-1, 3.16112374387056560e00, 1.13864154151050156e02,
-               3.77485237685302021e02, 3.20937758913846947e03),
-              (1.0, 2.36012909523441209e01, 2.44024637934444173e02, 1.28261652607737228e03,
-               2.84423683343917062e03))
-_ERF_MID = ((2.15311535474403846e-8, 5.64188496988670089e-1, 8.88314979438837594e00,
-             6.61191906371416295e01, 2.98635138197400131e02, 8.81952221241769090e02,
-             1.71204761263407058e03, 2.05107837782607147e03, 1.23033935479799725e03),
-            (1.0, 1.57449261107098347e01, 1.17693950891312499e02, 5.37181101862009858e02,
-             1.62138957456669019e03, 3.29079923573345963e03, 4.36261909014324716e03,
-             3.43936767414372164e03, 1.23033935480374942e03))
-_ERF_BIG = ((1.63153871373020978e-2, 3.05326634961232344e-1, 3.60344899949804439e-1,
-             1.25781726111229246e-1, 1.60837851487422766e-2, 6.58749161529837803e-4),
-            (1.0, 2.56852019228982242e00, 1.87295284992346047e00, 5.27905102951428412e-1,
-             6.05183413124413191e-2, 2.33520497626869185e-3))
-_RSQRT_PI = 0.5641895835477562869
-# float32 (and float16): Eigen's / XLA's single-precision erf (see kernels.ERF32); a few ulp, ~10x
-# faster than the float64 path.
-_ERF32 = kernels.ERF32
-
-
-def _horner(t: np.ndarray, coeffs) -> np.ndarray:
-    acc = t * coeffs[0]  # in place after the first product: one temporary per polynomial
-    acc += coeffs[1]
-    for k in coeffs[2:]:
-        acc *= t
-        acc += k
-    return acc
-
-
-def _rational(t: np.ndarray, num_den) -> np.ndarray:
-    r = _horner(t, num_den[0])
-    r /= _horner(t, num_den[1])
-    return r
-
-
-def _erf(x: np.ndarray) -> np.ndarray:
-    if x.dtype in (np.float32, np.float16):
-        xc = np.clip(x.astype(np.float32, copy=False), -4.0, 4.0)
-        y = _rational(xc * xc, _ERF32)
-        y *= xc
-        return y.astype(x.dtype, copy=False)
-    x64 = np.asarray(x, dtype=np.float64)
-    ax = np.abs(x64)
-    out = np.empty_like(x64)
-    small = ax <= 0.46875
-    xs = x64[small]
-    out[small] = xs * _rational(xs * xs, _ERF_SMALL)
-    rest = ~small  # nan lands here and stays nan
-    y = ax[rest]
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        mid = y <= 4.0
-        erfcx = np.empty_like(y)  # exp(y^2) erfc(y)
-        erfcx[mid] = _rational(y[mid], _ERF_MID)
-        yb = y[~mid]
-        z = 1 / (yb * yb)
-        erfcx[~mid] = (_RSQRT_PI - z * _rational(z, _ERF_BIG)) / yb
-        erfc = np.exp(-y * y)
-        erfc *= erfcx
-        erfc[np.isinf(y)] = 0.0  # 0 * inf
-        np.subtract(1.0, erfc, out=erfc)
-        out[rest] = np.copysign(erfc, x64[rest])
-    return out.astype(x.dtype, copy=False)  # ONNX: the output has the input's type, ints included
-
-
 # -- clipping and selection -------------------------------------------------------------------------
 def _clip(c, x, lo=None, hi=None):
     # min(max(x, lo), hi): if lo > hi every value becomes hi, as ONNX specifies.
@@ -259,8 +123,8 @@ def _clip_vjp(c, g):
     pass_hi = np.ones((), bool) if hi is None else t <= hi  # ties pass the error to x, like torch
     pass_lo = np.ones((), bool) if lo is None else x >= lo
     dx = g * (pass_hi & pass_lo) if c.needs[0] else None
-    dlo = np.sum(g, where=pass_hi & ~pass_lo).astype(lo.dtype).reshape(lo.shape) if _needs(c, 1) else None
-    dhi = np.sum(g, where=~pass_hi).astype(hi.dtype).reshape(hi.shape) if _needs(c, 2) else None
+    dlo = np.sum(g, where=pass_hi & ~pass_lo).astype(lo.dtype).reshape(lo.shape) if c.wants_error(1) else None
+    dhi = np.sum(g, where=~pass_hi).astype(hi.dtype).reshape(hi.shape) if c.wants_error(2) else None
     return dx, dlo, dhi
 
 
@@ -317,231 +181,7 @@ def _dropout(c, x, ratio=None, training_mode=None):
 
 defop("Dropout", _dropout, lambda c, g, gmask=None: (g, None, None), keep=(), differentiable=(0,))
 
-
-# -- activations ------------------------------------------------------------------------------------------
-# ONNX stores float attributes as float32, so an exported alpha=0.7 arrives as 0.699999988; in
-# float64 that is off by ~1e-8 relative from the model it came from (torch computes with 0.7). A
-# float32-valued attribute therefore means the shortest decimal that rounds to it, or a well-known
-# constant that does (torch's Hardsigmoid slope 1/6, the Selu constants). Float32 math is unaffected:
-# the snapped value rounds back to the stored one.
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_GAMMA = 1.0507009873554804934193349852946
-_EXACT_CONSTANTS = (1 / 6, _SELU_ALPHA, _SELU_GAMMA)
-
-
-def _float_attr(c, name: str, default: float) -> float:
-    """A float attribute as a Python float (weak under NEP 50), snapped as said above."""
-    value = float(c.attr(name, default))
-    f32 = np.float32(value)
-    if f32 != value:
-        return value  # not a float32 (a default, or set programmatically): taken as given
-    for exact in _EXACT_CONSTANTS:
-        if f32 == np.float32(exact):
-            return exact
-    return float(str(f32))  # numpy prints the shortest decimal that round-trips
-
-
-def _hard_swish(c, x):
-    # ONNX: x * max(0, min(1, x/6 + 1/2)); written as torch computes it, x * clamp(x + 3, 0, 6) / 6.
-    return x * np.minimum(np.maximum(x + 3.0, 0.0), 6.0) / 6.0
-
-
-def _hard_swish_vjp(c, g):
-    x = c.x  # d/dx: 0 below -3, x/3 + 1/2 on [-3, 3], 1 above 3 (at the kinks, as torch does)
-    return np.where(x < -3.0, 0.0, np.where(x <= 3.0, g * (x / 3.0 + 0.5), g)).astype(g.dtype, copy=False)
-
-
-defop("HardSwish", _hard_swish, _hard_swish_vjp, keep="x")
-
-
-def _hard_sigmoid(c, x):
-    alpha, beta = _float_attr(c, "alpha", 0.2), _float_attr(c, "beta", 0.5)
-    return np.minimum(np.maximum(x * alpha + beta, 0.0), 1.0)
-
-
-# Strictly between the clamps, the slope is alpha; the output says where that is.
-defop("HardSigmoid", _hard_sigmoid,
-      lambda c, g: g * ((c.y > 0) & (c.y < 1)) * _float_attr(c, "alpha", 0.2), keep="y")
-
-
-def _elu_like(c, x, alpha: float, scale: float = 1.0, input_scale: float = 1.0):
-    """scale * x for x > 0, scale * alpha * (exp(input_scale * x) - 1) otherwise (Elu, Selu, Celu).
-    The VJP reads the branch off the output's sign, which gives it away unless the negative branch
-    can be positive too (scale * alpha * input_scale < 0) or the positive one negative (scale < 0);
-    then the forward saves the mask x > 0 (a bool per element) for the VJP."""
-    pos = x > 0
-    with np.errstate(over="ignore"):
-        neg = np.expm1(x * input_scale) * (scale * alpha)
-    if (scale < 0 or scale * alpha * input_scale < 0) and _needs(c, 0):
-        c.save(pos=pos)
-    return np.where(pos, x * scale if scale != 1.0 else x, neg)
-
-
-def _elu_like_vjp(c, g, alpha: float, scale: float = 1.0, input_scale: float = 1.0):
-    y = c.y
-    pos = c.saved.get("pos")
-    if pos is None:
-        pos = y > 0
-    # On the negative branch y = s a (e^(k x) - 1), so dy/dx = k s a e^(k x) = k (y + s a).
-    return np.where(pos, g * scale, g * (input_scale * (y + scale * alpha))).astype(g.dtype, copy=False)
-
-
-defop("Elu", lambda c, x: _elu_like(c, x, _float_attr(c, "alpha", 1.0)),
-      lambda c, g: _elu_like_vjp(c, g, _float_attr(c, "alpha", 1.0)), keep="y")
-
-
-def _selu_attrs(c) -> tuple[float, float]:
-    return _float_attr(c, "alpha", _SELU_ALPHA), _float_attr(c, "gamma", _SELU_GAMMA)
-
-
-defop("Selu", lambda c, x: _elu_like(c, x, *_selu_attrs(c)),
-      lambda c, g: _elu_like_vjp(c, g, *_selu_attrs(c)), keep="y")
-
-
-def _celu_alpha(c) -> float:
-    alpha = _float_attr(c, "alpha", 1.0)
-    if alpha == 0:
-        raise OpError(f"{c.node}: Celu needs a nonzero alpha")
-    return alpha
-
-
-# Celu = max(0, x) + min(0, a (e^(x/a) - 1)): Elu with input scale 1/a. Its negative branch is <= 0
-# whatever the sign of a, so the output's sign always tells the branch.
-defop("Celu", lambda c, x: _elu_like(c, x, _celu_alpha(c), 1.0, 1 / _celu_alpha(c)),
-      lambda c, g: _elu_like_vjp(c, g, _celu_alpha(c), 1.0, 1 / _celu_alpha(c)), keep="y")
-
-
-def _prelu_vjp(c, g):
-    # slope broadcasts to X (ONNX unidirectional broadcasting), so the output has X's shape.
-    x, slope = c.inputs
-    if x.dtype.kind != "f":
-        return None, None
-    neg = x < 0  # the kink x == 0 goes right (slope 1), like torch
-    dx = np.where(neg, g * slope, g) if c.needs[0] else None
-    dslope = None
-    if _needs(c, 1):
-        dslope = unbroadcast(np.where(neg, g * x, 0.0), slope.shape).astype(slope.dtype, copy=False)
-    return dx, dslope
-
-
-defop("PRelu", lambda c, x, slope: np.where(x < 0, x * slope, x).astype(x.dtype, copy=False), _prelu_vjp, keep="x")
-defop("ThresholdedRelu", lambda c, x: np.where(x > _float_attr(c, "alpha", 1.0), x, 0.0).astype(x.dtype, copy=False),
-      lambda c, g: g * (c.x > _float_attr(c, "alpha", 1.0)), keep="x")
-# d/dx x / (1 + |x|) = 1 / (1 + |x|)^2, from x: 1 - |y| would cancel for large |x|.
-defop("Softsign", lambda c, x: x / (1.0 + np.abs(x)), lambda c, g: g / np.square(1.0 + np.abs(c.x)), keep="x")
-
-
-def _mish_vjp(c, g):
-    x = c.x
-    t = np.tanh(np.logaddexp(0.0, x))  # x tanh(softplus x): d/dx = t + x (1 - t^2) sigmoid(x)
-    return g * (t + x * (1.0 - t * t) * sigmoid(x))
-
-
-defop("Mish", lambda c, x: x * np.tanh(np.logaddexp(0.0, x)), _mish_vjp, keep="x")
-
-_SQRT_HALF = math.sqrt(0.5)
-_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
-_RSQRT_2PI = 1 / math.sqrt(2 * math.pi)
-_GELU_KAPPA = 0.044715
-
-
-def _gelu_tanh(c) -> bool:
-    approximate = str_attr(c.attr("approximate"), "none")
-    if approximate not in ("none", "tanh"):
-        raise OpError(f"{c.node}: Gelu approximate={approximate!r}, expected 'none' or 'tanh'")
-    return approximate == "tanh"
-
-
-def erf_compiled(kind: str, x: np.ndarray, g: np.ndarray | None = None) -> np.ndarray | None:
-    """``kind`` ("ERF" or "GELU", its erf form) of ``x``, or with ``g`` GELU's VJP ``g * GELU'(x)``,
-    in one compiled pass (numpy takes ~25 passes for the erf alone); None where the kernels cannot
-    take it (no numba, another dtype, a broadcast error, a small array)."""
-    fits = x.size >= _KERNEL_MIN_SIZE and x.dtype in (np.float32, np.float64) and (g is None or g.shape == x.shape)
-    k = kernels.get() if fits else None
-    if k is None:
-        return None
-    out = np.empty(x.shape, x.dtype)
-    if g is not None:  # the density's exp(-x^2 / 2), vectorised by numpy, in the output (see the kernel)
-        np.multiply(x, x, out=out)
-        out *= -0.5
-        np.exp(out, out=out)
-    flat = np.ascontiguousarray(x).reshape(-1)
-    k.erf_family(flat, flat[:0] if g is None else np.ascontiguousarray(g, x.dtype).reshape(-1), getattr(k, kind),
-                 x.dtype == np.float64, out.reshape(-1))
-    return out
-
-
-def _gelu(c, x):
-    # Both forms are written in torch's order of operations, so float64 agrees to the last bits.
-    if _gelu_tanh(c):
-        return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x)))
-    y = erf_compiled("GELU", x)
-    return x * 0.5 * (1.0 + _erf(x * _SQRT_HALF)) if y is None else y
-
-
-def _gelu_vjp(c, g):
-    x = c.x
-    if _gelu_tanh(c):
-        t = np.tanh(_SQRT_2_OVER_PI * (x + _GELU_KAPPA * x * x * x))
-        dt = _SQRT_2_OVER_PI * (1.0 + 3 * _GELU_KAPPA * x * x)
-        return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt)
-    dx = erf_compiled("GELU", x, g)
-    if dx is not None:
-        return dx
-    # Phi(x) + x phi(x), with Phi the normal CDF and phi its density.
-    return g * (0.5 * (1.0 + _erf(x * _SQRT_HALF)) + x * _RSQRT_2PI * np.exp(-0.5 * x * x))
-
-
-defop("Gelu", _gelu, _gelu_vjp, keep="x")
-
-
-def _shrink(c, x):
-    lambd, bias = _float_attr(c, "lambd", 0.5), _float_attr(c, "bias", 0.0)
-    # Integer inputs are allowed: the arithmetic goes through float and the output keeps x's type.
-    return np.where(x < -lambd, x + bias, np.where(x > lambd, x - bias, 0)).astype(x.dtype, copy=False)
-
-
-def _shrink_vjp(c, g):
-    if c.x.dtype.kind != "f":
-        return None
-    return g * (np.abs(c.x) > _float_attr(c, "lambd", 0.5))  # slope 1 outside [-lambd, lambd], 0 inside
-
-
-defop("Shrink", _shrink, _shrink_vjp, keep="x")
-
-# -- trigonometric and hyperbolic ---------------------------------------------------------------------------
-defop("Sin", lambda c, x: np.sin(x), lambda c, g: g * np.cos(c.x), keep="x")
-defop("Cos", lambda c, x: np.cos(x), lambda c, g: -g * np.sin(c.x), keep="x")
-defop("Tan", lambda c, x: np.tan(x), lambda c, g: g * (1.0 + c.y * c.y), keep="y")
-defop("Asin", lambda c, x: np.arcsin(x), lambda c, g: g / np.sqrt(1.0 - c.x * c.x), keep="x")
-defop("Acos", lambda c, x: np.arccos(x), lambda c, g: -g / np.sqrt(1.0 - c.x * c.x), keep="x")
-defop("Atan", lambda c, x: np.arctan(x), lambda c, g: g / (1.0 + c.x * c.x), keep="x")
-defop("Sinh", lambda c, x: np.sinh(x), lambda c, g: g * np.cosh(c.x), keep="x")
-defop("Cosh", lambda c, x: np.cosh(x), lambda c, g: g * np.sinh(c.x), keep="x")
-defop("Asinh", lambda c, x: np.arcsinh(x), lambda c, g: g / np.sqrt(c.x * c.x + 1.0), keep="x")
-# (x - 1)(x + 1), not x^2 - 1: no cancellation near x = 1.
-defop("Acosh", lambda c, x: np.arccosh(x), lambda c, g: g / np.sqrt((c.x - 1.0) * (c.x + 1.0)), keep="x")
-defop("Atanh", lambda c, x: np.arctanh(x), lambda c, g: g / ((1.0 - c.x) * (1.0 + c.x)), keep="x")
-
-# -- piecewise constant and integer ops: zero or no derivative, so no VJP ------------------------------------
-defop("Floor", lambda c, x: np.floor(x))
-defop("Ceil", lambda c, x: np.ceil(x))
-defop("Round", lambda c, x: np.round(x))  # halves to even, as ONNX specifies
-defop("Sign", lambda c, x: np.sign(x))
-defop("IsNaN", lambda c, x: np.isnan(x))
-
-
-def _is_inf(c, x):
-    inf = np.isinf(x)
-    pos, neg = bool(c.attr("detect_positive", 1)), bool(c.attr("detect_negative", 1))
-    if pos and neg:
-        return inf
-    if pos or neg:
-        return inf & ((x > 0) if pos else (x < 0))
-    return np.zeros(x.shape, bool)
-
-
-defop("IsInf", _is_inf)
+# -- bitwise: integers only, no derivative -------------------------------------------------------------
 defop("BitwiseAnd", lambda c, a, b: np.bitwise_and(a, b))
 defop("BitwiseOr", lambda c, a, b: np.bitwise_or(a, b))
 defop("BitwiseXor", lambda c, a, b: np.bitwise_xor(a, b))

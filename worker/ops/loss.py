@@ -12,10 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from gradserve.worker import kernels
-from gradserve.worker.ops.conv import str_attr
 from gradserve.worker.graph import Node
 from gradserve.worker.ops.batch import BatchRule, BatchView, batched_at, elementwise, refuse
-from gradserve.worker.ops.registry import OpError, family, per_element
+from gradserve.worker.ops.registry import OpError, family, per_element, str_attr
 
 defop = family(flops=per_element)
 

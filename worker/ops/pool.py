@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-from gradserve.worker.ops.conv import geometry, offset_slices, pad_input, padded_extent, scratch, spatial_attrs
+from gradserve.worker.ops.scratch import scratch
+from gradserve.worker.ops.window import geometry, offset_slices, pad_input, padded_extent, spatial_attrs
 from gradserve.worker.ops.batch import PER_SAMPLE
 from gradserve.worker.ops.registry import OpError, family, per_element
 

@@ -59,6 +59,10 @@ class OpContext:
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
 
+    def wants_error(self, i: int) -> bool:
+        """Whether input ``i`` wants an error (False for an optional input the node leaves out)."""
+        return i < len(self.needs) and self.needs[i]
+
     @property
     def x(self) -> np.ndarray:
         """The first input."""
@@ -211,3 +215,10 @@ def normalize_axis(axis: int, ndim: int, node: str = "") -> int:
     if not -ndim <= axis < max(ndim, 1):
         raise OpError(f"{node}: axis {axis} out of range for rank {ndim}")
     return axis % max(ndim, 1)
+
+
+def str_attr(value: Any, default: str) -> str:
+    """A string attribute (ONNX stores them as bytes) as ``str``; ``default`` when absent."""
+    if value is None:
+        return default
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradserve.worker.ops.conv import str_attr
 from gradserve.worker.graph import Node
 from gradserve.worker.ops.batch import SHAPE, BatchRule, BatchView, Rows, never, per_sample, refuse
-from gradserve.worker.ops.registry import OpError, family, normalize_axis, per_element
+from gradserve.worker.ops.registry import OpError, family, normalize_axis, per_element, str_attr
 
 defop = family(flops=per_element)
 
