@@ -44,3 +44,35 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gradserve' has no attribute {name!r}")
+
+
+class _TorchAlias:
+    """``gradserve.torch`` is ``gradserve.client.torch`` (the ``gradserve[torch]`` extra). An import
+    hook, not a file: a ``torch.py`` at the repository root would shadow the real torch for anything
+    run from there. Nothing imports torch until ``gradserve.torch`` is imported."""
+
+    NAME = "gradserve.torch"
+    TARGET = "gradserve.client.torch"
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.NAME:
+            return None
+        import importlib.util
+
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> Any:
+        import importlib
+
+        module = importlib.import_module(self.TARGET)  # the one module object under both names
+        self.spec = module.__spec__
+        return module
+
+    def exec_module(self, module: Any) -> None:
+        module.__spec__ = self.spec  # importlib set the alias's spec on it
+
+
+import sys as _sys  # noqa: E402
+
+if not any(type(f).__name__ == "_TorchAlias" for f in _sys.meta_path):  # once, even across reloads
+    _sys.meta_path.append(_TorchAlias())
