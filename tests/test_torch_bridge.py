@@ -23,6 +23,7 @@ from torch import nn
 import gradserve
 import gradserve.torch as gt
 from gradserve.worker.graph import GraphError
+from borrowed import Borrowed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -329,11 +330,7 @@ def test_dropout_in_training_mode_warns_once_and_runs_as_the_identity():
 def test_training_through_a_server_with_partitions_and_micro_batches(ray_engine, mlp_module):
     from test_service import serving
 
-    class Shared:  # the session's engine is closed by its fixture, not by this server
-        name = "ray"
-        gradients = ray_engine.gradients
-
-    with serving(lambda: Shared()) as srv, gradserve.Client(srv.address, timeout=120) as client:
+    with serving(lambda: Borrowed(ray_engine)) as srv, gradserve.Client(srv.address, timeout=120) as client:
         assert_backward_matches(mlp_module, batch(8, seed=9), F.cross_entropy, client=client,
                                 partitions=2, micro_batches=2)
 
@@ -344,10 +341,6 @@ def test_an_encoder_trains_through_a_server_with_partitions_and_micro_batches(ra
     transformers = pytest.importorskip("transformers")
     from test_service import serving
 
-    class Shared:  # the session's engine is closed by its fixture, not by this server
-        name = "ray"
-        gradients = ray_engine.gradients
-
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=37, max_position_embeddings=16, num_labels=3,
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -356,7 +349,7 @@ def test_an_encoder_trains_through_a_server_with_partitions_and_micro_batches(ra
     theirs = copy.deepcopy(ours)
     opt_ours, opt_theirs = (torch.optim.AdamW(m.parameters(), lr=0.01) for m in (ours, theirs))
     loss_fn = lambda out, labels: F.cross_entropy(out.logits, labels)  # noqa: E731
-    with serving(lambda: Shared()) as srv, gradserve.Client(srv.address, timeout=300) as client:
+    with serving(lambda: Borrowed(ray_engine)) as srv, gradserve.Client(srv.address, timeout=300) as client:
         for step in range(3):
             gen = torch.Generator().manual_seed(step)
             ids, labels = torch.randint(0, 50, (4, 8), generator=gen), torch.randint(0, 3, (4,), generator=gen)
