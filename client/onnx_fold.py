@@ -119,7 +119,7 @@ class ConstantFolding:
                 kept.append(Node(f"{node.name}/{out}", "Identity", [result], [out]))
 
     def _fold(self, node: Node) -> list[np.ndarray] | None:
-        if node.op_type in NONDETERMINISTIC:
+        if node.op_type in NONDETERMINISTIC or get_op(node.op_type) is None:  # sequence ops: rewritten later
             return None
         if node.op_type in ("Shape", "Size") and node.inputs and node.inputs[0] not in self.constants:
             return self._fold_shape(node)

@@ -9,7 +9,8 @@ from constants, and ``Shape`` of values whose shape the declared input shapes fi
 once here with gradserve's own ops, so the exporter's shape bookkeeping does not run per job.
 
 This module converts nodes and appends the loss; reading and normalising the ONNX file is in
-:mod:`.onnx_read` and constant folding in :mod:`.onnx_fold`.
+:mod:`.onnx_read`, constant folding in :mod:`.onnx_fold`, rewriting sequence ops in
+:mod:`.onnx_sequences`, and telling torch's optimizer's folded initializers in :mod:`.onnx_folded`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import numpy as np
 import onnx
 
 from gradserve.client.onnx_fold import NONDETERMINISTIC, ConstantFolding
+from gradserve.client.onnx_folded import folded_warning
 from gradserve.client.onnx_read import DEFAULT_DOMAINS, ModelSource, attr_value, check_dtype, dim_value, infer_shapes, \
     normalize_opset, np_dtype, outer_names, read_model, to_array
+from gradserve.client.onnx_sequences import SEQUENCE_OPS, SequenceRewrite
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
 from gradserve.worker.ops import OpContext, OpError, get_op
 from gradserve.worker.validate import format_shape, live_nodes
@@ -83,23 +86,33 @@ def load_onnx(path_or_bytes: ModelSource, loss: str | LossSpec | None = None,
     with ``optimize=False`` (or the optimizer folds the normalisation into the convolution before it)
     and load it with ``batch_norm="batch"``. The default keeps each node as exported.
 
+    A file whose initializers torch's ONNX optimizer folded from the module's parameters (the
+    default ``torch.onnx.export`` call) loads with one warning on the ``gradserve.onnx`` logger
+    (:mod:`.onnx_folded`). Sequence ops of a length known at load become plain tensor ops
+    (:mod:`.onnx_sequences`).
+
     Raises GraphError for anything that is not an ONNX model or uses ops gradserve does not have.
     """
     if batch_norm not in BATCH_NORM_MODES:
         raise ValueError(f"batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, not {batch_norm!r}")
     proto = read_model(path_or_bytes)
+    folded = folded_warning(proto)
+    if folded:  # the logger, not warnings.warn: the CLI prints it as its other messages, Python shows it unconfigured
+        log.warning(folded)
     proto, opset = normalize_opset(proto)
     importer = _Importer(proto, opset)
     if batch_norm == "batch":
         importer.use_batch_statistics()
     importer.resolve_loss(loss)
     importer.fold_constants()
+    if importer.rewrite_sequences():  # once folding has fixed split sizes and positions
+        importer.fold_constants()
     importer.merge_duplicates()
     return importer.finish()
 
 
 # -- conversion -------------------------------------------------------------------------------------
-class _Importer(ConstantFolding):
+class _Importer(ConstantFolding, SequenceRewrite):
     """The model under conversion: nodes, leaves, inferred shapes, then loss and folding."""
 
     def __init__(self, proto: onnx.ModelProto, opset: int):
@@ -165,7 +178,7 @@ class _Importer(ConstantFolding):
         if n.op_type == "Constant":
             self.constants[n.output[0]] = _constant_value(node)
             return None
-        if get_op(n.op_type) is None:
+        if get_op(n.op_type) is None and n.op_type not in SEQUENCE_OPS:  # sequences: rewritten after folding
             raise GraphError(f"{node}: unsupported op type (see the README's table of supported ops)")
         return node
 
