@@ -322,6 +322,10 @@ def test_a_server_restart_on_the_same_state_directory_brings_sessions_back(tmp_p
         # every 2 steps a checkpoint went to the state directory
         (kept,) = list(first.state.sessions())
         assert kept[0] == session.id and kept[1]["step"] == 2
+        session.checkpoint()  # and one now, on demand
+        (kept,) = list(first.state.sessions())
+        assert kept[1]["step"] == 3
+        assert_close(kept[2], session.weights(), rtol=0)
     finally:
         first.stop(grace=1.0)  # a graceful stop checkpoints the last step too
     second = GradientServer(InlineEngine, first.address, state_dir=str(tmp_path))
