@@ -44,9 +44,11 @@ class Trainer:
         return local_sq_norm(grads[name] for name in self.owned if name in grads)
 
     def apply(self, grads: Mapping[str, np.ndarray], step: int, lr: float | None, scale: float) -> None:
-        """One optimizer step on every parameter of the stage, with dL/dw ``grads`` times ``scale``."""
-        params = self.stage.params
-        self.groups.step(params, {name: grads[name] for name in params}, self.states, step, lr, scale)
+        """One optimizer step on the stage's parameters that have a dL/dw in ``grads`` (times
+        ``scale``); one the loss does not reach has none and is left alone, as torch leaves a
+        parameter whose ``.grad`` is None."""
+        params = {name: p for name, p in self.stage.params.items() if name in grads}
+        self.groups.step(params, grads, self.states, step, lr, scale)
 
     def set_weights(self, values: Mapping[str, np.ndarray]) -> None:
         """Overwrite some parameters in place (their optimizer state stays, as torch's would)."""
