@@ -64,21 +64,26 @@ def test_fixed_batch_only_batches_inputs_of_the_batch_size():
     assert split.model.input_spec("table").shape == (3, 3)
 
 
-def test_fixed_batch_reshape_constant_holding_the_batch_size_is_refused():
+def test_fixed_batch_reshape_constant_holding_the_batch_size_is_rewritten():
+    """x.view(6, -1) in a fixed-batch export: the 6 holds the batch size; the micro-batches' model
+    gets -1 there (the other entry pinned). Merging two samples into one row stays refused."""
     n = 6
     m = gradserve.ModelBuilder()
     x = m.input("x", (n, 2, 3), np.float64)
     flat = m.op("Reshape", x, m.constant(np.array([n, -1])), name="view")
     model = m.loss((flat @ m.param("w", f64(6, 1))).mean())
     feeds = {"x": f64(n, 2, 3)}
-    with pytest.raises(GraphError, match=r"node 'view' \(Reshape\) has a constant shape \[6, -1\] whose entry 6 "
-                                         r"holds the batch size"):
-        split_batch(model, prepare(model, feeds), feeds, 2)
-    # the same with -1 first splits
+    split = assert_split_exact(model, feeds)
+    (node,) = [v for v in split.model.nodes if v.name == "view"]
+    assert split.model.constants[node.inputs[1]].tolist() == [-1, 6]
+    assert model.constants[model.nodes[0].inputs[1]].tolist() == [n, -1], "the caller's model is not changed"
     m = gradserve.ModelBuilder()
     x = m.input("x", (n, 2, 3), np.float64)
-    flat = m.op("Reshape", x, m.constant(np.array([-1, 6])), name="view")
-    assert_split_exact(m.loss((flat @ m.param("w", f64(6, 1))).mean()), feeds)
+    pairs = m.op("Reshape", x, m.constant(np.array([n // 2, 12])), name="pairs")
+    model = m.loss((pairs @ m.param("w", f64(12, 1))).mean())
+    with pytest.raises(GraphError, match=r"node 'pairs' \(Reshape\) moves the batch to another place in the layout, "
+                                         r"or splits it"):
+        split_batch(model, prepare(model, feeds), feeds, 2)
 
 
 @pytest.mark.parametrize("maker", ["ConstantOfShape", "Expand", "Tile"])

@@ -23,17 +23,26 @@ entries there with b samples and every other axis unchanged, an unbatched value 
 
 Models exported with a fixed batch size (no dynamic axes) are split too: the inputs whose declared
 first axis is the common batch size get a symbolic first axis in a copy of the model, which the
-micro-batches then run with (:attr:`Split.model`).
+micro-batches then run with (:attr:`Split.model`), with the exact rewrites of constants the rules
+ask for (a Reshape's shape that spells out the batch gets -1 there).
+
+Values computed from the batch's shape (tagged SHAPE) are evaluated where a rule needs them
+(:mod:`gradserve.server.planning.side_values`), for any batch size, from the shapes the tags
+predict: the axis an RNN's zero state ``ConstantOfShape([D, B, H])`` holds the batch on, the
+indices of torch's ``as_strided``, checked at every micro-batch size (:meth:`_Follower.at_sizes`).
+A mean over targets that are not ignored counts them in the labels the loss reads, computed from
+the feeds when a Slice picks some of them (``labels[:, 1:]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from gradserve.server.planning import side_values
 from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
 from gradserve.worker.ops import get_op
@@ -71,7 +80,8 @@ def split_batch(model: Model, job: PreparedJob, feeds: Mapping[str, np.ndarray],
     bounds = np.linspace(0, n, parts + 1).round().astype(int)
     if kind == "count":  # every chunk needs a target that is not ignored, or its mean is 0/0
         labels, ignore = detail
-        counted = np.flatnonzero((feeds[labels] != ignore).reshape(n, -1).any(axis=1))
+        counts = _target_counts(model, job, feeds, labels, ignore, n)
+        counted = np.flatnonzero(counts)
         if len(counted) < parts:
             raise GraphError(
                 f"only {len(counted)} samples have targets in '{labels}' that are not ignore_index {ignore}: "
@@ -84,11 +94,7 @@ def split_batch(model: Model, job: PreparedJob, feeds: Mapping[str, np.ndarray],
     elif kind == "mean":
         weights = [float(b - a) / n for a, b in zip(bounds, bounds[1:])]
     else:  # "count": a mean over the targets that are not ignored
-        labels, ignore = detail
-        total = int(np.count_nonzero(feeds[labels] != ignore))
-        if total == 0:
-            raise GraphError(f"every target in '{labels}' equals ignore_index {ignore}")
-        weights = [int(np.count_nonzero(f[labels] != ignore)) / total for f in parts_feeds]
+        weights = [int(counts[a:b].sum()) / int(counts.sum()) for a, b in zip(bounds, bounds[1:])]
     run_model = _with_symbolic_batch(model, batched, follower.rewrites)
     # Every micro-batch size is checked against the tags (a few ms each; prepare caches them).
     jobs: dict[int, PreparedJob] = {}
@@ -118,6 +124,25 @@ def _batched_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> tuple[list
         if feeds[name].shape[0] != n:
             raise GraphError(f"feed '{name}' has batch size {feeds[name].shape[0]}, feed '{batched[0]}' has {n}")
     return batched, n
+
+
+def _target_counts(model: Model, job: PreparedJob, feeds: Mapping[str, np.ndarray], labels: str, ignore: int,
+                   n: int) -> np.ndarray:
+    """Each sample's count of targets in ``labels`` (a feed, or a value computed from the feeds one
+    sample at a time, such as ``labels[:, 1:]``) that are not ``ignore``."""
+    if labels in feeds:
+        values = np.asarray(feeds[labels])
+    else:
+        producers = {o: node for node in job.nodes for o in node.outputs if o}
+        sources = {**model.params, **feeds}
+        nodes = side_values.subgraph(labels, producers, job.nodes, lambda v: v in sources or v in model.constants)
+        if nodes is None:
+            raise GraphError(f"the labels '{labels}' cannot be computed from the feeds to count their targets")
+        values = side_values.evaluate(model, nodes, sources, labels)
+    counts = np.count_nonzero(values.reshape(n, -1) != ignore, axis=1)
+    if not counts.any():
+        raise GraphError(f"every target in '{labels}' equals ignore_index {ignore}")
+    return counts
 
 
 def _with_symbolic_batch(model: Model, batched: Sequence[str], rewrites: Mapping[str, tuple[int, np.ndarray]]) -> Model:
@@ -170,6 +195,9 @@ class _Follower:
         self._producers = {o: node for node in job.nodes for o in node.outputs if o}
         # node name -> (input index, constant): exact rewrites the micro-batches need (see rewrite)
         self.rewrites: dict[str, tuple[int, np.ndarray]] = {}
+        # (node, check): what each micro-batch size must satisfy beyond its shapes (see at_sizes)
+        self.checks: list[tuple[Node, Callable[[int], str | None]]] = []
+        self._shape_values: dict[tuple[str, int], np.ndarray | None] = {}
         self._outer = 1
 
     # -- the view the rules read -----------------------------------------------------------------
@@ -226,6 +254,61 @@ class _Follower:
     def rewrite(self, node: Node, k: int, value: np.ndarray) -> None:
         self.rewrites[node.name] = (k, value)
 
+    def at_sizes(self, node: Node, check: Callable[[int], str | None]) -> None:
+        self.checks.append((node, check))
+
+    def shape_value(self, name: str, b: int | None = None) -> np.ndarray | None:
+        """``name``, computed from the batch's shape only, for a batch of ``b`` samples (default
+        the job's): each Shape node reads the shape its input's tag predicts at that size, which
+        check_size confirms for the sizes the micro-batches have. None when it reads anything else
+        that is not a constant."""
+        b = self.n if b is None else b
+        if (name, b) not in self._shape_values:
+            self._shape_values[name, b] = self._evaluate_shape_value(name, b)
+        return self._shape_values[name, b]
+
+    def _evaluate_shape_value(self, name: str, b: int) -> np.ndarray | None:
+        values: dict[str, np.ndarray] = {}
+
+        def source(v: str) -> bool:
+            maker = self._producers.get(v)
+            if maker is not None and maker.op_type in ("Shape", "Size"):
+                shape = self._shape_at(maker.inputs[0], b)
+                if shape is not None:
+                    values[v] = side_values.shape_of(maker, shape)
+                    return True
+            return v in self.model.constants
+
+        nodes = side_values.subgraph(name, self._producers, self.job.nodes, source)
+        if nodes is None or any(self.tags.get(o) not in (NONE, SHAPE) for node in nodes for o in node.outputs if o):
+            return None
+        try:
+            return side_values.evaluate(self.model, nodes, values, name)
+        except (GraphError, ValueError, IndexError):  # the arithmetic fails at that size (OpError is a ValueError)
+            return None
+
+    def _shape_at(self, name: str, b: int) -> tuple[int, ...] | None:
+        """The shape its tag predicts for ``name`` in a batch of ``b`` samples."""
+        full, tag = self.shape(name), self.tags.get(name, NONE)
+        if full is None or tag == SHAPE or isinstance(tag, tuple):
+            return None
+        if isinstance(tag, Rows):
+            return tuple(d // self.n * b if a == tag.axis else d for a, d in enumerate(full))
+        return full
+
+    def shaped_axis(self, node: Node, k: int) -> int:
+        """The axis of ``node``'s output that input ``k`` (a shape computed from the batch's: a
+        ConstantOfShape's shape, an Expand's, a Tile's repeats) sizes with the batch: the one entry
+        that grows in proportion to the batch (an RNN's zero state (D, B, H) has it on axis 1).
+        Axis 0 when that cannot be told; check_size then checks it."""
+        at_n, at_more = self.shape_value(node.inputs[k]), self.shape_value(node.inputs[k], self.n + 1)
+        if at_n is None or at_more is None or at_n.ndim != 1 or at_n.shape != at_more.shape:
+            return 0
+        moved = np.flatnonzero(at_n != at_more)
+        if len(moved) != 1 or at_n[moved[0]] % self.n or at_more[moved[0]] != at_n[moved[0]] // self.n * (self.n + 1):
+            return 0
+        return int(moved[0]) + (self.rank(node.outputs[0]) or len(at_n)) - len(at_n)
+
     # -- the pass --------------------------------------------------------------------------------
     def loss_reduction(self) -> tuple[str, object]:
         for node in self.job.nodes:
@@ -256,11 +339,17 @@ class _Follower:
                     continue
                 want = list(full)
                 tag = self.tags.get(name, NONE)
+                if tag == SHAPE:  # read as a shape or checked by value (at_sizes): may grow with the batch
+                    continue
                 if isinstance(tag, Rows):
                     want[tag.axis] = full[tag.axis] // self.n * b
                 if tuple(part.shape) != tuple(want):
                     raise refuse(node, f"gives '{name}' the shape {tuple(part.shape)} with {b} samples and "
                                        f"{full} with {self.n}: its samples do not stay apart along one axis")
+        for node, check in self.checks:
+            fault = check(b)
+            if fault:
+                raise refuse(node, fault)
         return job
 
     def propagate(self, node: Node, tags: list) -> object:
@@ -272,8 +361,8 @@ class _Follower:
         k = rule.shaped_by
         if k is not None and k < len(tags) and tags[k] == SHAPE and all(t == NONE for j, t in enumerate(tags) if j != k):
             # One value (or copies of an unbatched one) shaped like the batch: mixes no samples.
-            # The batch is assumed on axis 0; check_size refuses it if it is not.
-            return Rows(0)
+            # check_size refuses it if the batch is not on the axis found.
+            return Rows(self.shaped_axis(node, k))
         if not rows and not reduced:
             return SHAPE if SHAPE in tags else NONE
         if any(t == SHAPE and k not in rule.shape_inputs for k, t in enumerate(tags)):

@@ -77,6 +77,14 @@ class BatchView(Protocol):
     def rewrite(self, node: Node, k: int, value: np.ndarray) -> None:
         """Give the micro-batches' copy of the model ``value`` as the constant input ``k`` of ``node``."""
 
+    def shape_value(self, name: str, b: int | None = None) -> np.ndarray | None:
+        """A :data:`SHAPE` value for a batch of ``b`` samples (default ``n``); None when it cannot be
+        computed from shapes and constants alone."""
+
+    def at_sizes(self, node: Node, check: Callable[[int], str | None]) -> None:
+        """Have planning call ``check(b)`` for each micro-batch size ``b``: a message there refuses
+        ``node`` (values that shapes alone do not pin down, such as computed indices)."""
+
 
 Rule = Callable[[BatchView, Node, list], "Tag | list[Tag]"]
 # (node, tags of its inputs, the reduced ones among them) -> the output's tag
@@ -91,7 +99,8 @@ class BatchRule:
     the reason in ``refused``. ``shape_inputs`` are the inputs read as shapes, which may be
     :data:`SHAPE`. ``shaped_by``: the input whose :data:`SHAPE` value shapes the output when no
     other input is batched (ConstantOfShape, Expand, Tile): one value copied along the batch, so
-    batched on axis 0. ``reduced`` (optional) handles inputs reduced over the batch: an op linear
+    batched on the axis whose entry grows with the batch (an RNN's zero state (D, B, H): axis 1),
+    axis 0 when planning cannot evaluate it. ``reduced`` (optional) handles inputs reduced over the batch: an op linear
     in them passes the reduction on. ``infer`` fills in an output shape ONNX inference leaves out:
     ``"same"`` as input 0, ``"broadcast"`` of the inputs. ``sized_by_constant``: the op's constant
     shape-like input may spell out the batch size of a fixed-batch export (named in refusals).

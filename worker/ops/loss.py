@@ -13,7 +13,7 @@ import numpy as np
 
 from gradserve.worker import kernels
 from gradserve.worker.graph import Node
-from gradserve.worker.ops.batch import BatchRule, BatchView, batched_at, elementwise, refuse
+from gradserve.worker.ops.batch import BatchRule, BatchView, Rows, batched_at, elementwise, refuse
 from gradserve.worker.ops.registry import OpError, family, per_element, str_attr
 
 defop = family(flops=per_element)
@@ -102,19 +102,25 @@ def _sce_vjp(c, g_loss, g_logp=None):
 
 # ops that only rearrange labels within each sample: counting a feed's entries counts the loss's
 _REARRANGING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Transpose")
+# ops that pick or add targets within each sample (their own rules keep the batch axis whole)
+_SELECTING = ("Slice", "Pad")
 
 
-def _labels_feed(view: BatchView, node: Node) -> str:
-    """The feed holding a loss's labels, through ops that only rearrange them within samples:
-    counting its entries that are not ignore_index counts the loss's."""
-    name = node.inputs[1]
+def _counted_labels(view: BatchView, node: Node, labels: Rows) -> str:
+    """What to count a loss's targets in: the feed holding its labels, through ops that only
+    rearrange them within samples; or the labels themselves when a Slice or Pad picks or adds
+    targets in each sample (a decoder LM's shifted loss: transformers pads the labels with
+    ignore_index and takes ``labels[..., 1:]``), which planning then computes from the feeds."""
+    name, sliced = node.inputs[1], False
     while name not in view.batched:
         maker = view.producer(name)
-        if maker is None or maker.op_type not in _REARRANGING:
-            raise refuse(node, f"has labels '{name}' that are not a feed (or a reshape of one), so "
+        selects = maker is not None and maker.op_type in _SELECTING and labels.outer == 1
+        if maker is None or (maker.op_type not in _REARRANGING and not selects):
+            raise refuse(node, f"has labels '{name}' that are not a feed (or a reshape, slice or pad of one), so "
                                "micro-batches cannot be weighted by their targets")
+        sliced |= selects
         name = maker.inputs[0]
-    return name
+    return node.inputs[1] if sliced else name
 
 
 def _loss_batch(view: BatchView, node: Node, tags: list) -> object:
@@ -132,7 +138,7 @@ def _loss_batch(view: BatchView, node: Node, tags: list) -> object:
     if reduction == "sum":
         return ("sum", None)
     if "ignore_index" in node.attrs:
-        return ("count", (_labels_feed(view, node), int(node.attrs["ignore_index"])))
+        return ("count", (_counted_labels(view, node, tags[1]), int(node.attrs["ignore_index"])))
     return ("mean", None)
 
 

@@ -344,7 +344,7 @@ def _gather_vjp(c, g):
     return np.moveaxis(acc.reshape((shape[axis],) + pre + post), 0, axis), None
 
 
-defop("Gather", _gather, _gather_vjp, keep=(), differentiable=(0,), batch=BatchRule(rules.gather))
+defop("Gather", _gather, _gather_vjp, keep=(), differentiable=(0,), batch=BatchRule(rules.gather, shape_inputs=(1,)))
 
 
 # -- generators: outputs that carry no error ----------------------------------------------------------

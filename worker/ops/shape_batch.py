@@ -23,7 +23,8 @@ def reshape(view: BatchView, node: Node, tags: list) -> Rows:
     same way: (B, T, V) <-> (B*T, V); attention's heads (T, B, E) -> (T, B*H, E/H); and its rows
     (T, B*H, d) -> (T*B*H, d), where the T blocks become ``outer``. Planning checks the output
     at every micro-batch size. A constant shape that spells the batch-derived length out (a
-    fixed-batch export of ``x.view(64, -1)``) holds the batch size: refused."""
+    fixed-batch export of ``x.view(64, -1)``, ``t.reshape(B * T)`` written as ``[30]``) gets -1 there
+    in the micro-batches' model: exact, since the layout above holds whatever the batch size."""
     src, dst = view.shape(node.inputs[0]), view.shape(node.outputs[0])
     if tags[1] not in (NONE, SHAPE) or src is None or dst is None or not dst:
         raise refuse(node, "changes the batch axis")
@@ -44,8 +45,10 @@ def reshape(view: BatchView, node: Node, tags: list) -> Rows:
         copies = entry == 0 and not node.attrs.get("allowzero", 0) and out.axis < len(src) \
             and src[out.axis] == dst[out.axis]
         if entry not in (-1, None) and not copies:
-            raise refuse(node, f"has a constant shape {entries} whose entry {entry} holds the batch size; each "
-                               "micro-batch needs its own (export with a dynamic batch, or reshape with -1 there)")
+            # The entry spells out the batch-derived length (a fixed-batch export): -1 there gives each
+            # micro-batch its own, every other entry pinned to its length, which the batch leaves alone.
+            pinned = [-1 if a == out.axis else (dst[a] if e == -1 else e) for a, e in enumerate(entries)]
+            view.rewrite(node, 1, np.asarray(pinned, np.int64))
     return out
 
 
@@ -175,8 +178,55 @@ def gather(view: BatchView, node: Node, tags: list) -> Rows:
     rows = batched_at(tags)
     axis = tags[rows[0]].axis
     g = int(node.attrs.get("axis", 0)) % (view.rank(node.inputs[0]) or 1)
+    if tags[1] == SHAPE:
+        return _gather_computed(view, node, tags[0], g)
     if rows == [1]:
         return view.rows(g + axis)
     if rows == [0] and g != axis:
         return view.rows(axis if axis < g else axis - 1 + (view.rank(node.inputs[1]) or 0))
     raise refuse(node, "gathers along the batch axis")
+
+
+def _gather_computed(view: BatchView, node: Node, data: Rows, g: int) -> Rows:
+    """A gather from batched data with indices computed from the batch's shape (torch's exporter
+    writes ``as_strided`` as a Gather from the flattened input at indices built from its sizes and
+    strides). Each micro-batch computes its own indices: exact along another axis than the batch's
+    when they do not change with the batch size; along the batch's when sample s's block of them
+    is sample 0's shifted by s samples (every sample reads only its own entries) and a micro-batch
+    of b samples computes the first b blocks."""
+    name = node.inputs[1]
+    idx = view.shape_value(name)
+    if idx is None:
+        raise refuse(node, "uses the batch size as data; each micro-batch would see its own size")
+    if g != data.axis:
+        view.at_sizes(node, lambda b: None if np.array_equal(view.shape_value(name, b), idx) else
+                      f"gathers at indices '{name}' that change with the batch size")
+        return view.rows(data.axis if data.axis < g else data.axis - 1 + idx.ndim)
+    per = view.shape(node.inputs[0])[g] // view.n
+    k = _sample_axis(idx, view.n, per) if data.outer == 1 else None
+    if k is None:
+        raise refuse(node, f"gathers along the batch axis at indices '{name}' that do not keep each sample's "
+                           "entries to itself")
+
+    def first_blocks(b: int) -> str | None:
+        want = np.take(idx, np.arange(idx.shape[k] // view.n * b), axis=k)
+        if np.array_equal(view.shape_value(name, b), want):
+            return None
+        return f"computes indices '{name}' for {b} samples that are not those of the first {b} of {view.n}"
+
+    view.at_sizes(node, first_blocks)
+    return view.rows(g + k)
+
+
+def _sample_axis(idx: np.ndarray, n: int, per: int) -> int | None:
+    """The axis of ``idx`` holding n blocks, sample s's being sample 0's + s*per with sample 0's in
+    [0, per): the indices of a gather that keeps every sample's entries to itself."""
+    for k in range(idx.ndim):
+        if idx.shape[k] % n:
+            continue
+        blocks = np.moveaxis(idx, k, 0).reshape(n, idx.shape[k] // n, -1)
+        first = blocks[0]
+        shift = (np.arange(n) * per).reshape(n, 1, 1)
+        if first.min(initial=0) >= 0 and first.max(initial=0) < per and np.array_equal(blocks, first + shift):
+            return k
+    return None
