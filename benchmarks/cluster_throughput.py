@@ -5,7 +5,7 @@
 Brings up two real multi-node Ray clusters on this machine with ``deploy/local-cluster`` (one
 with 1 worker node, one with 2; 1 CPU per node, the head has none; each with its own server, state
 dir and ports), then alternates rounds between them: in each round ``--clients`` client processes
-send K=1 jobs to the server for ``--seconds`` seconds, each job's loss and dL/dw checked against the
+send jobs (``--plan k1``: K=1; ``--plan auto``: default options) to the server for ``--seconds`` seconds, each job's loss and dL/dw checked against the
 inline engine. ``--model mlp`` (the issue's setup): a 4 x 512 tanh MLP (float32, batch 1024), 8 MB of
 feeds and gradients moved per job for ~80 ms of compute; ``--model cnn``: a small CNN on 32 x 32
 images (float32, batch 64), compute-bound, with under 1 MB moved per job. Reports jobs/s per cluster (median
@@ -67,10 +67,14 @@ def feeds_for(kind: str, client: int) -> dict[str, np.ndarray]:
 _state: dict = {}
 
 
-def _init(kind: str) -> None:
+PLANS = {"k1": {"partitions": 1}, "auto": {}}  # auto: the server chooses everything (the default)
+
+
+def _init(kind: str, plan: str) -> None:
     import gradserve
 
     _state["kind"] = kind
+    _state["options"] = PLANS[plan]
     _state["model"] = model_for(kind)
     _state["cases"] = {}
     _state["clients"] = {}
@@ -102,7 +106,7 @@ def _warm_up(args: tuple[int, str]) -> None:
     """Two jobs of client ``index`` on ``address``: the model uploaded, its parameters placed, actors started."""
     client, feeds, reference = _ensure(*args)
     for _ in range(2):
-        _check(client.gradients(_state["model"], feeds, partitions=1), reference)
+        _check(client.gradients(_state["model"], feeds, **_state["options"]), reference)
 
 
 def _client_round(args: tuple[int, str, float, float]) -> tuple[int, float, list[str]]:
@@ -114,7 +118,7 @@ def _client_round(args: tuple[int, str, float, float]) -> tuple[int, float, list
         time.sleep(0.001)
     done, last, nodes = 0, start, []
     while time.time() < start + seconds:
-        result = client.gradients(model, feeds, partitions=1)
+        result = client.gradients(model, feeds, **_state["options"])
         last = time.time()
         _check(result, reference)
         done += 1
@@ -150,6 +154,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="client processes sending jobs (default 4)")
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
                         help="mlp: the issue's 4 x 512 MLP (data-heavy); cnn: a compute-bound CNN (default mlp)")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="k1",
+                        help="k1: partitions=1, the rest auto; auto: default options, the server chooses all "
+                             "(default k1)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="gs-throughput-"))
     ctx = mp.get_context("spawn")
@@ -158,7 +165,7 @@ def main() -> None:
     cpu: dict[int, dict[str, float]] = {1: {}, 2: {}}  # CPU seconds per process kind, over the rounds
     done = {1: 0, 2: 0}
     with Cluster(1, base / "one") as one, Cluster(2, base / "two") as two, \
-            ctx.Pool(args.clients, initializer=_init, initargs=(args.model,)) as pool:
+            ctx.Pool(args.clients, initializer=_init, initargs=(args.model, args.plan)) as pool:
         for cluster in (one, two):
             pool.map(_warm_up, [(i, cluster.address) for i in range(args.clients)])
         for _ in range(args.rounds):
@@ -183,7 +190,8 @@ def main() -> None:
     ]
     what = (f"a {LAYERS} x {WIDTH} tanh MLP (float32, batch {BATCH})" if args.model == "mlp" else
             f"a CNN ({'-'.join(map(str, CHANNELS))} channels, 32 x 32, float32, batch {IMAGES})")
-    print(f"{args.clients} clients, K=1 jobs of {what}, every result "
+    plan = "K=1 jobs" if args.plan == "k1" else "jobs with default options (auto)"
+    print(f"{args.clients} clients, {plan} of {what}, every result "
           f"checked against the inline engine; {args.rounds} rounds of {args.seconds:.0f} s, alternating; "
           f"{os.cpu_count()} cores")
     print(table(rows, ("cluster (1 CPU per node)", "jobs/s (median)", "per round", "nodes used")))
