@@ -363,3 +363,49 @@ def test_an_encoder_trains_through_a_server_with_partitions_and_micro_batches(ra
             assert loss == pytest.approx(want.item(), rel=1e-9), step
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _train_alike(ours: nn.Module, steps, loss_fn, client, rtol: float, optimizer, **options) -> None:
+    """Steps of ``optimizer`` (a torch.optim class and its arguments) through ``client``
+    (gradserve.torch.backward) and with torch alone on a copy: the same losses, then the same weights."""
+    theirs = copy.deepcopy(ours)
+    opt_ours, opt_theirs = (optimizer[0](m.parameters(), **optimizer[1]) for m in (ours, theirs))
+    for step, args in enumerate(steps):
+        opt_ours.zero_grad()
+        loss = gt.backward(ours, *args, loss_fn=loss_fn, client=client, **options)
+        opt_ours.step()
+        opt_theirs.zero_grad()
+        out = theirs(*args) if loss_fn is None else theirs(*args[:-1])
+        want = getattr(out, "loss", out) if loss_fn is None else loss_fn(out, args[-1])
+        want.backward()
+        opt_theirs.step()
+        assert loss == pytest.approx(want.item(), rel=rtol), step
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=rtol * 1e-3, msg=name)
+
+
+@pytest.mark.slow
+def test_a_gpt2_and_a_cnn_train_through_a_server_as_in_torch(ray_engine):
+    """The issue's loop: a torch user's own optimizer, gradserve computing on a server, torch's
+    result to rounding (GPT-2 computes its loss in float32; the CNN trains its BatchNorm in train mode)."""
+    transformers = pytest.importorskip("transformers")
+    from test_service import serving
+
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(6)
+    gpt2 = _LabelsAreInputs(transformers.GPT2LMHeadModel(config).double())
+    gen = torch.Generator().manual_seed(11)
+    texts = [(torch.randint(0, 50, (4, 8), generator=gen),) for _ in range(3)]
+    torch.manual_seed(2)
+    cnn = SmallCNN().double()
+    images = [(torch.randn(6, 2, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
+              for _ in range(3)]
+    with serving(lambda: Borrowed(ray_engine)) as srv, gradserve.Client(srv.address, timeout=300) as client:
+        # SGD: Adam divides by each gradient's own size, which turns the rounding of a gradient that
+        # is zero up to rounding (GPT-2's float32 loss; the conv bias before a train-mode BatchNorm)
+        # into a step of up to lr either way: no oracle there
+        sgd = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01})
+        _train_alike(gpt2, texts, None, client, 1e-5, sgd, partitions=2, micro_batches=2)
+        _train_alike(cnn, images, F.cross_entropy, client, 1e-9, sgd,
+                     partitions=2)  # train-mode BatchNorm: its batch statistics need the whole batch
