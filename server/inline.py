@@ -104,8 +104,8 @@ class InlineSession(Session):
                 for key, value in state.items():
                     np.copyto(self._states[name][key], value)
 
-    def _step(self, feeds, number, lr, return_grads):
-        result = self._engine.gradients(self.model, feeds)
+    def _step(self, feeds, number, lr, return_grads, progress):
+        result = self._engine.gradients(self.model, feeds, progress=progress)
         scale = 1.0
         if self.max_norm is not None:
             scale = clip_scale(local_sq_norm(result.grads.values()), self.max_norm)

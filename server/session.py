@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from gradserve.server.events import Progress
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, Model
 from gradserve.worker.optim import Optimizer, ParamGroups, Schedule, check_schedule, lr_at
@@ -113,13 +114,15 @@ class Session:
         nodes); empty until the first step places a session that is placed then."""
         return {"partitions": 1, "micro_batches": 1, "replicas": 1}
 
-    def step(self, feeds: Mapping[str, np.ndarray], return_grads: bool = False, lr: float | None = None) -> StepResult:
+    def step(self, feeds: Mapping[str, np.ndarray], return_grads: bool = False, lr: float | None = None,
+             progress: Progress = None) -> StepResult:
         """Forward, backward and one optimizer update at the current weights; the loss is the
         one before the update (as ``loss.backward(); opt.step()`` would report it). ``lr``: this
-        step's learning rate, in place of the schedule's (or the optimizer's)."""
+        step's learning rate, in place of the schedule's (or the optimizer's). ``progress`` is
+        called with the engine's ProgressEvents, as for a job."""
         self._check_open()
         (loss, grads, info, number, lr_used), restored = self._restoring(
-            lambda: self._numbered_step(feeds, lr, return_grads))
+            lambda: self._numbered_step(feeds, lr, return_grads, progress))
         if restored is not None:
             info["restored_from_step"] = restored
         self.steps = number
@@ -143,11 +146,11 @@ class Session:
                                       f"{exc.step} now, try again later") from exc
         raise AssertionError("unreachable")
 
-    def _numbered_step(self, feeds, lr: float | None, return_grads: bool):
+    def _numbered_step(self, feeds, lr: float | None, return_grads: bool, progress: Progress):
         number = self.steps + 1
         if lr is None and self.schedule is not None:
             lr = lr_at(self.schedule, number)
-        loss, grads, info = self._step(feeds, number, lr, return_grads)
+        loss, grads, info = self._step(feeds, number, lr, return_grads, progress)
         return loss, grads, dict(info), number, lr
 
     def checkpoint(self) -> Checkpoint:
@@ -208,7 +211,8 @@ class Session:
         self.close()
 
     # -- what each engine supplies -----------------------------------------------------------------
-    def _step(self, feeds, number: int, lr: float | None, return_grads: bool) -> tuple[float, dict | None, dict]:
+    def _step(self, feeds, number: int, lr: float | None, return_grads: bool,
+              progress: Progress) -> tuple[float, dict | None, dict]:
         raise NotImplementedError
 
     def _gradients(self, feeds) -> Result:

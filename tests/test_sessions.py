@@ -377,3 +377,28 @@ def test_a_session_whose_optimizer_state_cannot_fit_is_refused_before_it_starts(
         with pytest.raises(memory.ResourceExhausted, match=r"more for its own weights and the optimizer's state"):
             session.step(batches[0])
         assert session._dep is None and session.steps == 0  # nothing was placed
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_step_sends_the_session_back_to_its_checkpoint(ray_engine):
+    """As the fault tests do: partition 1's actor is held while partition 0 computes, and killed
+    once partition 0's forward is done; the step runs again from the last checkpoint."""
+    from test_worker_loss import Ambush, forward_of
+
+    model, batches = mlp()
+    session = ray_engine.session(model, SGD(lr=0.1, momentum=0.9), partitions=2, micro_batches=1, replicas=1,
+                                 checkpoint_steps=2)
+    reference = gradserve.local().session(model, SGD(lr=0.1, momentum=0.9))
+    for b in batches[:3]:
+        session.step(b)
+    for b in batches[:2]:
+        reference.step(b)  # the checkpoint: after step 2
+    pid = session.placement["placement"][0][1]["pid"]
+    with Ambush(ray_engine, hold=pid, kill=pid, when=forward_of(0, 0)) as ambush:
+        step = session.step(batches[3], progress=ambush)
+    assert ambush.killed.is_set(), f"the moment never came: {ambush.events}"
+    assert (step.step, step.info["restored_from_step"]) == (3, 2)
+    assert step.loss == pytest.approx(reference.step(batches[3]).loss, rel=1e-12)
+    assert_close(session.weights(), reference.weights(), rtol=1e-10)
+    assert pid not in [w["pid"] for w in session.placement["placement"][0]]  # on fresh workers
+    session.close()

@@ -68,10 +68,10 @@ class RaySession(Session):
         return {"partitions": len(self._dep.specs), "micro_batches": m, "replicas": r, "placement": self._dep.where}
 
     # -- steps ---------------------------------------------------------------------------------------
-    def _step(self, feeds, number, lr, return_grads):
+    def _step(self, feeds, number, lr, return_grads, progress):
         dep, job, chunks = self._job(feeds)
         training = Training(number, lr, return_grads, self._exchange, self._sharing)
-        loss, grads, _, seconds = self._run(dep, job, chunks, training)
+        loss, grads, _, seconds = self._run(dep, job, chunks, training, progress)
         return loss, grads, {**self.placement, "seconds": seconds}
 
     def _gradients(self, feeds) -> Result:
@@ -80,10 +80,11 @@ class RaySession(Session):
         grads = {p: grads[p] if p in grads else np.zeros_like(self.model.params[p]) for p in job.params}
         return Result(loss, grads, {}, {"engine": self._engine.name, **self.placement, "seconds": seconds})
 
-    def _run(self, dep: Deployment, job, chunks, training: Training | None):
+    def _run(self, dep: Deployment, job, chunks, training: Training | None, progress=None):
         m, r = self._mr
         try:
-            return self._engine._run(uuid.uuid4().hex[:12], dep, job, chunks, m, r, None, None, training, self.max_norm)
+            return self._engine._run(uuid.uuid4().hex[:12], dep, job, chunks, m, r, progress, None, training,
+                                     self.max_norm)
         except Exception as exc:
             if not is_worker_loss(exc):
                 raise
