@@ -17,6 +17,7 @@ from gradserve.client.status import ServerStatus, format_status, server_status
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.limits import Limits
 from gradserve.server.status import version
+from borrowed import Borrowed
 from test_service import REFERENCE, GatedEngine, assert_same, batch, mlp, serving
 
 TOKEN = "status-t0ken"
@@ -109,17 +110,6 @@ def test_cli_status_prints_the_screen(tmp_path, capsys):
 
 
 # -- the Ray engine --------------------------------------------------------------------------------
-
-
-class Borrowed:
-    """The session's Ray engine, lent to a server without letting the server close it."""
-
-    def __init__(self, engine) -> None:
-        self.name, self.gradients, self.capacity = engine.name, engine.gradients, engine.capacity
-        self.status, self.max_retries = engine.status, engine.max_retries
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.mark.slow
