@@ -126,6 +126,9 @@ class RaySession(Session):
         except BaseException:
             engine._release(dep)
             raise
+        with engine._lock:  # the stages own copies now: the object store's go (a restore places anew)
+            placed.refs.clear()
+            placed.views.clear()
         self._dep, self._mr, self._split_model = dep, (choice.m, choice.r), choice.split.model
         self._start_states = None
         self._sharing = tuple(tuple(sorted({q for n in spec.params for q in holders[n]})) for spec in dep.specs)
