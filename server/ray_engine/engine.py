@@ -161,7 +161,7 @@ class RayEngine(Placement):
         m, r, split = choice.m, choice.r, choice.split
         # The chunks run with split.model: a fixed-batch export gets a symbolic batch axis there.
         chunks, job = split.chunks, split.job  # job: shapes of one micro-batch, for planning
-        key, placed = self._acquire(model, model_key)
+        key, placed = self._acquire(model, model_key, full.structure)
         retries = 0
         name = job_id or uuid.uuid4().hex[:12]
         try:  # while the job holds its parameters, neither they nor their plans are evicted

@@ -40,18 +40,18 @@ CONTROL_TIMEOUT = 30.0  # seconds for an actor to answer a control call (cancel,
 class Placement:
     """The engine's placing of jobs on actors (see the module docs)."""
 
-    def _acquire(self, model: Model, model_key: str | None) -> tuple[str, "PlacedParams"]:
+    def _acquire(self, model: Model, model_key: str | None, structure: str) -> tuple[str, "PlacedParams"]:
         """The model's parameters in the object store, placed once per content, marked in use.
 
         Hashing every parameter on every job costs more than some jobs (1.4 GB/s), so without a
         ``model_key`` the parameters are compared with the copies placed for the same structure
         (a read of the object store, several times faster) and placed anew when none matches: a
         training loop that updates weights in place gets fresh ones every step, and the stale copy
-        is dropped as soon as no job uses it.
+        is dropped as soon as no job uses it. ``structure``: the model's structure fingerprint, as
+        :func:`~gradserve.server.planning.prepare.prepare` computed it.
         """
         with self._lock:
             if model_key is None:
-                structure = model.structure_fingerprint()
                 keys = self._latest.setdefault(structure, [])
                 key = next((k for k in keys if self._params[k].matches(model.params)), None)
                 if key is None:
