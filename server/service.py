@@ -183,8 +183,9 @@ class GradientServer:
     def stats(self) -> dict[str, int]:
         """Counters: uploads, uploads_skipped, upload_chunks, has_model_calls, jobs."""
         assert self.servicer is not None, "server not started"
-        with self.servicer._stats_lock:
-            return dict(self.servicer.stats)
+        counters = self.servicer.counters()
+        counters.pop("rejected")
+        return counters
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting calls, let running jobs finish for up to ``grace`` seconds (then cancel

@@ -84,6 +84,11 @@ class GradientServicer(SessionRPCs):
         with self._stats_lock:
             self.stats[key] += n
 
+    def counters(self) -> dict[str, int]:
+        """A consistent copy of the call counters (uploads, jobs, ...) and ``rejected``."""
+        with self._stats_lock:
+            return {**self.stats, "rejected": self.rejected}
+
     def _assembler(self, what: str, max_total_bytes: int) -> chunks.Assembler:
         return chunks.Assembler(
             what=what,
@@ -125,7 +130,7 @@ class GradientServicer(SessionRPCs):
         with self._partials_lock:
             other = self._partials.get(model_id)
             if other is not None and other.asm.received_bytes >= partial.asm.received_bytes:
-                drop = partial
+                drop: _Partial | None = partial
             else:
                 self._partials[model_id], drop = partial, other
         if drop is not None:

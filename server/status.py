@@ -78,7 +78,7 @@ def server_status(servicer: "GradientServicer") -> service_pb2.ServerStatus:
     registry = servicer.registry
     counts = registry.counts()
     ended, retries = counts.ended, counts.retries
-    ended["rejected"] = servicer.rejected
+    ended["rejected"] = servicer.counters()["rejected"]
     msg = service_pb2.ServerStatus(
         version=version(),
         engine=servicer.runner.name,
