@@ -32,6 +32,7 @@ class StoredModel:
     model_id: str
     model: Model
     nbytes: int
+    structure: str  # Model.structure_fingerprint, computed once: every job's preparation is keyed by it
 
 
 class ModelStore:
@@ -66,12 +67,16 @@ class ModelStore:
 
     def get(self, model_id: str) -> Model:
         """The model with this id; :class:`NotFound` if the server does not have it."""
+        return self.entry(model_id).model
+
+    def entry(self, model_id: str) -> StoredModel:
+        """The stored entry of this id, used now (LRU); :class:`NotFound` if the server does not have it."""
         with self._lock:
             stored = self._models.get(model_id)
             if stored is None:
                 raise NotFound(f"model '{model_id}' is not on this server (upload it first)")
             self._models.move_to_end(model_id)
-            return stored.model
+            return stored
 
     def put(self, model_id: str, model: Model) -> StoredModel:
         """Store ``model`` under ``model_id``, evicting least recently used models to make room
@@ -102,7 +107,7 @@ class ModelStore:
         return stored
 
     def _add(self, model_id: str, model: Model) -> StoredModel:
-        stored = StoredModel(model_id, model, model_bytes(model))
+        stored = StoredModel(model_id, model, model_bytes(model), model.structure_fingerprint())
         self._models[model_id] = stored
         self._bytes += stored.nbytes
         return stored

@@ -262,7 +262,8 @@ class GradientServicer(SessionRPCs):
     def _accept(self, opts: service_pb2.JobOptions, feed_chunks: Iterable[service_pb2.TensorChunk],
                 context: grpc.ServicerContext, *, claim: bool, durable: bool) -> Job:
         self._sweep_partials()  # expired partial uploads free the pending budget for these feeds
-        model = self.store.get(opts.model_id)
+        stored = self.store.entry(opts.model_id)
+        model = stored.model
         requested = parse_options(opts.partitions, opts.micro_batches, opts.replicas, opts.input_grads)
         options = self.runner.effective(requested)
         if options != requested:
@@ -279,7 +280,7 @@ class GradientServicer(SessionRPCs):
             self.metrics.upload_bytes.labels("feeds").inc(asm.received_bytes)
             # Check model against feeds now, so a bad batch fails the Submit itself (naming the
             # tensor) instead of a job later; the engine reuses the cached preparation.
-            job_plan = prepare(model, feeds, options.input_grads)
+            job_plan = prepare(model, feeds, options.input_grads, structure=stored.structure)
             check_partitions(job_plan, options.partitions)  # 9 asked of a graph that gives 4: refused now
             # Shapes come from the request (feeds, constants): bound what the graph would allocate.
             for name, info in job_plan.shapes.items():

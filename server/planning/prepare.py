@@ -42,8 +42,14 @@ _LOCK = threading.Lock()
 _CACHE_SIZE = 64
 
 
-def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable[str] = ()) -> PreparedJob:
-    """Validate ``model`` against ``feeds``; raise GraphError naming the culprit if anything is off."""
+def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable[str] = (), *,
+            structure: str | None = None) -> PreparedJob:
+    """Validate ``model`` against ``feeds``; raise GraphError naming the culprit if anything is off.
+
+    Prepared jobs are cached by the model's structure, the feeds' shapes and ``input_grads``.
+    ``structure``: the model's :meth:`~gradserve.worker.graph.Model.structure_fingerprint` when
+    the caller already has it (the server computes it once per stored model): it serializes the
+    whole graph, which costs more than a small job's arithmetic."""
     input_grads = tuple(input_grads)
     check_feeds(model, feeds)
     for name in input_grads:
@@ -52,7 +58,7 @@ def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable
             raise GraphError(f"gradient requested for '{name}', which is not an input of the model")
         if spec.dtype.kind != "f":
             raise GraphError(f"gradient requested for input '{name}' of non-floating dtype {spec.dtype.name}")
-    structure = model.structure_fingerprint()
+    structure = structure or model.structure_fingerprint()
     key = (structure, feed_signature(feeds), input_grads)
     with _LOCK:
         hit = _CACHE.get(key)
