@@ -71,7 +71,8 @@ def session(module: torch.nn.Module, *example_args: torch.Tensor, optimizer: Any
     server (``client``). ``optimizer``: a ``torch.optim`` SGD, Adam or AdamW over the module's
     parameters (its param groups are kept), or a :mod:`gradserve.optim` optimizer. ``max_norm``:
     clip by global norm (``clip_grad_norm_``); ``schedule``: the lr per step. Other keywords go to
-    the session (``partitions=``, ``replicas=``, ``checkpoint_steps=``...).
+    the session (``partitions=``, ``micro_batches=``, ``replicas=``; on a local engine also
+    ``checkpoint_steps=``/``checkpoint_seconds=``, which a server sets for itself).
 
     Refused, naming the module: BatchNorm in training mode (its running statistics would not
     follow the steps; put it in eval mode, or train with :func:`gradserve.torch.backward`) and
