@@ -9,7 +9,7 @@ compiled descriptors (every message, enum and service, byte for byte) and the ge
 its version lines masked. A patch release of grpcio-tools stamps its own version into every module
 (``GRPC_GENERATED_VERSION``, ``Protobuf Python Version``); that alone is not staleness. The
 committed stamps are floors for the runtime (the modules refuse to import under an older grpcio or
-protobuf), so ``pyproject.toml``'s ranges start at them (``tests/test_proto.py`` checks that).
+protobuf), so ``pyproject.toml``'s ranges start at them (``tests/proto/test_proto.py`` checks that).
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-# tests/ helpers (gradcheck.py, models.py, dags.py) are imported as plain modules.
+# The helpers at tests/ (serving.py, gradcheck.py, models.py, dags.py...) are imported as plain modules,
+# from the test files in every subfolder: this folder is on sys.path before any of them is collected.
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
@@ -58,3 +61,18 @@ def ray_engine():
     engine.close()
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for localhost and 127.0.0.1, and its key: (cert.pem, key.pem)."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )
+    return d / "cert.pem", d / "key.pem"

@@ -115,6 +115,26 @@ def onnx_reference(op_type: str, inputs: Sequence[np.ndarray | None], attrs: dic
     return ReferenceEvaluator(onnx_model(graph, opset)).run(None, {n: x for n, x in zip(names, inputs) if n})
 
 
+def assert_matches_reference(op, inputs, attrs=None, n_outputs=1, rtol=1e-6) -> None:
+    """The forward of ``op`` through the engine equals :func:`onnx_reference`'s: shapes, dtypes and
+    values (to ``rtol``)."""
+    ours, theirs = run_op(op, inputs, attrs, n_outputs), onnx_reference(op, inputs, attrs, n_outputs)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype, (op, a.shape, b.shape, a.dtype, b.dtype)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-7)
+
+
+def unfused(model, feeds):
+    """Loss and errors from the checked nodes, bypassing prepare (and so every rewrite)."""
+    from gradserve.worker.validate import check_structure
+
+    nodes = check_structure(model)
+    program = compile_program(nodes, [*feeds, *model.params, *model.constants], [model.loss], list(model.params))
+    tape = forward(program, {**feeds, **model.params, **model.constants})
+    loss = tape.outputs[model.loss]
+    return float(loss), backward(program, tape, {model.loss: np.ones_like(loss)})
+
+
 def assert_same_result(result, reference, rtol: float = 1e-10) -> None:
     """Two engines' results agree: the loss, and every dL/dw relative to its largest entry."""
     assert abs(result.loss - reference.loss) <= rtol * abs(reference.loss), (result.loss, reference.loss)

@@ -1,4 +1,4 @@
-"""Run by test_multinode.py in a fresh process (Ray allows one cluster per driver process): start a
+"""Run by e2e/test_multinode.py in a fresh process (Ray allows one cluster per driver process): start a
 3-node Ray cluster on this machine with ray.cluster_utils.Cluster, run a job with 3 partitions and
 print the placement and the largest gradient difference from the inline engine as JSON."""
 

@@ -9,7 +9,7 @@ So this module loads that extension and onnx's generated protobuf module (``onnx
 by themselves -- found in the installed onnx package, registered under their own names, so an
 ``import onnx`` later in the process reuses them -- builds the messages the way ``onnx.helper``
 does for the values gradserve has, and calls the extension as ``onnx.checker.check_node`` and
-``onnx.shape_inference.infer_shapes`` do. tests/test_startup.py checks that the messages equal
+``onnx.shape_inference.infer_shapes`` do. tests/e2e/test_startup.py checks that the messages equal
 ``onnx.helper``'s byte for byte and that the answers equal onnx's own.
 
 Values only onnx-imported models carry (dtypes from ml_dtypes such as bfloat16, string tensors,

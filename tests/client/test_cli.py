@@ -97,7 +97,7 @@ def test_plan_shows_memory_per_partition(saved_model, capsys):
 
 
 def test_plan_auto_explains_its_choice_for_a_described_cluster(tmp_path, capsys):
-    from tests.test_memory_plan import deep_mlp
+    from graphs import deep_mlp
 
     model, feeds, _ = deep_mlp(layers=6, width=512, batch=1024)
     model.save(tmp_path / "deep.gsm")
@@ -133,5 +133,5 @@ def test_version_is_the_packages(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0
-    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    declared = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["version"]
     assert capsys.readouterr().out.strip() == f"gradserve {declared}" == f"gradserve {gradserve.__version__}"

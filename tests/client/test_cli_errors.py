@@ -172,7 +172,7 @@ def test_local_ray_engine_refuses_before_any_worker_starts(ray_engine, onnx_mode
 @pytest.mark.slow
 def test_server_refuses_at_submit_with_invalid_argument(ray_engine, onnx_model):
     from gradserve.client.remote import Client, InvalidArgument
-    from tests.test_service import serving
+    from serving import serving
 
     path, _, x = onnx_model
     calls = []
@@ -252,7 +252,7 @@ def test_plan_without_feeds_plans_a_batch_of_one_and_says_so(mlp_files, capsys):
 
 @pytest.mark.slow
 def test_plan_shows_the_choice_the_ray_engine_makes(ray_engine, tmp_path, capsys):
-    from tests.test_memory_plan import deep_mlp
+    from graphs import deep_mlp
 
     model, feeds, _ = deep_mlp(layers=4, width=256, batch=512)
     model.save(tmp_path / "deep.gsm")

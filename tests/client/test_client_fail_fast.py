@@ -24,14 +24,15 @@ from gradserve.client.cli import main as cli_main
 from gradserve.client.connection import DEFAULT_PORT, connect_failure, server_target
 from gradserve.client.remote import CONNECT_TIMEOUT, Client, Unavailable
 from gradserve.client.retry import RetryPolicy
-from test_retries import FakeClock, Failure, _free_port, failing, same, serving
-from test_service import REFERENCE, GatedEngine, _files, batch, mlp, tls_files  # noqa: F401 -- a fixture
+from clusters import free_port
+from retry_fakes import FakeClock, Failure, failing
+from serving import REFERENCE, GatedEngine, _files, batch, mlp, same, serving
 
 FAST = 5.0  # seconds: what "fails fast" means here (it took 114 s before, `gradserve status` 8-23 s)
 
 
 def _refused_address() -> str:
-    return f"127.0.0.1:{_free_port()}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def _fails_fast(client: Client, reason: str, call=lambda c: c.has_model("x")) -> Unavailable:
@@ -155,7 +156,7 @@ def test_a_port_that_never_answers_fails_fast():
             _fails_fast(c, "connection timed out")
 
 
-def test_tls_mismatches_fail_fast_naming_the_handshake(tls_files, tmp_path):  # noqa: F811 -- the fixture
+def test_tls_mismatches_fail_fast_naming_the_handshake(tls_files, tmp_path):
     cert, key = tls_files
     with serving(tls_cert=cert.read_bytes(), tls_key=key.read_bytes()) as tls, serving() as plain:
         with Client(tls.address, connect_timeout=0.5) as c:  # plaintext to a TLS server
@@ -173,7 +174,7 @@ def test_tls_mismatches_fail_fast_naming_the_handshake(tls_files, tmp_path):  # 
 def test_a_server_that_answered_once_is_retried_past_the_connect_timeout():
     """Retries are for servers that restart: one that answered and then went away for longer than
     connect_timeout still gets the call's whole timeout."""
-    port = _free_port()
+    port = free_port()
     model, feeds = mlp(42), batch(42)
     out: dict = {}
     with Client(f"127.0.0.1:{port}", timeout=60, retry=RetryPolicy(max_backoff=0.5)) as c:

@@ -19,8 +19,7 @@ from gradserve.client.cli import main as cli_main
 from gradserve.client.remote import Cancelled, Client, Job, JobStatus, NotFound
 from gradserve.server.events import ProgressEvent
 from gradserve.worker.graph import GraphError
-from test_retries import same
-from test_service import REFERENCE, GatedEngine, batch, mlp, serving
+from serving import REFERENCE, GatedEngine, batch, mlp, same, serving
 
 
 def _cli_process(*argv: str) -> subprocess.CompletedProcess:

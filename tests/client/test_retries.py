@@ -7,16 +7,13 @@ engine (slowed down where a queue must fill: a sleeping job costs no CPU).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import numpy as np
 import pytest
 
 from gradserve.client.remote import (
@@ -34,29 +31,14 @@ from gradserve.server.errors import Unavailable as ServerUnavailable
 from gradserve.server.events import check_cancelled
 from gradserve.server.inline import InlineEngine
 from gradserve.server.limits import Limits
-from gradserve.server.service import GradientServer
-from test_service import batch, mlp
+from clusters import free_port
+from retry_fakes import FakeClock, Failure, failing
+from serving import REFERENCE, batch, mlp, same, serving
 
-REFERENCE = InlineEngine()
 Code = grpc.StatusCode
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def same(result, reference) -> bool:
-    return (result.loss == pytest.approx(reference.loss, rel=1e-6) and list(result.grads) == list(reference.grads)
-            and all(np.allclose(result.grads[k], reference.grads[k], rtol=1e-5, atol=1e-6) for k in reference.grads))
-
-
-@contextlib.contextmanager
-def serving(engine_factory=InlineEngine, address="127.0.0.1:0", **kwargs):
-    server = GradientServer(engine_factory, address, **kwargs)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(grace=1.0)
 
 
 class SlowEngine:
@@ -81,44 +63,6 @@ class SlowEngine:
 
     def close(self) -> None:
         pass
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-class Failure(Exception):
-    def __init__(self, code, retry_after=None) -> None:
-        super().__init__(code.name)
-        self.code = code
-        self.retry_after = retry_after
-
-
-def failing(exc: Exception, clock: FakeClock | None = None, cost: float = 0.0, succeed_after: int | None = None):
-    """An attempt that raises ``exc`` (taking ``cost`` fake seconds), or succeeds on call number
-    ``succeed_after``; records the seconds left it was given."""
-    lefts: list = []
-
-    def attempt(left):
-        lefts.append(left)
-        if clock is not None:
-            clock.now += cost
-        if succeed_after is not None and len(lefts) >= succeed_after:
-            return "ok"
-        raise exc
-
-    attempt.lefts = lefts
-    return attempt
 
 
 # -- the backoff policy ----------------------------------------------------------------------------
@@ -333,14 +277,8 @@ def test_other_errors_are_not_retried():
         assert c.retries == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_client_rides_out_a_server_that_is_not_up_yet():
-    port = _free_port()
+    port = free_port()
     model, feeds = mlp(4), batch(4)
     results, errors = [], []
     with Client(f"127.0.0.1:{port}", timeout=30) as c:
@@ -360,14 +298,14 @@ def test_a_client_rides_out_a_server_that_is_not_up_yet():
 
 
 def test_unavailable_within_a_short_deadline_raises_the_last_error():
-    with Client(f"127.0.0.1:{_free_port()}", timeout=1.0) as c:
+    with Client(f"127.0.0.1:{free_port()}", timeout=1.0) as c:
         t0 = time.monotonic()
         with pytest.raises(RemoteError) as info:
             c.has_model("x")
         # UNAVAILABLE, or DEADLINE_EXCEEDED when the last attempt's sliver of time ran out connecting
         assert info.value.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
         assert time.monotonic() - t0 < 3 and c.retries >= 1
-    with Client(f"127.0.0.1:{_free_port()}", timeout=5.0, retry=None) as c:
+    with Client(f"127.0.0.1:{free_port()}", timeout=5.0, retry=None) as c:
         with pytest.raises(Unavailable):
             c.has_model("x")
         assert c.retries == 0

@@ -25,7 +25,7 @@ import gradserve.torch as gt
 from gradserve.worker.graph import GraphError
 from borrowed import Borrowed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def torch_step(module: nn.Module, args, loss_fn=None) -> tuple[float, dict[str, torch.Tensor | None]]:
@@ -328,7 +328,7 @@ def test_dropout_in_training_mode_warns_once_and_runs_as_the_identity():
 # -- through a server -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_training_through_a_server_with_partitions_and_micro_batches(ray_engine, mlp_module):
-    from test_service import serving
+    from serving import serving
 
     with serving(lambda: Borrowed(ray_engine)) as srv, gradserve.Client(srv.address, timeout=120) as client:
         assert_backward_matches(mlp_module, batch(8, seed=9), F.cross_entropy, client=client,
@@ -339,7 +339,7 @@ def test_training_through_a_server_with_partitions_and_micro_batches(ray_engine,
 def test_an_encoder_trains_through_a_server_with_partitions_and_micro_batches(ray_engine):
     """transformers' BERT, 3 AdamW steps through a server on Ray: the same losses and weights as torch."""
     transformers = pytest.importorskip("transformers")
-    from test_service import serving
+    from serving import serving
 
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=37, max_position_embeddings=16, num_labels=3,
@@ -389,7 +389,7 @@ def test_a_gpt2_and_a_cnn_train_through_a_server_as_in_torch(ray_engine):
     """The issue's loop: a torch user's own optimizer, gradserve computing on a server, torch's
     result to rounding (GPT-2 computes its loss in float32; the CNN trains its BatchNorm in train mode)."""
     transformers = pytest.importorskip("transformers")
-    from test_service import serving
+    from serving import serving
 
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)

@@ -76,7 +76,7 @@ def test_a_torch_module_trains_in_a_ray_session_partitioned(ray_engine):
 
 @pytest.mark.slow
 def test_a_torch_module_trains_in_a_session_on_a_server(ray_engine):
-    from test_service import serving
+    from serving import serving
 
     with serving(lambda: Borrowed(ray_engine)) as srv, gradserve.Client(srv.address, timeout=120) as client:
         check_trains_as_torch(client=client, partitions=2)

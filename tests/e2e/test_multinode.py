@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_partitions_on_different_nodes():
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parents[1]  # tests/: multinode_run.py and the helpers it imports
     proc = subprocess.run(
         [sys.executable, str(here / "multinode_run.py"), str(here)], capture_output=True, text=True, timeout=300
     )

@@ -6,18 +6,13 @@ backward steps, a replica's reduce of kept dL/dw, the weight step -- run again a
 engine's gradients; the same through a server's Compute call; and a job that keeps losing workers
 fails UNAVAILABLE, which the client retries, with the retries counted by the server.
 
-The moments are made certain by holding one worker back: its queue waits on a gate (a call whose
-argument another actor returns when the test opens it), so every step that needs that worker's
-results has not run when the victim is killed from the job's progress callback.
+The moments are made certain as tests/ambush.py says: one worker is held back, and the victim is
+killed from the job's progress callback.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import os
-import signal
-import threading
 
 import grpc
 import numpy as np
@@ -33,6 +28,7 @@ from gradserve.server.planning.schedule import reduction_parent
 from gradserve.server.ray_engine import is_worker_loss
 from gradserve.worker.graph import GraphError
 
+from ambush import Ambush, backward_of, forward_of
 from gradcheck import assert_same_result
 
 INLINE = gradserve.local()
@@ -131,7 +127,7 @@ class LosingEngine:
 def test_over_the_wire_a_synchronous_call_is_retried_and_a_stored_failure_is_not():
     from gradserve.client.remote import Client, RemoteError
     from gradserve.client.retry import RetryPolicy
-    from test_service import batch, mlp as small_mlp, serving
+    from serving import batch, mlp as small_mlp, serving
 
     model, feeds = small_mlp(5), batch(5)
     policy = RetryPolicy(initial_backoff=0.01, max_backoff=0.01, max_attempts=3)
@@ -163,64 +159,6 @@ def mlp(seed: int = 0):
     return model, {"x": rng.standard_normal((8, 6)), "y": rng.standard_normal((8, 2))}
 
 
-@functools.lru_cache(maxsize=None)
-def gate_class():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Gate:
-        """``closed()`` returns once ``open()`` was called: an argument that holds back a call."""
-
-        def __init__(self) -> None:
-            self.opened = asyncio.Event()
-
-        async def closed(self) -> str:
-            await self.opened.wait()
-            return "no such stage"  # what the held actor is asked to unload: nothing
-
-        async def open(self) -> None:
-            self.opened.set()
-
-    return Gate
-
-
-class Ambush:
-    """Holds back the pool actor running in process ``hold`` (its queue waits on a gate), and, as
-    the progress callback of a job, SIGKILLs process ``kill`` at the first event ``when`` accepts,
-    then opens the gate. Use as a context manager: the gate is opened whatever happens."""
-
-    def __init__(self, engine, hold: int, kill: int, when, on_event=None) -> None:
-        self.kill, self.when, self.on_event = kill, when, on_event
-        self.killed = threading.Event()
-        self.events: list = []
-        self.before_kill: list = []
-        held = next(a for a, w in zip(engine._pool.actors, engine._pool.where) if w["pid"] == hold)  # noqa: SLF001
-        self.gate = gate_class().remote()
-        held.unload.remote(self.gate.closed.remote())  # the actor runs calls in order: this one first
-
-    def __call__(self, event) -> None:
-        self.events.append(event)
-        if not self.killed.is_set() and self.when(event):
-            self.before_kill = list(self.events)
-            os.kill(self.kill, signal.SIGKILL)
-            self.killed.set()
-            self.gate.open.remote()
-
-    def __enter__(self) -> "Ambush":
-        # Should the moment never come (a placement other than the warm-up's), the job must not wait
-        # for ever on the held actor: the gate opens by itself and the assertions say what happened.
-        self._watchdog = threading.Timer(120, self.gate.open.remote)
-        self._watchdog.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import ray
-
-        self._watchdog.cancel()
-        ray.get(self.gate.open.remote())
-        ray.kill(self.gate)
-
-
 def placement(result) -> list[list[int]]:
     """The pid of each (replica, partition) a job ran on."""
     return [[w["pid"] for w in row] for row in result.info["placement"]]
@@ -239,14 +177,6 @@ def check_recovered(engine, result, reference, victim: int, ambush: Ambush) -> N
 
 def root_replica(r: int) -> int:
     return next(i for i in range(r) if reduction_parent(i, r) is None)
-
-
-def forward_of(partition: int, micro_batch: int = 0, replica: int = 0):
-    return lambda e: (e.phase, e.partition, e.micro_batch, e.replica) == ("forward", partition, micro_batch, replica)
-
-
-def backward_of(partition: int, micro_batch: int = 0, replica: int = 0):
-    return lambda e: (e.phase, e.partition, e.micro_batch, e.replica) == ("backward", partition, micro_batch, replica)
 
 
 # (name, options, (replica, partition) held back, (replica, partition) killed, the moment)
@@ -337,7 +267,7 @@ class Watched:
 def test_through_the_servers_compute_call(ray_engine, monkeypatch):
     from gradserve.client.remote import Client, RemoteError
     from gradserve.client.status import server_status
-    from test_service import serving
+    from serving import serving
 
     options, (hold_r, hold_p), (kill_r, kill_p), when = MOMENTS["forward"]
     model, feeds = mlp(seed=31)
@@ -379,7 +309,7 @@ def test_through_the_servers_submit_call(ray_engine):
     retry too, and the client fetches the job's correct result, never an error."""
     from gradserve.client.remote import Client
     from gradserve.client.status import server_status
-    from test_service import serving
+    from serving import serving
 
     options, (hold_r, hold_p), (kill_r, kill_p), when = MOMENTS["backward"]
     model, feeds = mlp(seed=41)

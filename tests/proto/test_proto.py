@@ -43,7 +43,7 @@ def _floor(requirement: str) -> Version:
 def test_dependency_floors_admit_no_runtime_the_generated_modules_refuse():
     """The generated modules refuse to import under a grpcio or protobuf older than their generator's:
     pyproject.toml must not let a user install one (pip would, and `import gradserve` would fail)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     deps = {Requirement(d).name: d for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]}
     grpc_code = (root / "proto" / "v1" / "service_pb2_grpc.py").read_text()
     needs_grpc = Version(re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", grpc_code).group(1))

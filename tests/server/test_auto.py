@@ -9,7 +9,7 @@ from gradserve.proto.v1 import service_pb2
 from gradserve.server.planning.auto import AUTO, choose, count_from_wire, count_to_wire, parse_count
 from gradserve.server.planning.memory import ACTOR_BASE_BYTES, ResourceExhausted, nodes_of
 from gradserve.server.planning.partition import plan_job
-from tests.test_memory_plan import deep_mlp
+from graphs import deep_mlp
 
 BIG = 8 << 30
 

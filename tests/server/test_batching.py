@@ -9,6 +9,7 @@ import pytest
 
 import gradserve
 from gradcheck import assert_split_exact
+from graphs import _refusal_cases
 from gradserve.server.planning.batching import Rows, _Follower, split_batch
 from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
@@ -416,8 +417,6 @@ def test_batch_size_as_data_is_refused():
     ("training-mode BatchNorm", r"\(BatchNormalization\) in training mode normalises with statistics of the whole"),
 ])
 def test_existing_refusals_name_the_node(case, match):
-    from test_ray_engine import _refusal_cases
-
     model, _ = _refusal_cases()[case]
     feeds = {"x": np.arange(12.0).reshape(4, 3)}
     with pytest.raises(GraphError, match=match):

@@ -33,7 +33,7 @@ from gradserve.client.remote import Client
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.service import JsonLogFormatter
-from test_service import batch, mlp, serving
+from serving import batch, mlp, serving
 
 N_JOBS = 1000
 COMPUTE = "/gradserve.v1.GradientService/Compute"

@@ -5,10 +5,8 @@ Pure planning: no Ray, clusters described by hand."""
 import math
 
 import grpc
-import numpy as np
 import pytest
 
-import gradserve
 from gradserve.client.demo import mlp_example
 from gradserve.server.errors import status_for
 from gradserve.server.planning.memory import (
@@ -16,6 +14,7 @@ from gradserve.server.planning.memory import (
 )
 from gradserve.server.planning.partition import plan_job
 from gradserve.server.planning.prepare import prepare
+from graphs import deep_mlp
 
 F32 = 4
 
@@ -27,18 +26,6 @@ def _total(counted: int) -> int:
 @pytest.fixture(scope="module")
 def mlp():
     model, feeds = mlp_example()  # 16 -> 64 -> 64 -> 4 tanh MLP, MSE loss, float32, batch 256
-    return model, feeds, prepare(model, feeds)
-
-
-def deep_mlp(layers=6, width=512, batch=256):
-    rng = np.random.default_rng(0)
-    m = gradserve.ModelBuilder()
-    x, y = m.input("x", (None, width)), m.input("y", (None, width))
-    h = x
-    for i in range(layers):
-        h = m.tanh(h @ m.param(f"w{i}", (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)))
-    model = m.loss(m.mse(h, y))
-    feeds = {k: rng.standard_normal((batch, width)).astype(np.float32) for k in ("x", "y")}
     return model, feeds, prepare(model, feeds)
 
 

@@ -7,44 +7,20 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import gradserve
 from gradserve.client.remote import Cancelled, Client, InvalidArgument
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.limits import Limits
-from test_service import REFERENCE, GatedEngine, assert_same, batch, mlp, serving
+from scraping import scrape, total, value
+from serving import REFERENCE, GatedEngine, assert_same, batch, mlp, serving
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def scrape(address: str) -> dict[tuple[str, tuple], float]:
-    """Every sample at http://address/metrics: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        assert reply.status == 200
-        assert reply.headers["Content-Type"].startswith("text/plain")
-        text = reply.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    """Sum of ``name`` over every label set that includes ``labels``."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def gather_model():

@@ -17,6 +17,7 @@ from gradserve.worker.graph import GraphError
 
 import models
 from dags import random_dag
+from graphs import _refusal_cases
 from gradcheck import assert_same_result
 
 pytestmark = pytest.mark.slow  # needs Ray worker processes
@@ -164,26 +165,6 @@ def test_cancelled_job_raises_and_frees_state(ray_engine):
     import ray
 
     assert sum(ray.get([a.job_count.remote() for a in ray_engine._pool.actors])) == 0
-
-
-def _refusal_cases():
-    def build(make_loss, training_bn=False):
-        m = gradserve.ModelBuilder()
-        x = m.input("x", (None, 3), np.float64)
-        w = m.param("w", np.ones((3, 2)))
-        h = x @ w
-        if training_bn:
-            h = m.op("BatchNormalization", h, m.param("s", np.ones(2)), m.param("b", np.zeros(2)),
-                     m.constant(np.zeros(2)), m.constant(np.ones(2)), n_outputs=3, training_mode=1)[0]
-        return m.loss(make_loss(m, h, w))
-
-    return {
-        "product of means": (build(lambda m, h, w: (h * h).mean() * (h * h).mean()), "not linear"),
-        "batch-independent term": (build(lambda m, h, w: h.sum() + (w * w).sum()), "does not depend on the batch"),
-        "batch mean below the loss": (build(lambda m, h, w: ((h - h.mean()) ** 2).sum()),
-                                      "combines a batch reduction with per-sample values"),
-        "training-mode BatchNorm": (build(lambda m, h, w: h.mean(), training_bn=True), "statistics of the whole batch"),
-    }
 
 
 @pytest.mark.parametrize("case", list(_refusal_cases()))

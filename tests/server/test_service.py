@@ -8,12 +8,10 @@ the culprit, server still fine afterwards), limits, bearer-token auth, TLS, shut
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,85 +44,23 @@ from gradserve.client.remote import (
 from gradserve.client.wire import model_manifest
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
-from gradserve.server.events import JobCancelled, ProgressEvent, check_cancelled
+from gradserve.server.events import JobCancelled, ProgressEvent
 from gradserve.server.inline import InlineEngine
 from gradserve.server.limits import Limits
 from gradserve.server.service import GradientServer
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
+from serving import REFERENCE, GatedEngine, _files, assert_same, batch, mlp, serving
 
 SERVICE = "gradserve.v1.GradientService"
-REFERENCE = InlineEngine()
 
 
 # -- models and helpers ----------------------------------------------------------------------------
-
-
-def mlp(seed: int, n_in: int = 4, hidden: int = 8) -> Model:
-    rng = np.random.default_rng(seed)
-    m = gradserve.ModelBuilder()
-    x = m.input("x", (None, n_in))
-    y = m.input("y", (None, 1))
-    w1 = m.param("w1", rng.standard_normal((n_in, hidden)).astype(np.float32))
-    b1 = m.param("b1", np.zeros(hidden, np.float32))
-    w2 = m.param("w2", rng.standard_normal((hidden, 1)).astype(np.float32))
-    return m.loss(m.mse(m.tanh(x @ w1 + b1) @ w2, y))
-
-
-def batch(seed: int, n: int = 16, n_in: int = 4) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(1000 + seed)
-    return {"x": rng.standard_normal((n, n_in)).astype(np.float32),
-            "y": rng.standard_normal((n, 1)).astype(np.float32)}
-
-
-def assert_same(result, reference) -> None:
-    assert result.loss == pytest.approx(reference.loss, rel=1e-6)
-    assert list(result.grads) == list(reference.grads)
-    for name, g in reference.grads.items():
-        assert result.grads[name].shape == np.shape(g), name
-        np.testing.assert_allclose(result.grads[name], g, rtol=1e-5, atol=1e-6, err_msg=name)
-    assert list(result.input_grads) == list(reference.input_grads)
-    for name, g in reference.input_grads.items():
-        np.testing.assert_allclose(result.input_grads[name], g, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def check_still_serving(client: Client, seed: int = 99) -> None:
     """After a bad request: a normal job on the same server still gives the right answer."""
     model, feeds = mlp(seed), batch(seed)
     assert_same(client.gradients(model, feeds), REFERENCE.gradients(model, feeds))
-
-
-@contextlib.contextmanager
-def serving(engine_factory=InlineEngine, **kwargs):
-    server = GradientServer(engine_factory, "127.0.0.1:0", **kwargs)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(grace=1.0)
-
-
-class GatedEngine:
-    """The inline engine behind a gate: a job reports 'forward started', then waits (honouring
-    cancellation) until the test opens the gate. Makes slow jobs deterministic."""
-
-    name = "gated"
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.started = threading.Event()
-        self.closed = False
-        self.inner = InlineEngine()
-
-    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None):
-        if progress:
-            progress(ProgressEvent("forward", 0, done=False))
-        self.started.set()
-        while not self.gate.wait(0.01):
-            check_cancelled(cancelled)
-        return self.inner.gradients(model, feeds, input_grads=input_grads, cancelled=cancelled)
-
-    def close(self) -> None:
-        self.closed = True
 
 
 @pytest.fixture(scope="module")
@@ -688,20 +624,6 @@ def test_bearer_token_auth(tmp_path):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
-    return d / "cert.pem", d / "key.pem"
-
-
 def test_tls(tls_files):
     cert, key = tls_files
     model, feeds = mlp(15), batch(15)
@@ -715,13 +637,6 @@ def test_tls(tls_files):
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
-
-
-def _files(tmp_path, seed):
-    model, feeds = mlp(seed), batch(seed)
-    model.save(tmp_path / "model.gsm")
-    np.savez(tmp_path / "feeds.npz", **feeds)
-    return str(tmp_path / "model.gsm"), str(tmp_path / "feeds.npz")
 
 
 def _assert_same_npz(a, b):

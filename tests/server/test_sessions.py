@@ -26,6 +26,7 @@ from gradserve.server.session import SessionClosed
 from gradserve.worker.graph import GraphError
 from gradserve.worker.optim import SGD, Adam, AdamW
 
+from ambush import Ambush, forward_of
 from borrowed import Borrowed
 
 SIZES = [6, 12, 8, 2]
@@ -383,8 +384,6 @@ def test_a_session_whose_optimizer_state_cannot_fit_is_refused_before_it_starts(
 def test_a_worker_killed_mid_step_sends_the_session_back_to_its_checkpoint(ray_engine):
     """As the fault tests do: partition 1's actor is held while partition 0 computes, and killed
     once partition 0's forward is done; the step runs again from the last checkpoint."""
-    from test_worker_loss import Ambush, forward_of
-
     model, batches = mlp()
     session = ray_engine.session(model, SGD(lr=0.1, momentum=0.9), partitions=2, micro_batches=1, replicas=1,
                                  checkpoint_steps=2)

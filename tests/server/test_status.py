@@ -18,7 +18,8 @@ from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.limits import Limits
 from gradserve.server.status import version
 from borrowed import Borrowed
-from test_service import REFERENCE, GatedEngine, assert_same, batch, mlp, serving
+from scraping import scrape, total, value
+from serving import REFERENCE, GatedEngine, assert_same, batch, mlp, serving
 
 TOKEN = "status-t0ken"
 
@@ -114,8 +115,6 @@ def test_cli_status_prints_the_screen(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_status_and_metrics_show_the_ray_pool(ray_engine):
-    from test_metrics import scrape, total, value
-
     with serving(lambda: Borrowed(ray_engine), metrics_address="127.0.0.1:0") as srv, \
             Client(srv.address, timeout=120) as c:
         model, feeds = mlp(44), batch(44)

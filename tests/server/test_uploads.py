@@ -15,7 +15,7 @@ from gradserve.client.wire import model_manifest
 from gradserve.proto import chunks
 from gradserve.proto.tensors import TensorDecodeError
 from gradserve.proto.v1 import service_pb2
-from test_service import REFERENCE, assert_same, batch, mlp, serving
+from serving import REFERENCE, assert_same, batch, mlp, serving
 
 MIB = chunks.CHUNK_BYTES
 N_IN, HIDDEN = 1536, 1024  # w1: 6 MiB = 6 chunks; b1, w2, const0: one small chunk each

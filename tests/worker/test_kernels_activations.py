@@ -9,7 +9,7 @@ import torch
 
 import gradserve
 
-from gradcheck import check_vjp, run_op
+from gradcheck import check_vjp, run_op, unfused
 from torch_oracle import check_module
 from gradserve.server.inline import InlineEngine
 from gradserve.server.planning.prepare import prepare
@@ -20,7 +20,6 @@ from gradserve.worker.ops import OpContext, get_op
 from gradserve.worker.ops.activations import FAST_ACTIVATIONS, activation_vjp
 from gradserve.worker.ops.unary import erf, erf_compiled
 from gradserve.worker.ops.linalg import FUSED_GEMM
-from test_kernels_norm import unfused
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not available")
 rng = np.random.default_rng(7)

@@ -7,13 +7,12 @@ import pytest
 import torch
 
 import gradserve
-from gradcheck import assert_split_exact, check_vjp, run_op
+from gradcheck import assert_split_exact, check_vjp, run_op, unfused
 from torch_oracle import check_module
 from gradserve.server.planning.prepare import prepare
 from gradserve.worker import kernels
 from gradserve.worker.graph import InputSpec, Model, Node
 from gradserve.worker.ops.loss import FUSED_MSE
-from test_kernels_norm import unfused
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the compiled kernels (numba)")
 rng = np.random.default_rng(11)

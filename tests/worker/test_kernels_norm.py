@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from gradcheck import check_vjp, run_op
+from gradcheck import check_vjp, run_op, unfused
 from gradserve.server.inline import InlineEngine
 from gradserve.server.planning.prepare import prepare
 from gradserve.worker import kernels
@@ -184,17 +184,6 @@ def bn_model(tail, dtype, extra_reader=False):
     return model, {"x": rng.standard_normal((4, 3, 8, 8)).astype(dtype)}
 
 
-def unfused(model, feeds):
-    """Loss and errors from the checked nodes, bypassing prepare (and so every rewrite)."""
-    from gradserve.worker.validate import check_structure
-
-    nodes = check_structure(model)
-    program = compile_program(nodes, [*feeds, *model.params, *model.constants], [model.loss], list(model.params))
-    tape = forward(program, {**feeds, **model.params, **model.constants})
-    loss = tape.outputs[model.loss]
-    return float(loss), backward(program, tape, {model.loss: np.ones_like(loss)})
-
-
 RELU, POOL = ("Relu", {}), ("MaxPool", POOLS["2x2"])
 TAILS = {
     "relu, pool": ([RELU, POOL], "bn t0 t1"),
@@ -293,20 +282,19 @@ def test_without_numba_the_numpy_paths_give_the_same_gradients(tmp_path):
     import sys
 
     model, feeds = bn_model([RELU, POOL], np.float64)
-    np.savez(tmp_path / "in.npz", x=feeds["x"], **model.params)
+    model.save(tmp_path / "model.gsm")
+    np.savez(tmp_path / "feeds.npz", **feeds)
     code = f"""
-import numpy as np, sys
-sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+import numpy as np
 from gradserve.worker import kernels
+from gradserve.worker.graph import Model
+from gradserve.worker.ops.batchnorm import FUSED_BATCHNORM
 from gradserve.server.inline import InlineEngine
 from gradserve.server.planning.prepare import prepare
-import test_kernels_norm as t
 assert not kernels.available()
-model, feeds = t.bn_model([t.RELU, t.POOL], np.float64)
-data = np.load({str(tmp_path / 'in.npz')!r})
-model.params.update({{k: data[k] for k in model.params}})
-feeds = {{"x": data["x"]}}
-assert not any(n.op_type == t.FUSED_BATCHNORM for n in prepare(model, feeds).nodes)
+model = Model.load({str(tmp_path / 'model.gsm')!r})
+feeds = dict(np.load({str(tmp_path / 'feeds.npz')!r}))
+assert not any(n.op_type == FUSED_BATCHNORM for n in prepare(model, feeds).nodes)
 r = InlineEngine().gradients(model, feeds)
 np.savez({str(tmp_path / 'out.npz')!r}, loss=r.loss, **r.grads)
 """

@@ -6,7 +6,7 @@ import numpy as np
 
 from gradserve.worker.ops.table import markdown
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 BEGIN, END = "<!-- op table: python -m gradserve.worker.ops.table -->\n", "<!-- end of op table -->"
 
 

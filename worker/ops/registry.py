@@ -19,7 +19,7 @@ A row also says what planning needs to know about the op, so there is one table:
 it moves the batch axis when a job is split into micro-batches (a
 :class:`~gradserve.worker.ops.batch.BatchRule`, or ``never(reason)``), and ``flops`` -- its
 estimated forward FLOPs from the shapes of its values. A module whose ops share a rule declares it
-once with :func:`family`; tests/test_op_table.py checks every row has both.
+once with :func:`family`; tests/worker/test_op_table.py checks every row has both.
 """
 
 from __future__ import annotations
