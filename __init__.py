@@ -59,7 +59,8 @@ class _TorchAlias:
             return None
         import importlib.util
 
-        return importlib.util.spec_from_loader(fullname, self)
+        # ignore: typeshed's loader protocol asks for the legacy load_module; importlib needs only these two
+        return importlib.util.spec_from_loader(fullname, self)  # type: ignore[arg-type]
 
     def create_module(self, spec: Any) -> Any:
         import importlib

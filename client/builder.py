@@ -84,7 +84,7 @@ class ModelBuilder:
         self._inputs: list[InputSpec] = []
         self._params: dict[str, np.ndarray] = {}
         self._constants: dict[str, np.ndarray] = {}
-        self._names: set[str] = set()
+        self._names: set[tuple[str, str]] = set()  # (kind, name)
 
     # -- leaves ------------------------------------------------------------------------------------
     def input(self, name: str, shape: Sequence[Dim], dtype: Any = np.float32) -> Value:

@@ -220,7 +220,7 @@ def _plan_cluster(args: argparse.Namespace) -> tuple[list, str]:
 def cmd_plan(args: argparse.Namespace) -> int:
     """What ``grad --engine ray`` or a server would run with the same options: the Ray engine's own
     choice (:func:`~gradserve.server.planning.auto.choose`), with the same defaults (``auto``)."""
-    from gradserve.server.planning.auto import AUTO, choose
+    from gradserve.server.planning.auto import AUTO, Count, choose
     from gradserve.server.planning.memory import describe_nodes
     from gradserve.server.planning.partition import batch_of_one, check_partitions
     from gradserve.server.planning.prepare import prepare
@@ -229,11 +229,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = _load_model(args)
     feeds = _feeds(args, model) if args.feeds else batch_of_one(model)
     job = prepare(model, feeds, _input_grads(args))
-    counts = [AUTO if c is None else c for c in (args.partitions, args.micro_batches, args.replicas)]
-    check_partitions(job, counts[0])  # before reading a cluster
+    counts: list[Count] = [AUTO if c is None else c for c in (args.partitions, args.micro_batches, args.replicas)]
+    partitions, micro_batches, replicas = counts
+    check_partitions(job, partitions)  # before reading a cluster
     split_at = [s for s in (args.split_at or "").split(",") if s]
     nodes, source = _plan_cluster(args) if not split_at else ([], "")
-    choice = choose(job, model, feeds, nodes, *counts, split_at=split_at)
+    choice = choose(job, model, feeds, nodes, partitions, micro_batches, replicas, split_at=split_at)
     if source:
         print(f"cluster: {describe_nodes(nodes)}, {source}")
     if not args.feeds:

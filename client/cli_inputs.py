@@ -166,7 +166,8 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            # ignore: mypy matches **arrays against savez's allow_pickle= (a tensor of that name would be)
+            np.savez(f, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import logging
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def mlp_example(seed: int = 0) -> tuple[Model, dict[str, np.ndarray]]:
 
 
 @contextlib.contextmanager
-def _engine(kind: str) -> Iterator[object]:
+def _engine(kind: str) -> Iterator[Any]:
     """Something with ``.gradients(model, feeds, **options)``: an engine or a client of a local server."""
     if kind == "inline":
         yield InlineEngine()

@@ -147,4 +147,5 @@ def read_result(responses: Iterator[service_pb2.ResultChunk]) -> Result:
     return Result(header.loss, {n: arrays[n] for n in grads}, {n: arrays[n] for n in input_grads}, info)
 
 
-_REFETCH_ONCE = RetryPolicy(initial_backoff=0.0, max_backoff=0.0, max_attempts=2, codes={grpc.StatusCode.UNAVAILABLE})
+_REFETCH_ONCE = RetryPolicy(initial_backoff=0.0, max_backoff=0.0, max_attempts=2,
+                            codes=frozenset({grpc.StatusCode.UNAVAILABLE}))

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from gradserve.client.onnx_read import InferredShape, infer_shapes, to_array
 from gradserve.worker.graph import GraphError, InputSpec, Node
-from gradserve.worker.ops import OpContext, get_op
+from gradserve.worker.ops import REGISTRY, OpContext, get_op
 from gradserve.worker.validate import _onnx_attrs, onnx_model, toposort
 
 # Ops whose result is not a function of their inputs: never folded, even with constant inputs.
@@ -132,7 +132,7 @@ class ConstantFolding:
         args = [self.constants[i] if i else None for i in node.inputs]
         ctx = OpContext(dict(node.attrs), node=node.name, n_outputs=len(node.outputs))
         try:
-            result = get_op(node.op_type).forward(ctx, *args)
+            result = REGISTRY[node.op_type].forward(ctx, *args)
         except Exception as exc:
             raise GraphError(f"{node}: evaluating it on constant inputs failed: {type(exc).__name__}: {exc}") from exc
         # Copies: an op may return a view (Reshape) or a zero-stride broadcast (Expand) of its input.
@@ -150,7 +150,8 @@ class ConstantFolding:
         if shape is None:
             return None
         if node.op_type == "Size":
-            return [np.asarray(int(np.prod(shape)), np.int64)] if all(isinstance(d, int) for d in shape) else None
+            static = [d for d in shape if isinstance(d, int)]
+            return [np.asarray(int(np.prod(static)), np.int64)] if len(static) == len(shape) else None
         rank = len(shape)
         start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
         start = min(max(start + rank if start < 0 else start, 0), rank)
@@ -185,7 +186,7 @@ class ConstantFolding:
         positions = np.arange(len(dims))
         ctx = OpContext(dict(node.attrs), node=node.name)
         try:  # the op itself says which entries the slice takes
-            taken = get_op("Slice").forward(ctx, positions, *bounds)
+            taken = REGISTRY["Slice"].forward(ctx, positions, *bounds)
         except Exception:
             return None  # malformed: leave it to fail with the engine's message
         picked = [dims[int(i)] for i in taken]

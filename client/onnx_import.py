@@ -28,7 +28,7 @@ from gradserve.client.onnx_read import DEFAULT_DOMAINS, ModelSource, attr_value,
     normalize_opset, np_dtype, outer_names, read_model, to_array
 from gradserve.client.onnx_sequences import SEQUENCE_OPS, SequenceRewrite
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
-from gradserve.worker.ops import OpContext, OpError, get_op
+from gradserve.worker.ops import REGISTRY, OpContext, OpError, get_op
 from gradserve.worker.validate import format_shape, live_nodes
 
 log = logging.getLogger("gradserve.onnx")
@@ -325,6 +325,6 @@ def _attrs_key(attrs: dict[str, Any]) -> tuple:
 def _constant_value(node: Node) -> np.ndarray:
     """The tensor a Constant node holds: the op library's own Constant op says what it means."""
     try:
-        return np.array(get_op("Constant").forward(OpContext(dict(node.attrs), node=node.name)))
+        return np.array(REGISTRY["Constant"].forward(OpContext(dict(node.attrs), node=node.name)))
     except OpError as exc:
         raise GraphError(str(exc)) from None

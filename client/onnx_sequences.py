@@ -157,8 +157,9 @@ class SequenceRewrite:
     def _axis_size(self, node: Node, x: str) -> int:
         shape = self.constants[x].shape if x in self.constants else self.shapes.get(x)
         axis = int(node.attrs.get("axis", 0))
-        if shape is not None and -len(shape) <= axis < len(shape) and isinstance(shape[axis], int):
-            return shape[axis]
+        size = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+        if isinstance(size, int):
+            return size
         dim = "an unknown size" if shape is None or not -len(shape) <= axis < len(shape) else f"size '{shape[axis]}'"
         raise GraphError(f"{node}: splits axis {axis} of '{x}', of {dim} when the model is loaded, into a sequence of "
                          "unknown length; gradserve supports sequences of a length known at load (split along a "

@@ -416,7 +416,8 @@ class Client:
             return self._retrying("Compute" if self._compute and small else "Run", attempt, self._timeout(timeout))
         from gradserve.client.progress import ProgressLine
 
-        deadline = None if self._timeout(timeout) is None else time.monotonic() + self._timeout(timeout)
+        limit = self._timeout(timeout)
+        deadline = None if limit is None else time.monotonic() + limit
         left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
         job = self.submit(model_id, feeds, partitions=partitions, micro_batches=micro_batches, replicas=replicas,
                           input_grads=input_grads)

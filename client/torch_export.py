@@ -130,7 +130,7 @@ def check_args(args: Sequence[Any]) -> None:
 def batch_axes(args: Sequence[torch.Tensor], batch_axis: int | Sequence[int | None] | None) -> tuple[int | None, ...]:
     """One batch axis (or None) per argument; ValueError naming the argument that does not fit."""
     if batch_axis is None or isinstance(batch_axis, int):
-        axis = batch_axis or 0
+        axis: int | None = batch_axis or 0
         axes = tuple(axis if a.dim() > 0 else None for a in args)
     else:
         axes = tuple(batch_axis)
@@ -157,8 +157,8 @@ def batch_axes(args: Sequence[torch.Tensor], batch_axis: int | Sequence[int | No
 def _split_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Trainable parameters, and the rest of the state (frozen parameters, buffers), by name.
     ``named_parameters()`` yields a tied weight once, so it becomes one parameter."""
-    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    constants = {n: p for n, p in module.named_parameters() if not p.requires_grad}
+    trainable: dict[str, torch.Tensor] = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    constants: dict[str, torch.Tensor] = {n: p for n, p in module.named_parameters() if not p.requires_grad}
     constants.update(module.named_buffers())
     for name, t in {**trainable, **constants}.items():
         if t.dtype not in _NUMPY_DTYPES:
@@ -273,6 +273,7 @@ def _onnx_export(wrapper: torch.nn.Module, args: tuple, names: list[str], dynami
             raise GraphError(f"torch could not export the module: {_summary(exc)}") from exc
         finally:
             quiet.setLevel(level)
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     return program.model_proto, _unrestricted(program.exported_program)
 
 

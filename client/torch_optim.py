@@ -95,7 +95,7 @@ def _names_by_tensor(groups: list[dict[str, Any]], named_parameters: Any) -> dic
             )
         return {id(t): n for g in groups for t, n in zip(g["params"], g["param_names"])}
     pairs = list(named_parameters.items() if isinstance(named_parameters, Mapping) else named_parameters)
-    names = {}
+    names: dict[int, str] = {}
     for name, tensor in pairs:
         names.setdefault(id(tensor), name)  # a tied tensor listed twice keeps its first name
     in_groups = {id(t) for g in groups for t in g["params"]}

@@ -20,7 +20,7 @@ import numpy as np
 
 from gradserve.proto import tensors
 from gradserve.proto.tensors import TensorDecodeError
-from gradserve.proto.v1 import service_pb2
+from gradserve.proto.v1 import model_pb2, service_pb2
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: far below gRPC's 4 MiB default message size, with room for framing
 MAX_RANK = 64
@@ -31,7 +31,7 @@ class LimitExceeded(ValueError):
     RESOURCE_EXHAUSTED)."""
 
 
-def _wire_dtype(code: int) -> np.dtype:
+def _wire_dtype(code: model_pb2.DType) -> np.dtype:
     # The codec's dtypes are native; on the wire they are little-endian.
     return tensors.numpy_dtype(code).newbyteorder("<")
 
@@ -62,7 +62,7 @@ def chunks(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES,
     for name, array in arrays.items():
         array = np.asarray(array)
         wire = np.ascontiguousarray(array, dtype=_wire_dtype(tensors.dtype_code(array.dtype)))
-        raw = memoryview(wire.reshape(-1).view(np.uint8))
+        raw = wire.reshape(-1).view(np.uint8).data  # a memoryview of its bytes
         first = int(start.get(name, 0))
         if first < 0:
             raise ValueError(f"start offset of '{name}' is negative")
@@ -168,7 +168,7 @@ class Assembler:
         if self.resumed and offset < slot.filled:
             if offset + size <= slot.filled:
                 return  # bytes this assembler already holds: a resent chunk
-            data = memoryview(chunk.data)[slot.filled - offset:]  # the part past them is new
+            data: bytes | memoryview = memoryview(chunk.data)[slot.filled - offset:]  # the part past them is new
             offset, size = slot.filled, size - (slot.filled - offset)
         else:
             data = chunk.data

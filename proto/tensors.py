@@ -10,7 +10,7 @@ import numpy as np
 
 from gradserve.proto.v1 import model_pb2
 
-_TO_NUMPY = {
+_TO_NUMPY: dict[model_pb2.DType, np.dtype] = {
     model_pb2.FLOAT32: np.dtype("<f4"),
     model_pb2.FLOAT64: np.dtype("<f8"),
     model_pb2.INT64: np.dtype("<i8"),
@@ -26,7 +26,7 @@ class TensorDecodeError(ValueError):
     """A Tensor message that does not describe a valid array."""
 
 
-def dtype_code(dtype: np.dtype | str) -> int:
+def dtype_code(dtype: np.dtype | str) -> model_pb2.DType:
     """The wire enum value for a numpy dtype; ``ValueError`` names the dtype when unsupported."""
     try:
         return _FROM_NUMPY[np.dtype(dtype).newbyteorder("=")]
@@ -34,7 +34,7 @@ def dtype_code(dtype: np.dtype | str) -> int:
         raise ValueError(f"dtype {np.dtype(dtype)} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})") from None
 
 
-def numpy_dtype(code: int) -> np.dtype:
+def numpy_dtype(code: model_pb2.DType) -> np.dtype:
     """The numpy dtype for a wire enum value."""
     try:
         return _TO_NUMPY[code].newbyteorder("=")

@@ -19,7 +19,9 @@ log = logging.getLogger("gradserve.server")
 class Engine(Protocol):
     """What the server asks of an engine.
 
-    ``gradients(model, feeds, *, input_grads, progress, cancelled)`` computes one job; an engine
+    ``gradients(model, feeds, *, input_grads, progress, cancelled, prepared)`` computes one job
+    (``prepared``: the :class:`~gradserve.server.planning.prepare.PreparedJob` the server made
+    when it checked the job, or None: the engine prepares it then); an engine
     that ``splits`` the work (Ray) also takes ``partitions``, ``micro_batches``, ``replicas`` (a
     number or "auto"), ``model_key`` (the server's verified content hash of the model) and
     ``job_id`` (the server's id, for its logs). ``session(model, optimizer, ...)`` opens a training
@@ -30,7 +32,10 @@ class Engine(Protocol):
     name: str
     splits: bool
 
-    def gradients(self, model: Any, feeds: Any, **options: Any) -> Result: ...
+    # *args, **options: Any: each engine declares its own keyword options
+    def gradients(self, model: Any, feeds: Any, *args: Any, **options: Any) -> Result: ...
+
+    def session(self, model: Any, optimizer: Any, *args: Any, **options: Any) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -107,7 +112,8 @@ class EngineRunner:
 
     def __call__(self, job: Job) -> Result:
         assert job.model is not None and job.feeds is not None
-        kwargs: dict[str, Any] = dict(input_grads=job.options.input_grads, progress=job.add_event, cancelled=job.cancelled)
+        kwargs: dict[str, Any] = dict(input_grads=job.options.input_grads, progress=job.add_event, cancelled=job.cancelled,
+                                      prepared=job.prepared)
         if self.splits:
             kwargs.update(partitions=job.options.partitions, micro_batches=job.options.micro_batches,
                           replicas=job.options.replicas, model_key=job.model_id, job_id=job.id)

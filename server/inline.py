@@ -9,7 +9,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from gradserve.server.events import Progress, ProgressEvent, check_cancelled
-from gradserve.server.planning.prepare import prepare
+from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.server.result import Result
 from gradserve.server.session import Checkpoint, Session
 from gradserve.worker import kernels
@@ -45,13 +45,16 @@ class InlineEngine:
         input_grads: Iterable[str] = (),
         progress: Progress = None,
         cancelled: threading.Event | None = None,
+        prepared: PreparedJob | None = None,
     ) -> Result:
         """Loss and dL/dw for every parameter of ``model`` on ``feeds``; ``input_grads`` names
         inputs whose dL/dx is returned too. ``progress`` is called with a ProgressEvent per phase;
-        setting ``cancelled`` stops the job with JobCancelled at the next phase boundary."""
+        setting ``cancelled`` stops the job with JobCancelled at the next phase boundary.
+        ``prepared``: the job as the caller already prepared it for these ``model``, ``feeds``
+        and ``input_grads`` (the server does, to refuse bad input before queueing)."""
         report = progress or (lambda event: None)
         t0 = time.perf_counter()
-        job = prepare(model, feeds, input_grads)
+        job = prepared or prepare(model, feeds, input_grads)
         sources = [*feeds, *model.params, *model.constants]
         program = compile_program(list(job.nodes), sources, [job.loss], job.wrt)
         t1 = time.perf_counter()

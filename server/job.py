@@ -15,6 +15,7 @@ import numpy as np
 from gradserve.server.errors import BadRequest, LimitExceeded
 from gradserve.server.events import ProgressEvent
 from gradserve.server.planning.auto import AUTO, Count, count_from_wire
+from gradserve.server.planning.prepare import PreparedJob
 from gradserve.server.result import Result
 from gradserve.worker.graph import Model
 
@@ -45,8 +46,8 @@ class JobOptions:
     def steps_total(self) -> int:
         """Every (partition, micro-batch, replica) runs a forward and a backward step; 0 while the
         engine has yet to choose a count (the job's progress events then carry the real total)."""
-        counts = (self.partitions, self.micro_batches, self.replicas)
-        return 0 if AUTO in counts else self.partitions * self.micro_batches * self.replicas * 2
+        p, m, r = self.partitions, self.micro_batches, self.replicas
+        return 0 if p == AUTO or m == AUTO or r == AUTO else p * m * r * 2
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Job:
     started: float | None = None
     finished: float | None = None
     ran_as: tuple[Any, Any, Any] | None = None  # (partitions, micro_batches, replicas) the engine reported
+    prepared: PreparedJob | None = None  # the model checked against the feeds at submission, for the engine
 
     # -- called by the engine's thread ------------------------------------------------------------
     def add_event(self, event: ProgressEvent) -> None:

@@ -47,6 +47,7 @@ from gradserve.server.errors import (
     NotFound, QueueFull, ServiceError, Unavailable, WorkerLost, status_for,
 )
 from gradserve.server.metrics import ServerMetrics
+from gradserve.server.planning.prepare import PreparedJob
 from gradserve.server.job import (
     CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobOptions, one_line, options_from_record,
     options_record,
@@ -138,10 +139,16 @@ class JobRegistry:
             self.max_concurrent = max(1, value)
         return self.max_concurrent
 
+    @property
+    def _state_dir(self) -> "StateDir":
+        """Where durable jobs are recorded (a job is durable only when there is a state directory)."""
+        assert self.state is not None
+        return self.state
+
     # -- submitting -------------------------------------------------------------------------------
     def submit(self, model_id: str, model: Model, feeds: Mapping[str, np.ndarray], options: JobOptions,
                on_finish: Callable[[], None] | None = None, client: str = "", *, claim: bool = False,
-               durable: bool = False, job_id: str | None = None) -> Job:
+               durable: bool = False, job_id: str | None = None, prepared: PreparedJob | None = None) -> Job:
         """Queue a job for ``client`` (see :func:`client_of`); :class:`LimitExceeded` when the
         queue is full, :class:`Unavailable` when the server is shutting down. ``on_finish`` is
         called once when the job ends, however.
@@ -155,7 +162,9 @@ class JobRegistry:
         state directory the job and its feeds are written to disk before this returns, so a restart
         runs it again and keeps its result until fetched. Synchronous jobs are not written: their
         caller still holds the feeds and its client retries them. ``job_id``: a job recovered
-        from the state directory keeps its id (and its files)."""
+        from the state directory keeps its id (and its files). ``prepared``: the job as the
+        submitter prepared it (checking the model against the feeds), handed to the engine so that
+        it does not prepare it again."""
         self.sweep()
         limit = self.limit()
         with self._lock:
@@ -171,12 +180,12 @@ class JobRegistry:
             recovered = job_id is not None
             job_id = job_id or f"job-{next(self._counter)}-{secrets.token_hex(8)}"
             job = Job(job_id, model_id, model, feeds, options, on_finish=on_finish, client=client,
-                      durable=durable and self.state is not None)
+                      durable=durable and self.state is not None, prepared=prepared)
             write = job.durable and not recovered
             self._reserved += write
         if write:  # outside the lock: other submits go on while the feeds reach the disk
             try:
-                self.state.add_job(job_id, model_id, options_record(options), client, feeds)
+                self._state_dir.add_job(job_id, model_id, options_record(options), client, feeds)
             finally:
                 with self._lock:
                     self._reserved -= 1
@@ -290,13 +299,13 @@ class JobRegistry:
             else:
                 ended = False
                 job.state = RUNNING
-                job.started = time.monotonic()
+                job.started = started = time.monotonic()
                 job.cond.notify_all()
         if ended:
             self._ended(job)
             return
-        self.metrics.queue_seconds.observe(job.started - job.submitted)
-        log.debug("job %s running (queued %.3fs)", job.id, job.started - job.submitted)
+        self.metrics.queue_seconds.observe(started - job.submitted)
+        log.debug("job %s running (queued %.3fs)", job.id, started - job.submitted)
         try:
             result = self._runner(job)
         except BaseException as exc:  # noqa: BLE001 -- every failure is the job's, reported to its client
@@ -326,9 +335,9 @@ class JobRegistry:
         if not job.durable or (self._closed and state == CANCELLED):
             return
         if result is not None:
-            self.state.save_result(job.id, result)
+            self._state_dir.save_result(job.id, result)
         else:
-            self.state.set_state(job.id, state, error[0].name if error else "", error[1] if error else "")
+            self._state_dir.set_state(job.id, state, error[0].name if error else "", error[1] if error else "")
 
     @staticmethod
     def _lost_worker_retries(exc: BaseException) -> int:
@@ -354,7 +363,8 @@ class JobRegistry:
             job.ran_as = tuple(info.get(k, getattr(job.options, k)) for k in ("partitions", "micro_batches", "replicas"))
         job.model = job.feeds = None  # the job no longer pins the model or the batch in memory
         if job.on_finish is not None:
-            job.on_finish, on_finish = None, job.on_finish
+            on_finish = job.on_finish
+            job.on_finish = None
             on_finish()
         job.cond.notify_all()
 
@@ -364,6 +374,7 @@ class JobRegistry:
             state, error, ran_as = job.state, job.error, job.ran_as
             submitted, started, finished = job.submitted, job.started, job.finished
             loss = job.result.loss if job.result is not None else None
+        assert finished is not None  # _finish set it
         code, message = (error[0].name, error[1]) if error else ("OK", "")
         queued = (started if started is not None else finished) - submitted
         ran = finished - started if started is not None else 0.0
@@ -425,7 +436,7 @@ class JobRegistry:
                 code, message = job.error or (grpc.StatusCode.INTERNAL, f"job {job.id} has no result")
                 raise ServiceError(code, message, retry_after=-1.0 if stored else None)
             if job.result is None and job.kept and not job.fetched:
-                return self.state.load_result(job.id)  # finished before a restart: read from disk
+                return self._state_dir.load_result(job.id)  # finished before a restart: read from disk
             if job.result is None:
                 raise NotFound(f"the result of job '{job.id}' was already fetched")
             return job.result
@@ -435,14 +446,14 @@ class JobRegistry:
         with job.cond:
             job.result, job.fetched = None, True
         if job.durable:
-            self.state.forget_job(job.id)
+            self._state_dir.forget_job(job.id)
 
     def remove(self, job_id: str) -> None:
         """Forget a job (its result included)."""
         with self._lock:
             job = self._jobs.pop(job_id, None)
         if job is not None and job.durable:
-            self.state.forget_job(job_id)
+            self._state_dir.forget_job(job_id)
 
     def jobs(self) -> list[Job]:
         """Every job the registry still knows."""
@@ -473,7 +484,7 @@ class JobRegistry:
             gone = [self._jobs.pop(job_id) for job_id in expired]
         for job in gone:
             if job.durable:
-                self.state.forget_job(job.id)
+                self._state_dir.forget_job(job.id)
             log.info("job %s expired", job.id)
 
     def _sweep_loop(self) -> None:

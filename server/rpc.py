@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2
@@ -29,7 +29,7 @@ class _Malformed:
     error: str
 
 
-def lenient(cls: type) -> Callable[[bytes], Any]:
+def lenient(cls: type[Message]) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         msg = cls()
         try:

@@ -292,7 +292,7 @@ class GradientServicer(SessionRPCs):
                     )
             job = self.registry.submit(opts.model_id, model, feeds, options,
                                        on_finish=lambda: self.pending.release(held), client=client_of(context),
-                                       claim=claim, durable=durable)
+                                       claim=claim, durable=durable, prepared=job_plan)
         except BaseException:
             self.pending.release(held)
             raise

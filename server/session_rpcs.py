@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
@@ -23,15 +23,28 @@ from gradserve.server.errors import BadRequest, ServiceError
 from gradserve.server.job import client_of, parse_options
 from gradserve.server.result import Result
 from gradserve.server.rpc import first, job_stream, rest, result_messages, rpc
-from gradserve.server.sessions import OpenSession
+from gradserve.server.sessions import OpenSession as SessionEntry  # in the class, OpenSession is the RPC
 from gradserve.worker.optim import ParamGroups
+
+if TYPE_CHECKING:
+    from gradserve.server.limits import ByteBudget, Limits
+    from gradserve.server.metrics import ServerMetrics
+    from gradserve.server.models import ModelStore
+    from gradserve.server.sessions import SessionRegistry
 
 log = logging.getLogger("gradserve.server")
 
 
 class SessionRPCs:
     """The session handlers; the servicer supplies ``store``, ``sessions``, ``limits``,
-    ``pending`` and ``_assembler``."""
+    ``pending``, ``metrics`` and ``_assembler`` (declared here for the type checker)."""
+
+    store: ModelStore
+    sessions: SessionRegistry
+    limits: Limits
+    pending: ByteBudget
+    metrics: ServerMetrics
+    _assembler: Callable[[str, int], chunks.Assembler]
 
     @rpc
     def OpenSession(self, request: service_pb2.SessionOptions, context: grpc.ServicerContext) -> service_pb2.SessionInfo:
@@ -59,7 +72,7 @@ class SessionRPCs:
                 entry.last_used = time.monotonic()
         yield from result_messages("", result, {"session_id": entry.id})
 
-    def _step(self, entry: OpenSession, opts: service_pb2.StepOptions, feeds: Mapping[str, np.ndarray]) -> Result:
+    def _step(self, entry: SessionEntry, opts: service_pb2.StepOptions, feeds: Mapping[str, np.ndarray]) -> Result:
         session = entry.session
         if not opts.update:
             return session.gradients(feeds)
@@ -132,6 +145,6 @@ class SessionRPCs:
             self.pending.release(held)
 
 
-def _info(entry: OpenSession, ttl: float) -> service_pb2.SessionInfo:
+def _info(entry: SessionEntry, ttl: float) -> service_pb2.SessionInfo:
     return service_pb2.SessionInfo(session_id=entry.id, model_id=entry.model_id, steps=entry.session.steps,
                                    idle_ttl_seconds=ttl)

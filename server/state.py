@@ -243,7 +243,8 @@ class StateDir:
 
     def _write_npz(self, target: Path, arrays: dict[str, np.ndarray], what: str) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        # ignore: mypy matches **arrays against savez's allow_pickle= (a tensor of that name would be)
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
         self._write(target, buffer.getvalue(), what)
 
     def _write(self, target: Path, data: bytes, what: str) -> None:

@@ -84,13 +84,13 @@ class GatedEngine:
         self.closed = False
         self.inner = InlineEngine()
 
-    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None):
+    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None, prepared=None):
         if progress:
             progress(ProgressEvent("forward", 0, done=False))
         self.started.set()
         while not self.gate.wait(0.01):
             check_cancelled(cancelled)
-        return self.inner.gradients(model, feeds, input_grads=input_grads, cancelled=cancelled)
+        return self.inner.gradients(model, feeds, input_grads=input_grads, cancelled=cancelled, prepared=prepared)
 
     def close(self) -> None:
         self.closed = True

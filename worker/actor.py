@@ -96,6 +96,8 @@ class StageHost:
         values = [next(pending) if v is BY_REF else v for v in call.values]
         out: list[Any] = []
         at = 0
+        grads: dict[str, np.ndarray]
+        by_replica: dict[int, dict[str, float]]  # compute seconds by phase, per replica
         try:
             for step in call.steps:
                 args, labels = values[at:at + step.reads], call.names[at:at + step.reads]
@@ -139,12 +141,12 @@ class StageHost:
                         out.append(0.0 if cancelled else self.trainers[call.key].sq_norm(grads))
                     case Update(replica=replica, step=number, lr=lr, scale=scale, grads=give):
                         grads = self._session_grads(job_id, call.key, args)
-                        seconds = 0.0
+                        updating = 0.0
                         if not cancelled:
                             with _threads(call.threads[1]):
-                                seconds = self._timed_update(call.key, grads, number, lr, scale)
+                                updating = self._timed_update(call.key, grads, number, lr, scale)
                         owned = self.trainers[call.key].owned if give else ()  # a shared one, once
-                        out.append(({n: grads[n] for n in owned if n in grads}, {replica: {"update": seconds}}))
+                        out.append(({n: grads[n] for n in owned if n in grads}, {replica: {"update": updating}}))
                     case _:
                         raise TypeError(f"not a step: {step!r}")
         except BaseException as exc:
@@ -217,4 +219,5 @@ def _placeholders(call: StageCall) -> Any:
     return _returns(call, [None] * call.results)
 
 
-StageActor = ray.remote(concurrency_groups={"control": 1})(StageHost)
+# Ray's typed overloads of ray.remote leave out concurrency_groups, which it takes at run time.
+StageActor = ray.remote(concurrency_groups={"control": 1})(StageHost)  # type: ignore[call-overload]

@@ -59,10 +59,12 @@ def compile_program(
 ) -> Program:
     """Prepare topologically sorted ``nodes`` for running."""
     sources, outputs, wrt = frozenset(sources), frozenset(outputs), frozenset(wrt)
-    ops = [get_op(n.op_type) for n in nodes]
-    for node, op in zip(nodes, ops):
+    ops: list[OpDef] = []
+    for node in nodes:
+        op = get_op(node.op_type)
         if op is None:
             raise GraphError(f"{node}: unsupported op type '{node.op_type}'")
+        ops.append(op)
     # Values whose error is wanted, propagated forward: a value requires grad if any differentiable
     # input of its producer does.
     requires = set(wrt)
@@ -106,13 +108,13 @@ def forward(program: Program, values: Mapping[str, np.ndarray]) -> Tape:
             if name:
                 env[name] = value
         if program.records[idx]:
-            ctx.inputs = [
-                a if a is None or op.keeps_input(k) else stand_in(a) for k, a in enumerate(args)
+            ctx.inputs = [  # None: an optional input the node leaves out, which no VJP reads
+                a if a is None or op.keeps_input(k) else stand_in(a) for k, a in enumerate(args)  # type: ignore[misc]
             ]
             ctx.outputs = [o if op.keep_outputs else stand_in(o) for o in outs[: len(node.outputs)]]
             entries[idx] = ctx
-        for value in program.drop_after[idx]:
-            env.pop(value, None)
+        for dead in program.drop_after[idx]:
+            env.pop(dead, None)
     missing = [o for o in program.outputs if o not in env]
     if missing:
         raise GraphError(f"values {missing} were not computed")
@@ -184,7 +186,7 @@ def _with_needs(ctx: OpContext, needs: tuple[bool, ...]) -> OpContext:
 def _apply_vjp(program: Program, idx: int, ctx: OpContext, grads_out: list, errs: dict, owned: set) -> None:
     node, op = program.nodes[idx], program.ops[idx]
     try:
-        result = op.vjp(ctx, *grads_out)
+        result = op.vjp(ctx, *grads_out)  # type: ignore[misc]  # recorded: it can differentiate, so has a VJP
     except Exception as exc:
         raise NodeError(f"{node}: backward failed: {type(exc).__name__}: {exc}") from exc
     grads_in = result if isinstance(result, (tuple, list)) else (result,)

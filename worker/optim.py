@@ -71,7 +71,7 @@ class Optimizer:
 
     def __post_init__(self) -> None:
         # Normalise to plain Python types, so equal descriptions compare and serialise equal.
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # the subclasses are dataclasses
             value = getattr(self, f.name)
             value = _flag(f.name, value) if f.type in ("bool", bool) else self._convert(f.name, value)
             object.__setattr__(self, f.name, value)
@@ -379,7 +379,7 @@ def check_schedule(schedule: Sequence[Sequence[float]]) -> tuple[tuple[int, floa
     step 1; each lr holds from its step until the next pair's."""
     if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or not schedule:
         raise ValueError(f"a schedule is a non-empty list of (step, lr) pairs or a callable, not {schedule!r}")
-    pairs = []
+    pairs: list[tuple[int, float]] = []
     for item in schedule:
         if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
             raise ValueError(f"schedule entry {item!r} is not a (step, lr) pair")

@@ -120,8 +120,9 @@ def _fuse_gelu(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], 
         """The node that is ``value``'s only reader, if it is a two-input ``op_type`` and the
         value is the job's own (not kept)."""
         k = reader.get(value)
-        ok = k is not None and readers[value] == 1 and value not in keep
-        return k if ok and nodes[k].op_type == op_type and len(nodes[k].inputs) == 2 else None
+        if k is None or readers[value] != 1 or value in keep:
+            return None
+        return k if nodes[k].op_type == op_type and len(nodes[k].inputs) == 2 else None
 
     def other(node: Node, value: str) -> str:
         a, b = node.inputs
@@ -142,9 +143,9 @@ def _fuse_gelu(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], 
             return abs(float(c.reshape(())) - value) <= 2 * float(np.finfo(info.dtype).eps) * abs(value)
 
         j = producer.get(erf.inputs[0])
-        scale = nodes[j] if j is not None else None
-        if scale is None or len(scale.inputs) != 2:
+        if j is None or len(nodes[j].inputs) != 2:
             continue
+        scale = nodes[j]
         if scale.op_type == "Div" and const(scale.inputs[1], math.sqrt(2.0)):
             x = scale.inputs[0]
         elif scale.op_type == "Mul" and const(scale.inputs[1], math.sqrt(0.5)):

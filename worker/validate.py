@@ -17,7 +17,7 @@ import numpy as np
 
 from gradserve.worker import onnx_lite
 from gradserve.worker.graph import DEFAULT_OPSET, GraphError, Model, Node
-from gradserve.worker.ops import get_op
+from gradserve.worker.ops import REGISTRY, get_op
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -210,13 +210,14 @@ def _shape_arithmetic(model: Model, nodes: list[Node], known: Mapping[str, Value
     computed: dict[str, np.ndarray] = {}
     for node in nodes:
         if node.op_type in ("Shape", "Size") and node.inputs[0] in known:
-            args = [np.broadcast_to(np.zeros((), known[node.inputs[0]].dtype), known[node.inputs[0]].shape)]
+            args: list[np.ndarray | None] = [np.broadcast_to(np.zeros((), known[node.inputs[0]].dtype),
+                                                             known[node.inputs[0]].shape)]
         elif node.inputs and all(not i or i in values for i in node.inputs):
             args = [values[i] if i else None for i in node.inputs]
         else:
             continue
         try:
-            result = get_op(node.op_type).forward(OpContext(dict(node.attrs), node=node.name, n_outputs=len(node.outputs)), *args)
+            result = REGISTRY[node.op_type].forward(OpContext(dict(node.attrs), node=node.name, n_outputs=len(node.outputs)), *args)
         except Exception:  # left to the engine, whose message names the node
             continue
         outs = result if isinstance(result, tuple) else (result,)

@@ -27,7 +27,7 @@ the server and ``gradserve plan``. On the wire, 0 means ``auto`` (see ``proto/v1
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -55,9 +55,9 @@ class Choice:
     k: int
     m: int
     r: int
-    reasons: list[str] = field(default_factory=list)
-    plan: Plan | None = None
-    split: Split | None = None
+    reasons: list[str]
+    plan: Plan
+    split: Split
 
     def describe(self) -> str:
         # "auto:" heads the lines only when something was chosen (see the reasons)
@@ -129,7 +129,7 @@ class _Timing:
 
     shape: Shape
     costs: Costs
-    cpus: int
+    cpus: float  # NodeInfo.cpus: Ray counts fractional CPUs
     nodes: int
 
     def seconds(self, k: int, m: int, r: int) -> float:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -114,7 +114,7 @@ def _batched_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> tuple[list
     fed = [s for s in model.inputs if s.name in feeds and s.shape]
     batched = [s.name for s in fed if not isinstance(s.shape[0], (int, np.integer))]
     if not batched:
-        sizes = [int(s.shape[0]) for s in fed]
+        sizes = [int(s.shape[0]) for s in fed if isinstance(s.shape[0], (int, np.integer))]  # all of them, here
         if not sizes:
             raise GraphError("micro-batches/replicas need a fed input with at least one axis to split")
         common = max(sizes, key=lambda size: (sizes.count(size), -sizes.index(size)))
@@ -176,7 +176,7 @@ def _rule(op_type: str) -> BatchRule:
     return opdef.batch if opdef is not None and opdef.batch is not None else _UNKNOWN
 
 
-def loss_reduction(model: Model, job: PreparedJob, batched: set[str], n: int) -> tuple[str, object]:
+def loss_reduction(model: Model, job: PreparedJob, batched: set[str], n: int) -> tuple[str, Any]:
     """How the loss reduces over the batch of ``n`` samples: ("sum", None), ("mean", None) or
     ("count", (labels feed, ignore_index)). Raises GraphError, naming the node, when splitting the
     batch would not be exact."""
@@ -207,13 +207,16 @@ class _Follower:
             return tuple(info.shape)
         # ONNX infers no shape for some function ops (GroupNormalization): the op's rule says what it is.
         maker = self._producers.get(name)
-        infer = _rule(maker.op_type).infer if maker is not None and maker.inputs else None
+        if maker is None or not maker.inputs:
+            return None
+        infer = _rule(maker.op_type).infer
         if infer == "same":
             return self.shape(maker.inputs[0])
         if infer == "broadcast" and maker.outputs[0] == name:
             shapes = [self.shape(i) for i in maker.inputs if i]
-            if None not in shapes:
-                return tuple(np.broadcast_shapes(*shapes))
+            known = [s for s in shapes if s is not None]
+            if len(known) == len(shapes):
+                return tuple(np.broadcast_shapes(*known))
         return None
 
     def rank(self, name: str) -> int | None:
@@ -241,7 +244,9 @@ class _Follower:
         """When the unbatched input is exactly as long as the batch, a constant holds the batch size
         (a fixed-batch export), and the node that made it is named."""
         name = node.inputs[k]
-        size = self.shape(name)[p]
+        shape = self.shape(name)
+        assert shape is not None  # the rules ask only about inputs whose shape they read
+        size = shape[p]
         if size % self.n:
             return refuse(node, f"mixes a batched value with the unbatched '{name}' along the batch axis")
         maker = self._producers.get(name)
@@ -310,7 +315,7 @@ class _Follower:
         return int(moved[0]) + (self.rank(node.outputs[0]) or len(at_n)) - len(at_n)
 
     # -- the pass --------------------------------------------------------------------------------
-    def loss_reduction(self) -> tuple[str, object]:
+    def loss_reduction(self) -> tuple[str, Any]:
         for node in self.job.nodes:
             tags = [self.tags.get(i, NONE) if i else NONE for i in node.inputs]
             out = self.propagate(node, tags)

@@ -9,9 +9,9 @@ library and ONNX).
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Final, Literal, Union
 
-AUTO = "auto"
+AUTO: Final = "auto"  # Final: its type is Literal["auto"], so it is a Count
 Count = Union[int, Literal["auto"]]
 
 

@@ -144,7 +144,7 @@ def plan_job(
     if not grow:
         check_partitions(job, partitions)
     if not cluster:
-        return _build(nodes, _best_cuts(nodes, job.shapes, partitions), job, model, mm)
+        return _build(nodes, _unlimited_cuts(nodes, job.shapes, partitions), job, model, mm)
     limit = largest(cluster).memory_bytes
     _check_feasible(mm, cluster, replicas)
     k = min(partitions, len(nodes))
@@ -160,7 +160,7 @@ def plan_job(
         if pack([m.total for m in attempt.memory] * replicas, cluster) is not None:
             return attempt
     if attempt is None:  # no cut into k partitions keeps each within the largest node
-        attempt = _build(nodes, _best_cuts(nodes, job.shapes, k), job, model, mm)
+        attempt = _build(nodes, _unlimited_cuts(nodes, job.shapes, k), job, model, mm)
     return _checked(attempt, cluster, replicas)
 
 
@@ -255,6 +255,13 @@ def _candidates(n: int, k: int) -> list[int]:
     ones beyond (k partitions need at least k + 1 candidate positions)."""
     limit = max(MAX_CANDIDATES, k + 1)
     return list(range(n + 1)) if n <= limit else sorted({0, n, *np.linspace(0, n, limit).round().astype(int)})
+
+
+def _unlimited_cuts(nodes: list[Node], shapes: Mapping[str, ValueInfo], k: int) -> list[int]:
+    """:func:`_best_cuts` without a memory limit, so there always are some."""
+    cuts = _best_cuts(nodes, shapes, k)
+    assert cuts is not None
+    return cuts
 
 
 def _best_cuts(

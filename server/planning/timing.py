@@ -52,7 +52,7 @@ class Shape:
     param_bytes: float = 0.0
 
 
-def predict(job: Shape, k: int, m: int, r: int, cpus: int, spread: bool, costs: Costs) -> float:
+def predict(job: Shape, k: int, m: int, r: int, cpus: float, spread: bool, costs: Costs) -> float:
     """Predicted seconds of one job split into ``k`` partitions x ``m`` micro-batches x ``r``
     replicas, on nodes of ``cpus`` cores each; ``spread``: every (replica, partition) gets a node
     of its own (else they all share one node)."""
@@ -66,6 +66,6 @@ def predict(job: Shape, k: int, m: int, r: int, cpus: int, spread: bool, costs: 
     return compute + calls * costs.call_seconds + moved * costs.byte_seconds
 
 
-def baseline(job: Shape, cpus: int, costs: Costs) -> float:
+def baseline(job: Shape, cpus: float, costs: Costs) -> float:
     """Predicted seconds of the whole job as one partition on one node (K = M = R = 1)."""
     return predict(Shape(job.flops), 1, 1, 1, cpus, False, costs)

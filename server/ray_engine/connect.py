@@ -84,7 +84,8 @@ def _bootstrap_address(address: str | None) -> str | None:
     from ray._private import services
 
     try:
-        return services.canonicalize_bootstrap_address(address)
+        # ignore: Ray annotates the address as str; its docs and code take None (then RAY_ADDRESS...)
+        return services.canonicalize_bootstrap_address(address)  # type: ignore[arg-type]
     except (ConnectionError, ValueError) as exc:  # "auto" with nothing running, a malformed address
         raise RayConnectError(f"cannot join a Ray cluster at {address!r}: {exc}") from None
 
@@ -111,7 +112,7 @@ def _token_auth():
 def _enable_token_mode() -> None:
     """Token mode for this process and the Ray processes it starts; Ray caches both its config
     and the token, so they are read again."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # not in _raylet.pyi
 
     os.environ[AUTH_MODE] = "token"
     Config.initialize("")
@@ -134,7 +135,7 @@ def _auto_auth() -> None:
     setup = _token_auth()
     if setup is None or AUTH_MODE in os.environ:
         return
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # not in _raylet.pyi
 
     if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         _enable_token_mode()
@@ -184,7 +185,7 @@ def token_hint(where: str, gcs: str) -> str:
 
 
 def _has_token() -> bool:
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]  # not in _raylet.pyi
 
     try:
         return AuthenticationTokenLoader.instance().has_token()

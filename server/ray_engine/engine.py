@@ -34,7 +34,7 @@ from gradserve.server.planning import auto
 from gradserve.server.planning.auto import AUTO, Choice, Count, parse_count
 from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.partition import Plan
-from gradserve.server.planning.prepare import prepare
+from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.server.planning.timing import Costs
 from gradserve.server.ray_engine import costs as costs_module
 from gradserve.server.ray_engine.connect import connect
@@ -147,6 +147,7 @@ class RayEngine(Placement):
         split_at: list[str] | None = None,
         model_key: str | None = None,
         job_id: str | None = None,
+        prepared: PreparedJob | None = None,
     ) -> Result:
         """Loss and dL/dw, computed by the partitioned pipeline; equal to the inline engine's.
 
@@ -154,9 +155,11 @@ class RayEngine(Placement):
         model id); without it the engine checks the parameters against the copy it placed.
         ``job_id``: the caller's name for the job (the server's job id), so that the engine's log
         lines match its outcome line; runs after a lost worker are ``ID.1``, ``ID.2``...
+        ``prepared``: the job as the caller already prepared it for these ``model``, ``feeds`` and
+        ``input_grads`` (the server does, to refuse bad input before queueing).
         """
         t0 = time.perf_counter()
-        full = prepare(model, feeds, input_grads)
+        full = prepared or prepare(model, feeds, input_grads)
         choice = self._choose(model, full, feeds, (partitions, micro_batches, replicas), split_at)
         m, r, split = choice.m, choice.r, choice.split
         # The chunks run with split.model: a fixed-batch export gets a symbolic batch axis there.
@@ -407,46 +410,6 @@ class RayEngine(Placement):
                     job_id, what, retries + 1, self.max_retries)
         return retries + 1
 
-    # -- status (read-only) ------------------------------------------------------------------------
-    def status(self) -> dict:
-        """What the server's status screen and metrics show of the cluster (read-only)::
-
-            {"nodes": [{"node_id", "address", "cpus", "memory_bytes", "actors", "busy_actors", "alive"}],
-             "actors": int, "max_retries": int}
-
-        ``nodes``: the cluster's alive nodes with CPUs (Ray's ``memory`` resource as their memory),
-        each with the pool's worker actors on it and how many of those run a job's steps now; a
-        node the pool still has actors on but that is no longer alive comes last with
-        ``alive=False``. Asks the GCS for the nodes on every call. Never waits long for a job being
-        placed: when the engine's lock stays taken for a second (actors starting), the actors are
-        counted from a copy of the pool's list without it and ``busy_actors`` is 0.
-        """
-        alive = cpu_nodes()
-        locked = self._lock.acquire(timeout=1.0)
-        try:
-            where = list(self._pool.where)  # a copy: the pool replaces or appends to its lists
-            busy = ({id(a): self._busy[id(a)] for a in list(self._pool.actors)} if locked else {})
-            actors = list(self._pool.actors) if locked else []
-        finally:
-            if locked:
-                self._lock.release()
-        per_node: Counter[str] = Counter(w["node_id"] for w in where)
-        busy_per_node: Counter[str] = Counter()
-        for actor, w in zip(actors, where):
-            busy_per_node[w["node_id"]] += busy.get(id(actor), 0) > 0
-        nodes = [
-            {"node_id": n["NodeID"], "address": n.get("NodeManagerAddress", ""), "cpus": float(n["Resources"]["CPU"]),
-             "memory_bytes": int(n["Resources"].get("memory", 0)), "actors": per_node.get(n["NodeID"], 0),
-             "busy_actors": busy_per_node.get(n["NodeID"], 0), "alive": True}
-            for n in alive
-        ]
-        known = {n["NodeID"] for n in alive}
-        for node_id in sorted(set(per_node) - known):
-            w = next(w for w in where if w["node_id"] == node_id)
-            nodes.append({"node_id": node_id, "address": w.get("ip", ""), "cpus": float(w.get("cpus", 0)),
-                          "memory_bytes": 0, "actors": per_node[node_id], "busy_actors": busy_per_node.get(node_id, 0),
-                          "alive": False})
-        return {"nodes": nodes, "actors": len(where), "max_retries": self.max_retries}
 
 def _sum(values: list) -> np.ndarray | None:
     present = [v for v in values if v is not None]

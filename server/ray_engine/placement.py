@@ -6,16 +6,18 @@ actors that died or stopped answering dropped from the pool and from the stages 
 :class:`Placement` is mixed into :class:`~.engine.RayEngine`, whose ``__init__`` makes the state
 these methods share under ``self._lock``: ``_pool`` (the worker actors), ``_params`` and ``_latest``
 (placed parameters by content key, and the keys of each model structure), ``_plans`` (plan entries),
-``_hosts`` (which actors hold which stage), ``_busy`` (running jobs per actor) and ``_max``.
+``_hosts`` (which actors hold which stage), ``_busy`` (running jobs per actor), ``_max`` and
+``max_retries``. :meth:`Placement.status` shows it (read-only) to the server's status and metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import ray
@@ -24,7 +26,7 @@ from gradserve.server.planning.auto import Choice
 from gradserve.server.planning.partition import Plan
 from gradserve.server.planning.schedule import Links
 from gradserve.server.ray_engine import scheduler
-from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT
+from gradserve.server.ray_engine.pool import ACTOR_START_TIMEOUT, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.scheduler import ActorInfo, NewActor
 from gradserve.server.ray_engine.submit import Deployment, PlanEntry
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
@@ -39,6 +41,17 @@ CONTROL_TIMEOUT = 30.0  # seconds for an actor to answer a control call (cancel,
 
 class Placement:
     """The engine's placing of jobs on actors (see the module docs)."""
+
+    # The state RayEngine.__init__ makes, shared under _lock (see the module docs).
+    _lock: threading.Lock
+    _pool: WorkerPool
+    _params: "OrderedDict[str, PlacedParams]"
+    _latest: dict[str, list[str]]
+    _plans: "OrderedDict[tuple, PlanEntry]"
+    _hosts: dict[str, dict[int, tuple[Any, ray.ObjectRef]]]
+    _busy: Counter[int]
+    _max: int
+    max_retries: int
 
     def _acquire(self, model: Model, model_key: str | None, structure: str) -> tuple[str, "PlacedParams"]:
         """The model's parameters in the object store, placed once per content, marked in use.
@@ -134,7 +147,7 @@ class Placement:
             needs = [(entry.plan.memory[p].total if entry.plan.memory else 0) + (extra[p] if extra else 0)
                      for _, p in slots]
             picks = scheduler.choose([entry.stage(p) for _, p in slots], self._pool.nodes(refresh), infos, needs)
-            others = Counter()
+            others: Counter[str] = Counter()
             for info in infos:
                 others[info.node_id] += info.load
             # New actors start under the lock (rare: only while the pool grows to the cluster).
@@ -144,7 +157,7 @@ class Placement:
                 self._forget_actors([a for a in self._pool.actors if id(a) in retire],
                                     why="retired, their reservations too small for a new stage,")
             new = iter(self._pool.spawn([pick.node_id for pick in starting], [pick.memory for pick in starting]))
-            by_id = {id(a): a for a in self._pool.actors}
+            by_id: dict[Hashable, Any] = {id(a): a for a in self._pool.actors}
             chosen = [by_id[pick.actor_id] if isinstance(pick, ActorInfo) else next(new) for pick in picks]
             loads = []
             for actor, (_, p) in zip(chosen, slots):
@@ -211,6 +224,47 @@ class Placement:
                 del hosts[actor_id]
         for actor_id in gone:
             self._busy.pop(actor_id, None)
+
+    # -- status (read-only) ------------------------------------------------------------------------
+    def status(self) -> dict:
+        """What the server's status screen and metrics show of the cluster (read-only)::
+
+            {"nodes": [{"node_id", "address", "cpus", "memory_bytes", "actors", "busy_actors", "alive"}],
+             "actors": int, "max_retries": int}
+
+        ``nodes``: the cluster's alive nodes with CPUs (Ray's ``memory`` resource as their memory),
+        each with the pool's worker actors on it and how many of those run a job's steps now; a
+        node the pool still has actors on but that is no longer alive comes last with
+        ``alive=False``. Asks the GCS for the nodes on every call. Never waits long for a job being
+        placed: when the engine's lock stays taken for a second (actors starting), the actors are
+        counted from a copy of the pool's list without it and ``busy_actors`` is 0.
+        """
+        alive = cpu_nodes()
+        locked = self._lock.acquire(timeout=1.0)
+        try:
+            where = list(self._pool.where)  # a copy: the pool replaces or appends to its lists
+            busy = ({id(a): self._busy[id(a)] for a in list(self._pool.actors)} if locked else {})
+            actors = list(self._pool.actors) if locked else []
+        finally:
+            if locked:
+                self._lock.release()
+        per_node: Counter[str] = Counter(w["node_id"] for w in where)
+        busy_per_node: Counter[str] = Counter()
+        for actor, w in zip(actors, where):
+            busy_per_node[w["node_id"]] += busy.get(id(actor), 0) > 0
+        nodes = [
+            {"node_id": n["NodeID"], "address": n.get("NodeManagerAddress", ""), "cpus": float(n["Resources"]["CPU"]),
+             "memory_bytes": int(n["Resources"].get("memory", 0)), "actors": per_node.get(n["NodeID"], 0),
+             "busy_actors": busy_per_node.get(n["NodeID"], 0), "alive": True}
+            for n in alive
+        ]
+        known = {n["NodeID"] for n in alive}
+        for node_id in sorted(set(per_node) - known):
+            w = next(w for w in where if w["node_id"] == node_id)
+            nodes.append({"node_id": node_id, "address": w.get("ip", ""), "cpus": float(w.get("cpus", 0)),
+                          "memory_bytes": 0, "actors": per_node[node_id], "busy_actors": busy_per_node.get(node_id, 0),
+                          "alive": False})
+        return {"nodes": nodes, "actors": len(where), "max_retries": self.max_retries}
 
 
 @dataclass

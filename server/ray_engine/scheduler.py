@@ -64,7 +64,7 @@ class NewActor:
     retire: tuple = ()
 
 
-def actor_cap(node: NodeInfo, slots: int, nodes: int) -> int:
+def actor_cap(node: NodeInfo, slots: int, nodes: int) -> float:  # float: Ray counts fractional CPUs
     """How many pool actors ``node`` may hold: one per CPU, and at least this job's fair share of
     the cluster (``slots`` actors over ``nodes`` nodes) so any job can get distinct actors."""
     return max(node.cpus, math.ceil(slots / max(1, nodes)))
@@ -133,7 +133,8 @@ def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[Ac
     taken: set = set()
     picks: list[ActorInfo | NewActor] = []
     for stage, need in zip(stages, needs):
-        best, best_key = None, None
+        best: ActorInfo | NewActor | None = None
+        best_key: tuple | None = None
         for a in usable:
             if a.actor_id in taken or a.actor_id in retired or (need and a.memory and a.memory < need):
                 continue

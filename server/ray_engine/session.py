@@ -181,8 +181,8 @@ class RaySession(Session):
 
     def _take_checkpoint(self):
         if self._dep is None:
-            states = self._start_states or self.groups.init_state(self.model.params)
-            return {n: p.copy() for n, p in self.model.params.items()}, states
+            start = self._start_states or self.groups.init_state(self.model.params)
+            return {n: p.copy() for n, p in self.model.params.items()}, start
         weights: dict[str, np.ndarray] = {}
         states: dict[str, dict[str, np.ndarray]] = {}
         for part_weights, part_states in ray.get(

@@ -17,7 +17,7 @@ from gradserve.server.planning.partition import Plan
 from gradserve.server.planning.schedule import (
     BACKWARD, FORWARD, WEIGHTS, Call, Links, calls, one_f_one_b, reduction_children, reduction_parent,
 )
-from gradserve.worker.protocol import BY_REF, Backward, Forward, Kind, Norm, Output, Reduce, StageCall, Update, Weights
+from gradserve.worker.protocol import BY_REF, Action, Backward, Forward, Kind, Norm, Output, Reduce, StageCall, Update, Weights
 from gradserve.worker.stage import StageSpec
 
 
@@ -136,7 +136,12 @@ def submit_replica(
     for call in dep.entry.program(m, defer):
         p = call.partition
         spec = specs[p]
-        program, names, values, refs, results, events = [], [], [], [], [], []
+        program: list[Action] = []
+        names: list[str] = []
+        values: list[Any] = []
+        refs: list[ray.ObjectRef] = []
+        results: list[Output] = []
+        events: list[ProgressEvent] = []
 
         def take(name: str, value: Any) -> None:  # ObjectRefs go as arguments, the rest inside
             names.append(name)
@@ -189,23 +194,25 @@ def submit_replica(
         steps.refs += outs
         others = iter(outs[1:] if to_driver else outs)
         for i, res in enumerate(results):
-            c, v, driver = res.chunk, res.value, res.to_driver
-            # The driver's results are read as (ref, position in the packed tuple).
-            out = (outs[0], to_driver.index(i)) if driver else next(others)
+            c, v = res.chunk, res.value
+            if res.to_driver:  # read by the driver as (ref, position in the packed tuple)
+                at = (outs[0], to_driver.index(i))
+                if res.kind is Kind.ACTIVATION:
+                    steps.loss.append(at)
+                elif res.kind is Kind.ERROR:
+                    steps.input_grads.setdefault((c, v), []).append(at)
+                else:
+                    weights_result(steps, replica, p, at, True)
+                continue
+            ref = next(others)
             if res.kind is Kind.ACTIVATION:
-                if driver:
-                    steps.loss.append(out)
-                else:
-                    acts[c][v] = out
-                    if v == job.loss:
-                        steps.loss.append((out, None))
+                acts[c][v] = ref
+                if v == job.loss:
+                    steps.loss.append((ref, None))
             elif res.kind is Kind.ERROR:
-                if driver:
-                    steps.input_grads.setdefault((c, v), []).append(out)
-                else:
-                    errs[c].setdefault(v, []).append(out)
+                errs[c].setdefault(v, []).append(ref)
             else:
-                weights_result(steps, replica, p, out, driver)
+                weights_result(steps, replica, p, ref, False)
         if children and any(step.phase == WEIGHTS for step in call.steps):
             # The reduction tree's sum, in a call of its own: the children's dL/dw arrive while
             # this replica computes its own, instead of holding up the call that computes it.
@@ -230,11 +237,12 @@ def submit_updates(
         for p, actor in enumerate(dep.actors[replica]):
             parts = ([steps.weights[(i, q)] for i in range(r) for q in training.sharing[p]]
                      if training.exchange else [])
+            step: Norm | Update
             if scale is None:
-                step, to_driver = Norm(len(parts)), (0,)
+                step = Norm(len(parts))
             else:
                 step = Update(replica, len(parts), training.step, training.lr, scale, training.grads and replica == 0)
-                to_driver = (0,)
+            to_driver = (0,)
             call = StageCall(dep.keys[p], job_id, threads[replica][p], (step,), ("",) * len(parts),
                              (BY_REF,) * len(parts), 1, to_driver)
             out = actor.run.remote(call, *parts)

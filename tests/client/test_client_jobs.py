@@ -141,7 +141,7 @@ class FailingEngine:
 
     name = "failing"
 
-    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None):
+    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None, prepared=None):
         raise GraphError("node 'boom': this job fails on purpose")
 
     def close(self) -> None:

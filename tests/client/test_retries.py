@@ -54,12 +54,12 @@ class SlowEngine:
         self.started = threading.Event()
         self.inner = InlineEngine()
 
-    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None):
+    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None, prepared=None):
         self.started.set()
         while not self.gate.wait(0.01):
             check_cancelled(cancelled)
         time.sleep(self.seconds)
-        return self.inner.gradients(model, feeds, input_grads=input_grads, cancelled=cancelled)
+        return self.inner.gradients(model, feeds, input_grads=input_grads, cancelled=cancelled, prepared=prepared)
 
     def close(self) -> None:
         pass

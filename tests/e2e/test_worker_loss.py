@@ -117,7 +117,7 @@ class LosingEngine:
 
     name = "losing"
 
-    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None):
+    def gradients(self, model, feeds, *, input_grads=(), progress=None, cancelled=None, prepared=None):
         raise WorkerLost("the job lost a Ray worker on each of its 4 runs", 3)
 
     def close(self) -> None:

@@ -91,7 +91,7 @@ def _configure() -> None:
     os.environ.setdefault("NUMBA_CACHE_DIR", str(path))
     import numba
 
-    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]  # type: ignore[attr-defined]  # set at run time
 
 
 def get() -> ModuleType | None:
@@ -153,7 +153,8 @@ def thread_budget() -> int:
     """How many threads a kernel launched from this thread may use (numba's pool size at most)."""
     import numba
 
-    return min(getattr(_budget, "n", None) or _default_threads(), numba.config.NUMBA_NUM_THREADS)
+    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # numba.config defines it at run time
+    return min(getattr(_budget, "n", None) or _default_threads(), pool)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from typing import Any
 
 import numba
 import numpy as np
@@ -35,10 +36,11 @@ def _threadsafe_layer() -> bool:
 
 PARALLEL = _threadsafe_layer()
 if PARALLEL and not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "threadsafe"
+    # ignore: numba.config defines its options at run time (from the environment)
+    numba.config.THREADING_LAYER = "threadsafe"  # type: ignore[attr-defined]
 # error_model="numpy": a float division by zero gives inf or nan, as numpy does, instead of raising;
 # that check would keep every loop with a division from vectorising.
-_JIT = dict(cache=True, nogil=True, error_model="numpy")
+_JIT: dict[str, Any] = dict(cache=True, nogil=True, error_model="numpy")
 # Sums may be reassociated (so they vectorise) and multiply-adds fused; no assumptions about NaN or
 # infinity. Inlined helpers take their caller's flags, so every kernel carries them.
 _FAST = {"reassoc", "contract"}
@@ -55,14 +57,15 @@ def _parallel(kernel, inputs: tuple[int, ...]):
     def launch(*args):
         if PARALLEL:
             numba.set_num_threads(thread_budget())
-        args = list(args)
+        arrays = list(args)
         for i in inputs:
-            if args[i].flags.writeable:
-                args[i] = args[i].view()
-                args[i].flags.writeable = False
-        return kernel(*args)
+            if arrays[i].flags.writeable:
+                arrays[i] = arrays[i].view()
+                arrays[i].flags.writeable = False
+        return kernel(*arrays)
 
-    launch.__doc__, launch.__name__, launch.kernel = kernel.__doc__, kernel.__name__.lstrip("_"), kernel
+    launch.__doc__, launch.__name__ = kernel.__doc__, kernel.__name__.lstrip("_")
+    launch.kernel = kernel  # type: ignore[attr-defined]  # the dispatcher, for its compiled signatures
     return launch
 
 

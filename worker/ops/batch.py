@@ -125,6 +125,14 @@ def refuse(node: Node, why: str) -> GraphError:
     return GraphError(f"cannot split the batch into micro-batches or replicas exactly: {node} {why}")
 
 
+def input_shape(view: BatchView, node: Node, k: int) -> tuple[int, ...]:
+    """The shape of input ``k`` of ``node``; refused when planning does not know it."""
+    shape = view.shape(node.inputs[k])
+    if shape is None:
+        raise refuse(node, "has an input of unknown shape")
+    return shape
+
+
 def batched_at(tags: list) -> list[int]:
     """The indices of the batched inputs."""
     return [k for k, t in enumerate(tags) if isinstance(t, Rows)]
@@ -139,9 +147,10 @@ def first_rows(tags: list) -> Rows:
 def elementwise(view: BatchView, node: Node, tags: list) -> Rows:
     """Broadcasting aligns axes from the right: every batched input must put its batch on the
     same output axis, and every unbatched input must have size 1 there (a bias, a scalar)."""
-    ranks = [view.rank(i) if i else 0 for i in node.inputs]
-    out_rank = view.rank(node.outputs[0]) or max((r or 0 for r in ranks), default=0)  # broadcast rank
-    if None in ranks:
+    known = [view.rank(i) if i else 0 for i in node.inputs]
+    out_rank = view.rank(node.outputs[0]) or max((r or 0 for r in known), default=0)  # broadcast rank
+    ranks = [r for r in known if r is not None]
+    if len(ranks) < len(known):
         raise refuse(node, "has inputs or outputs of unknown shape")
     axes = {t.axis + out_rank - ranks[k] for k, t in enumerate(tags) if isinstance(t, Rows)}
     if len(axes) != 1:
@@ -149,7 +158,10 @@ def elementwise(view: BatchView, node: Node, tags: list) -> Rows:
     (out_axis,) = axes
     for k, t in enumerate(tags):
         p = out_axis - (out_rank - ranks[k])
-        if node.inputs[k] and not isinstance(t, Rows) and p >= 0 and view.shape(node.inputs[k])[p] != 1:
+        if not node.inputs[k] or isinstance(t, Rows) or p < 0:
+            continue
+        shape = view.shape(node.inputs[k])  # known, as its rank is
+        if shape is not None and shape[p] != 1:
             raise view.mixing(node, k, p)
     return view.rows(out_axis)
 

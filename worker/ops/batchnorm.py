@@ -13,6 +13,8 @@ statistics and the fusion, which none of those have.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
 from gradserve.worker import kernels
@@ -41,6 +43,13 @@ def _bn_view(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
+def _kernels() -> ModuleType:
+    """The compiled kernels, where their availability was checked (:func:`_kernel_dtype`)."""
+    k = kernels.get()
+    assert k is not None
+    return k
+
+
 def _kernel_dtype(x: np.ndarray) -> bool:
     """Whether the compiled BatchNormalization kernels take ``x`` (float32/float64, numba present)."""
     return x.dtype in (np.float32, np.float64) and x.size > 0 and kernels.available()
@@ -52,7 +61,7 @@ def _batchnorm_kernel(c, x3: np.ndarray, scale, bias, eps: float, relu: bool = F
     x3 = np.ascontiguousarray(x3)
     y3 = np.empty(x3.shape, x3.dtype)
     stats = np.empty((3, x3.shape[1]))
-    kernels.get().bn_forward(x3, scale, bias, eps, relu, y3, stats, np.empty((3, x3.shape[1]), x3.dtype))
+    _kernels().bn_forward(x3, scale, bias, eps, relu, y3, stats, np.empty((3, x3.shape[1]), x3.dtype))
     c.save(x3=x3, stats=stats, relu_y=y3 if relu else None)
     return y3, stats[0], stats[1]
 
@@ -65,7 +74,7 @@ def _batchnorm_kernel_vjp(c, gy, need_x: bool):
     dx3 = np.empty(x3.shape if need_x else (0, 0, 0), x3.dtype)
     dscale, dbias = np.empty(x3.shape[1]), np.empty(x3.shape[1])
     relu = relu_y is not None
-    kernels.get().bn_backward(x3, g3, relu_y if relu else g3, c.inputs[1], stats, relu, dx3, dscale, dbias,
+    _kernels().bn_backward(x3, g3, relu_y if relu else g3, c.inputs[1], stats, relu, dx3, dscale, dbias,
                               np.empty((4, x3.shape[1]), x3.dtype))
     return (dx3 if need_x else None), dscale, dbias
 
@@ -184,7 +193,7 @@ def _fused_batchnorm(c, x, scale, bias):
     where = np.empty(y.shape, np.int32)
     stats = np.empty((3, x.shape[1]))
     geometry = (*pool.kernel, *pool.strides, *pool.dilations, *pool.lo)
-    kernels.get().bn_pool_forward(x, scale, bias, eps, relu, geometry, y, where, stats, np.empty((3, x.shape[1]), x.dtype))
+    _kernels().bn_pool_forward(x, scale, bias, eps, relu, geometry, y, where, stats, np.empty((3, x.shape[1]), x.dtype))
     c.save(x3=_bn_view(x), stats=stats, where=where)
     return y
 
@@ -199,7 +208,7 @@ def _fused_batchnorm_vjp(c, g):
         g3 = np.ascontiguousarray(g, dtype=x3.dtype).reshape(where.shape[0], where.shape[1], -1)
         dx = np.empty(x3.shape if needs[0] else (0, 0, 0), x3.dtype)
         dscale, dbias = np.empty(x3.shape[1]), np.empty(x3.shape[1])
-        kernels.get().bn_pool_backward(x3, g3, where.reshape(g3.shape), scale, c.saved["stats"], dx, dscale, dbias,
+        _kernels().bn_pool_backward(x3, g3, where.reshape(g3.shape), scale, c.saved["stats"], dx, dscale, dbias,
                                        np.empty((4, x3.shape[1]), x3.dtype))
         dx = dx if needs[0] else None
     return (None if dx is None else dx.reshape(x.shape), dscale.astype(scale.dtype) if needs[1] else None,

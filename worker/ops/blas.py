@@ -36,7 +36,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -280,7 +280,7 @@ def _intel_cpu() -> bool:
         return False
 
 
-def _signature(fn: Callable, char: str, index: type) -> Callable:
+def _signature(fn: Any, char: str, index: type) -> Callable:  # fn: a CDLL function
     scalar = ctypes.c_float if char == "f" else ctypes.c_double
     ptr = ctypes.c_void_p
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, index,
@@ -289,7 +289,7 @@ def _signature(fn: Callable, char: str, index: type) -> Callable:
     return fn
 
 
-def _batch_signature(fn: Callable, char: str) -> Callable:
+def _batch_signature(fn: Any, char: str) -> Callable:  # fn: a CDLL function
     scalar = ctypes.c_float if char == "f" else ctypes.c_double
     ptr, index = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, index, scalar,

@@ -114,23 +114,24 @@ class ConvPlan:
     def cols(self, xT: np.ndarray, p0: int, p1: int, buf: np.ndarray | None, ones: bool = False) -> np.ndarray:
         """Columns for grid positions p0:p1 as (group, Cg*Kp, p1-p0), written into ``buf``; with
         ``ones`` (group 1 only) a row of ones follows, (1, C*Kp + 1, p1-p0): the bias's column."""
+        # the type: ignores: ``buf`` is None only for a 1x1 kernel's columns, which are a slice of x
         pb = p1 - p0
         if ones:
-            buf[self.C * self.Kp * pb : (self.C * self.Kp + 1) * pb] = 1
+            buf[self.C * self.Kp * pb : (self.C * self.Kp + 1) * pb] = 1  # type: ignore[index]
             self.cols(xT, p0, p1, buf)
-            return buf[: (self.C * self.Kp + 1) * pb].reshape(1, self.Kg + 1, pb)
+            return buf[: (self.C * self.Kp + 1) * pb].reshape(1, self.Kg + 1, pb)  # type: ignore[index]
         if self.flat:
             xf = xT
             if self.Kp == 1:  # 1x1 kernel: the columns are a (strided) slice of x itself
                 return xf[:, p0 + self.shifts[0] : p1 + self.shifts[0]].reshape(self.group, self.Kg, pb)
-            dst = buf[: self.C * self.Kp * pb].reshape(self.C, self.Kp, pb)
+            dst = buf[: self.C * self.Kp * pb].reshape(self.C, self.Kp, pb)  # type: ignore[index]
             for k, sh in enumerate(self.shifts):
                 np.copyto(dst[:, k], xf[:, p0 + sh : p1 + sh])
         else:
             n0, n1 = p0 // self.L, p1 // self.L
             view = window_view(xT[:, n0:n1].swapaxes(0, 1), self.out, self.kernel, self.strides, self.dilations)
             view = np.moveaxis(view, 0, 1 + len(self.kernel))  # (C, *k, images, *out)
-            dst = buf[: view.size].reshape(view.shape)
+            dst = buf[: view.size].reshape(view.shape)  # type: ignore[index]
             np.copyto(dst, view)
         return dst.reshape(self.group, self.Kg, pb)
 
@@ -278,7 +279,7 @@ def conv_forward(c: OpContext, x: np.ndarray, w: np.ndarray, b: np.ndarray | Non
     # the matmul is about twice as fast as one that also adds
     ones = b is not None and cv.group == 1 and buf is not None
     if ones:
-        w3 = np.concatenate([w3, b.reshape(1, cv.M, 1).astype(w3.dtype)], axis=2)
+        w3 = np.concatenate([w3, b.reshape(1, cv.M, 1).astype(w3.dtype)], axis=2)  # type: ignore[union-attr]  # ones: b is given
     for p0, p1 in cv.ranges:
         blas.matmul(w3, cv.cols(xT, p0, p1, buf, ones), out=yT[:, p0:p1].reshape(cv.group, cv.Mg, p1 - p0))
     y = np.empty((cv.N, cv.M) + cv.out, dtype=yT.dtype)

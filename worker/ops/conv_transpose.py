@@ -96,6 +96,7 @@ def _conv_transpose(c, x, w, b=None):
     if use_direct(cv, x, w):
         ctx.save(direct=True)
     y = conv_vjp(ctx, x.astype(w.dtype, copy=False))[0]
+    assert y is not None  # the context asks for dX (needs=(True, False, False))
     if any(tail):
         y_core, y = y, np.zeros((n, m) + out, y.dtype)
         y[_core_index(core)] = y_core

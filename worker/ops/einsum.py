@@ -103,7 +103,7 @@ def _einsum(c, *xs):
 def _einsum_vjp(c, g):
     spec: _Einsum = c.saved["spec"]
     ops = [x.reshape(s) for x, s in zip(c.inputs, spec.shapes)]
-    grads = []
+    grads: list[np.ndarray | None] = []
     for k, (term, x) in enumerate(zip(spec.terms, c.inputs)):
         if not c.needs[k]:
             grads.append(None)

@@ -16,15 +16,15 @@ from functools import reduce
 import numpy as np
 
 from gradserve.worker.graph import Node
-from gradserve.worker.ops.batch import ELEMENTWISE, ELEMENTWISE_LINEAR, NONE, SHAPE, BatchRule, Rows, elementwise, \
-    linear, refuse
+from gradserve.worker.ops.batch import ELEMENTWISE, ELEMENTWISE_LINEAR, NONE, SHAPE, BatchRule, Rows, Tag, \
+    elementwise, linear, refuse
 from gradserve.worker.ops.registry import OpError, family, per_element, split_ties, str_attr, unbroadcast
 
 # Every op here keeps each element's value to itself, so a batched input's samples stay apart.
 defop = family(batch=ELEMENTWISE, flops=per_element)
 
 # -- binary, broadcasting ---------------------------------------------------------------------------
-def _sum_of_reductions(node: Node, tags: list, reduced: list) -> object:
+def _sum_of_reductions(node: Node, tags: list, reduced: list) -> Tag:
     """Add/Sub of batch reductions: one of the same kind; a batch-independent term would be
     counted once per micro-batch."""
     if NONE in tags or SHAPE in tags:
@@ -35,7 +35,7 @@ def _sum_of_reductions(node: Node, tags: list, reduced: list) -> object:
     raise refuse(node, "adds batch reductions of different kinds (a sum and a mean, or cross-entropies)")
 
 
-def _scaled_reduction(node: Node, tags: list, reduced: list) -> object:
+def _scaled_reduction(node: Node, tags: list, reduced: list) -> Tag:
     """Mul (either factor) or Div (the numerator) of one batch reduction by a batch-independent
     factor: still linear in it."""
     if len(reduced) == 1 and (node.op_type == "Mul" or tags[0] in reduced):

@@ -18,7 +18,7 @@ from gradserve.worker.ops import blas
 from gradserve.worker.ops.activations import FAST_ACTIVATIONS
 from gradserve.worker.graph import Node
 from gradserve.worker.ops.batch import BatchRule, BatchView, Rows, batched_at, refuse
-from gradserve.worker.ops.registry import OpContext, OpError, family, get_op, numel, per_element, unbroadcast
+from gradserve.worker.ops.registry import REGISTRY, OpContext, OpError, family, numel, per_element, unbroadcast
 
 defop = family(flops=per_element)
 
@@ -83,7 +83,7 @@ def _matmul_batch(view: BatchView, node: Node, tags: list) -> Rows:
     operands' stacks: exact unless the product contracts over it."""
     rows = batched_at(tags)
     ra, rb, ro = view.rank(node.inputs[0]), view.rank(node.inputs[1]), view.rank(node.outputs[0])
-    if None in (ra, rb, ro):
+    if ra is None or rb is None or ro is None:
         raise refuse(node, "has inputs of unknown shape")
     a = tags[rows[0]].axis
     if rows == [0] and ra == ro and (a == ra - 2 or (a < ra - 2 and rb <= 2)):
@@ -215,11 +215,12 @@ def _gemm_activation(c, a, b, cin=None):
     if act not in FAST_ACTIVATIONS:
         raise OpError(f"{FUSED_GEMM}: unknown activation '{act}'")
     y = _gemm(c, a, b, cin)
-    return get_op(act).forward(OpContext({}, node=c.node), y)
+    return REGISTRY[act].forward(OpContext({}, node=c.node), y)
 
 
 def _gemm_activation_vjp(c, g):
-    act = get_op(str(c.attr("activation")))
+    act = REGISTRY[str(c.attr("activation"))]
+    assert act.vjp is not None  # every one of FAST_ACTIVATIONS has a VJP
     return _gemm_vjp(c, act.vjp(OpContext({}, outputs=[c.outputs[0]], needs=(True,), node=c.node), g))
 
 

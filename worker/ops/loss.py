@@ -13,7 +13,7 @@ import numpy as np
 
 from gradserve.worker import kernels
 from gradserve.worker.graph import Node
-from gradserve.worker.ops.batch import BatchRule, BatchView, Rows, batched_at, elementwise, refuse
+from gradserve.worker.ops.batch import BatchRule, BatchView, Rows, Tag, batched_at, elementwise, refuse
 from gradserve.worker.ops.registry import OpError, family, per_element, str_attr
 
 defop = family(flops=per_element)
@@ -89,8 +89,9 @@ def _sce_vjp(c, g_loss, g_logp=None):
         return None, None, None
     log_prob, safe, w = c.saved["log_prob"], c.saved["safe"], c.saved["w"]
     prob = np.exp(log_prob)
-    dx = np.zeros_like(log_prob) if g_loss is None else None
-    if g_loss is not None:
+    if g_loss is None:
+        dx = np.zeros_like(log_prob)
+    else:
         coef = _coef(c, np.asarray(g_loss, log_prob.dtype), w, c.saved["reduction"])
         # d(-log p_t)/d scores = softmax - onehot(t)
         dx = prob * coef[:, None]
@@ -123,7 +124,7 @@ def _counted_labels(view: BatchView, node: Node, labels: Rows) -> str:
     return node.inputs[1] if sliced else name
 
 
-def _loss_batch(view: BatchView, node: Node, tags: list) -> object:
+def _loss_batch(view: BatchView, node: Node, tags: list) -> Tag:
     """Scores and labels batched on axis 0: per-sample losses, their sum, their mean, or their mean
     over the targets that are not ignore_index (the micro-batches are weighted by their counts)."""
     if batched_at(tags)[:2] != [0, 1]:
@@ -223,7 +224,7 @@ def _mse_vjp(c, g):
     return (da if c.needs[0] else None), (np.negative(da) if c.needs[1] else None)
 
 
-def _mse_batch(view: BatchView, node: Node, tags: list) -> object:
+def _mse_batch(view: BatchView, node: Node, tags: list) -> Tag:
     """A difference (elementwise), then a mean over every axis, the batch's too."""
     elementwise(view, node, tags)
     return ("mean", None)

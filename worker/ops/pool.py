@@ -191,14 +191,14 @@ def _maxpool_vjp(c, g, *_):
     which = c.saved["which"]
     disjoint = p.disjoint
 
-    def part(k, target):
+    def to_max(k, target):
         hit = which == k
         if disjoint:  # each input position is in at most one window: write, don't add
             np.multiply(g, hit, out=target)
         else:
             target += g * hit
 
-    return p.scatter(part, g.dtype)
+    return p.scatter(to_max, g.dtype)
 
 
 defop("MaxPool", _maxpool, _maxpool_vjp, keep=())

@@ -32,14 +32,14 @@ _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 _DEFAULT_ACTS = {"RNN": ("Tanh",), "GRU": ("Sigmoid", "Tanh"), "LSTM": ("Sigmoid", "Tanh", "Tanh")}
 
 
-def activate(names: Sequence[str], k: int, x: np.ndarray) -> np.ndarray:
+def activate(names: Sequence[Sequence[str]], k: int, x: np.ndarray) -> np.ndarray:
     """Activation ``k`` of each direction applied to x (D, ...)."""
     if len({n[k] for n in names}) == 1:
         return _ACTIVATIONS[names[0][k]][0](x)
     return np.stack([_ACTIVATIONS[n[k]][0](x[d]) for d, n in enumerate(names)])
 
 
-def activation_slope(names: Sequence[str], k: int, y: np.ndarray) -> np.ndarray:
+def activation_slope(names: Sequence[Sequence[str]], k: int, y: np.ndarray) -> np.ndarray:
     """Derivative of activation ``k`` of each direction, from its outputs y (D, ...)."""
     if len({n[k] for n in names}) == 1:
         return _ACTIVATIONS[names[0][k]][1](y)
@@ -211,7 +211,8 @@ def input_grads(c, s: Setup, dG: np.ndarray, W: np.ndarray, dR: Callable[[], np.
     dX = dW = None
     if needs[0]:
         dXd = blas.matmul(dG2, W).reshape(s.D, s.T, s.B, -1)
-        dXs = sum(s.orient(dXd[d], rev) for d, rev in enumerate(s.reverse))
+        # ignore: sum() starts from 0, but there is at least one direction
+        dXs: np.ndarray = sum(s.orient(dXd[d], rev) for d, rev in enumerate(s.reverse))  # type: ignore[assignment]
         dX = dXs if s.layout == 0 else np.ascontiguousarray(dXs.transpose(1, 0, 2))
     if needs[1]:
         Xd = c.saved["Xd"]

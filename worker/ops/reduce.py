@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradserve.worker.graph import Node
-from gradserve.worker.ops.batch import BatchRule, BatchView, along_attr, first_rows, linear, never, refuse
+from gradserve.worker.ops.batch import BatchRule, BatchView, Tag, along_attr, first_rows, linear, never, refuse
 from gradserve.worker.ops.registry import OpError, family, normalize_axis, per_element, split_ties
 
 defop = family(flops=per_element)
@@ -27,12 +27,12 @@ def _norm_axes(c, x: np.ndarray, axes: np.ndarray | None = None) -> tuple[int, .
     13+) or attribute (up to 17). None or empty means every axis, or none with noop_with_empty_axes."""
     if axes is None:
         axes = c.attr("axes")
-    axes = [] if axes is None else [int(a) for a in np.ravel(axes)]
-    if not axes:
+    listed = [] if axes is None else [int(a) for a in np.ravel(axes)]
+    if not listed:
         return () if c.attr("noop_with_empty_axes", 0) else tuple(range(x.ndim))
-    out = tuple(sorted(normalize_axis(a, x.ndim, c.node) for a in axes))
+    out = tuple(sorted(normalize_axis(a, x.ndim, c.node) for a in listed))
     if len(set(out)) != len(out):
-        raise OpError(f"{c.node}: repeated axes {axes}")
+        raise OpError(f"{c.node}: repeated axes {listed}")
     return out
 
 
@@ -93,7 +93,7 @@ def _logsumexp(x, axes):
         return np.log(np.sum(np.exp(x - m), axis=axes, keepdims=True)) + m
 
 
-def _reduce_batch(view: BatchView, node: Node, tags: list) -> object:
+def _reduce_batch(view: BatchView, node: Node, tags: list) -> Tag:
     """A reduction within each sample keeps the batch; over the batch axis only a sum or a mean is
     exact (the micro-batches' losses are then weighted and summed)."""
     axis = first_rows(tags).axis

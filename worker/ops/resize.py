@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.worker.graph import Node
-from gradserve.worker.ops.batch import SHAPE, BatchRule, BatchView, Rows, never, per_sample, refuse
+from gradserve.worker.ops.batch import SHAPE, BatchRule, BatchView, Rows, input_shape, never, per_sample, refuse
 from gradserve.worker.ops.registry import OpError, family, normalize_axis, per_element, str_attr
 
 defop = family(flops=per_element)
@@ -234,7 +234,7 @@ def _resize_batch(view: BatchView, node: Node, tags: list) -> Rows:
         return out
     if len(node.inputs) > 3 and tags[3] == SHAPE:
         return out  # sizes computed from the batch's shape: planning checks axis 0 follows it
-    if sizes is not None and sizes.size and int(sizes.reshape(-1)[k]) == view.shape(node.inputs[0])[0]:
+    if sizes is not None and sizes.size and int(sizes.reshape(-1)[k]) == input_shape(view, node, 0)[0]:
         raise refuse(node, f"has constant sizes {sizes.tolist()} that hold the batch size; each micro-batch "
                            "needs its own")
     raise refuse(node, "resizes along the batch axis")
@@ -337,10 +337,10 @@ class _GridPlan:
             gd = g[..., r - 1 - d]  # the grid lists coordinates fastest axis (x = width) first
             # unnormalise in X's dtype with torch's operation order, so floor() agrees with torch's
             if align:
-                u, slope = (gd + one) / dtype.type(2) * dtype.type(size - 1), (size - 1) / 2
+                u, step = (gd + one) / dtype.type(2) * dtype.type(size - 1), (size - 1) / 2
             else:
-                u, slope = ((gd + one) * dtype.type(size) - one) / dtype.type(2), size / 2
-            slope = np.full(u.shape, slope, dtype)
+                u, step = ((gd + one) * dtype.type(size) - one) / dtype.type(2), size / 2
+            slope = np.full(u.shape, step, dtype)
             if mode != "cubic":  # cubic pads each integer tap instead (below)
                 u, factor = _pad_coord(u, size, padding, align)
                 slope = slope * factor
@@ -413,19 +413,21 @@ def _grid_sample_vjp(c, g: np.ndarray):
     r = len(plan.spatial)
     du = [np.zeros(g.shape[::2], dtype) for _ in range(r)] if need_grid else None
     xf = x.reshape(n, ch, -1)
+    # the type: ignores: dx and base are arrays when need_x, du and plan.dw's entries when need_grid
     for t, flat, w in plan.taps():
         if need_x:
-            dx += np.bincount((base + flat[:, None, :]).ravel(), (g * w[:, None, :]).ravel(), minlength=dx.size)
+            dx += np.bincount((base + flat[:, None, :]).ravel(), (g * w[:, None, :]).ravel(),  # type: ignore[operator]
+                              minlength=dx.size)  # type: ignore[union-attr]
         if need_grid:
             gv = np.einsum("ncq,ncq->nq", g, np.take_along_axis(xf, flat[:, None, :], axis=2))
             for d in range(r):
                 others = math.prod(plan.w[e][..., k] for e, k in enumerate(t) if e != d)
-                du[d] += gv * plan.dw[d][..., t[d]] * others
+                du[d] += gv * plan.dw[d][..., t[d]] * others  # type: ignore[index]
     dgrid = None
     if len(c.needs) > 1 and c.needs[1]:
         grid = c.inputs[1]
         if need_grid:  # back to the grid's layout: coordinate 0 is the last spatial axis
-            dgrid = np.stack(du[::-1], axis=-1).reshape(grid.shape).astype(grid.dtype, copy=False)
+            dgrid = np.stack(du[::-1], axis=-1).reshape(grid.shape).astype(grid.dtype, copy=False)  # type: ignore[index]
         else:  # nearest: piecewise constant in the grid
             dgrid = np.zeros(grid.shape, grid.dtype)
     return (None if dx is None else dx.astype(dtype).reshape(x.shape)), dgrid

@@ -24,6 +24,8 @@ The machinery all three share (attributes, processing order, masking, states) is
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from gradserve.worker.graph import Node
@@ -115,7 +117,7 @@ def _gru(c, X, W, R, B=None, seq_lens=None, h0=None):
             rec = blas.matmul(hp, Rt)
             pre_zr = x[..., : 2 * H] + rec[..., : 2 * H]
             q = rec[..., 2 * H:] if rb_h is None else rec[..., 2 * H:] + rb_h
-            q_all[:, t] = q
+            q_all[:, t] = q  # type: ignore[index]  # allocated with lbr
         else:
             pre_zr = x[..., : 2 * H] + blas.matmul(hp, Rt[..., : 2 * H])
         zr = activate(s.acts, 0, clip_gate(pre_zr, s.clip))
@@ -163,7 +165,7 @@ def _gru_vjp(c, gY=None, gYh=None):
         if lbr:
             dr = dph * q_all[:, t]
             dq = dph * r
-            dq_all[:, t] = dq
+            dq_all[:, t] = dq  # type: ignore[index]  # allocated with lbr
             dhp += blas.matmul(dq, R_h)
         else:
             drh = blas.matmul(dph, R_h)  # error at r * H_prev
@@ -190,7 +192,8 @@ def _gru_vjp(c, gY=None, gYh=None):
 
     def dB():
         dwb = sum_steps(dG)
-        return np.concatenate([dwb, dwb[:, : 2 * H], sum_steps(d_rec_h)], axis=1)
+        # ignore: with lbr, d_rec_h is dq_all, which is allocated then
+        return np.concatenate([dwb, dwb[:, : 2 * H], sum_steps(d_rec_h)], axis=1)  # type: ignore[arg-type]
 
     return tuple(input_grads(c, s, dG, W, dR, dB, dh))
 
@@ -324,7 +327,7 @@ def _rnn_batch(view: BatchView, node: Node, tags: list) -> list:
         want = wanted.get(k, NONE)
         if not name or t == want:
             continue
-        if want == NONE:
+        if not isinstance(want, Rows):  # NONE
             raise refuse(node, f"reads batched weights ('{name}')")
         if t == NONE:
             raise refuse(node, f"reads '{name}', which is not computed from the batch but has one entry per "
@@ -345,7 +348,7 @@ def _rnn_flops(node: Node, shapes) -> int | None:
 
 # Every VJP reads W and R (errors to X and to earlier steps) and LSTM's P; X is saved by the forward
 # only when W needs an error (see save_inputs); the rest is saved state.
-_PLANNING = dict(batch=BatchRule(_rnn_batch), flops=_rnn_flops)
+_PLANNING: dict[str, Any] = dict(batch=BatchRule(_rnn_batch), flops=_rnn_flops)
 defop("RNN", _rnn, _rnn_vjp, keep=("x1", "x2"), differentiable=(0, 1, 2, 3, 5), **_PLANNING)
 defop("GRU", _gru, _gru_vjp, keep=("x1", "x2"), differentiable=(0, 1, 2, 3, 5), **_PLANNING)
 defop("LSTM", _lstm, _lstm_vjp, keep=("x1", "x2", "x7"), differentiable=(0, 1, 2, 3, 5, 6, 7), **_PLANNING)

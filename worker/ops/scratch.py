@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ def scratch(name: str, shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if size * dtype.itemsize > _SCRATCH_MAX_BYTES:
         return np.empty(shape, dtype)
-    pool = _scratch.__dict__
+    pool: dict[Any, np.ndarray] = _scratch.__dict__  # a thread-local's, keyed (name, dtype)
     buf = pool.get((name, dtype))
     if buf is None or buf.size < size:
         buf = pool[(name, dtype)] = np.empty(max(size, 1), dtype)

@@ -175,7 +175,7 @@ def _slice(c, x, starts, ends, axes=None, steps=None):
     steps = _ints(steps) if steps is not None else [1] * len(starts)
     if not len(starts) == len(ends) == len(axes) == len(steps):
         raise OpError(f"{c.node}: starts, ends, axes and steps differ in length")
-    index = [slice(None)] * x.ndim
+    slices = [slice(None)] * x.ndim
     seen = set()
     for s, e, a, st in zip(starts, ends, axes, steps):
         a = normalize_axis(a, x.ndim, c.node)
@@ -190,8 +190,8 @@ def _slice(c, x, starts, ends, axes=None, steps=None):
             # Counting down, start clamps to [0, d-1] and end to [-1, d-1]; -1 means "past index 0",
             # which Python spells None (a literal -1 would wrap around).
             s, e = min(max(s, 0), d - 1), min(max(e, -1), d - 1)
-        index[a] = slice(s, e if e >= 0 else None, st)
-    index = tuple(index)
+        slices[a] = slice(s, e if e >= 0 else None, st)
+    index = tuple(slices)
     c.save(index=index)
     return x[index]
 
@@ -265,7 +265,7 @@ def _pad(c, x, pads, constant_value=None, axes=None):
         return np.pad(xc, widths, mode="constant", constant_values=cval)
     if any(w != (0, 0) and d == 0 for w, d in zip(widths, xc.shape)):
         raise OpError(f"{c.node}: cannot {mode}-pad an empty axis")
-    return np.pad(xc, widths, mode=mode)
+    return np.pad(xc, widths, mode=mode)  # type: ignore[arg-type]  # a str checked above, not a Literal
 
 
 def _pad_source(n: int, before: int, after: int, mode: str) -> np.ndarray:
@@ -295,7 +295,8 @@ def _pad_vjp(c, g):
         for axis, ((b, e), n) in enumerate(zip(widths, cropped)):
             if b or e:
                 acc = np.zeros(inner.shape[:axis] + (n,) + inner.shape[axis + 1:], g.dtype)
-                np.add.at(acc, (slice(None),) * axis + (_pad_source(n, b, e, mode),), inner)
+                # ignore: numpy's stub for ufunc.at takes no tuple of slices and arrays; numpy does
+                np.add.at(acc, (slice(None),) * axis + (_pad_source(n, b, e, mode),), inner)  # type: ignore[arg-type]
                 inner = acc
     if inner.shape == c.x.shape:
         return inner, None, dcval, None

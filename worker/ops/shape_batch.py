@@ -10,7 +10,8 @@ import math
 import numpy as np
 
 from gradserve.worker.graph import Node
-from gradserve.worker.ops.batch import NONE, SHAPE, BatchView, Rows, along_axis, batched_at, first_rows, refuse
+from gradserve.worker.ops.batch import NONE, SHAPE, BatchView, Rows, along_axis, batched_at, first_rows, input_shape, \
+    refuse
 
 _BIG = 1 << 62  # a slice end at least this large means "to the end"
 
@@ -71,7 +72,7 @@ def squeeze(view: BatchView, node: Node, tags: list) -> Rows:
         raise refuse(node, "has an input of unknown shape")
     if node.op_type == "Squeeze":
         if axes is None:  # every size-1 axis; the batch axis has n*per >= 2 entries (check_size sees b=1)
-            axes = [k for k, d in enumerate(view.shape(node.inputs[0])) if d == 1]
+            axes = [k for k, d in enumerate(input_shape(view, node, 0)) if d == 1]
         axes = sorted(a % in_rank for a in axes)
         if axis in axes:
             raise refuse(node, "squeezes the batch axis")
@@ -122,7 +123,7 @@ def slice_axis(view: BatchView, node: Node, tags: list) -> Rows:
     k = axes.index(axis)
     step = 1 if steps is None else int(steps.reshape(-1)[k])
     start, end = int(starts.reshape(-1)[k]), int(ends.reshape(-1)[k])
-    full = view.shape(node.inputs[0])[axis]
+    full = input_shape(view, node, 0)[axis]
     if step == 1 and (start == 0 or start <= -full):
         if end >= _BIG:
             return view.rows(axis)  # the whole axis: a no-op there
@@ -142,18 +143,18 @@ def expand_or_tile(view: BatchView, node: Node, tags: list) -> Rows:
     c = view.const(node, 1)
     if c is None:
         raise refuse(node, "has a shape that is not a constant")
-    c = [int(v) for v in c.reshape(-1)]
+    sizes = [int(v) for v in c.reshape(-1)]
     # Expand aligns its shape with the output's last axes; Tile has one repeat per axis.
-    k = out_axis - ((view.rank(node.outputs[0]) or 0) - len(c)) if node.op_type == "Expand" else axis
-    entry = c[k] if 0 <= k < len(c) else 1
+    k = out_axis - ((view.rank(node.outputs[0]) or 0) - len(sizes)) if node.op_type == "Expand" else axis
+    entry = sizes[k] if 0 <= k < len(sizes) else 1
     if entry == 1:
         return view.rows(out_axis)
-    if node.op_type == "Expand" and entry == view.shape(node.inputs[0])[axis]:
+    if node.op_type == "Expand" and entry == input_shape(view, node, 0)[axis]:
         # A no-op along the batch axis that holds the batch size (the legacy exporter's
         # broadcast in mse_loss, from a fixed-batch export): 1 there keeps the input's own size
         # at every batch size, and changes nothing at this one.
-        c[k] = 1
-        view.rewrite(node, 1, np.asarray(c, np.int64))
+        sizes[k] = 1
+        view.rewrite(node, 1, np.asarray(sizes, np.int64))
         return view.rows(out_axis)
     raise refuse(node, "repeats or broadcasts along the batch axis")
 
@@ -199,10 +200,10 @@ def _gather_computed(view: BatchView, node: Node, data: Rows, g: int) -> Rows:
     if idx is None:
         raise refuse(node, "uses the batch size as data; each micro-batch would see its own size")
     if g != data.axis:
-        view.at_sizes(node, lambda b: None if np.array_equal(view.shape_value(name, b), idx) else
+        view.at_sizes(node, lambda b: None if _equal(view.shape_value(name, b), idx) else
                       f"gathers at indices '{name}' that change with the batch size")
         return view.rows(data.axis if data.axis < g else data.axis - 1 + idx.ndim)
-    per = view.shape(node.inputs[0])[g] // view.n
+    per = input_shape(view, node, 0)[g] // view.n
     k = _sample_axis(idx, view.n, per) if data.outer == 1 else None
     if k is None:
         raise refuse(node, f"gathers along the batch axis at indices '{name}' that do not keep each sample's "
@@ -210,12 +211,17 @@ def _gather_computed(view: BatchView, node: Node, data: Rows, g: int) -> Rows:
 
     def first_blocks(b: int) -> str | None:
         want = np.take(idx, np.arange(idx.shape[k] // view.n * b), axis=k)
-        if np.array_equal(view.shape_value(name, b), want):
+        if _equal(view.shape_value(name, b), want):
             return None
         return f"computes indices '{name}' for {b} samples that are not those of the first {b} of {view.n}"
 
     view.at_sizes(node, first_blocks)
     return view.rows(g + k)
+
+
+def _equal(value: np.ndarray | None, want: np.ndarray) -> bool:
+    """Whether a shape value (None: planning could not compute it) is ``want``."""
+    return value is not None and np.array_equal(value, want)
 
 
 def _sample_axis(idx: np.ndarray, n: int, per: int) -> int | None:
