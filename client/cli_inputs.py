@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
+from gradserve.proto.npz import save_npz
+
 if TYPE_CHECKING:
     from gradserve.server.planning.counts import Count
     from gradserve.worker.graph import Model
@@ -166,8 +168,7 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            # ignore: mypy matches **arrays against savez's allow_pickle= (a tensor of that name would be)
-            np.savez(f, **arrays)  # type: ignore[arg-type]
+            save_npz(f, arrays)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

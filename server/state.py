@@ -38,6 +38,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from gradserve.proto.npz import save_npz
 from gradserve.server.errors import LimitExceeded
 from gradserve.server.result import Result
 from gradserve.worker.graph import GraphError, Model
@@ -243,8 +244,7 @@ class StateDir:
 
     def _write_npz(self, target: Path, arrays: dict[str, np.ndarray], what: str) -> None:
         buffer = io.BytesIO()
-        # ignore: mypy matches **arrays against savez's allow_pickle= (a tensor of that name would be)
-        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        save_npz(buffer, arrays)
         self._write(target, buffer.getvalue(), what)
 
     def _write(self, target: Path, data: bytes, what: str) -> None:
