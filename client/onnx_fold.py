@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 from gradserve.client.onnx_read import InferredShape, infer_shapes, to_array
 from gradserve.worker.graph import GraphError, InputSpec, Node
 from gradserve.worker.ops import REGISTRY, OpContext, get_op
-from gradserve.worker.validate import _onnx_attrs, onnx_model, toposort
+from gradserve.worker.validate import onnx_attrs, onnx_model, toposort
 
 # Ops whose result is not a function of their inputs: never folded, even with constant inputs.
 NONDETERMINISTIC = {"Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
@@ -71,7 +71,7 @@ class ConstantFolding:
         """Run ONNX shape inference on the graph as folded so far; True if it learned new shapes."""
         def onnx_node(n: Node) -> onnx.NodeProto:
             inputs = n.inputs[:1] if n.op_type == "If" else n.inputs  # the rest were for sorting
-            return helper.make_node(n.op_type, inputs, n.outputs, name=n.name, **_onnx_attrs(n))
+            return helper.make_node(n.op_type, inputs, n.outputs, name=n.name, **onnx_attrs(n))
 
         values = {**self.params, **self.constants}
         graph = helper.make_graph(

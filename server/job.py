@@ -116,6 +116,34 @@ class Job:
                 self.events.append(timed)
             self.cond.notify_all()
 
+    def outcome(self) -> tuple[dict[str, Any], str, float | None]:
+        """An ended job's outcome as its one log line says it: the structured fields (id, model,
+        K/M/R as run, seconds queued and running, status code, loss or error), the text, and the
+        seconds it ran (None if it never started)."""
+        with self.cond:
+            state, error, ran_as = self.state, self.error, self.ran_as
+            submitted, started, finished = self.submitted, self.started, self.finished
+            loss = self.result.loss if self.result is not None else None
+        assert finished is not None, "the job has not ended"
+        code, message = (error[0].name, error[1]) if error else ("OK", "")
+        queued = (started if started is not None else finished) - submitted
+        ran = finished - started if started is not None else 0.0
+        k, m, r = ran_as or (self.options.partitions, self.options.micro_batches, self.options.replicas)
+        fields: dict[str, Any] = {
+            "job_id": self.id, "model_id": self.model_id[:16], "outcome": state, "code": code,
+            "partitions": k, "micro_batches": m, "replicas": r,
+            "queued_seconds": round(queued, 6), "run_seconds": round(ran, 6),
+        }
+        if loss is not None:
+            fields["loss"] = loss
+            detail = f", loss={loss:.6g}"
+        else:
+            fields["error"] = one_line(message)
+            detail = f": {fields['error']}"
+        text = (f"job {self.id} {state}: model {fields['model_id']} K={k} M={m} R={r}, queued {queued:.3f}s, "
+                f"ran {ran:.3f}s: {code}{detail}")
+        return fields, text, ran if started is not None else None
+
     # -- readers ----------------------------------------------------------------------------------
     def snapshot(self, event_index: int | None = None) -> JobSnapshot:
         """The job now; or, with ``event_index``, the job as it was when that event happened

@@ -12,8 +12,9 @@ A job starts on a job thread, except that a synchronous call's job which can sta
 the call's own thread, which would only wait for it anyway (``submit(claim=True)``).
 
 **Fairness.** Waiting jobs are kept in one queue per client and started round-robin over the
-clients, first come first served within a client: one client's 100 queued jobs delay another
-client's single job by at most one job per client ahead of it. A client is a connection: the gRPC
+clients, first come first served within a client (:mod:`gradserve.server.fair_queue`): one
+client's 100 queued jobs delay another client's single job by at most one job per client ahead of
+it. A client is a connection: the gRPC
 peer address (``context.peer()``, e.g. ``ipv4:10.0.0.5:53412``), see :func:`client_of`.
 
 **Outcomes.** Every job that ends -- done, failed or cancelled, whether it ran or not -- is counted
@@ -35,7 +36,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping
@@ -46,10 +47,11 @@ import numpy as np
 from gradserve.server.errors import (
     NotFound, QueueFull, ServiceError, Unavailable, WorkerLost, status_for,
 )
+from gradserve.server.fair_queue import FairQueue
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.planning.prepare import PreparedJob
 from gradserve.server.job import (
-    CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobOptions, one_line, options_from_record,
+    CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobOptions, options_from_record,
     options_record,
 )
 from gradserve.server.result import Result
@@ -109,12 +111,7 @@ class JobRegistry:
         self.max_queued = max_queued
         self.result_ttl = result_ttl
         self._jobs: dict[str, Job] = {}
-        self._waiting: dict[str, deque[Job]] = {}  # client -> its queued jobs, oldest first
-        # client -> when it last had a job started (admission count), kept while it has jobs waiting
-        # or running: the client whose turn is longest ago goes next, a new client first.
-        self._turn: dict[str, int] = {}
-        self._running_by_client: Counter[str] = Counter()
-        self._admissions = itertools.count()
+        self._waiting = FairQueue()  # jobs not started yet, taken round-robin over clients
         self._admitted = 0  # jobs handed to a thread and not yet ended
         self._reserved = 0  # admitted by submit while their feeds are being written to disk
         self._lock = threading.Lock()
@@ -195,7 +192,7 @@ class JobRegistry:
                 self._admit(job)  # what _dispatch would do next, minus the job thread
                 job.claimed = True
             else:
-                self._waiting.setdefault(client, deque()).append(job)
+                self._waiting.add(job)
         if log.isEnabledFor(logging.DEBUG):  # INFO has the job's one outcome line (_ended)
             log.debug(
                 "job %s queued: model %s, partitions=%s micro_batches=%s replicas=%s input_grads=%s feeds=%s",
@@ -254,13 +251,9 @@ class JobRegistry:
         start = []
         with self._lock:
             while self._admitted < limit and self._waiting and not self._closed:
-                client = min(self._waiting, key=lambda c: (self._turn.get(c, -1), self._waiting[c][0].submitted))
-                queue = self._waiting[client]
-                job = queue.popleft()
-                if not queue:
-                    del self._waiting[client]
+                job = self._waiting.pop()
                 if job.state != QUEUED:  # cancelled while waiting
-                    self._forget_turn(client)
+                    self._waiting.dropped(job)
                     continue
                 self._admit(job)
                 start.append(job)
@@ -269,8 +262,7 @@ class JobRegistry:
 
     def _admit(self, job: Job) -> None:
         """Count ``job`` as started (caller holds the lock); its thread ends with :meth:`_run`'s bookkeeping."""
-        self._turn[job.client] = next(self._admissions)
-        self._running_by_client[job.client] += 1
+        self._waiting.started(job)
         self._admitted += 1
 
     def _run(self, job: Job) -> None:
@@ -279,15 +271,8 @@ class JobRegistry:
         finally:
             with self._lock:
                 self._admitted -= 1
-                self._running_by_client[job.client] -= 1
-                self._forget_turn(job.client)
+                self._waiting.ended(job)
             self._dispatch()
-
-    def _forget_turn(self, client: str) -> None:
-        """Drop a client's turn record once it has nothing waiting or running (caller holds the lock)."""
-        if self._running_by_client[client] <= 0 and client not in self._waiting:
-            self._running_by_client.pop(client, None)
-            self._turn.pop(client, None)
 
     def _compute(self, job: Job) -> None:
         with job.cond:
@@ -370,29 +355,11 @@ class JobRegistry:
 
     def _ended(self, job: Job) -> None:
         """Count and log a job that has just ended: its one outcome line (see the module docs)."""
-        with job.cond:
-            state, error, ran_as = job.state, job.error, job.ran_as
-            submitted, started, finished = job.submitted, job.started, job.finished
-            loss = job.result.loss if job.result is not None else None
-        assert finished is not None  # _finish set it
-        code, message = (error[0].name, error[1]) if error else ("OK", "")
-        queued = (started if started is not None else finished) - submitted
-        ran = finished - started if started is not None else 0.0
+        fields, text, ran = job.outcome()
         with self._lock:
-            self.ended[state] += 1
-        self.metrics.job_ended(state, code, ran if started is not None else None)
-        k, m, r = ran_as or (job.options.partitions, job.options.micro_batches, job.options.replicas)
-        fields = {"job_id": job.id, "model_id": job.model_id[:16], "outcome": state, "code": code,
-                  "partitions": k, "micro_batches": m, "replicas": r,
-                  "queued_seconds": round(queued, 6), "run_seconds": round(ran, 6)}
-        if loss is not None:
-            fields["loss"] = loss
-            detail = f", loss={loss:.6g}"
-        else:
-            fields["error"] = one_line(message)
-            detail = f": {fields['error']}"
-        log.info("job %s %s: model %s K=%s M=%s R=%s, queued %.3fs, ran %.3fs: %s%s", job.id, state,
-                 fields["model_id"], k, m, r, queued, ran, code, detail, extra={"fields": fields})
+            self.ended[fields["outcome"]] += 1
+        self.metrics.job_ended(fields["outcome"], fields["code"], ran)
+        log.info("%s", text, extra={"fields": fields})
 
     # -- looking up -------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
@@ -464,8 +431,7 @@ class JobRegistry:
         """One consistent read of what the status screen and the tests need: jobs admitted to run
         now, jobs waiting, ended jobs by outcome, and retries after lost workers."""
         with self._lock:
-            waiting = sum(len(queue) for queue in self._waiting.values())
-            return RegistryCounts(self._admitted, waiting, dict(self.ended), self.retries)
+            return RegistryCounts(self._admitted, len(self._waiting), dict(self.ended), self.retries)
 
     def dispatch(self) -> None:
         """Start waiting jobs now if the limit (re-read from the engine) allows: what the registry

@@ -14,7 +14,7 @@ from gradserve.worker.autodiff import backward, compile_program, forward
 from gradserve.worker.graph import Node
 from gradserve.worker.ops import get_op
 from gradserve.worker.graph import DEFAULT_OPSET
-from gradserve.worker.validate import _onnx_attrs, onnx_model
+from gradserve.worker.validate import onnx_attrs, onnx_model
 
 
 def run_op(op_type: str, inputs: Sequence[np.ndarray | None], attrs: dict[str, Any] | None = None, n_outputs: int = 1):
@@ -86,7 +86,7 @@ def _check_against_onnx(node: Node, feeds: dict[str, np.ndarray], ys: list[np.nd
     graph_inputs = [
         helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), x.shape) for n, x in feeds.items()
     ]
-    onnx_node = helper.make_node(node.op_type, node.inputs, node.outputs, **_onnx_attrs(node))
+    onnx_node = helper.make_node(node.op_type, node.inputs, node.outputs, **onnx_attrs(node))
     outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.outputs]
     model = onnx_model(helper.make_graph([onnx_node], "t", graph_inputs, outputs), opset)
     inferred = shape_inference.infer_shapes(model, strict_mode=True)
@@ -106,7 +106,7 @@ def onnx_reference(op_type: str, inputs: Sequence[np.ndarray | None], attrs: dic
 
     names = [f"x{i}" if x is not None else "" for i, x in enumerate(inputs)]
     outs = [f"y{i}" for i in range(n_outputs)]
-    node = helper.make_node(op_type, names, outs, **_onnx_attrs(Node("n", op_type, names, outs, dict(attrs or {}))))
+    node = helper.make_node(op_type, names, outs, **onnx_attrs(Node("n", op_type, names, outs, dict(attrs or {}))))
     graph = helper.make_graph(
         [node], "g",
         [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), x.shape)

@@ -248,7 +248,7 @@ def onnx_model(graph: onnx.GraphProto, opset: int = DEFAULT_OPSET) -> onnx.Model
     return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
 
 
-def _onnx_attrs(node: Node) -> dict:
+def onnx_attrs(node: Node) -> dict:
     """``node``'s attributes as ``onnx.helper.make_node`` takes them (arrays as TensorProtos)."""
     from onnx import numpy_helper
 

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from gradserve.server.planning.batching import Split, _batched_inputs, split_batch
+from gradserve.server.planning.batching import Split, batched_inputs, split_batch
 # the counts live in a module of their own, which clients import without the planner; the names
 # stay importable from here
 from gradserve.server.planning.counts import AUTO, Count, count_from_wire, count_to_wire, parse_count  # noqa: F401
@@ -217,7 +217,7 @@ def _at_cuts(job: PreparedJob, model: Model, feeds: Mapping[str, np.ndarray], sp
 
 def _batch_size(model: Model, feeds: Mapping[str, np.ndarray]) -> int | None:
     try:
-        return _batched_inputs(model, feeds)[1]
+        return batched_inputs(model, feeds)[1]
     except GraphError:
         return None
 

@@ -72,7 +72,7 @@ def split_batch(model: Model, job: PreparedJob, feeds: Mapping[str, np.ndarray],
     loss weights. Raises GraphError, naming the node, when the split would not be exact."""
     if parts == 1:
         return Split(model, [Chunk(dict(feeds), 1.0)], job)
-    batched, n = _batched_inputs(model, feeds)
+    batched, n = batched_inputs(model, feeds)
     if n < parts:
         raise GraphError(f"a batch of {n} cannot be split into {parts} micro-batches x replicas")
     follower = _Follower(model, job, set(batched), n)
@@ -105,7 +105,7 @@ def split_batch(model: Model, job: PreparedJob, feeds: Mapping[str, np.ndarray],
     return Split(run_model, [Chunk(f, w) for f, w in zip(parts_feeds, weights)], jobs[parts_feeds[0][batched[0]].shape[0]])
 
 
-def _batched_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> tuple[list[str], int]:
+def batched_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> tuple[list[str], int]:
     """The fed inputs that carry the batch on axis 0, and the batch size.
 
     Inputs declared with a symbolic first axis are the batch. A model with none (exported without

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from gradserve.worker import kernels, onnx_lite
 from gradserve.worker.graph import SUPPORTED_OPSETS, GraphError, InputSpec, Model, Node
-from gradserve.worker.validate import _onnx_attrs, infer_shapes, onnx_model
+from gradserve.worker.validate import onnx_attrs, infer_shapes, onnx_model
 
 # "onnx" is onnx's package (its __init__ imports all of onnx, and ml_dtypes): onnx_lite loads two
 # of its modules, onnx.onnx_ml_pb2 and onnx.onnx_cpp2py_export, without it
@@ -149,7 +149,7 @@ ATTRS = [
 @pytest.mark.parametrize("attrs", ATTRS, ids=range(len(ATTRS)))
 def test_nodes_are_built_as_onnx_helper_builds_them(attrs):
     node = Node("n1", "Op", ["a", "", "b"], ["y"], dict(attrs))
-    want = helper.make_node(node.op_type, node.inputs, node.outputs, name=node.name, **_onnx_attrs(node))
+    want = helper.make_node(node.op_type, node.inputs, node.outputs, name=node.name, **onnx_attrs(node))
     assert onnx_lite.node(node.op_type, node.inputs, node.outputs, node.name, node.attrs).SerializeToString() \
         == want.SerializeToString()
 
