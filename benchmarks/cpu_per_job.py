@@ -11,7 +11,9 @@ reads every process's user + system time from /proc and sums it by role:
 - ``ray daemons``: raylet, GCS server and Ray's helper processes (log monitor, agents),
 
 and prints each as milliseconds per job and as a ratio to the inline engine's total CPU per job
-(the same arithmetic in one process). The plans are inline, K=1, K=2 M=1 and K=1 R=2, on one
+(the same arithmetic in one process). A second table splits the workers' CPU (the inline engine's:
+its process's) by thread (:func:`by_thread_kind`): the thread the jobs ran on, the compute threads
+(BLAS and compiled kernels) and Ray's own threads. The plans are inline, K=1, K=2 M=1 and K=1 R=2, on one
 embedded single-node Ray; rounds alternate the plans so that the machine's drift hits all alike.
 Targets (issue 20): workers <= 1.05x inline for K=1 and K=2; driver + daemons <= 10% of inline.
 """
@@ -48,8 +50,14 @@ def role(pid: int, me: int) -> str | None:
     return None
 
 
-def cpu_by_role() -> dict[str, float]:
-    """CPU-seconds (user + system) every process has used so far, summed by :func:`role`."""
+def _cpu_seconds(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def cpu_by_role() -> dict:
+    """CPU-seconds (user + system) every process has used so far, summed by :func:`role`; and for
+    the workers' and the driver's processes, by thread: ``(role, pid, tid, name) -> seconds``."""
     me, out = os.getpid(), defaultdict(float)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -59,15 +67,40 @@ def cpu_by_role() -> dict[str, float]:
         if which is None:
             continue
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[which] += _cpu_seconds(Path(f"/proc/{pid}/stat"))
+            if which in ("workers", "driver"):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    name = (task / "comm").read_text().strip()
+                    out[(which, pid, int(task.name), name)] += _cpu_seconds(task / "stat")
         except OSError:
             continue  # gone meanwhile
-        out[which] += (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
     return out
 
 
-def measure(run, jobs: int) -> tuple[dict[str, float], float]:
-    """CPU-seconds per job by role, and wall seconds per job, over ``jobs`` runs of ``run``."""
+def by_thread_kind(threads: dict, whose: str) -> dict[str, float]:
+    """CPU by kind of thread of ``whose`` processes: in each process its busiest thread, where the
+    jobs ran (the driver's main thread for the inline engine; a worker's task thread: the ops'
+    Python, Ray's task execution and (de)serialization), the ``compute`` threads (BLAS's and the
+    compiled kernels' pools, named like the process: ``ray::...`` in a worker), and Ray's own
+    threads (io loop, gRPC pollers, event buffers)."""
+    out: dict[str, float] = defaultdict(float)
+    by_pid: dict[int, list] = defaultdict(list)
+    for (which, pid, tid, name), seconds in threads.items():
+        if which == whose:
+            by_pid[pid].append((seconds, tid, name))
+    for pid, rows in by_pid.items():
+        rows.sort(reverse=True)
+        busiest = rows[0]
+        out["jobs"] += busiest[0]
+        main_name = next((name for _, tid, name in rows if tid == pid), "")
+        for seconds, tid, name in rows[1:]:
+            ours = name.startswith("ray::") if main_name.startswith("ray::") else name == main_name
+            out["compute" if ours else "ray"] += seconds
+    return out
+
+
+def measure(run, jobs: int) -> tuple[dict, float]:
+    """CPU-seconds per job by role (and by thread), and wall seconds per job, over ``jobs`` runs of ``run``."""
     import time
 
     before, t = cpu_by_role(), time.perf_counter()
@@ -75,7 +108,12 @@ def measure(run, jobs: int) -> tuple[dict[str, float], float]:
         run()
     wall = (time.perf_counter() - t) / jobs
     after = cpu_by_role()
-    return {k: max(0.0, after.get(k, 0.0) - before.get(k, 0.0)) / jobs for k in set(before) | set(after)}, wall
+    per_job = {k: max(0.0, after.get(k, 0.0) - before.get(k, 0.0)) / jobs for k in set(before) | set(after)}
+    threads = {k: v for k, v in per_job.items() if isinstance(k, tuple)}
+    out = {k: v for k, v in per_job.items() if isinstance(k, str)}
+    for whose in ("workers", "driver"):
+        out.update({f"{whose}/{kind}": v for kind, v in by_thread_kind(threads, whose).items()})
+    return out, wall
 
 
 def main() -> None:
@@ -126,6 +164,13 @@ def main() -> None:
           f"medians; {os.cpu_count()} cores, {cpu_model()}")
     print(table(rows, ("plan", "wall ms/job", "workers CPU ms", "driver CPU ms", "ray daemons CPU ms",
                        "workers / inline", "driver+daemons / inline")))
+    # Where the workers' CPU goes, thread by thread (the inline engine's: its process's threads).
+    split = []
+    for name in plans:
+        whose = "driver" if name == "inline" else "workers"
+        split.append((name, *(f"{med(name, f'{whose}/{kind}') * 1e3:.0f}" for kind in ("jobs", "compute", "ray"))))
+    print()
+    print(table(split, ("plan", "busiest thread CPU ms", "compute threads CPU ms", "Ray's threads CPU ms")))
 
 
 if __name__ == "__main__":
