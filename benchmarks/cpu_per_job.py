@@ -30,6 +30,7 @@ from common import cpu_model, mlp, mlp_feeds, table
 
 TICKS = os.sysconf("SC_CLK_TCK")
 RAY_DAEMONS = ("raylet", "gcs_server")
+SETTLE_SECONDS = 0.5
 
 
 def role(pid: int, me: int) -> str | None:
@@ -103,6 +104,9 @@ def measure(run, jobs: int) -> tuple[dict, float]:
     """CPU-seconds per job by role (and by thread), and wall seconds per job, over ``jobs`` runs of ``run``."""
     import time
 
+    # Idle OpenBLAS threads spin for ~0.1 s after their last product (the driver's, after inline
+    # jobs): let them stop, so that one plan's spinning is not counted in the next plan's window.
+    time.sleep(SETTLE_SECONDS)
     before, t = cpu_by_role(), time.perf_counter()
     for _ in range(jobs):
         run()
