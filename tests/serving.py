@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+import grpc
 import numpy as np
 import pytest
 
@@ -102,3 +103,16 @@ def _files(tmp_path: Path, seed: int) -> tuple[str, str]:
     model.save(tmp_path / "model.gsm")
     np.savez(tmp_path / "feeds.npz", **feeds)
     return str(tmp_path / "model.gsm"), str(tmp_path / "feeds.npz")
+
+
+def check_still_serving(client: "gradserve.Client", seed: int = 99) -> None:
+    """After a bad request: a normal job on the same server still gives the right answer."""
+    model, feeds = mlp(seed), batch(seed)
+    assert_same(client.gradients(model, feeds), REFERENCE.gradients(model, feeds))
+
+
+def code_and_details(fn) -> tuple:
+    """The status code and details of the gRPC error ``fn()`` raises."""
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details()

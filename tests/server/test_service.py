@@ -33,7 +33,6 @@ from gradserve.client.remote import (
     Cancelled,
     Client,
     DeadlineExceeded,
-    InvalidArgument,
     JobStatus,
     NotFound,
     RemoteError,
@@ -45,34 +44,14 @@ from gradserve.client.wire import model_manifest
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.events import JobCancelled, ProgressEvent
-from gradserve.server.inline import InlineEngine
 from gradserve.server.limits import Limits
 from gradserve.server.service import GradientServer
-from gradserve.worker.graph import GraphError, InputSpec, Model, Node
-from serving import REFERENCE, GatedEngine, _files, assert_same, batch, mlp, serving
+from serving import REFERENCE, GatedEngine, _files, assert_same, batch, check_still_serving, code_and_details, mlp, serving
 
 SERVICE = "gradserve.v1.GradientService"
 
 
 # -- models and helpers ----------------------------------------------------------------------------
-
-
-def check_still_serving(client: Client, seed: int = 99) -> None:
-    """After a bad request: a normal job on the same server still gives the right answer."""
-    model, feeds = mlp(seed), batch(seed)
-    assert_same(client.gradients(model, feeds), REFERENCE.gradients(model, feeds))
-
-
-@pytest.fixture(scope="module")
-def server():
-    with serving(InlineEngine, limits=Limits(max_concurrent_jobs=4)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(server.address, timeout=30) as c:
-        yield c
 
 
 # -- uploads and jobs ------------------------------------------------------------------------------
@@ -324,7 +303,7 @@ def test_bad_job_requests_name_the_tensor(client, rpc):
         ((bad_dtype, [x, y]), "feed 'x'.*dtype"),
         ((options, [x]), "feed 'y'.* needs 64 bytes, got 0"),
     ]:
-        code, details = _code_and_details(lambda: _by_rpc(rpc, client, *request))
+        code, details = code_and_details(lambda: _by_rpc(rpc, client, *request))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
         assert re.search(match, details), details
     check_still_serving(client)
@@ -332,11 +311,11 @@ def test_bad_job_requests_name_the_tensor(client, rpc):
 
 def test_malformed_compute_requests(client):
     call = client._channel.unary_stream(f"/{SERVICE}/Compute")
-    code, details = _code_and_details(lambda: list(call(b"\x0a\xff\xff\xff\x0f garbage", timeout=10)))
+    code, details = code_and_details(lambda: list(call(b"\x0a\xff\xff\xff\x0f garbage", timeout=10)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid gradserve.v1.JobRequest" in details
-    code, details = _code_and_details(lambda: _compute(client, None, []))
+    code, details = code_and_details(lambda: _compute(client, None, []))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "Compute: the request has no options" in details
-    code, details = _code_and_details(lambda: _compute(client, *_job_parts("no-such-model", batch(25))))
+    code, details = code_and_details(lambda: _compute(client, *_job_parts("no-such-model", batch(25))))
     assert code == grpc.StatusCode.NOT_FOUND and "model 'no-such-model'" in details
     check_still_serving(client)
 
@@ -350,12 +329,12 @@ def test_job_request_limits(rpc):
             (batch(26, n=2000), "feed 'x' of shape \\(2000, 4\\) has 8000 elements; the limit is 5000"),
             (batch(26, n=1000), "feed 'x' \\(16000 bytes\\) brings the feed data to 16000 bytes; the limit is 8192"),
         ]:
-            code, details = _code_and_details(lambda: _by_rpc(rpc, c, *_job_parts(model_id, feeds)))
+            code, details = code_and_details(lambda: _by_rpc(rpc, c, *_job_parts(model_id, feeds)))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and re.search(match, details), details
         if rpc == "Compute":  # one message over the server's message size: gRPC itself refuses it
             options, _ = _job_parts(model_id, batch(26))
             oversize = [service_pb2.TensorChunk(name="x", offset=0, data=b"\0" * (1 << 20))]
-            code, _ = _code_and_details(lambda: _compute(c, options, oversize))
+            code, _ = code_and_details(lambda: _compute(c, options, oversize))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         check_still_serving(c)
         assert srv.servicer.pending.used == 0
@@ -395,114 +374,6 @@ def test_reflection_lists_the_service(server):
         replies = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
     assert SERVICE in {s.name for s in replies[0].list_services_response.service}
     assert replies[1].file_descriptor_response.file_descriptor_proto  # the .proto is served too
-
-
-# -- bad requests ----------------------------------------------------------------------------------
-
-
-def _raw_upload(client, messages):
-    """UploadModel with raw bytes as the messages: what a broken or hostile client can send."""
-    call = client._channel.stream_unary(f"/{SERVICE}/UploadModel")
-    return call(iter(messages), timeout=10)
-
-
-def _upload_with_chunks(client, model, data_chunks, model_id=None):
-    manifest, _ = model_manifest(model)
-    if model_id:
-        manifest.model_id = model_id
-    msgs = [service_pb2.UploadChunk(manifest=manifest)] + [service_pb2.UploadChunk(data=c) for c in data_chunks]
-    return service_pb2_grpc.GradientServiceStub(client._channel).UploadModel(iter(msgs), timeout=10)
-
-
-def _code_and_details(fn):
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    return info.value.code(), info.value.details()
-
-
-def test_garbage_message_bytes(client):
-    # A length-delimited field claiming far more bytes than follow: not a parseable message.
-    code, details = _code_and_details(lambda: _raw_upload(client, [b"\x0a\xff\xff\xff\x0f garbage"]))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not a valid gradserve.v1.UploadChunk" in details
-    check_still_serving(client)
-
-
-def test_garbage_chunk_payload_names_the_tensor(client):
-    model = mlp(6)
-    garbage = service_pb2.TensorChunk(name="w1", offset=0, data=b"garbage")
-    code, details = _code_and_details(lambda: _upload_with_chunks(client, model, [garbage]))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "parameter 'w1'" in details and "got 7" in details
-    bad_offset = service_pb2.TensorChunk(name="b1", offset=4, data=b"\0" * 4)
-    code, details = _code_and_details(lambda: _upload_with_chunks(client, model, [bad_offset]))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "parameter 'b1'" in details and "expected offset 0" in details
-    check_still_serving(client)
-
-
-def test_content_hash_is_verified(client):
-    model = mlp(7)
-    _, arrays = model_manifest(model)
-    from gradserve.proto import chunks
-
-    code, details = _code_and_details(
-        lambda: _upload_with_chunks(client, model, list(chunks.chunks(arrays)), model_id="0" * 64))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "hashes to" in details
-    assert not client.has_model("0" * 64)
-
-
-def test_first_message_must_be_the_manifest(client):
-    stub = service_pb2_grpc.GradientServiceStub(client._channel)
-    chunk = service_pb2.UploadChunk(data=service_pb2.TensorChunk(name="w", data=b"\0"))
-    with pytest.raises(grpc.RpcError) as info:
-        stub.UploadModel(iter([chunk]), timeout=10)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "manifest" in info.value.details()
-    with pytest.raises(grpc.RpcError) as info:
-        list(stub.Run(iter([service_pb2.JobChunk(feed=chunk.data)]), timeout=10))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options" in info.value.details()
-
-
-def test_unknown_op_names_the_node(client):
-    model = Model(
-        nodes=[Node("frob", "Frobnicate", ["x", "w"], ["loss"])],
-        inputs=[InputSpec("x", np.dtype(np.float32), ())],
-        params={"w": np.ones((), np.float32)},
-        loss="loss",
-    )
-    with pytest.raises(InvalidArgument, match="node 'frob' \\(Frobnicate\\).*unsupported op type") as info:
-        client.upload(model)
-    assert isinstance(info.value, GraphError) and isinstance(info.value, ValueError)
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    check_still_serving(client)
-
-
-@pytest.mark.parametrize(
-    "feeds, options, match",
-    [
-        ({"x": np.zeros((16, 5), np.float32), "y": np.zeros((16, 1), np.float32)}, {}, "'x'"),  # bad shape
-        ({"x": np.zeros((16, 4), np.float32)}, {}, "feed 'y' is missing"),
-        ({"x": np.zeros((16, 4), np.int64), "y": np.zeros((16, 1), np.float32)}, {}, "'x'"),  # bad dtype
-        (batch(8), {"input_grads": ["nope"]}, "'nope'"),
-    ],
-    ids=["bad-shape", "missing-feed", "bad-dtype", "unknown-input-grad"],
-)
-def test_bad_feeds_name_the_tensor(client, feeds, options, match):
-    model = mlp(8)
-    with pytest.raises(InvalidArgument, match=match):
-        client.gradients(model, feeds, **options)
-    with pytest.raises(InvalidArgument, match=match):  # the async path checks at Submit
-        client.submit(model, feeds, **options)
-    check_still_serving(client)
-
-
-def test_unknown_ids(client):
-    with pytest.raises(NotFound, match="model 'no-such-model'"):
-        client.gradients("no-such-model", batch(0))
-    job = gradserve.client.remote.Job(client, "job-0-nope", "")
-    for action in (job.status, job.cancel, lambda: list(job.watch(timeout=5)), lambda: job.result(timeout=5)):
-        with pytest.raises(NotFound, match="job 'job-0-nope'"):
-            action()
-    check_still_serving(client)
 
 
 def test_limits_answer_resource_exhausted():
