@@ -126,16 +126,49 @@ def check_module(
     rtol: float | None = None,
     optimize: bool = True,
     batch_norm: str = "as-exported",
+    opset: int | None = None,
     **run: Any,
 ) -> gradserve.Result:
     """Export ``module`` (returning a scalar loss), run it through gradserve and assert the loss and
-    every dL/dw equal torch autograd's. ``optimize`` goes to the dynamo exporter, ``batch_norm`` to
-    ``gradserve.load_onnx``, ``run`` to ``engine.gradients`` (micro_batches=...). Returns gradserve's
-    result."""
+    every dL/dw equal torch autograd's. ``optimize`` and ``opset`` go to the exporter, ``batch_norm``
+    to ``gradserve.load_onnx``, ``run`` to ``engine.gradients`` (micro_batches=...). Returns
+    gradserve's result."""
     distinct_params_(module)
-    want_loss, want = torch_gradients(module, args)
+    # torch first: the export runs the module again (a train-mode BatchNorm updates its statistics)
+    want = torch_gradients(module, args)
     path = export(module, args, tmp_path / f"{type(module).__name__}-{exporter}.onnx", input_names, exporter,
-                  dynamic_batch, optimize=optimize)
+                  dynamic_batch, opset=opset, optimize=optimize)
+    return _compare(module, args, input_names, path, want, engine, rtol, batch_norm, run)
+
+
+def check_export(
+    module: torch.nn.Module,
+    args: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    path: Path,
+    engine: Any = None,
+    rtol: float | None = None,
+    batch_norm: str = "as-exported",
+    **run: Any,
+) -> gradserve.Result:
+    """:func:`check_module` on an export of ``module`` made already (by :func:`export`, after
+    :func:`distinct_params_`), for tests that share one export: the loss and every dL/dw gradserve
+    computes from ``path`` must equal torch autograd's on ``module``."""
+    return _compare(module, args, input_names, path, torch_gradients(module, args), engine, rtol, batch_norm, run)
+
+
+def _compare(
+    module: torch.nn.Module,
+    args: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    path: Path,
+    want_gradients: tuple[float, dict[str, np.ndarray]],
+    engine: Any,
+    rtol: float | None,
+    batch_norm: str,
+    run: dict[str, Any],
+) -> gradserve.Result:
+    want_loss, want = want_gradients
     model = gradserve.load_onnx(path, batch_norm=batch_norm)
     feeds = {n: a.detach().numpy() for n, a in zip(input_names, args)}
     result = (engine or gradserve.local()).gradients(model, feeds, **run)

@@ -12,13 +12,15 @@ it keeps BatchNormalization and writes the SE pool as GlobalAveragePool.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_oracle import EXPORTERS, check_module, export
+from torch_oracle import EXPORTERS, check_export, check_module, distinct_params_, export
 
 ACTIVATIONS = {
     "hardswish": nn.Hardswish,
@@ -62,13 +64,31 @@ def mlp_args(dtype: torch.dtype, batch: int = 7):
     return (torch.randn(batch, 6, generator=gen, dtype=dtype) * 3, torch.randn(batch, 5, generator=gen, dtype=dtype))
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``exported(name, exporter)``: the float64 ActivationMLP of that activation (its parameters made
+    distinct) and its export, made once for the gradient check and ``test_emitted_ops``: a dynamo
+    export takes seconds."""
+    folder = tmp_path_factory.mktemp("activations")
+    made: dict[tuple[str, str], tuple[nn.Module, Path]] = {}
+
+    def get(name: str, exporter: str) -> tuple[nn.Module, Path]:
+        if (name, exporter) not in made:
+            torch.manual_seed(0)
+            module = distinct_params_(ActivationMLP(ACTIVATIONS[name](), torch.float64))
+            path = export(module, mlp_args(torch.float64), folder / f"{name}-{exporter}.onnx", ["x", "target"],
+                          exporter)
+            made[name, exporter] = module, path
+        return made[name, exporter]
+
+    return get
+
+
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
-def test_activation_mlp(name, exporter, tmp_path):
-    torch.manual_seed(0)
-    module = ActivationMLP(ACTIVATIONS[name](), torch.float64)
-    check_module(module, mlp_args(torch.float64), ["x", "target"], tmp_path, exporter=exporter,
-                 rtol=RTOL_FLOAT64.get(name))
+def test_activation_mlp(name, exporter, exported):
+    module, path = exported(name, exporter)
+    check_export(module, mlp_args(torch.float64), ["x", "target"], path, rtol=RTOL_FLOAT64.get(name))
 
 
 @pytest.mark.parametrize("name", ["hardswish", "gelu", "prelu"])
@@ -127,13 +147,10 @@ def _op_types(path) -> set[str]:
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_emitted_ops(exporter, tmp_path):
-    """The ONNX ops each exporter writes for these layers (documents which of our ops the exports use)."""
-    found = {}
-    for name, make in ACTIVATIONS.items():
-        module = ActivationMLP(make(), torch.float64)
-        path = export(module, mlp_args(torch.float64), tmp_path / f"{name}.onnx", ["x", "target"], exporter)
-        found[name] = _op_types(path)
+def test_emitted_ops(exporter, exported):
+    """The ONNX ops each exporter writes for these layers (documents which of our ops the exports use):
+    in the exports test_activation_mlp checked."""
+    found = {name: _op_types(exported(name, exporter)[1]) for name in ACTIVATIONS}
     assert {"Sin", "Cos", "Atan"} <= found["elu"]
     for name, op in [("hardswish", "HardSwish"), ("hardsigmoid", "HardSigmoid"), ("elu", "Elu"), ("selu", "Selu"),
                      ("celu", "Celu"), ("prelu", "PRelu")]:

@@ -8,11 +8,13 @@ GPT-2's, to float32's rounding). Exports take seconds, so each module is a modul
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -245,15 +247,31 @@ def test_a_padding_row_whose_weight_is_read_twice_is_refused_naming_it():
         mapping.check_padding(model)
 
 
-def test_transformers_gpt2_with_its_own_shifted_loss():
+@pytest.fixture(scope="module")
+def gpt2() -> nn.Module:
+    """A 2-layer transformers GPT-2 taking its labels from its inputs. Tests that train it put its
+    weights back afterwards (:func:`restored`)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(6)
-    module = transformers.GPT2LMHeadModel(config).double()
-    ids = torch.randint(0, 50, (3, 8))
+    return _LabelsAreInputs(transformers.GPT2LMHeadModel(config).double())
+
+
+@contextlib.contextmanager
+def restored(module: nn.Module) -> Iterator[None]:
+    """``module``'s parameters and buffers as they were on entry, again on exit."""
+    state = copy.deepcopy(module.state_dict())
+    try:
+        yield
+    finally:
+        module.load_state_dict(state)
+
+
+def test_transformers_gpt2_with_its_own_shifted_loss(gpt2):
+    ids = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(6))
     # transformers computes the loss in float32 whatever the module's dtype: float32's rounding
-    assert_backward_matches(_LabelsAreInputs(module), (ids,), rtol=1e-5)
+    assert_backward_matches(gpt2, (ids,), rtol=1e-5)
 
 
 class _LabelsAreInputs(nn.Module):
@@ -385,16 +403,11 @@ def _train_alike(ours: nn.Module, steps, loss_fn, client, rtol: float, optimizer
 
 
 @pytest.mark.slow
-def test_a_gpt2_and_a_cnn_train_through_a_server_as_in_torch(ray_engine):
+def test_a_gpt2_and_a_cnn_train_through_a_server_as_in_torch(ray_engine, gpt2):
     """The issue's loop: a torch user's own optimizer, gradserve computing on a server, torch's
     result to rounding (GPT-2 computes its loss in float32; the CNN trains its BatchNorm in train mode)."""
-    transformers = pytest.importorskip("transformers")
     from serving import serving
 
-    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(6)
-    gpt2 = _LabelsAreInputs(transformers.GPT2LMHeadModel(config).double())
     gen = torch.Generator().manual_seed(11)
     texts = [(torch.randint(0, 50, (4, 8), generator=gen),) for _ in range(3)]
     torch.manual_seed(2)
@@ -406,6 +419,7 @@ def test_a_gpt2_and_a_cnn_train_through_a_server_as_in_torch(ray_engine):
         # is zero up to rounding (GPT-2's float32 loss; the conv bias before a train-mode BatchNorm)
         # into a step of up to lr either way: no oracle there
         sgd = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01})
-        _train_alike(gpt2, texts, None, client, 1e-5, sgd, partitions=2, micro_batches=2)
+        with restored(gpt2):  # the module is shared with another test (its export is cached with it)
+            _train_alike(gpt2, texts, None, client, 1e-5, sgd, partitions=2, micro_batches=2)
         _train_alike(cnn, images, F.cross_entropy, client, 1e-9, sgd,
                      partitions=2)  # train-mode BatchNorm: its batch statistics need the whole batch

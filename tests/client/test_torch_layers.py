@@ -3,6 +3,7 @@ autograd (tests/torch_oracle.py): the models users bring, beyond the ones each o
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -13,7 +14,7 @@ from torch.nn import functional as F
 import gradserve
 import models as M
 from gradcheck import assert_split_exact
-from torch_oracle import EXPORTERS, check_module, export
+from torch_oracle import EXPORTERS, check_export, distinct_params_, export
 
 D = torch.float64
 
@@ -158,16 +159,35 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
 RTOL = {("glu_shrinks_relu6_silu", "dynamo"): 1e-6}
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``exported(case, exporter)``: the case's network with an mse loss (its parameters made distinct),
+    a batch of 6 samples ``(x, target)`` and their export with a dynamic batch, made once for both
+    tests below: an export takes seconds."""
+    folder = tmp_path_factory.mktemp("layers")
+    made: dict[tuple[str, str], tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], Path]] = {}
+
+    def get(case: str, exporter: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], Path]:
+        if (case, exporter) not in made:
+            make, example = CASES[case]
+            torch.manual_seed(0)
+            net = make().to(D)
+            x = torch.cat([example(), example()])  # 6 samples
+            with torch.no_grad():
+                target = torch.randn(net(x).shape, dtype=D)
+            module = distinct_params_(M.WithMSE(net))
+            path = export(module, (x, target), folder / f"{case}-{exporter}.onnx", ["x", "target"], exporter)
+            made[case, exporter] = module, (x, target), path
+        return made[case, exporter]
+
+    return get
+
+
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_layer_matches_torch(case, exporter, tmp_path):
-    make, example = CASES[case]
-    torch.manual_seed(0)
-    net = make().to(D)
-    x = example()
-    with torch.no_grad():
-        target = torch.randn(net(x).shape, dtype=D)
-    check_module(M.WithMSE(net), (x, target), ["x", "target"], tmp_path, exporter, rtol=RTOL.get((case, exporter)))
+def test_layer_matches_torch(case, exporter, exported):
+    module, args, path = exported(case, exporter)
+    check_export(module, args, ["x", "target"], path, rtol=RTOL.get((case, exporter)))
 
 
 # Blocks whose exports route the batch through attention's layouts ((T, B*H, d) heads, (T*B, E)
@@ -177,14 +197,9 @@ SPLIT_CASES = ["multihead_attention", "seq2seq_transformer", "vit", "shifted_win
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("case", SPLIT_CASES)
-def test_layer_splits_into_micro_batches_exactly(case, exporter, tmp_path):
-    """Exported with a dynamic batch, the model splits into 2 and 3 micro-batches whose weighted
-    results equal the unsplit job's (run inline, chunk by chunk)."""
-    make, example = CASES[case]
-    torch.manual_seed(0)
-    net = make().to(D)
-    x = torch.cat([example(), example()])  # 6 samples
-    with torch.no_grad():
-        target = torch.randn(net(x).shape, dtype=D)
-    path = export(M.WithMSE(net), (x, target), tmp_path / "model.onnx", ["x", "target"], exporter)
+def test_layer_splits_into_micro_batches_exactly(case, exporter, exported):
+    """Exported with a dynamic batch (the export test_layer_matches_torch checked), the model splits
+    into 2 and 3 micro-batches whose weighted results equal the unsplit job's (run inline, chunk by
+    chunk)."""
+    _, (x, target), path = exported(case, exporter)
     assert_split_exact(gradserve.load_onnx(path), {"x": x.numpy(), "target": target.numpy()})

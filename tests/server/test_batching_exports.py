@@ -22,7 +22,7 @@ from gradcheck import assert_split_exact, split_inline
 from gradserve.server.planning.batching import Rows, _Follower, split_batch
 from gradserve.server.planning.prepare import prepare
 from gradserve.worker.graph import GraphError
-from torch_oracle import check_module, distinct_params_, export
+from torch_oracle import check_export, check_module, distinct_params_, export
 
 IGNORE = -100
 
@@ -64,9 +64,16 @@ def lm_batch(B=6, T=5):
     return ids, labels
 
 
-def test_llama_shifted_lm_loss_splits_weighted_by_its_targets():
+@pytest.fixture(scope="module")
+def llama() -> TinyLlama:
+    """One TinyLlama for the tests below (they leave its parameters as they are): gradserve.torch
+    caches an export per module, and a dynamo export of it takes seconds."""
     torch.manual_seed(0)
-    model, mapping = gt.export(TinyLlama(), lm_batch())
+    return TinyLlama()
+
+
+def test_llama_shifted_lm_loss_splits_weighted_by_its_targets(llama):
+    model, mapping = gt.export(llama, lm_batch())
     feeds = dict(zip(["ids", "labels"], (a.numpy() for a in lm_batch())))
     feeds = {name: feeds[k] for name, k in zip(mapping.inputs, ["ids", "labels"])}
     want = gradserve.local().gradients(model, feeds)
@@ -218,9 +225,8 @@ def test_fixed_batch_reshape_constant_is_rewritten_per_micro_batch(tmp_path, exp
 
 # -- the Ray engine with partitions and micro-batches equals torch -----------------------------------
 @pytest.mark.slow
-def test_llama_backward_on_ray_with_micro_batches_equals_torch(ray_engine):
-    torch.manual_seed(0)
-    module = TinyLlama()
+def test_llama_backward_on_ray_with_micro_batches_equals_torch(ray_engine, llama):
+    module = llama
     ids, labels = lm_batch()
     module.zero_grad()
     want_loss = float(module(ids, labels))
@@ -250,5 +256,6 @@ def test_split_exports_on_ray_equal_torch(ray_engine, tmp_path, case):
     distinct_params_(module.double())
     check_module(module, args, names, tmp_path, exporter=exporter, dynamic_batch=dynamic, engine=ray_engine,
                  partitions=2, micro_batches=2)
-    check_module(module, args, names, tmp_path, exporter=exporter, dynamic_batch=dynamic, engine=ray_engine,
+    # the same export again, split into replicas instead
+    check_export(module, args, names, tmp_path / f"{type(module).__name__}-{exporter}.onnx", engine=ray_engine,
                  replicas=2)

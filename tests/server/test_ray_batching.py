@@ -41,11 +41,17 @@ class ViewLoss(nn.Module):
         return F.mse_loss(self.fc(x.view(64, -1)), y)
 
 
-def exported(module, args, names, tmp_path, exporter, dynamic_batch):
+def export_with_feeds(module, args, names, tmp_path, exporter, dynamic_batch):
+    """The path of ``module``'s export (its parameters made distinct) and its feeds."""
     torch.manual_seed(0)
     distinct_params_(module)
     path = export(module, args, tmp_path / f"{type(module).__name__}-{exporter}.onnx", names, exporter, dynamic_batch)
-    return gradserve.load_onnx(path), {n: a.numpy() for n, a in zip(names, args)}
+    return path, {n: a.numpy() for n, a in zip(names, args)}
+
+
+def exported(module, args, names, tmp_path, exporter, dynamic_batch):
+    path, feeds = export_with_feeds(module, args, names, tmp_path, exporter, dynamic_batch)
+    return gradserve.load_onnx(path), feeds
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
@@ -63,17 +69,33 @@ def test_fixed_batch_mlp_splits_exactly(ray_engine, tmp_path, exporter):
                                rtol=1e-10, atol=1e-15)
 
 
+@pytest.fixture(scope="module")
+def gpt_lm(tmp_path_factory):
+    """``gpt_lm(exporter)``: the GPT-style LM's export by that exporter and its feeds, exported once
+    for every way of splitting it below (an export takes seconds), loaded afresh for each."""
+    folder = tmp_path_factory.mktemp("gpt")
+    made = {}
+
+    def get(exporter):
+        if exporter not in made:
+            torch.manual_seed(2)
+            tokens, targets = torch.randint(0, 11, (7, 6)), torch.randint(0, 11, (7, 6))
+            targets[1, :4] = -100  # ignored by F.cross_entropy: the chunk weights count the other targets
+            made[exporter] = export_with_feeds(M.GPT(vocab=11, d_model=8, n_layers=1).double(), [tokens, targets],
+                                               ["tokens", "targets"], folder, exporter, True)
+        return gradserve.load_onnx(made[exporter][0]), made[exporter][1]
+
+    return get
+
+
 @pytest.mark.parametrize("run", [
     {"micro_batches": 3}, {"replicas": 2}, {"micro_batches": 2, "replicas": 2, "partitions": 3},
 ], ids=["mb3", "rep2", "mb2-rep2-part3"])
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_gpt_lm_loss_over_merged_rows_splits_exactly(ray_engine, tmp_path, exporter, run):
+def test_gpt_lm_loss_over_merged_rows_splits_exactly(ray_engine, gpt_lm, exporter, run):
     """(The dynamo export keeps sqrt(d) as a 0-d float initializer, i.e. a 0-d parameter, whose
     error is summed over 3 micro-batches' deferred weight steps.)"""
-    torch.manual_seed(2)
-    tokens, targets = torch.randint(0, 11, (7, 6)), torch.randint(0, 11, (7, 6))
-    targets[1, :4] = -100  # ignored by F.cross_entropy: the chunk weights count the other targets
-    model, feeds = exported(M.GPT(vocab=11, d_model=8, n_layers=1).double(), [tokens, targets], ["tokens", "targets"], tmp_path, exporter, True)
+    model, feeds = gpt_lm(exporter)
     assert_same_result(ray_engine.gradients(model, feeds, **run), INLINE.gradients(model, feeds))
 
 
