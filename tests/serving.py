@@ -116,3 +116,22 @@ def code_and_details(fn) -> tuple:
     with pytest.raises(grpc.RpcError) as info:
         fn()
     return info.value.code(), info.value.details()
+
+SERVICE = "gradserve.v1.GradientService"  # the service's full name, for raw calls and health checks
+
+
+def counting_calls(client):
+    """Record which job RPC each Client.gradients call makes."""
+    calls = []
+    for name in ("Compute", "Run"):
+        method = getattr(client._stub, name)
+        setattr(client._stub, name, lambda *a, _method=method, _name=name, **kw: calls.append(_name) or _method(*a, **kw))
+    return calls
+
+
+def assert_same_npz(a, b) -> None:
+    """Two .npz files hold the same arrays (to float32 rounding)."""
+    with np.load(a) as x, np.load(b) as y:
+        assert sorted(x.files) == sorted(y.files)
+        for k in x.files:
+            np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -9,14 +9,8 @@ the culprit, server still fine afterwards), limits, bearer-token auth, TLS, shut
 from __future__ import annotations
 
 import io
-import os
 import re
-import select
-import signal
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -30,25 +24,19 @@ from borrowed import Borrowed
 from gradserve.client.cli import main as cli_main
 from gradserve.client.progress import ProgressLine
 from gradserve.client.remote import (
-    Cancelled,
     Client,
-    DeadlineExceeded,
     JobStatus,
     NotFound,
-    RemoteError,
     ResourceExhausted,
-    Unauthenticated,
     read_result,
 )
 from gradserve.client.wire import model_manifest
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
-from gradserve.server.events import JobCancelled, ProgressEvent
+from gradserve.server.events import ProgressEvent
 from gradserve.server.limits import Limits
-from gradserve.server.service import GradientServer
-from serving import REFERENCE, GatedEngine, _files, assert_same, batch, check_still_serving, code_and_details, mlp, serving
+from serving import REFERENCE, SERVICE, _files, assert_same, assert_same_npz, batch, check_still_serving, code_and_details, counting_calls, mlp, serving
 
-SERVICE = "gradserve.v1.GradientService"
 
 
 # -- models and helpers ----------------------------------------------------------------------------
@@ -214,15 +202,6 @@ def _by_rpc(rpc, client, options, feed_chunks):
     return (_compute if rpc == "Compute" else _run)(client, options, feed_chunks)
 
 
-def _counting_calls(client):
-    """Record which job RPC each Client.gradients call makes."""
-    calls = []
-    for name in ("Compute", "Run"):
-        method = getattr(client._stub, name)
-        setattr(client._stub, name, lambda *a, _method=method, _name=name, **kw: calls.append(_name) or _method(*a, **kw))
-    return calls
-
-
 def test_compute_answers_like_run_in_one_message(client):
     model, feeds = mlp(20), batch(20)
     options, feed_chunks = _job_parts(client.upload(model), feeds, input_grads=["x"])
@@ -260,7 +239,7 @@ def test_client_computes_small_jobs_and_runs_big_ones(server):
     model = mlp(22, n_in=256, hidden=4)
     small, big = batch(22, n=1000, n_in=256), batch(22, n=1100, n_in=256)  # 1.00e6 and 1.13e6 bytes of feeds
     with Client(server.address, timeout=30) as c:
-        calls = _counting_calls(c)
+        calls = counting_calls(c)
         for feeds in (small, big):
             assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
     assert calls == ["Compute", "Run"]  # the 1 MiB line (chunks.CHUNK_BYTES)
@@ -280,7 +259,7 @@ def test_client_falls_back_to_run_on_a_server_without_compute(monkeypatch):
     monkeypatch.setattr(service, "generic_handler", lambda servicer: WithoutCompute(real(servicer)))
     model, feeds = mlp(23), batch(23)
     with serving() as srv, Client(srv.address, timeout=10) as c:
-        calls = _counting_calls(c)
+        calls = counting_calls(c)
         for _ in range(2):
             assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
     assert calls == ["Compute", "Run", "Run"]  # UNIMPLEMENTED once, then Run only
@@ -403,118 +382,7 @@ def test_limits_answer_resource_exhausted():
         assert srv.servicer.pending.used == 0
 
 
-# -- cancellation, queueing, shutdown --------------------------------------------------------------
-
-
-def test_cancel_running_and_queued_jobs():
-    engine = GatedEngine()
-    with serving(lambda: engine, limits=Limits(max_concurrent_jobs=1, max_queued_jobs=1)) as srv, \
-            Client(srv.address, timeout=30, retry=None) as c:
-        model, feeds = mlp(11), batch(11)
-        running = c.submit(model, feeds)
-        assert engine.started.wait(5)
-        assert running.status().state == "running"
-        queued = c.submit(model, feeds)
-        assert queued.status().state == "queued"
-        with pytest.raises(ResourceExhausted, match="at most 1 at once and queues 1 more"):
-            c.submit(model, feeds)
-
-        assert queued.cancel().state == "cancelled"
-        with pytest.raises(Cancelled):
-            queued.result(timeout=5)
-        status = running.cancel()
-        assert status.state == "cancelled" or status.message == "cancel requested"
-        statuses = list(running.watch(timeout=5))
-        assert statuses[-1].state == "cancelled" and statuses[-1].error_code == "CANCELLED"
-        with pytest.raises(Cancelled) as info:
-            running.result(timeout=5)
-        assert isinstance(info.value, JobCancelled)
-
-        engine.gate.set()  # the engine is free again: jobs run normally
-        assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
-        assert srv.servicer.pending.used == 0  # every job's feeds were released, cancelled or not
-
-
-@pytest.mark.parametrize("rpc", ["Compute", "Run"])
-def test_sync_job_is_cancelled_when_the_client_gives_up(rpc):
-    engine = GatedEngine()
-    with serving(lambda: engine) as srv, Client(srv.address) as c:
-        c._compute = rpc == "Compute"
-        calls = _counting_calls(c)
-        with pytest.raises(DeadlineExceeded):
-            c.gradients(mlp(12), batch(12), timeout=0.5)
-        deadline = time.monotonic() + 5
-        while srv.registry.jobs() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert srv.registry.jobs() == []  # cancelled and forgotten, not left running
-        assert calls == [rpc] and srv.servicer.pending.used == 0
-
-
-def test_graceful_shutdown_cancels_jobs_after_grace_and_closes_engine():
-    engine = GatedEngine()
-    srv = GradientServer(lambda: engine, "127.0.0.1:0")
-    srv.start()
-    with Client(srv.address, timeout=10, retry=None) as c:
-        c.submit(mlp(13), batch(13))
-        assert engine.started.wait(5)
-        (job,) = srv.registry.jobs()
-        t0 = time.monotonic()
-        srv.stop(grace=0.3)
-        assert time.monotonic() - t0 < 5
-        assert job.state == "cancelled" and engine.closed
-        with pytest.raises(RemoteError):
-            c.has_model("x")
-
-
-# -- auth and TLS ----------------------------------------------------------------------------------
-
-
-def test_bearer_token_auth(tmp_path):
-    token = "s3cret-t0ken"
-    (tmp_path / "token").write_text(token + "\n")
-    model, feeds = mlp(14), batch(14)
-    with serving(auth_token=token) as srv:
-        for kwargs in ({}, {"token": "wrong"}, {"token": token + "x"}):
-            with Client(srv.address, timeout=10, **kwargs) as c:
-                with pytest.raises(Unauthenticated, match="bearer token"):
-                    c.gradients(model, feeds)
-                stub = service_pb2_grpc.GradientServiceStub(c._channel)  # a streaming call too
-                with pytest.raises(grpc.RpcError) as info:
-                    list(stub.Run(iter([service_pb2.JobChunk()]), timeout=10))
-                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-                with pytest.raises(grpc.RpcError) as info:
-                    list(stub.Compute(service_pb2.JobRequest(), timeout=10))
-                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with Client(srv.address, token_file=tmp_path / "token", timeout=10) as c:
-            calls = _counting_calls(c)
-            assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
-            assert calls == ["Compute"]
-            assert srv.stats["jobs"] == 1  # the rejected calls never reached the servicer
-        with grpc.insecure_channel(srv.address) as channel:  # health needs no token
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def test_tls(tls_files):
-    cert, key = tls_files
-    model, feeds = mlp(15), batch(15)
-    with serving(tls_cert=cert.read_bytes(), tls_key=key.read_bytes()) as srv:
-        with Client(srv.address, ca_file=cert, timeout=10) as c:
-            assert_same(c.gradients(model, feeds), REFERENCE.gradients(model, feeds))
-        with Client(srv.address, timeout=3, retry=None) as plain:
-            with pytest.raises(RemoteError) as info:
-                plain.has_model("x")
-            assert info.value.code == grpc.StatusCode.UNAVAILABLE
-
-
 # -- the CLI ---------------------------------------------------------------------------------------
-
-
-def _assert_same_npz(a, b):
-    with np.load(a) as x, np.load(b) as y:
-        assert sorted(x.files) == sorted(y.files)
-        for k in x.files:
-            np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_cli_grad_via_server_writes_the_same_npz(server, tmp_path, capsys):
@@ -523,41 +391,10 @@ def test_cli_grad_via_server_writes_the_same_npz(server, tmp_path, capsys):
     assert cli_main(["grad", model_path, "--feeds", feeds_path, "--out", local, "--engine", "inline", "-q"]) == 0
     assert cli_main(["grad", model_path, "--feeds", feeds_path, "--out", remote, "--server", server.address]) == 0
     assert "loss =" in capsys.readouterr().out
-    _assert_same_npz(local, remote)
+    assert_same_npz(local, remote)
     # A server-side error is one line, exit status 2, like a local one.
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 4), np.float32))
     assert cli_main(["grad", model_path, "--feeds", str(tmp_path / "bad.npz"), "--out", remote,
                      "--server", server.address, "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "feed 'y' is missing" in err
-
-
-def test_cli_serve_with_token_file(tmp_path, capsys):
-    token_file = tmp_path / "token"
-    token_file.write_text("cli-token\n")
-    model_path, feeds_path = _files(tmp_path, 17)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline", "--address", "127.0.0.1:0", "--state-dir", "none",
-         "--auth-token-file", str(token_file), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        assert ready, "server did not start"
-        line = proc.stdout.readline()
-        assert line.startswith("listening on "), line + proc.stderr.read()
-        address = line.split()[-1]
-        out = str(tmp_path / "remote.npz")
-        args = ["grad", model_path, "--feeds", feeds_path, "--out", out, "--server", address, "-q"]
-        assert cli_main(args) == 1  # no token
-        assert "Unauthenticated" in capsys.readouterr().err
-        assert cli_main([*args, "--token-file", str(token_file)]) == 0
-        assert cli_main(["grad", model_path, "--feeds", feeds_path, "--out", str(tmp_path / "local.npz"), "-q"]) == 0
-        _assert_same_npz(str(tmp_path / "local.npz"), out)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

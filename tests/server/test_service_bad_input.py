@@ -15,10 +15,7 @@ from gradserve.client.wire import model_manifest
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
-from serving import batch, check_still_serving, code_and_details, mlp
-
-SERVICE = "gradserve.v1.GradientService"
-
+from serving import SERVICE, batch, check_still_serving, code_and_details, mlp
 
 # -- bad requests ----------------------------------------------------------------------------------
 
