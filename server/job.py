@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
@@ -18,6 +18,9 @@ from gradserve.server.planning.auto import AUTO, Count, count_from_wire
 from gradserve.server.planning.prepare import PreparedJob
 from gradserve.server.result import Result
 from gradserve.worker.graph import Model
+
+if TYPE_CHECKING:
+    from gradserve.server.state import JobRecord
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
@@ -103,6 +106,20 @@ class Job:
     finished: float | None = None
     ran_as: tuple[Any, Any, Any] | None = None  # (partitions, micro_batches, replicas) the engine reported
     prepared: PreparedJob | None = None  # the model checked against the feeds at submission, for the engine
+
+    @classmethod
+    def ended_from(cls, record: "JobRecord", options: JobOptions, since: tuple[float, float]) -> "Job":
+        """A job that had ended before a restart, as the state directory's ``record`` of it says:
+        its result kept on disk (done) or its failure. ``since``: (wall clock, monotonic clock)
+        now, to place its times on this process's clock."""
+        wall, now = since
+        job = cls(record.job_id, record.model_id, None, None, options, client=record.client, durable=True,
+                  state=record.state, kept=record.state == DONE)
+        job.submitted = now - (wall - record.submitted)
+        job.started = job.finished = now - (wall - (record.finished or wall))
+        if record.state != DONE:
+            job.error = (getattr(grpc.StatusCode, record.error_code, grpc.StatusCode.UNKNOWN), record.message)
+        return job
 
     # -- called by the engine's thread ------------------------------------------------------------
     def add_event(self, event: ProgressEvent) -> None:

@@ -226,12 +226,7 @@ class JobRegistry:
                     self.state.set_state(record.job_id, FAILED, code.name, message)
                     record = dataclasses.replace(record, state=FAILED, error_code=code.name, message=message,
                                                  finished=wall)
-            job = Job(record.job_id, record.model_id, None, None, options, client=record.client, durable=True,
-                      state=record.state, kept=record.state == DONE)
-            job.submitted = now - (wall - record.submitted)
-            job.started = job.finished = now - (wall - (record.finished or wall))
-            if record.state != DONE:
-                job.error = (getattr(grpc.StatusCode, record.error_code, grpc.StatusCode.UNKNOWN), record.message)
+            job = Job.ended_from(record, options, since=(wall, now))
             with self._lock:
                 self._jobs[job.id] = job
         if again:
