@@ -2,11 +2,7 @@
 gradserve server: a partition worker is killed mid-job six times in a row; every job completes
 with the inline engine's gradients, and afterwards a 3-partition job still runs on 3 distinct
 nodes (replacements go where the lost workers were, not all onto one node), and concurrent jobs
-run on different nodes. On the same cluster, ``auto`` spreads a large job alone over every node
-and runs concurrent small ones whole.
-
-The tests share one cluster (bringing one up and down takes ~25 s): the first leaves it whole, its
-killed workers replaced, as it checks."""
+run on different nodes."""
 
 from __future__ import annotations
 
@@ -37,18 +33,14 @@ def _nodes(result) -> list[str]:
     return [w["node_id"] for w in result.info["placement"][0]]
 
 
-WORKERS = 3
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("placement"), WORKERS) as running:
+@pytest.fixture
+def cluster(tmp_path):
+    with local_cluster(tmp_path, 3) as running:
         yield running
 
 
 def test_killed_workers_are_replaced_on_their_nodes(cluster):
     address, state = cluster
-    logged_before = len((state / "server.log").read_text().splitlines())  # by the tests before this one
     model, feeds = _model()
     reference = gradserve.local().gradients(model, feeds)
     options = dict(partitions=3, micro_batches=4, replicas=1)
@@ -84,15 +76,14 @@ def test_killed_workers_are_replaced_on_their_nodes(cluster):
         assert_same_result(result, reference)
     assert len({_nodes(r)[0] for r in concurrent}) == 3, [r.info["placement"] for r in concurrent]
     # The server's own account: after the last replacement, the pool is one actor on each node.
-    log = (state / "server.log").read_text().splitlines()[logged_before:]
-    pool_lines = [line for line in log if "worker pool:" in line]
+    pool_lines = [line for line in (state / "server.log").read_text().splitlines() if "worker pool:" in line]
     assert len(pool_lines) >= 7 and pool_lines[-1].endswith("3 actors on 3 nodes"), pool_lines[-8:]
 
 
-def test_auto_uses_every_node_for_a_large_job_and_one_each_for_small_ones(cluster):
-    """On the 3 worker nodes with everything ``auto``: a large job alone gets a replica on each node
-    (its batch of 1024 split 341/342/341); four concurrent small jobs each run on one node (with one
-    partition and one replica: splitting them would cost more than it saves)."""
+def test_auto_uses_both_nodes_for_a_large_job_and_one_each_for_small_ones(tmp_path):
+    """On 2 worker nodes with everything ``auto``: a large job alone gets a replica on each node;
+    four concurrent small jobs each run on one node (with one partition and one replica: splitting
+    them would cost more than it saves)."""
     rng = np.random.default_rng(5)
     m = gradserve.ModelBuilder()
     h = m.input("x", (None, 1024), np.float64)
@@ -101,15 +92,15 @@ def test_auto_uses_every_node_for_a_large_job_and_one_each_for_small_ones(cluste
     large, large_feeds = m.loss((h * h).mean()), {"x": rng.standard_normal((1024, 1024))}
     small, small_feeds = _model()
     small_feeds = {"x": small_feeds["x"][:8]}
-    address, _ = cluster
-    with gradserve.Client(address) as client:
-        result = client.gradients(large, large_feeds)
-        assert_same_result(result, gradserve.local().gradients(large, large_feeds))
-        assert result.info["replicas"] == WORKERS, result.info.get("auto")
-        assert len({w["node_id"] for row in result.info["placement"] for w in row}) == WORKERS
-        client.upload(small)
-        jobs = [client.submit(small, small_feeds) for _ in range(4)]
-        results = [job.result(timeout=300) for job in jobs]
+    with local_cluster(tmp_path, 2) as (address, _):
+        with gradserve.Client(address) as client:
+            result = client.gradients(large, large_feeds)
+            assert_same_result(result, gradserve.local().gradients(large, large_feeds))
+            assert result.info["replicas"] == 2, result.info.get("auto")
+            assert len({w["node_id"] for row in result.info["placement"] for w in row}) == 2
+            client.upload(small)
+            jobs = [client.submit(small, small_feeds) for _ in range(4)]
+            results = [job.result(timeout=300) for job in jobs]
     reference = gradserve.local().gradients(small, small_feeds)
     for r in results:
         assert_same_result(r, reference)
