@@ -72,12 +72,20 @@ def _onnx_bytes(model) -> bytes:
     from gradserve.worker.validate import _onnx_attrs, onnx_model
 
     nodes = [helper.make_node(n.op_type, n.inputs, n.outputs, name=n.name, **_onnx_attrs(n)) for n in model.nodes]
-    inputs = [helper.make_tensor_value_info(s.name, helper.np_dtype_to_tensor_dtype(s.dtype),
-                                            [d if isinstance(d, int) else "batch" for d in s.shape]) for s in model.inputs]
-    inits = [helper.make_tensor(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape, v.tobytes(), raw=True)
-             for k, v in {**model.params, **model.constants}.items()]
+    inputs = [
+        helper.make_tensor_value_info(
+            s.name, helper.np_dtype_to_tensor_dtype(s.dtype), [d if isinstance(d, int) else "batch" for d in s.shape]
+        )
+        for s in model.inputs
+    ]
+    inits = [
+        helper.make_tensor(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape, v.tobytes(), raw=True)
+        for k, v in {**model.params, **model.constants}.items()
+    ]
     loss = helper.make_tensor_value_info(model.loss, helper.np_dtype_to_tensor_dtype(np.dtype(np.float32)), [])
-    return onnx_model(helper.make_graph(nodes, "tiny", inputs, [loss], initializer=inits), model.opset).SerializeToString()
+    return onnx_model(
+        helper.make_graph(nodes, "tiny", inputs, [loss], initializer=inits), model.opset
+    ).SerializeToString()
 
 
 def _commands(folder: Path) -> dict[str, list[str]]:
@@ -119,8 +127,10 @@ def _run(command: list[str], folder: Path, expected: dict) -> tuple[float, float
     seconds, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
     if "--server" in command:  # an unreachable server: the failure is the result
         if done.returncode != 1 or "no gradserve server at" not in done.stderr:
-            sys.exit(f"{' '.join(command)}: expected 'no gradserve server at ...', exit 1; got {done.returncode}:\n"
-                     f"{done.stderr[-2000:]}")
+            sys.exit(
+                f"{' '.join(command)}: expected 'no gradserve server at ...', exit 1; got {done.returncode}:\n"
+                f"{done.stderr[-2000:]}"
+            )
         return seconds, cpu
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
@@ -136,8 +146,9 @@ def _largest_imports(command: list[str], folder: Path, count: int = 8) -> list[t
     """The ``count`` top-level imports (as ``-X importtime`` nests them) that took longest, in seconds."""
     if Path(command[0]).name == "gradserve":  # the script: run its module with -X importtime instead
         command = [sys.executable, "-m", "gradserve.client.cli", *command[1:]]
-    done = subprocess.run([command[0], "-X", "importtime", *command[1:]], capture_output=True, text=True,
-                          env=_environment(folder))
+    done = subprocess.run(
+        [command[0], "-X", "importtime", *command[1:]], capture_output=True, text=True, env=_environment(folder)
+    )
     rows = []
     for line in done.stderr.splitlines():
         match = re.match(r"import time:\s+\d+ \|\s+(\d+) \| ( *)(\S+)", line)
@@ -177,8 +188,15 @@ def main() -> None:
                 target = "< 1 s: " + ("met" if statistics.median(values) < TARGET_SECONDS else "MISSED")
             elif "unreachable" in name:
                 target = "< 5 s: " + ("met" if statistics.median(values) < UNREACHABLE_SECONDS else "MISSED")
-            rows.append((name, f"{statistics.median(values):.3f} s", f"{min(values):.3f}-{max(values):.3f}",
-                         f"{statistics.median(cpu[name]):.3f} s", target))
+            rows.append(
+                (
+                    name,
+                    f"{statistics.median(values):.3f} s",
+                    f"{min(values):.3f}-{max(values):.3f}",
+                    f"{statistics.median(cpu[name]):.3f} s",
+                    target,
+                )
+            )
         print(table(rows, ("command", "wall, median", "rounds' range", "CPU, median", "target")))
         if args.importtime:
             for name, command in commands.items():

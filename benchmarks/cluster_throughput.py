@@ -59,8 +59,10 @@ def feeds_for(kind: str, client: int) -> dict[str, np.ndarray]:
     if kind == "mlp":
         return mlp_feeds(BATCH, WIDTH, seed=100 + client)
     rng = np.random.default_rng(100 + client)
-    return {"x": rng.standard_normal((IMAGES, CHANNELS[0], 32, 32)).astype(np.float32),
-            "y": rng.standard_normal((IMAGES, 10)).astype(np.float32)}
+    return {
+        "x": rng.standard_normal((IMAGES, CHANNELS[0], 32, 32)).astype(np.float32),
+        "y": rng.standard_normal((IMAGES, 10)).astype(np.float32),
+    }
 
 
 # -- client processes -------------------------------------------------------------------------------
@@ -127,8 +129,12 @@ def _client_round(args: tuple[int, str, float, float]) -> tuple[int, float, list
 
 
 # -- where the CPU goes ------------------------------------------------------------------------------
-_KINDS = (("ray::StageHost", "workers (stage actors)"), ("gradserve serve", "servers"), ("spawn_main", "clients"),
-          ("/raylet ", "raylets (object transfers)"))
+_KINDS = (
+    ("ray::StageHost", "workers (stage actors)"),
+    ("gradserve serve", "servers"),
+    ("spawn_main", "clients"),
+    ("/raylet ", "raylets (object transfers)"),
+)
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -152,11 +158,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per cluster, alternating (default 3)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of one round (default 20)")
     parser.add_argument("--clients", type=int, default=4, help="client processes sending jobs (default 4)")
-    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
-                        help="mlp: the issue's 4 x 512 MLP (data-heavy); cnn: a compute-bound CNN (default mlp)")
-    parser.add_argument("--plan", choices=sorted(PLANS), default="k1",
-                        help="k1: partitions=1, the rest auto; auto: default options, the server chooses all "
-                             "(default k1)")
+    parser.add_argument(
+        "--model",
+        choices=["mlp", "cnn"],
+        default="mlp",
+        help="mlp: the issue's 4 x 512 MLP (data-heavy); cnn: a compute-bound CNN (default mlp)",
+    )
+    parser.add_argument(
+        "--plan",
+        choices=sorted(PLANS),
+        default="k1",
+        help="k1: partitions=1, the rest auto; auto: default options, the server chooses all (default k1)",
+    )
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="gs-throughput-"))
     ctx = mp.get_context("spawn")
@@ -164,8 +177,11 @@ def main() -> None:
     spread: dict[int, set[str]] = {1: set(), 2: set()}
     cpu: dict[int, dict[str, float]] = {1: {}, 2: {}}  # CPU seconds per process kind, over the rounds
     done = {1: 0, 2: 0}
-    with Cluster(1, base / "one") as one, Cluster(2, base / "two") as two, \
-            ctx.Pool(args.clients, initializer=_init, initargs=(args.model, args.plan)) as pool:
+    with (
+        Cluster(1, base / "one") as one,
+        Cluster(2, base / "two") as two,
+        ctx.Pool(args.clients, initializer=_init, initargs=(args.model, args.plan)) as pool,
+    ):
         for cluster in (one, two):
             pool.map(_warm_up, [(i, cluster.address) for i in range(args.clients)])
         for _ in range(args.rounds):
@@ -184,25 +200,45 @@ def main() -> None:
                 print(f"  {nodes} node(s): {jobs} jobs, {rates[nodes][-1]:.2f} jobs/s", file=sys.stderr, flush=True)
     ratios = sorted(b / a for a, b in zip(rates[1], rates[2]))
     rows = [
-        (f"{n} worker node{'s' if n > 1 else ''}", f"{statistics.median(rates[n]):.2f}",
-         " ".join(f"{r:.2f}" for r in rates[n]), len(spread[n]))
+        (
+            f"{n} worker node{'s' if n > 1 else ''}",
+            f"{statistics.median(rates[n]):.2f}",
+            " ".join(f"{r:.2f}" for r in rates[n]),
+            len(spread[n]),
+        )
         for n in (1, 2)
     ]
-    what = (f"a {LAYERS} x {WIDTH} tanh MLP (float32, batch {BATCH})" if args.model == "mlp" else
-            f"a CNN ({'-'.join(map(str, CHANNELS))} channels, 32 x 32, float32, batch {IMAGES})")
+    what = (
+        f"a {LAYERS} x {WIDTH} tanh MLP (float32, batch {BATCH})"
+        if args.model == "mlp"
+        else f"a CNN ({'-'.join(map(str, CHANNELS))} channels, 32 x 32, float32, batch {IMAGES})"
+    )
     plan = "K=1 jobs" if args.plan == "k1" else "jobs with default options (auto)"
-    print(f"{args.clients} clients, {plan} of {what}, every result "
-          f"checked against the inline engine; {args.rounds} rounds of {args.seconds:.0f} s, alternating; "
-          f"{os.cpu_count()} cores")
+    print(
+        f"{args.clients} clients, {plan} of {what}, every result "
+        f"checked against the inline engine; {args.rounds} rounds of {args.seconds:.0f} s, alternating; "
+        f"{os.cpu_count()} cores"
+    )
     print(table(rows, ("cluster (1 CPU per node)", "jobs/s (median)", "per round", "nodes used")))
     kinds = [name for _, name in _KINDS] + ["other"]
     print(f"CPU per job (ms), by process, on this machine's {os.cpu_count()} cores:")
-    print(table([(f"{n} worker node{'s' if n > 1 else ''}",
-                  *(f"{cpu[n].get(k, 0.0) / max(1, done[n]) * 1e3:.0f}" for k in kinds)) for n in (1, 2)],
-                ("cluster", *kinds)))
+    print(
+        table(
+            [
+                (
+                    f"{n} worker node{'s' if n > 1 else ''}",
+                    *(f"{cpu[n].get(k, 0.0) / max(1, done[n]) * 1e3:.0f}" for k in kinds),
+                )
+                for n in (1, 2)
+            ],
+            ("cluster", *kinds),
+        )
+    )
     verdict = "met" if statistics.median(ratios) >= 1.7 else "MISSED"
-    print(f"2 nodes / 1 node: {statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
-          f"target >= 1.7: {verdict}")
+    print(
+        f"2 nodes / 1 node: {statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+        f"target >= 1.7: {verdict}"
+    )
 
 
 if __name__ == "__main__":

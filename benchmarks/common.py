@@ -73,7 +73,9 @@ def mlp_feeds(batch: int, width: int, seed: int = 100) -> "dict[str, np.ndarray]
     return {k: rng.standard_normal((batch, width)).astype(np.float32) for k in ("x", "y")}
 
 
-def export_onnx(model: "torch.nn.Module", inputs: "Sequence[torch.Tensor]", names: Sequence[str], dynamic_batch: bool = False) -> bytes:
+def export_onnx(
+    model: "torch.nn.Module", inputs: "Sequence[torch.Tensor]", names: Sequence[str], dynamic_batch: bool = False
+) -> bytes:
     """ONNX bytes of ``model`` (TorchScript exporter, opset 17), with the batch axis symbolic if asked."""
     import torch
 
@@ -82,8 +84,15 @@ def export_onnx(model: "torch.nn.Module", inputs: "Sequence[torch.Tensor]", name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, tuple(inputs), f, input_names=list(names), output_names=["loss"], opset_version=17,
-            dynamo=False, training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+            model,
+            tuple(inputs),
+            f,
+            input_names=list(names),
+            output_names=["loss"],
+            opset_version=17,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
             dynamic_axes=axes,
         )
     return f.getvalue()
@@ -106,9 +115,24 @@ def start_server(address: str, log: "IO[str]", *args: str) -> subprocess.Popen:
     # (Ray would join that one: another benchmark's or test's deploy/local-cluster).
     env = {**os.environ, "RAY_ADDRESS": "local"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "ray", "--address", address,
-         "--state-dir", "none", *args],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gradserve.client.cli",
+            "serve",
+            "--engine",
+            "ray",
+            "--address",
+            address,
+            "--state-dir",
+            "none",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        text=True,
     )
     deadline = time.monotonic() + 120
     with gradserve.Client(address, timeout=2) as client:
@@ -150,9 +174,20 @@ class Cluster:
     def __enter__(self) -> "Cluster":
         try:
             up = subprocess.run(
-                [str(LOCAL_CLUSTER), "up", "--workers", str(self.workers), "--cpus-per-node", str(self.cpus),
-                 "--port", str(free_port())],
-                env=self.env, capture_output=True, text=True, timeout=300,
+                [
+                    str(LOCAL_CLUSTER),
+                    "up",
+                    "--workers",
+                    str(self.workers),
+                    "--cpus-per-node",
+                    str(self.cpus),
+                    "--port",
+                    str(free_port()),
+                ],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
         except BaseException:
             self.__exit__()
@@ -168,7 +203,7 @@ class Cluster:
         out = {}
         for line in (self.state / "env").read_text().splitlines():
             if line.startswith("export ") and "=" in line:
-                name, value = line[len("export "):].split("=", 1)
+                name, value = line[len("export ") :].split("=", 1)
                 out[name.strip()] = value.strip()
         return out
 

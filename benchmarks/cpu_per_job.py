@@ -135,15 +135,21 @@ def main() -> None:
     model, feeds = mlp(args.layers, args.width, "relu", last_activation=False), mlp_feeds(args.batch, args.width)
     key = model.fingerprint()  # as the server passes it: the weights are not checked again per job
     inline = gradserve.local()
-    plans = {"inline": None, "K=1": dict(partitions=1, micro_batches=1, replicas=1),
-             "K=2 M=1": dict(partitions=2, micro_batches=1, replicas=1),
-             "K=1 R=2": dict(partitions=1, micro_batches=1, replicas=2)}
+    plans = {
+        "inline": None,
+        "K=1": dict(partitions=1, micro_batches=1, replicas=1),
+        "K=2 M=1": dict(partitions=2, micro_batches=1, replicas=1),
+        "K=1 R=2": dict(partitions=1, micro_batches=1, replicas=2),
+    }
     cpu: dict[str, list[dict[str, float]]] = defaultdict(list)
     wall: dict[str, list[float]] = defaultdict(list)
     with RayEngine() as engine:
-        runs = {name: (lambda: inline.gradients(model, feeds)) if opts is None
-                else (lambda opts=opts: engine.gradients(model, feeds, model_key=key, **opts))
-                for name, opts in plans.items()}
+        runs = {
+            name: (lambda: inline.gradients(model, feeds))
+            if opts is None
+            else (lambda opts=opts: engine.gradients(model, feeds, model_key=key, **opts))
+            for name, opts in plans.items()
+        }
         for run in runs.values():  # warm-up: kernels loaded, actors deployed, parameters placed
             run(), run()
         for _ in range(args.rounds):
@@ -161,13 +167,35 @@ def main() -> None:
         workers, driver, daemons = med(name, "workers"), med(name, "driver"), med(name, "ray daemons")
         if name == "inline":  # the inline engine's work is all in this process
             workers, driver = driver, 0.0
-        rows.append((name, f"{statistics.median(wall[name]) * 1e3:.0f}", f"{workers * 1e3:.0f}",
-                     f"{driver * 1e3:.0f}", f"{daemons * 1e3:.0f}", f"{workers / inline_total:.2f}",
-                     f"{(driver + daemons) / inline_total:.2f}"))
-    print(f"MLP {args.layers}x{args.width}, batch {args.batch}; {args.jobs} jobs x {args.rounds} rounds per plan, "
-          f"medians; {os.cpu_count()} cores, {cpu_model()}")
-    print(table(rows, ("plan", "wall ms/job", "workers CPU ms", "driver CPU ms", "ray daemons CPU ms",
-                       "workers / inline", "driver+daemons / inline")))
+        rows.append(
+            (
+                name,
+                f"{statistics.median(wall[name]) * 1e3:.0f}",
+                f"{workers * 1e3:.0f}",
+                f"{driver * 1e3:.0f}",
+                f"{daemons * 1e3:.0f}",
+                f"{workers / inline_total:.2f}",
+                f"{(driver + daemons) / inline_total:.2f}",
+            )
+        )
+    print(
+        f"MLP {args.layers}x{args.width}, batch {args.batch}; {args.jobs} jobs x {args.rounds} rounds per plan, "
+        f"medians; {os.cpu_count()} cores, {cpu_model()}"
+    )
+    print(
+        table(
+            rows,
+            (
+                "plan",
+                "wall ms/job",
+                "workers CPU ms",
+                "driver CPU ms",
+                "ray daemons CPU ms",
+                "workers / inline",
+                "driver+daemons / inline",
+            ),
+        )
+    )
     # Where the workers' CPU goes, thread by thread (the inline engine's: its process's threads).
     split = []
     for name in plans:

@@ -39,8 +39,10 @@ import numpy as np
 from common import Cluster, cpu_model, mlp, mlp_feeds, table
 
 NODES = 3
-PLANS = {"K=3 M=4": dict(partitions=3, micro_batches=4, replicas=1),
-         "K=1 R=3": dict(partitions=1, micro_batches=1, replicas=3)}
+PLANS = {
+    "K=3 M=4": dict(partitions=3, micro_batches=4, replicas=1),
+    "K=1 R=3": dict(partitions=1, micro_batches=1, replicas=3),
+}
 WAYS = ("compute", "run", "submit")
 COMPUTE_BYTES = 1 << 20  # feeds up to this size go in one Compute request (client/remote.py's _COMPUTE_FEED_BYTES)
 
@@ -128,7 +130,9 @@ class Prober:
                     if wrong:
                         sys.exit(f"warm-up {plan} via {way}: {wrong}")
                 self.typical[plan, way] = statistics.median(times[1:])
-                print(f"  warm-up {plan} via {way}: {self.typical[plan, way] * 1e3:.0f} ms", file=sys.stderr, flush=True)
+                print(
+                    f"  warm-up {plan} via {way}: {self.typical[plan, way] * 1e3:.0f} ms", file=sys.stderr, flush=True
+                )
 
     def run(self, index: int) -> Outcome:
         """Job ``index`` with ``--kills`` stage workers SIGKILLed at random moments of it: the first
@@ -164,7 +168,9 @@ class Prober:
             out.error = check(box["result"], self.cases[out.batch][1])
         return out
 
-    def _kill(self, out: Outcome, done: threading.Event, start: float, moments: list[float], picks: list[float]) -> None:
+    def _kill(
+        self, out: Outcome, done: threading.Event, start: float, moments: list[float], picks: list[float]
+    ) -> None:
         """SIGKILL a stage worker after each of ``moments`` (seconds, each after the previous),
         the one at fraction ``pick`` of those alive then; later kills only while the job runs."""
         for n, (wait, pick) in enumerate(zip(moments, picks)):
@@ -200,10 +206,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the victims and moments (default 0)")
     parser.add_argument("--layers", type=int, default=8, help="MLP layers (default 8)")
     parser.add_argument("--width", type=int, default=512, help="MLP width (default 512)")
-    parser.add_argument("--batch", type=int, default=2048,
-                        help="batch of the Run and Submit jobs (default 2048; Compute jobs get what fits 1 MiB)")
-    parser.add_argument("--kills", type=int, default=1,
-                        help="stage workers killed per job (default 1; more: the later ones hit the job's rerun)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=2048,
+        help="batch of the Run and Submit jobs (default 2048; Compute jobs get what fits 1 MiB)",
+    )
+    parser.add_argument(
+        "--kills",
+        type=int,
+        default=1,
+        help="stage workers killed per job (default 1; more: the later ones hit the job's rerun)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a job may take (default 600)")
     args = parser.parse_args()
     for name in ("jobs", "layers", "width", "batch", "kills"):
@@ -216,18 +230,38 @@ def parse_args() -> argparse.Namespace:
 
 def report(args: argparse.Namespace, outcomes: list[Outcome], spread: dict[str, int]) -> bool:
     """Print the jobs' table and the verdict; True if every job was correct and the pool spread."""
-    rows = [(o.index, o.plan, o.way, o.batch, " ".join(map(str, o.victims)),
-             " ".join(f"{t * 1e3:.0f}" for t in o.kills_at), "yes" if o.killed_during else "no",
-             o.retries, f"{o.seconds:.2f}", o.error or "correct") for o in outcomes]
-    print(f"{args.jobs} jobs of a {args.layers} x {args.width} tanh MLP (float32) on {NODES} one-CPU worker nodes, "
-          f"{args.kills} stage worker(s) SIGKILLed per job (seed {args.seed}); {os.cpu_count()} cores, {cpu_model()}")
-    print(table(rows, ("job", "plan", "way", "batch", "killed pids", "at ms", "mid-job", "retries", "seconds", "result")))
+    rows = [
+        (
+            o.index,
+            o.plan,
+            o.way,
+            o.batch,
+            " ".join(map(str, o.victims)),
+            " ".join(f"{t * 1e3:.0f}" for t in o.kills_at),
+            "yes" if o.killed_during else "no",
+            o.retries,
+            f"{o.seconds:.2f}",
+            o.error or "correct",
+        )
+        for o in outcomes
+    ]
+    print(
+        f"{args.jobs} jobs of a {args.layers} x {args.width} tanh MLP (float32) on {NODES} one-CPU worker nodes, "
+        f"{args.kills} stage worker(s) SIGKILLed per job (seed {args.seed}); {os.cpu_count()} cores, {cpu_model()}"
+    )
+    print(
+        table(rows, ("job", "plan", "way", "batch", "killed pids", "at ms", "mid-job", "retries", "seconds", "result"))
+    )
     good = sum(not o.error for o in outcomes)
     during = sum(o.killed_during for o in outcomes)
     spread_ok = len([n for n, actors in spread.items() if actors]) >= NODES
-    print(f"correct: {good}/{len(outcomes)} ({during} jobs had a worker killed before they ended); "
-          f"errors reaching the client: {sum(o.raised for o in outcomes)}")
-    print(f"pool actors per node afterwards: {spread} ({'spread over' if spread_ok else 'NOT spread over'} {NODES} nodes)")
+    print(
+        f"correct: {good}/{len(outcomes)} ({during} jobs had a worker killed before they ended); "
+        f"errors reaching the client: {sum(o.raised for o in outcomes)}"
+    )
+    print(
+        f"pool actors per node afterwards: {spread} ({'spread over' if spread_ok else 'NOT spread over'} {NODES} nodes)"
+    )
     return good == len(outcomes) and spread_ok
 
 
@@ -242,8 +276,12 @@ def main() -> None:
             for i in range(args.jobs):
                 o = prober.run(i)
                 outcomes.append(o)
-                print(f"  job {i}: {o.plan} via {o.way}, killed {o.victims} at {[round(t * 1e3) for t in o.kills_at]} ms: "
-                      f"{o.error or 'correct'} (retries {o.retries}, {o.seconds:.2f} s)", file=sys.stderr, flush=True)
+                print(
+                    f"  job {i}: {o.plan} via {o.way}, killed {o.victims} at {[round(t * 1e3) for t in o.kills_at]} ms: "
+                    f"{o.error or 'correct'} (retries {o.retries}, {o.seconds:.2f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             spread = prober.healed()
         finally:
             prober.client.close()

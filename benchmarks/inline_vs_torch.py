@@ -52,9 +52,19 @@ def mlp_case():
 def cnn_case():
     torch.manual_seed(0)
     body = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
     net = WithLoss(body, "ce")
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
@@ -106,9 +116,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per model (median reported)")
     parser.add_argument("--models", default="mlp,cnn,ffn", help="comma-separated subset of: mlp, cnn, ffn")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="times each side is run, alternating, each in a fresh process (this machine's speed "
-                             "drifts by several percent over minutes; the ratio reported is the median of the rounds)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times each side is run, alternating, each in a fresh process (this machine's speed "
+        "drifts by several percent over minutes; the ratio reported is the median of the rounds)",
+    )
     parser.add_argument("--side", choices=["torch", "gradserve"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -128,22 +142,35 @@ def main() -> None:
             for side in ("torch", "gradserve"):
                 out = subprocess.run(
                     [sys.executable, __file__, "--side", side, "--models", case, "--repeat", str(args.repeat)],
-                    check=True, capture_output=True, text=True,
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 ).stdout
                 timed[side] = json.loads(out.strip().splitlines()[-1])
             rounds.append((timed["torch"]["seconds"], timed["gradserve"]["seconds"]))
         ratios = sorted(ours / theirs for theirs, ours in rounds)
         t_torch, t_ours = (statistics.median(r[i] for r in rounds) for i in (0, 1))
-        rows.append((timed["torch"]["name"], f"{t_torch * 1e3:.1f}", f"{t_ours * 1e3:.1f}",
-                     f"{statistics.median(ratios):.2f}", f"{ratios[0]:.2f}-{ratios[-1]:.2f}"))
+        rows.append(
+            (
+                timed["torch"]["name"],
+                f"{t_torch * 1e3:.1f}",
+                f"{t_ours * 1e3:.1f}",
+                f"{statistics.median(ratios):.2f}",
+                f"{ratios[0]:.2f}-{ratios[-1]:.2f}",
+            )
+        )
     from gradserve.worker.ops import blas
 
-    print(f"median of {args.repeat} runs per side and round, {args.rounds} rounds, {cpu_model()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, numpy {np.__version__}, gradserve's BLAS: {blas.backend().name} "
-          f"(GRADSERVE_BLAS={os.environ.get('GRADSERVE_BLAS', 'auto')})")
+    print(
+        f"median of {args.repeat} runs per side and round, {args.rounds} rounds, {cpu_model()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, numpy {np.__version__}, gradserve's BLAS: {blas.backend().name} "
+        f"(GRADSERVE_BLAS={os.environ.get('GRADSERVE_BLAS', 'auto')})"
+    )
     print(table(rows, ("model", "torch ms", "gradserve inline ms", "ratio (median)", "ratio (range)")))
-    print(f"compiled kernels (not in the times above): compiling all {compile_s:.1f} s (first run on a machine), "
-          f"loading them from the cache {load_s:.2f} s (once per process)")
+    print(
+        f"compiled kernels (not in the times above): compiling all {compile_s:.1f} s (first run on a machine), "
+        f"loading them from the cache {load_s:.2f} s (once per process)"
+    )
 
 
 def kernel_warm_up(fresh: bool) -> float:

@@ -58,24 +58,30 @@ def main() -> None:
                         times[k].append(time.perf_counter() - t)
                         _check(result, expected)
                         info = result.info
-                        seconds = {"queued": info["server"]["queued_seconds"],
-                                   "running": info["server"]["running_seconds"],
-                                   **{f"engine {n}": v for n, v in info["seconds"].items() if isinstance(v, float)}}
+                        seconds = {
+                            "queued": info["server"]["queued_seconds"],
+                            "running": info["server"]["running_seconds"],
+                            **{f"engine {n}": v for n, v in info["seconds"].items() if isinstance(v, float)},
+                        }
                         for name, v in seconds.items():
                             parts[k].setdefault(name, []).append(v)
     finally:
         server.terminate()
         server.wait(30)
         log.close()
-    print(f"tiny job (seed example) through gRPC + the Ray engine, one client, model uploaded; "
-          f"{args.rounds} rounds x {args.jobs} jobs per K; {os.cpu_count()} cores")
+    print(
+        f"tiny job (seed example) through gRPC + the Ray engine, one client, model uploaded; "
+        f"{args.rounds} rounds x {args.jobs} jobs per K; {os.cpu_count()} cores"
+    )
     for k in (1, 2):
         ms = sorted(t * 1e3 for t in times[k])
         p50, p90 = statistics.median(ms), ms[int(0.9 * len(ms))]
         verdict = "met" if p50 <= TARGETS[k] else "MISSED"
         where = ", ".join(f"{n} {statistics.median(v) * 1e3:.2f}" for n, v in parts[k].items())
-        print(f"K={k}: p50 {p50:.2f} ms, p90 {p90:.2f} ms (target p50 <= {TARGETS[k]:.0f} ms: {verdict}); "
-              f"medians (ms): {where}")
+        print(
+            f"K={k}: p50 {p50:.2f} ms, p90 {p90:.2f} ms (target p50 <= {TARGETS[k]:.0f} ms: {verdict}); "
+            f"medians (ms): {where}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,17 @@ from __future__ import annotations
 import os
 import sys
 
-ONE_THREAD = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                     "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")}
+ONE_THREAD = {
+    name: "1"
+    for name in (
+        "OPENBLAS_NUM_THREADS",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "BLIS_NUM_THREADS",
+        "VECLIB_MAXIMUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+    )
+}
 if "--inline-worker" in sys.argv:  # before numpy loads, even when run by hand
     os.environ.update(ONE_THREAD)
 
@@ -88,7 +97,10 @@ def run_inline(jobs: int) -> dict:
     env.update(ONE_THREAD)
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--inline-worker", "--repeat", str(jobs)],
-        env=env, capture_output=True, text=True, timeout=1800,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     if out.returncode != 0:
         raise RuntimeError(f"the inline worker failed:\n{out.stderr[-3000:]}")
@@ -126,8 +138,9 @@ def breakdown(infos: list[dict], wall: list[float]) -> str:
         present = {n for p in phases_of for d in p for n in d}
         names = [n for n in ("forward", "backward", "weights") if n in present]
         names += sorted(present - set(names))
-        split = " / ".join("+".join(f"{med([_total(p[j].get(n, 0.0)) for p in phases_of]):.0f}" for n in names)
-                           for j in range(stages))
+        split = " / ".join(
+            "+".join(f"{med([_total(p[j].get(n, 0.0)) for p in phases_of]):.0f}" for n in names) for j in range(stages)
+        )
         ops += f" ({'+'.join(names)}: {split})"
     phases = []
     for key in ("prepare_and_deploy", "submit", "run", "fetch"):
@@ -202,7 +215,9 @@ def time_setup(engine, model, feeds, key: str, reference, k: int, m: int, r: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds, alternating baseline and setups (default 3)")
-    parser.add_argument("--only", metavar="LABELS", help='comma-separated setups to run, e.g. "K=1 M=1 R=2" (default: all)')
+    parser.add_argument(
+        "--only", metavar="LABELS", help='comma-separated setups to run, e.g. "K=1 M=1 R=2" (default: all)'
+    )
     parser.add_argument("--repeat", type=int, default=3, help="timed jobs per setup per round (default 3)")
     parser.add_argument("--inline-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -230,8 +245,10 @@ def main() -> None:
         with RayEngine(ray_address=os.environ["RAY_ADDRESS"]) as engine:
             for label, k, m, r, _ in setups:  # actors started, parameters placed
                 for _ in range(2):
-                    check(engine.gradients(model, feeds, partitions=k, micro_batches=m, replicas=r, model_key=key),
-                          reference)
+                    check(
+                        engine.gradients(model, feeds, partitions=k, micro_batches=m, replicas=r, model_key=key),
+                        reference,
+                    )
             for round_ in range(args.rounds):
                 order = ["inline", *(s[0] for s in setups)]
                 for name in order if round_ % 2 == 0 else order[::-1]:
@@ -241,8 +258,11 @@ def main() -> None:
                         others[name].append(other.cores)
                         inline_rounds.append(statistics.median(out["seconds"]))
                         inline_notes.append(out)
-                        print(f"  round {round_ + 1}: inline 1 core {inline_rounds[-1] * 1e3:.0f} ms", file=sys.stderr,
-                              flush=True)
+                        print(
+                            f"  round {round_ + 1}: inline 1 core {inline_rounds[-1] * 1e3:.0f} ms",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         continue
                     _, k, m, r, _ = next(s for s in setups if s[0] == name)
                     with Others(session) as other:
@@ -265,22 +285,50 @@ def main() -> None:
             verdict = "(info)"
         else:
             verdict = "met" if speedup >= target and len(used) >= WORKERS else "MISSED"
-        rows.append((label, f"{statistics.median(times[label]) * 1e3:.0f}",
-                     f"{speedup:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
-                     f">= {target}" if target else "", verdict, len(used), load(label)))
-        lines.append(f"  {label}: {breakdown(infos[label], walls[label])}; nodes {', '.join(sorted(n[:8] for n in used))}")
+        rows.append(
+            (
+                label,
+                f"{statistics.median(times[label]) * 1e3:.0f}",
+                f"{speedup:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
+                f">= {target}" if target else "",
+                verdict,
+                len(used),
+                load(label),
+            )
+        )
+        lines.append(
+            f"  {label}: {breakdown(infos[label], walls[label])}; nodes {', '.join(sorted(n[:8] for n in used))}"
+        )
     blas = sorted({tuple(b) for note in inline_notes for b in note["blas"]})
     cpu_wall = statistics.median(n["cpu_per_wall"] for n in inline_notes)
-    print(f"{LAYERS} x {WIDTH} {ACTIVATION} MLP (float32, mse, batch {BATCH}); {WORKERS} worker nodes x 1 CPU; "
-          f"{args.rounds} rounds x {args.repeat} jobs, medians; {os.cpu_count()} cores, {cpu_model()}; every result "
-          f"checked against the inline engine")
-    print(f"baseline: inline engine in a subprocess, BLAS threads {', '.join(f'{a}={n}' for a, n in blas)}, "
-          f"CPU/wall {cpu_wall:.2f}")
-    print(table(rows, ("setup", "ms/job (median)", "speedup vs inline-1-core (range)", "target", "result", "nodes",
-                       "other load, cores (range)")))
+    print(
+        f"{LAYERS} x {WIDTH} {ACTIVATION} MLP (float32, mse, batch {BATCH}); {WORKERS} worker nodes x 1 CPU; "
+        f"{args.rounds} rounds x {args.repeat} jobs, medians; {os.cpu_count()} cores, {cpu_model()}; every result "
+        f"checked against the inline engine"
+    )
+    print(
+        f"baseline: inline engine in a subprocess, BLAS threads {', '.join(f'{a}={n}' for a, n in blas)}, "
+        f"CPU/wall {cpu_wall:.2f}"
+    )
+    print(
+        table(
+            rows,
+            (
+                "setup",
+                "ms/job (median)",
+                "speedup vs inline-1-core (range)",
+                "target",
+                "result",
+                "nodes",
+                "other load, cores (range)",
+            ),
+        )
+    )
     if max(max(v) for v in others.values()) > 0.2:
-        print("note: other processes used this machine's cores while jobs were timed (last column): the ratios are "
-              "not clean")
+        print(
+            "note: other processes used this machine's cores while jobs were timed (last column): the ratios are "
+            "not clean"
+        )
     print("where a job's time goes (medians; ops = compute inside each stage's ops, per replica x partition):")
     print("\n".join(lines))
 

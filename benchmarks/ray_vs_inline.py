@@ -55,8 +55,10 @@ def breakdown(engine, model, feeds, **options) -> str:
     info = engine.gradients(model, feeds, **options).info
     seconds = info["seconds"]
     busy = "/".join(f"{b * 1e3:.0f}" for b in seconds["stage_compute"])
-    return (f"ran K={info['partitions']} M={info['micro_batches']} R={info['replicas']}: ops {busy} ms per stage; "
-            f"run {seconds['run'] * 1e3:.0f}, fetch {seconds['fetch'] * 1e3:.0f}, submit {seconds['submit'] * 1e3:.0f} ms")
+    return (
+        f"ran K={info['partitions']} M={info['micro_batches']} R={info['replicas']}: ops {busy} ms per stage; "
+        f"run {seconds['run'] * 1e3:.0f}, fetch {seconds['fetch'] * 1e3:.0f}, submit {seconds['submit'] * 1e3:.0f} ms"
+    )
 
 
 def main() -> None:
@@ -64,9 +66,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per configuration (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads per Ray worker (default: all cores)")
     parser.add_argument("--skip-deep", action="store_true", help="skip the 8 x 2048 model")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="times each model's inline/ray comparison is repeated; the ratio shown is the median over "
-                             "the rounds, with their range (this machine's speed drifts over minutes)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times each model's inline/ray comparison is repeated; the ratio shown is the median over "
+        "the rounds, with their range (this machine's speed drifts over minutes)",
+    )
     args = parser.parse_args()
     inline = gradserve.local()
     rows = []
@@ -90,9 +96,16 @@ def main() -> None:
             for label, times in ray_times.items():
                 ratios = sorted(t / ti for t, ti in zip(times, inline_times))
                 opts = dict(PLANS[label], model_key=key)
-                rows.append((name, f"ray {label}", f"{statistics.median(times) * 1e3:.0f}",
-                             f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
-                             breakdown(engine, model, feeds, **opts), TARGETS.get(label, "")))
+                rows.append(
+                    (
+                        name,
+                        f"ray {label}",
+                        f"{statistics.median(times) * 1e3:.0f}",
+                        f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
+                        breakdown(engine, model, feeds, **opts),
+                        TARGETS.get(label, ""),
+                    )
+                )
         model, feeds = tiny()
         for k in (1, 2):
             times = []
@@ -102,10 +115,20 @@ def main() -> None:
                 t = time.perf_counter()
                 engine.gradients(model, feeds, partitions=k)
                 times.append(time.perf_counter() - t)
-            rows.append(("tiny (seed example)", f"ray K={k}", f"{statistics.median(times) * 1e3:.1f}", "",
-                         "fixed per-job overhead", ""))
+            rows.append(
+                (
+                    "tiny (seed example)",
+                    f"ray K={k}",
+                    f"{statistics.median(times) * 1e3:.1f}",
+                    "",
+                    "fixed per-job overhead",
+                    "",
+                )
+            )
     threads = args.threads or "per job (all cores for M=1, shared for M>1)"
-    print(f"median of {args.repeat} runs per round, {args.rounds} rounds, {os.cpu_count()} cores, BLAS threads per stage: {threads}")
+    print(
+        f"median of {args.repeat} runs per round, {args.rounds} rounds, {os.cpu_count()} cores, BLAS threads per stage: {threads}"
+    )
     print(table(rows, ("model", "engine", "ms/job", "vs inline (range)", "breakdown of one job", "target")))
 
 

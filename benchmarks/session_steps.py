@@ -49,13 +49,15 @@ def main() -> None:
     seconds: dict[str, list[float]] = {"jobs": [], "session": []}
     try:
         with gradserve.Client(address, timeout=600) as client:
+
             def by_jobs() -> list[float]:
                 weights = {k: v.copy() for k, v in model.params.items()}
                 losses = []
                 for feeds in batches:
                     t = time.perf_counter()
-                    step_model = gradserve.Model(model.nodes, model.inputs, weights, model.loss, model.constants,
-                                                 model.opset)
+                    step_model = gradserve.Model(
+                        model.nodes, model.inputs, weights, model.loss, model.constants, model.opset
+                    )
                     result = client.gradients(step_model, feeds, partitions=1, micro_batches=1, replicas=1)
                     weights = {k: w - args.lr * result.grads[k] for k, w in weights.items()}
                     seconds["jobs"].append(time.perf_counter() - t)
@@ -83,11 +85,19 @@ def main() -> None:
     model_bytes = sum(v.nbytes for v in model.params.values())
     feed_bytes = sum(v.nbytes for v in batches[0].values())
     jobs, session = statistics.median(seconds["jobs"]), statistics.median(seconds["session"])
-    print(f"MLP {args.layers}x{args.width} tanh, batch {args.batch}, SGD; {args.steps} steps x {args.rounds} rounds "
-          f"per way, medians; {cpu_model()}")
-    print(table([("job per step", f"{jobs * 1e3:.0f}", f"{(model_bytes + feed_bytes) / 2**20:.1f}", "1.00"),
-                 ("session step", f"{session * 1e3:.0f}", f"{feed_bytes / 2**20:.1f}", f"{jobs / session:.2f}")],
-                ("way", "ms per step", "MiB sent per step", "speed-up")))
+    print(
+        f"MLP {args.layers}x{args.width} tanh, batch {args.batch}, SGD; {args.steps} steps x {args.rounds} rounds "
+        f"per way, medians; {cpu_model()}"
+    )
+    print(
+        table(
+            [
+                ("job per step", f"{jobs * 1e3:.0f}", f"{(model_bytes + feed_bytes) / 2**20:.1f}", "1.00"),
+                ("session step", f"{session * 1e3:.0f}", f"{feed_bytes / 2**20:.1f}", f"{jobs / session:.2f}"),
+            ],
+            ("way", "ms per step", "MiB sent per step", "speed-up"),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ class _Jobs:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=20,
-                        help="warm rounds through the six (model, K) pairs (default 20)")
+    parser.add_argument(
+        "--rounds", type=int, default=20, help="warm rounds through the six (model, K) pairs (default 20)"
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -96,20 +97,30 @@ def main() -> None:
     _report(cold, warm, _pool_lines(text[:warm_from]), _pool_lines(text[warm_from:]), len(jobs.pids - cold_pids))
 
 
-def _report(cold: list, warm: dict[int, list[float]], cold_pool: tuple[int, int], warm_pool: tuple[int, int],
-            new_pids: int) -> None:
+def _report(
+    cold: list, warm: dict[int, list[float]], cold_pool: tuple[int, int], warm_pool: tuple[int, int], new_pids: int
+) -> None:
     ms = sorted(t * 1e3 for times in warm.values() for t in times)
     p50, p90 = statistics.median(ms), ms[int(0.9 * len(ms))]
-    print(f"small models (5x32 and 3x40 tanh MLPs, 21 and 20 KB, batch 16) through gRPC + the Ray engine, "
-          f"model and K changing every job; {os.cpu_count()} cores, {cpu_model()}")
-    print("cold (first job of each pair): " + ", ".join(f"{n} K={k} {s * 1e3:.0f} ms" for n, k, s in cold)
-          + f"; actors started {cold_pool[0]}, retired {cold_pool[1]}")
+    print(
+        f"small models (5x32 and 3x40 tanh MLPs, 21 and 20 KB, batch 16) through gRPC + the Ray engine, "
+        f"model and K changing every job; {os.cpu_count()} cores, {cpu_model()}"
+    )
+    print(
+        "cold (first job of each pair): "
+        + ", ".join(f"{n} K={k} {s * 1e3:.0f} ms" for n, k, s in cold)
+        + f"; actors started {cold_pool[0]}, retired {cold_pool[1]}"
+    )
     verdict = "met" if ms[-1] < TARGET_MS else "MISSED"
-    print(f"warm: {len(ms)} jobs, p50 {p50:.2f} ms, p90 {p90:.2f} ms, max {ms[-1]:.2f} ms "
-          f"(target: every job < {TARGET_MS:.0f} ms: {verdict}); jobs over it: {sum(t >= TARGET_MS for t in ms)}; p50 "
-          + ", ".join(f"K={k} {statistics.median(times) * 1e3:.2f} ms" for k, times in warm.items()))
-    print(f"once warm: actors started {warm_pool[0]}, retired {warm_pool[1]}; "
-          f"worker processes not seen in the cold jobs: {new_pids}")
+    print(
+        f"warm: {len(ms)} jobs, p50 {p50:.2f} ms, p90 {p90:.2f} ms, max {ms[-1]:.2f} ms "
+        f"(target: every job < {TARGET_MS:.0f} ms: {verdict}); jobs over it: {sum(t >= TARGET_MS for t in ms)}; p50 "
+        + ", ".join(f"K={k} {statistics.median(times) * 1e3:.2f} ms" for k, times in warm.items())
+    )
+    print(
+        f"once warm: actors started {warm_pool[0]}, retired {warm_pool[1]}; "
+        f"worker processes not seen in the cold jobs: {new_pids}"
+    )
 
 
 if __name__ == "__main__":

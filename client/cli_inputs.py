@@ -36,8 +36,10 @@ def check_grad_options(args: argparse.Namespace) -> None:
     split_given = any(v is not None for v in (args.partitions, args.micro_batches, args.replicas))
     if args.server:
         if args.engine is not None:
-            raise CliError(f"--engine {args.engine} runs the job in this process and --server sends it to a "
-                           "server: give one of them")
+            raise CliError(
+                f"--engine {args.engine} runs the job in this process and --server sends it to a "
+                "server: give one of them"
+            )
         if args.ray_address is not None:
             raise CliError("--ray-address does not go with --server: the server computes on its own Ray cluster")
         return
@@ -53,8 +55,15 @@ def check_grad_options(args: argparse.Namespace) -> None:
 
 def check_plan_options(args: argparse.Namespace) -> None:
     """Refuse ``plan`` options that cannot go together."""
-    described = [flag for flag, value in (("--nodes", args.nodes), ("--memory-per-node", args.memory_per_node),
-                                          ("--cpus-per-node", args.cpus_per_node)) if value is not None]
+    described = [
+        flag
+        for flag, value in (
+            ("--nodes", args.nodes),
+            ("--memory-per-node", args.memory_per_node),
+            ("--cpus-per-node", args.cpus_per_node),
+        )
+        if value is not None
+    ]
     if args.ray_address and described:
         raise CliError(f"--ray-address reads the cluster; {described[0]} describes one: give one of them")
     if args.nodes is not None and args.nodes < 1:
@@ -64,8 +73,10 @@ def check_plan_options(args: argparse.Namespace) -> None:
     if args.split_at and args.partitions is not None:
         raise CliError("--split-at fixes the partitions: give it or --partitions, not both")
     if args.split_at and (args.ray_address or described):
-        raise CliError("--split-at plans without a cluster (memory is not checked): it does not go with "
-                       f"{'--ray-address' if args.ray_address else described[0]}")
+        raise CliError(
+            "--split-at plans without a cluster (memory is not checked): it does not go with "
+            f"{'--ray-address' if args.ray_address else described[0]}"
+        )
 
 
 def memory_size(text: str) -> int:
@@ -109,8 +120,9 @@ def split_count(text: str) -> Count:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def check_partition_count(model: "Model", feeds: Mapping[str, np.ndarray], input_grads: Sequence[str],
-                          partitions: int | str | None) -> None:
+def check_partition_count(
+    model: "Model", feeds: Mapping[str, np.ndarray], input_grads: Sequence[str], partitions: int | str | None
+) -> None:
     """Refuse an explicit partition count the graph cannot give before an engine starts or a job
     is sent (the Ray engine and the server refuse it too, but only once they have it)."""
     if partitions is not None:
@@ -139,8 +151,10 @@ def read_feeds(path: str, inputs: Sequence[str]) -> dict[str, np.ndarray]:
 def _only_input(path: str, inputs: Sequence[str]) -> str:
     if len(inputs) == 1:
         return inputs[0]
-    raise CliError(f"feeds file {path} holds one array, but the model has {len(inputs)} inputs "
-                   f"({', '.join(inputs) or 'none'}): give an .npz with one array per input, keyed by its name")
+    raise CliError(
+        f"feeds file {path} holds one array, but the model has {len(inputs)} inputs "
+        f"({', '.join(inputs) or 'none'}): give an .npz with one array per input, keyed by its name"
+    )
 
 
 # -- the result ----------------------------------------------------------------------------------------

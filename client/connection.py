@@ -39,7 +39,7 @@ def server_target(address: str) -> str:
             slash = rest.find("/", 2)
             if slash < 0:
                 raise ValueError(f"server address {address!r}: expected dns:///HOST[:PORT]")
-            prefix, rest = prefix + rest[: slash + 1], rest[slash + 1:]
+            prefix, rest = prefix + rest[: slash + 1], rest[slash + 1 :]
         hosts = rest.split(",") if scheme != "dns" else [rest]  # ipv4:/ipv6: take a list of addresses
         return prefix + ",".join(_with_port(h, address) for h in hosts)
     if "://" in text:
@@ -53,7 +53,7 @@ def _with_port(hostport: str, address: str) -> str:
         end = hostport.find("]")
         if end < 0:
             raise ValueError(f"server address {address!r}: '[' without ']'")
-        host, after = hostport[: end + 1], hostport[end + 1:]
+        host, after = hostport[: end + 1], hostport[end + 1 :]
         if not after:
             return f"{host}:{DEFAULT_PORT}"
         if not after.startswith(":"):
@@ -63,8 +63,9 @@ def _with_port(hostport: str, address: str) -> str:
         try:
             ipaddress.IPv6Address(hostport)
         except ValueError:
-            raise ValueError(f"server address {address!r}: an IPv6 address with a port goes in brackets, "
-                             f"e.g. [::1]:{DEFAULT_PORT}") from None
+            raise ValueError(
+                f"server address {address!r}: an IPv6 address with a port goes in brackets, e.g. [::1]:{DEFAULT_PORT}"
+            ) from None
         return f"[{hostport}]:{DEFAULT_PORT}"
     else:
         host, _, port = hostport.partition(":")
@@ -81,22 +82,29 @@ def _with_port(hostport: str, address: str) -> str:
 # says something else (and carries a retry hint, see gradserve.server.errors).
 _CONNECT_FAILURE = re.compile(
     r"failed to connect to all addresses|errors? resolving|DNS resolution failed|name resolution|"
-    r"Socket closed|Connection reset|handshake failed|Connection refused|timed out before", re.IGNORECASE)
+    r"Socket closed|Connection reset|handshake failed|Connection refused|timed out before",
+    re.IGNORECASE,
+)
 
 # (pattern in gRPC's text, the reason told), the first match wins.
-_REASONS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p, re.IGNORECASE), r) for p, r in (
-    (r"connection refused", "connection refused"),
-    (r"domain name not found|not known|NXDOMAIN|no address associated", "host name not found"),
-    (r"resolv|DNS", "host name lookup failed"),
-    (r"CERTIFICATE_VERIFY_FAILED: ([^:]+)", "TLS handshake failed: certificate verify failed: {0}"),
-    (r"WRONG_VERSION_NUMBER", "TLS handshake failed: the server does not speak TLS"),
-    (r"handshake failed[^:]*: (?:SSL_ERROR_SSL: )?(?:error:\w+:)?(?:SSL routines:)?(?:OPENSSL_internal:)?([^:]+)",
-     "TLS handshake failed: {0}"),
-    (r"Socket closed|Connection reset", "connection closed during setup: does the server use TLS?"),
-    (r"timed out", "connection timed out"),
-    (r"No such file or directory", "no such socket file"),
-    (r"Network is unreachable|No route to host|Permission denied", "{m}"),
-))
+_REASONS: tuple[tuple[re.Pattern, str], ...] = tuple(
+    (re.compile(p, re.IGNORECASE), r)
+    for p, r in (
+        (r"connection refused", "connection refused"),
+        (r"domain name not found|not known|NXDOMAIN|no address associated", "host name not found"),
+        (r"resolv|DNS", "host name lookup failed"),
+        (r"CERTIFICATE_VERIFY_FAILED: ([^:]+)", "TLS handshake failed: certificate verify failed: {0}"),
+        (r"WRONG_VERSION_NUMBER", "TLS handshake failed: the server does not speak TLS"),
+        (
+            r"handshake failed[^:]*: (?:SSL_ERROR_SSL: )?(?:error:\w+:)?(?:SSL routines:)?(?:OPENSSL_internal:)?([^:]+)",
+            "TLS handshake failed: {0}",
+        ),
+        (r"Socket closed|Connection reset", "connection closed during setup: does the server use TLS?"),
+        (r"timed out", "connection timed out"),
+        (r"No such file or directory", "no such socket file"),
+        (r"Network is unreachable|No route to host|Permission denied", "{m}"),
+    )
+)
 
 
 def connect_failure(details: str) -> str | None:

@@ -55,7 +55,10 @@ def mlp_example(seed: int = 0) -> tuple[Model, dict[str, np.ndarray]]:
         if i < 2:
             h = m.tanh(h)
     model = m.loss(m.mse(h, y))
-    feeds = {"x": rng.standard_normal((256, 16)).astype(np.float32), "y": rng.standard_normal((256, 4)).astype(np.float32)}
+    feeds = {
+        "x": rng.standard_normal((256, 16)).astype(np.float32),
+        "y": rng.standard_normal((256, 4)).astype(np.float32),
+    }
     return model, feeds
 
 
@@ -110,12 +113,20 @@ def run_demo(args: argparse.Namespace) -> int:
         options = {} if args.engine == "inline" else {"partitions": 2, "micro_batches": 2}
         t = time.perf_counter()
         seed = engine.gradients(seed_model, seed_feeds)
-        worst = _show("seed example: z = w x + b, y_hat = sigmoid(z), L = 1/2 (y - y_hat)^2", seed,
-                      seed_closed_form(seed_feeds), "closed form")
+        worst = _show(
+            "seed example: z = w x + b, y_hat = sigmoid(z), L = 1/2 (y - y_hat)^2",
+            seed,
+            seed_closed_form(seed_feeds),
+            "closed form",
+        )
         ok &= worst < 1e-10
         mlp = engine.gradients(mlp_model, mlp_feeds, **options)
-        worst = _show(f"MLP 16-64-64-4, batch 256, float32 ({args.engine} engine{', 2 partitions x 2 micro-batches' if options else ''})",
-                      mlp, inline.gradients(mlp_model, mlp_feeds).grads, "inline engine")
+        worst = _show(
+            f"MLP 16-64-64-4, batch 256, float32 ({args.engine} engine{', 2 partitions x 2 micro-batches' if options else ''})",
+            mlp,
+            inline.gradients(mlp_model, mlp_feeds).grads,
+            "inline engine",
+        )
         ok &= worst < 1e-4
         print(f"\ncomputed in {time.perf_counter() - t:.2f} s")
     print("all gradients match their references" if ok else "MISMATCH: some gradients differ from their references")

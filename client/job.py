@@ -22,8 +22,11 @@ if TYPE_CHECKING:
 
 
 STATE_NAMES = {  # wire job states as the client library names them
-    service_pb2.QUEUED: "queued", service_pb2.RUNNING: "running", service_pb2.DONE: "done",
-    service_pb2.FAILED: "failed", service_pb2.CANCELLED: "cancelled",
+    service_pb2.QUEUED: "queued",
+    service_pb2.RUNNING: "running",
+    service_pb2.DONE: "done",
+    service_pb2.FAILED: "failed",
+    service_pb2.CANCELLED: "cancelled",
 }
 
 
@@ -55,7 +58,8 @@ class JobStatus:
         if self.event is not None and self.state == "running":
             steps += f" ({self.event.phase} p{self.event.partition})"
         times = f"queued {self.queued_seconds:.1f} s" + (
-            f", running {self.running_seconds:.1f} s" if self.running_seconds else "")
+            f", running {self.running_seconds:.1f} s" if self.running_seconds else ""
+        )
         line = f"job {self.job_id}: {self.state}, {steps}, {times}"
         if self.error_code or (self.message and self.state in ("failed", "cancelled")):
             line += f": {self.error_code or self.state} {self.message}".rstrip()
@@ -69,9 +73,19 @@ class JobStatus:
         if msg.HasField("event"):
             e = msg.event
             event = ProgressEvent(e.phase, e.partition, e.micro_batch, e.replica, e.done, e.node)
-        return cls(msg.job_id, STATE_NAMES.get(msg.state, "unknown"), msg.steps_done, msg.steps_total, event,
-                   msg.event.seconds, msg.error_code, msg.message, msg.queued_seconds, msg.running_seconds,
-                   msg.model_id)
+        return cls(
+            msg.job_id,
+            STATE_NAMES.get(msg.state, "unknown"),
+            msg.steps_done,
+            msg.steps_total,
+            event,
+            msg.event.seconds,
+            msg.error_code,
+            msg.message,
+            msg.queued_seconds,
+            msg.running_seconds,
+            msg.model_id,
+        )
 
 
 class Job:
@@ -94,9 +108,13 @@ class Job:
     def watch(self, timeout: float | None = None) -> Iterator[JobStatus]:
         """Statuses as they happen (one per progress event and state change), ending with the
         final state. ``timeout`` bounds the whole watch (DeadlineExceeded)."""
+
         def open_watch(left: float | None) -> tuple[Any, Iterator]:
-            stream = streaming(self.client._stub.Watch(service_pb2.JobRef(job_id=self.id),
-                                                        metadata=self.client._metadata, timeout=left))
+            stream = streaming(
+                self.client._stub.Watch(
+                    service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata, timeout=left
+                )
+            )
             return next(stream, None), stream  # the first status comes at once: retried until it does
 
         first, stream = self.client._retrying("Watch", open_watch, self.client._timeout(timeout))
@@ -111,9 +129,13 @@ class Job:
         has been delivered whole, so a connection lost half-way is retried here -- once even with
         retries turned off -- and a later call can fetch it too). A failed job raises the error it
         failed with; a cancelled one raises :class:`Cancelled`."""
+
         def fetch(left: float | None) -> Result:
-            return read_result(self.client._stub.FetchResult(
-                service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata, timeout=left))
+            return read_result(
+                self.client._stub.FetchResult(
+                    service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata, timeout=left
+                )
+            )
 
         policy = self.client.retry if self.client.retry is not NO_RETRY else _REFETCH_ONCE
         return self.client._retrying("FetchResult", fetch, self.client._timeout(timeout), policy)
@@ -147,5 +169,6 @@ def read_result(responses: Iterator[service_pb2.ResultChunk]) -> Result:
     return Result(header.loss, {n: arrays[n] for n in grads}, {n: arrays[n] for n in input_grads}, info)
 
 
-_REFETCH_ONCE = RetryPolicy(initial_backoff=0.0, max_backoff=0.0, max_attempts=2,
-                            codes=frozenset({grpc.StatusCode.UNAVAILABLE}))
+_REFETCH_ONCE = RetryPolicy(
+    initial_backoff=0.0, max_backoff=0.0, max_attempts=2, codes=frozenset({grpc.StatusCode.UNAVAILABLE})
+)

@@ -19,8 +19,15 @@ from gradserve.worker.ops import REGISTRY, OpContext, get_op
 from gradserve.worker.validate import onnx_attrs, onnx_model, toposort
 
 # Ops whose result is not a function of their inputs: never folded, even with constant inputs.
-NONDETERMINISTIC = {"Dropout", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
-                    "Multinomial", "Bernoulli"}
+NONDETERMINISTIC = {
+    "Dropout",
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
 # A folded value larger than this (and than its inputs) stays a node: folding e.g. ConstantOfShape
 # of an activation's shape would otherwise ship a full-size tensor of zeros with every model.
 _FOLD_LIMIT_BYTES = 1 << 20
@@ -69,16 +76,24 @@ class ConstantFolding:
 
     def _infer_again(self) -> bool:
         """Run ONNX shape inference on the graph as folded so far; True if it learned new shapes."""
+
         def onnx_node(n: Node) -> onnx.NodeProto:
             inputs = n.inputs[:1] if n.op_type == "If" else n.inputs  # the rest were for sorting
             return helper.make_node(n.op_type, inputs, n.outputs, name=n.name, **onnx_attrs(n))
 
         values = {**self.params, **self.constants}
         graph = helper.make_graph(
-            [onnx_node(n) for n in self.nodes], "import",
-            [helper.make_tensor_value_info(s.name, helper.np_dtype_to_tensor_dtype(s.dtype),
-                                           [None if d == "?" else d for d in s.shape]) for s in self.inputs],
-            [], [numpy_helper.from_array(v, k) for k, v in values.items()])
+            [onnx_node(n) for n in self.nodes],
+            "import",
+            [
+                helper.make_tensor_value_info(
+                    s.name, helper.np_dtype_to_tensor_dtype(s.dtype), [None if d == "?" else d for d in s.shape]
+                )
+                for s in self.inputs
+            ],
+            [],
+            [numpy_helper.from_array(v, k) for k, v in values.items()],
+        )
         shapes, dtypes = infer_shapes(onnx_model(graph, self.opset))
         known = lambda table: sum(isinstance(d, int) for v in table.values() if v is not None for d in v)  # noqa: E731
         before = known(self.shapes)
@@ -104,8 +119,10 @@ class ConstantFolding:
         (in order: they read only earlier values); its outputs are the branch's outputs."""
         cond = self.constants.get(node.inputs[0])
         if cond is None:
-            raise GraphError(f"{node}: its condition is only known when the model runs; control flow that "
-                             "depends on the data (If) is not supported")
+            raise GraphError(
+                f"{node}: its condition is only known when the model runs; control flow that "
+                "depends on the data (If) is not supported"
+            )
         branch = self._branches[node.name][0 if bool(np.asarray(cond).reshape(-1)[0]) else 1]
         for init in branch.initializer:
             value = to_array(init, f"initializer '{init.name}' of {node}")

@@ -33,25 +33,37 @@ def folded_warning(proto: onnx.ModelProto) -> str | None:
     exporter, ``optimize=False``, other tools, ``gradserve.torch``'s exports)."""
     targets = _signature_targets(proto)
     initializers = proto.graph.initializer
-    if not any(init.name in targets.get("PARAMETER", ()) or init.name in targets.get("BUFFER", ())
-               for init in initializers):
+    if not any(
+        init.name in targets.get("PARAMETER", ()) or init.name in targets.get("BUFFER", ()) for init in initializers
+    ):
         # no signature, or the module's tensors are not stored under their names: graph inputs
         # (gradserve.torch exports a function of its parameters) or a file some other tool rewrote
         return None
     known = set().union(*targets.values())
-    folded = [init.name for init in initializers
-              if init.data_type in _FLOATING and len(init.dims) > 0 and init.name not in known]
+    folded = [
+        init.name
+        for init in initializers
+        if init.data_type in _FLOATING and len(init.dims) > 0 and init.name not in known
+    ]
     if not folded:
         return None
     stored = {init.name for init in initializers} | {vi.name for vi in proto.graph.input}
     absent = len(set(targets.get("PARAMETER", ())) - stored)
     shown = ", ".join(folded[:_SHOWN]) + (f", ... ({len(folded) - _SHOWN} more)" if len(folded) > _SHOWN else "")
-    missing = (f"; {absent} of the module's parameters are not in the file under their names (merged with "
-               "equal-valued ones, folded, or tied)") if absent else ""
-    return (f"{len(folded)} initializers look folded by torch's ONNX optimizer ({shown}: transposed weights, "
-            f"constant lookups, packed gates){missing}; gradserve returns gradients of the tensors the file holds, "
-            "and these are not your module's parameters. Export with gradserve.torch.export(module, args) "
-            "(gradients keyed by module.named_parameters()), or torch.onnx.export(..., optimize=False)")
+    missing = (
+        (
+            f"; {absent} of the module's parameters are not in the file under their names (merged with "
+            "equal-valued ones, folded, or tied)"
+        )
+        if absent
+        else ""
+    )
+    return (
+        f"{len(folded)} initializers look folded by torch's ONNX optimizer ({shown}: transposed weights, "
+        f"constant lookups, packed gates){missing}; gradserve returns gradients of the tensors the file holds, "
+        "and these are not your module's parameters. Export with gradserve.torch.export(module, args) "
+        "(gradients keyed by module.named_parameters()), or torch.onnx.export(..., optimize=False)"
+    )
 
 
 def _signature_targets(proto: onnx.ModelProto) -> dict[str, list[str]]:

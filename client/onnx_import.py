@@ -24,8 +24,19 @@ import onnx
 
 from gradserve.client.onnx_fold import NONDETERMINISTIC, ConstantFolding
 from gradserve.client.onnx_folded import folded_warning
-from gradserve.client.onnx_read import DEFAULT_DOMAINS, ModelSource, attr_value, check_dtype, dim_value, infer_shapes, \
-    normalize_opset, np_dtype, outer_names, read_model, to_array
+from gradserve.client.onnx_read import (
+    DEFAULT_DOMAINS,
+    ModelSource,
+    attr_value,
+    check_dtype,
+    dim_value,
+    infer_shapes,
+    normalize_opset,
+    np_dtype,
+    outer_names,
+    read_model,
+    to_array,
+)
 from gradserve.client.onnx_sequences import SEQUENCE_OPS, SequenceRewrite
 from gradserve.worker.graph import GraphError, InputSpec, Model, Node
 from gradserve.worker.ops import REGISTRY, OpContext, OpError, get_op
@@ -72,8 +83,7 @@ class LossSpec:
 BATCH_NORM_MODES = ("as-exported", "batch")
 
 
-def load_onnx(path_or_bytes: ModelSource, loss: str | LossSpec | None = None,
-              batch_norm: str = "as-exported") -> Model:
+def load_onnx(path_or_bytes: ModelSource, loss: str | LossSpec | None = None, batch_norm: str = "as-exported") -> Model:
     """Convert an ONNX model (a path, serialized bytes or a ``ModelProto``) into a :class:`Model`.
 
     ``loss`` is None when the graph's single output is the scalar loss; otherwise the name of a value
@@ -127,8 +137,9 @@ class _Importer(ConstantFolding, SequenceRewrite):
             value = to_array(init, f"initializer '{init.name}'")
             (self.params if value.dtype.kind == "f" else self.constants)[init.name] = value
         # Before IR 4 initializers were also listed as inputs; they are not feeds.
-        self.inputs = [self._input_spec(vi) for vi in graph.input
-                       if vi.name not in self.params and vi.name not in self.constants]
+        self.inputs = [
+            self._input_spec(vi) for vi in graph.input if vi.name not in self.params and vi.name not in self.constants
+        ]
         self.outputs = [vi.name for vi in graph.output]
         self.nodes: list[Node] = []
         self._used_names: set[str] = set()
@@ -190,8 +201,9 @@ class _Importer(ConstantFolding, SequenceRewrite):
         for node in self.nodes:
             if node.op_type == "BatchNormalization" and not node.attrs.get("training_mode", 0):
                 node.attrs["training_mode"] = 1
-                node.outputs = node.outputs[:1] + [self._fresh(f"{node.outputs[0]}/running_{s}", names)
-                                                   for s in ("mean", "var")]
+                node.outputs = node.outputs[:1] + [
+                    self._fresh(f"{node.outputs[0]}/running_{s}", names) for s in ("mean", "var")
+                ]
                 log.info("%s: normalises with batch statistics", node)
 
     # -- loss ---------------------------------------------------------------------------------------
@@ -228,21 +240,26 @@ class _Importer(ConstantFolding, SequenceRewrite):
         output = spec.output
         if output is None:
             if len(self.outputs) != 1:
-                raise GraphError(f"the model has {len(self.outputs)} outputs ({', '.join(self.outputs)}); "
-                                 f"say which one the loss reads, e.g. '{spec.kind}:OUTPUT:{spec.target}'")
+                raise GraphError(
+                    f"the model has {len(self.outputs)} outputs ({', '.join(self.outputs)}); "
+                    f"say which one the loss reads, e.g. '{spec.kind}:OUTPUT:{spec.target}'"
+                )
             output = self.outputs[0]
         names = self._value_names()
         if output not in names:
             raise GraphError(f"loss spec names output '{output}', which is not a value of the graph")
         if spec.target in names:
-            raise GraphError(f"the loss target '{spec.target}' would be a new input, but the graph already "
-                             "has a value of that name; choose another target name")
+            raise GraphError(
+                f"the loss target '{spec.target}' would be a new input, but the graph already "
+                "has a value of that name; choose another target name"
+            )
         names.add(spec.target)
         shape = self.shapes.get(output)
         dtype = self.dtypes.get(output)
         if shape is None or dtype is None:
-            raise GraphError(f"cannot tell the shape and dtype of output '{output}', so the loss target "
-                             "cannot be declared")
+            raise GraphError(
+                f"cannot tell the shape and dtype of output '{output}', so the loss target cannot be declared"
+            )
         if dtype.kind != "f":
             raise GraphError(f"output '{output}' has dtype {dtype.name}; a loss needs floating values")
         dims = tuple("?" if d is None else d for d in shape)
@@ -255,8 +272,10 @@ class _Importer(ConstantFolding, SequenceRewrite):
             self._add_node("ReduceMean", [square], loss_name, keepdims=0)
         else:
             if len(dims) < 2:
-                raise GraphError(f"cross_entropy needs logits of shape (N, C, ...), but output '{output}' "
-                                 f"has shape {format_shape(shape)}")
+                raise GraphError(
+                    f"cross_entropy needs logits of shape (N, C, ...), but output '{output}' "
+                    f"has shape {format_shape(shape)}"
+                )
             self.inputs.append(InputSpec(spec.target, np.dtype(np.int64), dims[:1] + dims[2:]))
             self._add_node("SoftmaxCrossEntropyLoss", [output, spec.target], loss_name, reduction="mean")
         self.loss = loss_name
@@ -310,15 +329,22 @@ class _Importer(ConstantFolding, SequenceRewrite):
                 check_dtype(value.dtype, f"{kind} '{name}'")
         for spec in self.inputs:
             check_dtype(spec.dtype, f"input '{spec.name}'")
-        return Model(nodes=self.nodes, inputs=self.inputs, params=self.params, loss=self.loss, constants=constants,
-                     opset=self.opset)
+        return Model(
+            nodes=self.nodes,
+            inputs=self.inputs,
+            params=self.params,
+            loss=self.loss,
+            constants=constants,
+            opset=self.opset,
+        )
 
 
 # -- helpers ----------------------------------------------------------------------------------------
 def _attrs_key(attrs: dict[str, Any]) -> tuple:
     """A hashable, exact key of attribute values (arrays by their bytes: repr would abbreviate)."""
     return tuple(
-        (k, (v.dtype.str, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else repr(v)) for k, v in sorted(attrs.items())
+        (k, (v.dtype.str, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else repr(v))
+        for k, v in sorted(attrs.items())
     )
 
 

@@ -62,9 +62,12 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
             if not (path.parent / location).is_file():
                 missing.setdefault(location, []).append(tensor.name)
     for location, names in missing.items():
-        who = f"tensor '{names[0]}' needs" if len(names) == 1 else f"tensors '{names[0]}' and {len(names) - 1} more need"
-        raise GraphError(f"{path}: external data file {path.parent / location} is missing ({who} it; "
-                         "it belongs next to the model)")
+        who = (
+            f"tensor '{names[0]}' needs" if len(names) == 1 else f"tensors '{names[0]}' and {len(names) - 1} more need"
+        )
+        raise GraphError(
+            f"{path}: external data file {path.parent / location} is missing ({who} it; it belongs next to the model)"
+        )
     try:
         external_data_helper.load_external_data_for_model(proto, str(path.parent))
     except Exception as exc:  # onnx raises ValueError, OSError... naming the tensor
@@ -185,8 +188,13 @@ def attr_value(a: onnx.AttributeProto, what: str) -> Any:
         return to_array(a.t, what)
     if kind in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
         raise GraphError(f"{what}: subgraphs (If/Loop/Scan bodies) are not supported")
-    if kind in (onnx.AttributeProto.TENSORS, onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS,
-                onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS):
+    if kind in (
+        onnx.AttributeProto.TENSORS,
+        onnx.AttributeProto.SPARSE_TENSOR,
+        onnx.AttributeProto.SPARSE_TENSORS,
+        onnx.AttributeProto.TYPE_PROTO,
+        onnx.AttributeProto.TYPE_PROTOS,
+    ):
         raise GraphError(f"{what}: attributes of type {onnx.AttributeProto.AttributeType.Name(kind)} are not supported")
     value = helper.get_attribute_value(a)
     if isinstance(value, bytes):

@@ -68,8 +68,10 @@ class SequenceRewrite:
     def _check_no_sequence_read(self, node: Node) -> None:
         seq = next((i for i in node.inputs if i in self._seqs), None)
         if seq is not None:
-            raise GraphError(f"{node}: reads the sequence '{seq}', which only sequence ops "
-                             f"({', '.join(sorted(SEQUENCE_OPS))}) can read here")
+            raise GraphError(
+                f"{node}: reads the sequence '{seq}', which only sequence ops "
+                f"({', '.join(sorted(SEQUENCE_OPS))}) can read here"
+            )
 
     def _rewrite(self, node: Node) -> list[Node]:
         """The plain nodes for one sequence op (none for list bookkeeping)."""
@@ -113,8 +115,10 @@ class SequenceRewrite:
                 raise GraphError(f"{node}: needs a position in a sequence of {length} elements")
             return default
         if name not in self.constants:
-            raise GraphError(f"{node}: its position '{name}' is only known when the model runs; gradserve "
-                             "supports sequences indexed by constants")
+            raise GraphError(
+                f"{node}: its position '{name}' is only known when the model runs; gradserve "
+                "supports sequences indexed by constants"
+            )
         k = int(np.asarray(self.constants[name]).reshape(-1)[0])
         if not -length <= k < length + inserting:
             raise GraphError(f"{node}: position {k} is out of range for a sequence of {length} elements")
@@ -133,8 +137,10 @@ class SequenceRewrite:
             axes = self._value_name(f"{out}/axis")
             self.constants[axes] = np.asarray([axis], np.int64)
             squeezed = [self._value_name(f"{p}/squeezed") for p in pieces]
-            nodes += [Node(self._node_name(f"{node.name}/squeeze_{k}"), "Squeeze", [p, axes], [s])
-                      for k, (p, s) in enumerate(zip(pieces, squeezed))]
+            nodes += [
+                Node(self._node_name(f"{node.name}/squeeze_{k}"), "Squeeze", [p, axes], [s])
+                for k, (p, s) in enumerate(zip(pieces, squeezed))
+            ]
             pieces = squeezed
         self._seqs[out] = pieces
         return nodes
@@ -142,8 +148,10 @@ class SequenceRewrite:
     def _split_sizes(self, node: Node, x: str, split: str) -> list[int]:
         """The piece sizes along the split axis: the length of the sequence must be known now."""
         if split and split not in self.constants:
-            raise GraphError(f"{node}: its split '{split}' is only known when the model runs, so the sequence's "
-                             "length is unknown; gradserve supports sequences of a length known at load")
+            raise GraphError(
+                f"{node}: its split '{split}' is only known when the model runs, so the sequence's "
+                "length is unknown; gradserve supports sequences of a length known at load"
+            )
         given = np.asarray(self.constants[split]).astype(np.int64) if split else None
         if given is not None and given.ndim == 1:
             return [int(s) for s in given]
@@ -161,9 +169,11 @@ class SequenceRewrite:
         if isinstance(size, int):
             return size
         dim = "an unknown size" if shape is None or not -len(shape) <= axis < len(shape) else f"size '{shape[axis]}'"
-        raise GraphError(f"{node}: splits axis {axis} of '{x}', of {dim} when the model is loaded, into a sequence of "
-                         "unknown length; gradserve supports sequences of a length known at load (split along a "
-                         "static axis, or give the split sizes)")
+        raise GraphError(
+            f"{node}: splits axis {axis} of '{x}', of {dim} when the model is loaded, into a sequence of "
+            "unknown length; gradserve supports sequences of a length known at load (split along a "
+            "static axis, or give the split sizes)"
+        )
 
     def _concat(self, node: Node) -> list[Node]:
         elements = self._seqs[node.inputs[0]]
@@ -177,11 +187,14 @@ class SequenceRewrite:
             axes = self._value_name(f"{node.outputs[0]}/axis")
             self.constants[axes] = np.asarray([axis], np.int64)  # Unsqueeze, like new_axis, counts in the output's rank
             stacked = [self._value_name(f"{e}/unsqueezed") for e in elements]
-            nodes += [Node(self._node_name(f"{node.name}/unsqueeze_{k}"), "Unsqueeze", [e, axes], [s])
-                      for k, (e, s) in enumerate(zip(elements, stacked))]
+            nodes += [
+                Node(self._node_name(f"{node.name}/unsqueeze_{k}"), "Unsqueeze", [e, axes], [s])
+                for k, (e, s) in enumerate(zip(elements, stacked))
+            ]
             elements = stacked
-        nodes.append(Node(self._node_name(f"{node.name}/concat"), "Concat", list(elements), [node.outputs[0]],
-                          {"axis": axis}))
+        nodes.append(
+            Node(self._node_name(f"{node.name}/concat"), "Concat", list(elements), [node.outputs[0]], {"axis": axis})
+        )
         return nodes
 
     def _node_name(self, stem: str) -> str:

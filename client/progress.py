@@ -52,8 +52,11 @@ class ProgressLine:
         where = ""
         if status.event is not None and status.state == "running":
             e = status.event
-            where = f" {e.phase} p{e.partition}" + (f" mb{e.micro_batch}" if e.micro_batch else "") + (
-                f" r{e.replica}" if e.replica else "")
+            where = (
+                f" {e.phase} p{e.partition}"
+                + (f" mb{e.micro_batch}" if e.micro_batch else "")
+                + (f" r{e.replica}" if e.replica else "")
+            )
         return f"{count} {status.state}{where} {elapsed:.1f}s"
 
     def close(self) -> None:

@@ -40,10 +40,21 @@ import numpy as np
 from grpc.experimental import ChannelOptions
 
 from gradserve.client.connection import connect_failure, server_target
+
 # errors and job handles live in their own modules; their names stay importable from here
 from gradserve.client.errors import (  # noqa: F401
-    Cancelled, DeadlineExceeded, Internal, InvalidArgument, NotFound, RemoteError, ResourceExhausted,
-    Unauthenticated, Unavailable, calling, remote_error, streaming,
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    RemoteError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    calling,
+    remote_error,
+    streaming,
 )
 from gradserve.client.job import STATE_NAMES, Job, JobStatus, read_result  # noqa: F401
 from gradserve.client.retry import NO_RETRY, RetryPolicy
@@ -70,6 +81,7 @@ CONNECT_TIMEOUT = 2.0  # seconds a call retries a server this client has never r
 _NOT_AN_ANSWER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 log = logging.getLogger("gradserve.client")
+
 
 @dataclass(frozen=True)
 class _Uploading:
@@ -134,7 +146,8 @@ class Client:
         self._retry_lock = threading.Lock()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [
-            ("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
             # Server-streaming calls (Compute, Watch, FetchResult) read their replies on the calling
             # thread: otherwise grpc-python starts a thread to poll the channel for each call made
             # while no other is open, which cost ~0.3 ms of a tiny job's ~2 ms.
@@ -159,8 +172,13 @@ class Client:
     def _timeout(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
 
-    def _retrying(self, what: str, attempt: Callable[[float | None], Any], timeout: float | None,
-                  policy: RetryPolicy | None = None) -> Any:
+    def _retrying(
+        self,
+        what: str,
+        attempt: Callable[[float | None], Any],
+        timeout: float | None,
+        policy: RetryPolicy | None = None,
+    ) -> Any:
         """``attempt(seconds_left)`` under the retry policy (:meth:`RetryPolicy.call`); ``what``
         names the call in the log. ``attempt`` must build its request afresh: a request stream
         is consumed by the attempt that sends it."""
@@ -178,8 +196,17 @@ class Client:
             level = logging.INFO
             if waited >= _WARN_AFTER and not warned:
                 warned, level = True, logging.WARNING
-            log.log(level, "%s to %s: %s (%s); retry %d in %.2fs%s", what, self.address, name, exc, n, delay,
-                    f", {waited:.0f}s of retrying so far" if level == logging.WARNING else "")
+            log.log(
+                level,
+                "%s to %s: %s (%s); retry %d in %.2fs%s",
+                what,
+                self.address,
+                name,
+                exc,
+                n,
+                delay,
+                f", {waited:.0f}s of retrying so far" if level == logging.WARNING else "",
+            )
 
         def guarded(left: float | None) -> Any:
             try:
@@ -215,8 +242,9 @@ class Client:
     def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
         name = getattr(method, "_method", b"")
         name = name.decode().rsplit("/", 1)[-1] if isinstance(name, bytes) else str(name or "call")
-        return self._retrying(name, lambda left: calling(method, request, metadata=self._metadata, timeout=left),
-                              self._timeout(timeout))
+        return self._retrying(
+            name, lambda left: calling(method, request, metadata=self._metadata, timeout=left), self._timeout(timeout)
+        )
 
     def close(self) -> None:
         """Close the connection."""
@@ -271,8 +299,12 @@ class Client:
         def attempt(left: float | None) -> str:
             attempts[0] += 1
             if attempts[0] > 1:  # a retry: ask what the broken stream left on the server
-                again = calling(self._stub.HasModel, service_pb2.ModelRef(model_id=manifest.model_id),
-                                 metadata=self._metadata, timeout=left)
+                again = calling(
+                    self._stub.HasModel,
+                    service_pb2.ModelRef(model_id=manifest.model_id),
+                    metadata=self._metadata,
+                    timeout=left,
+                )
                 if again.present:
                     return manifest.model_id
                 held[0] = dict(again.received_bytes)
@@ -286,8 +318,15 @@ class Client:
                 display.close()
 
     # -- jobs -------------------------------------------------------------------------------------
-    def _job_options(self, model_id: str, feeds: Mapping[str, Any], partitions: Count, micro_batches: Count,
-                     replicas: Count, input_grads: Iterable[str]) -> tuple[service_pb2.JobOptions, dict[str, np.ndarray]]:
+    def _job_options(
+        self,
+        model_id: str,
+        feeds: Mapping[str, Any],
+        partitions: Count,
+        micro_batches: Count,
+        replicas: Count,
+        input_grads: Iterable[str],
+    ) -> tuple[service_pb2.JobOptions, dict[str, np.ndarray]]:
         """A job's options message and the feed arrays whose bytes follow it."""
         arrays = wire_arrays(feeds, "feed")
         counts = {}
@@ -297,13 +336,22 @@ class Client:
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         options = service_pb2.JobOptions(
-            model_id=model_id, **counts,
-            input_grads=list(input_grads), feeds=chunks.headers(arrays),
+            model_id=model_id,
+            **counts,
+            input_grads=list(input_grads),
+            feeds=chunks.headers(arrays),
         )
         return options, arrays
 
-    def _job_messages(self, model_id: str, feeds: Mapping[str, Any], partitions: Count, micro_batches: Count,
-                      replicas: Count, input_grads: Iterable[str]) -> Iterator[service_pb2.JobChunk]:
+    def _job_messages(
+        self,
+        model_id: str,
+        feeds: Mapping[str, Any],
+        partitions: Count,
+        micro_batches: Count,
+        replicas: Count,
+        input_grads: Iterable[str],
+    ) -> Iterator[service_pb2.JobChunk]:
         """A Run or Submit request stream: the options, then the feeds' chunks."""
         return job_stream(*self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads))
 
@@ -326,9 +374,13 @@ class Client:
         the server to choose from the model, the batch and its cluster."""
         model_id = self._model_id(model_or_id)
         options, arrays = self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads)
-        handle = self._retrying("Submit", lambda left: calling(  # a fresh request stream per attempt
-            self._stub.Submit, job_stream(options, arrays), metadata=self._metadata, timeout=left),
-            self._timeout(None))
+        handle = self._retrying(
+            "Submit",
+            lambda left: calling(  # a fresh request stream per attempt
+                self._stub.Submit, job_stream(options, arrays), metadata=self._metadata, timeout=left
+            ),
+            self._timeout(None),
+        )
         return Job(self, handle.job_id, handle.model_id)
 
     def session(
@@ -358,12 +410,20 @@ class Client:
         model_id = self._model_id(model_or_id)
         options, _ = self._job_options(model_id, {}, partitions, micro_batches, replicas, ())
         request = service_pb2.SessionOptions(
-            model_id=model_id, partitions=options.partitions, micro_batches=options.micro_batches,
-            replicas=options.replicas, optimizer_json=json.dumps(groups.to_dict()), max_norm=max_norm or 0.0,
+            model_id=model_id,
+            partitions=options.partitions,
+            micro_batches=options.micro_batches,
+            replicas=options.replicas,
+            optimizer_json=json.dumps(groups.to_dict()),
+            max_norm=max_norm or 0.0,
         )
         # Not retried: a retry after a lost reply would open a second session.
-        info = self._retrying("OpenSession", lambda left: calling(
-            self._stub.OpenSession, request, metadata=self._metadata, timeout=left), self._timeout(None), NO_RETRY)
+        info = self._retrying(
+            "OpenSession",
+            lambda left: calling(self._stub.OpenSession, request, metadata=self._metadata, timeout=left),
+            self._timeout(None),
+            NO_RETRY,
+        )
         return RemoteSession(self, info, groups, schedule)
 
     def job(self, job_id: str) -> Job:
@@ -419,8 +479,14 @@ class Client:
         limit = self._timeout(timeout)
         deadline = None if limit is None else time.monotonic() + limit
         left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
-        job = self.submit(model_id, feeds, partitions=partitions, micro_batches=micro_batches, replicas=replicas,
-                          input_grads=input_grads)
+        job = self.submit(
+            model_id,
+            feeds,
+            partitions=partitions,
+            micro_batches=micro_batches,
+            replicas=replicas,
+            input_grads=input_grads,
+        )
         display = ProgressLine()
         try:
             try:

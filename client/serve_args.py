@@ -39,73 +39,175 @@ def _concurrency(text: str) -> int | None:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Declare the ``gradserve serve`` options on ``p``."""
-    p.add_argument("--address", default="127.0.0.1:50051", metavar="HOST:PORT",
-                   help="where to listen (default 127.0.0.1:50051; port 0 picks a free port)")
-    p.add_argument("--engine", choices=["ray", "inline"], default=None,
-                   help="ray: partitions on Ray worker actors; inline: the whole graph in the server process "
-                   "(default: ray, or inline while the ray engine is not installed)")
-    p.add_argument("--ray-address", metavar="ADDR",
-                   help="join this Ray cluster ('auto' or HOST:PORT); default: start an embedded single-node Ray")
+    p.add_argument(
+        "--address",
+        default="127.0.0.1:50051",
+        metavar="HOST:PORT",
+        help="where to listen (default 127.0.0.1:50051; port 0 picks a free port)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["ray", "inline"],
+        default=None,
+        help="ray: partitions on Ray worker actors; inline: the whole graph in the server process "
+        "(default: ray, or inline while the ray engine is not installed)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this Ray cluster ('auto' or HOST:PORT); default: start an embedded single-node Ray",
+    )
     sec = p.add_argument_group("security")
-    sec.add_argument("--auth-token-file", metavar="FILE",
-                     help="require 'authorization: Bearer <token>' (the token in FILE) on every call but health checks")
+    sec.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="require 'authorization: Bearer <token>' (the token in FILE) on every call but health checks",
+    )
     sec.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain); needs --tls-key")
     sec.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     lim = p.add_argument_group("limits (sizes take K/M/G suffixes)")
-    lim.add_argument("--max-model-bytes", type=byte_size, default=_default("max_model_bytes"), metavar="SIZE",
-                     help="parameters + constants of one model (default 4G)")
-    lim.add_argument("--max-store-bytes", type=byte_size, default=_default("max_store_bytes"), metavar="SIZE",
-                     help="all stored models together; least recently used are dropped (default 16G)")
-    lim.add_argument("--max-feed-bytes", type=byte_size, default=_default("max_feed_bytes"), metavar="SIZE",
-                     help="the feeds of one job (default 2G)")
-    lim.add_argument("--max-tensor-elements", type=_positive_int, default=_default("max_tensor_elements"),
-                     metavar="N", help="elements of any one tensor (default 2^30)")
-    lim.add_argument("--max-concurrent-jobs", type=_concurrency, default=_default("max_concurrent_jobs"),
-                     metavar="N|auto", help="jobs computing at once; more wait in per-client queues served in turn. "
-                     "auto (default): with the ray engine two per CPU of the cluster's alive nodes, "
-                     "following nodes that join or leave; 2 with the inline engine")
-    lim.add_argument("--max-queued-jobs", type=int, default=_default("max_queued_jobs"), metavar="N",
-                     help="jobs waiting beyond those; more are refused (default 64)")
-    lim.add_argument("--max-message-bytes", type=byte_size, default=_default("max_message_bytes"),
-                     metavar="SIZE", help="one gRPC message; tensors travel in 1M chunks (default 16M)")
-    lim.add_argument("--max-pending-bytes", type=byte_size, default=_default("max_pending_bytes"), metavar="SIZE",
-                     help="uploads being received plus feeds of queued and running jobs, together (default 8G)")
-    lim.add_argument("--result-ttl", type=float, default=_default("result_ttl"), metavar="SECONDS",
-                     help="how long an unfetched result is kept (default 600)")
-    lim.add_argument("--max-state-bytes", type=byte_size, default=_default("max_state_bytes"), metavar="SIZE",
-                     help="files in --state-dir together: stored models, accepted jobs' feeds, kept results "
-                     "(default 64G)")
+    lim.add_argument(
+        "--max-model-bytes",
+        type=byte_size,
+        default=_default("max_model_bytes"),
+        metavar="SIZE",
+        help="parameters + constants of one model (default 4G)",
+    )
+    lim.add_argument(
+        "--max-store-bytes",
+        type=byte_size,
+        default=_default("max_store_bytes"),
+        metavar="SIZE",
+        help="all stored models together; least recently used are dropped (default 16G)",
+    )
+    lim.add_argument(
+        "--max-feed-bytes",
+        type=byte_size,
+        default=_default("max_feed_bytes"),
+        metavar="SIZE",
+        help="the feeds of one job (default 2G)",
+    )
+    lim.add_argument(
+        "--max-tensor-elements",
+        type=_positive_int,
+        default=_default("max_tensor_elements"),
+        metavar="N",
+        help="elements of any one tensor (default 2^30)",
+    )
+    lim.add_argument(
+        "--max-concurrent-jobs",
+        type=_concurrency,
+        default=_default("max_concurrent_jobs"),
+        metavar="N|auto",
+        help="jobs computing at once; more wait in per-client queues served in turn. "
+        "auto (default): with the ray engine two per CPU of the cluster's alive nodes, "
+        "following nodes that join or leave; 2 with the inline engine",
+    )
+    lim.add_argument(
+        "--max-queued-jobs",
+        type=int,
+        default=_default("max_queued_jobs"),
+        metavar="N",
+        help="jobs waiting beyond those; more are refused (default 64)",
+    )
+    lim.add_argument(
+        "--max-message-bytes",
+        type=byte_size,
+        default=_default("max_message_bytes"),
+        metavar="SIZE",
+        help="one gRPC message; tensors travel in 1M chunks (default 16M)",
+    )
+    lim.add_argument(
+        "--max-pending-bytes",
+        type=byte_size,
+        default=_default("max_pending_bytes"),
+        metavar="SIZE",
+        help="uploads being received plus feeds of queued and running jobs, together (default 8G)",
+    )
+    lim.add_argument(
+        "--result-ttl",
+        type=float,
+        default=_default("result_ttl"),
+        metavar="SECONDS",
+        help="how long an unfetched result is kept (default 600)",
+    )
+    lim.add_argument(
+        "--max-state-bytes",
+        type=byte_size,
+        default=_default("max_state_bytes"),
+        metavar="SIZE",
+        help="files in --state-dir together: stored models, accepted jobs' feeds, kept results (default 64G)",
+    )
     ses = p.add_argument_group("training sessions")
-    ses.add_argument("--session-idle-ttl", type=float, default=_default("session_idle_ttl"), metavar="SECONDS",
-                     help="close a session after this long without a call, freeing its workers' memory (default %(default)g)")
-    ses.add_argument("--max-sessions-per-client", type=_positive_int, default=_default("max_sessions_per_client"),
-                     metavar="N", help="sessions one client connection may hold open (default %(default)s)")
-    ses.add_argument("--session-checkpoint-steps", type=_positive_int, default=_default("session_checkpoint_steps"),
-                     metavar="N", help="checkpoint each session's weights and optimizer state every N steps "
-                                       "(default %(default)s) ...")
-    ses.add_argument("--session-checkpoint-seconds", type=float, default=_default("session_checkpoint_seconds"),
-                     metavar="SECONDS", help="... or every SECONDS, whichever comes first (default %(default)g); "
-                                             "into --state-dir, and what a session that lost a worker restarts from")
-    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
-                   help="on SIGINT/SIGTERM, let running jobs finish this long before cancelling them (default 10)")
+    ses.add_argument(
+        "--session-idle-ttl",
+        type=float,
+        default=_default("session_idle_ttl"),
+        metavar="SECONDS",
+        help="close a session after this long without a call, freeing its workers' memory (default %(default)g)",
+    )
+    ses.add_argument(
+        "--max-sessions-per-client",
+        type=_positive_int,
+        default=_default("max_sessions_per_client"),
+        metavar="N",
+        help="sessions one client connection may hold open (default %(default)s)",
+    )
+    ses.add_argument(
+        "--session-checkpoint-steps",
+        type=_positive_int,
+        default=_default("session_checkpoint_steps"),
+        metavar="N",
+        help="checkpoint each session's weights and optimizer state every N steps (default %(default)s) ...",
+    )
+    ses.add_argument(
+        "--session-checkpoint-seconds",
+        type=float,
+        default=_default("session_checkpoint_seconds"),
+        metavar="SECONDS",
+        help="... or every SECONDS, whichever comes first (default %(default)g); "
+        "into --state-dir, and what a session that lost a worker restarts from",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, let running jobs finish this long before cancelling them (default 10)",
+    )
     ops = p.add_argument_group("operating")
-    ops.add_argument("--state-dir", metavar="DIR|none", default=None,
-                     help="keep stored models, accepted asynchronous jobs (with their feeds) and unfetched results "
-                     "here, so a restart or a crash loses none of them: the server serves the models without a new "
-                     "upload, runs again the jobs that were queued or running, and returns the kept results. "
-                     "Default: gradserve/state under the user's cache directory ($XDG_CACHE_HOME or ~/.cache); "
-                     "'none' keeps everything in memory only. One server per directory.")
-    ops.add_argument("--metrics-address", metavar="HOST:PORT",
-                     help="serve Prometheus metrics at http://HOST:PORT/metrics (jobs by outcome and code, queue and "
-                     "run time, queued/running jobs, uploads, model store, worker pool, RPCs by method and code; "
-                     "see README 'Operating'); default: not served")
-    ops.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                     help="what the server logs (default info: one line per job outcome -- id, model, K/M/R, "
-                     "seconds, status code -- plus uploads, cancels and start/stop; tracebacks only for internal "
-                     "errors)")
-    ops.add_argument("--log-format", default="text", choices=["text", "json"],
-                     help="text (default), or json: one JSON object per line (time, level, logger, message; a "
-                     "job's outcome line adds its fields as keys) for log shippers")
+    ops.add_argument(
+        "--state-dir",
+        metavar="DIR|none",
+        default=None,
+        help="keep stored models, accepted asynchronous jobs (with their feeds) and unfetched results "
+        "here, so a restart or a crash loses none of them: the server serves the models without a new "
+        "upload, runs again the jobs that were queued or running, and returns the kept results. "
+        "Default: gradserve/state under the user's cache directory ($XDG_CACHE_HOME or ~/.cache); "
+        "'none' keeps everything in memory only. One server per directory.",
+    )
+    ops.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (jobs by outcome and code, queue and "
+        "run time, queued/running jobs, uploads, model store, worker pool, RPCs by method and code; "
+        "see README 'Operating'); default: not served",
+    )
+    ops.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="what the server logs (default info: one line per job outcome -- id, model, K/M/R, "
+        "seconds, status code -- plus uploads, cancels and start/stop; tracebacks only for internal "
+        "errors)",
+    )
+    ops.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text (default), or json: one JSON object per line (time, level, logger, message; a "
+        "job's outcome line adds its fields as keys) for log shippers",
+    )
 
 
 def _default(name: str) -> Any:

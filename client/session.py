@@ -35,8 +35,9 @@ if TYPE_CHECKING:  # pragma: no cover
 class RemoteSession:
     """A training session held by a server (open one with :meth:`Client.session`)."""
 
-    def __init__(self, client: "Client", info: service_pb2.SessionInfo, groups: ParamGroups,
-                 schedule: Schedule | None) -> None:
+    def __init__(
+        self, client: "Client", info: service_pb2.SessionInfo, groups: ParamGroups, schedule: Schedule | None
+    ) -> None:
         self.client = client
         self.id = info.session_id
         self.model_id = info.model_id
@@ -83,9 +84,13 @@ class RemoteSession:
                 yield service_pb2.WeightsChunk(data=chunk)
 
         # Setting the same values again changes nothing: safe to retry.
-        self.client._retrying("SetWeights", lambda left: calling(
-            self.client._stub.SetWeights, messages(), metadata=self.client._metadata, timeout=left),
-            self.client._timeout(None))
+        self.client._retrying(
+            "SetWeights",
+            lambda left: calling(
+                self.client._stub.SetWeights, messages(), metadata=self.client._metadata, timeout=left
+            ),
+            self.client._timeout(None),
+        )
 
     def weights(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """The current weights (all, or those named), streamed from the server."""

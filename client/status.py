@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from gradserve.client.remote import Client
 
 
-
 @dataclass(frozen=True)
 class NodeStatus:
     """A machine that computes: a Ray node (Ray engine) or the server's machine (inline engine)."""
@@ -31,7 +30,7 @@ class NodeStatus:
     address: str
     cpus: float
     memory_bytes: int
-    actors: int       # worker actors of the server's pool on this node
+    actors: int  # worker actors of the server's pool on this node
     busy_actors: int  # of those, running a job's steps now
     alive: bool = True
 
@@ -42,24 +41,32 @@ class ServerJob:
 
     job_id: str
     model_id: str
-    state: str           # queued or running
+    state: str  # queued or running
     steps_done: int
-    steps_total: int     # 0 while the engine has yet to choose partitions/micro-batches/replicas
+    steps_total: int  # 0 while the engine has yet to choose partitions/micro-batches/replicas
     queued_seconds: float
     running_seconds: float
     cancel_requested: bool = False
 
     @classmethod
     def from_proto(cls, msg: service_pb2.JobStatus) -> "ServerJob":
-        return cls(msg.job_id, msg.model_id, STATE_NAMES.get(msg.state, "unknown"), msg.steps_done, msg.steps_total,
-                   msg.queued_seconds, msg.running_seconds, msg.message == "cancel requested")
+        return cls(
+            msg.job_id,
+            msg.model_id,
+            STATE_NAMES.get(msg.state, "unknown"),
+            msg.steps_done,
+            msg.steps_total,
+            msg.queued_seconds,
+            msg.running_seconds,
+            msg.message == "cancel requested",
+        )
 
 
 @dataclass(frozen=True)
 class StoredModel:
     model_id: str
-    bytes: int        # parameters and constants
-    parameters: int   # how many parameters
+    bytes: int  # parameters and constants
+    parameters: int  # how many parameters
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,8 @@ class ServerStatus:
     engine: str
     uptime_seconds: float
     nodes: list[NodeStatus]
-    jobs: list[ServerJob]          # queued and running, oldest first
-    models: list[StoredModel]        # least recently used first
+    jobs: list[ServerJob]  # queued and running, oldest first
+    models: list[StoredModel]  # least recently used first
     max_concurrent_jobs: int
     max_queued_jobs: int
     model_store_bytes: int
@@ -105,16 +112,26 @@ class ServerStatus:
     @classmethod
     def from_proto(cls, msg: service_pb2.ServerStatus) -> "ServerStatus":
         return cls(
-            version=msg.version, engine=msg.engine, uptime_seconds=msg.uptime_seconds,
-            nodes=[NodeStatus(n.node_id, n.address, n.cpus, n.memory_bytes, n.actors, n.busy_actors, n.alive)
-                   for n in msg.nodes],
+            version=msg.version,
+            engine=msg.engine,
+            uptime_seconds=msg.uptime_seconds,
+            nodes=[
+                NodeStatus(n.node_id, n.address, n.cpus, n.memory_bytes, n.actors, n.busy_actors, n.alive)
+                for n in msg.nodes
+            ],
             jobs=[ServerJob.from_proto(j) for j in msg.jobs],
             models=[StoredModel(m.model_id, m.parameter_bytes, m.parameter_count) for m in msg.models],
-            max_concurrent_jobs=msg.max_concurrent_jobs, max_queued_jobs=msg.max_queued_jobs,
-            model_store_bytes=msg.model_store_bytes, model_store_max_bytes=msg.model_store_max_bytes,
-            pending_bytes=msg.pending_bytes, jobs_ended=dict(msg.jobs_ended), worker_retries=msg.worker_retries,
-            sessions=[OpenSession(t.session_id, t.model_id, t.steps, t.idle_seconds, t.partitions, t.replicas)
-                      for t in msg.sessions],
+            max_concurrent_jobs=msg.max_concurrent_jobs,
+            max_queued_jobs=msg.max_queued_jobs,
+            model_store_bytes=msg.model_store_bytes,
+            model_store_max_bytes=msg.model_store_max_bytes,
+            pending_bytes=msg.pending_bytes,
+            jobs_ended=dict(msg.jobs_ended),
+            worker_retries=msg.worker_retries,
+            sessions=[
+                OpenSession(t.session_id, t.model_id, t.steps, t.idle_seconds, t.partitions, t.replicas)
+                for t in msg.sessions
+            ],
             session_steps=msg.session_steps,
         )
 
@@ -172,9 +189,17 @@ def format_status(status: ServerStatus, address: str = "") -> str:
     lines.append(f"nodes: {len(status.nodes)}, {actors} worker actors")
     lines += _table(
         ["NODE", "ADDRESS", "CPUS", "MEMORY", "ACTORS", "BUSY"],
-        [[n.node_id[:16] + ("" if n.alive else " (gone)"), n.address or "-", f"{n.cpus:g}",
-          _bytes(n.memory_bytes) if n.memory_bytes else "-", str(n.actors), str(n.busy_actors)]
-         for n in status.nodes],
+        [
+            [
+                n.node_id[:16] + ("" if n.alive else " (gone)"),
+                n.address or "-",
+                f"{n.cpus:g}",
+                _bytes(n.memory_bytes) if n.memory_bytes else "-",
+                str(n.actors),
+                str(n.busy_actors),
+            ]
+            for n in status.nodes
+        ],
     )
     lines.append("")
     if status.jobs:
@@ -183,21 +208,36 @@ def format_status(status: ServerStatus, address: str = "") -> str:
         for j in status.jobs:
             steps = f"{j.steps_done}/{j.steps_total}" if j.steps_total else f"{j.steps_done}/?"
             state = j.state + (" (cancel requested)" if j.cancel_requested else "")
-            rows.append([j.job_id, j.model_id[:16], state, steps,
-                         f"{j.queued_seconds:.1f}s", f"{j.running_seconds:.1f}s"])
+            rows.append(
+                [j.job_id, j.model_id[:16], state, steps, f"{j.queued_seconds:.1f}s", f"{j.running_seconds:.1f}s"]
+            )
         lines += _table(["JOB", "MODEL", "STATE", "STEPS", "QUEUED", "RUNNING"], rows)
     else:
         lines.append("jobs queued and running: none")
     lines.append("")
     lines.append(f"training sessions: {len(status.sessions)} open, {status.session_steps} steps since start")
     if status.sessions:
-        lines += _table(["SESSION", "MODEL", "STEPS", "PARTITIONS", "REPLICAS", "IDLE"],
-                        [[t.session_id, t.model_id[:16], str(t.steps), str(t.partitions or "-"),
-                          str(t.replicas or "-"), f"{t.idle_seconds:.0f}s"] for t in status.sessions])
+        lines += _table(
+            ["SESSION", "MODEL", "STEPS", "PARTITIONS", "REPLICAS", "IDLE"],
+            [
+                [
+                    t.session_id,
+                    t.model_id[:16],
+                    str(t.steps),
+                    str(t.partitions or "-"),
+                    str(t.replicas or "-"),
+                    f"{t.idle_seconds:.0f}s",
+                ]
+                for t in status.sessions
+            ],
+        )
     lines.append("")
-    lines.append(f"models: {len(status.models)}, {_bytes(status.model_store_bytes)} of "
-                 f"{_bytes(status.model_store_max_bytes)}")
+    lines.append(
+        f"models: {len(status.models)}, {_bytes(status.model_store_bytes)} of {_bytes(status.model_store_max_bytes)}"
+    )
     if status.models:
-        lines += _table(["MODEL", "BYTES", "PARAMETERS"],
-                        [[m.model_id[:16], _bytes(m.bytes), str(m.parameters)] for m in status.models])
+        lines += _table(
+            ["MODEL", "BYTES", "PARAMETERS"],
+            [[m.model_id[:16], _bytes(m.bytes), str(m.parameters)] for m in status.models],
+        )
     return "\n".join(lines)

@@ -34,8 +34,17 @@ except ImportError as exc:  # the core install has no torch
     raise ImportError("gradserve.torch needs PyTorch: pip install 'gradserve[torch]'") from exc
 
 from gradserve.client.torch_export import (
-    LossFn, TorchMapping, as_args, batch_axes, batch_statistics_buffers, check_args, export_graph, numpy_of, state_of,
-    to_model, update_running_statistics,
+    LossFn,
+    TorchMapping,
+    as_args,
+    batch_axes,
+    batch_statistics_buffers,
+    check_args,
+    export_graph,
+    numpy_of,
+    state_of,
+    to_model,
+    update_running_statistics,
 )
 from gradserve.client.torch_session import TorchSession, session
 from gradserve.worker.graph import Model
@@ -44,8 +53,13 @@ __all__ = ["export", "backward", "session", "TorchMapping", "TorchSession"]
 
 
 # -- export -----------------------------------------------------------------------------------------
-def export(module: torch.nn.Module, example_args: Sequence[Any] | torch.Tensor, loss_fn: LossFn | None = None, *,
-           batch_axis: int | Sequence[int | None] | None = None) -> tuple[Model, TorchMapping]:
+def export(
+    module: torch.nn.Module,
+    example_args: Sequence[Any] | torch.Tensor,
+    loss_fn: LossFn | None = None,
+    *,
+    batch_axis: int | Sequence[int | None] | None = None,
+) -> tuple[Model, TorchMapping]:
     """Export ``module`` with its loss as a gradserve Model, parameters named as in
     ``module.named_parameters()``.
 
@@ -83,9 +97,16 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, _Entry]]" = weak
 _INLINE: list[Any] = []
 
 
-def backward(module: torch.nn.Module, *args: torch.Tensor, engine: Any = None, client: Any = None,
-             loss_fn: LossFn | None = None, batch_axis: int | Sequence[int | None] | None = None,
-             update_running_stats: bool = True, **job_options: Any) -> float:
+def backward(
+    module: torch.nn.Module,
+    *args: torch.Tensor,
+    engine: Any = None,
+    client: Any = None,
+    loss_fn: LossFn | None = None,
+    batch_axis: int | Sequence[int | None] | None = None,
+    update_running_stats: bool = True,
+    **job_options: Any,
+) -> float:
     """``loss.backward()`` by gradserve: computes the loss of ``module`` on ``args`` (see
     :func:`export` for how the loss is formed) and adds dL/dw to ``p.grad`` of every parameter
     that requires grad and that the loss reads. Returns the loss as a float.
@@ -119,8 +140,9 @@ def _inline() -> Any:
     return _INLINE[0]
 
 
-def _entry(module: torch.nn.Module, args: tuple, loss_fn: LossFn | None,
-           batch_axis: int | Sequence[int | None] | None) -> _Entry:
+def _entry(
+    module: torch.nn.Module, args: tuple, loss_fn: LossFn | None, batch_axis: int | Sequence[int | None] | None
+) -> _Entry:
     """The cached export for this call, its Model carrying the module's current state."""
     check_args(args)
     axes = batch_axes(args, batch_axis)
@@ -145,14 +167,17 @@ def _entry(module: torch.nn.Module, args: tuple, loss_fn: LossFn | None,
     return entry
 
 
-def _structure_key(module: torch.nn.Module, args: Sequence[torch.Tensor], axes: Sequence[int | None],
-                   loss_fn: LossFn | None) -> tuple:
+def _structure_key(
+    module: torch.nn.Module, args: Sequence[torch.Tensor], axes: Sequence[int | None], loss_fn: LossFn | None
+) -> tuple:
     """What the exported graph depends on besides weights: each submodule's type and mode, the
     state's names, shapes and dtypes (and which parameters train), the arguments' shapes but for the
     batch axis, and the loss function."""
     modules = tuple((n, type(m), m.training) for n, m in module.named_modules())
-    state = tuple((n, tuple(t.shape), t.dtype, isinstance(t, torch.nn.Parameter) and t.requires_grad)
-                  for n, t in state_of(module).items())
+    state = tuple(
+        (n, tuple(t.shape), t.dtype, isinstance(t, torch.nn.Parameter) and t.requires_grad)
+        for n, t in state_of(module).items()
+    )
     shapes = tuple((a.dtype, tuple(None if d == ax else s for d, s in enumerate(a.shape))) for a, ax in zip(args, axes))
     return modules, state, shapes, tuple(axes), _fn_key(loss_fn)
 

@@ -29,10 +29,25 @@ from gradserve.client.onnx_import import load_onnx
 from gradserve.worker.graph import GraphError, Model
 
 LossFn = Callable[..., torch.Tensor]
-_NUMPY_DTYPES = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
-                 torch.uint8, torch.bool}
-_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
-            torch.nn.FeatureAlphaDropout)
+_NUMPY_DTYPES = {
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+}
+_DROPOUT = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
 _BATCH_NORM = torch.nn.modules.batchnorm._BatchNorm
 
 
@@ -90,13 +105,16 @@ class TorchMapping:
         for name, _ in self.padding_rows:
             readers = [n for n in model.nodes if name in n.inputs]
             if len(readers) > 1:
-                raise GraphError(f"parameter '{name}' is an nn.Embedding weight with padding_idx that the loss also "
-                                 f"reads elsewhere ({readers[1]}): its padding row's gradient cannot be told apart; "
-                                 "use padding_idx=None (the padding row then trains like any other)")
+                raise GraphError(
+                    f"parameter '{name}' is an nn.Embedding weight with padding_idx that the loss also "
+                    f"reads elsewhere ({readers[1]}): its padding row's gradient cannot be told apart; "
+                    "use padding_idx=None (the padding row then trains like any other)"
+                )
 
 
-def export_graph(module: torch.nn.Module, args: tuple, loss_fn: LossFn | None,
-                 batch_axis: int | Sequence[int | None] | None) -> tuple[onnx.ModelProto, TorchMapping]:
+def export_graph(
+    module: torch.nn.Module, args: tuple, loss_fn: LossFn | None, batch_axis: int | Sequence[int | None] | None
+) -> tuple[onnx.ModelProto, TorchMapping]:
     """The weightless ONNX graph of the loss and how the module's state and ``args`` map onto it."""
     check_args(args)
     axes = batch_axes(args, batch_axis)
@@ -104,13 +122,18 @@ def export_graph(module: torch.nn.Module, args: tuple, loss_fn: LossFn | None,
     inputs = _input_names(len(args), {*trainable, *constants})
     with _dropout_off(module):
         proto, static = _export_proto(module, args, loss_fn, axes, trainable, constants, inputs)
-    return proto, TorchMapping(tuple(trainable), tuple(constants), inputs, axes, static, _padding_rows(module, trainable))
+    return proto, TorchMapping(
+        tuple(trainable), tuple(constants), inputs, axes, static, _padding_rows(module, trainable)
+    )
 
 
 def _padding_rows(module: torch.nn.Module, trainable: dict[str, torch.Tensor]) -> tuple[tuple[str, int], ...]:
     names = {id(t): n for n, t in trainable.items()}
-    return tuple((names[id(m.weight)], m.padding_idx % m.num_embeddings) for m in module.modules()
-                 if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None and id(m.weight) in names)
+    return tuple(
+        (names[id(m.weight)], m.padding_idx % m.num_embeddings)
+        for m in module.modules()
+        if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None and id(m.weight) in names
+    )
 
 
 def as_args(args: Sequence[Any] | torch.Tensor) -> tuple[Any, ...]:
@@ -141,8 +164,9 @@ def batch_axes(args: Sequence[torch.Tensor], batch_axis: int | Sequence[int | No
         if axis is None:
             continue
         if not -a.dim() <= axis < a.dim():
-            raise ValueError(f"argument {k} (shape {tuple(a.shape)}) has no axis {axis} to be the batch axis; "
-                             "pass batch_axis=")
+            raise ValueError(
+                f"argument {k} (shape {tuple(a.shape)}) has no axis {axis} to be the batch axis; pass batch_axis="
+            )
         sizes[k] = a.shape[axis]
     if len(set(sizes.values())) > 1:
         first = next(iter(sizes))
@@ -150,7 +174,8 @@ def batch_axes(args: Sequence[torch.Tensor], batch_axis: int | Sequence[int | No
         raise ValueError(
             f"cannot infer the batch axis: argument {odd} has size {sizes[odd]} on axis {axes[odd]} where "
             f"argument {first} has {sizes[first]} on axis {axes[first]}; pass batch_axis= (an axis, or one per "
-            "argument, None for an unbatched one)")
+            "argument, None for an unbatched one)"
+        )
     return tuple(None if ax is None else ax % args[k].dim() for k, ax in enumerate(axes))
 
 
@@ -162,8 +187,10 @@ def _split_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     constants.update(module.named_buffers())
     for name, t in {**trainable, **constants}.items():
         if t.dtype not in _NUMPY_DTYPES:
-            raise TypeError(f"'{name}' has dtype {t.dtype}, which gradserve does not carry "
-                            "(floating parameters: float16, float32, float64)")
+            raise TypeError(
+                f"'{name}' has dtype {t.dtype}, which gradserve does not carry "
+                "(floating parameters: float16, float32, float64)"
+            )
     return trainable, constants
 
 
@@ -189,8 +216,11 @@ class _dropout_off:
         if self.active and self.warn:
             names = ", ".join(n or "(the module)" for n, _ in self.active[:3])
             more = f" and {len(self.active) - 3} more" if len(self.active) > 3 else ""
-            warnings.warn(f"gradserve.torch: dropout runs as the identity (gradserve has no random masks): "
-                          f"{names}{more}; set p=0 or call .eval() on them to silence this", stacklevel=3)
+            warnings.warn(
+                f"gradserve.torch: dropout runs as the identity (gradserve has no random masks): "
+                f"{names}{more}; set p=0 or call .eval() on them to silence this",
+                stacklevel=3,
+            )
         for _, m in self.active:
             m.training = False
 
@@ -202,8 +232,9 @@ class _dropout_off:
 class _Functional(torch.nn.Module):
     """The module and its loss as a function of (trainable parameters, other state, arguments)."""
 
-    def __init__(self, module: torch.nn.Module, trainable: Sequence[str], constants: Sequence[str],
-                 loss_fn: LossFn | None) -> None:
+    def __init__(
+        self, module: torch.nn.Module, trainable: Sequence[str], constants: Sequence[str], loss_fn: LossFn | None
+    ) -> None:
         super().__init__()
         self.module, self.trainable, self.constants, self.loss_fn = module, list(trainable), list(constants), loss_fn
 
@@ -221,14 +252,22 @@ class _Functional(torch.nn.Module):
 def _loss_of(output: Any) -> torch.Tensor:
     loss = getattr(output, "loss", output)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise GraphError("the module's output is not a scalar loss (nor has a .loss); pass loss_fn= "
-                         "(the loss is then loss_fn(module(*args[:-1]), args[-1]))")
+        raise GraphError(
+            "the module's output is not a scalar loss (nor has a .loss); pass loss_fn= "
+            "(the loss is then loss_fn(module(*args[:-1]), args[-1]))"
+        )
     return loss.reshape(())
 
 
-def _export_proto(module: torch.nn.Module, args: Sequence[torch.Tensor], loss_fn: LossFn | None,
-                  axes: Sequence[int | None], trainable: dict[str, torch.Tensor], constants: dict[str, torch.Tensor],
-                  inputs: Sequence[str]) -> tuple[onnx.ModelProto, int | None]:
+def _export_proto(
+    module: torch.nn.Module,
+    args: Sequence[torch.Tensor],
+    loss_fn: LossFn | None,
+    axes: Sequence[int | None],
+    trainable: dict[str, torch.Tensor],
+    constants: dict[str, torch.Tensor],
+    inputs: Sequence[str],
+) -> tuple[onnx.ModelProto, int | None]:
     """The ONNX graph of the loss, every parameter, buffer and argument a graph input; and the
     batch size it is fixed to when torch could not export a symbolic one (else None)."""
     wrapper = _Functional(module, list(trainable), list(constants), loss_fn)
@@ -242,8 +281,11 @@ def _export_proto(module: torch.nn.Module, args: Sequence[torch.Tensor], loss_fn
         # torch.export specialises a dimension of size 1: trace a batch of two (the values do not matter)
         example = [a if ax is None or a.shape[ax] != 1 else torch.cat([a, a], ax) for a, ax in zip(args, axes)]
         batch = torch.export.Dim("batch")
-        dynamic = ([None] * len(trainable), [None] * len(constants),
-                   [None if ax is None else {ax: batch} for ax in axes])
+        dynamic = (
+            [None] * len(trainable),
+            [None] * len(constants),
+            [None if ax is None else {ax: batch} for ax in axes],
+        )
         try:
             proto, any_batch = _onnx_export(wrapper, (*state, example), names, dynamic)
         except GraphError as exc:
@@ -267,8 +309,16 @@ def _onnx_export(wrapper: torch.nn.Module, args: tuple, names: list[str], dynami
         warnings.simplefilter("ignore")
         quiet.setLevel(logging.ERROR)
         try:
-            program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=dynamic, input_names=names,
-                                        output_names=["loss"], verbose=False, optimize=True)
+            program = torch.onnx.export(
+                wrapper,
+                args,
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                input_names=names,
+                output_names=["loss"],
+                verbose=False,
+                optimize=True,
+            )
         except Exception as exc:  # noqa: BLE001 -- torch's errors are long; keep its summary line
             raise GraphError(f"torch could not export the module: {_summary(exc)}") from exc
         finally:
@@ -296,8 +346,14 @@ def _unrestricted(exported: Any) -> bool:
 def _name_batch(proto: onnx.ModelProto, inputs: Sequence[str], axes: Sequence[int | None]) -> onnx.ModelProto:
     """torch names the batch dimension 's0' or 's33'; gradserve's plans and errors say 'batch'."""
     declared = {vi.name: vi for vi in proto.graph.input}
-    symbol = next((declared[n].type.tensor_type.shape.dim[ax].dim_param for n, ax in zip(inputs, axes)
-                   if ax is not None and n in declared), "")
+    symbol = next(
+        (
+            declared[n].type.tensor_type.shape.dim[ax].dim_param
+            for n, ax in zip(inputs, axes)
+            if ax is not None and n in declared
+        ),
+        "",
+    )
     if symbol:
         g = proto.graph
         for vi in [*g.input, *g.value_info, *g.output]:
@@ -333,9 +389,13 @@ def to_model(proto: onnx.ModelProto, module: torch.nn.Module, mapping: TorchMapp
     graph.input.extend(kept)
     # the exporter's own initializers (a 2.0, a mask) are constants of the graph, not parameters
     constants = [helper.make_node("Constant", [], [t.name], name=f"const/{t.name}", value=t) for t in graph.initializer]
-    constants += [helper.make_node("Constant", [], [n], name=f"state/{n}",
-                                   value=numpy_helper.from_array(numpy_of(state[n], f"'{n}'"), n))
-                  for n in mapping.constants if n in present]
+    constants += [
+        helper.make_node(
+            "Constant", [], [n], name=f"state/{n}", value=numpy_helper.from_array(numpy_of(state[n], f"'{n}'"), n)
+        )
+        for n in mapping.constants
+        if n in present
+    ]
     del graph.initializer[:]
     graph.initializer.extend(numpy_helper.from_array(numpy_of(state[n], f"'{n}'"), n) for n in mapping.params)
     nodes = constants + list(graph.node)
@@ -351,8 +411,10 @@ def _batch_norm_mode(module: torch.nn.Module) -> str:
     batch = [n for n, m in norms if m.training or not m.track_running_stats]
     if batch and len(batch) < len(norms):
         running = next(n for n, m in norms if n not in batch)
-        raise GraphError(f"BatchNorm '{batch[0]}' normalises with batch statistics and '{running}' with running "
-                         "ones; gradserve.torch exports modules whose BatchNorms are all in one mode")
+        raise GraphError(
+            f"BatchNorm '{batch[0]}' normalises with batch statistics and '{running}' with running "
+            "ones; gradserve.torch exports modules whose BatchNorms are all in one mode"
+        )
     return "batch" if batch else "as-exported"
 
 
@@ -371,8 +433,13 @@ def numpy_of(t: Any, what: str) -> np.ndarray:
 def batch_statistics_buffers(module: torch.nn.Module) -> frozenset[str]:
     """The running statistics of BatchNorms in training mode: inputs of their nodes that do not
     change the loss (they normalise with the batch's statistics)."""
-    return frozenset(f"{n}.{b}" if n else b for n, m in module.named_modules() if isinstance(m, _BATCH_NORM) and m.training
-                     for b, t in m.named_buffers(recurse=False) if t is not None)
+    return frozenset(
+        f"{n}.{b}" if n else b
+        for n, m in module.named_modules()
+        if isinstance(m, _BATCH_NORM) and m.training
+        for b, t in m.named_buffers(recurse=False)
+        if t is not None
+    )
 
 
 def update_running_statistics(module: torch.nn.Module, args: Sequence[torch.Tensor], loss_fn: LossFn | None) -> None:

@@ -50,7 +50,9 @@ class TorchSession:
         with torch.no_grad():
             for name, value in weights.items():
                 p = named[name]
-                p.copy_(torch.tensor(np.asarray(value), dtype=p.dtype, device=p.device).reshape(p.shape))  # a copy: Ray's arrays are read-only
+                p.copy_(
+                    torch.tensor(np.asarray(value), dtype=p.dtype, device=p.device).reshape(p.shape)
+                )  # a copy: Ray's arrays are read-only
 
     def close(self) -> None:
         """Close the session (its weights stay on the workers until then: :meth:`sync` first)."""
@@ -63,9 +65,18 @@ class TorchSession:
         self.close()
 
 
-def session(module: torch.nn.Module, *example_args: torch.Tensor, optimizer: Any, engine: Any = None,
-            client: Any = None, loss_fn: LossFn | None = None, batch_axis: int | Sequence[int | None] | None = None,
-            max_norm: float | None = None, schedule: Schedule | None = None, **options: Any) -> TorchSession:
+def session(
+    module: torch.nn.Module,
+    *example_args: torch.Tensor,
+    optimizer: Any,
+    engine: Any = None,
+    client: Any = None,
+    loss_fn: LossFn | None = None,
+    batch_axis: int | Sequence[int | None] | None = None,
+    max_norm: float | None = None,
+    schedule: Schedule | None = None,
+    **options: Any,
+) -> TorchSession:
     """Open a training session of ``module`` (its loss formed as :func:`gradserve.torch.export`
     says, from ``example_args``) on ``engine`` (``gradserve.local(...)``; inline by default) or a
     server (``client``). ``optimizer``: a ``torch.optim`` SGD, Adam or AdamW over the module's
@@ -86,8 +97,10 @@ def session(module: torch.nn.Module, *example_args: torch.Tensor, optimizer: Any
     model, mapping = bridge.export(module, example_args, loss_fn, batch_axis=batch_axis)
     if mapping.padding_rows:
         name, row = mapping.padding_rows[0]
-        raise GraphError(f"parameter '{name}' is an nn.Embedding weight with padding_idx={row}: a session would "
-                         "train its padding row; use gradserve.torch.backward, or padding_idx=None")
+        raise GraphError(
+            f"parameter '{name}' is an nn.Embedding weight with padding_idx={row}: a session would "
+            "train its padding row; use gradserve.torch.backward, or padding_idx=None"
+        )
     groups = _groups(optimizer, module)
     opener = client if client is not None else engine if engine is not None else bridge._inline()
     inner = opener.session(model, groups, max_norm=max_norm, schedule=schedule, **options)
@@ -108,6 +121,8 @@ def _groups(optimizer: Any, module: torch.nn.Module) -> ParamGroups | Optimizer:
 def _refuse_unfollowed_state(module: torch.nn.Module) -> None:
     for name, m in module.named_modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-            raise GraphError(f"module '{name or type(module).__name__}' is a BatchNorm in training mode: a session "
-                             "would not update its running statistics; call .eval() on it (batch statistics are "
-                             "then the running ones), or train with gradserve.torch.backward")
+            raise GraphError(
+                f"module '{name or type(module).__name__}' is a BatchNorm in training mode: a session "
+                "would not update its running statistics; call .eval() on it (batch statistics are "
+                "then the running ones), or train with gradserve.torch.backward"
+            )

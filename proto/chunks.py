@@ -50,8 +50,9 @@ def headers(arrays: Mapping[str, np.ndarray]) -> list[service_pb2.TensorHeader]:
     return [header(name, a) for name, a in arrays.items()]
 
 
-def chunks(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES,
-           start: Mapping[str, int] | None = None) -> Iterator[service_pb2.TensorChunk]:
+def chunks(
+    arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES, start: Mapping[str, int] | None = None
+) -> Iterator[service_pb2.TensorChunk]:
     """The bytes of every array as TensorChunk messages of at most ``chunk_bytes``, tensor after
     tensor. Lazy, so a big model is never held twice in serialized form. ``start`` (resuming an
     upload): per tensor name, the byte offset its chunks begin at (the receiver holds the bytes
@@ -67,7 +68,7 @@ def chunks(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES,
         if first < 0:
             raise ValueError(f"start offset of '{name}' is negative")
         for offset in range(first, len(raw), chunk_bytes):
-            yield service_pb2.TensorChunk(name=name, offset=offset, data=raw[offset:offset + chunk_bytes].tobytes())
+            yield service_pb2.TensorChunk(name=name, offset=offset, data=raw[offset : offset + chunk_bytes].tobytes())
 
 
 # -- receiving -------------------------------------------------------------------------------------
@@ -75,9 +76,9 @@ def chunks(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES,
 
 @dataclass
 class _Slot:
-    what: str            # "parameter 'w'": how errors name it
+    what: str  # "parameter 'w'": how errors name it
     shape: tuple[int, ...]
-    dtype: np.dtype      # wire (little-endian) dtype
+    dtype: np.dtype  # wire (little-endian) dtype
     nbytes: int
     filled: int = 0
     array: np.ndarray | None = None  # allocated on the first chunk
@@ -168,7 +169,7 @@ class Assembler:
         if self.resumed and offset < slot.filled:
             if offset + size <= slot.filled:
                 return  # bytes this assembler already holds: a resent chunk
-            data: bytes | memoryview = memoryview(chunk.data)[slot.filled - offset:]  # the part past them is new
+            data: bytes | memoryview = memoryview(chunk.data)[slot.filled - offset :]  # the part past them is new
             offset, size = slot.filled, size - (slot.filled - offset)
         else:
             data = chunk.data
@@ -184,7 +185,7 @@ class Assembler:
             )
         if slot.array is None:
             slot.array = np.empty(slot.nbytes, np.uint8)  # exactly the declared size, never more
-        slot.array[slot.filled:slot.filled + size] = np.frombuffer(data, np.uint8)
+        slot.array[slot.filled : slot.filled + size] = np.frombuffer(data, np.uint8)
         slot.filled += size
         self.received_bytes += size
 

@@ -31,7 +31,9 @@ def dtype_code(dtype: np.dtype | str) -> model_pb2.DType:
     try:
         return _FROM_NUMPY[np.dtype(dtype).newbyteorder("=")]
     except KeyError:
-        raise ValueError(f"dtype {np.dtype(dtype)} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})") from None
+        raise ValueError(
+            f"dtype {np.dtype(dtype)} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})"
+        ) from None
 
 
 def numpy_dtype(code: model_pb2.DType) -> np.dtype:

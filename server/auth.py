@@ -52,7 +52,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return False
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
@@ -70,6 +71,8 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     gRPC reads the request stream according to the handler's cardinality."""
 
     def deny(request_or_iterator, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+        )
 
     return like(handler, deny)

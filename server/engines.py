@@ -16,6 +16,7 @@ from gradserve.server.result import Result
 
 log = logging.getLogger("gradserve.server")
 
+
 class Engine(Protocol):
     """What the server asks of an engine.
 
@@ -112,11 +113,17 @@ class EngineRunner:
 
     def __call__(self, job: Job) -> Result:
         assert job.model is not None and job.feeds is not None
-        kwargs: dict[str, Any] = dict(input_grads=job.options.input_grads, progress=job.add_event, cancelled=job.cancelled,
-                                      prepared=job.prepared)
+        kwargs: dict[str, Any] = dict(
+            input_grads=job.options.input_grads, progress=job.add_event, cancelled=job.cancelled, prepared=job.prepared
+        )
         if self.splits:
-            kwargs.update(partitions=job.options.partitions, micro_batches=job.options.micro_batches,
-                          replicas=job.options.replicas, model_key=job.model_id, job_id=job.id)
+            kwargs.update(
+                partitions=job.options.partitions,
+                micro_batches=job.options.micro_batches,
+                replicas=job.options.replicas,
+                model_key=job.model_id,
+                job_id=job.id,
+            )
         return self.engine.gradients(job.model, job.feeds, **kwargs)
 
     def session(self, model, optimizer, counts: tuple, **options: Any):
@@ -124,8 +131,9 @@ class EngineRunner:
         (partitions, micro_batches, replicas), for engines that split the work."""
         if self.splits:
             partitions, micro_batches, replicas = counts
-            return self.engine.session(model, optimizer, partitions=partitions, micro_batches=micro_batches,
-                                       replicas=replicas, **options)
+            return self.engine.session(
+                model, optimizer, partitions=partitions, micro_batches=micro_batches, replicas=replicas, **options
+            )
         return self.engine.session(model, optimizer, **options)
 
     def close(self) -> None:

@@ -27,13 +27,25 @@ from gradserve.worker.graph import GraphError
 
 log = logging.getLogger("gradserve.server")
 
-__all__ = ["LimitExceeded", "RetryLater", "QueueFull", "NotFound", "BadRequest", "Unavailable", "WorkerLost",
-           "ServiceError", "status_for", "retry_after_for", "abort"]
+__all__ = [
+    "LimitExceeded",
+    "RetryLater",
+    "QueueFull",
+    "NotFound",
+    "BadRequest",
+    "Unavailable",
+    "WorkerLost",
+    "ServiceError",
+    "status_for",
+    "retry_after_for",
+    "abort",
+]
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6's server pushback
-RETRY_AFTER_KEY = "retry-after-ms"       # the same value under a key no proxy or library treats as reserved
-QUEUE_RETRY_AFTER = 0.5                  # seconds a client turned away by a full queue waits at least
-UNAVAILABLE_RETRY_AFTER = 1.0            # ... and one turned away by a server shutting down
+RETRY_AFTER_KEY = "retry-after-ms"  # the same value under a key no proxy or library treats as reserved
+QUEUE_RETRY_AFTER = 0.5  # seconds a client turned away by a full queue waits at least
+UNAVAILABLE_RETRY_AFTER = 1.0  # ... and one turned away by a server shutting down
+
 
 class RetryLater(LimitExceeded):
     """A limit that frees up by itself: RESOURCE_EXHAUSTED with a retry hint of ``retry_after``
@@ -131,8 +143,9 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
         hint = retry_after_for(exc)
         if hint is not None:
             ms = str(round(hint * 1000)) if hint >= 0 else "-1"  # negative: do not retry (gRFC A6)
-            kept = tuple((k, v) for k, v in (_trailing_metadata(context) or ())
-                         if k not in (PUSHBACK_KEY, RETRY_AFTER_KEY))
+            kept = tuple(
+                (k, v) for k, v in (_trailing_metadata(context) or ()) if k not in (PUSHBACK_KEY, RETRY_AFTER_KEY)
+            )
             context.set_trailing_metadata(kept + ((PUSHBACK_KEY, ms), (RETRY_AFTER_KEY, ms)))
     context.abort(code, message)
 

@@ -16,8 +16,9 @@ _MAKERS = {
 }
 
 
-def method_handler(behaviour: Callable, request_streaming: bool, response_streaming: bool,
-                   **serializers: Any) -> grpc.RpcMethodHandler:
+def method_handler(
+    behaviour: Callable, request_streaming: bool, response_streaming: bool, **serializers: Any
+) -> grpc.RpcMethodHandler:
     """A handler running ``behaviour`` for a method of that cardinality (gRPC reads the request
     stream according to it); ``serializers``: request_deserializer, response_serializer."""
     return _MAKERS[(bool(request_streaming), bool(response_streaming))](behaviour, **serializers)
@@ -25,6 +26,10 @@ def method_handler(behaviour: Callable, request_streaming: bool, response_stream
 
 def like(handler: grpc.RpcMethodHandler, behaviour: Callable) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s cardinality and serializers that runs ``behaviour`` instead."""
-    return method_handler(behaviour, handler.request_streaming, handler.response_streaming,
-                          request_deserializer=handler.request_deserializer,
-                          response_serializer=handler.response_serializer)
+    return method_handler(
+        behaviour,
+        handler.request_streaming,
+        handler.response_streaming,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

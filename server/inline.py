@@ -94,8 +94,9 @@ class InlineEngine:
 class InlineSession(Session):
     """A training session in this process: the reference the Ray engine's sessions are checked against."""
 
-    def __init__(self, engine: InlineEngine, model: Model, optimizer, *, start: "Checkpoint | None" = None,
-                 **options) -> None:
+    def __init__(
+        self, engine: InlineEngine, model: Model, optimizer, *, start: "Checkpoint | None" = None, **options
+    ) -> None:
         """``start``: a checkpoint to go on from (a server restarting its sessions)."""
         super().__init__(model, optimizer, **options)
         self._engine = engine
@@ -127,5 +128,7 @@ class InlineSession(Session):
         return {name: self.model.params[name].copy() for name in names}
 
     def _take_checkpoint(self):
-        return (self._weights(list(self.model.params)),
-                {name: {k: v.copy() for k, v in state.items()} for name, state in self._states.items()})
+        return (
+            self._weights(list(self.model.params)),
+            {name: {k: v.copy() for k, v in state.items()} for name, state in self._states.items()},
+        )

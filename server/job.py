@@ -56,8 +56,8 @@ class JobOptions:
 @dataclass(frozen=True)
 class TimedEvent:
     event: ProgressEvent
-    seconds: float    # since the job started running
-    steps_done: int   # finished steps, this event included
+    seconds: float  # since the job started running
+    steps_done: int  # finished steps, this event included
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,17 @@ class Job:
         its result kept on disk (done) or its failure. ``since``: (wall clock, monotonic clock)
         now, to place its times on this process's clock."""
         wall, now = since
-        job = cls(record.job_id, record.model_id, None, None, options, client=record.client, durable=True,
-                  state=record.state, kept=record.state == DONE)
+        job = cls(
+            record.job_id,
+            record.model_id,
+            None,
+            None,
+            options,
+            client=record.client,
+            durable=True,
+            state=record.state,
+            kept=record.state == DONE,
+        )
         job.submitted = now - (wall - record.submitted)
         job.started = job.finished = now - (wall - (record.finished or wall))
         if record.state != DONE:
@@ -147,9 +156,15 @@ class Job:
         ran = finished - started if started is not None else 0.0
         k, m, r = ran_as or (self.options.partitions, self.options.micro_batches, self.options.replicas)
         fields: dict[str, Any] = {
-            "job_id": self.id, "model_id": self.model_id[:16], "outcome": state, "code": code,
-            "partitions": k, "micro_batches": m, "replicas": r,
-            "queued_seconds": round(queued, 6), "run_seconds": round(ran, 6),
+            "job_id": self.id,
+            "model_id": self.model_id[:16],
+            "outcome": state,
+            "code": code,
+            "partitions": k,
+            "micro_batches": m,
+            "replicas": r,
+            "queued_seconds": round(queued, 6),
+            "run_seconds": round(ran, 6),
         }
         if loss is not None:
             fields["loss"] = loss
@@ -157,8 +172,10 @@ class Job:
         else:
             fields["error"] = one_line(message)
             detail = f": {fields['error']}"
-        text = (f"job {self.id} {state}: model {fields['model_id']} K={k} M={m} R={r}, queued {queued:.3f}s, "
-                f"ran {ran:.3f}s: {code}{detail}")
+        text = (
+            f"job {self.id} {state}: model {fields['model_id']} K={k} M={m} R={r}, queued {queued:.3f}s, "
+            f"ran {ran:.3f}s: {code}{detail}"
+        )
         return fields, text, ran if started is not None else None
 
     # -- readers ----------------------------------------------------------------------------------
@@ -182,8 +199,11 @@ class Job:
                 event=event,
                 events=self.event_count,
                 steps_done=steps_done,
-                steps_total=(self.last_event.event.total if self.last_event and self.last_event.event.total
-                             else self.options.steps_total),
+                steps_total=(
+                    self.last_event.event.total
+                    if self.last_event and self.last_event.event.total
+                    else self.options.steps_total
+                ),
                 error_code=code.name if code is not None else "",
                 message=message,
                 queued_seconds=started - self.submitted,
@@ -228,13 +248,21 @@ class Job:
 
 def options_record(options: JobOptions) -> dict[str, Any]:
     """A job's options as the state directory keeps them (JSON)."""
-    return {"partitions": options.partitions, "micro_batches": options.micro_batches,
-            "replicas": options.replicas, "input_grads": list(options.input_grads)}
+    return {
+        "partitions": options.partitions,
+        "micro_batches": options.micro_batches,
+        "replicas": options.replicas,
+        "input_grads": list(options.input_grads),
+    }
 
 
 def options_from_record(record: Mapping[str, Any]) -> JobOptions:
-    return JobOptions(record.get("partitions", AUTO), record.get("micro_batches", AUTO), record.get("replicas", AUTO),
-                      tuple(record.get("input_grads", ())))
+    return JobOptions(
+        record.get("partitions", AUTO),
+        record.get("micro_batches", AUTO),
+        record.get("replicas", AUTO),
+        tuple(record.get("input_grads", ())),
+    )
 
 
 def one_line(message: str, limit: int = 500) -> str:
@@ -252,8 +280,10 @@ MAX_STEPS_PER_JOB = 4096
 def parse_options(partitions: int, micro_batches: int, replicas: int, input_grads: Iterable[str]) -> JobOptions:
     """Options from the wire (0 means auto, see proto/v1/service.proto), checked to be in range;
     the products are checked on the explicit counts (the engine keeps what it chooses in range)."""
-    values = {name: count_from_wire(v) for name, v in
-              (("partitions", partitions), ("micro_batches", micro_batches), ("replicas", replicas))}
+    values = {
+        name: count_from_wire(v)
+        for name, v in (("partitions", partitions), ("micro_batches", micro_batches), ("replicas", replicas))
+    }
     for name, value in values.items():
         if value != AUTO and value < 1:
             raise BadRequest(f"{name}={value} is out of range (>= 1, or 0 for auto)")
@@ -263,7 +293,9 @@ def parse_options(partitions: int, micro_batches: int, replicas: int, input_grad
         raise LimitExceeded(f"partitions x replicas = {workers} worker actors; at most {MAX_WORKERS_PER_JOB} per job")
     steps = workers * n["micro_batches"]
     if steps > MAX_STEPS_PER_JOB:
-        raise LimitExceeded(f"partitions x micro_batches x replicas = {steps} pipeline steps; at most {MAX_STEPS_PER_JOB} per job")
+        raise LimitExceeded(
+            f"partitions x micro_batches x replicas = {steps} pipeline steps; at most {MAX_STEPS_PER_JOB} per job"
+        )
     names = tuple(input_grads)
     if len(set(names)) != len(names):
         raise BadRequest(f"input_grads names an input twice: {list(names)}")

@@ -45,13 +45,26 @@ import grpc
 import numpy as np
 
 from gradserve.server.errors import (
-    NotFound, QueueFull, ServiceError, Unavailable, WorkerLost, status_for,
+    NotFound,
+    QueueFull,
+    ServiceError,
+    Unavailable,
+    WorkerLost,
+    status_for,
 )
 from gradserve.server.fair_queue import FairQueue
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.planning.prepare import PreparedJob
 from gradserve.server.job import (
-    CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, Job, JobOptions, options_from_record,
+    CANCELLED,
+    DONE,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    Job,
+    JobOptions,
+    options_from_record,
     options_record,
 )
 from gradserve.server.result import Result
@@ -143,9 +156,20 @@ class JobRegistry:
         return self.state
 
     # -- submitting -------------------------------------------------------------------------------
-    def submit(self, model_id: str, model: Model, feeds: Mapping[str, np.ndarray], options: JobOptions,
-               on_finish: Callable[[], None] | None = None, client: str = "", *, claim: bool = False,
-               durable: bool = False, job_id: str | None = None, prepared: PreparedJob | None = None) -> Job:
+    def submit(
+        self,
+        model_id: str,
+        model: Model,
+        feeds: Mapping[str, np.ndarray],
+        options: JobOptions,
+        on_finish: Callable[[], None] | None = None,
+        client: str = "",
+        *,
+        claim: bool = False,
+        durable: bool = False,
+        job_id: str | None = None,
+        prepared: PreparedJob | None = None,
+    ) -> Job:
         """Queue a job for ``client`` (see :func:`client_of`); :class:`LimitExceeded` when the
         queue is full, :class:`Unavailable` when the server is shutting down. ``on_finish`` is
         called once when the job ends, however.
@@ -176,8 +200,17 @@ class JobRegistry:
             # Unguessable ids: a job id is all it takes to fetch a result or cancel the job.
             recovered = job_id is not None
             job_id = job_id or f"job-{next(self._counter)}-{secrets.token_hex(8)}"
-            job = Job(job_id, model_id, model, feeds, options, on_finish=on_finish, client=client,
-                      durable=durable and self.state is not None, prepared=prepared)
+            job = Job(
+                job_id,
+                model_id,
+                model,
+                feeds,
+                options,
+                on_finish=on_finish,
+                client=client,
+                durable=durable and self.state is not None,
+                prepared=prepared,
+            )
             write = job.durable and not recovered
             self._reserved += write
         if write:  # outside the lock: other submits go on while the feeds reach the disk
@@ -196,8 +229,13 @@ class JobRegistry:
         if log.isEnabledFor(logging.DEBUG):  # INFO has the job's one outcome line (_ended)
             log.debug(
                 "job %s queued: model %s, partitions=%s micro_batches=%s replicas=%s input_grads=%s feeds=%s",
-                job_id, model_id[:16], options.partitions, options.micro_batches, options.replicas,
-                list(options.input_grads), {k: tuple(np.shape(v)) for k, v in feeds.items()},
+                job_id,
+                model_id[:16],
+                options.partitions,
+                options.micro_batches,
+                options.replicas,
+                list(options.input_grads),
+                {k: tuple(np.shape(v)) for k, v in feeds.items()},
             )
         if not job.claimed:
             self._dispatch(limit)
@@ -216,16 +254,18 @@ class JobRegistry:
             if record.state in (QUEUED, RUNNING):
                 try:
                     model, feeds = store.get(record.model_id), self.state.load_feeds(record.job_id)
-                    self.submit(record.model_id, model, feeds, options, client=record.client, durable=True,
-                                job_id=record.job_id)
+                    self.submit(
+                        record.model_id, model, feeds, options, client=record.client, durable=True, job_id=record.job_id
+                    )
                     again += 1
                     continue
                 except Exception as exc:  # noqa: BLE001 -- its model or feeds are gone: it fails, saying why
                     code, message = status_for(exc)
                     message = f"could not run again after a restart: {message}"
                     self.state.set_state(record.job_id, FAILED, code.name, message)
-                    record = dataclasses.replace(record, state=FAILED, error_code=code.name, message=message,
-                                                 finished=wall)
+                    record = dataclasses.replace(
+                        record, state=FAILED, error_code=code.name, message=message, finished=wall
+                    )
             job = Job.ended_from(record, options, since=(wall, now))
             with self._lock:
                 self._jobs[job.id] = job
@@ -308,8 +348,9 @@ class JobRegistry:
                     self._finish(job, DONE, result=result)
         self._ended(job)
 
-    def _keep(self, job: Job, state: str, *, result: Result | None = None,
-              error: tuple[grpc.StatusCode, str] | None = None) -> None:
+    def _keep(
+        self, job: Job, state: str, *, result: Result | None = None, error: tuple[grpc.StatusCode, str] | None = None
+    ) -> None:
         """Write a durable job's end to the state directory -- except a cancel that comes from
         shutting down: that job stays queued on disk, to run again at the next start."""
         if not job.durable or (self._closed and state == CANCELLED):
@@ -333,14 +374,17 @@ class JobRegistry:
             self.metrics.worker_retries.inc(n)
 
     @staticmethod
-    def _finish(job: Job, state: str, *, result: Result | None = None,
-                error: tuple[grpc.StatusCode, str] | None = None) -> None:
+    def _finish(
+        job: Job, state: str, *, result: Result | None = None, error: tuple[grpc.StatusCode, str] | None = None
+    ) -> None:
         # Caller holds job.cond, and calls _ended(job) once it has released it.
         job.state, job.result, job.error = state, result, error
         job.finished = time.monotonic()
         if result is not None:
             info = result.info or {}
-            job.ran_as = tuple(info.get(k, getattr(job.options, k)) for k in ("partitions", "micro_batches", "replicas"))
+            job.ran_as = tuple(
+                info.get(k, getattr(job.options, k)) for k in ("partitions", "micro_batches", "replicas")
+            )
         job.model = job.feeds = None  # the job no longer pins the model or the batch in memory
         if job.on_finish is not None:
             on_finish = job.on_finish
@@ -439,7 +483,8 @@ class JobRegistry:
         now = time.monotonic()
         with self._lock:
             expired = [
-                job_id for job_id, job in self._jobs.items()
+                job_id
+                for job_id, job in self._jobs.items()
                 if job.finished is not None and now - job.finished > self.result_ttl
             ]
             gone = [self._jobs.pop(job_id) for job_id in expired]

@@ -48,8 +48,28 @@ from gradserve.server.handlers import like
 log = logging.getLogger("gradserve.server")
 
 # Seconds: a tiny job takes a few ms, a large one minutes; queueing anything from 0 to minutes.
-SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                   60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
 OUTCOMES = ("done", "failed", "cancelled", "rejected")
 
 
@@ -59,18 +79,33 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.jobs = Counter("gradserve_jobs", "Jobs that ended, by outcome (done, failed, cancelled, rejected at "
-                            "submit) and gRPC status code", ["outcome", "code"], registry=r)
-        self.queue_seconds = Histogram("gradserve_job_queue_seconds", "Seconds jobs waited between submit and start",
-                                       buckets=SECONDS_BUCKETS, registry=r)
-        self.run_seconds = Histogram("gradserve_job_run_seconds", "Seconds jobs computed, from start to end",
-                                     buckets=SECONDS_BUCKETS, registry=r)
-        self.upload_bytes = Counter("gradserve_upload_bytes", "Tensor bytes received, by kind (model, feeds)",
-                                    ["kind"], registry=r)
-        self.worker_retries = Counter("gradserve_worker_retries", "Jobs run again on fresh workers after losing one",
-                                      registry=r)
-        self.rpcs = Counter("gradserve_rpcs", "RPCs that ended, by method (Service/Method) and gRPC status code",
-                            ["method", "code"], registry=r)
+        self.jobs = Counter(
+            "gradserve_jobs",
+            "Jobs that ended, by outcome (done, failed, cancelled, rejected at submit) and gRPC status code",
+            ["outcome", "code"],
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "gradserve_job_queue_seconds",
+            "Seconds jobs waited between submit and start",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.run_seconds = Histogram(
+            "gradserve_job_run_seconds", "Seconds jobs computed, from start to end", buckets=SECONDS_BUCKETS, registry=r
+        )
+        self.upload_bytes = Counter(
+            "gradserve_upload_bytes", "Tensor bytes received, by kind (model, feeds)", ["kind"], registry=r
+        )
+        self.worker_retries = Counter(
+            "gradserve_worker_retries", "Jobs run again on fresh workers after losing one", registry=r
+        )
+        self.rpcs = Counter(
+            "gradserve_rpcs",
+            "RPCs that ended, by method (Service/Method) and gRPC status code",
+            ["method", "code"],
+            registry=r,
+        )
         for kind in ("model", "feeds"):  # present (at 0) from the first scrape
             self.upload_bytes.labels(kind)
 
@@ -109,23 +144,32 @@ class _StateCollector(Collector):
         except Exception:  # noqa: BLE001 -- a scrape must not fail because the cluster hiccuped
             log.warning("reading the server's state for /metrics failed", exc_info=True)
             return
-        info = GaugeMetricFamily("gradserve_info", "The server: gradserve version and engine", labels=["version", "engine"])
+        info = GaugeMetricFamily(
+            "gradserve_info", "The server: gradserve version and engine", labels=["version", "engine"]
+        )
         info.add_metric([s["version"], s["engine"]], 1)
         yield info
-        yield GaugeMetricFamily("gradserve_start_time_seconds", "When the server started (Unix time)", value=s["started"])
+        yield GaugeMetricFamily(
+            "gradserve_start_time_seconds", "When the server started (Unix time)", value=s["started"]
+        )
         for name, key, text in (
             ("gradserve_jobs_queued", "queued", "Jobs waiting to start"),
             ("gradserve_jobs_running", "running", "Jobs computing now"),
             ("gradserve_jobs_max_concurrent", "max_concurrent", "Jobs that may compute at once now"),
-            ("gradserve_pending_bytes", "pending_bytes", "Bytes of uploads in flight and feeds of queued and running jobs"),
+            (
+                "gradserve_pending_bytes",
+                "pending_bytes",
+                "Bytes of uploads in flight and feeds of queued and running jobs",
+            ),
             ("gradserve_model_store_bytes", "store_bytes", "Bytes of the stored models' parameters and constants"),
             ("gradserve_model_store_models", "store_models", "Models stored"),
             ("gradserve_model_store_max_bytes", "store_max_bytes", "The model store's budget in bytes"),
             ("gradserve_sessions_open", "sessions", "Training sessions open"),
         ):
             yield GaugeMetricFamily(name, text, value=s[key])
-        yield CounterMetricFamily("gradserve_session_steps", "Training steps applied by all sessions since start",
-                                  value=s["session_steps"])
+        yield CounterMetricFamily(
+            "gradserve_session_steps", "Training steps applied by all sessions since start", value=s["session_steps"]
+        )
         nodes = [n for n in s["nodes"] if n.get("alive", True)]
         yield GaugeMetricFamily("gradserve_pool_nodes", "Alive nodes that compute", value=len(nodes))
         per_node = {
@@ -219,4 +263,3 @@ def serve_metrics(metrics: ServerMetrics, address: str) -> tuple[Any, str]:
         raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     bound = httpd.server_address[1]
     return httpd, f"{host}:{bound}"
-

@@ -84,12 +84,14 @@ def rpc(method: Callable | None = None, *, check: bool = True) -> Callable:
         return functools.partial(rpc, check=check)
     parse = _request if check else (lambda request: request)
     if inspect.isgeneratorfunction(method):
+
         @functools.wraps(method)
         def streaming(self, request, context):
             try:
                 yield from method(self, parse(request), context)
             except Exception as exc:  # noqa: BLE001 -- mapped to a status, unexpected ones logged
                 abort(context, exc)
+
         return streaming
 
     @functools.wraps(method)
@@ -98,11 +100,13 @@ def rpc(method: Callable | None = None, *, check: bool = True) -> Callable:
             return method(self, parse(request), context)
         except Exception as exc:  # noqa: BLE001
             abort(context, exc)
+
     return unary
 
 
-def result_messages(job_id: str, result: Result, extra_info: dict[str, Any], *,
-                    header_data: bool = False) -> Iterator[service_pb2.ResultChunk]:
+def result_messages(
+    job_id: str, result: Result, extra_info: dict[str, Any], *, header_data: bool = False
+) -> Iterator[service_pb2.ResultChunk]:
     """A result on the wire (Run, Compute, FetchResult, Step): a ResultHeader, then the tensors'
     chunks. With ``header_data`` (Compute) the header itself carries the first chunks, up to 1 MiB
     of them. ``extra_info`` joins the engine's info in the header's JSON."""
@@ -116,9 +120,12 @@ def result_messages(job_id: str, result: Result, extra_info: dict[str, Any], *,
             packed.append(chunk)
             size += len(chunk.data)
     header = service_pb2.ResultHeader(
-        job_id=job_id, loss=result.loss,
-        grads=chunks.headers(result.grads), input_grads=chunks.headers(result.input_grads),
-        info_json=json.dumps({**result.info, **extra_info}, default=str), data=packed,
+        job_id=job_id,
+        loss=result.loss,
+        grads=chunks.headers(result.grads),
+        input_grads=chunks.headers(result.input_grads),
+        info_json=json.dumps({**result.info, **extra_info}, default=str),
+        data=packed,
     )
     yield service_pb2.ResultChunk(header=header)
     if rest_chunk is not None:

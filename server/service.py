@@ -113,16 +113,28 @@ class GradientServer:
         if self.state_dir is not None:
             self.state = StateDir(self.state_dir, limits.max_state_bytes)
         self.store = ModelStore(max(limits.max_store_bytes, limits.max_model_bytes), self.state)
-        self.registry = JobRegistry(self._runner, max_concurrent=limits.max_concurrent_jobs,
-                                    max_queued=limits.max_queued_jobs, result_ttl=limits.result_ttl,
-                                    metrics=self.metrics, state=self.state)
+        self.registry = JobRegistry(
+            self._runner,
+            max_concurrent=limits.max_concurrent_jobs,
+            max_queued=limits.max_queued_jobs,
+            result_ttl=limits.result_ttl,
+            metrics=self.metrics,
+            state=self.state,
+        )
         if self.state is not None:
             self.registry.recover(self.store)
-            log.info("state directory %s: %d models, %d jobs kept", self.state.path, len(self.store),
-                     len(self.registry.jobs()))
+            log.info(
+                "state directory %s: %d models, %d jobs kept",
+                self.state.path,
+                len(self.store),
+                len(self.registry.jobs()),
+            )
         sessions = SessionRegistry(
-            self._runner.session, idle_ttl=limits.session_idle_ttl, max_per_client=limits.max_sessions_per_client,
-            state=self.state, checkpoint_steps=limits.session_checkpoint_steps,
+            self._runner.session,
+            idle_ttl=limits.session_idle_ttl,
+            max_per_client=limits.max_sessions_per_client,
+            state=self.state,
+            checkpoint_steps=limits.session_checkpoint_steps,
             checkpoint_seconds=limits.session_checkpoint_seconds,
         )
         if self.state is not None and sessions.recover(self.store):
@@ -168,9 +180,15 @@ class GradientServer:
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = self.requested_address.rpartition(":")[0] or "0.0.0.0"
         self.address = f"{host}:{port}"
-        log.info("serving %s on %s (engine %s, %s, %s%s)", SERVICE_NAME, self.address, self._runner.name,
-                 "TLS" if self._tls else "plaintext", "token auth" if self._auth_token else "no auth",
-                 f", metrics on http://{self.metrics_address}/metrics" if self.metrics_address else "")
+        log.info(
+            "serving %s on %s (engine %s, %s, %s%s)",
+            SERVICE_NAME,
+            self.address,
+            self._runner.name,
+            "TLS" if self._tls else "plaintext",
+            "token auth" if self._auth_token else "no auth",
+            f", metrics on http://{self.metrics_address}/metrics" if self.metrics_address else "",
+        )
         return self.address
 
     def _stop_metrics(self) -> None:
@@ -196,7 +214,7 @@ class GradientServer:
         log.info("shutting down (grace %.1fs)", grace)
         assert self._health and self.registry and self._runner
         self._health.enter_graceful_shutdown()  # probes see NOT_SERVING from now on
-        done = self._server.stop(grace)         # no new calls; open ones get up to `grace`
+        done = self._server.stop(grace)  # no new calls; open ones get up to `grace`
         self.registry.shutdown(grace)
         done.wait(grace + 5.0)
         if self.servicer is not None:

@@ -38,8 +38,11 @@ log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name  # gradserve.v1.GradientService
 _STATES = {
-    "queued": service_pb2.QUEUED, "running": service_pb2.RUNNING, "done": service_pb2.DONE,
-    "failed": service_pb2.FAILED, "cancelled": service_pb2.CANCELLED,
+    "queued": service_pb2.QUEUED,
+    "running": service_pb2.RUNNING,
+    "done": service_pb2.DONE,
+    "failed": service_pb2.FAILED,
+    "cancelled": service_pb2.CANCELLED,
 }
 _STOP_WAIT = 60.0  # seconds a cancelled synchronous job gets to stop before its call ends anyway
 _POLL = 0.5  # seconds between checks that a waiting streaming call's client is still there
@@ -55,25 +58,39 @@ class _Partial:
 
     asm: chunks.Assembler
     manifest_key: bytes  # SHA-256 of the deterministic manifest: a resume must send the same one
-    held: int            # bytes reserved in the pending budget, released when dropped or completed
-    expires: float       # time.monotonic()
+    held: int  # bytes reserved in the pending budget, released when dropped or completed
+    expires: float  # time.monotonic()
 
 
 class GradientServicer(SessionRPCs):
     """The RPC handlers. State lives in the model store, the job registry and the session registry."""
 
-    def __init__(self, store: ModelStore, registry: JobRegistry, runner: EngineRunner, limits: Limits,
-                 metrics: ServerMetrics | None = None, sessions: SessionRegistry | None = None) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        registry: JobRegistry,
+        runner: EngineRunner,
+        limits: Limits,
+        metrics: ServerMetrics | None = None,
+        sessions: SessionRegistry | None = None,
+    ) -> None:
         self.store, self.registry, self.runner, self.limits = store, registry, runner, limits
-        self.sessions = sessions or SessionRegistry(runner.session, idle_ttl=limits.session_idle_ttl,
-                                                    max_per_client=limits.max_sessions_per_client)
+        self.sessions = sessions or SessionRegistry(
+            runner.session, idle_ttl=limits.session_idle_ttl, max_per_client=limits.max_sessions_per_client
+        )
         self.metrics = metrics or registry.metrics
         self.started = time.time()  # for the uptime GetServerStatus reports
         self.rejected = 0  # jobs refused when submitted, since start (guarded by _stats_lock)
         self.pending = ByteBudget(limits.max_pending_bytes)
         self._stats_lock = threading.Lock()
-        self.stats = {"uploads": 0, "uploads_skipped": 0, "upload_chunks": 0, "has_model_calls": 0, "jobs": 0,
-                      "uploads_resumed": 0}
+        self.stats = {
+            "uploads": 0,
+            "uploads_skipped": 0,
+            "upload_chunks": 0,
+            "has_model_calls": 0,
+            "jobs": 0,
+            "uploads_resumed": 0,
+        }
         # Broken uploads kept for a resume, by model id (at most one each); their bytes stay
         # reserved in self.pending. Expired ones are dropped by _sweep_partials.
         self.upload_ttl = UPLOAD_TTL
@@ -107,8 +124,12 @@ class GradientServicer(SessionRPCs):
                 del self._partials[mid]
         for mid, p in expired:
             self.pending.release(p.held)
-            log.info("partial upload of model %s expired: %d of %d bytes dropped", mid[:16],
-                     p.asm.received_bytes, p.asm.total_bytes)
+            log.info(
+                "partial upload of model %s expired: %d of %d bytes dropped",
+                mid[:16],
+                p.asm.received_bytes,
+                p.asm.total_bytes,
+            )
 
     def _take_partial(self, model_id: str) -> _Partial | None:
         """Remove and return the partial upload kept for ``model_id`` (the caller owns its bytes)."""
@@ -136,8 +157,13 @@ class GradientServicer(SessionRPCs):
         if drop is not None:
             self.pending.release(drop.held)
         if drop is not partial:
-            log.info("upload of model %s broke after %d of %d bytes: kept for %.0fs for a resume", model_id[:16],
-                     partial.asm.received_bytes, partial.asm.total_bytes, self.upload_ttl)
+            log.info(
+                "upload of model %s broke after %d of %d bytes: kept for %.0fs for a resume",
+                model_id[:16],
+                partial.asm.received_bytes,
+                partial.asm.total_bytes,
+                self.upload_ttl,
+            )
 
     @rpc
     def HasModel(self, request: service_pb2.ModelRef, context: grpc.ServicerContext) -> service_pb2.ModelInfo:
@@ -149,8 +175,12 @@ class GradientServicer(SessionRPCs):
                 partial = self._partials.get(request.model_id)
                 received = partial.asm.received() if partial is not None else {}
             return service_pb2.ModelInfo(model_id=request.model_id, present=False, received_bytes=received)
-        return service_pb2.ModelInfo(model_id=stored.model_id, present=True, parameter_bytes=stored.nbytes,
-                                     parameter_count=len(stored.model.params))
+        return service_pb2.ModelInfo(
+            model_id=stored.model_id,
+            present=True,
+            parameter_bytes=stored.nbytes,
+            parameter_count=len(stored.model.params),
+        )
 
     @rpc
     def UploadModel(self, request_iterator: Iterator, context: grpc.ServicerContext) -> service_pb2.UploadReply:
@@ -171,8 +201,9 @@ class GradientServicer(SessionRPCs):
         key = hashlib.sha256(manifest.SerializeToString(deterministic=True)).digest()
         partial = self._take_partial(model_id)
         if partial is not None and partial.manifest_key != key:
-            log.info("upload of model %s: the manifest differs from the partial upload kept, which is dropped",
-                     model_id[:16])
+            log.info(
+                "upload of model %s: the manifest differs from the partial upload kept, which is dropped", model_id[:16]
+            )
             self.pending.release(partial.held)
             partial = None
         params = [h.name for h in manifest.parameters]
@@ -187,8 +218,7 @@ class GradientServicer(SessionRPCs):
             asm = partial.asm
             asm.resume()
             self._count("uploads_resumed")
-            log.info("upload of model %s resumed at %d of %d bytes", model_id[:16], asm.received_bytes,
-                     asm.total_bytes)
+            log.info("upload of model %s resumed at %d of %d bytes", model_id[:16], asm.received_bytes, asm.total_bytes)
         start = asm.received_bytes
         arrays = None
         try:
@@ -220,13 +250,24 @@ class GradientServicer(SessionRPCs):
         stored = self.store.put(model_id, model)
         self._drop_partial(model_id)  # another stream's broken upload of it is not needed any more
         self._count("uploads")
-        log.info("model %s uploaded: %d parameters, %d bytes in %.3fs", model_id[:16], len(model.params),
-                 stored.nbytes, time.perf_counter() - t0)
+        log.info(
+            "model %s uploaded: %d parameters, %d bytes in %.3fs",
+            model_id[:16],
+            len(model.params),
+            stored.nbytes,
+            time.perf_counter() - t0,
+        )
         return service_pb2.UploadReply(model_id=model_id, bytes_received=asm.received_bytes - start)
 
     # -- jobs -------------------------------------------------------------------------------------
-    def _submit(self, parse: Callable[[], tuple[service_pb2.JobOptions, Iterable[service_pb2.TensorChunk]]],
-                context: grpc.ServicerContext, *, claim: bool = False, durable: bool = False) -> Job:
+    def _submit(
+        self,
+        parse: Callable[[], tuple[service_pb2.JobOptions, Iterable[service_pb2.TensorChunk]]],
+        context: grpc.ServicerContext,
+        *,
+        claim: bool = False,
+        durable: bool = False,
+    ) -> Job:
         """Parse a job request, check its options and feeds and queue it: the one path of Run,
         Compute and Submit. ``parse()`` returns the options and the TensorChunks of their feeds.
         ``claim``, ``durable``: see :meth:`JobRegistry.submit` (with ``claim`` the caller then runs
@@ -253,14 +294,31 @@ class GradientServicer(SessionRPCs):
         with self._stats_lock:
             self.rejected += 1
         self.metrics.job_ended("rejected", code.name, None)
-        fields = {"job_id": "", "model_id": model_id[:16], "outcome": "rejected", "code": code.name,
-                  "error": one_line(message)}
-        log.info("job rejected: model %s: %s: %s", fields["model_id"] or "(none)", code.name, fields["error"],
-                 extra={"fields": fields})
+        fields = {
+            "job_id": "",
+            "model_id": model_id[:16],
+            "outcome": "rejected",
+            "code": code.name,
+            "error": one_line(message),
+        }
+        log.info(
+            "job rejected: model %s: %s: %s",
+            fields["model_id"] or "(none)",
+            code.name,
+            fields["error"],
+            extra={"fields": fields},
+        )
         return ServiceError(code, message)
 
-    def _accept(self, opts: service_pb2.JobOptions, feed_chunks: Iterable[service_pb2.TensorChunk],
-                context: grpc.ServicerContext, *, claim: bool, durable: bool) -> Job:
+    def _accept(
+        self,
+        opts: service_pb2.JobOptions,
+        feed_chunks: Iterable[service_pb2.TensorChunk],
+        context: grpc.ServicerContext,
+        *,
+        claim: bool,
+        durable: bool,
+    ) -> Job:
         self._sweep_partials()  # expired partial uploads free the pending budget for these feeds
         stored = self.store.entry(opts.model_id)
         model = stored.model
@@ -290,21 +348,36 @@ class GradientServicer(SessionRPCs):
                         f"value '{name}' would have shape {info.shape} ({elements} elements); "
                         f"the limit is {self.limits.max_tensor_elements} (--max-tensor-elements)"
                     )
-            job = self.registry.submit(opts.model_id, model, feeds, options,
-                                       on_finish=lambda: self.pending.release(held), client=client_of(context),
-                                       claim=claim, durable=durable, prepared=job_plan)
+            job = self.registry.submit(
+                opts.model_id,
+                model,
+                feeds,
+                options,
+                on_finish=lambda: self.pending.release(held),
+                client=client_of(context),
+                claim=claim,
+                durable=durable,
+                prepared=job_plan,
+            )
         except BaseException:
             self.pending.release(held)
             raise
         self._count("jobs")
         return job
 
-    def _result_messages(self, job: Job, result: Result, *, header_data: bool = False) -> Iterator[service_pb2.ResultChunk]:
+    def _result_messages(
+        self, job: Job, result: Result, *, header_data: bool = False
+    ) -> Iterator[service_pb2.ResultChunk]:
         """The reply of Run, Compute and FetchResult (:func:`~gradserve.server.rpc.result_messages`),
         its info telling the job's server-side story."""
         snap = job.snapshot()
-        server = {"job_id": job.id, "model_id": job.model_id, "engine": self.runner.name,
-                  "queued_seconds": snap.queued_seconds, "running_seconds": snap.running_seconds}
+        server = {
+            "job_id": job.id,
+            "model_id": job.model_id,
+            "engine": self.runner.name,
+            "queued_seconds": snap.queued_seconds,
+            "running_seconds": snap.running_seconds,
+        }
         return result_messages(job.id, result, {"server": server}, header_data=header_data)
 
     def _await(self, job: Job, context: grpc.ServicerContext) -> bool:
@@ -314,7 +387,9 @@ class GradientServicer(SessionRPCs):
                 return False
         return True
 
-    def _run(self, job: Job, context: grpc.ServicerContext, *, header_data: bool = False) -> Iterator[service_pb2.ResultChunk]:
+    def _run(
+        self, job: Job, context: grpc.ServicerContext, *, header_data: bool = False
+    ) -> Iterator[service_pb2.ResultChunk]:
         """Wait for a synchronous job (Run, Compute) -- computing it in this thread when the registry
         let us claim it -- then stream its result (``header_data``: see :meth:`_result_messages`)."""
         # A synchronous job is only wanted while its caller waits: cancel it when the call ends
@@ -345,7 +420,9 @@ class GradientServicer(SessionRPCs):
         yield from self._run(job, context)
 
     @rpc(check=False)
-    def Compute(self, request: service_pb2.JobRequest, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
+    def Compute(
+        self, request: service_pb2.JobRequest, context: grpc.ServicerContext
+    ) -> Iterator[service_pb2.ResultChunk]:
         def parse():
             msg = checked(request)
             if not msg.HasField("options"):
@@ -376,7 +453,9 @@ class GradientServicer(SessionRPCs):
         return status_message(self.registry.cancel(request.job_id).snapshot())
 
     @rpc
-    def FetchResult(self, request: service_pb2.JobRef, context: grpc.ServicerContext) -> Iterator[service_pb2.ResultChunk]:
+    def FetchResult(
+        self, request: service_pb2.JobRef, context: grpc.ServicerContext
+    ) -> Iterator[service_pb2.ResultChunk]:
         job = self.registry.get(request.job_id)
         if not self._await(job, context):
             return
@@ -387,7 +466,9 @@ class GradientServicer(SessionRPCs):
 
     # -- the server -------------------------------------------------------------------------------
     @rpc
-    def GetServerStatus(self, request: service_pb2.ServerStatusRequest, context: grpc.ServicerContext) -> service_pb2.ServerStatus:
+    def GetServerStatus(
+        self, request: service_pb2.ServerStatusRequest, context: grpc.ServicerContext
+    ) -> service_pb2.ServerStatus:
         from gradserve.server.status import server_status
 
         return server_status(self)
@@ -396,16 +477,30 @@ class GradientServicer(SessionRPCs):
 def status_message(snap: JobSnapshot) -> service_pb2.JobStatus:
     """The wire form of a job snapshot."""
     msg = service_pb2.JobStatus(
-        job_id=snap.job_id, model_id=snap.model_id, state=_STATES[snap.state], events=snap.events,
-        steps_done=snap.steps_done, steps_total=snap.steps_total, error_code=snap.error_code,
-        message=snap.message, queued_seconds=snap.queued_seconds, running_seconds=snap.running_seconds,
+        job_id=snap.job_id,
+        model_id=snap.model_id,
+        state=_STATES[snap.state],
+        events=snap.events,
+        steps_done=snap.steps_done,
+        steps_total=snap.steps_total,
+        error_code=snap.error_code,
+        message=snap.message,
+        queued_seconds=snap.queued_seconds,
+        running_seconds=snap.running_seconds,
     )
     if snap.event is not None:
         e = snap.event.event
-        msg.event.CopyFrom(service_pb2.ProgressEvent(
-            phase=e.phase, partition=e.partition, micro_batch=e.micro_batch, replica=e.replica,
-            done=e.done, node=e.node, seconds=snap.event.seconds,
-        ))
+        msg.event.CopyFrom(
+            service_pb2.ProgressEvent(
+                phase=e.phase,
+                partition=e.partition,
+                micro_batch=e.micro_batch,
+                replica=e.replica,
+                done=e.done,
+                node=e.node,
+                seconds=snap.event.seconds,
+            )
+        )
     return msg
 
 
@@ -417,7 +512,9 @@ def generic_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
         request_cls = getattr(service_pb2, method.input_type.name)
         response_cls = getattr(service_pb2, method.output_type.name)
         handlers[method.name] = method_handler(
-            getattr(servicer, method.name), method.client_streaming, method.server_streaming,
+            getattr(servicer, method.name),
+            method.client_streaming,
+            method.server_streaming,
             request_deserializer=lenient(request_cls),
             response_serializer=response_cls.SerializeToString,
         )

@@ -114,15 +114,21 @@ class Session:
         nodes); empty until the first step places a session that is placed then."""
         return {"partitions": 1, "micro_batches": 1, "replicas": 1}
 
-    def step(self, feeds: Mapping[str, np.ndarray], return_grads: bool = False, lr: float | None = None,
-             progress: Progress = None) -> StepResult:
+    def step(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        return_grads: bool = False,
+        lr: float | None = None,
+        progress: Progress = None,
+    ) -> StepResult:
         """Forward, backward and one optimizer update at the current weights; the loss is the
         one before the update (as ``loss.backward(); opt.step()`` would report it). ``lr``: this
         step's learning rate, in place of the schedule's (or the optimizer's). ``progress`` is
         called with the engine's ProgressEvents, as for a job."""
         self._check_open()
         (loss, grads, info, number, lr_used), restored = self._restoring(
-            lambda: self._numbered_step(feeds, lr, return_grads, progress))
+            lambda: self._numbered_step(feeds, lr, return_grads, progress)
+        )
         if restored is not None:
             info["restored_from_step"] = restored
         self.steps = number
@@ -142,8 +148,10 @@ class Session:
                 if tries > MAX_RESTORES:
                     from gradserve.server.errors import Unavailable  # grpc: not for every inline job's import
 
-                    raise Unavailable(f"the session lost workers on {tries} tries of one call; it is at step "
-                                      f"{exc.step} now, try again later") from exc
+                    raise Unavailable(
+                        f"the session lost workers on {tries} tries of one call; it is at step "
+                        f"{exc.step} now, try again later"
+                    ) from exc
         raise AssertionError("unreachable")
 
     def _numbered_step(self, feeds, lr: float | None, return_grads: bool, progress: Progress):
@@ -167,8 +175,9 @@ class Session:
         taken = self.last_checkpoint.step if self.last_checkpoint is not None else 0
         if self.checkpoint_steps is not None and self.steps - taken >= self.checkpoint_steps:
             return True
-        return (self.checkpoint_seconds is not None
-                and time.monotonic() - self._checkpointed_at >= self.checkpoint_seconds)
+        return (
+            self.checkpoint_seconds is not None and time.monotonic() - self._checkpointed_at >= self.checkpoint_seconds
+        )
 
     def gradients(self, feeds: Mapping[str, np.ndarray]) -> Result:
         """The loss and dL/dw at the current weights, which stay as they are."""
@@ -211,8 +220,9 @@ class Session:
         self.close()
 
     # -- what each engine supplies -----------------------------------------------------------------
-    def _step(self, feeds, number: int, lr: float | None, return_grads: bool,
-              progress: Progress) -> tuple[float, dict | None, dict]:
+    def _step(
+        self, feeds, number: int, lr: float | None, return_grads: bool, progress: Progress
+    ) -> tuple[float, dict | None, dict]:
         raise NotImplementedError
 
     def _gradients(self, feeds) -> Result:

@@ -47,7 +47,9 @@ class SessionRPCs:
     _assembler: Callable[[str, int], chunks.Assembler]
 
     @rpc
-    def OpenSession(self, request: service_pb2.SessionOptions, context: grpc.ServicerContext) -> service_pb2.SessionInfo:
+    def OpenSession(
+        self, request: service_pb2.SessionOptions, context: grpc.ServicerContext
+    ) -> service_pb2.SessionInfo:
         model = self.store.get(request.model_id)
         try:
             groups = ParamGroups.from_dict(json.loads(request.optimizer_json or "null") or {})
@@ -57,8 +59,9 @@ class SessionRPCs:
             raise BadRequest(f"OpenSession: max_norm must be positive (or 0: no clipping), not {request.max_norm}")
         options = parse_options(request.partitions, request.micro_batches, request.replicas, ())
         counts = (options.partitions, options.micro_batches, options.replicas)
-        entry = self.sessions.open(request.model_id, model, groups, counts, request.max_norm or None,
-                                   client_of(context))
+        entry = self.sessions.open(
+            request.model_id, model, groups, counts, request.max_norm or None, client_of(context)
+        )
         return _info(entry, self.sessions.idle_ttl)
 
     @rpc
@@ -80,9 +83,11 @@ class SessionRPCs:
             return entry.last_step[1]  # sent again: its reply was lost on the way
         restored, entry.restored_from = entry.restored_from, None
         if restored is None and opts.step != session.steps + 1:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"step {opts.step} sent, but session {entry.id} has applied {session.steps} steps "
-                               f"(the next one is {session.steps + 1})")
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"step {opts.step} sent, but session {entry.id} has applied {session.steps} steps "
+                f"(the next one is {session.steps + 1})",
+            )
         t = time.perf_counter()
         step = session.step(feeds, return_grads=opts.return_grads, lr=opts.lr if opts.HasField("lr") else None)
         info = {**step.info, "step": step.step}
@@ -91,8 +96,9 @@ class SessionRPCs:
         result = Result(step.loss, step.grads or {}, {}, info)
         entry.last_step = (step.step, result)
         self.sessions.count_step()
-        log.debug("session %s: step %d, loss %.6g, %.1f ms", entry.id, step.step, step.loss,
-                  (time.perf_counter() - t) * 1e3)
+        log.debug(
+            "session %s: step %d, loss %.6g, %.1f ms", entry.id, step.step, step.loss, (time.perf_counter() - t) * 1e3
+        )
         return result
 
     @rpc
@@ -107,18 +113,23 @@ class SessionRPCs:
         return _info(entry, self.sessions.idle_ttl)
 
     @rpc
-    def GetWeights(self, request: service_pb2.WeightsRequest, context: grpc.ServicerContext) -> Iterator[service_pb2.WeightsChunk]:
+    def GetWeights(
+        self, request: service_pb2.WeightsRequest, context: grpc.ServicerContext
+    ) -> Iterator[service_pb2.WeightsChunk]:
         entry = self.sessions.get(request.session_id)
         with entry.lock:
             entry.last_used = time.monotonic()
             values = entry.session.weights(list(request.names) or None)
-        yield service_pb2.WeightsChunk(header=service_pb2.WeightsHeader(session_id=entry.id,
-                                                                      weights=chunks.headers(values)))
+        yield service_pb2.WeightsChunk(
+            header=service_pb2.WeightsHeader(session_id=entry.id, weights=chunks.headers(values))
+        )
         for chunk in chunks.chunks(values):
             yield service_pb2.WeightsChunk(data=chunk)
 
     @rpc
-    def CheckpointSession(self, request: service_pb2.SessionRef, context: grpc.ServicerContext) -> service_pb2.SessionInfo:
+    def CheckpointSession(
+        self, request: service_pb2.SessionRef, context: grpc.ServicerContext
+    ) -> service_pb2.SessionInfo:
         entry = self.sessions.get(request.session_id)
         with entry.lock:
             entry.last_used = time.monotonic()
@@ -146,5 +157,6 @@ class SessionRPCs:
 
 
 def _info(entry: SessionEntry, ttl: float) -> service_pb2.SessionInfo:
-    return service_pb2.SessionInfo(session_id=entry.id, model_id=entry.model_id, steps=entry.session.steps,
-                                   idle_ttl_seconds=ttl)
+    return service_pb2.SessionInfo(
+        session_id=entry.id, model_id=entry.model_id, steps=entry.session.steps, idle_ttl_seconds=ttl
+    )

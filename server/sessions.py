@@ -52,9 +52,16 @@ class OpenSession:
 class SessionRegistry:
     """Open sessions by id, for every client of the server."""
 
-    def __init__(self, open_session: Callable[..., Session], *, idle_ttl: float = IDLE_TTL,
-                 max_per_client: int = MAX_PER_CLIENT, state: "StateDir | None" = None,
-                 checkpoint_steps: int | None = None, checkpoint_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        open_session: Callable[..., Session],
+        *,
+        idle_ttl: float = IDLE_TTL,
+        max_per_client: int = MAX_PER_CLIENT,
+        state: "StateDir | None" = None,
+        checkpoint_steps: int | None = None,
+        checkpoint_seconds: float | None = None,
+    ) -> None:
         """``open_session(model, optimizer, counts, **options)``: the engine's session (see
         :meth:`gradserve.server.engines.EngineRunner.session`)."""
         self._open_session = open_session
@@ -69,35 +76,53 @@ class SessionRegistry:
         self._sweeper = threading.Thread(target=self._sweep_loop, name="gradserve-session-sweep", daemon=True)
         self._sweeper.start()
 
-    def open(self, model_id: str, model: Any, optimizer: ParamGroups, counts: tuple, max_norm: float | None,
-             client: str) -> OpenSession:
+    def open(
+        self, model_id: str, model: Any, optimizer: ParamGroups, counts: tuple, max_norm: float | None, client: str
+    ) -> OpenSession:
         """A new session of the stored model ``model_id`` for ``client``; RESOURCE_EXHAUSTED
         (LimitExceeded) when the client holds ``max_per_client`` already."""
         with self._lock:
             held = sum(1 for s in self._sessions.values() if s.client == client)
         if held >= self.max_per_client:
-            raise LimitExceeded(f"this client has {held} sessions open, the most the server allows "
-                                f"(--max-sessions-per-client); close one first")
+            raise LimitExceeded(
+                f"this client has {held} sessions open, the most the server allows "
+                f"(--max-sessions-per-client); close one first"
+            )
         entry = self._start(uuid.uuid4().hex[:16], model_id, model, optimizer, counts, max_norm, client, None)
         log.info("session %s opened on model %s for %s", entry.id, model_id[:16], client or "a client")
         return entry
 
-    def _start(self, session_id: str, model_id: str, model: Any, optimizer: ParamGroups, counts: tuple,
-               max_norm: float | None, client: str, start: Checkpoint | None) -> OpenSession:
-        meta = {"model_id": model_id, "optimizer": optimizer.to_dict(), "counts": list(counts),
-                "max_norm": max_norm, "client": client}
+    def _start(
+        self,
+        session_id: str,
+        model_id: str,
+        model: Any,
+        optimizer: ParamGroups,
+        counts: tuple,
+        max_norm: float | None,
+        client: str,
+        start: Checkpoint | None,
+    ) -> OpenSession:
+        meta = {
+            "model_id": model_id,
+            "optimizer": optimizer.to_dict(),
+            "counts": list(counts),
+            "max_norm": max_norm,
+            "client": client,
+        }
         on_checkpoint = None
         if self.state is not None:
             state = self.state
 
             def on_checkpoint(checkpoint: Checkpoint) -> None:
-                state.save_session(session_id, {**meta, "step": checkpoint.step}, checkpoint.weights,
-                                   checkpoint.states)
+                state.save_session(session_id, {**meta, "step": checkpoint.step}, checkpoint.weights, checkpoint.states)
 
-        session = self._open_session(model, optimizer, counts, max_norm=max_norm, on_checkpoint=on_checkpoint,
-                                     start=start, **self.checkpoints)
-        entry = OpenSession(session_id, model_id, client, session,
-                            restored_from=start.step if start is not None else None)
+        session = self._open_session(
+            model, optimizer, counts, max_norm=max_norm, on_checkpoint=on_checkpoint, start=start, **self.checkpoints
+        )
+        entry = OpenSession(
+            session_id, model_id, client, session, restored_from=start.step if start is not None else None
+        )
         with self._lock:
             self._sessions[entry.id] = entry
         return entry
@@ -111,14 +136,25 @@ class SessionRegistry:
         for session_id, meta, weights, states in list(self.state.sessions()):
             try:
                 model = store.get(meta["model_id"])
-                self._start(session_id, meta["model_id"], model, ParamGroups.from_dict(meta["optimizer"]),
-                            tuple(meta["counts"]), meta["max_norm"], meta.get("client", ""),
-                            Checkpoint(int(meta["step"]), weights, states))
+                self._start(
+                    session_id,
+                    meta["model_id"],
+                    model,
+                    ParamGroups.from_dict(meta["optimizer"]),
+                    tuple(meta["counts"]),
+                    meta["max_norm"],
+                    meta.get("client", ""),
+                    Checkpoint(int(meta["step"]), weights, states),
+                )
                 opened += 1
                 log.info("session %s reopened from its checkpoint at step %d", session_id, meta["step"])
             except Exception as exc:  # noqa: BLE001 -- one bad checkpoint must not stop the server
-                log.warning("session %s cannot be reopened (%s: %s); its checkpoint is dropped", session_id,
-                            type(exc).__name__, exc)
+                log.warning(
+                    "session %s cannot be reopened (%s: %s); its checkpoint is dropped",
+                    session_id,
+                    type(exc).__name__,
+                    exc,
+                )
                 self.state.drop_session(session_id)
         return opened
 
@@ -151,9 +187,16 @@ class SessionRegistry:
         out = []
         for e in entries:
             placed = e.session.placement
-            out.append({"session_id": e.id, "model_id": e.model_id, "steps": e.session.steps,
-                        "idle_seconds": max(0.0, now - e.last_used),
-                        "partitions": placed.get("partitions", 0), "replicas": placed.get("replicas", 0)})
+            out.append(
+                {
+                    "session_id": e.id,
+                    "model_id": e.model_id,
+                    "steps": e.session.steps,
+                    "idle_seconds": max(0.0, now - e.last_used),
+                    "partitions": placed.get("partitions", 0),
+                    "replicas": placed.get("replicas", 0),
+                }
+            )
         return out
 
     def open_count(self) -> int:

@@ -92,8 +92,9 @@ class StateDir:
             self._lock_file.seek(0)
             holder = self._lock_file.read().strip() or "another process"
             self._lock_file.close()
-            raise StateDirInUse(f"state directory {self.path} is in use by {holder}; give another --state-dir "
-                                "(or --state-dir none)") from None
+            raise StateDirInUse(
+                f"state directory {self.path} is in use by {holder}; give another --state-dir (or --state-dir none)"
+            ) from None
         self._lock_file.seek(0)
         self._lock_file.truncate()
         self._lock_file.write(f"pid {os.getpid()}\n")
@@ -143,8 +144,9 @@ class StateDir:
                 self._remove(path)
 
     # -- jobs --------------------------------------------------------------------------------------
-    def add_job(self, job_id: str, model_id: str, options: Mapping[str, Any], client: str,
-                feeds: Mapping[str, np.ndarray]) -> None:
+    def add_job(
+        self, job_id: str, model_id: str, options: Mapping[str, Any], client: str, feeds: Mapping[str, np.ndarray]
+    ) -> None:
         """Record an accepted job with its feeds (before it is acknowledged)."""
         self._write_npz(self._feeds_path(job_id), dict(feeds), f"the feeds of job {job_id}")
         with self._mutex:
@@ -165,8 +167,10 @@ class StateDir:
 
     def save_result(self, job_id: str, result: Result) -> None:
         """Keep a finished job's result (file first, then the row says done; feeds dropped)."""
-        arrays = {"loss": np.asarray(result.loss, dtype=np.float64),
-                  "info": np.asarray(json.dumps(result.info, default=str))}
+        arrays = {
+            "loss": np.asarray(result.loss, dtype=np.float64),
+            "info": np.asarray(json.dumps(result.info, default=str)),
+        }
         arrays.update({f"grad/{k}": v for k, v in result.grads.items()})
         arrays.update({f"input_grad/{k}": v for k, v in result.input_grads.items()})
         self._write_npz(self._result_path(job_id), arrays, f"the result of job {job_id}")
@@ -195,13 +199,19 @@ class StateDir:
         with self._mutex:
             rows = self._db.execute(
                 "SELECT job_id, model_id, options, client, state, error_code, message, submitted, finished "
-                "FROM jobs ORDER BY submitted").fetchall()
+                "FROM jobs ORDER BY submitted"
+            ).fetchall()
         return [JobRecord(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
 
     # -- files -------------------------------------------------------------------------------------
     # -- training sessions -----------------------------------------------------------------------------
-    def save_session(self, session_id: str, meta: Mapping[str, Any], weights: Mapping[str, np.ndarray],
-                     states: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    def save_session(
+        self,
+        session_id: str,
+        meta: Mapping[str, Any],
+        weights: Mapping[str, np.ndarray],
+        states: Mapping[str, Mapping[str, np.ndarray]],
+    ) -> None:
         """Keep a session's checkpoint (replacing its previous one): ``meta`` (JSON-able: model,
         optimizer, counts, step...), its weights and its optimizer state."""
         arrays = {"meta": np.array(json.dumps(dict(meta)))}

@@ -36,8 +36,17 @@ def nodes(engine: Any) -> list[dict[str, Any]]:
     from gradserve.server.planning.memory import machine_node
 
     this = machine_node()
-    return [{"node_id": socket.gethostname(), "address": "", "cpus": this.cpus, "memory_bytes": this.memory_bytes,
-             "actors": 0, "busy_actors": 0, "alive": True}]
+    return [
+        {
+            "node_id": socket.gethostname(),
+            "address": "",
+            "cpus": this.cpus,
+            "memory_bytes": this.memory_bytes,
+            "actors": 0,
+            "busy_actors": 0,
+            "alive": True,
+        }
+    ]
 
 
 def _active_jobs(servicer: "GradientServicer") -> list[Job]:
@@ -84,8 +93,12 @@ def server_status(servicer: "GradientServicer") -> service_pb2.ServerStatus:
         engine=servicer.runner.name,
         uptime_seconds=max(0.0, time.time() - servicer.started),
         jobs=[status_message(j.snapshot()) for j in _active_jobs(servicer)],
-        models=[service_pb2.ModelInfo(model_id=m.model_id, present=True, parameter_bytes=m.nbytes,
-                                      parameter_count=len(m.model.params)) for m in _stored(servicer)],
+        models=[
+            service_pb2.ModelInfo(
+                model_id=m.model_id, present=True, parameter_bytes=m.nbytes, parameter_count=len(m.model.params)
+            )
+            for m in _stored(servicer)
+        ],
         max_concurrent_jobs=registry.max_concurrent,
         max_queued_jobs=registry.max_queued,
         model_store_bytes=servicer.store.nbytes,
@@ -97,7 +110,13 @@ def server_status(servicer: "GradientServicer") -> service_pb2.ServerStatus:
         session_steps=servicer.sessions.steps,
     )
     for n in nodes(servicer.runner.engine):
-        msg.nodes.add(node_id=n["node_id"], address=n.get("address", ""), cpus=float(n.get("cpus", 0)),
-                      memory_bytes=int(n.get("memory_bytes", 0)), actors=int(n.get("actors", 0)),
-                      busy_actors=int(n.get("busy_actors", 0)), alive=bool(n.get("alive", True)))
+        msg.nodes.add(
+            node_id=n["node_id"],
+            address=n.get("address", ""),
+            cpus=float(n.get("cpus", 0)),
+            memory_bytes=int(n.get("memory_bytes", 0)),
+            actors=int(n.get("actors", 0)),
+            busy_actors=int(n.get("busy_actors", 0)),
+            alive=bool(n.get("alive", True)),
+        )
     return msg

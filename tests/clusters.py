@@ -25,8 +25,23 @@ def local_cluster(tmp_path: Path, workers: int, *up_args: str) -> Iterator[tuple
     which holds server.log); take everything down afterwards and check it went."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["GRADSERVE_CLUSTER_DIR"] = str(tmp_path / "cluster")
-    up = subprocess.run([str(LOCAL_CLUSTER), "up", "--workers", str(workers), "--cpus-per-node", "1",
-                         "--port", str(free_port()), *up_args], env=env, capture_output=True, text=True, timeout=300)
+    up = subprocess.run(
+        [
+            str(LOCAL_CLUSTER),
+            "up",
+            "--workers",
+            str(workers),
+            "--cpus-per-node",
+            "1",
+            "--port",
+            str(free_port()),
+            *up_args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     try:
         assert up.returncode == 0, up.stderr[-4000:]
         yield up.stdout.strip().split("=", 1)[1], tmp_path / "cluster"

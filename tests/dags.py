@@ -22,7 +22,11 @@ def random_dag(seed: int, width: int = 6, depth: int = 10, dtype=np.float64):
         h = values[picks[0]]
         for j in picks[1:]:
             h = h + values[j] if rng.random() < 0.5 else h * m.tanh(values[j])
-        w = shared if rng.random() < 0.3 else m.param(f"w{i}", (rng.standard_normal((width, width)) / np.sqrt(width)).astype(dtype))
+        w = (
+            shared
+            if rng.random() < 0.3
+            else m.param(f"w{i}", (rng.standard_normal((width, width)) / np.sqrt(width)).astype(dtype))
+        )
         b = m.param(f"b{i}", (0.1 * rng.standard_normal(width)).astype(dtype))
         act = [m.tanh, m.sigmoid, lambda v: v * 0.5][rng.integers(0, 3)]
         values.append(act(h @ w + b))
@@ -31,5 +35,8 @@ def random_dag(seed: int, width: int = 6, depth: int = 10, dtype=np.float64):
     out = values[-1] + values[len(values) // 2]  # a long skip connection
     loss = ((out - target) ** 2).mean() + 0.1 * (values[2] * values[-2]).mean()
     model = m.loss(loss)
-    feeds = {"x": rng.standard_normal((8, width)).astype(dtype), "target": rng.standard_normal((8, width)).astype(dtype)}
+    feeds = {
+        "x": rng.standard_normal((8, width)).astype(dtype),
+        "target": rng.standard_normal((8, width)).astype(dtype),
+    }
     return model, feeds

@@ -99,8 +99,13 @@ def _check_against_onnx(node: Node, feeds: dict[str, np.ndarray], ys: list[np.nd
             assert want == y.shape, f"{node.op_type}: output shape {y.shape}, ONNX says {want}"
 
 
-def onnx_reference(op_type: str, inputs: Sequence[np.ndarray | None], attrs: dict[str, Any] | None = None,
-                   n_outputs: int = 1, opset: int = DEFAULT_OPSET) -> list[np.ndarray]:
+def onnx_reference(
+    op_type: str,
+    inputs: Sequence[np.ndarray | None],
+    attrs: dict[str, Any] | None = None,
+    n_outputs: int = 1,
+    opset: int = DEFAULT_OPSET,
+) -> list[np.ndarray]:
     """The forward of onnx's own reference implementation at ``opset``: an independent oracle."""
     from onnx.reference import ReferenceEvaluator
 
@@ -108,10 +113,15 @@ def onnx_reference(op_type: str, inputs: Sequence[np.ndarray | None], attrs: dic
     outs = [f"y{i}" for i in range(n_outputs)]
     node = helper.make_node(op_type, names, outs, **onnx_attrs(Node("n", op_type, names, outs, dict(attrs or {}))))
     graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), x.shape)
-         for n, x in zip(names, inputs) if n],
-        [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs])
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), x.shape)
+            for n, x in zip(names, inputs)
+            if n
+        ],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs],
+    )
     return ReferenceEvaluator(onnx_model(graph, opset)).run(None, {n: x for n, x in zip(names, inputs) if n})
 
 

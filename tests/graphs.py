@@ -31,21 +31,32 @@ def deep_mlp(layers: int = 6, width: int = 512, batch: int = 256) -> tuple[Model
 def _refusal_cases() -> dict[str, tuple[Model, str]]:
     """Losses that cannot be split into micro-batches exactly, by name: (model, what the refusal
     says). Each takes an ``x`` of shape (batch, 3)."""
+
     def build(make_loss, training_bn=False):
         m = gradserve.ModelBuilder()
         x = m.input("x", (None, 3), np.float64)
         w = m.param("w", np.ones((3, 2)))
         h = x @ w
         if training_bn:
-            h = m.op("BatchNormalization", h, m.param("s", np.ones(2)), m.param("b", np.zeros(2)),
-                     m.constant(np.zeros(2)), m.constant(np.ones(2)), n_outputs=3, training_mode=1)[0]
+            h = m.op(
+                "BatchNormalization",
+                h,
+                m.param("s", np.ones(2)),
+                m.param("b", np.zeros(2)),
+                m.constant(np.zeros(2)),
+                m.constant(np.ones(2)),
+                n_outputs=3,
+                training_mode=1,
+            )[0]
         return m.loss(make_loss(m, h, w))
 
     return {
         "product of means": (build(lambda m, h, w: (h * h).mean() * (h * h).mean()), "not linear"),
         "batch-independent term": (build(lambda m, h, w: h.sum() + (w * w).sum()), "does not depend on the batch"),
-        "batch mean below the loss": (build(lambda m, h, w: ((h - h.mean()) ** 2).sum()),
-                                      "combines a batch reduction with per-sample values"),
+        "batch mean below the loss": (
+            build(lambda m, h, w: ((h - h.mean()) ** 2).sum()),
+            "combines a batch reduction with per-sample values",
+        ),
         "training-mode BatchNorm": (build(lambda m, h, w: h.mean(), training_bn=True), "statistics of the whole batch"),
     }
 
@@ -65,8 +76,14 @@ def follow(model, feeds, batched=None, n=None):
 
 def graph(nodes, inputs, params=None, constants=None, loss="loss", opset=17):
     specs = [InputSpec(name, np.dtype(dtype), shape) for name, shape, dtype in inputs]
-    return Model(nodes=[Node(f"n{k}_{n[0]}", n[0], n[1], n[2], n[3] if len(n) > 3 else {}) for k, n in enumerate(nodes)],
-                 inputs=specs, params=params or {}, loss=loss, constants=constants or {}, opset=opset)
+    return Model(
+        nodes=[Node(f"n{k}_{n[0]}", n[0], n[1], n[2], n[3] if len(n) > 3 else {}) for k, n in enumerate(nodes)],
+        inputs=specs,
+        params=params or {},
+        loss=loss,
+        constants=constants or {},
+        opset=opset,
+    )
 
 
 def f64(*shape):

@@ -214,8 +214,15 @@ class GPT(nn.Module):
     head tied to the token embedding. ``forward(tokens, targets)`` returns the standard LM loss
     ``F.cross_entropy(logits.reshape(B*T, V), targets.reshape(B*T))``."""
 
-    def __init__(self, vocab: int = 17, seq_len: int = 6, d_model: int = 16, n_heads: int = 2, n_layers: int = 2,
-                 sdpa: bool = False):
+    def __init__(
+        self,
+        vocab: int = 17,
+        seq_len: int = 6,
+        d_model: int = 16,
+        n_heads: int = 2,
+        n_layers: int = 2,
+        sdpa: bool = False,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(seq_len, d_model)

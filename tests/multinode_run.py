@@ -25,13 +25,19 @@ try:
     reference = gradserve.local().gradients(model, feeds)
     with RayEngine(threads_per_worker=1) as engine:
         result = engine.gradients(model, feeds, partitions=3, micro_batches=2)
-    worst = max(float(np.abs(result.grads[p] - g).max() / max(np.abs(g).max(), 1e-300)) for p, g in reference.grads.items())
-    print(json.dumps({
-        "cluster_nodes": len([n for n in ray.nodes() if n["Alive"]]),
-        "partition_nodes": [w["node_id"] for w in result.info["placement"][0]],
-        "loss_diff": abs(result.loss - reference.loss),
-        "worst_rel_grad_diff": worst,
-    }))
+    worst = max(
+        float(np.abs(result.grads[p] - g).max() / max(np.abs(g).max(), 1e-300)) for p, g in reference.grads.items()
+    )
+    print(
+        json.dumps(
+            {
+                "cluster_nodes": len([n for n in ray.nodes() if n["Alive"]]),
+                "partition_nodes": [w["node_id"] for w in result.info["placement"][0]],
+                "loss_diff": abs(result.loss - reference.loss),
+                "worst_rel_grad_diff": worst,
+            }
+        )
+    )
 finally:
     ray.shutdown()
     cluster.shutdown()

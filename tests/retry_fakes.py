@@ -35,8 +35,9 @@ class Failure(Exception):
         self.retry_after = retry_after
 
 
-def failing(exc: Exception, clock: FakeClock | None = None, cost: float = 0.0,
-            succeed_after: int | None = None) -> Callable:
+def failing(
+    exc: Exception, clock: FakeClock | None = None, cost: float = 0.0, succeed_after: int | None = None
+) -> Callable:
     """An attempt that raises ``exc`` (taking ``cost`` fake seconds), or succeeds on call number
     ``succeed_after``; records the seconds left it was given."""
     lefts: list = []

@@ -38,8 +38,7 @@ def mlp(seed: int, n_in: int = 4, hidden: int = 8) -> Model:
 def batch(seed: int, n: int = 16, n_in: int = 4) -> dict[str, np.ndarray]:
     """Feeds for :func:`mlp`: ``n`` samples drawn from ``seed``."""
     rng = np.random.default_rng(1000 + seed)
-    return {"x": rng.standard_normal((n, n_in)).astype(np.float32),
-            "y": rng.standard_normal((n, 1)).astype(np.float32)}
+    return {"x": rng.standard_normal((n, n_in)).astype(np.float32), "y": rng.standard_normal((n, 1)).astype(np.float32)}
 
 
 def assert_same(result, reference) -> None:
@@ -57,12 +56,17 @@ def assert_same(result, reference) -> None:
 def same(result, reference) -> bool:
     """Whether the loss and every dL/dw of ``result`` equal ``reference``'s: for threads and
     assertions that say more than one comparison."""
-    return (result.loss == pytest.approx(reference.loss, rel=1e-6) and list(result.grads) == list(reference.grads)
-            and all(np.allclose(result.grads[k], reference.grads[k], rtol=1e-5, atol=1e-6) for k in reference.grads))
+    return (
+        result.loss == pytest.approx(reference.loss, rel=1e-6)
+        and list(result.grads) == list(reference.grads)
+        and all(np.allclose(result.grads[k], reference.grads[k], rtol=1e-5, atol=1e-6) for k in reference.grads)
+    )
 
 
 @contextlib.contextmanager
-def serving(engine_factory: Callable = InlineEngine, address: str = "127.0.0.1:0", **kwargs) -> Iterator[GradientServer]:
+def serving(
+    engine_factory: Callable = InlineEngine, address: str = "127.0.0.1:0", **kwargs
+) -> Iterator[GradientServer]:
     """A started GradientServer on ``address`` (a free port by default), stopped afterwards;
     ``kwargs`` go to GradientServer (limits, auth_token, metrics_address...)."""
     server = GradientServer(engine_factory, address, **kwargs)
@@ -117,6 +121,7 @@ def code_and_details(fn) -> tuple:
         fn()
     return info.value.code(), info.value.details()
 
+
 SERVICE = "gradserve.v1.GradientService"  # the service's full name, for raw calls and health checks
 
 
@@ -125,7 +130,9 @@ def counting_calls(client):
     calls = []
     for name in ("Compute", "Run"):
         method = getattr(client._stub, name)
-        setattr(client._stub, name, lambda *a, _method=method, _name=name, **kw: calls.append(_name) or _method(*a, **kw))
+        setattr(
+            client._stub, name, lambda *a, _method=method, _name=name, **kw: calls.append(_name) or _method(*a, **kw)
+        )
     return calls
 
 

@@ -1,4 +1,4 @@
-"""The code passes ruff and mypy with the project's configuration ([tool.ruff] and [tool.mypy] in
+"""The code passes ruff (lint and format) and mypy with the project's configuration ([tool.ruff] and [tool.mypy] in
 pyproject.toml), so `make test` and CI lint and type-check it: unused imports and variables,
 undefined names, runaway lines, calls and values that do not fit the annotations..."""
 
@@ -18,9 +18,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ruff_finds_nothing():
     assert importlib.util.find_spec("ruff") is not None, "ruff is not installed: it is in the test extra (make test)"
-    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"ruff check found problems (fix them, or `ruff check --fix`):\n{done.stdout}{done.stderr}"
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (
+        f"ruff check found problems (fix them, or `ruff check --fix`):\n{done.stdout}{done.stderr}"
+    )
+
+
+def test_ruff_format_changes_nothing():
+    """The code is as ``ruff format`` writes it (the op table excepted, see [tool.ruff.format])."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--no-cache", "--check", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (
+        f"ruff format would change these files (run `ruff format`):\n{done.stdout}{done.stderr}"
+    )
 
 
 def _mypy_home() -> Path:
@@ -52,9 +73,25 @@ def test_mypy_finds_nothing():
     assert importlib.util.find_spec("mypy") is not None, "mypy is not installed: it is in the test extra (make test)"
     home = _mypy_home()
     search = _package_link(home)
-    done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-                           "--cache-dir", str(home / "cache"), "-p", "gradserve"],
-                          cwd=search, env={**os.environ, "MYPYPATH": str(search)}, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(home / "cache"),
+            "-p",
+            "gradserve",
+        ],
+        cwd=search,
+        env={**os.environ, "MYPYPATH": str(search)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = re.sub(r"^gradserve/", "", done.stdout + done.stderr, flags=re.M)  # paths from the checkout
-    assert done.returncode == 0, f"mypy found problems (fix them, or a narrow `# type: ignore[code]` saying why):\n{report}"
+    assert done.returncode == 0, (
+        f"mypy found problems (fix them, or a narrow `# type: ignore[code]` saying why):\n{report}"
+    )

@@ -64,13 +64,34 @@ def export(
                 batch = torch.export.Dim("batch")
                 dynamic_shapes = tuple({0: batch} if a.dim() > 0 else None for a in args)
             kwargs: dict[str, Any] = {"opset_version": opset} if opset else {}
-            torch.onnx.export(module, tuple(args), str(path), input_names=list(input_names), output_names=["loss"],
-                              dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, optimize=optimize, **kwargs)
+            torch.onnx.export(
+                module,
+                tuple(args),
+                str(path),
+                input_names=list(input_names),
+                output_names=["loss"],
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+                optimize=optimize,
+                **kwargs,
+            )
         elif exporter == "legacy":
-            dynamic_axes = {n: {0: "batch"} for n, a in zip(input_names, args) if a.dim() > 0} if dynamic_batch else None
-            torch.onnx.export(module, tuple(args), str(path), input_names=list(input_names), output_names=["loss"],
-                              dynamic_axes=dynamic_axes, opset_version=opset or 17, dynamo=False,
-                              training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+            dynamic_axes = (
+                {n: {0: "batch"} for n, a in zip(input_names, args) if a.dim() > 0} if dynamic_batch else None
+            )
+            torch.onnx.export(
+                module,
+                tuple(args),
+                str(path),
+                input_names=list(input_names),
+                output_names=["loss"],
+                dynamic_axes=dynamic_axes,
+                opset_version=opset or 17,
+                dynamo=False,
+                training=torch.onnx.TrainingMode.PRESERVE,
+                do_constant_folding=False,
+            )
         else:
             raise ValueError(f"unknown exporter {exporter!r}")
     return path
@@ -81,8 +102,10 @@ def torch_gradients(module: torch.nn.Module, args: Sequence[torch.Tensor]) -> tu
     module.zero_grad()
     loss = module(*args)
     loss.backward()
-    grads = {k: p.grad.detach().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape))
-             for k, p in module.named_parameters()}
+    grads = {
+        k: p.grad.detach().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape))
+        for k, p in module.named_parameters()
+    }
     return float(loss.detach()), grads
 
 
@@ -136,8 +159,16 @@ def check_module(
     distinct_params_(module)
     # torch first: the export runs the module again (a train-mode BatchNorm updates its statistics)
     want = torch_gradients(module, args)
-    path = export(module, args, tmp_path / f"{type(module).__name__}-{exporter}.onnx", input_names, exporter,
-                  dynamic_batch, opset=opset, optimize=optimize)
+    path = export(
+        module,
+        args,
+        tmp_path / f"{type(module).__name__}-{exporter}.onnx",
+        input_names,
+        exporter,
+        dynamic_batch,
+        opset=opset,
+        optimize=optimize,
+    )
     return _compare(module, args, input_names, path, want, engine, rtol, batch_norm, run)
 
 

@@ -48,7 +48,9 @@ class StageHost:
         kernels.warm_up()  # compiled kernels loaded (or compiled, once per machine) before any job
         blas.backend()  # and the BLAS library chosen and loaded
 
-    def load(self, key: str, spec: StageSpec, constants: dict[str, np.ndarray], names: Sequence[str], *params: np.ndarray) -> None:
+    def load(
+        self, key: str, spec: StageSpec, constants: dict[str, np.ndarray], names: Sequence[str], *params: np.ndarray
+    ) -> None:
         """Host a partition under ``key``; ``params`` arrive as object-store refs Ray resolved."""
         self.stages[key] = Stage(spec, dict(zip(names, params)), constants)
 
@@ -100,7 +102,7 @@ class StageHost:
         by_replica: dict[int, dict[str, float]]  # compute seconds by phase, per replica
         try:
             for step in call.steps:
-                args, labels = values[at:at + step.reads], call.names[at:at + step.reads]
+                args, labels = values[at : at + step.reads], call.names[at : at + step.reads]
                 at += step.reads
                 cancelled = job_id in self.cancelled
                 match step:
@@ -197,7 +199,6 @@ class StageHost:
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "ip": ray.util.get_node_ip_address()}
 
 
-
 @contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
     """A step's budget of threads (set by the engine), for BLAS and the compiled kernels alike."""
@@ -209,7 +210,8 @@ def _returns(call: StageCall, out: list) -> Any:
     """The call's results as Ray returns them: the driver's in one tuple first, then the others."""
     driver = set(call.to_driver)
     returns = ([tuple(out[i] for i in call.to_driver)] if driver else []) + [
-        v for i, v in enumerate(out) if i not in driver]
+        v for i, v in enumerate(out) if i not in driver
+    ]
     if not returns:
         return None
     return returns[0] if len(returns) == 1 else tuple(returns)

@@ -54,9 +54,7 @@ class Tape:
     deferred: list[tuple[int, OpContext, list]] = field(default_factory=list)
 
 
-def compile_program(
-    nodes: list[Node], sources: Iterable[str], outputs: Iterable[str], wrt: Iterable[str]
-) -> Program:
+def compile_program(nodes: list[Node], sources: Iterable[str], outputs: Iterable[str], wrt: Iterable[str]) -> Program:
     """Prepare topologically sorted ``nodes`` for running."""
     sources, outputs, wrt = frozenset(sources), frozenset(outputs), frozenset(wrt)
     ops: list[OpDef] = []
@@ -108,9 +106,8 @@ def forward(program: Program, values: Mapping[str, np.ndarray]) -> Tape:
             if name:
                 env[name] = value
         if program.records[idx]:
-            ctx.inputs = [  # None: an optional input the node leaves out, which no VJP reads
-                a if a is None or op.keeps_input(k) else stand_in(a) for k, a in enumerate(args)  # type: ignore[misc]
-            ]
+            # None: an optional input the node leaves out, which no VJP reads
+            ctx.inputs = [a if a is None or op.keeps_input(k) else stand_in(a) for k, a in enumerate(args)]  # type: ignore[misc]
             ctx.outputs = [o if op.keep_outputs else stand_in(o) for o in outs[: len(node.outputs)]]
             entries[idx] = ctx
         for dead in program.drop_after[idx]:

@@ -148,7 +148,9 @@ def graph_from_proto(g: model_pb2.Graph) -> Model:
     nodes = []
     for i, n in enumerate(g.nodes):
         name = n.name or f"node{i}"
-        attrs = {key: _decode_attr(a, f"node '{name}' ({n.op_type}): attribute '{key}'") for key, a in n.attributes.items()}
+        attrs = {
+            key: _decode_attr(a, f"node '{name}' ({n.op_type}): attribute '{key}'") for key, a in n.attributes.items()
+        }
         nodes.append(Node(name, n.op_type, list(n.inputs), list(n.outputs), attrs))
     inputs = []
     for vi in g.inputs:
@@ -161,8 +163,10 @@ def graph_from_proto(g: model_pb2.Graph) -> Model:
     constants = {c.name: tensors.decode(c.tensor, f"constant '{c.name}'") for c in g.constants}
     opset = int(g.opset) or DEFAULT_OPSET
     if opset not in SUPPORTED_OPSETS:
-        raise GraphError(f"the graph declares ONNX opset {opset}; gradserve supports opsets "
-                         f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
+        raise GraphError(
+            f"the graph declares ONNX opset {opset}; gradserve supports opsets "
+            f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}"
+        )
     return Model(nodes=nodes, inputs=inputs, params={}, loss=g.loss, constants=constants, opset=opset)
 
 

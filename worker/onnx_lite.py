@@ -31,10 +31,25 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 # numpy dtype -> TensorProto.DataType, for the dtypes numpy has itself (onnx.helper's mapping)
-_CODES = {np.dtype(name): code for name, code in (
-    ("float32", 1), ("uint8", 2), ("int8", 3), ("uint16", 4), ("int16", 5), ("int32", 6), ("int64", 7),
-    ("bool", 9), ("float16", 10), ("float64", 11), ("uint32", 12), ("uint64", 13), ("complex64", 14),
-    ("complex128", 15))}
+_CODES = {
+    np.dtype(name): code
+    for name, code in (
+        ("float32", 1),
+        ("uint8", 2),
+        ("int8", 3),
+        ("uint16", 4),
+        ("int16", 5),
+        ("int32", 6),
+        ("int64", 7),
+        ("bool", 9),
+        ("float16", 10),
+        ("float64", 11),
+        ("uint32", 12),
+        ("uint64", 13),
+        ("complex64", 14),
+        ("complex128", 15),
+    )
+}
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
 # the IR version each opset needs (onnx.helper.find_min_ir_version_for, for the opsets gradserve runs)
 _IR_VERSIONS = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}

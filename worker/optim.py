@@ -298,8 +298,12 @@ class ParamGroups:
             self.overrides[name] = {k: getattr(self._per_param[name], k) for k in given}
 
     @classmethod
-    def of(cls, optimizer: "Optimizer | ParamGroups", overrides: Mapping[str, Mapping[str, Any]] | None = None,
-           max_norm: float | None = None) -> "ParamGroups":
+    def of(
+        cls,
+        optimizer: "Optimizer | ParamGroups",
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        max_norm: float | None = None,
+    ) -> "ParamGroups":
         """The groups a session is opened with: ``optimizer`` (or groups, whose overrides
         ``overrides`` replaces when given); TypeError for anything else, ValueError for a
         ``max_norm`` (checked here too, as every opener takes it) that is not positive."""

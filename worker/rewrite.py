@@ -59,7 +59,9 @@ from gradserve.worker.validate import ValueInfo
 
 
 def optimize(
-    nodes: list[Node], shapes: Mapping[str, ValueInfo], keep: Iterable[str],
+    nodes: list[Node],
+    shapes: Mapping[str, ValueInfo],
+    keep: Iterable[str],
     constants: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[list[Node], dict[str, ValueInfo], list[str]]:
     """The rewritten nodes (still in topological order), the shapes of their values, and one line
@@ -88,7 +90,9 @@ def optimize(
         nodes[j] = Node(node.name, node.op_type, [relu.inputs[0], *node.inputs[1:]], [rectified], node.attrs)
         nodes[k] = Node(relu.name, relu.op_type, [rectified], [pooled], relu.attrs)
         shapes[rectified] = shapes[pooled]
-        notes.append(f"{relu} runs after {node}, on the pooled values (exact: the max of rectified values is the rectified max)")
+        notes.append(
+            f"{relu} runs after {node}, on the pooled values (exact: the max of rectified values is the rectified max)"
+        )
     nodes = _fuse_gelu(nodes, shapes, keep, constants or {}, notes)
     nodes = _fuse_linear(nodes, shapes, keep, notes)
     if kernels.enabled():  # (without importing numba: see the module docs)
@@ -109,8 +113,13 @@ def _replaced(nodes: list[Node], fused: dict[int, Node], gone: set[int]) -> list
     return [fused.get(k, node) for k, node in enumerate(nodes) if k not in gone]
 
 
-def _fuse_gelu(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], constants: Mapping[str, np.ndarray],
-               notes: list[str]) -> list[Node]:
+def _fuse_gelu(
+    nodes: list[Node],
+    shapes: dict[str, ValueInfo],
+    keep: set[str],
+    constants: Mapping[str, np.ndarray],
+    notes: list[str],
+) -> list[Node]:
     """Each ``0.5 * x * (1 + erf(x / sqrt(2)))`` written out in ops (see the module docs) becomes
     one Gelu node with the Erf's name, in the place of the last of them."""
     readers, reader = _uses(nodes)
@@ -132,7 +141,12 @@ def _fuse_gelu(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], 
     gone: set[int] = set()
     for k, erf in enumerate(nodes):
         info = shapes.get(erf.outputs[0]) if erf.op_type == "Erf" and erf.outputs else None
-        if info is None or info.dtype not in (np.float32, np.float64) or erf.inputs[0] in keep or readers[erf.inputs[0]] != 1:
+        if (
+            info is None
+            or info.dtype not in (np.float32, np.float64)
+            or erf.inputs[0] in keep
+            or readers[erf.inputs[0]] != 1
+        ):
             continue
 
         def const(name: str, value: float) -> bool:
@@ -162,8 +176,12 @@ def _fuse_gelu(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], 
             continue
         factor = other(nodes[first], nodes[plus].outputs[0])  # x, then * 0.5; or 0.5, then * x
         last = only_reader(nodes[first].outputs[0], "Mul")
-        if last is None or not (factor == x and const(other(nodes[last], nodes[first].outputs[0]), 0.5)
-                                or const(factor, 0.5) and other(nodes[last], nodes[first].outputs[0]) == x):
+        if last is None or not (
+            factor == x
+            and const(other(nodes[last], nodes[first].outputs[0]), 0.5)
+            or const(factor, 0.5)
+            and other(nodes[last], nodes[first].outputs[0]) == x
+        ):
             continue
         y = nodes[last].outputs[0]
         if shapes.get(y) != shapes.get(x):  # a constant of higher rank would have broadcast x
@@ -176,7 +194,9 @@ def _fuse_gelu(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], 
     return _replaced(nodes, fused, gone)
 
 
-def _fuse_gemm_activation(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], notes: list[str]) -> list[Node]:
+def _fuse_gemm_activation(
+    nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str], notes: list[str]
+) -> list[Node]:
     """Each float32/float64 Gemm whose output is read only by a Relu, Tanh or Sigmoid becomes one
     node with the Gemm's name, in the Gemm's place, writing the activation's output."""
     readers, reader = _uses(nodes)
@@ -190,7 +210,9 @@ def _fuse_gemm_activation(nodes: list[Node], shapes: dict[str, ValueInfo], keep:
         act = nodes[reader[out]]
         if act.op_type not in FAST_ACTIVATIONS or act.inputs != [out] or len(act.outputs) != 1:
             continue
-        fused[k] = Node(gemm.name, FUSED_GEMM, list(gemm.inputs), list(act.outputs), {**gemm.attrs, "activation": act.op_type})
+        fused[k] = Node(
+            gemm.name, FUSED_GEMM, list(gemm.inputs), list(act.outputs), {**gemm.attrs, "activation": act.op_type}
+        )
         gone.add(reader[out])
         shapes.pop(out, None)
         notes.append(f"{gemm} runs as one node with {act} (exact up to float rounding)")
@@ -206,9 +228,14 @@ def _fuse_batchnorm(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[s
     gone: set[int] = set()
     for k, bn in enumerate(nodes):
         info = shapes.get(bn.inputs[0]) if bn.inputs else None
-        if (bn.op_type != "BatchNormalization" or not int(bn.attrs.get("training_mode", 0)) or len(bn.inputs) < 3
-                or info is None or info.dtype not in (np.float32, np.float64)
-                or any(o and (readers[o] or o in keep) for o in bn.outputs[1:])):
+        if (
+            bn.op_type != "BatchNormalization"
+            or not int(bn.attrs.get("training_mode", 0))
+            or len(bn.inputs) < 3
+            or info is None
+            or info.dtype not in (np.float32, np.float64)
+            or any(o and (readers[o] or o in keep) for o in bn.outputs[1:])
+        ):
             continue
         chain, value, pooled = [], bn.outputs[0], False
         attrs = {"epsilon": bn.attrs.get("epsilon", 1e-5), "relu": 0}
@@ -234,13 +261,20 @@ def _fuse_batchnorm(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[s
         gone.update(chain)
         for o in [*bn.outputs, *(nodes[j].outputs[0] for j in chain[:-1])]:
             shapes.pop(o, None)
-        notes.append(f"{bn} runs as one kernel with {' and '.join(str(nodes[j]) for j in chain)} "
-                     "(exact up to float rounding: statistics summed in float64)")
+        notes.append(
+            f"{bn} runs as one kernel with {' and '.join(str(nodes[j]) for j in chain)} "
+            "(exact up to float rounding: statistics summed in float64)"
+        )
     return _replaced(nodes, fused, gone)
 
 
-def _fuse_squared_error(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str],
-                        constants: Mapping[str, np.ndarray], notes: list[str]) -> list[Node]:
+def _fuse_squared_error(
+    nodes: list[Node],
+    shapes: dict[str, ValueInfo],
+    keep: set[str],
+    constants: Mapping[str, np.ndarray],
+    notes: list[str],
+) -> list[Node]:
     """Each mean of squared differences written out in ops (see the module docs) becomes one node
     with the ReduceMean's name, in its place."""
     readers, reader = _uses(nodes)
@@ -252,7 +286,12 @@ def _fuse_squared_error(nodes: list[Node], shapes: dict[str, ValueInfo], keep: s
             continue
         square = mean.inputs[0]
         j = producer.get(square)
-        if j is None or square in keep or readers[square] != 1 or not _over_every_axis(mean, shapes.get(square), constants):
+        if (
+            j is None
+            or square in keep
+            or readers[square] != 1
+            or not _over_every_axis(mean, shapes.get(square), constants)
+        ):
             continue
         sq = nodes[j]
         diff = sq.inputs[0] if sq.inputs else ""
@@ -267,9 +306,17 @@ def _fuse_squared_error(nodes: list[Node], shapes: dict[str, ValueInfo], keep: s
             continue
         sub = nodes[i]
         a, b = (shapes.get(v) for v in sub.inputs)
-        if a is None or b is None or a != b or a.dtype not in (np.float32, np.float64) or not all(isinstance(n, int) for n in a.shape):
+        if (
+            a is None
+            or b is None
+            or a != b
+            or a.dtype not in (np.float32, np.float64)
+            or not all(isinstance(n, int) for n in a.shape)
+        ):
             continue
-        fused[k] = Node(mean.name, FUSED_MSE, list(sub.inputs), list(mean.outputs), {"keepdims": int(mean.attrs.get("keepdims", 1))})
+        fused[k] = Node(
+            mean.name, FUSED_MSE, list(sub.inputs), list(mean.outputs), {"keepdims": int(mean.attrs.get("keepdims", 1))}
+        )
         gone.update((i, j))
         shapes.pop(diff, None)
         shapes.pop(square, None)
@@ -317,9 +364,16 @@ def _fuse_linear(nodes: list[Node], shapes: dict[str, ValueInfo], keep: set[str]
         bias = add.inputs[1] if add.inputs[0] == out else add.inputs[0]
         b = shapes.get(bias)
         n = w.shape[1]
-        if (b is None or not {x.dtype, w.dtype, b.dtype} <= {y.dtype} or y.dtype not in (np.float32, np.float64)
-                or shapes.get(add.outputs[0]) != y or len(b.shape) > len(y.shape) or not b.shape
-                or b.shape[-1] != n or any(d != 1 for d in b.shape[:-1])):
+        if (
+            b is None
+            or not {x.dtype, w.dtype, b.dtype} <= {y.dtype}
+            or y.dtype not in (np.float32, np.float64)
+            or shapes.get(add.outputs[0]) != y
+            or len(b.shape) > len(y.shape)
+            or not b.shape
+            or b.shape[-1] != n
+            or any(d != 1 for d in b.shape[:-1])
+        ):
             continue
         fused[j] = Node(mm.name, FUSED_LINEAR, [mm.inputs[0], mm.inputs[1], bias], list(add.outputs), {})
         gone.add(k)

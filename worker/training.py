@@ -26,8 +26,9 @@ class Trainer:
     """The optimizer of one stage: its own parameters (``owned``: those whose norm it counts, a
     parameter shared by several partitions is counted by one) and their state."""
 
-    def __init__(self, stage: Stage, groups: ParamGroups, owned: Sequence[str],
-                 states: Mapping[str, State] | None = None) -> None:
+    def __init__(
+        self, stage: Stage, groups: ParamGroups, owned: Sequence[str], states: Mapping[str, State] | None = None
+    ) -> None:
         """``states``: the optimizer state to go on from (a checkpoint's), else a fresh one."""
         stage.params = {name: np.array(value, copy=True) for name, value in stage.params.items()}  # writable
         self.stage = stage
@@ -62,8 +63,10 @@ class Trainer:
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, State]]:
         """Copies of the owned parameters and their optimizer state: what a restart needs."""
         params = self.stage.params
-        return ({name: params[name].copy() for name in self.owned},
-                {name: {k: v.copy() for k, v in self.states[name].items()} for name in self.owned})
+        return (
+            {name: params[name].copy() for name in self.owned},
+            {name: {k: v.copy() for k, v in self.states[name].items()} for name in self.owned},
+        )
 
     def weights(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Copies of the stage's parameters (all, or those of ``names`` it holds)."""

@@ -38,7 +38,11 @@ class ValueInfo:
 def check_structure(model: Model) -> list[Node]:
     """Validate names, ops and acyclicity; return the nodes that reach the loss, in topological order."""
     sources: dict[str, str] = {}
-    for kind, names in (("input", [s.name for s in model.inputs]), ("parameter", model.params), ("constant", model.constants)):
+    for kind, names in (
+        ("input", [s.name for s in model.inputs]),
+        ("parameter", model.params),
+        ("constant", model.constants),
+    ):
         for name in names:
             if name in sources:
                 raise GraphError(f"{kind} '{name}' has the same name as a {sources[name]}")
@@ -117,7 +121,9 @@ def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], required: set[str
     for spec in model.inputs:
         if spec.name not in feeds:
             if required is None or spec.name in required:
-                raise GraphError(f"feed '{spec.name}' is missing (declared input of dtype {spec.dtype.name}, shape {format_shape(spec.shape)})")
+                raise GraphError(
+                    f"feed '{spec.name}' is missing (declared input of dtype {spec.dtype.name}, shape {format_shape(spec.shape)})"
+                )
             continue
         value = feeds[spec.name]
         if not isinstance(value, np.ndarray):
@@ -125,10 +131,14 @@ def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], required: set[str
         if value.dtype != spec.dtype:
             raise GraphError(f"feed '{spec.name}' has dtype {value.dtype}, the model declares {spec.dtype.name}")
         if value.ndim != len(spec.shape):
-            raise GraphError(f"feed '{spec.name}' has shape {value.shape}, the model declares {format_shape(spec.shape)}")
+            raise GraphError(
+                f"feed '{spec.name}' has shape {value.shape}, the model declares {format_shape(spec.shape)}"
+            )
         for axis, (got, want) in enumerate(zip(value.shape, spec.shape)):
             if isinstance(want, (int, np.integer)) and got != want:
-                raise GraphError(f"feed '{spec.name}' has shape {value.shape}, the model declares {format_shape(spec.shape)}")
+                raise GraphError(
+                    f"feed '{spec.name}' has shape {value.shape}, the model declares {format_shape(spec.shape)}"
+                )
             if isinstance(want, str) and want != "?":
                 if want in symbols and symbols[want][0] != got:
                     first = symbols[want]
@@ -139,7 +149,9 @@ def check_feeds(model: Model, feeds: Mapping[str, np.ndarray], required: set[str
     declared = {s.name for s in model.inputs}
     for name in feeds:
         if name not in declared:
-            raise GraphError(f"feed '{name}' is not an input of the model (inputs: {', '.join(sorted(declared)) or 'none'})")
+            raise GraphError(
+                f"feed '{name}' is not an input of the model (inputs: {', '.join(sorted(declared)) or 'none'})"
+            )
 
 
 def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray]) -> dict[str, ValueInfo]:
@@ -176,13 +188,20 @@ def infer_shapes(model: Model, nodes: list[Node], feeds: Mapping[str, np.ndarray
             dropped = {n.name for n in done}
             kept = [(n, o) for n, o in zip(nodes, onnx_nodes) if n.name not in dropped]
             values = {x: computed[x] for n in done for x in n.outputs if x}
-            _infer_into(known, model, [n for n, _ in kept], [o for _, o in kept], graph_inputs,
-                        {**model.constants, **values})
+            _infer_into(
+                known, model, [n for n, _ in kept], [o for _, o in kept], graph_inputs, {**model.constants, **values}
+            )
     return known
 
 
-def _infer_into(known: dict[str, ValueInfo], model: Model, nodes: list[Node], onnx_nodes: list, graph_inputs: list,
-                constants: Mapping[str, np.ndarray]) -> None:
+def _infer_into(
+    known: dict[str, ValueInfo],
+    model: Model,
+    nodes: list[Node],
+    onnx_nodes: list,
+    graph_inputs: list,
+    constants: Mapping[str, np.ndarray],
+) -> None:
     initializers = [onnx_lite.tensor(np.asarray(v), k) for k, v in constants.items()]
     for name, value in constants.items():
         known[name] = ValueInfo(tuple(np.shape(value)), np.asarray(value).dtype)
@@ -205,19 +224,23 @@ def _shape_arithmetic(model: Model, nodes: list[Node], known: Mapping[str, Value
     result computed only from those and small integer constants."""
     from gradserve.worker.ops import OpContext  # the op library, not its registry's import time
 
-    values: dict[str, np.ndarray] = {k: v for k, v in model.constants.items()
-                                     if v.dtype.kind in "iub" and v.size <= _SHAPE_VALUE_LIMIT}
+    values: dict[str, np.ndarray] = {
+        k: v for k, v in model.constants.items() if v.dtype.kind in "iub" and v.size <= _SHAPE_VALUE_LIMIT
+    }
     computed: dict[str, np.ndarray] = {}
     for node in nodes:
         if node.op_type in ("Shape", "Size") and node.inputs[0] in known:
-            args: list[np.ndarray | None] = [np.broadcast_to(np.zeros((), known[node.inputs[0]].dtype),
-                                                             known[node.inputs[0]].shape)]
+            args: list[np.ndarray | None] = [
+                np.broadcast_to(np.zeros((), known[node.inputs[0]].dtype), known[node.inputs[0]].shape)
+            ]
         elif node.inputs and all(not i or i in values for i in node.inputs):
             args = [values[i] if i else None for i in node.inputs]
         else:
             continue
         try:
-            result = REGISTRY[node.op_type].forward(OpContext(dict(node.attrs), node=node.name, n_outputs=len(node.outputs)), *args)
+            result = REGISTRY[node.op_type].forward(
+                OpContext(dict(node.attrs), node=node.name, n_outputs=len(node.outputs)), *args
+            )
         except Exception:  # left to the engine, whose message names the node
             continue
         outs = result if isinstance(result, tuple) else (result,)

@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from gradserve.server.planning.batching import Split, batched_inputs, split_batch
+
 # the counts live in a module of their own, which clients import without the planner; the names
 # stay importable from here
 from gradserve.server.planning.counts import AUTO, Count, count_from_wire, count_to_wire, parse_count  # noqa: F401
@@ -103,17 +104,24 @@ def choose(
     elif not nodes:
         reasons.append("partitions: 1, auto: no cluster described, memory not checked")
     elif k == 1:
-        reasons.append(f"partitions: 1, auto: the whole job needs ~{fmt_bytes(needs[0])}, "
-                       f"which fits one node ({describe_nodes(nodes)})")
+        reasons.append(
+            f"partitions: 1, auto: the whole job needs ~{fmt_bytes(needs[0])}, "
+            f"which fits one node ({describe_nodes(nodes)})"
+        )
     else:
         whole = plan_job(job, model, 1).memory[0].total
-        reasons.append(f"partitions: {k}, auto: the whole job needs ~{fmt_bytes(whole)}, the largest node has "
-                       f"{fmt_bytes(largest(nodes).memory_bytes)}; {k} partitions need at most "
-                       f"{fmt_bytes(max(needs))} each")
+        reasons.append(
+            f"partitions: {k}, auto: the whole job needs ~{fmt_bytes(whole)}, the largest node has "
+            f"{fmt_bytes(largest(nodes).memory_bytes)}; {k} partitions need at most "
+            f"{fmt_bytes(max(needs))} each"
+        )
 
     batch = _batch_size(model, feeds)
-    shape = Shape(flops, sum(b.nbytes for b in plan.boundaries.values()),
-                  sum(int(np.asarray(v).nbytes) for v in model.params.values()))
+    shape = Shape(
+        flops,
+        sum(b.nbytes for b in plan.boundaries.values()),
+        sum(int(np.asarray(v).nbytes) for v in model.params.values()),
+    )
     timing = _Timing(shape, costs or Costs(), min((n.cpus for n in nodes), default=1), len(nodes))
     r = _replicas(replicas, k, needs, batch, free, others, timing, model, job, feeds, reasons)
     m = _micro_batches(micro_batches, k, r, batch, timing, model, job, feeds, reasons)
@@ -140,15 +148,27 @@ class _Timing:
         return f"{self.seconds(k, m, r) * 1e3:.1f} ms"
 
 
-def _replicas(asked: Count, k: int, needs: list[int], batch: int | None, free: Sequence[NodeInfo], others: int,
-              timing: _Timing, model: Model, job: PreparedJob, feeds: Mapping[str, np.ndarray],
-              reasons: list[str]) -> int:
+def _replicas(
+    asked: Count,
+    k: int,
+    needs: list[int],
+    batch: int | None,
+    free: Sequence[NodeInfo],
+    others: int,
+    timing: _Timing,
+    model: Model,
+    job: PreparedJob,
+    feeds: Mapping[str, np.ndarray],
+    reasons: list[str],
+) -> int:
     if asked != AUTO:
         reasons.append(f"replicas: {asked}, as asked")
         return int(asked)
     if others > 0:
-        reasons.append(f"replicas: 1, auto: {others} other job{'s' if others != 1 else ''} running or waiting: "
-                       f"whole jobs side by side serve a queue faster than split ones")
+        reasons.append(
+            f"replicas: 1, auto: {others} other job{'s' if others != 1 else ''} running or waiting: "
+            f"whole jobs side by side serve a queue faster than split ones"
+        )
         return 1
     spare = len(free) // k if free else 1
     fits = [r for r in range(2, min(spare, batch or 1) + 1) if pack(needs * r, free) is not None]
@@ -157,21 +177,34 @@ def _replicas(asked: Count, k: int, needs: list[int], batch: int | None, free: S
         if not fits:
             reasons.append(f"replicas: 1, auto: no spare node for a second copy ({len(free)} free, {k} per copy)")
         else:
-            reasons.append(f"replicas: 1, auto: predicted {timing.ms(k, 1, 1)}, {fits[0]} copies "
-                           f"{timing.ms(k, 1, fits[0])} (the job is too small to share out; {timing.costs.describe()})")
+            reasons.append(
+                f"replicas: 1, auto: predicted {timing.ms(k, 1, 1)}, {fits[0]} copies "
+                f"{timing.ms(k, 1, fits[0])} (the job is too small to share out; {timing.costs.describe()})"
+            )
         return 1
     error = _split_error(model, job, feeds, best)
     if error is not None:
         reasons.append(f"replicas: 1, auto: the batch cannot be split ({error})")
         return 1
-    reasons.append(f"replicas: {best}, auto: {len(free)} free node{'s' if len(free) != 1 else ''} hold {best} copies "
-                   f"of {k} partition{'s' if k != 1 else ''}, each on a slice of the batch of {batch}: predicted "
-                   f"{timing.ms(k, 1, best)}, one copy {timing.ms(k, 1, 1)}")
+    reasons.append(
+        f"replicas: {best}, auto: {len(free)} free node{'s' if len(free) != 1 else ''} hold {best} copies "
+        f"of {k} partition{'s' if k != 1 else ''}, each on a slice of the batch of {batch}: predicted "
+        f"{timing.ms(k, 1, best)}, one copy {timing.ms(k, 1, 1)}"
+    )
     return best
 
 
-def _micro_batches(asked: Count, k: int, r: int, batch: int | None, timing: _Timing, model: Model,
-                   job: PreparedJob, feeds: Mapping[str, np.ndarray], reasons: list[str]) -> int:
+def _micro_batches(
+    asked: Count,
+    k: int,
+    r: int,
+    batch: int | None,
+    timing: _Timing,
+    model: Model,
+    job: PreparedJob,
+    feeds: Mapping[str, np.ndarray],
+    reasons: list[str],
+) -> int:
     if asked != AUTO:
         reasons.append(f"micro-batches: {asked}, as asked")
         return int(asked)
@@ -179,8 +212,10 @@ def _micro_batches(asked: Count, k: int, r: int, batch: int | None, timing: _Tim
         reasons.append("micro-batches: 1, auto: one partition, nothing to pipeline")
         return 1
     if timing.nodes < k * r:
-        reasons.append(f"micro-batches: 1, auto: the {k * r} partitions share {timing.nodes} "
-                       f"node{'s' if timing.nodes != 1 else ''}, so pipelining would only add calls")
+        reasons.append(
+            f"micro-batches: 1, auto: the {k * r} partitions share {timing.nodes} "
+            f"node{'s' if timing.nodes != 1 else ''}, so pipelining would only add calls"
+        )
         return 1
     per_replica = (batch or 1) // r
     candidates = range(1, max(1, min(MICRO_BATCHES_PER_PARTITION * k, per_replica)) + 1)
@@ -188,22 +223,32 @@ def _micro_batches(asked: Count, k: int, r: int, batch: int | None, timing: _Tim
     # the fewest micro-batches within 2% of the fastest: fewer calls, and a gain that small is noise
     m = next(m for m in candidates if timing.seconds(k, m, r) <= 1.02 * fastest)
     if m == 1:
-        reasons.append(f"micro-batches: 1, auto: too little work per step to pipeline (predicted "
-                       f"{timing.ms(k, 1, r)}, 2 micro-batches {timing.ms(k, 2, r)}; {timing.costs.describe()})")
+        reasons.append(
+            f"micro-batches: 1, auto: too little work per step to pipeline (predicted "
+            f"{timing.ms(k, 1, r)}, 2 micro-batches {timing.ms(k, 2, r)}; {timing.costs.describe()})"
+        )
         return 1
     error = _split_error(model, job, feeds, m * r)
     if error is not None:
         reasons.append(f"micro-batches: 1, auto: the batch cannot be split ({error})")
         return 1
     idle = (k - 1) / (m + k - 1)
-    reasons.append(f"micro-batches: {m}, auto: pipelining {k} partitions idles {100 * idle:.0f}% of the time "
-                   f"(1 micro-batch: {100 * (k - 1) / k:.0f}%): predicted {timing.ms(k, m, r)}, "
-                   f"1 micro-batch {timing.ms(k, 1, r)}")
+    reasons.append(
+        f"micro-batches: {m}, auto: pipelining {k} partitions idles {100 * idle:.0f}% of the time "
+        f"(1 micro-batch: {100 * (k - 1) / k:.0f}%): predicted {timing.ms(k, m, r)}, "
+        f"1 micro-batch {timing.ms(k, 1, r)}"
+    )
     return m
 
 
-def _at_cuts(job: PreparedJob, model: Model, feeds: Mapping[str, np.ndarray], split_at: Sequence[str],
-             micro_batches: Count, replicas: Count) -> Choice:
+def _at_cuts(
+    job: PreparedJob,
+    model: Model,
+    feeds: Mapping[str, np.ndarray],
+    split_at: Sequence[str],
+    micro_batches: Count,
+    replicas: Count,
+) -> Choice:
     """Manual cuts: the partitions are fixed by ``split_at`` and nothing is chosen (``auto``
     micro-batches and replicas are 1); memory is not checked against a cluster."""
     m, r = (1 if c == AUTO else int(c) for c in (micro_batches, replicas))
@@ -211,7 +256,9 @@ def _at_cuts(job: PreparedJob, model: Model, feeds: Mapping[str, np.ndarray], sp
     plan = plan_job(split.job, split.model, len(split_at) + 1, split_at, micro_batches=m)
     reasons = [f"partitions: {len(plan.partitions)}, cut at the nodes asked for"]
     for name, asked, value in (("micro-batches", micro_batches, m), ("replicas", replicas, r)):
-        reasons.append(f"{name}: {value}, " + ("auto: nothing is chosen with manual cuts" if asked == AUTO else "as asked"))
+        reasons.append(
+            f"{name}: {value}, " + ("auto: nothing is chosen with manual cuts" if asked == AUTO else "as asked")
+        )
     return Choice(len(plan.partitions), m, r, reasons, plan, split)
 
 

@@ -102,7 +102,9 @@ def split_batch(model: Model, job: PreparedJob, feeds: Mapping[str, np.ndarray],
         b = part[batched[0]].shape[0]
         if b not in jobs:
             jobs[b] = follower.check_size(run_model, part, b)
-    return Split(run_model, [Chunk(f, w) for f, w in zip(parts_feeds, weights)], jobs[parts_feeds[0][batched[0]].shape[0]])
+    return Split(
+        run_model, [Chunk(f, w) for f, w in zip(parts_feeds, weights)], jobs[parts_feeds[0][batched[0]].shape[0]]
+    )
 
 
 def batched_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> tuple[list[str], int]:
@@ -126,8 +128,9 @@ def batched_inputs(model: Model, feeds: Mapping[str, np.ndarray]) -> tuple[list[
     return batched, n
 
 
-def _target_counts(model: Model, job: PreparedJob, feeds: Mapping[str, np.ndarray], labels: str, ignore: int,
-                   n: int) -> np.ndarray:
+def _target_counts(
+    model: Model, job: PreparedJob, feeds: Mapping[str, np.ndarray], labels: str, ignore: int, n: int
+) -> np.ndarray:
     """Each sample's count of targets in ``labels`` (a feed, or a value computed from the feeds one
     sample at a time, such as ``labels[:, 1:]``) that are not ``ignore``."""
     if labels in feeds:
@@ -251,10 +254,16 @@ class _Follower:
             return refuse(node, f"mixes a batched value with the unbatched '{name}' along the batch axis")
         maker = self._producers.get(name)
         if maker is not None and _rule(maker.op_type).sized_by_constant:
-            return refuse(maker, f"has a constant shape that holds the batch size ({size} along axis {p}); "
-                                 "each micro-batch needs its own")
-        return refuse(node, f"mixes a batched value with '{name}', whose axis {p} holds the batch size ({size}) "
-                            "though it is not computed from the batch; each micro-batch needs its own")
+            return refuse(
+                maker,
+                f"has a constant shape that holds the batch size ({size} along axis {p}); "
+                "each micro-batch needs its own",
+            )
+        return refuse(
+            node,
+            f"mixes a batched value with '{name}', whose axis {p} holds the batch size ({size}) "
+            "though it is not computed from the batch; each micro-batch needs its own",
+        )
 
     def rewrite(self, node: Node, k: int, value: np.ndarray) -> None:
         self.rewrites[node.name] = (k, value)
@@ -326,8 +335,10 @@ class _Follower:
         final = self.tags.get(self.model.loss, NONE)
         if isinstance(final, tuple):
             return final
-        raise GraphError(f"loss '{self.model.loss}' is not a sum or mean over the batch, so it cannot be split into "
-                         "micro-batches or replicas")
+        raise GraphError(
+            f"loss '{self.model.loss}' is not a sum or mean over the batch, so it cannot be split into "
+            "micro-batches or replicas"
+        )
 
     def check_size(self, model: Model, feeds: Mapping[str, np.ndarray], b: int) -> PreparedJob:
         """Prepare ``model`` for a micro-batch of ``b`` samples and check every value's shape against
@@ -335,8 +346,10 @@ class _Follower:
         try:
             job = prepare(model, feeds, self.job.input_grads)
         except GraphError as exc:
-            raise GraphError(f"cannot split the batch into micro-batches or replicas exactly: with {b} samples "
-                             f"instead of {self.n} the graph fails ({exc}); a constant may hold the batch size") from None
+            raise GraphError(
+                f"cannot split the batch into micro-batches or replicas exactly: with {b} samples "
+                f"instead of {self.n} the graph fails ({exc}); a constant may hold the batch size"
+            ) from None
         for node in self.job.nodes:
             for name in node.outputs:
                 full, part = self.shape(name), job.shapes.get(name)
@@ -349,8 +362,11 @@ class _Follower:
                 if isinstance(tag, Rows):
                     want[tag.axis] = full[tag.axis] // self.n * b
                 if tuple(part.shape) != tuple(want):
-                    raise refuse(node, f"gives '{name}' the shape {tuple(part.shape)} with {b} samples and "
-                                       f"{full} with {self.n}: its samples do not stay apart along one axis")
+                    raise refuse(
+                        node,
+                        f"gives '{name}' the shape {tuple(part.shape)} with {b} samples and "
+                        f"{full} with {self.n}: its samples do not stay apart along one axis",
+                    )
         for node, check in self.checks:
             fault = check(b)
             if fault:
@@ -364,7 +380,12 @@ class _Follower:
         reduced = [t for t in tags if isinstance(t, tuple)]
         rows = [k for k, t in enumerate(tags) if isinstance(t, Rows)]
         k = rule.shaped_by
-        if k is not None and k < len(tags) and tags[k] == SHAPE and all(t == NONE for j, t in enumerate(tags) if j != k):
+        if (
+            k is not None
+            and k < len(tags)
+            and tags[k] == SHAPE
+            and all(t == NONE for j, t in enumerate(tags) if j != k)
+        ):
             # One value (or copies of an unbatched one) shaped like the batch: mixes no samples.
             # check_size refuses it if the batch is not on the axis found.
             return Rows(self.shaped_axis(node, k))

@@ -139,7 +139,7 @@ class MemoryModel:
         m = len(positions)
         out = np.zeros((m, m))
         for a, start in enumerate(positions[:-1]):
-            for b, need in enumerate(self._scan(start, positions[a + 1:]).values(), a + 1):
+            for b, need in enumerate(self._scan(start, positions[a + 1 :]).values(), a + 1):
                 out[a][b] = need.total
         return out
 
@@ -191,7 +191,9 @@ class MemoryModel:
                     sent -= self.size(v)
             working = max(working, step)
             if j + 1 in want:
-                result[j + 1] = PartitionMemory(params, grads, activations, received + sent, working, self.micro_batches)
+                result[j + 1] = PartitionMemory(
+                    params, grads, activations, received + sent, working, self.micro_batches
+                )
         return result
 
 
@@ -283,7 +285,19 @@ def nodes_of(count: int, memory_bytes: int, cpus: float = 1.0) -> list[NodeInfo]
 
 
 __all__ = [
-    "ACTOR_BASE_BYTES", "HEADROOM", "MemoryModel", "NodeInfo", "PartitionMemory", "ResourceExhausted",
-    "cluster_nodes", "describe_nodes", "estimate", "fmt_bytes", "largest", "machine_node", "nodes_of", "pack",
+    "ACTOR_BASE_BYTES",
+    "HEADROOM",
+    "MemoryModel",
+    "NodeInfo",
+    "PartitionMemory",
+    "ResourceExhausted",
+    "cluster_nodes",
+    "describe_nodes",
+    "estimate",
+    "fmt_bytes",
+    "largest",
+    "machine_node",
+    "nodes_of",
+    "pack",
     "parse_size",
 ]

@@ -23,7 +23,15 @@ import numpy as np
 
 from gradserve.server.planning.cost import node_flops
 from gradserve.server.planning.memory import (
-    ACTOR_BASE_BYTES, MemoryModel, NodeInfo, PartitionMemory, ResourceExhausted, describe_nodes, fmt_bytes, largest, pack,
+    ACTOR_BASE_BYTES,
+    MemoryModel,
+    NodeInfo,
+    PartitionMemory,
+    ResourceExhausted,
+    describe_nodes,
+    fmt_bytes,
+    largest,
+    pack,
 )
 from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.worker.graph import GraphError, Model, Node
@@ -350,7 +358,12 @@ def _build(nodes: list[Node], cuts: list[int], job: PreparedJob, model: Model, m
             b = boundaries.get(v)
             if b is None:
                 b = boundaries[v] = Boundary(
-                    v, where[v], [], info.shape if info else (), info.dtype.name if info else "?", info.nbytes if info else 0
+                    v,
+                    where[v],
+                    [],
+                    info.shape if info else (),
+                    info.dtype.name if info else "?",
+                    info.nbytes if info else 0,
                 )
             b.consumers.append(p)
         parts.append(

@@ -42,8 +42,9 @@ _LOCK = threading.Lock()
 _CACHE_SIZE = 64
 
 
-def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable[str] = (), *,
-            structure: str | None = None) -> PreparedJob:
+def prepare(
+    model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable[str] = (), *, structure: str | None = None
+) -> PreparedJob:
     """Validate ``model`` against ``feeds``; raise GraphError naming the culprit if anything is off.
 
     Prepared jobs are cached by the model's structure, the feeds' shapes and ``input_grads``.
@@ -68,8 +69,9 @@ def prepare(model: Model, feeds: Mapping[str, np.ndarray], input_grads: Iterable
     nodes = check_structure(model)
     shapes = infer_shapes(model, nodes, feeds)
     check_loss(model, shapes)
-    nodes, shapes, rewrites = optimize(nodes, shapes, keep={model.loss, *model.params, *model.constants, *feeds},
-                                       constants=model.constants)
+    nodes, shapes, rewrites = optimize(
+        nodes, shapes, keep={model.loss, *model.params, *model.constants, *feeds}, constants=model.constants
+    )
     params = tuple(p for p, v in model.params.items() if v.dtype.kind == "f")
     job = PreparedJob(tuple(nodes), shapes, params, input_grads, model.loss, tuple(rewrites), structure)
     with _LOCK:

@@ -24,8 +24,9 @@ from gradserve.worker.graph import Model, Node
 Source = Callable[[str], "np.ndarray | None"]
 
 
-def subgraph(target: str, producers: Mapping[str, Node], order: Sequence[Node],
-             source: Callable[[str], bool]) -> list[Node] | None:
+def subgraph(
+    target: str, producers: Mapping[str, Node], order: Sequence[Node], source: Callable[[str], bool]
+) -> list[Node] | None:
     """The nodes computing ``target`` from the values ``source`` accepts (constants, feeds, shapes),
     in ``order``; None when some value on the way is neither computed nor a source."""
     needed: set[int] = set()

@@ -37,8 +37,10 @@ class Costs:
     flop_seconds: float = 1 / 3e10
 
     def describe(self) -> str:
-        return (f"a call {self.call_seconds * 1e3:.2f} ms, {1 / self.byte_seconds / 1e9:.1f} GB/s, "
-                f"{1 / self.flop_seconds / 1e9:.0f} GFLOP/s per core")
+        return (
+            f"a call {self.call_seconds * 1e3:.2f} ms, {1 / self.byte_seconds / 1e9:.1f} GB/s, "
+            f"{1 / self.flop_seconds / 1e9:.0f} GFLOP/s per core"
+        )
 
 
 @dataclass(frozen=True)

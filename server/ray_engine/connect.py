@@ -32,8 +32,10 @@ import ray
 try:
     from ray.exceptions import AuthenticationError
 except ImportError:  # a Ray without token authentication never raises it
+
     class AuthenticationError(Exception):  # type: ignore[no-redef]
         pass
+
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,13 @@ def connect(address: str | None = None, *, log_to_driver: bool = True) -> None:
 
 
 def _init(address: str | None, log_to_driver: bool) -> None:
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=log_to_driver, configure_logging=False)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=log_to_driver,
+        configure_logging=False,
+    )
 
 
 def _bootstrap_address(address: str | None) -> str | None:
@@ -159,8 +166,10 @@ def _probe(gcs: str, where: str) -> None:
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
             raise RayConnectError(token_hint(where, gcs)) from None
         if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            raise RayConnectError(f"no Ray cluster answers at {where} (waited {PROBE_TIMEOUT:.0f} s): is its head "
-                                  "up, and is that the head's GCS port (ray start --port, 6379 by default)?") from None
+            raise RayConnectError(
+                f"no Ray cluster answers at {where} (waited {PROBE_TIMEOUT:.0f} s): is its head "
+                "up, and is that the head's GCS port (ray start --port, 6379 by default)?"
+            ) from None
     finally:
         channel.close()
 
@@ -179,8 +188,10 @@ def token_hint(where: str, gcs: str) -> str:
     if env_file is not None:
         fix = f"source {env_file} (written by deploy/local-cluster for this cluster) and run again"
     else:
-        fix = (f"set {AUTH_MODE}=token and {AUTH_TOKEN_PATH} to the cluster's token file, or {AUTH_TOKEN} to the "
-               "token (deploy/local-cluster writes them to $GRADSERVE_CLUSTER_DIR/env: source that file)")
+        fix = (
+            f"set {AUTH_MODE}=token and {AUTH_TOKEN_PATH} to the cluster's token file, or {AUTH_TOKEN} to the "
+            "token (deploy/local-cluster writes them to $GRADSERVE_CLUSTER_DIR/env: source that file)"
+        )
     return f"cannot join the Ray cluster at {where}: {sent}; {fix}"
 
 

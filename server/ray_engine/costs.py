@@ -47,7 +47,7 @@ def measure(actor: Any | None) -> Costs:
     with threadpool_limits(1):
         a @ a  # warm
         best = min(_timed(lambda: a @ a) for _ in range(3))
-    costs = Costs(call_seconds=call, byte_seconds=put / _PROBE_BYTES, flop_seconds=best / (2 * _PRODUCT ** 3))
+    costs = Costs(call_seconds=call, byte_seconds=put / _PROBE_BYTES, flop_seconds=best / (2 * _PRODUCT**3))
     log.info("cluster costs measured: %s", costs.describe())
     return costs
 

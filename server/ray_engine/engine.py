@@ -41,7 +41,13 @@ from gradserve.server.ray_engine.connect import connect
 from gradserve.server.ray_engine.placement import CONTROL_TIMEOUT, Placement, PlacedParams, answers
 from gradserve.server.ray_engine.pool import NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.submit import (
-    Deployment, PlanEntry, Submitted, Training, blas_threads, submit_replica, submit_updates,
+    Deployment,
+    PlanEntry,
+    Submitted,
+    Training,
+    blas_threads,
+    submit_replica,
+    submit_updates,
 )
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
@@ -61,6 +67,7 @@ _INLINE_BYTES = 100 * 1024  # feeds up to this size travel inside the call (Ray'
 def _counted(method):
     """Count the engine's calls of ``method`` in progress (``self._inflight``): the jobs that
     ``auto`` sees running beside a new one."""
+
     @functools.wraps(method)  # keeps the signature, which the server's runner inspects
     def counted(self, *args, **kwargs):
         with self._lock:
@@ -210,8 +217,16 @@ class RayEngine(Placement):
         }
         return Result(loss, params, inputs, info)
 
-    def session(self, model: Model, optimizer, *, partitions: Count | None = None,
-                micro_batches: Count | None = None, replicas: Count | None = None, **options) -> "RaySession":
+    def session(
+        self,
+        model: Model,
+        optimizer,
+        *,
+        partitions: Count | None = None,
+        micro_batches: Count | None = None,
+        replicas: Count | None = None,
+        **options,
+    ) -> "RaySession":
         """A training session: each partition's weights and optimizer state stay on its worker
         between steps (:class:`~gradserve.server.ray_engine.session.RaySession`; ``optimizer`` and
         ``options`` as :class:`gradserve.server.session.Session` takes them). The counts are chosen
@@ -242,8 +257,18 @@ class RayEngine(Placement):
             others = max(0, self._inflight - 1)  # jobs running or being placed besides this one (plan(): none)
         free = [n for n in nodes if n.node_id not in busy]
         costs = self._cluster_costs(idle=others == 0)
-        key = (full.structure, feed_signature(feeds), full.input_grads, k, m, r, tuple(nodes), len(free), others > 0,
-               costs)
+        key = (
+            full.structure,
+            feed_signature(feeds),
+            full.input_grads,
+            k,
+            m,
+            r,
+            tuple(nodes),
+            len(free),
+            others > 0,
+            costs,
+        )
         with self._lock:
             hit = self._choices.get(key)
         if hit is not None:  # the same choice and plan; the batch is this job's own
@@ -305,8 +330,19 @@ class RayEngine(Placement):
         self.close()
 
     # -- one job -----------------------------------------------------------------------------------
-    def _run(self, job_id, dep: Deployment, job, chunks, m: int, r: int, progress, cancelled,
-             training: Training | None = None, max_norm: float | None = None):
+    def _run(
+        self,
+        job_id,
+        dep: Deployment,
+        job,
+        chunks,
+        m: int,
+        r: int,
+        progress,
+        cancelled,
+        training: Training | None = None,
+        max_norm: float | None = None,
+    ):
         """Submit one job's calls, wait for them, fetch the loss, dL/dw and dL/dx. A training
         session's step (``training``) also updates the weights where they are, after clipping
         dL/dw to ``max_norm`` when given (which waits for the norm before the updates go)."""
@@ -317,8 +353,9 @@ class RayEngine(Placement):
             # Large feeds go into the object store before taking the submission lock (other jobs
             # need not wait for these copies); small ones travel inside the call, as Ray would
             # put them there anyway (below its 100 KiB inline limit), without a put's round trip.
-            feeds = [{k: v if v.nbytes <= _INLINE_BYTES else ray.put(v) for k, v in chunk.feeds.items()}
-                     for chunk in chunks]
+            feeds = [
+                {k: v if v.nbytes <= _INLINE_BYTES else ray.put(v) for k, v in chunk.feeds.items()} for chunk in chunks
+            ]
             threads = blas_threads(dep.where, m, r, self.threads, dep.others)
             with self._submit:
                 for replica in range(r):
@@ -326,7 +363,7 @@ class RayEngine(Placement):
                 if training is not None and max_norm is None:  # each update right after its dL/dw
                     submit_updates(steps, job_id, dep, r, threads, training, 1.0)
             if training is not None and max_norm is not None:  # one norm over all stages first
-                norms = ray.get(submit_updates(steps, job_id, dep, r, threads, training, None)[:len(dep.specs)])
+                norms = ray.get(submit_updates(steps, job_id, dep, r, threads, training, None)[: len(dep.specs)])
                 scale = clip_scale(sum(n[0] for n in norms), max_norm)  # replica 0's stages: the sums are alike
                 submit_updates(steps, job_id, dep, r, threads, training, scale)
             t1 = time.perf_counter()
@@ -338,8 +375,8 @@ class RayEngine(Placement):
             refs = list({ref: None for ref, _ in wanted})
             got = dict(zip(refs, ray.get(refs)))
             values = [got[ref] if at is None else got[ref][at] for ref, at in wanted]
-            losses, values = values[:len(steps.loss)], values[len(steps.loss):]
-            roots, values = values[:len(steps.roots)], values[len(steps.roots):]
+            losses, values = values[: len(steps.loss)], values[len(steps.loss) :]
+            roots, values = values[: len(steps.roots)], values[len(steps.roots) :]
             loss = float(sum(float(np.asarray(v).reshape(())) * ch.weight for v, ch in zip(losses, chunks)))
             grads: dict[str, np.ndarray] = {}
             stage_seconds: dict[tuple[int, int], dict] = {}
@@ -349,19 +386,24 @@ class RayEngine(Placement):
                     grads[name] = grads[name] + g if name in grads else g
             input_grads = {}
             for key, outs in inputs:
-                input_grads[key], values = _sum(values[:len(outs)]), values[len(outs):]
+                input_grads[key], values = _sum(values[: len(outs)]), values[len(outs) :]
             t3 = time.perf_counter()
         except BaseException as exc:
             self._abort(job_id, dep, steps.refs)
             raise _unwrap(exc) from None
         phases = [stage_seconds.get((i, p), {}) for i in range(r) for p in range(len(dep.specs))]
-        return loss, grads, input_grads, {
-            "submit": t1 - t0,
-            "run": t2 - t1,  # from the last submission until every step finished
-            "fetch": t3 - t2,
-            "stage_compute": [sum(s.values()) for s in phases],  # per (replica, partition): seconds inside ops
-            "stage_phases": phases,  # the same, split into forward / backward / weights
-        }
+        return (
+            loss,
+            grads,
+            input_grads,
+            {
+                "submit": t1 - t0,
+                "run": t2 - t1,  # from the last submission until every step finished
+                "fetch": t3 - t2,
+                "stage_compute": [sum(s.values()) for s in phases],  # per (replica, partition): seconds inside ops
+                "stage_phases": phases,  # the same, split into forward / backward / weights
+            },
+        )
 
     def _watch(self, markers: dict, report, cancelled: threading.Event | None) -> None:
         """Wait for every step, reporting progress; raise the first failure or JobCancelled."""
@@ -393,7 +435,9 @@ class RayEngine(Placement):
         # which fails it at once): reading the results cannot wait long. Unread, the errors of the
         # calls that needed a dead actor's results would be logged by Ray as unhandled tracebacks.
         _drain(refs, CONTROL_TIMEOUT)
-        log.info("job %s aborted; per-job state freed on %d actors, %d gone", job_id, len(actors) - len(dead), len(dead))
+        log.info(
+            "job %s aborted; per-job state freed on %d actors, %d gone", job_id, len(actors) - len(dead), len(dead)
+        )
 
     def _next_retry(self, exc: BaseException, job_id: str, retries: int, cancelled: threading.Event | None) -> int:
         """The retry count of the next run of a job whose run ``retries`` lost a worker (``exc``);
@@ -404,10 +448,18 @@ class RayEngine(Placement):
         lines = str(exc).strip().splitlines()
         what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
         if retries >= self.max_retries:
-            raise WorkerLost(f"the job lost a Ray worker on each of its {retries + 1} runs (last: {what}); "
-                             "the cluster is losing workers or nodes, try again later", retries) from exc
-        log.warning("job %s lost a worker (%s); running it again on fresh workers (%d/%d)",
-                    job_id, what, retries + 1, self.max_retries)
+            raise WorkerLost(
+                f"the job lost a Ray worker on each of its {retries + 1} runs (last: {what}); "
+                "the cluster is losing workers or nodes, try again later",
+                retries,
+            ) from exc
+        log.warning(
+            "job %s lost a worker (%s); running it again on fresh workers (%d/%d)",
+            job_id,
+            what,
+            retries + 1,
+            self.max_retries,
+        )
         return retries + 1
 
 

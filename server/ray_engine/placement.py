@@ -78,7 +78,9 @@ class Placement:
             if placed is None:
                 placed = self._params[key] = PlacedParams.put(model.params)
                 log.info("model %s: %d parameters placed in the object store", key[:12], len(model.params))
-                for old in [k for k, p in self._params.items() if p.users == 0 and k != key][: max(0, len(self._params) - self._max)]:
+                for old in [k for k, p in self._params.items() if p.users == 0 and k != key][
+                    : max(0, len(self._params) - self._max)
+                ]:
                     self._forget(old)
             self._params.move_to_end(key)
             placed.users += 1
@@ -103,8 +105,12 @@ class Placement:
 
     def _plan_entry(self, model: Model, fingerprint: str, job, plan: Plan) -> PlanEntry:
         """The stages of a plan, made on first use (caller holds the lock)."""
-        key = (fingerprint, job.input_grads, tuple(p.nodes[0].name for p in plan.partitions),
-               tuple(m.total for m in plan.memory or ()))
+        key = (
+            fingerprint,
+            job.input_grads,
+            tuple(p.nodes[0].name for p in plan.partitions),
+            tuple(m.total for m in plan.memory or ()),
+        )
         entry = self._plans.get(key)
         if entry is not None:
             self._plans.move_to_end(key)
@@ -112,7 +118,12 @@ class Placement:
         whole = compile_program(list(job.nodes), [*job.shapes], [job.loss], job.wrt)
         specs = [
             StageSpec(
-                p.nodes, p.feeds, p.inputs, p.outputs, p.params, p.constants,
+                p.nodes,
+                p.feeds,
+                p.inputs,
+                p.outputs,
+                p.params,
+                p.constants,
                 [v for v in p.inputs if v in whole.requires_grad] + [f for f in p.feeds if f in job.input_grads],
             )
             for p in plan.partitions
@@ -126,8 +137,17 @@ class Placement:
             self._unload(self._plans.pop(plan_key))
         return entry
 
-    def _deploy(self, model: Model, fingerprint: str, placed: "PlacedParams", job, choice: Choice, split_at,
-                refresh: bool = False, extra: Sequence[int] = ()) -> Deployment:
+    def _deploy(
+        self,
+        model: Model,
+        fingerprint: str,
+        placed: "PlacedParams",
+        job,
+        choice: Choice,
+        split_at,
+        refresh: bool = False,
+        extra: Sequence[int] = (),
+    ) -> Deployment:
         """Place one job: the scheduler picks an actor per (replica, partition), and each one not
         yet holding its stage loads it (parameters come from the object store: Ray moves each to
         a node once). The chosen actors count as busy until :meth:`_release`. ``extra``: bytes
@@ -144,8 +164,9 @@ class Placement:
                 ActorInfo(id(a), w["node_id"], self._busy[id(a)], frozenset(held.get(id(a), ())), w.get("memory", 0))
                 for a, w in zip(self._pool.actors, self._pool.where)
             ]
-            needs = [(entry.plan.memory[p].total if entry.plan.memory else 0) + (extra[p] if extra else 0)
-                     for _, p in slots]
+            needs = [
+                (entry.plan.memory[p].total if entry.plan.memory else 0) + (extra[p] if extra else 0) for _, p in slots
+            ]
             picks = scheduler.choose([entry.stage(p) for _, p in slots], self._pool.nodes(refresh), infos, needs)
             others: Counter[str] = Counter()
             for info in infos:
@@ -154,8 +175,10 @@ class Placement:
             starting = [pick for pick in picks if isinstance(pick, NewActor)]
             retire = {actor_id for pick in starting for actor_id in pick.retire}
             if retire:  # idle actors whose reservations are too small: their memory goes to new ones
-                self._forget_actors([a for a in self._pool.actors if id(a) in retire],
-                                    why="retired, their reservations too small for a new stage,")
+                self._forget_actors(
+                    [a for a in self._pool.actors if id(a) in retire],
+                    why="retired, their reservations too small for a new stage,",
+                )
             new = iter(self._pool.spawn([pick.node_id for pick in starting], [pick.memory for pick in starting]))
             by_id: dict[Hashable, Any] = {id(a): a for a in self._pool.actors}
             chosen = [by_id[pick.actor_id] if isinstance(pick, ActorInfo) else next(new) for pick in picks]
@@ -165,7 +188,10 @@ class Placement:
                 hosts = self._hosts.setdefault(stage_key, {})
                 if id(actor) not in hosts:
                     ref = actor.load.remote(
-                        stage_key, spec, {c: model.constants[c] for c in spec.constants}, spec.params,
+                        stage_key,
+                        spec,
+                        {c: model.constants[c] for c in spec.constants},
+                        spec.params,
                         *[placed.refs[name] for name in spec.params],
                     )
                     hosts[id(actor)] = (actor, ref)
@@ -173,8 +199,13 @@ class Placement:
                 self._busy[id(actor)] += 1
             where = [[self._pool.where_of(chosen[i * k + p]) for p in range(k)] for i in range(r)]
         dep = Deployment(
-            [entry.stage(p) for p in range(k)], entry.plan, entry.specs, entry,
-            [chosen[i * k:(i + 1) * k] for i in range(r)], where, dict(others),
+            [entry.stage(p) for p in range(k)],
+            entry.plan,
+            entry.specs,
+            entry,
+            [chosen[i * k : (i + 1) * k] for i in range(r)],
+            where,
+            dict(others),
         )
         try:
             ray.get(loads, timeout=ACTOR_START_TIMEOUT)  # outside the lock: other jobs go on placing
@@ -189,7 +220,10 @@ class Placement:
             raise
         log.debug(
             "model %s: %d partitions x %d replicas on nodes %s",
-            fingerprint[:12], k, r, sorted({w["node_id"][:8] for row in where for w in row}),
+            fingerprint[:12],
+            k,
+            r,
+            sorted({w["node_id"][:8] for row in where for w in row}),
         )
         return dep
 
@@ -243,7 +277,7 @@ class Placement:
         locked = self._lock.acquire(timeout=1.0)
         try:
             where = list(self._pool.where)  # a copy: the pool replaces or appends to its lists
-            busy = ({id(a): self._busy[id(a)] for a in list(self._pool.actors)} if locked else {})
+            busy = {id(a): self._busy[id(a)] for a in list(self._pool.actors)} if locked else {}
             actors = list(self._pool.actors) if locked else []
         finally:
             if locked:
@@ -253,17 +287,31 @@ class Placement:
         for actor, w in zip(actors, where):
             busy_per_node[w["node_id"]] += busy.get(id(actor), 0) > 0
         nodes = [
-            {"node_id": n["NodeID"], "address": n.get("NodeManagerAddress", ""), "cpus": float(n["Resources"]["CPU"]),
-             "memory_bytes": int(n["Resources"].get("memory", 0)), "actors": per_node.get(n["NodeID"], 0),
-             "busy_actors": busy_per_node.get(n["NodeID"], 0), "alive": True}
+            {
+                "node_id": n["NodeID"],
+                "address": n.get("NodeManagerAddress", ""),
+                "cpus": float(n["Resources"]["CPU"]),
+                "memory_bytes": int(n["Resources"].get("memory", 0)),
+                "actors": per_node.get(n["NodeID"], 0),
+                "busy_actors": busy_per_node.get(n["NodeID"], 0),
+                "alive": True,
+            }
             for n in alive
         ]
         known = {n["NodeID"] for n in alive}
         for node_id in sorted(set(per_node) - known):
             w = next(w for w in where if w["node_id"] == node_id)
-            nodes.append({"node_id": node_id, "address": w.get("ip", ""), "cpus": float(w.get("cpus", 0)),
-                          "memory_bytes": 0, "actors": per_node[node_id], "busy_actors": busy_per_node.get(node_id, 0),
-                          "alive": False})
+            nodes.append(
+                {
+                    "node_id": node_id,
+                    "address": w.get("ip", ""),
+                    "cpus": float(w.get("cpus", 0)),
+                    "memory_bytes": 0,
+                    "actors": per_node[node_id],
+                    "busy_actors": busy_per_node.get(node_id, 0),
+                    "alive": False,
+                }
+            )
         return {"nodes": nodes, "actors": len(where), "max_retries": self.max_retries}
 
 

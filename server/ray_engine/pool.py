@@ -48,8 +48,9 @@ class WorkerPool:
         if refresh or time.monotonic() - self._nodes_at > NODES_TTL:
             self._nodes = cpu_nodes()
             self._nodes_at = time.monotonic()
-        return [NodeInfo(n["NodeID"], int(n["Resources"]["CPU"]), int(n["Resources"].get("memory", 0)))
-                for n in self._nodes]
+        return [
+            NodeInfo(n["NodeID"], int(n["Resources"]["CPU"]), int(n["Resources"].get("memory", 0))) for n in self._nodes
+        ]
 
     def spawn(self, node_ids: Sequence[str], memory: Sequence[int] | None = None) -> list[Any]:
         """Start one actor on each of ``node_ids`` ("" lets Ray choose), each reserving its entry of
@@ -68,13 +69,15 @@ class WorkerPool:
             # BLAS threads: the CPUs Ray gives that node (a pod's limit on Kubernetes, not the
             # host's core count); the engine narrows them per step.
             threads = int(node["Resources"]["CPU"]) if node else os.cpu_count() or 1
-            env = {"env_vars": {
-                **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
-                # Idle OpenBLAS threads otherwise spin for ~2^28 cycles after every product and
-                # steal the cores from the next stage on the node (measured: 4 products taking
-                # 55 ms instead of 14 ms when two stages alternate). 2^4 cycles: sleep at once.
-                "OPENBLAS_THREAD_TIMEOUT": "4",
-            }}
+            env = {
+                "env_vars": {
+                    **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+                    # Idle OpenBLAS threads otherwise spin for ~2^28 cycles after every product and
+                    # steal the cores from the next stage on the node (measured: 4 products taking
+                    # 55 ms instead of 14 ms when two stages alternate). 2^4 cycles: sleep at once.
+                    "OPENBLAS_THREAD_TIMEOUT": "4",
+                }
+            }
             strategy = NodeAffinitySchedulingStrategy(node_id, soft=True) if node else "DEFAULT"
             options = {"memory": int(reserve)} if reserve else {}
             new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env, **options).remote())
@@ -87,8 +90,13 @@ class WorkerPool:
             self.where.append(where)
         self.actors += new
         self.started += len(new)
-        log.info("worker pool: started %d (reserving %s); %d actors on %d nodes", len(new),
-                 ", ".join(fmt_bytes(m) for m in memory), len(self.actors), len({w["node_id"] for w in self.where}))
+        log.info(
+            "worker pool: started %d (reserving %s); %d actors on %d nodes",
+            len(new),
+            ", ".join(fmt_bytes(m) for m in memory),
+            len(self.actors),
+            len({w["node_id"] for w in self.where}),
+        )
         return new
 
     def where_of(self, actor: Any) -> dict:
@@ -109,8 +117,14 @@ class WorkerPool:
         self.actors = [self.actors[i] for i in keep]
         self.where = [self.where[i] for i in keep]
         if gone:
-            log.info("worker pool: %s %d actors (nodes %s); %d actors on %d nodes", why, len(gone), sorted(lost),
-                     len(self.actors), len({w["node_id"] for w in self.where}))
+            log.info(
+                "worker pool: %s %d actors (nodes %s); %d actors on %d nodes",
+                why,
+                len(gone),
+                sorted(lost),
+                len(self.actors),
+                len({w["node_id"] for w in self.where}),
+            )
         return gone
 
     def close(self) -> None:

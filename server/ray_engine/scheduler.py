@@ -77,8 +77,9 @@ def size_class(need: int) -> int:
     return max(MIN_RESERVATION, 1 << (need - 1).bit_length()) if need > 0 else 0
 
 
-def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[ActorInfo],
-           needs: Sequence[int] | None = None) -> list[ActorInfo | NewActor]:
+def choose(
+    stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[ActorInfo], needs: Sequence[int] | None = None
+) -> list[ActorInfo | NewActor]:
     """One actor per entry of ``stages`` (the stage key each slot runs, replica-major), distinct
     within the job: an :class:`ActorInfo` to reuse or a :class:`NewActor` to start (module docs).
 
@@ -116,8 +117,19 @@ def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[Ac
         over = count[n] + 1 - caps[n]
         if short <= 0 and over <= 0:
             return ()
-        idle = sorted((a for a in usable if a.node_id == n and a.load == 0 and need and a.memory < need
-                       and a.actor_id not in taken and a.actor_id not in retired), key=lambda a: -a.memory)
+        idle = sorted(
+            (
+                a
+                for a in usable
+                if a.node_id == n
+                and a.load == 0
+                and need
+                and a.memory < need
+                and a.actor_id not in taken
+                and a.actor_id not in retired
+            ),
+            key=lambda a: -a.memory,
+        )
         out = []
         for a in idle:
             if short <= 0 and over <= 0:
@@ -171,8 +183,9 @@ def choose(stages: Sequence[str], nodes: Sequence[NodeInfo], actors: Sequence[Ac
     return _round_up(picks, alive, reserved)
 
 
-def _round_up(picks: list[ActorInfo | NewActor], alive: dict[str, NodeInfo],
-              reserved: Counter[str]) -> list[ActorInfo | NewActor]:
+def _round_up(
+    picks: list[ActorInfo | NewActor], alive: dict[str, NodeInfo], reserved: Counter[str]
+) -> list[ActorInfo | NewActor]:
     """``picks`` with each new actor's reservation raised from its need towards its
     :func:`size_class`, out of its node's memory that nothing reserves once every pick has its need
     (``reserved``), so rounding never keeps this job from fitting; and at most to one CPU's share

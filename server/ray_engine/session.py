@@ -42,8 +42,9 @@ log = logging.getLogger("gradserve.ray_engine")
 class RaySession(Session):
     """A session whose stages train on Ray workers. Open it with :meth:`RayEngine.session`."""
 
-    def __init__(self, engine: "RayEngine", model, optimizer, counts: tuple, *, start: Checkpoint | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, engine: "RayEngine", model, optimizer, counts: tuple, *, start: Checkpoint | None = None, **options: Any
+    ) -> None:
         """``start``: a checkpoint to go on from (a server restarting its sessions)."""
         super().__init__(model, optimizer, **options)
         self._engine = engine
@@ -83,15 +84,17 @@ class RaySession(Session):
     def _run(self, dep: Deployment, job, chunks, training: Training | None, progress=None):
         m, r = self._mr
         try:
-            return self._engine._run(uuid.uuid4().hex[:12], dep, job, chunks, m, r, progress, None, training,
-                                     self.max_norm)
+            return self._engine._run(
+                uuid.uuid4().hex[:12], dep, job, chunks, m, r, progress, None, training, self.max_norm
+            )
         except Exception as exc:
             if not is_worker_loss(exc):
                 raise
             # Some of the weights were on that worker: the last checkpoint is all there is to go on from.
             start = self.last_checkpoint or Checkpoint(0, self.model.params, self.groups.init_state(self.model.params))
-            log.warning("session %s lost a worker (%s); restarting it from step %d", self._key, type(exc).__name__,
-                        start.step)
+            log.warning(
+                "session %s lost a worker (%s); restarting it from step %d", self._key, type(exc).__name__, start.step
+            )
             self._unplace()
             self._start_from(start)
             raise Restored(start.step) from exc
@@ -118,9 +121,16 @@ class RaySession(Session):
             for name in spec.params:
                 holders.setdefault(name, []).append(p)
         groups, states = self.groups.to_dict(), self._start_states or {}
-        calls = [actor.train.remote(dep.keys[p], groups, [n for n in dep.specs[p].params if holders[n][0] == p],
-                                    {n: states[n] for n in dep.specs[p].params if n in states} or None)
-                 for row in dep.actors for p, actor in enumerate(row)]
+        calls = [
+            actor.train.remote(
+                dep.keys[p],
+                groups,
+                [n for n in dep.specs[p].params if holders[n][0] == p],
+                {n: states[n] for n in dep.specs[p].params if n in states} or None,
+            )
+            for row in dep.actors
+            for p, actor in enumerate(row)
+        ]
         try:
             ray.get(calls)
         except BaseException:
@@ -152,7 +162,8 @@ class RaySession(Session):
                 f"the session's partition {worst} of {len(extra)} needs {fmt_bytes(job[worst] + extra[worst])} "
                 f"({fmt_bytes(job[worst])} as a job, {fmt_bytes(extra[worst])} more for its own weights and the "
                 f"optimizer's state), but the largest node has {fmt_bytes(top)}: use more partitions, an "
-                "optimizer with less state (SGD without momentum keeps none), or larger nodes")
+                "optimizer with less state (SGD without momentum keeps none), or larger nodes"
+            )
         return extra
 
     # -- weights -------------------------------------------------------------------------------------
@@ -186,7 +197,8 @@ class RaySession(Session):
         weights: dict[str, np.ndarray] = {}
         states: dict[str, dict[str, np.ndarray]] = {}
         for part_weights, part_states in ray.get(
-                [actor.checkpoint.remote(self._dep.keys[p]) for p, actor in enumerate(self._dep.actors[0])]):
+            [actor.checkpoint.remote(self._dep.keys[p]) for p, actor in enumerate(self._dep.actors[0])]
+        ):
             weights.update(part_weights)
             states.update(part_states)
         return weights, states

@@ -15,9 +15,29 @@ import ray
 from gradserve.server.events import ProgressEvent
 from gradserve.server.planning.partition import Plan
 from gradserve.server.planning.schedule import (
-    BACKWARD, FORWARD, WEIGHTS, Call, Links, calls, one_f_one_b, reduction_children, reduction_parent,
+    BACKWARD,
+    FORWARD,
+    WEIGHTS,
+    Call,
+    Links,
+    calls,
+    one_f_one_b,
+    reduction_children,
+    reduction_parent,
 )
-from gradserve.worker.protocol import BY_REF, Action, Backward, Forward, Kind, Norm, Output, Reduce, StageCall, Update, Weights
+from gradserve.worker.protocol import (
+    BY_REF,
+    Action,
+    Backward,
+    Forward,
+    Kind,
+    Norm,
+    Output,
+    Reduce,
+    StageCall,
+    Update,
+    Weights,
+)
 from gradserve.worker.stage import StageSpec
 
 
@@ -120,8 +140,17 @@ def blas_threads(
 
 
 def submit_replica(
-    steps: "Submitted", job_id: str, dep: Deployment, job, chunks, feed_refs, replica: int, m: int, r: int,
-    threads, training: Training | None = None,
+    steps: "Submitted",
+    job_id: str,
+    dep: Deployment,
+    job,
+    chunks,
+    feed_refs,
+    replica: int,
+    m: int,
+    r: int,
+    threads,
+    training: Training | None = None,
 ) -> None:
     """Submit one replica's calls (:meth:`PlanEntry.program`); record the refs in ``steps``. In a
     training step (``training``), dL/dw is kept on the actor, or, to be exchanged, a result for
@@ -160,8 +189,9 @@ def submit_replica(
                 for v in spec.inputs:
                     take(v, acts[c][v])
                 program.append(Forward(c, len(names) - start))
-                results += [Output(Kind.ACTIVATION, c, v, v == job.loss and v not in dep.entry.read)
-                            for v in spec.outputs]
+                results += [
+                    Output(Kind.ACTIVATION, c, v, v == job.loss and v not in dep.entry.read) for v in spec.outputs
+                ]
             elif step.phase == BACKWARD:
                 for v in spec.outputs:
                     if v == job.loss:  # seed: the chunk's weight in the total loss (the stage shapes it)
@@ -179,17 +209,35 @@ def submit_replica(
                 if not children:
                     results.append(Output(Kind.WEIGHTS, -1, "", root))
             if step.phase in (FORWARD, BACKWARD):
-                events.append(ProgressEvent(
-                    step.phase, p, step.micro_batch, replica, node=dep.where[replica][p]["node_id"],
-                    total=2 * len(specs) * m * r,
-                ))
+                events.append(
+                    ProgressEvent(
+                        step.phase,
+                        p,
+                        step.micro_batch,
+                        replica,
+                        node=dep.where[replica][p]["node_id"],
+                        total=2 * len(specs) * m * r,
+                    )
+                )
         to_driver = tuple(i for i, res in enumerate(results) if res.to_driver)
         returns = (1 if to_driver else 0) + len(results) - len(to_driver)
-        outs = as_list(actors[p].run.options(num_returns=max(1, returns)).remote(
-            StageCall(dep.keys[p], job_id, threads[replica][p], tuple(program), tuple(names), tuple(values),
-                      len(results), to_driver),
-            *refs,
-        ))
+        outs = as_list(
+            actors[p]
+            .run.options(num_returns=max(1, returns))
+            .remote(
+                StageCall(
+                    dep.keys[p],
+                    job_id,
+                    threads[replica][p],
+                    tuple(program),
+                    tuple(names),
+                    tuple(values),
+                    len(results),
+                    to_driver,
+                ),
+                *refs,
+            )
+        )
         steps.markers[outs[0]] = events
         steps.refs += outs
         others = iter(outs[1:] if to_driver else outs)
@@ -217,15 +265,30 @@ def submit_replica(
             # The reduction tree's sum, in a call of its own: the children's dL/dw arrive while
             # this replica computes its own, instead of holding up the call that computes it.
             kids = [steps.weights[(child, p)] for child in children]
-            reduce = StageCall(dep.keys[p], job_id, threads[replica][p], (Reduce(replica, len(kids)),),
-                               ("",) * len(kids), (BY_REF,) * len(kids), 1, (0,) if root else ())
+            reduce = StageCall(
+                dep.keys[p],
+                job_id,
+                threads[replica][p],
+                (Reduce(replica, len(kids)),),
+                ("",) * len(kids),
+                (BY_REF,) * len(kids),
+                1,
+                (0,) if root else (),
+            )
             out = actors[p].run.remote(reduce, *kids)
             steps.markers[out] = []
             steps.refs.append(out)
             weights_result(steps, replica, p, (out, 0) if root else out, root)
 
+
 def submit_updates(
-    steps: Submitted, job_id: str, dep: Deployment, r: int, threads, training: Training, scale: float | None,
+    steps: Submitted,
+    job_id: str,
+    dep: Deployment,
+    r: int,
+    threads,
+    training: Training,
+    scale: float | None,
 ) -> list:
     """A training step's second half: per (replica, partition) one call that sums the stage's
     dL/dw parts (every replica the same parts in the same order) and applies the optimizer
@@ -235,16 +298,23 @@ def submit_updates(
     norms = []
     for replica in range(r):
         for p, actor in enumerate(dep.actors[replica]):
-            parts = ([steps.weights[(i, q)] for i in range(r) for q in training.sharing[p]]
-                     if training.exchange else [])
+            parts = [steps.weights[(i, q)] for i in range(r) for q in training.sharing[p]] if training.exchange else []
             step: Norm | Update
             if scale is None:
                 step = Norm(len(parts))
             else:
                 step = Update(replica, len(parts), training.step, training.lr, scale, training.grads and replica == 0)
             to_driver = (0,)
-            call = StageCall(dep.keys[p], job_id, threads[replica][p], (step,), ("",) * len(parts),
-                             (BY_REF,) * len(parts), 1, to_driver)
+            call = StageCall(
+                dep.keys[p],
+                job_id,
+                threads[replica][p],
+                (step,),
+                ("",) * len(parts),
+                (BY_REF,) * len(parts),
+                1,
+                to_driver,
+            )
             out = actor.run.remote(call, *parts)
             steps.markers[out] = []
             steps.refs.append(out)

@@ -39,15 +39,35 @@ def test_grad_ray_engine_in_a_fresh_process(saved_model, tmp_path):
     model, feeds, path, feeds_path = saved_model
     out = tmp_path / "grads.npz"
     proc = subprocess.run(
-        [sys.executable, "-m", "gradserve.client.cli", "grad", str(path), "--feeds", str(feeds_path),
-         "--out", str(out), "--engine", "ray", "--partitions", "2", "--micro-batches", "2", "-q"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "gradserve.client.cli",
+            "grad",
+            str(path),
+            "--feeds",
+            str(feeds_path),
+            "--out",
+            str(out),
+            "--engine",
+            "ray",
+            "--partitions",
+            "2",
+            "--micro-batches",
+            "2",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     reference = gradserve.local().gradients(model, feeds)
     with np.load(out) as g:
         for name in model.params:
-            np.testing.assert_allclose(g[name], reference.grads[name], rtol=1e-4, atol=1e-4 * np.abs(reference.grads[name]).max())
+            np.testing.assert_allclose(
+                g[name], reference.grads[name], rtol=1e-4, atol=1e-4 * np.abs(reference.grads[name]).max()
+            )
 
 
 def test_plan_prints_partitions_and_boundaries(saved_model, capsys):
@@ -83,7 +103,9 @@ def test_console_script_help():
 
 @pytest.mark.slow
 def test_demo_through_a_local_server():
-    proc = subprocess.run([sys.executable, "-m", "gradserve.client.cli", "demo"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradserve.client.cli", "demo"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "server listening on 127.0.0.1:" in proc.stdout
     assert "all gradients match their references" in proc.stdout
@@ -102,8 +124,16 @@ def test_plan_auto_explains_its_choice_for_a_described_cluster(tmp_path, capsys)
     model, feeds, _ = deep_mlp(layers=6, width=512, batch=1024)
     model.save(tmp_path / "deep.gsm")
     np.savez(tmp_path / "feeds.npz", **feeds)
-    args = ["plan", str(tmp_path / "deep.gsm"), "--feeds", str(tmp_path / "feeds.npz"), "--nodes", "3",
-            "--memory-per-node", "160M"]
+    args = [
+        "plan",
+        str(tmp_path / "deep.gsm"),
+        "--feeds",
+        str(tmp_path / "feeds.npz"),
+        "--nodes",
+        "3",
+        "--memory-per-node",
+        "160M",
+    ]
     assert main([*args, "--partitions", "auto", "--micro-batches", "auto", "--replicas", "auto"]) == 0
     out = capsys.readouterr().out
     assert "cluster: 3 nodes with 160.0 MiB of memory" in out

@@ -22,12 +22,19 @@ def onnx_model(tmp_path):
     w = numpy_helper.from_array(np.linspace(-1, 1, 64 * 8, dtype=np.float32).reshape(64, 8), "W")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("ReduceSum", ["h"], ["loss"], keepdims=0)],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], [w],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+        [w],
     )
     path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path,
-              save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        path,
+        save_as_external_data=True,
+        location="m.onnx.data",
+        size_threshold=0,
+    )
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     return path, tmp_path / "x.npy", x
@@ -46,7 +53,9 @@ def mlp_files(tmp_path):
 def no_engine(monkeypatch):
     """Fails the test if the CLI starts an engine (what "before any work starts" means for grad)."""
     started = []
-    monkeypatch.setattr("gradserve.client.local.local", lambda *a, **k: started.append(a) or pytest.fail("engine started"))
+    monkeypatch.setattr(
+        "gradserve.client.local.local", lambda *a, **k: started.append(a) or pytest.fail("engine started")
+    )
     return started
 
 
@@ -89,8 +98,9 @@ def test_unwritable_out_is_refused_before_the_engine_starts(mlp_files, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "dir.npz"])  # no probe left behind
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
-                    reason="root writes anywhere")
+@pytest.mark.skipif(
+    not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0, reason="root writes anywhere"
+)
 def test_out_in_a_read_only_directory_is_refused(mlp_files, tmp_path, capsys, no_engine):
     _, _, model_path, feeds_path = mlp_files
     locked = tmp_path / "locked"
@@ -114,7 +124,9 @@ def test_out_is_written_whole_or_not_at_all(mlp_files, tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     with np.load(out) as g:
         assert set(g.files) == {"loss", *model.params}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad.npz", "feeds.npz", "g.npz", "good.npz", "mlp.gsm"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["bad.npz", "feeds.npz", "g.npz", "good.npz", "mlp.gsm"]
+    )
 
 
 # -- ONNX external data ----------------------------------------------------------------------------
@@ -195,15 +207,18 @@ def test_server_refuses_at_submit_with_invalid_argument(ray_engine, onnx_model):
 
 
 # -- options that contradict each other ------------------------------------------------------------
-@pytest.mark.parametrize("extra, fault", [
-    (["--server", "127.0.0.1:9", "--engine", "ray"], "--engine ray runs the job in this process and --server"),
-    (["--server", "127.0.0.1:9", "--engine", "inline"], "--engine inline runs the job in this process"),
-    (["--server", "127.0.0.1:9", "--ray-address", "auto"], "--ray-address does not go with --server"),
-    (["--token-file", "t"], "--token-file goes with --server"),
-    (["--engine", "ray", "--tls-ca", "ca.pem"], "--tls-ca goes with --server"),
-    (["--ray-address", "auto"], "--ray-address needs --engine ray"),
-    (["--micro-batches", "2"], "need --engine ray or --server"),
-])
+@pytest.mark.parametrize(
+    "extra, fault",
+    [
+        (["--server", "127.0.0.1:9", "--engine", "ray"], "--engine ray runs the job in this process and --server"),
+        (["--server", "127.0.0.1:9", "--engine", "inline"], "--engine inline runs the job in this process"),
+        (["--server", "127.0.0.1:9", "--ray-address", "auto"], "--ray-address does not go with --server"),
+        (["--token-file", "t"], "--token-file goes with --server"),
+        (["--engine", "ray", "--tls-ca", "ca.pem"], "--tls-ca goes with --server"),
+        (["--ray-address", "auto"], "--ray-address needs --engine ray"),
+        (["--micro-batches", "2"], "need --engine ray or --server"),
+    ],
+)
 def test_grad_options_that_contradict_each_other(mlp_files, tmp_path, capsys, no_engine, extra, fault):
     _, _, model_path, feeds_path = mlp_files
     assert main(["grad", model_path, "--feeds", feeds_path, "--out", str(tmp_path / "g.npz"), *extra]) == 2
@@ -211,13 +226,16 @@ def test_grad_options_that_contradict_each_other(mlp_files, tmp_path, capsys, no
     assert not no_engine
 
 
-@pytest.mark.parametrize("extra, fault", [
-    (["--ray-address", "auto", "--nodes", "2"], "--ray-address reads the cluster; --nodes describes one"),
-    (["--ray-address", "auto", "--cpus-per-node", "2"], "--cpus-per-node describes one"),
-    (["--split-at", "n", "--partitions", "2"], "give it or --partitions, not both"),
-    (["--split-at", "n", "--memory-per-node", "1G"], "--split-at plans without a cluster"),
-    (["--nodes", "0"], "--nodes must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "extra, fault",
+    [
+        (["--ray-address", "auto", "--nodes", "2"], "--ray-address reads the cluster; --nodes describes one"),
+        (["--ray-address", "auto", "--cpus-per-node", "2"], "--cpus-per-node describes one"),
+        (["--split-at", "n", "--partitions", "2"], "give it or --partitions, not both"),
+        (["--split-at", "n", "--memory-per-node", "1G"], "--split-at plans without a cluster"),
+        (["--nodes", "0"], "--nodes must be at least 1"),
+    ],
+)
 def test_plan_options_that_contradict_each_other(mlp_files, capsys, extra, fault):
     _, _, model_path, feeds_path = mlp_files
     assert main(["plan", model_path, "--feeds", feeds_path, *extra]) == 2  # before Ray is joined
@@ -275,6 +293,7 @@ def test_progress_without_a_known_total_counts_steps():
     from gradserve.client.progress import ProgressLine
 
     out = io.StringIO()
-    ProgressLine(out, delay=0).update(SimpleNamespace(steps_total=0, steps_done=5, state="running", event=None,
-                                                      finished=False))
+    ProgressLine(out, delay=0).update(
+        SimpleNamespace(steps_total=0, steps_done=5, state="running", event=None, finished=False)
+    )
     assert out.getvalue().startswith("[5 steps] running")

@@ -42,8 +42,9 @@ def _fails_fast(client: Client, reason: str, call=lambda c: c.has_model("x")) ->
         call(client)
     elapsed = time.monotonic() - start
     assert elapsed < FAST, f"took {elapsed:.1f}s"
-    assert re.fullmatch(rf"no gradserve server at {re.escape(client.address)} \({reason}\)", str(info.value)), \
-        str(info.value)
+    assert re.fullmatch(rf"no gradserve server at {re.escape(client.address)} \({reason}\)", str(info.value)), str(
+        info.value
+    )
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     return info.value
 
@@ -51,35 +52,41 @@ def _fails_fast(client: Client, reason: str, call=lambda c: c.has_model("x")) ->
 # -- addresses -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("given, target", [
-    ("127.0.0.1", "127.0.0.1:50051"),
-    ("localhost", "localhost:50051"),
-    ("10.0.0.7:6000", "10.0.0.7:6000"),
-    ("[::1]", "[::1]:50051"),
-    ("[::1]:6000", "[::1]:6000"),
-    ("::1", "[::1]:50051"),
-    ("dns:///example.com", "dns:///example.com:50051"),
-    ("dns:example.com:7", "dns:example.com:7"),
-    ("ipv4:10.0.0.1,10.0.0.2:7", "ipv4:10.0.0.1:50051,10.0.0.2:7"),
-    ("unix:/run/gradserve.sock", "unix:/run/gradserve.sock"),
-    ("unix:///run/gradserve.sock", "unix:///run/gradserve.sock"),
-])
+@pytest.mark.parametrize(
+    "given, target",
+    [
+        ("127.0.0.1", "127.0.0.1:50051"),
+        ("localhost", "localhost:50051"),
+        ("10.0.0.7:6000", "10.0.0.7:6000"),
+        ("[::1]", "[::1]:50051"),
+        ("[::1]:6000", "[::1]:6000"),
+        ("::1", "[::1]:50051"),
+        ("dns:///example.com", "dns:///example.com:50051"),
+        ("dns:example.com:7", "dns:example.com:7"),
+        ("ipv4:10.0.0.1,10.0.0.2:7", "ipv4:10.0.0.1:50051,10.0.0.2:7"),
+        ("unix:/run/gradserve.sock", "unix:/run/gradserve.sock"),
+        ("unix:///run/gradserve.sock", "unix:///run/gradserve.sock"),
+    ],
+)
 def test_the_default_port_is_the_servers_never_443(given, target):
     assert server_target(given) == target
     assert Client(given).address == target
 
 
-@pytest.mark.parametrize("given, complaint", [
-    ("", "empty"),
-    ("host:", "port '' is not a number"),
-    ("host:http", "port 'http' is not a number"),
-    ("host:0", "port '0' is not a number from 1 to 65535"),
-    ("host:65536", "port '65536'"),
-    (":50051", "no host"),
-    ("http://host:50051", "not a URL"),
-    ("[::1", "without ']'"),
-    ("1:2:3", "goes in brackets"),
-])
+@pytest.mark.parametrize(
+    "given, complaint",
+    [
+        ("", "empty"),
+        ("host:", "port '' is not a number"),
+        ("host:http", "port 'http' is not a number"),
+        ("host:0", "port '0' is not a number from 1 to 65535"),
+        ("host:65536", "port '65536'"),
+        (":50051", "no host"),
+        ("http://host:50051", "not a URL"),
+        ("[::1", "without ']'"),
+        ("1:2:3", "goes in brackets"),
+    ],
+)
 def test_a_malformed_address_is_refused_before_anything_is_sent(given, complaint):
     with pytest.raises(ValueError, match=re.escape(complaint)):
         Client(given)
@@ -98,14 +105,27 @@ def test_no_port_reaches_a_server_on_50051():
 
 def test_the_reasons_read_from_grpcs_texts():
     # gRPC's texts as grpc 1.85 writes them (the tests below get the same from real sockets).
-    assert connect_failure("failed to connect to all addresses; last error: UNKNOWN: ipv6:%5B::1%5D:50052: "
-                           "Failed to connect to remote host: Connection refused") == "connection refused"
-    assert connect_failure("errors resolving x.invalid:50051: [field:hostname lookup error:address lookup "
-                           "failed for x.invalid:50051: Domain name not found]") == "host name not found"
-    assert connect_failure("failed to connect to all addresses; last error: UNKNOWN: ipv4:1.2.3.4:5: "
-                           "Something new: errno 99") == "Something new: errno 99"  # unknown: gRPC's own words
+    assert (
+        connect_failure(
+            "failed to connect to all addresses; last error: UNKNOWN: ipv6:%5B::1%5D:50052: "
+            "Failed to connect to remote host: Connection refused"
+        )
+        == "connection refused"
+    )
+    assert (
+        connect_failure(
+            "errors resolving x.invalid:50051: [field:hostname lookup error:address lookup "
+            "failed for x.invalid:50051: Domain name not found]"
+        )
+        == "host name not found"
+    )
+    assert (
+        connect_failure(
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:1.2.3.4:5: Something new: errno 99"
+        )
+        == "Something new: errno 99"
+    )  # unknown: gRPC's own words
     assert connect_failure("shutting down") is None  # a server's own UNAVAILABLE: retried as ever
-
 
 
 def test_a_failure_with_a_window_is_retried_until_the_window_closes():
@@ -164,9 +184,29 @@ def test_tls_mismatches_fail_fast_naming_the_handshake(tls_files, tmp_path):
         with Client(plain.address, ca_file=cert, connect_timeout=0.5) as c:  # TLS to a plaintext server
             _fails_fast(c, "TLS handshake failed: the server does not speak TLS")
         other = tmp_path / "other.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", str(tmp_path / "other.key"), "-out", str(other), "-days", "1",
-                        "-subj", "/CN=other"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                str(tmp_path / "other.key"),
+                "-out",
+                str(other),
+                "-days",
+                "1",
+                "-subj",
+                "/CN=other",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         with Client(tls.address, ca_file=other, connect_timeout=0.5) as c:  # a certificate the client does not trust
             _fails_fast(c, "TLS handshake failed: certificate verify failed: .+")
 
@@ -212,8 +252,10 @@ def _cli(argv, capsys) -> tuple[int, str, float]:
 def test_cli_status_and_grad_fail_fast_on_a_wrong_port(tmp_path, capsys):
     address = _refused_address()
     model_path, feeds_path = _files(tmp_path, 43)
-    for argv in (["status", "--server", address],
-                 ["grad", model_path, "--feeds", feeds_path, "--out", str(tmp_path / "g.npz"), "--server", address]):
+    for argv in (
+        ["status", "--server", address],
+        ["grad", model_path, "--feeds", feeds_path, "--out", str(tmp_path / "g.npz"), "--server", address],
+    ):
         code, err, elapsed = _cli(argv, capsys)
         assert code == 1 and elapsed < FAST, (argv[0], code, elapsed)
         assert err == f"gradserve: error: Unavailable: no gradserve server at {address} (connection refused)\n"
@@ -223,8 +265,12 @@ def test_cli_status_and_grad_fail_fast_on_a_wrong_port(tmp_path, capsys):
 def test_cli_in_a_fresh_process_fails_fast_in_one_line():
     address = _refused_address()
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "gradserve.client.cli", "status", "--server", address],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradserve.client.cli", "status", "--server", address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == f"gradserve: error: Unavailable: no gradserve server at {address} (connection refused)\n"
@@ -243,12 +289,24 @@ def test_cli_grad_timeout_fails_and_the_server_cancels_the_job(tmp_path, capsys)
     model_path, feeds_path = _files(tmp_path, 44)
     engine = GatedEngine()  # the job never finishes on its own
     with serving(lambda: engine) as srv:
-        argv = ["grad", model_path, "--feeds", feeds_path, "--out", str(tmp_path / "g.npz"), "-q",
-                "--server", srv.address, "--timeout", "1"]
+        argv = [
+            "grad",
+            model_path,
+            "--feeds",
+            feeds_path,
+            "--out",
+            str(tmp_path / "g.npz"),
+            "-q",
+            "--server",
+            srv.address,
+            "--timeout",
+            "1",
+        ]
         code, err, elapsed = _cli(argv, capsys)
         assert code == 1 and elapsed < FAST
-        assert err == ("gradserve: error: DeadlineExceeded: the job did not finish within --timeout 1 s; "
-                       "the server cancels it\n")
+        assert err == (
+            "gradserve: error: DeadlineExceeded: the job did not finish within --timeout 1 s; the server cancels it\n"
+        )
         deadline = time.monotonic() + 10
         while srv.registry.jobs() and time.monotonic() < deadline:  # wait for the cancellation to land
             time.sleep(0.02)
@@ -259,10 +317,10 @@ def test_cli_grad_timeout_fails_and_the_server_cancels_the_job(tmp_path, capsys)
 
 def test_cli_grad_timeout_needs_a_server(tmp_path, capsys):
     model_path, feeds_path = _files(tmp_path, 45)
-    code, err, _ = _cli(["grad", model_path, "--feeds", feeds_path, "--out", str(tmp_path / "g.npz"),
-                         "--timeout", "5"], capsys)
+    code, err, _ = _cli(
+        ["grad", model_path, "--feeds", feeds_path, "--out", str(tmp_path / "g.npz"), "--timeout", "5"], capsys
+    )
     assert code == 2 and err == "gradserve: error: --timeout goes with --server\n"
     with pytest.raises(SystemExit):
         cli_main(["grad", model_path, "--feeds", feeds_path, "--out", "x", "--server", "h", "--timeout", "0"])
     assert "expected a number of seconds > 0" in capsys.readouterr().err
-

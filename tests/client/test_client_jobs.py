@@ -23,8 +23,9 @@ from serving import REFERENCE, GatedEngine, batch, mlp, same, serving
 
 
 def _cli_process(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gradserve.client.cli", *argv], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gradserve.client.cli", *argv], capture_output=True, text=True, timeout=120
+    )
 
 
 def _npz_equals(path, reference) -> None:
@@ -70,8 +71,10 @@ def test_the_cli_fetches_a_job_by_id_in_another_process(tmp_path):
         lines = [json.loads(line) for line in status.stdout.splitlines()]
         assert lines[-1]["state"] == "done" and lines[-1]["job_id"] == ids[1]
         assert lines[-1]["model_id"] == model.fingerprint()
-        assert _cli_process("job", ids[1], "--server", srv.address, "--out", str(tmp_path / "g1.npz"),
-                            "--json").stdout == ""  # --json: the result is written quietly
+        assert (
+            _cli_process("job", ids[1], "--server", srv.address, "--out", str(tmp_path / "g1.npz"), "--json").stdout
+            == ""
+        )  # --json: the result is written quietly
         _npz_equals(tmp_path / "g1.npz", references[1])
 
 
@@ -91,8 +94,12 @@ def test_watch_a_job_by_id_as_it_runs():
     with serving(lambda: engine) as srv:
         (job_id,) = _submit_and_close(srv.address, mlp(65), batch(65))
         assert engine.started.wait(30)
-        watcher = subprocess.Popen([sys.executable, "-m", "gradserve.client.cli", "job", job_id, "--server",
-                                    srv.address, "--watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "gradserve.client.cli", "job", job_id, "--server", srv.address, "--watch"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             first = watcher.stdout.readline()  # the job's state when the watch began: held at the gate
             assert first.startswith(f"job {job_id}: running, "), first
@@ -127,8 +134,10 @@ def test_job_timeout_gives_up_waiting_and_the_job_keeps_running(tmp_path, capsys
     with serving(lambda: engine) as srv:
         (job_id,) = _submit_and_close(srv.address, model, feeds)
         assert cli_main(["job", job_id, "--server", srv.address, "--out", out, "--timeout", "0.5"]) == 1
-        assert capsys.readouterr().err == (f"gradserve: error: DeadlineExceeded: job {job_id} did not finish "
-                                           "within --timeout 0.5 s; it keeps running\n")
+        assert capsys.readouterr().err == (
+            f"gradserve: error: DeadlineExceeded: job {job_id} did not finish "
+            "within --timeout 0.5 s; it keeps running\n"
+        )
         with Client(srv.address, timeout=30) as c:
             assert c.job(job_id).status().state == "running"
         engine.gate.set()
@@ -154,8 +163,11 @@ def test_a_failed_job_says_why_and_fetching_it_fails_like_grad(tmp_path, capsys)
         with Client(srv.address, timeout=30) as c:
             assert [s.state for s in c.job(job_id).watch(timeout=30)][-1] == "failed"
         assert cli_main(["job", job_id, "--server", srv.address]) == 0  # the status was shown
-        assert re.fullmatch(rf"job {job_id}: failed, 0/2 steps, queued [0-9.]+ s(, running [0-9.]+ s)?: "
-                            r"INVALID_ARGUMENT node 'boom': this job fails on purpose\n", capsys.readouterr().out)
+        assert re.fullmatch(
+            rf"job {job_id}: failed, 0/2 steps, queued [0-9.]+ s(, running [0-9.]+ s)?: "
+            r"INVALID_ARGUMENT node 'boom': this job fails on purpose\n",
+            capsys.readouterr().out,
+        )
         assert cli_main(["job", job_id, "--server", srv.address, "--out", str(tmp_path / "g.npz")]) == 2
         assert capsys.readouterr().err == "gradserve: error: node 'boom': this job fails on purpose\n"
         assert not (tmp_path / "g.npz").exists()

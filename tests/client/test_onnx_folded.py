@@ -46,11 +46,21 @@ def exports(tmp_path_factory):
     dynamic = ({0: torch.export.Dim("batch")},)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (ids,), str(paths["default"]), input_names=["ids"], dynamo=True, dynamic_shapes=dynamic)
-        torch.onnx.export(module, (ids,), str(paths["unoptimized"]), input_names=["ids"], dynamo=True,
-                          dynamic_shapes=dynamic, optimize=False)
-        torch.onnx.export(module, (ids,), str(paths["legacy"]), input_names=["ids"], dynamo=False,
-                          dynamic_axes={"ids": {0: "batch"}})
+        torch.onnx.export(
+            module, (ids,), str(paths["default"]), input_names=["ids"], dynamo=True, dynamic_shapes=dynamic
+        )
+        torch.onnx.export(
+            module,
+            (ids,),
+            str(paths["unoptimized"]),
+            input_names=["ids"],
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            optimize=False,
+        )
+        torch.onnx.export(
+            module, (ids,), str(paths["legacy"]), input_names=["ids"], dynamo=False, dynamic_axes={"ids": {0: "batch"}}
+        )
     return module, ids, paths
 
 
@@ -109,8 +119,22 @@ def test_cli_prints_the_warning(exports, tmp_path):
     _, ids, paths = exports
     feeds = tmp_path / "feeds.npz"
     np.savez(feeds, ids=ids.numpy())
-    proc = subprocess.run([sys.executable, "-m", "gradserve.client.cli", "grad", str(paths["default"]), "--feeds",
-                           str(feeds), "--out", str(tmp_path / "g.npz")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradserve.client.cli",
+            "grad",
+            str(paths["default"]),
+            "--feeds",
+            str(feeds),
+            "--out",
+            str(tmp_path / "g.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if FOLDED in ln]
     assert len(lines) == 1 and "WARNING gradserve.onnx" in lines[0] and "optimize=False" in lines[0]

@@ -224,8 +224,9 @@ def test_symbolic_batch_keeps_shape_and_runs_two_batch_sizes():
     proto, W = _reshape_via_shape("batch")
     model = load_onnx(proto)
     # Only the batch entry is computed per job; h.shape[1] == 4 folds even though h.shape does not.
-    assert _ops(model) == Counter({"MatMul": 1, "Shape": 1, "Gather": 1, "Unsqueeze": 1, "Concat": 1,
-                                   "Reshape": 1, "Mul": 1, "ReduceMean": 1})
+    assert _ops(model) == Counter(
+        {"MatMul": 1, "Shape": 1, "Gather": 1, "Unsqueeze": 1, "Concat": 1, "Reshape": 1, "Mul": 1, "ReduceMean": 1}
+    )
     assert model.inputs[0].shape == ("batch", 6)
     for batch in (2, 5):
         x = rng.standard_normal((batch, 6)).astype(np.float64).astype(np.float32)
@@ -394,8 +395,14 @@ def test_models_run_at_their_own_opset(opset):
     proto = _onnx(
         [
             helper.make_node("Relu", ["x"], ["r"], name="relu"),
-            helper.make_node("ReduceMean", ["r", "axes"] if axes_input else ["r"], ["loss"], name="mean",
-                             keepdims=0, **({} if axes_input else {"axes": [0, 1]})),
+            helper.make_node(
+                "ReduceMean",
+                ["r", "axes"] if axes_input else ["r"],
+                ["loss"],
+                name="mean",
+                keepdims=0,
+                **({} if axes_input else {"axes": [0, 1]}),
+            ),
         ],
         [("x", TensorProto.FLOAT, [2, 3])],
         [("loss", TensorProto.FLOAT, [])],
@@ -411,8 +418,13 @@ def test_models_run_at_their_own_opset(opset):
 def test_older_opsets_are_converted_and_unknown_newer_ones_refused():
     """Opset 11 (Softmax over coerced 2-D) is brought to 17 by ONNX's converter; an opset from the
     future that the converter cannot bring down is refused with the range gradserve runs."""
-    proto = _onnx([helper.make_node("ReduceSum", ["x"], ["loss"], name="sum", keepdims=0)],
-                  [("x", TensorProto.FLOAT, [2, 3])], [("loss", TensorProto.FLOAT, [])], {}, opset=11)
+    proto = _onnx(
+        [helper.make_node("ReduceSum", ["x"], ["loss"], name="sum", keepdims=0)],
+        [("x", TensorProto.FLOAT, [2, 3])],
+        [("loss", TensorProto.FLOAT, [])],
+        {},
+        opset=11,
+    )
     assert load_onnx(proto).opset == 17
     proto.opset_import[0].version = 99
     with pytest.raises(GraphError, match="opset 99; gradserve runs opsets 13 to 21"):
@@ -422,24 +434,40 @@ def test_older_opsets_are_converted_and_unknown_newer_ones_refused():
 def _if_model(cond_from_shape: bool) -> onnx.ModelProto:
     """loss = sum(If(cond, then: x * 2, else: x - 1)); the condition is rank(x) == 2 (known at
     import) or x[0, 0] > 0 (known only per job)."""
-    then_g = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["t"], name="double")], "then", [],
-                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
-                               [numpy_helper.from_array(np.array(2, np.float32), "two")])
-    else_g = helper.make_graph([helper.make_node("Sub", ["x", "one"], ["e"], name="minus")], "else", [],
-                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    then_g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["t"], name="double")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(2, np.float32), "two")],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Sub", ["x", "one"], ["e"], name="minus")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+    )
     if cond_from_shape:
-        cond_nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
-                      helper.make_node("Size", ["shape"], ["rank"], name="rank"),
-                      helper.make_node("Equal", ["rank", "two_i"], ["cond"], name="is2d")]
+        cond_nodes = [
+            helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+            helper.make_node("Size", ["shape"], ["rank"], name="rank"),
+            helper.make_node("Equal", ["rank", "two_i"], ["cond"], name="is2d"),
+        ]
     else:
-        cond_nodes = [helper.make_node("ReduceMax", ["x"], ["m"], name="max", keepdims=0),
-                      helper.make_node("Greater", ["m", "zero"], ["cond"], name="positive")]
+        cond_nodes = [
+            helper.make_node("ReduceMax", ["x"], ["m"], name="max", keepdims=0),
+            helper.make_node("Greater", ["m", "zero"], ["cond"], name="positive"),
+        ]
     nodes = cond_nodes + [
         helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g),
         helper.make_node("ReduceSum", ["y"], ["loss"], name="sum", keepdims=0),
     ]
-    return _onnx(nodes, [("x", TensorProto.FLOAT, ["batch", 3])], [("loss", TensorProto.FLOAT, [])],
-                 {"one": np.array(1, np.float32), "two_i": np.array(2, np.int64), "zero": np.array(0, np.float32)})
+    return _onnx(
+        nodes,
+        [("x", TensorProto.FLOAT, ["batch", 3])],
+        [("loss", TensorProto.FLOAT, [])],
+        {"one": np.array(1, np.float32), "two_i": np.array(2, np.int64), "zero": np.array(0, np.float32)},
+    )
 
 
 def test_if_on_a_condition_known_at_import_is_inlined():

@@ -33,8 +33,13 @@ def loss_model(nodes: list[onnx.NodeProto], p: np.ndarray, r: np.ndarray, feeds=
     of the sequence ops at the random direction ``r``."""
     nodes = [*nodes, const("r", r), node("Mul", ["y", "r"], ["yr"]), node("ReduceSum", ["yr"], ["loss"], keepdims=0)]
     inputs = [helper.make_tensor_value_info(n, t, s) for n, t, s in feeds]
-    graph = helper.make_graph(nodes, "seq", inputs, [helper.make_tensor_value_info("loss", TensorProto.DOUBLE, [])],
-                              [numpy_helper.from_array(p, "p")])
+    graph = helper.make_graph(
+        nodes,
+        "seq",
+        inputs,
+        [helper.make_tensor_value_info("loss", TensorProto.DOUBLE, [])],
+        [numpy_helper.from_array(p, "p")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -49,35 +54,68 @@ def torch_grad(fn, p: np.ndarray, r: np.ndarray) -> tuple[float, np.ndarray]:
 CASES = {
     # no split: pieces of size 1; keepdims=0 squeezes them; a negative position
     "split_each_squeezed_at": (
-        [node("SplitToSequence", ["p"], ["s"], axis=1, keepdims=0), const("k", np.int64(-1)),
-         node("SequenceAt", ["s", "k"], ["y"])],
-        lambda p: p[:, -1], (3, 4)),
+        [
+            node("SplitToSequence", ["p"], ["s"], axis=1, keepdims=0),
+            const("k", np.int64(-1)),
+            node("SequenceAt", ["s", "k"], ["y"]),
+        ],
+        lambda p: p[:, -1],
+        (3, 4),
+    ),
     # a scalar split: chunks of 3, the last one smaller; insert at a position; concatenate
     "split_ragged_insert_concat": (
-        [const("three", np.int64(3)), node("SplitToSequence", ["p", "three"], ["s"], axis=1),
-         const("one", np.int64(1)), node("SequenceAt", ["s", "one"], ["last"]),
-         const("zero", np.int64(0)), node("SequenceInsert", ["s", "last", "zero"], ["s2"]),
-         node("ConcatFromSequence", ["s2"], ["y"], axis=1)],
-        lambda p: torch.cat([p[:, 3:], p[:, :3], p[:, 3:]], 1), (2, 4)),
+        [
+            const("three", np.int64(3)),
+            node("SplitToSequence", ["p", "three"], ["s"], axis=1),
+            const("one", np.int64(1)),
+            node("SequenceAt", ["s", "one"], ["last"]),
+            const("zero", np.int64(0)),
+            node("SequenceInsert", ["s", "last", "zero"], ["s2"]),
+            node("ConcatFromSequence", ["s2"], ["y"], axis=1),
+        ],
+        lambda p: torch.cat([p[:, 3:], p[:, :3], p[:, 3:]], 1),
+        (2, 4),
+    ),
     # split sizes; stacked along a new axis
     "split_sizes_stack": (
-        [const("sizes", np.array([2, 2], np.int64)), node("SplitToSequence", ["p", "sizes"], ["s"], axis=0),
-         node("ConcatFromSequence", ["s"], ["y"], axis=-1, new_axis=1)],
-        lambda p: torch.stack(torch.split(p, [2, 2], 0), -1), (4, 3)),
+        [
+            const("sizes", np.array([2, 2], np.int64)),
+            node("SplitToSequence", ["p", "sizes"], ["s"], axis=0),
+            node("ConcatFromSequence", ["s"], ["y"], axis=-1, new_axis=1),
+        ],
+        lambda p: torch.stack(torch.split(p, [2, 2], 0), -1),
+        (4, 3),
+    ),
     # a list of tensors, one erased; its length used in arithmetic
     "construct_erase_length": (
-        [node("Mul", ["p", "p"], ["pp"]), node("Tanh", ["p"], ["tp"]),
-         node("SequenceConstruct", ["p", "pp", "tp"], ["s"]), const("zero", np.int64(0)),
-         node("SequenceErase", ["s", "zero"], ["s2"]), node("SequenceErase", ["s2"], ["s3"]),
-         node("SequenceLength", ["s"], ["n"]), node("Cast", ["n"], ["nf"], to=TensorProto.DOUBLE),
-         node("ConcatFromSequence", ["s3"], ["c"], axis=0), node("Mul", ["c", "nf"], ["y"])],
-        lambda p: 3 * p * p, (2, 3)),
+        [
+            node("Mul", ["p", "p"], ["pp"]),
+            node("Tanh", ["p"], ["tp"]),
+            node("SequenceConstruct", ["p", "pp", "tp"], ["s"]),
+            const("zero", np.int64(0)),
+            node("SequenceErase", ["s", "zero"], ["s2"]),
+            node("SequenceErase", ["s2"], ["s3"]),
+            node("SequenceLength", ["s"], ["n"]),
+            node("Cast", ["n"], ["nf"], to=TensorProto.DOUBLE),
+            node("ConcatFromSequence", ["s3"], ["c"], axis=0),
+            node("Mul", ["c", "nf"], ["y"]),
+        ],
+        lambda p: 3 * p * p,
+        (2, 3),
+    ),
     # built from an empty sequence by appending and inserting
     "empty_append_insert": (
-        [node("SequenceEmpty", [], ["e"], dtype=TensorProto.DOUBLE), node("SequenceInsert", ["e", "p"], ["s1"]),
-         node("Tanh", ["p"], ["tp"]), const("first", np.int64(-1)), node("SequenceInsert", ["s1", "tp", "first"], ["s2"]),
-         node("ConcatFromSequence", ["s2"], ["y"], axis=0, new_axis=1)],
-        lambda p: torch.stack([torch.tanh(p), p], 0), (3, 2)),
+        [
+            node("SequenceEmpty", [], ["e"], dtype=TensorProto.DOUBLE),
+            node("SequenceInsert", ["e", "p"], ["s1"]),
+            node("Tanh", ["p"], ["tp"]),
+            const("first", np.int64(-1)),
+            node("SequenceInsert", ["s1", "tp", "first"], ["s2"]),
+            node("ConcatFromSequence", ["s2"], ["y"], axis=0, new_axis=1),
+        ],
+        lambda p: torch.stack([torch.tanh(p), p], 0),
+        (3, 2),
+    ),
 }
 
 
@@ -95,26 +133,38 @@ def test_sequence_op_gradients_equal_torch(case):
 
 def test_split_of_a_batched_feed_splits_into_micro_batches():
     """Split along a static axis of a batched value: each micro-batch splits its own rows."""
-    nodes = [node("MatMul", ["x", "p"], ["h"]), node("SplitToSequence", ["h"], ["s"], axis=1, keepdims=0),
-             const("k", np.int64(1)), node("SequenceAt", ["s", "k"], ["a"]), const("j", np.int64(2)),
-             node("SequenceAt", ["s", "j"], ["b"]), node("Mul", ["a", "b"], ["y0"]),
-             node("ReduceMean", ["y0"], ["y"], keepdims=0)]
+    nodes = [
+        node("MatMul", ["x", "p"], ["h"]),
+        node("SplitToSequence", ["h"], ["s"], axis=1, keepdims=0),
+        const("k", np.int64(1)),
+        node("SequenceAt", ["s", "k"], ["a"]),
+        const("j", np.int64(2)),
+        node("SequenceAt", ["s", "j"], ["b"]),
+        node("Mul", ["a", "b"], ["y0"]),
+        node("ReduceMean", ["y0"], ["y"], keepdims=0),
+    ]
     p, r = RNG.standard_normal((4, 3)), np.float64(1.5)
     model = gradserve.load_onnx(loss_model(nodes, p, r, [("x", TensorProto.DOUBLE, ["batch", 4])]))
     assert_split_exact(model, {"x": RNG.standard_normal((6, 4))})
 
 
 def test_split_of_unknown_length_is_refused_naming_the_node():
-    nodes = [node("SplitToSequence", ["x"], ["s"], axis=0, name="rows"), const("k", np.int64(0)),
-             node("SequenceAt", ["s", "k"], ["a"]), node("Mul", ["a", "p"], ["y"])]
+    nodes = [
+        node("SplitToSequence", ["x"], ["s"], axis=0, name="rows"),
+        const("k", np.int64(0)),
+        node("SequenceAt", ["s", "k"], ["a"]),
+        node("Mul", ["a", "p"], ["y"]),
+    ]
     proto = loss_model(nodes, RNG.standard_normal(3), RNG.standard_normal(3), [("x", TensorProto.DOUBLE, ["batch", 3])])
     with pytest.raises(GraphError, match=r"'rows' \(SplitToSequence\).*unknown length"):
         gradserve.load_onnx(proto)
 
 
 def test_position_known_only_at_run_time_is_refused_naming_the_node():
-    nodes = [node("SplitToSequence", ["p"], ["s"], axis=0, keepdims=0),
-             node("SequenceAt", ["s", "i"], ["y"], name="pick")]
+    nodes = [
+        node("SplitToSequence", ["p"], ["s"], axis=0, keepdims=0),
+        node("SequenceAt", ["s", "i"], ["y"], name="pick"),
+    ]
     proto = loss_model(nodes, RNG.standard_normal((3, 2)), RNG.standard_normal(2), [("i", TensorProto.INT64, [])])
     with pytest.raises(GraphError, match=r"'pick' \(SequenceAt\).*only known when the model runs"):
         gradserve.load_onnx(proto)
@@ -159,8 +209,18 @@ class _GPT2Loss(torch.nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
-        config = GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=17, n_positions=16, attn_implementation="eager", activation_function="gelu",
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = GPT2Config(
+            n_layer=2,
+            n_head=2,
+            n_embd=8,
+            vocab_size=17,
+            n_positions=16,
+            attn_implementation="eager",
+            activation_function="gelu",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         self.lm = GPT2LMHeadModel(config).double().eval()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -91,8 +91,14 @@ def test_retries_until_success_with_growing_delays():
     policy = RetryPolicy(initial_backoff=0.1, multiplier=2.0, max_backoff=5.0)
     attempt = failing(Failure(Code.UNAVAILABLE), clock, succeed_after=6)
     retried = []
-    result = policy.call(attempt, 60.0, on_retry=lambda e, n, d: retried.append((n, d)),
-                         clock=clock, sleep=clock.sleep, rng=random.Random(1))
+    result = policy.call(
+        attempt,
+        60.0,
+        on_retry=lambda e, n, d: retried.append((n, d)),
+        clock=clock,
+        sleep=clock.sleep,
+        rng=random.Random(1),
+    )
     assert result == "ok" and len(attempt.lefts) == 6 and [n for n, _ in retried] == [1, 2, 3, 4, 5]
     assert [d for _, d in retried] == clock.sleeps
     assert all(d <= policy.backoff_cap(i) for i, d in enumerate(clock.sleeps))
@@ -140,15 +146,23 @@ def test_max_attempts():
     assert len(attempt.lefts) == 3 and len(clock.sleeps) == 2
 
 
-@pytest.mark.parametrize("exc", [
-    Failure(Code.INVALID_ARGUMENT), Failure(Code.NOT_FOUND), Failure(Code.UNAUTHENTICATED),
-    Failure(Code.DEADLINE_EXCEEDED), Failure(Code.CANCELLED), Failure(Code.INTERNAL),
-    Failure(Code.INVALID_ARGUMENT, retry_after=0.1),   # a hint does not make a bad request retryable
-    Failure(Code.RESOURCE_EXHAUSTED),                  # no hint: a size limit, final
-    Failure(Code.RESOURCE_EXHAUSTED, retry_after=-1),  # negative pushback: the server says do not retry
-    Failure(Code.UNAVAILABLE, retry_after=-1),
-    ValueError("not a call failure"),
-], ids=lambda e: f"{e.code.name if hasattr(e, 'code') else type(e).__name__}-hint{getattr(e, 'retry_after', None)}")
+@pytest.mark.parametrize(
+    "exc",
+    [
+        Failure(Code.INVALID_ARGUMENT),
+        Failure(Code.NOT_FOUND),
+        Failure(Code.UNAUTHENTICATED),
+        Failure(Code.DEADLINE_EXCEEDED),
+        Failure(Code.CANCELLED),
+        Failure(Code.INTERNAL),
+        Failure(Code.INVALID_ARGUMENT, retry_after=0.1),  # a hint does not make a bad request retryable
+        Failure(Code.RESOURCE_EXHAUSTED),  # no hint: a size limit, final
+        Failure(Code.RESOURCE_EXHAUSTED, retry_after=-1),  # negative pushback: the server says do not retry
+        Failure(Code.UNAVAILABLE, retry_after=-1),
+        ValueError("not a call failure"),
+    ],
+    ids=lambda e: f"{e.code.name if hasattr(e, 'code') else type(e).__name__}-hint{getattr(e, 'retry_after', None)}",
+)
 def test_non_retryable_failures_raise_at_once(exc):
     clock = FakeClock()
     attempt = failing(exc, clock)
@@ -193,13 +207,16 @@ class RecordingContext:
         raise grpc.RpcError(details)
 
 
-@pytest.mark.parametrize("exc, code, ms", [
-    (QueueFull("queue full", retry_after=2.0), Code.RESOURCE_EXHAUSTED, "2000"),
-    (QueueFull("queue full"), Code.RESOURCE_EXHAUSTED, "500"),
-    (ServerUnavailable("shutting down"), Code.UNAVAILABLE, "1000"),
-    (LimitExceeded("feed 'x' of shape (9,): 9 elements; the limit is 5"), Code.RESOURCE_EXHAUSTED, None),
-    (MemoryError(), Code.RESOURCE_EXHAUSTED, None),
-])
+@pytest.mark.parametrize(
+    "exc, code, ms",
+    [
+        (QueueFull("queue full", retry_after=2.0), Code.RESOURCE_EXHAUSTED, "2000"),
+        (QueueFull("queue full"), Code.RESOURCE_EXHAUSTED, "500"),
+        (ServerUnavailable("shutting down"), Code.UNAVAILABLE, "1000"),
+        (LimitExceeded("feed 'x' of shape (9,): 9 elements; the limit is 5"), Code.RESOURCE_EXHAUSTED, None),
+        (MemoryError(), Code.RESOURCE_EXHAUSTED, None),
+    ],
+)
 def test_abort_sets_the_retry_hint_for_passing_failures_only(exc, code, ms):
     _check_abort(exc, code, ms)
 
@@ -236,8 +253,11 @@ def _check_abort(exc, code, ms):
 
 def test_a_full_queue_answers_resource_exhausted_with_a_hint_and_retries_ride_it_out():
     engine = SlowEngine(gated=True)
-    with serving(lambda: engine, limits=Limits(max_concurrent_jobs=1, max_queued_jobs=1)) as srv, \
-            Client(srv.address, timeout=30) as c, Client(srv.address, timeout=30, retry=None) as impatient:
+    with (
+        serving(lambda: engine, limits=Limits(max_concurrent_jobs=1, max_queued_jobs=1)) as srv,
+        Client(srv.address, timeout=30) as c,
+        Client(srv.address, timeout=30, retry=None) as impatient,
+    ):
         model, feeds = mlp(1), batch(1)
         jobs = [c.submit(model, feeds)]
         assert engine.started.wait(5)
@@ -282,6 +302,7 @@ def test_a_client_rides_out_a_server_that_is_not_up_yet():
     model, feeds = mlp(4), batch(4)
     results, errors = [], []
     with Client(f"127.0.0.1:{port}", timeout=30) as c:
+
         def call():
             try:
                 results.append(c.gradients(model, feeds))
@@ -416,6 +437,7 @@ def test_synchronous_jobs_ride_out_a_small_queue(caplog):
     engine = SlowEngine(seconds=0.01)
     errors = []
     with serving(lambda: engine, limits=Limits(max_concurrent_jobs=1, max_queued_jobs=2)) as srv:
+
         def work(i):
             with Client(srv.address, timeout=120) as c:
                 c._compute = i % 2 == 0

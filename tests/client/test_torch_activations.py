@@ -76,8 +76,9 @@ def exported(tmp_path_factory):
         if (name, exporter) not in made:
             torch.manual_seed(0)
             module = distinct_params_(ActivationMLP(ACTIVATIONS[name](), torch.float64))
-            path = export(module, mlp_args(torch.float64), folder / f"{name}-{exporter}.onnx", ["x", "target"],
-                          exporter)
+            path = export(
+                module, mlp_args(torch.float64), folder / f"{name}-{exporter}.onnx", ["x", "target"], exporter
+            )
             made[name, exporter] = module, path
         return made[name, exporter]
 
@@ -138,8 +139,15 @@ def test_mobilenet_v3_block(exporter, dtype, tmp_path):
     # optimize=False: the dynamo exporter's optimizer would fold the eval-mode BatchNorm into the expand
     # conv's weight, which then copies no torch parameter (the oracle maps gradients back by value).
     # rtol: torch's float64 Hardsigmoid backward uses the slope float(1.0f / 6.0f), 3e-8 off 1/6.
-    check_module(module, (x, labels), ["x", "labels"], tmp_path, exporter=exporter, optimize=False,
-                 rtol=1e-7 if dtype == torch.float64 else None)
+    check_module(
+        module,
+        (x, labels),
+        ["x", "labels"],
+        tmp_path,
+        exporter=exporter,
+        optimize=False,
+        rtol=1e-7 if dtype == torch.float64 else None,
+    )
 
 
 def _op_types(path) -> set[str]:
@@ -152,8 +160,14 @@ def test_emitted_ops(exporter, exported):
     in the exports test_activation_mlp checked."""
     found = {name: _op_types(exported(name, exporter)[1]) for name in ACTIVATIONS}
     assert {"Sin", "Cos", "Atan"} <= found["elu"]
-    for name, op in [("hardswish", "HardSwish"), ("hardsigmoid", "HardSigmoid"), ("elu", "Elu"), ("selu", "Selu"),
-                     ("celu", "Celu"), ("prelu", "PRelu")]:
+    for name, op in [
+        ("hardswish", "HardSwish"),
+        ("hardsigmoid", "HardSigmoid"),
+        ("elu", "Elu"),
+        ("selu", "Selu"),
+        ("celu", "Celu"),
+        ("prelu", "PRelu"),
+    ]:
         assert op in found[name], (name, sorted(found[name]))
     dynamo = exporter == "dynamo"
     assert ("Mish" in found["mish"]) == dynamo, sorted(found["mish"])

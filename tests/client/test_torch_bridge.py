@@ -252,8 +252,18 @@ def gpt2() -> nn.Module:
     """A 2-layer transformers GPT-2 taking its labels from its inputs. Tests that train it put its
     weights back afterwards (:func:`restored`)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=50,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(6)
     return _LabelsAreInputs(transformers.GPT2LMHeadModel(config).double())
 
@@ -349,8 +359,9 @@ def test_training_through_a_server_with_partitions_and_micro_batches(ray_engine,
     from serving import serving
 
     with serving(lambda: Borrowed(ray_engine)) as srv, gradserve.Client(srv.address, timeout=120) as client:
-        assert_backward_matches(mlp_module, batch(8, seed=9), F.cross_entropy, client=client,
-                                partitions=2, micro_batches=2)
+        assert_backward_matches(
+            mlp_module, batch(8, seed=9), F.cross_entropy, client=client, partitions=2, micro_batches=2
+        )
 
 
 @pytest.mark.slow
@@ -359,9 +370,17 @@ def test_an_encoder_trains_through_a_server_with_partitions_and_micro_batches(ra
     transformers = pytest.importorskip("transformers")
     from serving import serving
 
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=37, max_position_embeddings=16, num_labels=3,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(8)
     ours = transformers.BertForSequenceClassification(config).double()
     theirs = copy.deepcopy(ours)
@@ -412,8 +431,10 @@ def test_a_gpt2_and_a_cnn_train_through_a_server_as_in_torch(ray_engine, gpt2):
     texts = [(torch.randint(0, 50, (4, 8), generator=gen),) for _ in range(3)]
     torch.manual_seed(2)
     cnn = SmallCNN().double()
-    images = [(torch.randn(6, 2, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
-              for _ in range(3)]
+    images = [
+        (torch.randn(6, 2, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
+        for _ in range(3)
+    ]
     with serving(lambda: Borrowed(ray_engine)) as srv, gradserve.Client(srv.address, timeout=300) as client:
         # SGD: Adam divides by each gradient's own size, which turns the rounding of a gradient that
         # is zero up to rounding (GPT-2's float32 loss; the conv bias before a train-mode BatchNorm)
@@ -421,5 +442,6 @@ def test_a_gpt2_and_a_cnn_train_through_a_server_as_in_torch(ray_engine, gpt2):
         sgd = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01})
         with restored(gpt2):  # the module is shared with another test (its export is cached with it)
             _train_alike(gpt2, texts, None, client, 1e-5, sgd, partitions=2, micro_batches=2)
-        _train_alike(cnn, images, F.cross_entropy, client, 1e-9, sgd,
-                     partitions=2)  # train-mode BatchNorm: its batch statistics need the whole batch
+        _train_alike(
+            cnn, images, F.cross_entropy, client, 1e-9, sgd, partitions=2
+        )  # train-mode BatchNorm: its batch statistics need the whole batch

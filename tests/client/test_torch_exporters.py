@@ -37,8 +37,7 @@ TRAIN_MODE_EXPORTS = [("legacy", {}), ("dynamo", {"optimize": False, "batch_norm
 def test_cnn_train_mode_batch_norm(exporter, options, tmp_path):
     net = M.WithCrossEntropy(M.make_cnn()).double()
     x = torch.randn(4, 3, 12, 12, generator=_gen(), dtype=torch.float64)
-    check_module(net, (x, torch.randint(0, 5, (4,), generator=_gen(1))), ["x", "labels"], tmp_path, exporter,
-                 **options)
+    check_module(net, (x, torch.randint(0, 5, (4,), generator=_gen(1))), ["x", "labels"], tmp_path, exporter, **options)
 
 
 @pytest.mark.parametrize("exporter,options", TRAIN_MODE_EXPORTS, ids=[e for e, _ in TRAIN_MODE_EXPORTS])
@@ -46,8 +45,7 @@ def test_resnet_block_train_mode_batch_norm(exporter, options, tmp_path):
     torch.manual_seed(0)
     net = M.WithCrossEntropy(M.ResNetBlock()).double()
     x = torch.randn(3, 3, 8, 8, generator=_gen(), dtype=torch.float64)
-    check_module(net, (x, torch.randint(0, 5, (3,), generator=_gen(1))), ["x", "labels"], tmp_path, exporter,
-                 **options)
+    check_module(net, (x, torch.randint(0, 5, (3,), generator=_gen(1))), ["x", "labels"], tmp_path, exporter, **options)
 
 
 def test_eval_mode_resnet_block_default_dynamo_export(tmp_path):

@@ -43,8 +43,8 @@ class GatherCumsum(torch.nn.Module):
         self.proj = torch.nn.Linear(D, 2 * D)
 
     def forward(self, x, index):
-        h = torch.tanh(self.proj(x))                 # (batch, 2D)
-        picked = torch.gather(h, 1, index)           # (batch, D): duplicates in index add
+        h = torch.tanh(self.proj(x))  # (batch, 2D)
+        picked = torch.gather(h, 1, index)  # (batch, D): duplicates in index add
         running = torch.cumsum(picked, dim=1)
         # one mean: the legacy exporter casts a sum of two float64 means to float32
         return (torch.cat([running, torch.cumsum(h, dim=-1).flip(-1)], dim=1) ** 2).mean()

@@ -127,8 +127,12 @@ def _vec() -> torch.Tensor:
 
 # name -> (network, example input)
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
-    "multihead_attention": (lambda: Lambda(lambda s, x: s.m(x, x, x, need_weights=False)[0],
-                                           m=nn.MultiheadAttention(8, 2, batch_first=True)), _seq),
+    "multihead_attention": (
+        lambda: Lambda(
+            lambda s, x: s.m(x, x, x, need_weights=False)[0], m=nn.MultiheadAttention(8, 2, batch_first=True)
+        ),
+        _seq,
+    ),
     "vit": (ViT, lambda: _img(3)),
     "convnext_block": (ConvNeXtBlock, lambda: _img(8, 7)),
     "tcn": (TCN, lambda: torch.randn(3, 4, 9, dtype=D)),
@@ -136,21 +140,54 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]] = {
     "dense_block": (DenseBlock, _img),
     "shifted_windows": (ShiftedWindows, lambda: torch.randn(3, 4, 4, 4, dtype=D)),
     "pixel_shuffle": (lambda: nn.Sequential(nn.Conv2d(4, 8, 1), nn.PixelShuffle(2), nn.PixelUnshuffle(2)), _img),
-    "adaptive_pools": (lambda: nn.Sequential(nn.Conv2d(4, 4, 1), nn.AdaptiveMaxPool2d(3), nn.AdaptiveAvgPool2d(1)), _img),
-    "reflect_replicate_pad": (lambda: nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(4, 4, 3), nn.ReplicationPad2d(1)),
-                              _img),
-    "normalize_cosine": (lambda: Lambda(lambda s, x: F.normalize(s.a(x), dim=-1) * F.cosine_similarity(
-        s.a(x), s.b(x)).unsqueeze(1), a=nn.Linear(8, 4), b=nn.Linear(8, 4)), _vec),
-    "glu_shrinks_relu6_silu": (lambda: nn.Sequential(nn.Linear(8, 16), nn.GLU(), nn.Tanhshrink(), nn.Softshrink(0.1),
-                                                     nn.ReLU6(), nn.Linear(8, 8), nn.SiLU(), nn.LogSigmoid()), _vec),
-    "std_var_chunk": (lambda: Lambda(lambda s, x: torch.cat(list(reversed(s.l(x).chunk(3, -1))), -1)
-                                     / s.l(x).std(-1, keepdim=True) + s.l(x).var(-1, keepdim=True), l=nn.Linear(8, 9)),
-                      _vec),
+    "adaptive_pools": (
+        lambda: nn.Sequential(nn.Conv2d(4, 4, 1), nn.AdaptiveMaxPool2d(3), nn.AdaptiveAvgPool2d(1)),
+        _img,
+    ),
+    "reflect_replicate_pad": (
+        lambda: nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(4, 4, 3), nn.ReplicationPad2d(1)),
+        _img,
+    ),
+    "normalize_cosine": (
+        lambda: Lambda(
+            lambda s, x: F.normalize(s.a(x), dim=-1) * F.cosine_similarity(s.a(x), s.b(x)).unsqueeze(1),
+            a=nn.Linear(8, 4),
+            b=nn.Linear(8, 4),
+        ),
+        _vec,
+    ),
+    "glu_shrinks_relu6_silu": (
+        lambda: nn.Sequential(
+            nn.Linear(8, 16),
+            nn.GLU(),
+            nn.Tanhshrink(),
+            nn.Softshrink(0.1),
+            nn.ReLU6(),
+            nn.Linear(8, 8),
+            nn.SiLU(),
+            nn.LogSigmoid(),
+        ),
+        _vec,
+    ),
+    "std_var_chunk": (
+        lambda: Lambda(
+            lambda s, x: (
+                torch.cat(list(reversed(s.l(x).chunk(3, -1))), -1) / s.l(x).std(-1, keepdim=True)
+                + s.l(x).var(-1, keepdim=True)
+            ),
+            l=nn.Linear(8, 9),
+        ),
+        _vec,
+    ),
     "unfold": (lambda: Lambda(lambda s, x: F.unfold(s.c(x), 2), c=nn.Conv2d(4, 4, 1)), _img),
-    "sort_roll_flip": (lambda: Lambda(lambda s, x: torch.flip(torch.roll(torch.sort(s.l(x), 1)[0], 2, 1), [1]),
-                                      l=nn.Linear(8, 8)), _vec),
-    "masked_fill_clamp": (lambda: Lambda(lambda s, x: s.l(x).masked_fill(x > 0.5, 0.0).clamp(-0.5, 0.5),
-                                         l=nn.Linear(8, 8)), _vec),
+    "sort_roll_flip": (
+        lambda: Lambda(lambda s, x: torch.flip(torch.roll(torch.sort(s.l(x), 1)[0], 2, 1), [1]), l=nn.Linear(8, 8)),
+        _vec,
+    ),
+    "masked_fill_clamp": (
+        lambda: Lambda(lambda s, x: s.l(x).masked_fill(x > 0.5, 0.0).clamp(-0.5, 0.5), l=nn.Linear(8, 8)),
+        _vec,
+    ),
 }
 
 

@@ -115,7 +115,12 @@ def test_loss_inside_model(arch, dtype, tmp_path):
 
 @pytest.mark.parametrize(
     "arch,spec",
-    [("mlp", "mse"), ("mlp", "mse:pred:y"), ("cnn", "cross_entropy:logits:labels"), ("transformer", "cross_entropy:logits:labels")],
+    [
+        ("mlp", "mse"),
+        ("mlp", "mse:pred:y"),
+        ("cnn", "cross_entropy:logits:labels"),
+        ("transformer", "cross_entropy:logits:labels"),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_logits_model_with_loss_spec(arch, spec, dtype, tmp_path):

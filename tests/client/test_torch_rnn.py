@@ -73,8 +73,9 @@ def regressor_args(dtype=torch.float64):
 
 
 def recurrent_ops(result_path) -> collections.Counter:
-    return collections.Counter(n.op_type for n in onnx.load(str(result_path)).graph.node
-                               if n.op_type in ("LSTM", "GRU", "RNN"))
+    return collections.Counter(
+        n.op_type for n in onnx.load(str(result_path)).graph.node if n.op_type in ("LSTM", "GRU", "RNN")
+    )
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

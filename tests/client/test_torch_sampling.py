@@ -24,8 +24,9 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, size: tuple[int, int], manual_grid: bool = False):
         super().__init__()
-        self.loc = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                                 nn.Linear(16, 6))
+        self.loc = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 6)
+        )
         with torch.no_grad():  # near the identity transform, as an STN is usually initialised
             self.loc[-1].weight.mul_(0.1)
             self.loc[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
@@ -59,8 +60,9 @@ class LearnedGrid(nn.Module):
 
     def forward(self, x, target):
         grid = self.grid.to(x.dtype).expand(x.shape[0], -1, -1, -1)
-        y = F.grid_sample(self.a(x), grid, mode=self.mode, padding_mode=self.padding_mode,
-                          align_corners=self.align_corners)
+        y = F.grid_sample(
+            self.a(x), grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=self.align_corners
+        )
         return F.mse_loss(self.b(y), target)
 
 
@@ -83,8 +85,10 @@ class FoldBlock(nn.Module):
 
 def data(in_shape, out_shape, dtype, batch: int = 2):
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn((batch, *in_shape), generator=gen, dtype=dtype),
-            torch.randn((batch, *out_shape), generator=gen, dtype=dtype))
+    return (
+        torch.randn((batch, *in_shape), generator=gen, dtype=dtype),
+        torch.randn((batch, *out_shape), generator=gen, dtype=dtype),
+    )
 
 
 def run(module: nn.Module, in_shape, out_shape, tmp_path, exporter, dtype=torch.float64, rtol=None):
@@ -128,7 +132,9 @@ def test_learned_grid_float32(exporter, tmp_path):
     run(LearnedGrid((5, 6), "bilinear", "border", False), (2, 7, 8), (2, 5, 6), tmp_path, exporter, torch.float32)
 
 
-@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 2, 1, 1), (2, 2, 0, 1), ((3, 2), (1, 2), (1, 0), (2, 1))])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation", [(3, 2, 1, 1), (2, 2, 0, 1), ((3, 2), (1, 2), (1, 0), (2, 1))]
+)
 def test_unfold_linear_fold(kernel, stride, padding, dilation, tmp_path):
     torch.manual_seed(0)
     run(FoldBlock(2, (8, 8), kernel, stride, padding, dilation), (2, 8, 8), (2, 8, 8), tmp_path, "dynamo")

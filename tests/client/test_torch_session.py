@@ -22,14 +22,17 @@ STEPS = 5
 
 def net() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.GELU(),
-                               torch.nn.Linear(16, 3)).double()
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 3)
+    ).double()
 
 
 def batches():
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
-            for _ in range(STEPS)]
+    return [
+        (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+        for _ in range(STEPS)
+    ]
 
 
 def optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
@@ -53,8 +56,9 @@ def check_trains_as_torch(**where) -> None:
     data = batches()
     theirs, ours = net(), net()
     want = torch_losses(theirs, data)
-    with gradserve.torch.session(ours, *data[0], optimizer=optimizer(ours), loss_fn=F.cross_entropy, max_norm=1.0,
-                                 **where) as s:
+    with gradserve.torch.session(
+        ours, *data[0], optimizer=optimizer(ours), loss_fn=F.cross_entropy, max_norm=1.0, **where
+    ) as s:
         got = [s.step(x, y) for x, y in data]
         assert s.steps == STEPS
         before = copy.deepcopy(ours.state_dict())
@@ -87,7 +91,9 @@ def test_what_a_session_cannot_follow_is_refused_by_name():
     bn = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).double()
     with pytest.raises(GraphError, match="module '1' is a BatchNorm in training mode"):
         gradserve.torch.session(bn, x, y, optimizer=torch.optim.SGD(bn.parameters(), lr=0.1), loss_fn=F.cross_entropy)
-    gradserve.torch.session(bn.eval(), x, y, optimizer=torch.optim.SGD(bn.parameters(), lr=0.1), loss_fn=F.cross_entropy).close()
+    gradserve.torch.session(
+        bn.eval(), x, y, optimizer=torch.optim.SGD(bn.parameters(), lr=0.1), loss_fn=F.cross_entropy
+    ).close()
 
     class Embedded(torch.nn.Module):
         def __init__(self) -> None:
@@ -100,6 +106,8 @@ def test_what_a_session_cannot_follow_is_refused_by_name():
     m = Embedded().double()
     tokens = torch.randint(0, 10, (4, 5))
     with pytest.raises(GraphError, match="'emb.weight' is an nn.Embedding weight with padding_idx=0"):
-        gradserve.torch.session(m, tokens, y, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=F.cross_entropy)
+        gradserve.torch.session(
+            m, tokens, y, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=F.cross_entropy
+        )
     with pytest.raises(Exception, match="NAdam"):
         gradserve.torch.session(bn.eval(), x, y, optimizer=torch.optim.NAdam(bn.parameters()), loss_fn=F.cross_entropy)

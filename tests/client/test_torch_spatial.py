@@ -73,16 +73,20 @@ def run(body: nn.Module, in_shape, out_shape, tmp_path, exporter, dtype=torch.fl
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_conv_transpose(exporter, tmp_path):
     torch.manual_seed(0)
-    body = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.Tanh(),
-                         nn.ConvTranspose2d(6, 3, (2, 3), stride=1, dilation=(1, 2), bias=False))
+    body = nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+        nn.Tanh(),
+        nn.ConvTranspose2d(6, 3, (2, 3), stride=1, dilation=(1, 2), bias=False),
+    )
     run(body, (4, 5, 4), (3, 11, 12), tmp_path, exporter)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_upsample_nearest(exporter, tmp_path):
     torch.manual_seed(0)
-    body = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Upsample(scale_factor=2, mode="nearest"),
-                         nn.Conv2d(3, 2, 3, padding=1))
+    body = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(3, 2, 3, padding=1)
+    )
     run(body, (2, 5, 6), (2, 10, 12), tmp_path, exporter)
 
 
@@ -105,8 +109,9 @@ def test_local_response_norm(exporter, tmp_path):
     """(The legacy exporter writes LocalResponseNorm as Pad/AveragePool with an If on its rank, which
     import folds away.)"""
     torch.manual_seed(0)
-    body = nn.Sequential(nn.Conv2d(3, 7, 3, padding=1), nn.LocalResponseNorm(3, alpha=0.1, beta=0.75, k=1.5),
-                         nn.Conv2d(7, 2, 1))
+    body = nn.Sequential(
+        nn.Conv2d(3, 7, 3, padding=1), nn.LocalResponseNorm(3, alpha=0.1, beta=0.75, k=1.5), nn.Conv2d(7, 2, 1)
+    )
     run(body, (3, 5, 5), (2, 5, 5), tmp_path, exporter)
 
 

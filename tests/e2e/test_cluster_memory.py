@@ -37,7 +37,7 @@ def _mlp() -> gradserve.Model:
     m = gradserve.ModelBuilder()
     h = m.input("x", (None, WIDTH), np.float32)
     for i in range(LAYERS):
-        w = (rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.float32(np.sqrt(WIDTH)))
+        w = rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.float32(np.sqrt(WIDTH))
         h = m.tanh(h @ m.param(f"w{i}", w))
     return m.loss((h * h).mean())
 

@@ -18,6 +18,7 @@ from gradcheck import assert_same_result
 
 pytestmark = pytest.mark.slow
 
+
 def _model():
     """About a second of work per job on three 1-CPU nodes: long enough to kill a worker mid-way."""
     rng = np.random.default_rng(3)

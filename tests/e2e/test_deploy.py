@@ -112,8 +112,11 @@ def test_dockerfile_installs_the_package_without_test_extras():
 def test_dockerfile_copies_only_what_exists_and_is_not_ignored():
     copies = [a for i, a in _dockerfile() if i in ("COPY", "ADD")]
     assert copies
-    ignored = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
-               if p.strip() and not p.startswith("#")] if (ROOT / ".dockerignore").exists() else []
+    ignored = (
+        [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+        if (ROOT / ".dockerignore").exists()
+        else []
+    )
     sources = []
     for args in copies:
         words = [w for w in shlex.split(args) if not w.startswith("--")]
@@ -211,8 +214,10 @@ def test_raycluster_runs_the_server_with_what_it_needs():
 
     # A driver in a sibling container: shared /tmp/ray and process namespace, the Ray token.
     assert head["spec"].get("shareProcessNamespace") is True
-    tmp_mounts = {c["name"]: [m["name"] for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp/ray"]
-                  for c in (containers[0], server)}
+    tmp_mounts = {
+        c["name"]: [m["name"] for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp/ray"]
+        for c in (containers[0], server)
+    }
     assert all(tmp_mounts.values()) and tmp_mounts["ray-head"] == tmp_mounts[server["name"]]
     assert "emptyDir" in volumes[tmp_mounts["ray-head"][0]]
     assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -247,9 +252,11 @@ def test_rayjob_runs_a_one_off_grad_job():
     assert words[words.index("--engine") + 1] == "ray" and "--ray-address" in words and "--partitions" in words
     spec = job["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == _ray_version_of_dockerfile()
-    containers = [_containers(spec["headGroupSpec"]["template"])[0],
-                  *[_containers(g["template"])[0] for g in spec["workerGroupSpecs"]],
-                  _containers(job["spec"]["submitterPodTemplate"])[0]]
+    containers = [
+        _containers(spec["headGroupSpec"]["template"])[0],
+        *[_containers(g["template"])[0] for g in spec["workerGroupSpecs"]],
+        _containers(job["spec"]["submitterPodTemplate"])[0],
+    ]
     for container in containers:
         assert container["image"] == containers[0]["image"]
         _assert_ray_token_env(container, secrets)
@@ -263,7 +270,9 @@ def test_local_cluster_script_basics(tmp_path):
     env = {**os.environ, "GRADSERVE_CLUSTER_DIR": str(tmp_path / "none")}
     down = subprocess.run([str(LOCAL_CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=30)
     assert down.returncode == 0 and down.stdout == "", down.stderr
-    bad = subprocess.run([str(LOCAL_CLUSTER), "up", "--workers", "x"], env=env, capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        [str(LOCAL_CLUSTER), "up", "--workers", "x"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert bad.returncode != 0 and bad.stdout == "" and "--workers" in bad.stderr
 
 
@@ -307,15 +316,32 @@ def _export_models(tmp_path: Path):
     x = torch.randn(4, 8, generator=gen, dtype=torch.float64)
     t = torch.rand(4, 4, generator=gen, dtype=torch.float64)
     path = M.export(mlp, (x, t), tmp_path / "mlp.onnx", ["x", "target"], ["loss"], dynamic_batch=True)
-    cases.append(("mlp", path, {"x": np.random.default_rng(1).standard_normal((10, 8)),
-                               "target": np.random.default_rng(2).random((10, 4))}))
+    cases.append(
+        (
+            "mlp",
+            path,
+            {
+                "x": np.random.default_rng(1).standard_normal((10, 8)),
+                "target": np.random.default_rng(2).random((10, 4)),
+            },
+        )
+    )
     block = M.WithMSE(M.make_transformer(seed=2).double())
     tokens = torch.randint(0, 20, (3, 6), generator=gen)
     t = torch.randn(3, 3, generator=gen, dtype=torch.float64)
-    path = M.export(block, (tokens, t), tmp_path / "transformer.onnx", ["tokens", "target"], ["loss"],
-                    dynamic_batch=True)
-    cases.append(("transformer", path, {"tokens": np.random.default_rng(3).integers(0, 20, (8, 6)),
-                                        "target": np.random.default_rng(4).standard_normal((8, 3))}))
+    path = M.export(
+        block, (tokens, t), tmp_path / "transformer.onnx", ["tokens", "target"], ["loss"], dynamic_batch=True
+    )
+    cases.append(
+        (
+            "transformer",
+            path,
+            {
+                "tokens": np.random.default_rng(3).integers(0, 20, (8, 6)),
+                "target": np.random.default_rng(4).standard_normal((8, 3)),
+            },
+        )
+    )
     return cases
 
 
@@ -331,8 +357,13 @@ def test_local_cluster_up_cleans_up_when_a_step_fails(tmp_path):
     """The server refuses its options after Ray is up: `up` fails and leaves no process behind."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["GRADSERVE_CLUSTER_DIR"] = str(tmp_path / "cluster")
-    up = subprocess.run([str(LOCAL_CLUSTER), "up", "--workers", "1", "--port", str(_free_port()),
-                         "--", "--no-such-option"], env=env, capture_output=True, text=True, timeout=180)
+    up = subprocess.run(
+        [str(LOCAL_CLUSTER), "up", "--workers", "1", "--port", str(_free_port()), "--", "--no-such-option"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert up.returncode != 0 and up.stdout == ""
     assert "no-such-option" in up.stderr and "cleaning up" in up.stderr
     temp_dir = re.search(r"temp dir (\S+)\)", up.stderr).group(1)
@@ -353,8 +384,13 @@ def test_local_cluster_serves_jobs_spread_over_nodes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["GRADSERVE_CLUSTER_DIR"] = str(state)
     t0 = time.monotonic()
-    up = subprocess.run([str(LOCAL_CLUSTER), "up", "--workers", "2", "--port", str(port)],
-                        env=env, capture_output=True, text=True, timeout=180)
+    up = subprocess.run(
+        [str(LOCAL_CLUSTER), "up", "--workers", "2", "--port", str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     cluster_tmp = sid = server_pid = None
     try:
         assert up.returncode == 0, up.stderr[-4000:]
@@ -372,8 +408,13 @@ def test_local_cluster_serves_jobs_spread_over_nodes(tmp_path):
 
         # Token authentication is on: without the token the GCS refuses; with it, it answers.
         ray_cli = _bin("ray")
-        refused = subprocess.run([ray_cli, "health-check", "--address", ray_address],
-                                 env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=60)
+        refused = subprocess.run(
+            [ray_cli, "health-check", "--address", ray_address],
+            env={**env, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert refused.returncode != 0
         token_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "ray_auth_token")}
         subprocess.run([ray_cli, "health-check", "--address", ray_address], env=token_env, check=True, timeout=60)
@@ -383,9 +424,25 @@ def test_local_cluster_serves_jobs_spread_over_nodes(tmp_path):
             want = gradserve.local().gradients(gradserve.load_model(path), feeds)
             feeds_file, out = tmp_path / f"{name}-feeds.npz", tmp_path / f"{name}-grads.npz"
             np.savez(feeds_file, **feeds)
-            cli = subprocess.run([_bin("gradserve"), "grad", str(path), "--feeds", str(feeds_file), "--out", str(out),
-                                  "--server", address, "--partitions", "3"],
-                                 env=env, capture_output=True, text=True, timeout=180)
+            cli = subprocess.run(
+                [
+                    _bin("gradserve"),
+                    "grad",
+                    str(path),
+                    "--feeds",
+                    str(feeds_file),
+                    "--out",
+                    str(out),
+                    "--server",
+                    address,
+                    "--partitions",
+                    "3",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
             assert cli.returncode == 0, f"{name}: {cli.stderr[-3000:]}"
             with np.load(out) as got:
                 _assert_same(float(got["loss"]), {k: got[k] for k in got.files if k != "loss"}, want)
@@ -398,10 +455,18 @@ def test_local_cluster_serves_jobs_spread_over_nodes(tmp_path):
 
         # ... and those are nodes of this cluster.
         listing = subprocess.run(
-            [sys.executable, "-c",
-             "import json, sys; from ray._raylet import GcsClient; "
-             "print(json.dumps([i.node_id.hex() for i in GcsClient(address=sys.argv[1]).get_all_node_info(timeout=30).values()]))",
-             ray_address], env=token_env, capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-c",
+                "import json, sys; from ray._raylet import GcsClient; "
+                "print(json.dumps([i.node_id.hex() for i in GcsClient(address=sys.argv[1]).get_all_node_info(timeout=30).values()]))",
+                ray_address,
+            ],
+            env=token_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listing.returncode == 0, listing.stderr[-2000:]
         cluster_nodes = set(json.loads(listing.stdout.strip().splitlines()[-1]))
         assert len(cluster_nodes) == 3 and nodes_used <= cluster_nodes
@@ -414,8 +479,9 @@ def test_local_cluster_serves_jobs_spread_over_nodes(tmp_path):
         left += _pgrep("-f", re.escape(cluster_tmp))
     if sid:
         left += _pgrep("-s", sid)
-    assert not left, subprocess.run(["ps", "-o", "pid,args", "-p", ",".join(map(str, left))],
-                                    capture_output=True, text=True).stdout
+    assert not left, subprocess.run(
+        ["ps", "-o", "pid,args", "-p", ",".join(map(str, left))], capture_output=True, text=True
+    ).stdout
     assert server_pid is None or not _alive(server_pid)
     assert not (state / "server.pid").exists() and not (state / "ray.sid").exists()
     print(f"whole test {time.monotonic() - t0:.1f}s")

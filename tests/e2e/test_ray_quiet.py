@@ -79,8 +79,13 @@ def test_server_on_embedded_ray_prints_its_own_lines_only(tmp_path):
     home.mkdir()
     # a new user's home, but the compiled kernels of this machine (compiling them takes ~20 s)
     env = _clean_env(HOME=str(home), NUMBA_CACHE_DIR=str(kernels.cache_dir()))
-    server = subprocess.Popen([*CLI, "serve", "--address", "127.0.0.1:0", "--state-dir", "none"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [*CLI, "serve", "--address", "127.0.0.1:0", "--state-dir", "none"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     timer = threading.Timer(300, server.kill)  # a server that never starts fails the test, not hangs it
     timer.start()
     try:
@@ -146,14 +151,16 @@ def test_cluster_without_its_token_gets_one_line_naming_the_env_file(tmp_path, j
 
         # elsewhere (no GRADSERVE_CLUSTER_DIR naming it), the variables to set; a wrong token is named
         wrong = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token")
-        line = _refusal(subprocess.run([*CLI, *commands["plan"]], env=wrong, capture_output=True, text=True,
-                                       timeout=120))
+        line = _refusal(
+            subprocess.run([*CLI, *commands["plan"]], env=wrong, capture_output=True, text=True, timeout=120)
+        )
         assert "refused the token in RAY_AUTH_TOKEN" in line and "RAY_AUTH_TOKEN_PATH" in line, line
 
         # what the hint says to do works
         exports = dict(re.findall(r"^export (\w+)=(.*)$", env_file.read_text(), re.M))
-        sourced = subprocess.run([*CLI, *commands["plan"]], env={**env, **exports}, capture_output=True,
-                                 text=True, timeout=300)
+        sourced = subprocess.run(
+            [*CLI, *commands["plan"]], env={**env, **exports}, capture_output=True, text=True, timeout=300
+        )
         assert sourced.returncode == 0, sourced.stderr[-3000:]
         assert f"the Ray cluster at {ray_address}" in sourced.stdout
     log = (state / "server.log").read_text()

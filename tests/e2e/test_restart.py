@@ -45,9 +45,24 @@ def _port() -> int:
 
 def _serve(address: str, state_dir, *args: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline", "--address", address,
-         "--state-dir", str(state_dir), "--max-concurrent-jobs", "1", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gradserve.client.cli",
+            "serve",
+            "--engine",
+            "inline",
+            "--address",
+            address,
+            "--state-dir",
+            str(state_dir),
+            "--max-concurrent-jobs",
+            "1",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     timer = threading.Timer(60, proc.kill)
     timer.start()

@@ -74,5 +74,7 @@ def test_the_lock_satisfies_the_librarys_own_ranges():
         name = req.name.lower().replace("_", "-")
         if name in pins:
             assert req.specifier.contains(pins[name], prereleases=True), f"{req} excludes the locked {pins[name]}"
-        assert "==" not in str(req.specifier) or name == "torch", f"{req}: the library pins it (only torch, the CPU build)"
+        assert "==" not in str(req.specifier) or name == "torch", (
+            f"{req}: the library pins it (only torch, the CPU build)"
+        )
     assert isinstance(project["license"], str) and re.fullmatch(r"[A-Za-z0-9.\-]+", project["license"])

@@ -26,10 +26,12 @@ def _loaded_after(code: str, *args: str) -> dict:
     """Run ``code`` in a fresh Python; it ends by printing a JSON object, returned here, to which
     this adds "heavy": which of HEAVY (the package "onnx"; any other with its submodules) the process
     imported."""
-    probe = (f"{code}\nimport json as _j, sys as _s\n"
-             f"_heavy = sorted(h for h in {HEAVY!r} if any(m == h or h != 'onnx' and m.startswith(h + '.')"
-             " for m in _s.modules))\n"
-             "_out = globals().get('report', {})\n_out['heavy'] = _heavy\nprint(_j.dumps(_out))")
+    probe = (
+        f"{code}\nimport json as _j, sys as _s\n"
+        f"_heavy = sorted(h for h in {HEAVY!r} if any(m == h or h != 'onnx' and m.startswith(h + '.')"
+        " for m in _s.modules))\n"
+        "_out = globals().get('report', {})\n_out['heavy'] = _heavy\nprint(_j.dumps(_out))"
+    )
     done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -96,7 +98,7 @@ def _reference(d) -> tuple[float, dict]:
     diff = h @ d["w1"] + d["b1"] - d["y"]
     dp = 2 * diff / diff.size
     dz = (dp @ d["w1"].T) * (1 - h * h)
-    return float(np.mean(diff ** 2)), {"w1": h.T @ dp, "b1": dp.sum(0), "w0": d["x"].T @ dz, "b0": dz.sum(0)}
+    return float(np.mean(diff**2)), {"w1": h.T @ dp, "b1": dp.sum(0), "w0": d["x"].T @ dz, "b0": dz.sum(0)}
 
 
 @pytest.mark.parametrize("batch", [8, 2048])  # 128 elements at the loss; 32768, past kernels.MIN_SIZE
@@ -140,9 +142,15 @@ report = {"same_class": type(model) is onnx.ModelProto,
 
 # -- onnx_lite against onnx itself ------------------------------------------------------------------
 ATTRS = [
-    {}, {"alpha": 0.5, "transB": 1}, {"axes": [0, -1], "mode": "constant"}, {"scales": [1.0, 2, 2.5]},
-    {"direction": "bidirectional", "activations": ["Sigmoid", "Tanh"]}, {"flag": True, "count": np.int64(3)},
-    {"value": np.arange(6, dtype=np.float32).reshape(2, 3)}, {"value": np.array(7, np.int64)}, {"f": np.float32(0.25)},
+    {},
+    {"alpha": 0.5, "transB": 1},
+    {"axes": [0, -1], "mode": "constant"},
+    {"scales": [1.0, 2, 2.5]},
+    {"direction": "bidirectional", "activations": ["Sigmoid", "Tanh"]},
+    {"flag": True, "count": np.int64(3)},
+    {"value": np.arange(6, dtype=np.float32).reshape(2, 3)},
+    {"value": np.array(7, np.int64)},
+    {"f": np.float32(0.25)},
 ]
 
 
@@ -150,8 +158,10 @@ ATTRS = [
 def test_nodes_are_built_as_onnx_helper_builds_them(attrs):
     node = Node("n1", "Op", ["a", "", "b"], ["y"], dict(attrs))
     want = helper.make_node(node.op_type, node.inputs, node.outputs, name=node.name, **onnx_attrs(node))
-    assert onnx_lite.node(node.op_type, node.inputs, node.outputs, node.name, node.attrs).SerializeToString() \
+    assert (
+        onnx_lite.node(node.op_type, node.inputs, node.outputs, node.name, node.attrs).SerializeToString()
         == want.SerializeToString()
+    )
 
 
 def test_attribute_values_onnx_cannot_type_are_refused_alike():
@@ -163,8 +173,27 @@ def test_attribute_values_onnx_cannot_type_are_refused_alike():
         assert str(ours.value) == str(theirs.value)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int8", "int16", "int32", "int64", "uint8",
-                                   "uint16", "uint32", "uint64", "bool", "complex64", "complex128", ">f4", ">i8"])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "float32",
+        "float64",
+        "float16",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+        "complex64",
+        "complex128",
+        ">f4",
+        ">i8",
+    ],
+)
 @pytest.mark.parametrize("shape", [(), (0,), (2, 3)])
 def test_tensors_and_value_infos_are_built_as_onnx_builds_them(dtype, shape):
     """Byte for byte. (onnx refuses big-endian arrays; onnx_lite writes their values, as onnx writes
@@ -196,9 +225,15 @@ def test_checks_fail_with_onnx_messages():
     with pytest.raises(onnx_lite.CheckFailed) as ours:
         onnx_lite.check_node(bad_attr, 17)
     assert str(ours.value) == str(theirs.value)
-    mismatch = onnx_lite.model([onnx_lite.node("MatMul", ["a", "b"], ["y"], "mm", {})],
-                               [onnx_lite.value_info("a", np.dtype("float32"), (2, 3)),
-                                onnx_lite.value_info("b", np.dtype("float32"), (4, 5))], [], 17)
+    mismatch = onnx_lite.model(
+        [onnx_lite.node("MatMul", ["a", "b"], ["y"], "mm", {})],
+        [
+            onnx_lite.value_info("a", np.dtype("float32"), (2, 3)),
+            onnx_lite.value_info("b", np.dtype("float32"), (4, 5)),
+        ],
+        [],
+        17,
+    )
     with pytest.raises(shape_inference.InferenceError) as theirs:
         shape_inference.infer_shapes(mismatch, check_type=True, strict_mode=True, data_prop=True)
     with pytest.raises(onnx_lite.CheckFailed) as ours:

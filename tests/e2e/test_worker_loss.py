@@ -39,8 +39,14 @@ INLINE = gradserve.local()
 
 def task_error(cause: BaseException) -> rx.RayTaskError:
     """The error of an actor call that failed with ``cause`` (or read a result that did)."""
-    return rx.RayTaskError("StageHost.run", "Traceback (most recent call last): ...", cause,
-                           proctitle="ray::StageHost.run", pid=4242, ip="127.0.0.1")
+    return rx.RayTaskError(
+        "StageHost.run",
+        "Traceback (most recent call last): ...",
+        cause,
+        proctitle="ray::StageHost.run",
+        pid=4242,
+        ip="127.0.0.1",
+    )
 
 
 OBJECT = "c8ef45ccd0112571ffffffffffffffffffffffff0100000001000000"
@@ -188,12 +194,20 @@ MOMENTS = {
     "backward": (dict(partitions=3, micro_batches=4), (0, 2), (0, 0), forward_of(0, 2)),
     # K=1 R=2: the root replica has computed its dL/dw and keeps it on its actor for the reduce that
     # adds the other replica's (held back).
-    "reduce": (dict(partitions=1, micro_batches=1, replicas=2), (1 - root_replica(2), 0), (root_replica(2), 0),
-               backward_of(0, 0, root_replica(2))),
+    "reduce": (
+        dict(partitions=1, micro_batches=1, replicas=2),
+        (1 - root_replica(2), 0),
+        (root_replica(2), 0),
+        backward_of(0, 0, root_replica(2)),
+    ),
     # K=2 M=2 R=2: the root replica's last partition finished its backward steps; its weight step runs
     # (or its result waits, kept, for the reduce) while the other replica is held back.
-    "weights": (dict(partitions=2, micro_batches=2, replicas=2), (1 - root_replica(2), 0), (root_replica(2), 1),
-                backward_of(1, 1, root_replica(2))),
+    "weights": (
+        dict(partitions=2, micro_batches=2, replicas=2),
+        (1 - root_replica(2), 0),
+        (root_replica(2), 1),
+        backward_of(1, 1, root_replica(2)),
+    ),
 }
 
 
@@ -273,8 +287,11 @@ def test_through_the_servers_compute_call(ray_engine, monkeypatch):
     model, feeds = mlp(seed=31)
     reference = INLINE.gradients(model, feeds)
     watched = Watched(ray_engine)
-    with serving(lambda: watched) as srv, Client(srv.address, timeout=120) as client, \
-            Client(srv.address, timeout=120, retry=None) as impatient:
+    with (
+        serving(lambda: watched) as srv,
+        Client(srv.address, timeout=120) as client,
+        Client(srv.address, timeout=120, retry=None) as impatient,
+    ):
 
         def ambushed(c, pids):
             """The job through ``c`` (small feeds: one Compute call), a worker killed mid-way."""

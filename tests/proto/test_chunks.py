@@ -57,11 +57,11 @@ def chunk(data, offset=0, name="w"):
 @pytest.mark.parametrize(
     "feed, message",
     [
-        ([chunk(b"\0" * 8, 0), chunk(b"\0" * 8, 4)], "expected offset 8"),          # overlap
-        ([chunk(b"\0" * 8, 0), chunk(b"\0" * 4, 12)], "expected offset 8"),         # gap
-        ([chunk(b"\0" * 8, 8)], "expected offset 0"),                               # out of order
-        ([chunk(b"\0" * 20)], "needs 16 bytes"),                                    # overflow
-        ([chunk(b"garbage")], "needs 16 bytes, got 7"),                             # short, caught at finish
+        ([chunk(b"\0" * 8, 0), chunk(b"\0" * 8, 4)], "expected offset 8"),  # overlap
+        ([chunk(b"\0" * 8, 0), chunk(b"\0" * 4, 12)], "expected offset 8"),  # gap
+        ([chunk(b"\0" * 8, 8)], "expected offset 0"),  # out of order
+        ([chunk(b"\0" * 20)], "needs 16 bytes"),  # overflow
+        ([chunk(b"garbage")], "needs 16 bytes, got 7"),  # short, caught at finish
         ([chunk(b"\0" * 16, name="v")], "undeclared tensor 'v'"),
         ([chunk(b"")], "empty chunk"),
     ],

@@ -44,13 +44,17 @@ def test_dependency_floors_admit_no_runtime_the_generated_modules_refuse():
     """The generated modules refuse to import under a grpcio or protobuf older than their generator's:
     pyproject.toml must not let a user install one (pip would, and `import gradserve` would fail)."""
     root = Path(__file__).resolve().parents[2]
-    deps = {Requirement(d).name: d for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]}
+    deps = {
+        Requirement(d).name: d for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
     grpc_code = (root / "proto" / "v1" / "service_pb2_grpc.py").read_text()
     needs_grpc = Version(re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", grpc_code).group(1))
     assert _floor(deps["grpcio"]) >= needs_grpc, f"pyproject.toml: grpcio must be >= {needs_grpc}"
     for module in ("model_pb2.py", "service_pb2.py"):
         code = (root / "proto" / "v1" / module).read_text()
-        major, minor, patch = re.search(r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+)", code).groups()
+        major, minor, patch = re.search(
+            r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+)", code
+        ).groups()
         needs_pb = Version(f"{major}.{minor}.{patch}")
         assert _floor(deps["protobuf"]) >= needs_pb, f"pyproject.toml: protobuf must be >= {needs_pb} ({module})"
 

@@ -155,7 +155,10 @@ def test_auto_never_predicts_slower_than_one_copy_unpipelined(deep, call, nodes)
     for k in (1, 2, 3):
         choice = choose(job, model, feeds, nodes_of(nodes, BIG, cpus=2), k, costs=costs)
         plan = plan_job(job, model, k)
-        shape = Shape(sum(p.flops for p in plan.partitions), sum(b.nbytes for b in plan.boundaries.values()),
-                      sum(v.nbytes for v in model.params.values()))
+        shape = Shape(
+            sum(p.flops for p in plan.partitions),
+            sum(b.nbytes for b in plan.boundaries.values()),
+            sum(v.nbytes for v in model.params.values()),
+        )
         timing = _Timing(shape, costs, 2, nodes)
         assert timing.seconds(k, choice.m, choice.r) <= timing.seconds(k, 1, 1)

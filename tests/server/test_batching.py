@@ -14,6 +14,7 @@ from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.prepare import prepare
 from gradserve.worker.graph import GraphError
 
+
 # -- fixed-batch exports ------------------------------------------------------------------------------
 def test_fixed_batch_export_splits_with_a_symbolic_batch():
     m = gradserve.ModelBuilder()
@@ -58,8 +59,11 @@ def test_fixed_batch_reshape_constant_holding_the_batch_size_is_rewritten():
     x = m.input("x", (n, 2, 3), np.float64)
     pairs = m.op("Reshape", x, m.constant(np.array([n // 2, 12])), name="pairs")
     model = m.loss((pairs @ m.param("w", f64(12, 1))).mean())
-    with pytest.raises(GraphError, match=r"node 'pairs' \(Reshape\) moves the batch to another place in the layout, "
-                                         r"or splits it"):
+    with pytest.raises(
+        GraphError,
+        match=r"node 'pairs' \(Reshape\) moves the batch to another place in the layout, "
+        r"or splits it",
+    ):
         split_batch(model, prepare(model, feeds), feeds, 2)
 
 
@@ -94,16 +98,23 @@ def test_fixed_batch_expand_and_slice_constants():
     assert model.constants[model.nodes[0].inputs[1]].tolist() == [n, 4], "the caller's model is not changed"
     m = gradserve.ModelBuilder()
     x = m.input("x", (n, 4), np.float64)
-    s = m.op("Slice", x, m.constant(np.array([0, 1])), m.constant(np.array([n, 4])), m.constant(np.array([0, 1])),
-             name="slice")
+    s = m.op(
+        "Slice",
+        x,
+        m.constant(np.array([0, 1])),
+        m.constant(np.array([n, 4])),
+        m.constant(np.array([0, 1])),
+        name="slice",
+    )
     model = m.loss((s @ m.param("w", f64(3, 1))).sum())
     with pytest.raises(GraphError, match=r"node 'slice' \(Slice\) has a constant end \(6\) that holds the batch size"):
         follow(model, {"x": f64(n, 4)}, {"x"})
     # slicing axis 0 to its end (INT64_MAX, as exporters write x[:, 1:]) and axis 1 is exact
     m = gradserve.ModelBuilder()
     x = m.input("x", (n, 4), np.float64)
-    s = m.op("Slice", x, m.constant(np.array([0, 1])), m.constant(np.array([2**63 - 1, 4])),
-             m.constant(np.array([0, 1])))
+    s = m.op(
+        "Slice", x, m.constant(np.array([0, 1])), m.constant(np.array([2**63 - 1, 4])), m.constant(np.array([0, 1]))
+    )
     assert_split_exact(m.loss((s @ m.param("w", f64(3, 1))).sum()), {"x": f64(n, 4)})
 
 
@@ -160,8 +171,9 @@ def test_reshapes_that_move_the_batch_are_refused(case):
     x = m.input("x", (None, T, D), np.float64)
     if case == "slice of merged rows":  # (T*B, D) rows are T blocks of the batch: the first B are one block
         rows = m.op("Reshape", m.op("Transpose", x, perm=[1, 0, 2]), m.constant(np.array([-1, D])))
-        y = m.op("Slice", rows, m.constant(np.array([0])), m.constant(np.array([B])), m.constant(np.array([0])),
-                 name="bad")
+        y = m.op(
+            "Slice", rows, m.constant(np.array([0])), m.constant(np.array([B])), m.constant(np.array([0])), name="bad"
+        )
     elif case == "split the batch":
         y = m.op("Reshape", x, m.constant(np.array([2, -1, D])), name="bad")
     else:  # (B, T, D) -> (T, B*D) from Shape: axis 0 no longer follows the batch
@@ -179,11 +191,19 @@ def test_reshapes_that_move_the_batch_are_refused(case):
 def test_opset18_reduce_axes_input(op):
     feeds = {"x": f64(6, 4)}
     inputs = [("x", ("batch", 4), np.float64)]
-    within = graph([(op, ["x", "ax1"], ["r"], {"keepdims": 0}), ("ReduceSum", ["r"], ["loss"], {"keepdims": 0})],
-                   inputs, constants={"ax1": np.array([1])}, opset=18)
+    within = graph(
+        [(op, ["x", "ax1"], ["r"], {"keepdims": 0}), ("ReduceSum", ["r"], ["loss"], {"keepdims": 0})],
+        inputs,
+        constants={"ax1": np.array([1])},
+        opset=18,
+    )
     assert follow(within, feeds) == ("sum", None)
-    over = graph([(op, ["x", "ax0"], ["r"], {"keepdims": 0}), ("ReduceSum", ["r"], ["loss"], {"keepdims": 0})],
-                 inputs, constants={"ax0": np.array([0])}, opset=18)
+    over = graph(
+        [(op, ["x", "ax0"], ["r"], {"keepdims": 0}), ("ReduceSum", ["r"], ["loss"], {"keepdims": 0})],
+        inputs,
+        constants={"ax0": np.array([0])},
+        opset=18,
+    )
     if op in ("ReduceMean", "ReduceSum"):
         assert follow(over, feeds) == ({"ReduceMean": "mean", "ReduceSum": "sum"}[op], None)
     else:
@@ -193,22 +213,29 @@ def test_opset18_reduce_axes_input(op):
     every = graph([(op, ["x"], ["loss"], {"keepdims": 0})], inputs, opset=18)
     if op in ("ReduceMean", "ReduceSum"):
         assert follow(every, feeds)[0] == {"ReduceMean": "mean", "ReduceSum": "sum"}[op]
-    noop = graph([(op, ["x"], ["r"], {"noop_with_empty_axes": 1}), ("ReduceMean", ["r"], ["loss"], {"keepdims": 0})],
-                 inputs, opset=18)
+    noop = graph(
+        [(op, ["x"], ["r"], {"noop_with_empty_axes": 1}), ("ReduceMean", ["r"], ["loss"], {"keepdims": 0})],
+        inputs,
+        opset=18,
+    )
     assert follow(noop, feeds) == ("mean", None)
 
 
 def test_opset18_split_squeeze_unsqueeze_slice_inputs():
     feeds = {"x": f64(6, 4)}
-    model = graph([
-        ("Split", ["x"], ["a", "b"], {"axis": 1, "num_outputs": 2}),
-        ("Unsqueeze", ["a", "ax2"], ["u"]),
-        ("Squeeze", ["u", "ax2"], ["s"]),
-        ("Slice", ["s", "zero", "one", "ax1"], ["c"]),
-        ("Mul", ["c", "b"], ["p"]),
-        ("ReduceMean", ["p"], ["loss"], {"keepdims": 0}),
-    ], [("x", ("batch", 4), np.float64)], constants={"ax2": np.array([2]), "ax1": np.array([1]),
-                                                      "zero": np.array([0]), "one": np.array([1])}, opset=18)
+    model = graph(
+        [
+            ("Split", ["x"], ["a", "b"], {"axis": 1, "num_outputs": 2}),
+            ("Unsqueeze", ["a", "ax2"], ["u"]),
+            ("Squeeze", ["u", "ax2"], ["s"]),
+            ("Slice", ["s", "zero", "one", "ax1"], ["c"]),
+            ("Mul", ["c", "b"], ["p"]),
+            ("ReduceMean", ["p"], ["loss"], {"keepdims": 0}),
+        ],
+        [("x", ("batch", 4), np.float64)],
+        constants={"ax2": np.array([2]), "ax1": np.array([1]), "zero": np.array([0]), "one": np.array([1])},
+        opset=18,
+    )
     assert follow(model, feeds) == ("mean", None)
     model.nodes[0].attrs["axis"] = 0
     with pytest.raises(GraphError, match=r"node 'n0_Split' \(Split\) works along the batch axis"):

@@ -47,8 +47,15 @@ class TinyLlama(nn.Module):
         super().__init__()
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(vocab_size=29, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+        config = LlamaConfig(
+            vocab_size=29,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+        )
         self.lm = LlamaForCausalLM(config).double()
 
     def forward(self, ids, labels):
@@ -92,10 +99,21 @@ def test_labels_sliced_along_the_batch_are_refused():
     m = gradserve.ModelBuilder()
     x = m.input("x", (None, 3), np.float64)
     t = m.input("t", (None,), np.int64)
-    logits = m.op("Slice", x @ m.param("w", np.ones((3, 4))), m.constant(np.array([1])),
-                  m.constant(np.array([2**63 - 1])), m.constant(np.array([0])))
-    labels = m.op("Slice", t, m.constant(np.array([1])), m.constant(np.array([2**63 - 1])), m.constant(np.array([0])),
-                  name="drop_first")
+    logits = m.op(
+        "Slice",
+        x @ m.param("w", np.ones((3, 4))),
+        m.constant(np.array([1])),
+        m.constant(np.array([2**63 - 1])),
+        m.constant(np.array([0])),
+    )
+    labels = m.op(
+        "Slice",
+        t,
+        m.constant(np.array([1])),
+        m.constant(np.array([2**63 - 1])),
+        m.constant(np.array([0])),
+        name="drop_first",
+    )
     model = m.loss(m.op("SoftmaxCrossEntropyLoss", logits, labels, ignore_index=IGNORE))
     feeds = {"x": np.ones((6, 3)), "t": np.arange(6) % 4}
     assert "node 'drop_first' (Slice) slices the batch axis" in refusal(model, feeds)
@@ -151,10 +169,13 @@ def test_gather_along_time_at_indices_from_the_shape_splits():
     assert_split_exact(gather_at_computed(1, first=-2), {"x": x}, parts=(2, 3))  # the last two steps
 
 
-@pytest.mark.parametrize("first,why", [
-    (-1, r"gathers at indices '.*' that change with the batch size"),  # x[:, B-1]: same shape, other step
-    (1, r"gives 'pick_out0' the shape \(2, 1, 3\) with 2 samples"),  # x[:, 1:B]: fewer steps
-])
+@pytest.mark.parametrize(
+    "first,why",
+    [
+        (-1, r"gathers at indices '.*' that change with the batch size"),  # x[:, B-1]: same shape, other step
+        (1, r"gives 'pick_out0' the shape \(2, 1, 3\) with 2 samples"),  # x[:, 1:B]: fewer steps
+    ],
+)
 def test_gather_at_indices_that_change_with_the_batch_size_is_refused(first, why):
     x = np.random.default_rng(0).standard_normal((5, 6, 3))
     assert re.search(r"node 'pick' \(Gather\) " + why, refusal(gather_at_computed(0, first), {"x": x}))
@@ -164,8 +185,11 @@ def test_gather_at_indices_that_change_with_the_batch_size_is_refused(first, why
 class Recurrent(nn.Module):
     def __init__(self, kind: str):
         super().__init__()
-        self.rnn = nn.GRU(3, 4, batch_first=True) if kind == "gru" else \
-            nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.rnn = (
+            nn.GRU(3, 4, batch_first=True)
+            if kind == "gru"
+            else nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        )
 
     def forward(self, x, y):
         out = self.rnn(x)[0]
@@ -174,8 +198,10 @@ class Recurrent(nn.Module):
 
 def rnn_args(B=5):
     gen = torch.Generator().manual_seed(2)
-    return [torch.randn(B, 4, 3, generator=gen, dtype=torch.float64),
-            torch.randn(B, 4, generator=gen, dtype=torch.float64)]
+    return [
+        torch.randn(B, 4, 3, generator=gen, dtype=torch.float64),
+        torch.randn(B, 4, generator=gen, dtype=torch.float64),
+    ]
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
@@ -247,15 +273,30 @@ def test_llama_backward_on_ray_with_micro_batches_equals_torch(ray_engine, llama
 def test_split_exports_on_ray_equal_torch(ray_engine, tmp_path, case):
     torch.manual_seed(0)
     if case == "windows":
-        module, args, names, exporter, dynamic = Windows(), [torch.randn(5, 6, 4, dtype=torch.float64)], ["x"], \
-            "dynamo", True
+        module, args, names, exporter, dynamic = (
+            Windows(),
+            [torch.randn(5, 6, 4, dtype=torch.float64)],
+            ["x"],
+            "dynamo",
+            True,
+        )
     elif case == "fixed reshape":
         module, args, names, exporter, dynamic = FlatCrossEntropy(), flat_args(), ["x", "t"], "legacy", False
     else:
         module, args, names, exporter, dynamic = Recurrent(case), rnn_args(), ["x", "y"], "legacy", True
     distinct_params_(module.double())
-    check_module(module, args, names, tmp_path, exporter=exporter, dynamic_batch=dynamic, engine=ray_engine,
-                 partitions=2, micro_batches=2)
+    check_module(
+        module,
+        args,
+        names,
+        tmp_path,
+        exporter=exporter,
+        dynamic_batch=dynamic,
+        engine=ray_engine,
+        partitions=2,
+        micro_batches=2,
+    )
     # the same export again, split into replicas instead
-    check_export(module, args, names, tmp_path / f"{type(module).__name__}-{exporter}.onnx", engine=ray_engine,
-                 replicas=2)
+    check_export(
+        module, args, names, tmp_path / f"{type(module).__name__}-{exporter}.onnx", engine=ray_engine, replicas=2
+    )

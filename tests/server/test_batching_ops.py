@@ -18,8 +18,28 @@ from gradserve.worker.validate import infer_shapes, toposort
 
 
 # -- new row-independent ops -------------------------------------------------------------------------
-UNARY = ["HardSwish", "HardSigmoid", "Elu", "Selu", "ThresholdedRelu", "Softsign", "Mish", "Gelu", "Shrink",
-         "Sin", "Cos", "Tan", "Atan", "Sinh", "Cosh", "Asinh", "Floor", "Ceil", "Round", "Sign"]
+UNARY = [
+    "HardSwish",
+    "HardSigmoid",
+    "Elu",
+    "Selu",
+    "ThresholdedRelu",
+    "Softsign",
+    "Mish",
+    "Gelu",
+    "Shrink",
+    "Sin",
+    "Cos",
+    "Tan",
+    "Atan",
+    "Sinh",
+    "Cosh",
+    "Asinh",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+]
 
 
 def test_new_elementwise_ops_split_exactly():
@@ -37,15 +57,27 @@ def test_new_elementwise_ops_split_exactly():
 
 def test_bitwise_and_predicates_are_row_wise():
     feeds = {"x": f64(6, 4), "i": RNG.integers(0, 7, (6, 4))}
-    model = graph([
-        ("BitwiseAnd", ["i", "seven"], ["a"]), ("BitwiseXor", ["a", "i"], ["b"]), ("BitwiseNot", ["b"], ["c"]),
-        ("BitwiseOr", ["c", "a"], ["d"]), ("Cast", ["d"], ["df"], {"to": 11}),
-        ("IsNaN", ["x"], ["nan"]), ("IsInf", ["x"], ["inf"]), ("Or", ["nan", "inf"], ["bad"]),
-        ("Where", ["bad", "zero", "x"], ["xw"]), ("Cast", ["xw"], ["x32"], {"to": 1}),  # Celu is float32-only
-        ("Celu", ["x32"], ["c32"]), ("CastLike", ["c32", "x"], ["xc"]), ("Mul", ["xc", "df"], ["p"]),
-        ("ReduceSum", ["p"], ["loss"], {"keepdims": 0}),
-    ], [("x", ("batch", 4), np.float64), ("i", ("batch", 4), np.int64)],
-        constants={"seven": np.array(7), "zero": np.array(0.0)}, opset=18)
+    model = graph(
+        [
+            ("BitwiseAnd", ["i", "seven"], ["a"]),
+            ("BitwiseXor", ["a", "i"], ["b"]),
+            ("BitwiseNot", ["b"], ["c"]),
+            ("BitwiseOr", ["c", "a"], ["d"]),
+            ("Cast", ["d"], ["df"], {"to": 11}),
+            ("IsNaN", ["x"], ["nan"]),
+            ("IsInf", ["x"], ["inf"]),
+            ("Or", ["nan", "inf"], ["bad"]),
+            ("Where", ["bad", "zero", "x"], ["xw"]),
+            ("Cast", ["xw"], ["x32"], {"to": 1}),  # Celu is float32-only
+            ("Celu", ["x32"], ["c32"]),
+            ("CastLike", ["c32", "x"], ["xc"]),
+            ("Mul", ["xc", "df"], ["p"]),
+            ("ReduceSum", ["p"], ["loss"], {"keepdims": 0}),
+        ],
+        [("x", ("batch", 4), np.float64), ("i", ("batch", 4), np.int64)],
+        constants={"seven": np.array(7), "zero": np.array(0.0)},
+        opset=18,
+    )
     assert follow(model, feeds) == ("sum", None)
 
 
@@ -53,8 +85,13 @@ def test_per_sample_ops_split_exactly():
     m = gradserve.ModelBuilder()
     x = m.input("x", (None, 2, 5, 5), np.float64)
     h = m.op("ConvTranspose", x, m.param("k", f64(2, 4, 3, 3)), strides=[2, 2])
-    h = m.op("Resize", h, m.constant(np.zeros(0, np.float32)), m.constant(np.array([1.0, 1.0, 0.5, 0.5], np.float32)),
-             mode="linear")
+    h = m.op(
+        "Resize",
+        h,
+        m.constant(np.zeros(0, np.float32)),
+        m.constant(np.array([1.0, 1.0, 0.5, 0.5], np.float32)),
+        mode="linear",
+    )
     h = m.op("LRN", h, size=3)
     h = m.op("GroupNormalization", h, m.param("gs", f64(4)), m.param("gb", f64(4)), num_groups=2)
     model = m.loss(m.op("ReduceMean", h * h, keepdims=0))
@@ -63,9 +100,12 @@ def test_per_sample_ops_split_exactly():
 
 
 def test_resize_along_the_batch_is_refused():
-    model = graph([("Resize", ["x", "", "scales"], ["y"], {"mode": "nearest"}),
-                   ("ReduceSum", ["y"], ["loss"], {"keepdims": 0})],
-                  [("x", ("batch", 2, 3), np.float64)], constants={"scales": np.array([2.0, 1.0, 1.0], np.float32)}, opset=18)
+    model = graph(
+        [("Resize", ["x", "", "scales"], ["y"], {"mode": "nearest"}), ("ReduceSum", ["y"], ["loss"], {"keepdims": 0})],
+        [("x", ("batch", 2, 3), np.float64)],
+        constants={"scales": np.array([2.0, 1.0, 1.0], np.float32)},
+        opset=18,
+    )
     with pytest.raises(GraphError, match=r"node 'n0_Resize' \(Resize\) resizes along the batch axis"):
         follow(model, {"x": f64(6, 2, 3)})
 
@@ -77,16 +117,25 @@ def test_axis_ops_split_when_their_axis_is_not_the_batch():
     c = m.op("CumSum", h, m.constant(np.array(1)))
     values, idx = m.op("TopK", h, m.constant(np.array([3])), axis=-1, n_outputs=2)
     g = m.op("GatherElements", c, idx, axis=1)
-    e = m.op("Einsum", m.op("Reshape", h, m.constant(np.array([-1, 5, 1]))),
-             m.op("Reshape", c, m.constant(np.array([-1, 5, 1]))), equation="bqd,bkd->bqk")
+    e = m.op(
+        "Einsum",
+        m.op("Reshape", h, m.constant(np.array([-1, 5, 1]))),
+        m.op("Reshape", c, m.constant(np.array([-1, 5, 1]))),
+        equation="bqd,bkd->bqk",
+    )
     model = m.loss(m.op("ReduceMean", g * values, keepdims=0) + m.op("ReduceMean", e, keepdims=0))
     assert_split_exact(model, {"x": f64(6, 5)})
 
 
-@pytest.mark.parametrize("op,why", [
-    ("CumSum", "works along the batch axis"), ("TopK", "works along the batch axis"),
-    ("GatherElements", "works along the batch axis"), ("Einsum", "sums over the batch index"),
-])
+@pytest.mark.parametrize(
+    "op,why",
+    [
+        ("CumSum", "works along the batch axis"),
+        ("TopK", "works along the batch axis"),
+        ("GatherElements", "works along the batch axis"),
+        ("Einsum", "sums over the batch index"),
+    ],
+)
 def test_axis_ops_along_the_batch_are_refused(op, why):
     inputs = [("x", ("batch", 5), np.float64)]
     consts = {"zero": np.array(0), "k": np.array([2]), "idx": np.zeros((6, 5), np.int64)}
@@ -104,8 +153,11 @@ def test_axis_ops_along_the_batch_are_refused(op, why):
 
 
 def test_gather_elements_with_unbatched_indices_is_refused():
-    model = graph([("GatherElements", ["x", "idx"], ["y"], {"axis": 1}), ("ReduceSum", ["y"], ["loss"], {"keepdims": 0})],
-                  [("x", ("batch", 5), np.float64)], constants={"idx": np.zeros((6, 2), np.int64)})
+    model = graph(
+        [("GatherElements", ["x", "idx"], ["y"], {"axis": 1}), ("ReduceSum", ["y"], ["loss"], {"keepdims": 0})],
+        [("x", ("batch", 5), np.float64)],
+        constants={"idx": np.zeros((6, 2), np.int64)},
+    )
     with pytest.raises(GraphError, match=r"GatherElements\) gathers with data and indices not both batched"):
         follow(model, {"x": f64(6, 5)})
 
@@ -114,20 +166,28 @@ def rnn_model(op, layout, H=3, I=2, T=4):
     gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op]
     params = {"W": f64(1, gates * H, I) * 0.5, "R": f64(1, gates * H, H) * 0.5, "B": f64(1, 2 * gates * H) * 0.1}
     if layout == 0:  # batch_first data transposed to (T, B, I), as torch exports nn.LSTM(batch_first=True)
-        nodes = [("Transpose", ["x"], ["xt"], {"perm": [1, 0, 2]}),
-                 (op, ["xt", "W", "R", "B"], ["Y", "Y_h"], {"hidden_size": H, "layout": 0}),
-                 ("Squeeze", ["Y", "one"], ["Ys"]),  # (T, B, H)
-                 ("Transpose", ["Ys"], ["Yb"], {"perm": [1, 0, 2]}),
-                 ("Gather", ["Y_h", "zero"], ["h"], {"axis": 0})]  # (B, H)
+        nodes = [
+            ("Transpose", ["x"], ["xt"], {"perm": [1, 0, 2]}),
+            (op, ["xt", "W", "R", "B"], ["Y", "Y_h"], {"hidden_size": H, "layout": 0}),
+            ("Squeeze", ["Y", "one"], ["Ys"]),  # (T, B, H)
+            ("Transpose", ["Ys"], ["Yb"], {"perm": [1, 0, 2]}),
+            ("Gather", ["Y_h", "zero"], ["h"], {"axis": 0}),
+        ]  # (B, H)
     else:
-        nodes = [(op, ["x", "W", "R", "B"], ["Y", "Y_h"], {"hidden_size": H, "layout": 1}),
-                 ("Squeeze", ["Y", "two"], ["Yb"]),  # (B, T, H)
-                 ("Squeeze", ["Y_h", "one"], ["h"])]
-    nodes += [("ReduceMean", ["Yb", "ax1"], ["m"], {"keepdims": 0}), ("Mul", ["m", "h"], ["p"]),
-              ("ReduceMean", ["p"], ["loss"], {"keepdims": 0})]
+        nodes = [
+            (op, ["x", "W", "R", "B"], ["Y", "Y_h"], {"hidden_size": H, "layout": 1}),
+            ("Squeeze", ["Y", "two"], ["Yb"]),  # (B, T, H)
+            ("Squeeze", ["Y_h", "one"], ["h"]),
+        ]
+    nodes += [
+        ("ReduceMean", ["Yb", "ax1"], ["m"], {"keepdims": 0}),
+        ("Mul", ["m", "h"], ["p"]),
+        ("ReduceMean", ["p"], ["loss"], {"keepdims": 0}),
+    ]
     consts = {"one": np.array([1]), "two": np.array([2]), "zero": np.array(0), "ax1": np.array([1])}
-    return graph(nodes, [("x", ("batch", T, I), np.float64)], params=params, constants=consts, opset=18), \
-        {"x": f64(6, T, I)}
+    return graph(nodes, [("x", ("batch", T, I), np.float64)], params=params, constants=consts, opset=18), {
+        "x": f64(6, T, I)
+    }
 
 
 @pytest.mark.parametrize("layout", [0, 1])
@@ -165,12 +225,15 @@ def test_batch_size_as_data_is_refused():
         split_batch(model, prepare(model, feeds), feeds, 2)
 
 
-@pytest.mark.parametrize("case,match", [
-    ("product of means", r"node 'mul\d+' \(Mul\) is not linear"),
-    ("batch-independent term", r"node 'add\d+' \(Add\) adds a term that does not depend on the batch"),
-    ("batch mean below the loss", r"node 'sub\d+' \(Sub\) combines a batch reduction with per-sample values"),
-    ("training-mode BatchNorm", r"\(BatchNormalization\) in training mode normalises with statistics of the whole"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("product of means", r"node 'mul\d+' \(Mul\) is not linear"),
+        ("batch-independent term", r"node 'add\d+' \(Add\) adds a term that does not depend on the batch"),
+        ("batch mean below the loss", r"node 'sub\d+' \(Sub\) combines a batch reduction with per-sample values"),
+        ("training-mode BatchNorm", r"\(BatchNormalization\) in training mode normalises with statistics of the whole"),
+    ],
+)
 def test_existing_refusals_name_the_node(case, match):
     model, _ = _refusal_cases()[case]
     feeds = {"x": np.arange(12.0).reshape(4, 3)}
@@ -190,8 +253,7 @@ def test_labels_computed_from_a_feed_cannot_weight_by_count():
     x = m.input("x", (None, 3), np.float64)
     t = m.input("t", (None,), np.int64)
     shifted = m.op("Add", t, m.constant(np.array(1)), name="shift")
-    model = m.loss(m.op("SoftmaxCrossEntropyLoss", x @ m.param("w", f64(3, 4)), shifted, ignore_index=0,
-                        name="ce"))
+    model = m.loss(m.op("SoftmaxCrossEntropyLoss", x @ m.param("w", f64(3, 4)), shifted, ignore_index=0, name="ce"))
     feeds = {"x": f64(6, 3), "t": RNG.integers(0, 3, 6)}
     with pytest.raises(GraphError, match=r"node 'ce' \(SoftmaxCrossEntropyLoss\) has labels '.*' that are not a feed"):
         split_batch(model, prepare(model, feeds), feeds, 2)
@@ -203,8 +265,14 @@ def test_tags_follow_the_batch_axis_through_transposes():
     job = PreparedJob(tuple(nodes), infer_shapes(model, nodes, feeds), tuple(model.params), (), model.loss)
     follower = _Follower(model, job, {"x"}, 6)
     follower.loss_reduction()
-    assert [follower.tags[v] for v in ("xt", "Y", "Y_h", "Ys", "Yb", "h")] == \
-        [Rows(1), Rows(2), Rows(1), Rows(1), Rows(0), Rows(0)]
+    assert [follower.tags[v] for v in ("xt", "Y", "Y_h", "Ys", "Yb", "h")] == [
+        Rows(1),
+        Rows(2),
+        Rows(1),
+        Rows(1),
+        Rows(0),
+        Rows(0),
+    ]
 
 
 def test_grid_sample_and_col2im_split_per_sample():
@@ -229,8 +297,12 @@ def test_bit_shift_splits_exactly():
     x = m.input("x", (None, 4), np.float64)
     bits = m.input("bits", (None, 4), np.int64)
     as_uint8 = {"to": 2}  # BitShift takes unsigned ints only, which do not travel on the wire: cast in the graph
-    shifted = m.op("BitShift", m.op("Cast", bits, **as_uint8), m.op("Cast", m.constant(np.array([1])), **as_uint8),
-                   direction="LEFT")
+    shifted = m.op(
+        "BitShift",
+        m.op("Cast", bits, **as_uint8),
+        m.op("Cast", m.constant(np.array([1])), **as_uint8),
+        direction="LEFT",
+    )
     scale = m.op("Cast", shifted, to=11)  # to double
     model = m.loss(m.op("ReduceMean", m.tanh(x @ m.param("w", f64(4, 4))) * scale, keepdims=0))
     feeds = {"x": f64(B, 4), "bits": RNG.integers(0, 8, (B, 4))}

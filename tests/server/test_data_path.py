@@ -39,8 +39,11 @@ def _created_bytes() -> int:
     import ray
     from ray._private.internal_api import node_stats  # the raylet's own store counters
 
-    return sum(node_stats(n["NodeManagerAddress"], n["NodeManagerPort"]).store_stats.cumulative_created_bytes
-               for n in ray.nodes() if n["Alive"])
+    return sum(
+        node_stats(n["NodeManagerAddress"], n["NodeManagerPort"]).store_stats.cumulative_created_bytes
+        for n in ray.nodes()
+        if n["Alive"]
+    )
 
 
 @pytest.mark.parametrize("k,m,r", [(1, 1, 1), (2, 1, 1), (2, 4, 1), (3, 2, 1), (1, 1, 2)])
@@ -64,5 +67,6 @@ def test_a_job_moves_no_byte_beyond_the_minimum(ray_engine, k, m, r):
     minimum = feed_bytes + boundary_bytes + grad_bytes
     assert minimum <= moved <= minimum + SLACK, (
         f"K={k} M={m} R={r}: {moved} bytes created in the object store, the minimum is {minimum} "
-        f"(feeds {feed_bytes}, boundaries {boundary_bytes}, dL/dw {grad_bytes})")
+        f"(feeds {feed_bytes}, boundaries {boundary_bytes}, dL/dw {grad_bytes})"
+    )
     assert result.info["partitions"] == k and result.info["micro_batches"] == m and result.info["replicas"] == r

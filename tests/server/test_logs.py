@@ -64,8 +64,9 @@ def heavy_model():
 
 
 def job_request(model_id: str, feeds: dict[str, np.ndarray]) -> service_pb2.JobRequest:
-    return service_pb2.JobRequest(options=service_pb2.JobOptions(model_id=model_id, feeds=chunks.headers(feeds)),
-                                  feeds=list(chunks.chunks(feeds)))
+    return service_pb2.JobRequest(
+        options=service_pb2.JobOptions(model_id=model_id, feeds=chunks.headers(feeds)), feeds=list(chunks.chunks(feeds))
+    )
 
 
 def start_server(*args: str) -> tuple[subprocess.Popen, str, str, object]:
@@ -75,9 +76,25 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str, str, object]:
 
     err = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline", "--address", "127.0.0.1:0", "--state-dir", "none",
-         "--metrics-address", "127.0.0.1:0", *args],
-        stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "gradserve.client.cli",
+            "serve",
+            "--engine",
+            "inline",
+            "--address",
+            "127.0.0.1:0",
+            "--state-dir",
+            "none",
+            "--metrics-address",
+            "127.0.0.1:0",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     timer = threading.Timer(60, proc.kill)  # a server that never starts fails the test, not hangs it
     timer.start()
@@ -114,28 +131,62 @@ def test_many_failing_jobs_leave_one_outcome_line_each_and_no_traceback():
                 client.upload(model)
             channel = client._channel
             stub = service_pb2_grpc.GradientServiceStub(channel)
-            raw_compute = channel.unary_stream(COMPUTE, request_serializer=lambda b: b,
-                                               response_deserializer=service_pb2.ResultChunk.FromString)
+            raw_compute = channel.unary_stream(
+                COMPUTE, request_serializer=lambda b: b, response_deserializer=service_pb2.ResultChunk.FromString
+            )
             x, y = batch(51)["x"], batch(51)["y"]
             kinds = [
                 ("malformed request", lambda: list(raw_compute(b"\xff\xff\xff", timeout=30))),
-                ("feed chunk first", lambda: list(stub.Run(iter([service_pb2.JobChunk(feed=service_pb2.TensorChunk())]),
-                                                           timeout=30))),
+                (
+                    "feed chunk first",
+                    lambda: list(stub.Run(iter([service_pb2.JobChunk(feed=service_pb2.TensorChunk())]), timeout=30)),
+                ),
                 ("unknown model", lambda: list(stub.Compute(job_request("ab" * 32, {"x": x, "y": y}), timeout=30))),
-                ("wrong shape", lambda: list(stub.Compute(job_request(good.fingerprint(), {"x": x[:, :3], "y": y}),
-                                                          timeout=30))),
+                (
+                    "wrong shape",
+                    lambda: list(stub.Compute(job_request(good.fingerprint(), {"x": x[:, :3], "y": y}), timeout=30)),
+                ),
                 ("missing feed", lambda: list(stub.Compute(job_request(good.fingerprint(), {"x": x}), timeout=30))),
-                ("wrong dtype", lambda: list(stub.Compute(job_request(good.fingerprint(), {"x": x.astype(np.float64),
-                                                                                            "y": y}), timeout=30))),
-                ("feeds over the limit", lambda: list(stub.Compute(job_request(
-                    good.fingerprint(), {"x": np.zeros((5000, 4), np.float32), "y": np.zeros((5000, 1), np.float32)}),
-                    timeout=30))),
-                ("index out of range", lambda: list(stub.Compute(job_request(gather.fingerprint(),
-                                                                             {"i": np.array([1, 99])}), timeout=30))),
-                ("label out of range", lambda: list(stub.Compute(job_request(
-                    ce.fingerprint(), {"labels": np.array([0, 7]), "logits": np.ones((2, 3), np.float32)}), timeout=30))),
-                ("cancelled", lambda: stub.Cancel(service_pb2.JobRef(
-                    job_id=_submit(stub, heavy, {"x": np.ones((1, 1024), np.float32)})), timeout=30)),
+                (
+                    "wrong dtype",
+                    lambda: list(
+                        stub.Compute(job_request(good.fingerprint(), {"x": x.astype(np.float64), "y": y}), timeout=30)
+                    ),
+                ),
+                (
+                    "feeds over the limit",
+                    lambda: list(
+                        stub.Compute(
+                            job_request(
+                                good.fingerprint(),
+                                {"x": np.zeros((5000, 4), np.float32), "y": np.zeros((5000, 1), np.float32)},
+                            ),
+                            timeout=30,
+                        )
+                    ),
+                ),
+                (
+                    "index out of range",
+                    lambda: list(stub.Compute(job_request(gather.fingerprint(), {"i": np.array([1, 99])}), timeout=30)),
+                ),
+                (
+                    "label out of range",
+                    lambda: list(
+                        stub.Compute(
+                            job_request(
+                                ce.fingerprint(), {"labels": np.array([0, 7]), "logits": np.ones((2, 3), np.float32)}
+                            ),
+                            timeout=30,
+                        )
+                    ),
+                ),
+                (
+                    "cancelled",
+                    lambda: stub.Cancel(
+                        service_pb2.JobRef(job_id=_submit(stub, heavy, {"x": np.ones((1, 1024), np.float32)})),
+                        timeout=30,
+                    ),
+                ),
                 ("good", lambda: list(stub.Compute(job_request(good.fingerprint(), {"x": x, "y": y}), timeout=30))),
             ]
             expected = Counter()
@@ -195,9 +246,14 @@ def test_many_failing_jobs_leave_one_outcome_line_each_and_no_traceback():
 
 
 def _submit(stub, model, feeds) -> str:
-    request = iter([service_pb2.JobChunk(options=service_pb2.JobOptions(
-        model_id=model.fingerprint(), feeds=chunks.headers(feeds)))]
-        + [service_pb2.JobChunk(feed=c) for c in chunks.chunks(feeds)])
+    request = iter(
+        [
+            service_pb2.JobChunk(
+                options=service_pb2.JobOptions(model_id=model.fingerprint(), feeds=chunks.headers(feeds))
+            )
+        ]
+        + [service_pb2.JobChunk(feed=c) for c in chunks.chunks(feeds)]
+    )
     return stub.Submit(request, timeout=30).job_id
 
 
@@ -211,8 +267,9 @@ def test_a_client_that_leaves_while_sending_feeds_leaves_one_cancelled_line(capl
         gate = threading.Event()
 
         def requests():
-            yield service_pb2.JobChunk(options=service_pb2.JobOptions(model_id=model.fingerprint(),
-                                                                      feeds=chunks.headers(feeds)))
+            yield service_pb2.JobChunk(
+                options=service_pb2.JobOptions(model_id=model.fingerprint(), feeds=chunks.headers(feeds))
+            )
             gate.wait(10)
 
         with caplog.at_level(logging.INFO, logger="gradserve.server"):
@@ -232,7 +289,8 @@ def test_a_client_that_leaves_while_sending_feeds_leaves_one_cancelled_line(capl
     assert lines[0] in (
         f"job rejected: model {model.fingerprint()[:16]}: CANCELLED: the client went away while sending the job",
         f"job rejected: model {model.fingerprint()[:16]}: INVALID_ARGUMENT: feed 'x': shape (16, 4) of float32 "
-        "needs 256 bytes, got 0")
+        "needs 256 bytes, got 0",
+    )
     assert not any(r.exc_info for r in caplog.records)
     assert srv.servicer.pending.used == 0
 
@@ -246,8 +304,11 @@ def test_outcome_line_in_text(caplog):
                 c.gradients(model, {"x": np.zeros((2, 4), np.float32)})
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("job ")]
     assert len(lines) == 2, lines
-    assert re.fullmatch(rf"job job-1-[0-9a-f]+ done: model {model.fingerprint()[:16]} K=1 M=1 R=1, "
-                        r"queued \d+\.\d{3}s, ran \d+\.\d{3}s: OK, loss=\S+", lines[0]), lines[0]
+    assert re.fullmatch(
+        rf"job job-1-[0-9a-f]+ done: model {model.fingerprint()[:16]} K=1 M=1 R=1, "
+        r"queued \d+\.\d{3}s, ran \d+\.\d{3}s: OK, loss=\S+",
+        lines[0],
+    ), lines[0]
     assert lines[1].startswith(f"job rejected: model {model.fingerprint()[:16]}: INVALID_ARGUMENT: feed 'y' is missing")
     assert not any(r.exc_info for r in caplog.records)
 
@@ -258,8 +319,15 @@ def test_json_formatter_keeps_a_traceback_on_its_line():
         raise RuntimeError("boom")
     except RuntimeError:
         record = logging.getLogger("gradserve.server").makeRecord(
-            "gradserve.server", logging.ERROR, __file__, 1, "internal error: %s", ("boom",), sys.exc_info(),
-            extra={"fields": {"job_id": "job-1", "message": "not overwritten"}})
+            "gradserve.server",
+            logging.ERROR,
+            __file__,
+            1,
+            "internal error: %s",
+            ("boom",),
+            sys.exc_info(),
+            extra={"fields": {"job_id": "job-1", "message": "not overwritten"}},
+        )
     line = formatter.format(record)
     assert "\n" not in line
     data = json.loads(line)

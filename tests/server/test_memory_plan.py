@@ -10,7 +10,14 @@ import pytest
 from gradserve.client.demo import mlp_example
 from gradserve.server.errors import status_for
 from gradserve.server.planning.memory import (
-    ACTOR_BASE_BYTES, HEADROOM, MemoryModel, NodeInfo, ResourceExhausted, nodes_of, pack, parse_size,
+    ACTOR_BASE_BYTES,
+    HEADROOM,
+    MemoryModel,
+    NodeInfo,
+    ResourceExhausted,
+    nodes_of,
+    pack,
+    parse_size,
 )
 from gradserve.server.planning.partition import plan_job
 from gradserve.server.planning.prepare import prepare
@@ -125,9 +132,16 @@ def test_describe_shows_memory_per_partition(mlp):
     assert text.count("  memory: ~") == 2 and "parameters" in text and "activations" in text
 
 
-@pytest.mark.parametrize("text, value", [
-    ("1200M", 1200 << 20), ("2G", 2 << 30), ("1.5Gi", 3 << 29), ("512MiB", 512 << 20), ("1048576", 1 << 20),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1200M", 1200 << 20),
+        ("2G", 2 << 30),
+        ("1.5Gi", 3 << 29),
+        ("512MiB", 512 << 20),
+        ("1048576", 1 << 20),
+    ],
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 

@@ -33,8 +33,10 @@ def gather_model():
 
 def test_metrics_count_jobs_by_outcome_over_http():
     engine = GatedEngine()
-    with serving(lambda: engine, limits=Limits(max_concurrent_jobs=1), metrics_address="127.0.0.1:0") as srv, \
-            Client(srv.address, timeout=30) as c:
+    with (
+        serving(lambda: engine, limits=Limits(max_concurrent_jobs=1), metrics_address="127.0.0.1:0") as srv,
+        Client(srv.address, timeout=30) as c,
+    ):
         assert srv.metrics_address and srv.metrics_address != "127.0.0.1:0"
         model, feeds = mlp(31), batch(31)
         running = c.submit(model, feeds)
@@ -107,8 +109,9 @@ def test_rpcs_turned_away_by_the_token_are_counted():
             with pytest.raises(grpc.RpcError) as info:
                 stub.HasModel(service_pb2.ModelRef(model_id="x"), timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            reply = stub.HasModel(service_pb2.ModelRef(model_id="x"), metadata=(("authorization", "Bearer tok"),),
-                                  timeout=5)
+            reply = stub.HasModel(
+                service_pb2.ModelRef(model_id="x"), metadata=(("authorization", "Bearer tok"),), timeout=5
+            )
             assert not reply.present
         m = scrape(srv.metrics_address)
         assert value(m, "gradserve_rpcs_total", method="GradientService/HasModel", code="UNAUTHENTICATED") == 1
@@ -116,8 +119,11 @@ def test_rpcs_turned_away_by_the_token_are_counted():
 
 
 def test_two_servers_in_one_process_keep_their_own_metrics():
-    with serving(metrics_address="127.0.0.1:0") as a, serving(metrics_address="127.0.0.1:0") as b, \
-            Client(a.address, timeout=30) as c:
+    with (
+        serving(metrics_address="127.0.0.1:0") as a,
+        serving(metrics_address="127.0.0.1:0") as b,
+        Client(a.address, timeout=30) as c,
+    ):
         c.gradients(mlp(32), batch(32))
         c.gradients(mlp(32), batch(33))
         assert a.metrics.registry is not b.metrics.registry
@@ -160,10 +166,14 @@ def test_kuberay_pod_is_annotated_for_prometheus():
     metrics_port = int(re.search(r"--metrics-address 0\.0\.0\.0:(\d+)", command).group(1))
     assert int(notes["prometheus.io/port"]) == metrics_port
     assert {"name": "metrics", "containerPort": metrics_port} in [
-        {k: p[k] for k in ("name", "containerPort")} for p in server["ports"]]
+        {k: p[k] for k in ("name", "containerPort")} for p in server["ports"]
+    ]
     # The Service exposes it too, under the same name (a ServiceMonitor or endpoints discovery).
-    service = next(d for d in yaml.safe_load_all((ROOT / "deploy/kuberay/gradserve.yaml").read_text())
-                   if d and d["kind"] == "Service")
+    service = next(
+        d
+        for d in yaml.safe_load_all((ROOT / "deploy/kuberay/gradserve.yaml").read_text())
+        if d and d["kind"] == "Service"
+    )
     port = next(p for p in service["spec"]["ports"] if p["name"] == "metrics")
     assert port["port"] == metrics_port and port["targetPort"] == "metrics"
     assert service["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)

@@ -29,8 +29,10 @@ def _mlp(layers: int, width: int, seed: int) -> tuple[gradserve.Model, dict[str,
     h = m.input("x", (None, width), np.float64)
     y = m.input("y", (None, width), np.float64)
     for i in range(layers):
-        h = m.tanh(h @ m.param(f"w{i}", rng.standard_normal((width, width)) / np.sqrt(width))
-                   + m.param(f"b{i}", np.zeros(width)))
+        h = m.tanh(
+            h @ m.param(f"w{i}", rng.standard_normal((width, width)) / np.sqrt(width))
+            + m.param(f"b{i}", np.zeros(width))
+        )
     feeds = {name: rng.standard_normal((16, width)) for name in ("x", "y")}
     return m.loss(m.mse(h, y)), feeds
 

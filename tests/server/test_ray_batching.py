@@ -65,8 +65,12 @@ def test_fixed_batch_mlp_splits_exactly(ray_engine, tmp_path, exporter):
     assert_same_result(ray_engine.gradients(model, feeds, micro_batches=2, replicas=2, partitions=2), reference)
     result = ray_engine.gradients(model, feeds, replicas=2, input_grads=["x"])
     assert_same_result(result, reference)
-    np.testing.assert_allclose(result.input_grads["x"], INLINE.gradients(model, feeds, input_grads=["x"]).input_grads["x"],
-                               rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(
+        result.input_grads["x"],
+        INLINE.gradients(model, feeds, input_grads=["x"]).input_grads["x"],
+        rtol=1e-10,
+        atol=1e-15,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +85,28 @@ def gpt_lm(tmp_path_factory):
             torch.manual_seed(2)
             tokens, targets = torch.randint(0, 11, (7, 6)), torch.randint(0, 11, (7, 6))
             targets[1, :4] = -100  # ignored by F.cross_entropy: the chunk weights count the other targets
-            made[exporter] = export_with_feeds(M.GPT(vocab=11, d_model=8, n_layers=1).double(), [tokens, targets],
-                                               ["tokens", "targets"], folder, exporter, True)
+            made[exporter] = export_with_feeds(
+                M.GPT(vocab=11, d_model=8, n_layers=1).double(),
+                [tokens, targets],
+                ["tokens", "targets"],
+                folder,
+                exporter,
+                True,
+            )
         return gradserve.load_onnx(made[exporter][0]), made[exporter][1]
 
     return get
 
 
-@pytest.mark.parametrize("run", [
-    {"micro_batches": 3}, {"replicas": 2}, {"micro_batches": 2, "replicas": 2, "partitions": 3},
-], ids=["mb3", "rep2", "mb2-rep2-part3"])
+@pytest.mark.parametrize(
+    "run",
+    [
+        {"micro_batches": 3},
+        {"replicas": 2},
+        {"micro_batches": 2, "replicas": 2, "partitions": 3},
+    ],
+    ids=["mb3", "rep2", "mb2-rep2-part3"],
+)
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_gpt_lm_loss_over_merged_rows_splits_exactly(ray_engine, gpt_lm, exporter, run):
     """(The dynamo export keeps sqrt(d) as a 0-d float initializer, i.e. a 0-d parameter, whose
@@ -102,8 +118,15 @@ def test_gpt_lm_loss_over_merged_rows_splits_exactly(ray_engine, gpt_lm, exporte
 def test_gpt_split_job_equals_torch(ray_engine, tmp_path):
     torch.manual_seed(3)
     tokens, targets = torch.randint(0, 11, (6, 6)), torch.randint(0, 11, (6, 6))
-    check_module(M.GPT(vocab=11, d_model=8, n_layers=1).double(), [tokens, targets], ["tokens", "targets"], tmp_path, exporter="legacy",
-                 engine=ray_engine, micro_batches=3)
+    check_module(
+        M.GPT(vocab=11, d_model=8, n_layers=1).double(),
+        [tokens, targets],
+        ["tokens", "targets"],
+        tmp_path,
+        exporter="legacy",
+        engine=ray_engine,
+        micro_batches=3,
+    )
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])

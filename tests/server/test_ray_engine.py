@@ -46,8 +46,12 @@ def onnx_cnn(tmp_path_factory):
     x = torch.randn(8, 3, 12, 12, dtype=torch.float64)
     labels = torch.randint(0, 5, (8,))
     path = models.export(
-        models.WithCrossEntropy(net).eval(), [x, labels], tmp_path_factory.mktemp("cnn") / "cnn.onnx",
-        ["x", "labels"], ["loss"], dynamic_batch=True,
+        models.WithCrossEntropy(net).eval(),
+        [x, labels],
+        tmp_path_factory.mktemp("cnn") / "cnn.onnx",
+        ["x", "labels"],
+        ["loss"],
+        dynamic_batch=True,
     )
     return gradserve.load_onnx(str(path)), {"x": x.numpy(), "labels": labels.numpy()}
 
@@ -57,8 +61,12 @@ def onnx_transformer(tmp_path_factory):
     tokens = torch.randint(0, 20, (8, 6))
     target = torch.randn(8, 3, dtype=torch.float64)
     path = models.export(
-        models.WithMSE(net), [tokens, target], tmp_path_factory.mktemp("tr") / "transformer.onnx",
-        ["tokens", "target"], ["loss"], dynamic_batch=True,
+        models.WithMSE(net),
+        [tokens, target],
+        tmp_path_factory.mktemp("tr") / "transformer.onnx",
+        ["tokens", "target"],
+        ["loss"],
+        dynamic_batch=True,
     )
     return gradserve.load_onnx(str(path)), {"tokens": tokens.numpy(), "target": target.numpy()}
 
@@ -94,8 +102,9 @@ def test_input_gradients_and_fan_out_across_cuts(ray_engine):
     assert_same_result(result, reference)
     np.testing.assert_allclose(result.input_grads["x"], reference.input_grads["x"], rtol=1e-10, atol=1e-14)
     plan = ray_engine.plan(model, feeds, partitions=4)
-    assert any(len(b.consumers) > 1 or b.consumers[0] > b.producer + 1 for b in plan.boundaries.values()), \
+    assert any(len(b.consumers) > 1 or b.consumers[0] > b.producer + 1 for b in plan.boundaries.values()), (
         "the DAG should have a value read by several partitions or a skip over a partition"
+    )
 
 
 def test_parameters_are_placed_once_per_content(ray_engine):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from gradserve.server.planning.schedule import (
-    BACKWARD, FORWARD, WEIGHTS, Links, Step, calls, one_f_one_b, reduction_children, reduction_parent,
+    BACKWARD,
+    FORWARD,
+    WEIGHTS,
+    Links,
+    Step,
+    calls,
+    one_f_one_b,
+    reduction_children,
+    reduction_parent,
 )
 
 LINKS = {
@@ -21,7 +29,8 @@ def _needs(step: Step, links: Links) -> set[Step]:
         return {Step(FORWARD, q, step.micro_batch) for q in links.sources[step.partition]}
     if step.phase == BACKWARD:
         return {Step(BACKWARD, q, step.micro_batch) for q in links.readers[step.partition]} | {
-            Step(FORWARD, step.partition, step.micro_batch)}
+            Step(FORWARD, step.partition, step.micro_batch)
+        }
     return set()
 
 
@@ -33,7 +42,8 @@ def _read_by_others(step: Step, links: Links) -> bool:
 def _all(links: Links, m: int) -> set[Step]:
     k = len(links.sources)
     return {Step(ph, p, c) for p in range(k) for c in range(m) for ph in (FORWARD, BACKWARD)} | {
-        Step(WEIGHTS, p) for p in range(k)}
+        Step(WEIGHTS, p) for p in range(k)
+    }
 
 
 @pytest.mark.parametrize("name", sorted(LINKS))
@@ -87,11 +97,18 @@ def test_small_jobs_are_few_calls() -> None:
     assert [[s.phase for s in c.steps] for c in one] == [[FORWARD, BACKWARD, WEIGHTS]]
     two = calls(one_f_one_b(Links.chain(2), 1), Links.chain(2), 1)
     assert [(c.partition, [s.phase for s in c.steps]) for c in two] == [
-        (0, [FORWARD]), (1, [FORWARD, BACKWARD]), (1, [WEIGHTS]), (0, [BACKWARD, WEIGHTS])]
+        (0, [FORWARD]),
+        (1, [FORWARD, BACKWARD]),
+        (1, [WEIGHTS]),
+        (0, [BACKWARD, WEIGHTS]),
+    ]
     # Weights computed during the backwards: handing them over joins the last backward's call.
     eager = calls(one_f_one_b(Links.chain(2), 1), Links.chain(2), 1, deferred=False)
     assert [(c.partition, [s.phase for s in c.steps]) for c in eager] == [
-        (0, [FORWARD]), (1, [FORWARD, BACKWARD, WEIGHTS]), (0, [BACKWARD, WEIGHTS])]
+        (0, [FORWARD]),
+        (1, [FORWARD, BACKWARD, WEIGHTS]),
+        (0, [BACKWARD, WEIGHTS]),
+    ]
     # The last partition runs each micro-batch's forward and backward as one call.
     four = calls(one_f_one_b(Links.chain(2), 4), Links.chain(2), 4)
     assert sum(1 for c in four if c.partition == 1 and [s.phase for s in c.steps] == [FORWARD, BACKWARD]) == 4
@@ -110,4 +127,5 @@ def test_reduction_tree_sums_every_replica_once(r: int) -> None:
 
     def depth(i: int) -> int:
         return 1 + max((depth(c) for c in reduction_children(i, r)), default=0)
+
     assert max(depth(root) for root in roots) <= r.bit_length()

@@ -70,14 +70,21 @@ def test_concurrent_jobs_go_to_idle_nodes():
     (pick,) = choose(["s/0"], [A, B], actors)
     assert pick == actors[1], "the idle node, though the busy actor holds the stage"
     # every node busy: the least loaded one, on an actor holding the stage (no new actor on a full node)
-    actors = [ActorInfo(1, "a", load=2), ActorInfo(2, "b", load=1, stages=frozenset({"s/0"})),
-              ActorInfo(3, "b", load=1)]
+    actors = [
+        ActorInfo(1, "a", load=2),
+        ActorInfo(2, "b", load=1, stages=frozenset({"s/0"})),
+        ActorInfo(3, "b", load=1),
+    ]
     (pick,) = choose(["s/0"], [A, NodeInfo("b", 2)], actors)
     assert pick == actors[1]
 
 
 def test_an_idle_actor_holding_the_stage_is_reused():
-    actors = [ActorInfo(1, "a"), ActorInfo(2, "b", stages=frozenset({"s/1"})), ActorInfo(3, "c", stages=frozenset({"s/0"}))]
+    actors = [
+        ActorInfo(1, "a"),
+        ActorInfo(2, "b", stages=frozenset({"s/1"})),
+        ActorInfo(3, "c", stages=frozenset({"s/0"})),
+    ]
     picks = choose(["s/0", "s/1"], [A, B, C], actors)
     assert picks == [actors[2], actors[1]]
 
@@ -93,8 +100,11 @@ def test_a_multi_cpu_node_gets_a_second_actor_while_the_first_is_busy():
 
 def test_actors_on_nodes_that_left_are_not_chosen_and_replacements_go_where_the_pool_has_fewest():
     # node c lost its actor (killed); a and b each still have one, and d is gone
-    actors = [ActorInfo(1, "a", stages=frozenset({"s/0"})), ActorInfo(2, "b", stages=frozenset({"s/1"})),
-              ActorInfo(9, "d", stages=frozenset({"s/2"}))]
+    actors = [
+        ActorInfo(1, "a", stages=frozenset({"s/0"})),
+        ActorInfo(2, "b", stages=frozenset({"s/1"})),
+        ActorInfo(9, "d", stages=frozenset({"s/2"})),
+    ]
     picks = choose(["s/0", "s/1", "s/2"], [A, B, C], actors)
     assert picks[:2] == actors[:2] and picks[2] == NewActor("c")
     # several replacements after failures piled actors onto one node: new ones go to the emptiest
@@ -118,8 +128,12 @@ BASE = ACTOR_BASE_BYTES
 # What the planner estimates for benchmarks/small_jobs.py's two models (5 x 32 and 3 x 40 tanh MLPs,
 # batch 16) at K = 1, 2, 3: the worker process plus some tens of KB per partition.
 SMALL_NEEDS = {
-    ("a", 1): [75850], ("a", 2): [47040, 39050], ("a", 3): [36480, 33920, 25930],
-    ("b", 1): [71610], ("b", 2): [48800, 35610], ("b", 3): [32400, 32400, 32410],
+    ("a", 1): [75850],
+    ("a", 2): [47040, 39050],
+    ("a", 3): [36480, 33920, 25930],
+    ("b", 1): [71610],
+    ("b", 2): [48800, 35610],
+    ("b", 3): [32400, 32400, 32410],
 }
 
 

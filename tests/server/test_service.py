@@ -35,8 +35,19 @@ from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.events import ProgressEvent
 from gradserve.server.limits import Limits
-from serving import REFERENCE, SERVICE, _files, assert_same, assert_same_npz, batch, check_still_serving, code_and_details, counting_calls, mlp, serving
-
+from serving import (
+    REFERENCE,
+    SERVICE,
+    _files,
+    assert_same,
+    assert_same_npz,
+    batch,
+    check_still_serving,
+    code_and_details,
+    counting_calls,
+    mlp,
+    serving,
+)
 
 
 # -- models and helpers ----------------------------------------------------------------------------
@@ -65,7 +76,8 @@ def test_upload_then_upload_again_costs_nothing(server, client):
     # Even a client that streams the model regardless is answered at once.
     manifest, _ = model_manifest(model)
     reply = service_pb2_grpc.GradientServiceStub(client._channel).UploadModel(
-        iter([service_pb2.UploadChunk(manifest=manifest)]), timeout=10)
+        iter([service_pb2.UploadChunk(manifest=manifest)]), timeout=10
+    )
     assert reply.already_present and reply.model_id == model_id
 
 
@@ -86,7 +98,11 @@ def test_async_job_status_watch_result(client):
     assert states[-1] == "done" and states.count("done") == 1
     progress = [s for s in statuses if s.state == "running"]
     assert [(s.event.phase, s.event.done) for s in progress] == [
-        ("forward", False), ("forward", True), ("backward", False), ("backward", True)]
+        ("forward", False),
+        ("forward", True),
+        ("backward", False),
+        ("backward", True),
+    ]
     assert [s.steps_done for s in progress] == [0, 1, 1, 2]
     assert statuses[-1].steps_done == statuses[-1].steps_total == 2
     assert job.status().state == "done"
@@ -125,8 +141,11 @@ def test_progress_display_path(client, capsys):
 def test_upload_progress_is_shown_for_big_models(client, capsys, monkeypatch):
     import gradserve.client.progress as progress
 
-    monkeypatch.setattr(progress.ProgressLine, "__init__",
-                        lambda self, stream=None, delay=1.0, _init=progress.ProgressLine.__init__: _init(self, stream, 0.0))
+    monkeypatch.setattr(
+        progress.ProgressLine,
+        "__init__",
+        lambda self, stream=None, delay=1.0, _init=progress.ProgressLine.__init__: _init(self, stream, 0.0),
+    )
     m = gradserve.ModelBuilder()
     x = m.input("x", (None, 1500))
     model = m.loss((x @ m.param("w", np.full((1500, 1000), 0.5, np.float32))).mean())  # 5.7 MiB: 6 chunks
@@ -348,8 +367,10 @@ def test_health_check(server):
 def test_reflection_lists_the_service(server):
     with grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
-                    reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)]
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
+        ]
         replies = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
     assert SERVICE in {s.name for s in replies[0].list_services_response.service}
     assert replies[1].file_descriptor_response.file_descriptor_proto  # the .proto is served too
@@ -372,7 +393,9 @@ def test_limits_answer_resource_exhausted():
         m = gradserve.ModelBuilder()
         x = m.input("x", (None, 4))
         w = m.param("w", np.ones((4, 1), np.float32))
-        big = m.op("ConstantOfShape", m.constant(np.array([300, 300], np.int64)), value=np.ones(1, np.float32), name="huge")
+        big = m.op(
+            "ConstantOfShape", m.constant(np.array([300, 300], np.int64)), value=np.ones(1, np.float32), name="huge"
+        )
         hostile = m.loss((x @ w).mean() + big.mean())
         with pytest.raises(ResourceExhausted, match=r"value 'huge_out0' would have shape \(300, 300\)"):
             c.gradients(hostile, {"x": batch(9)["x"]})
@@ -394,7 +417,21 @@ def test_cli_grad_via_server_writes_the_same_npz(server, tmp_path, capsys):
     assert_same_npz(local, remote)
     # A server-side error is one line, exit status 2, like a local one.
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 4), np.float32))
-    assert cli_main(["grad", model_path, "--feeds", str(tmp_path / "bad.npz"), "--out", remote,
-                     "--server", server.address, "-q"]) == 2
+    assert (
+        cli_main(
+            [
+                "grad",
+                model_path,
+                "--feeds",
+                str(tmp_path / "bad.npz"),
+                "--out",
+                remote,
+                "--server",
+                server.address,
+                "-q",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "feed 'y' is missing" in err

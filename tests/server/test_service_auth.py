@@ -63,17 +63,32 @@ def test_tls(tls_files):
             assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
 
-
-
 def test_cli_serve_with_token_file(tmp_path, capsys):
     token_file = tmp_path / "token"
     token_file.write_text("cli-token\n")
     model_path, feeds_path = _files(tmp_path, 17)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline", "--address", "127.0.0.1:0", "--state-dir", "none",
-         "--auth-token-file", str(token_file), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "gradserve.client.cli",
+            "serve",
+            "--engine",
+            "inline",
+            "--address",
+            "127.0.0.1:0",
+            "--state-dir",
+            "none",
+            "--auth-token-file",
+            str(token_file),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 30)

@@ -59,7 +59,8 @@ def test_content_hash_is_verified(client):
     _, arrays = model_manifest(model)
 
     code, details = code_and_details(
-        lambda: _upload_with_chunks(client, model, list(chunks.chunks(arrays)), model_id="0" * 64))
+        lambda: _upload_with_chunks(client, model, list(chunks.chunks(arrays)), model_id="0" * 64)
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "hashes to" in details
     assert not client.has_model("0" * 64)
 

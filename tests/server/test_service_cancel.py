@@ -25,8 +25,10 @@ from serving import REFERENCE, assert_same, batch, counting_calls, GatedEngine, 
 
 def test_cancel_running_and_queued_jobs():
     engine = GatedEngine()
-    with serving(lambda: engine, limits=Limits(max_concurrent_jobs=1, max_queued_jobs=1)) as srv, \
-            Client(srv.address, timeout=30, retry=None) as c:
+    with (
+        serving(lambda: engine, limits=Limits(max_concurrent_jobs=1, max_queued_jobs=1)) as srv,
+        Client(srv.address, timeout=30, retry=None) as c,
+    ):
         model, feeds = mlp(11), batch(11)
         running = c.submit(model, feeds)
         assert engine.started.wait(5)

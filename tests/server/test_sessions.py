@@ -40,10 +40,14 @@ def mlp():
     x, y = m.input("x", (None, SIZES[0]), np.float64), m.input("y", (None, SIZES[-1]), np.float64)
     h = x
     for i, (a, b) in enumerate(zip(SIZES, SIZES[1:])):
-        h = h @ m.param(f"w{i}", rng.standard_normal((a, b)) / np.sqrt(a)) + m.param(f"b{i}", rng.standard_normal(b) * 0.1)
+        h = h @ m.param(f"w{i}", rng.standard_normal((a, b)) / np.sqrt(a)) + m.param(
+            f"b{i}", rng.standard_normal(b) * 0.1
+        )
         h = m.tanh(h) if i < len(SIZES) - 2 else h
     model = m.loss(m.mse(h, y))
-    batches = [{"x": rng.standard_normal((8, SIZES[0])), "y": rng.standard_normal((8, SIZES[-1]))} for _ in range(STEPS)]
+    batches = [
+        {"x": rng.standard_normal((8, SIZES[0])), "y": rng.standard_normal((8, SIZES[-1]))} for _ in range(STEPS)
+    ]
     return model, batches
 
 
@@ -76,12 +80,18 @@ def assert_close(got: dict, want: dict, rtol=1e-9):
         np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=1e-12, err_msg=name)
 
 
-@pytest.mark.parametrize("ours,theirs,max_norm", [
-    (SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
-     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01), None),
-    (Adam(lr=0.01, amsgrad=True), lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True), 0.5),
-    (AdamW(lr=0.02), lambda p: torch.optim.AdamW(p, lr=0.02), 0.3),
-])
+@pytest.mark.parametrize(
+    "ours,theirs,max_norm",
+    [
+        (
+            SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+            None,
+        ),
+        (Adam(lr=0.01, amsgrad=True), lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True), 0.5),
+        (AdamW(lr=0.02), lambda p: torch.optim.AdamW(p, lr=0.02), 0.3),
+    ],
+)
 def test_an_inline_session_trains_as_torch_optim_does(ours, theirs, max_norm):
     model, batches = mlp()
     want_losses, want_weights = torch_training(model, batches, theirs, max_norm)
@@ -150,6 +160,7 @@ def test_param_groups_must_name_parameters():
 
 # -- on Ray workers ----------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("k,m,r", [(1, 1, 1), (2, 1, 1), (3, 2, 1), (1, 1, 2), (2, 2, 2)])
 def test_a_ray_session_trains_as_the_inline_one(ray_engine, k, m, r):
@@ -157,11 +168,15 @@ def test_a_ray_session_trains_as_the_inline_one(ray_engine, k, m, r):
     options = dict(max_norm=0.5, schedule=[(1, 0.02), (4, 0.01)])
     reference = gradserve.local().session(model, Adam(lr=0.02, weight_decay=0.1), **options)
     want = [reference.step(b).loss for b in batches]
-    with ray_engine.session(model, Adam(lr=0.02, weight_decay=0.1), partitions=k, micro_batches=m, replicas=r,
-                            **options) as session:
+    with ray_engine.session(
+        model, Adam(lr=0.02, weight_decay=0.1), partitions=k, micro_batches=m, replicas=r, **options
+    ) as session:
         got = [session.step(b).loss for b in batches]
-        assert (session.placement["partitions"], session.placement["micro_batches"],
-                session.placement["replicas"]) == (k, m, r)
+        assert (session.placement["partitions"], session.placement["micro_batches"], session.placement["replicas"]) == (
+            k,
+            m,
+            r,
+        )
         np.testing.assert_allclose(got, want, rtol=1e-12)
         assert_close(session.weights(), reference.weights(), rtol=1e-10)
         replicas = session.replica_weights()
@@ -198,6 +213,7 @@ def test_a_ray_session_keeps_its_weights_between_steps_and_frees_them(ray_engine
 
 
 # -- through the gRPC service ------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def serving(engine_factory=InlineEngine, **limits):
@@ -309,11 +325,13 @@ def test_a_ray_session_through_the_server(ray_engine):
 
 # -- nothing is lost ---------------------------------------------------------------------------------
 
+
 def test_a_server_restart_on_the_same_state_directory_brings_sessions_back(tmp_path):
     model, batches = mlp()
     reference = gradserve.local().session(model, Adam(lr=0.02))
-    first = GradientServer(InlineEngine, "127.0.0.1:0", limits=Limits(session_checkpoint_steps=2),
-                           state_dir=str(tmp_path))
+    first = GradientServer(
+        InlineEngine, "127.0.0.1:0", limits=Limits(session_checkpoint_steps=2), state_dir=str(tmp_path)
+    )
     first.start()
     client = Client(first.address, timeout=60)
     try:
@@ -372,8 +390,11 @@ def test_a_session_whose_optimizer_state_cannot_fit_is_refused_before_it_starts(
     weights = sum(p.nbytes for p in model.params.values())
     real = ray_engine._pool.nodes
     # nodes that fit the job, and the session's own copy of the weights, but not Adam's two moments too
-    monkeypatch.setattr(ray_engine._pool, "nodes", lambda refresh=False: [
-        dataclasses.replace(n, memory_bytes=as_job + 2 * weights) for n in real(refresh)])
+    monkeypatch.setattr(
+        ray_engine._pool,
+        "nodes",
+        lambda refresh=False: [dataclasses.replace(n, memory_bytes=as_job + 2 * weights) for n in real(refresh)],
+    )
     with ray_engine.session(model, Adam(lr=0.01), partitions=1, micro_batches=1, replicas=1) as session:
         with pytest.raises(memory.ResourceExhausted, match=r"more for its own weights and the optimizer's state"):
             session.step(batches[0])
@@ -385,8 +406,9 @@ def test_a_worker_killed_mid_step_sends_the_session_back_to_its_checkpoint(ray_e
     """As the fault tests do: partition 1's actor is held while partition 0 computes, and killed
     once partition 0's forward is done; the step runs again from the last checkpoint."""
     model, batches = mlp()
-    session = ray_engine.session(model, SGD(lr=0.1, momentum=0.9), partitions=2, micro_batches=1, replicas=1,
-                                 checkpoint_steps=2)
+    session = ray_engine.session(
+        model, SGD(lr=0.1, momentum=0.9), partitions=2, micro_batches=1, replicas=1, checkpoint_steps=2
+    )
     reference = gradserve.local().session(model, SGD(lr=0.1, momentum=0.9))
     for b in batches[:3]:
         session.step(b)

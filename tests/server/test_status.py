@@ -26,8 +26,10 @@ TOKEN = "status-t0ken"
 
 def test_status_rpc_shows_queued_and_running_jobs_and_models_and_needs_the_token(tmp_path):
     engine = GatedEngine()
-    with serving(lambda: engine, limits=Limits(max_concurrent_jobs=1), auth_token=TOKEN) as srv, \
-            Client(srv.address, token=TOKEN, timeout=30) as c:
+    with (
+        serving(lambda: engine, limits=Limits(max_concurrent_jobs=1), auth_token=TOKEN) as srv,
+        Client(srv.address, token=TOKEN, timeout=30) as c,
+    ):
         model, feeds = mlp(41), batch(41)
         other = mlp(42)
         c.upload(other)
@@ -55,8 +57,15 @@ def test_status_rpc_shows_queued_and_running_jobs_and_models_and_needs_the_token
         assert node.cpus >= 1 and node.memory_bytes > 0 and node.actors == 0 and node.alive
 
         screen = format_status(status, srv.address)
-        for text in ("engine gated", running.id, queued.id, model.fingerprint()[:16], other.fingerprint()[:16],
-                     "0/2", "1 running, 1 queued"):
+        for text in (
+            "engine gated",
+            running.id,
+            queued.id,
+            model.fingerprint()[:16],
+            other.fingerprint()[:16],
+            "0/2",
+            "1 running, 1 queued",
+        ):
             assert text in screen, text
 
         # The token is required, as for every other call.
@@ -66,8 +75,9 @@ def test_status_rpc_shows_queued_and_running_jobs_and_models_and_needs_the_token
         with grpc.insecure_channel(srv.address) as channel:
             stub = service_pb2_grpc.GradientServiceStub(channel)
             with pytest.raises(grpc.RpcError) as info:
-                stub.GetServerStatus(service_pb2.ServerStatusRequest(), metadata=(("authorization", "Bearer no"),),
-                                     timeout=5)
+                stub.GetServerStatus(
+                    service_pb2.ServerStatusRequest(), metadata=(("authorization", "Bearer no"),), timeout=5
+                )
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         queued.cancel()
@@ -115,8 +125,10 @@ def test_cli_status_prints_the_screen(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_status_and_metrics_show_the_ray_pool(ray_engine):
-    with serving(lambda: Borrowed(ray_engine), metrics_address="127.0.0.1:0") as srv, \
-            Client(srv.address, timeout=120) as c:
+    with (
+        serving(lambda: Borrowed(ray_engine), metrics_address="127.0.0.1:0") as srv,
+        Client(srv.address, timeout=120) as c,
+    ):
         model, feeds = mlp(44), batch(44)
         result = c.gradients(model, feeds, partitions=2)
         assert result.info["partitions"] == 2
@@ -151,4 +163,3 @@ def test_ray_status_does_not_wait_for_a_job_being_placed(ray_engine):
         assert time.monotonic() - t0 < 5
     assert all(n["busy_actors"] == 0 for n in status["nodes"])
     assert status["actors"] == len(ray_engine._pool.where)  # noqa: SLF001
-

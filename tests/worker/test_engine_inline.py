@@ -48,8 +48,13 @@ def _finite_difference_check(model, feeds, eps=1e-6, seed=0):
     vs = {p: rng.standard_normal(v.shape) for p, v in model.params.items()}
 
     def loss_at(t):
-        shifted = Model(model.nodes, model.inputs, {p: model.params[p] + t * vs[p] for p in model.params},
-                        model.loss, model.constants)
+        shifted = Model(
+            model.nodes,
+            model.inputs,
+            {p: model.params[p] + t * vs[p] for p in model.params},
+            model.loss,
+            model.constants,
+        )
         return engine.gradients(shifted, feeds).loss
 
     numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
@@ -149,21 +154,63 @@ def _mean_loss(src="h"):
 @pytest.mark.parametrize(
     "nodes, feeds, match",
     [
-        ([Node("mm", "MatMul", ["x", "w"], ["h"]), Node("cyc", "Add", ["h", "L"], ["h2"]), Node("mean", "ReduceMean", ["h2"], ["L"], {"keepdims": 0})],
-         FEEDS, "cycle through nodes 'cyc', 'mean'"),
-        ([Node("mm", "MatMul", ["x", "nowhere"], ["h"]), _mean_loss()], FEEDS, "node 'mm' \\(MatMul\\): input 'nowhere'"),
-        ([Node("mm", "Frobnicate", ["x", "w"], ["h"]), _mean_loss()], FEEDS, "node 'mm'.*unsupported op type 'Frobnicate'"),
+        (
+            [
+                Node("mm", "MatMul", ["x", "w"], ["h"]),
+                Node("cyc", "Add", ["h", "L"], ["h2"]),
+                Node("mean", "ReduceMean", ["h2"], ["L"], {"keepdims": 0}),
+            ],
+            FEEDS,
+            "cycle through nodes 'cyc', 'mean'",
+        ),
+        (
+            [Node("mm", "MatMul", ["x", "nowhere"], ["h"]), _mean_loss()],
+            FEEDS,
+            "node 'mm' \\(MatMul\\): input 'nowhere'",
+        ),
+        (
+            [Node("mm", "Frobnicate", ["x", "w"], ["h"]), _mean_loss()],
+            FEEDS,
+            "node 'mm'.*unsupported op type 'Frobnicate'",
+        ),
         ([Node("mm", "MatMul", ["x", "w", "w"], ["h"]), _mean_loss()], FEEDS, "node 'mm' \\(MatMul\\)"),
-        ([Node("mm", "MatMul", ["x", "x"], ["h"]), _mean_loss()], FEEDS, "node 'mm' \\(MatMul\\).*[Ii]ncompatible dimensions"),
+        (
+            [Node("mm", "MatMul", ["x", "x"], ["h"]), _mean_loss()],
+            FEEDS,
+            "node 'mm' \\(MatMul\\).*[Ii]ncompatible dimensions",
+        ),
         ([Node("mm", "MatMul", ["x", "w"], ["L"])], FEEDS, "loss 'L' must be a scalar"),
         ([Node("mm", "MatMul", ["x", "w"], ["h"]), _mean_loss()], {}, "feed 'x' is missing"),
-        ([Node("mm", "MatMul", ["x", "w"], ["h"]), _mean_loss()], {"x": np.ones((2, 4))}, "feed 'x' has shape \\(2, 4\\)"),
-        ([Node("mm", "MatMul", ["x", "w"], ["h"]), _mean_loss()], {"x": np.ones((2, 3), np.float32)}, "feed 'x' has dtype float32"),
-        ([Node("mm", "MatMul", ["x", "w"], ["h"]), _mean_loss()], {**FEEDS, "extra": np.ones(1)}, "feed 'extra' is not an input"),
+        (
+            [Node("mm", "MatMul", ["x", "w"], ["h"]), _mean_loss()],
+            {"x": np.ones((2, 4))},
+            "feed 'x' has shape \\(2, 4\\)",
+        ),
+        (
+            [Node("mm", "MatMul", ["x", "w"], ["h"]), _mean_loss()],
+            {"x": np.ones((2, 3), np.float32)},
+            "feed 'x' has dtype float32",
+        ),
+        (
+            [Node("mm", "MatMul", ["x", "w"], ["h"]), _mean_loss()],
+            {**FEEDS, "extra": np.ones(1)},
+            "feed 'extra' is not an input",
+        ),
         ([Node("mm", "MatMul", ["x", "w"], ["h"]), _mean_loss("nope")], FEEDS, "node 'mean'.*input 'nope'"),
     ],
-    ids=["cycle", "dangling", "unknown-op", "input-count", "shape-mismatch", "non-scalar-loss",
-         "missing-feed", "feed-shape", "feed-dtype", "unknown-feed", "dangling-loss-input"],
+    ids=[
+        "cycle",
+        "dangling",
+        "unknown-op",
+        "input-count",
+        "shape-mismatch",
+        "non-scalar-loss",
+        "missing-feed",
+        "feed-shape",
+        "feed-dtype",
+        "unknown-feed",
+        "dangling-loss-input",
+    ],
 )
 def test_bad_input_fails_fast_naming_the_culprit(nodes, feeds, match):
     with pytest.raises(GraphError, match=match):

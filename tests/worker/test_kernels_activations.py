@@ -93,7 +93,9 @@ def test_erf_kernel_matches_the_standard_library(dtype):
     tol = 2e-7 if dtype == np.float32 else 1e-15
     np.testing.assert_allclose(run_op("Erf", [x])[0], want, rtol=tol, atol=tol)
     dx = get_op("Erf").vjp(OpContext({}, inputs=[x], needs=(True,)), g)
-    np.testing.assert_allclose(dx, g * 2 / math.sqrt(math.pi) * np.exp(-x.astype(np.float64) ** 2), rtol=tol * 10, atol=tol)
+    np.testing.assert_allclose(
+        dx, g * 2 / math.sqrt(math.pi) * np.exp(-(x.astype(np.float64) ** 2)), rtol=tol * 10, atol=tol
+    )
     special = np.tile(np.array([np.inf, -np.inf, np.nan, 0.0, 10.0, -10.0], dtype), 4000)
     np.testing.assert_array_equal(erf_compiled("ERF", special), erf(special))
 
@@ -135,8 +137,11 @@ def mlp(acts, dtype, extra_reader=False, loss_reads_hidden=False):
         value = f"a{i}"
     nodes += [Node("sq", "Mul", [value, value], ["sq"]), Node("sum", "ReduceSum", ["sq"], ["loss"], {"keepdims": 0})]
     if extra_reader:  # the first product's output read again
-        nodes[-1:] = [Node("s1", "ReduceSum", ["sq"], ["l1"], {"keepdims": 0}),
-                      Node("s2", "ReduceSum", ["h0"], ["l2"], {"keepdims": 0}), Node("add", "Add", ["l1", "l2"], ["loss"])]
+        nodes[-1:] = [
+            Node("s1", "ReduceSum", ["sq"], ["l1"], {"keepdims": 0}),
+            Node("s2", "ReduceSum", ["h0"], ["l2"], {"keepdims": 0}),
+            Node("add", "Add", ["l1", "l2"], ["loss"]),
+        ]
     model = Model(nodes, [InputSpec("x", np.dtype(dtype), (None, width))], params, "loss")
     return model, {"x": rng.standard_normal((9, width)).astype(dtype)}
 
@@ -147,7 +152,8 @@ def test_rewrite_fuses_gemm_and_activation_within_rounding(dtype):
     model, feeds = mlp(acts, dtype)
     job = prepare(model, feeds)
     assert [(n.name, n.op_type, n.attrs.get("activation")) for n in job.nodes[:3]] == [
-        (f"fc{i}", FUSED_GEMM, act) for i, act in enumerate(acts)]
+        (f"fc{i}", FUSED_GEMM, act) for i, act in enumerate(acts)
+    ]
     assert len(job.nodes) == 5
     assert sum("runs as one node with" in r for r in job.rewrites) == 3
     result = InlineEngine().gradients(model, feeds)
@@ -229,19 +235,30 @@ def test_legacy_gelu_export_runs_as_one_gelu_and_matches_torch(dtype, tmp_path):
 def erf_gelu(order: str, dtype, sqrt2: float = float(np.sqrt(2.0)), extra_reader: bool = False):
     """x -> GELU written out (``order``: "x first" multiplies by x then 0.5, "half first" the other
     way, "times" scales by 1/sqrt(2) instead of dividing) -> sum of squares."""
-    consts = {"s": np.asarray(sqrt2 if order != "times" else 1 / sqrt2, dtype), "one": np.asarray(1.0, dtype),
-              "half": np.asarray(0.5, dtype)}
-    nodes = [Node("scale", "Mul" if order == "times" else "Div", ["x", "s"], ["d"]), Node("erf", "Erf", ["d"], ["e"]),
-             Node("plus", "Add", ["one", "e"], ["a"])]
+    consts = {
+        "s": np.asarray(sqrt2 if order != "times" else 1 / sqrt2, dtype),
+        "one": np.asarray(1.0, dtype),
+        "half": np.asarray(0.5, dtype),
+    }
+    nodes = [
+        Node("scale", "Mul" if order == "times" else "Div", ["x", "s"], ["d"]),
+        Node("erf", "Erf", ["d"], ["e"]),
+        Node("plus", "Add", ["one", "e"], ["a"]),
+    ]
     if order == "half first":
         nodes += [Node("m1", "Mul", ["half", "a"], ["m"]), Node("m2", "Mul", ["x", "m"], ["g"])]
     else:
         nodes += [Node("m1", "Mul", ["x", "a"], ["m"]), Node("m2", "Mul", ["m", "half"], ["g"])]
     nodes += [Node("sq", "Mul", ["g", "g"], ["sq"]), Node("sum", "ReduceSum", ["sq"], ["loss"], {"keepdims": 0})]
     if extra_reader:
-        nodes[-1:] = [Node("s1", "ReduceSum", ["sq"], ["l1"], {"keepdims": 0}),
-                      Node("s2", "ReduceSum", ["e"], ["l2"], {"keepdims": 0}), Node("add", "Add", ["l1", "l2"], ["loss"])]
-    model = Model(nodes, [InputSpec("x", np.dtype(dtype), (None, 50))], {"w": np.ones(50, dtype)}, "loss", constants=consts)
+        nodes[-1:] = [
+            Node("s1", "ReduceSum", ["sq"], ["l1"], {"keepdims": 0}),
+            Node("s2", "ReduceSum", ["e"], ["l2"], {"keepdims": 0}),
+            Node("add", "Add", ["l1", "l2"], ["loss"]),
+        ]
+    model = Model(
+        nodes, [InputSpec("x", np.dtype(dtype), (None, 50))], {"w": np.ones(50, dtype)}, "loss", constants=consts
+    )
     model.nodes.insert(0, Node("mw", "Mul", ["x0", "w"], ["x"]))  # a parameter before it, so dL/dw exists
     model.inputs = [InputSpec("x0", np.dtype(dtype), (None, 50))]
     return model, {"x0": (rng.standard_normal((400, 50)) * 2).astype(dtype)}

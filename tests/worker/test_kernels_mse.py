@@ -64,7 +64,10 @@ def mse_model(dtype, square="Mul", axes=None, extra_reader=False, target_shape=(
         nodes += [Node("s2", "ReduceSum", ["d"], ["l2"], {"keepdims": 0}), Node("add", "Add", ["m", "l2"], ["loss"])]
     else:
         nodes.append(Node("out", "ReduceSum", ["m"], ["loss"], {"keepdims": 0}))  # (a mean per sample too)
-    specs = [InputSpec("x", np.dtype(dtype), (None, width)), InputSpec("t", np.dtype(dtype), (None,) + target_shape[1:])]
+    specs = [
+        InputSpec("x", np.dtype(dtype), (None, width)),
+        InputSpec("t", np.dtype(dtype), (None,) + target_shape[1:]),
+    ]
     model = Model(nodes, specs, params, "loss", constants=constants, opset=18 if "axes" in constants else 13)
     feeds = {"x": rng.standard_normal((9, width)).astype(dtype), "t": rng.standard_normal(target_shape).astype(dtype)}
     return model, feeds

@@ -158,7 +158,12 @@ def test_batchnorm_kernel_against_numpy_path(dtype, offset, monkeypatch):
 def test_batchnorm_kernel_with_errors_at_running_statistics():
     """Errors reaching running_mean/running_var take the general VJP from the kernel's forward."""
     x = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
-    inputs = [x, *(rng.standard_normal(2).astype(np.float32) for _ in range(2)), np.zeros(2, np.float32), np.ones(2, np.float32)]
+    inputs = [
+        x,
+        *(rng.standard_normal(2).astype(np.float32) for _ in range(2)),
+        np.zeros(2, np.float32),
+        np.ones(2, np.float32),
+    ]
     y, rm, rv = run_op("BatchNormalization", inputs, {"training_mode": 1}, n_outputs=3)
     np.testing.assert_allclose(rv, 0.9 + 0.1 * x.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-5)
     check_vjp("BatchNormalization", [a.astype(np.float64) for a in inputs], {"training_mode": 1}, n_outputs=3)
@@ -168,18 +173,34 @@ def test_batchnorm_kernel_with_errors_at_running_statistics():
 def bn_model(tail, dtype, extra_reader=False):
     """Conv -> BatchNormalization (train) -> ``tail`` (Relu / MaxPool nodes) -> sum of squares.
     With ``extra_reader`` the BatchNormalization's output is also summed into the loss."""
-    nodes = [Node("conv", "Conv", ["x", "w"], ["c"], {"pads": [1, 1, 1, 1]}),
-             Node("bn", "BatchNormalization", ["c", "s", "b", "m", "v"], ["n", "rm", "rv"], {"training_mode": 1, "epsilon": 1e-3})]
+    nodes = [
+        Node("conv", "Conv", ["x", "w"], ["c"], {"pads": [1, 1, 1, 1]}),
+        Node(
+            "bn",
+            "BatchNormalization",
+            ["c", "s", "b", "m", "v"],
+            ["n", "rm", "rv"],
+            {"training_mode": 1, "epsilon": 1e-3},
+        ),
+    ]
     value = "n"
     for i, (op, attrs) in enumerate(tail):
         nodes.append(Node(f"t{i}", op, [value], [f"t{i}"], attrs))
         value = f"t{i}"
     nodes += [Node("sq", "Mul", [value, value], ["sq"]), Node("sum", "ReduceSum", ["sq"], ["loss"], {"keepdims": 0})]
     if extra_reader:
-        nodes[-1:] = [Node("s1", "ReduceSum", ["sq"], ["l1"], {"keepdims": 0}),
-                      Node("s2", "ReduceSum", ["n"], ["l2"], {"keepdims": 0}), Node("add", "Add", ["l1", "l2"], ["loss"])]
-    params = {"w": rng.standard_normal((5, 3, 3, 3)).astype(dtype), "s": rng.standard_normal(5).astype(dtype),
-              "b": rng.standard_normal(5).astype(dtype), "m": np.zeros(5, dtype), "v": np.ones(5, dtype)}
+        nodes[-1:] = [
+            Node("s1", "ReduceSum", ["sq"], ["l1"], {"keepdims": 0}),
+            Node("s2", "ReduceSum", ["n"], ["l2"], {"keepdims": 0}),
+            Node("add", "Add", ["l1", "l2"], ["loss"]),
+        ]
+    params = {
+        "w": rng.standard_normal((5, 3, 3, 3)).astype(dtype),
+        "s": rng.standard_normal(5).astype(dtype),
+        "b": rng.standard_normal(5).astype(dtype),
+        "m": np.zeros(5, dtype),
+        "v": np.ones(5, dtype),
+    }
     model = Model(nodes, [InputSpec("x", np.dtype(dtype), (None, 3, 8, 8))], params, "loss")
     return model, {"x": rng.standard_normal((4, 3, 8, 8)).astype(dtype)}
 
@@ -219,7 +240,10 @@ def test_no_fusion_where_it_would_change_meaning():
     # the running statistics are read
     model, feeds = bn_model([RELU], np.float32)
     model.nodes[-1] = Node("sum", "ReduceSum", ["sq"], ["l1"], {"keepdims": 0})
-    model.nodes += [Node("s2", "ReduceSum", ["rm"], ["l2"], {"keepdims": 0}), Node("add", "Add", ["l1", "l2"], ["loss"])]
+    model.nodes += [
+        Node("s2", "ReduceSum", ["rm"], ["l2"], {"keepdims": 0}),
+        Node("add", "Add", ["l1", "l2"], ["loss"]),
+    ]
     assert not any(n.op_type == FUSED_BATCHNORM for n in prepare(model, feeds).nodes)
     # inference mode
     model, feeds = bn_model([RELU], np.float32)
@@ -292,11 +316,11 @@ from gradserve.worker.ops.batchnorm import FUSED_BATCHNORM
 from gradserve.server.inline import InlineEngine
 from gradserve.server.planning.prepare import prepare
 assert not kernels.available()
-model = Model.load({str(tmp_path / 'model.gsm')!r})
-feeds = dict(np.load({str(tmp_path / 'feeds.npz')!r}))
+model = Model.load({str(tmp_path / "model.gsm")!r})
+feeds = dict(np.load({str(tmp_path / "feeds.npz")!r}))
 assert not any(n.op_type == FUSED_BATCHNORM for n in prepare(model, feeds).nodes)
 r = InlineEngine().gradients(model, feeds)
-np.savez({str(tmp_path / 'out.npz')!r}, loss=r.loss, **r.grads)
+np.savez({str(tmp_path / "out.npz")!r}, loss=r.loss, **r.grads)
 """
     import os
 
@@ -319,12 +343,14 @@ def test_warm_up_loads_only_what_a_full_compile_left_in_the_cache(tmp_path):
 
     # The module's own warm_up (45 s of compiling on a cold cache) is stood in for by a no-op in the
     # runs that reach it: what is tested is when it is called and what the marker then says.
-    probe = ("import sys; from gradserve.worker import kernels\n"
-             "if sys.argv[1] != 'cold':\n"
-             "    kernels.get().warm_up = lambda: None\n"
-             "seconds = kernels.warm_up(compile=sys.argv[1] == 'compile')\n"
-             "d = kernels.cache_dir()\n"
-             "print(seconds > 0, 'numba' in sys.modules, d.exists() and any(p.name.startswith('complete-') for p in d.iterdir()))")
+    probe = (
+        "import sys; from gradserve.worker import kernels\n"
+        "if sys.argv[1] != 'cold':\n"
+        "    kernels.get().warm_up = lambda: None\n"
+        "seconds = kernels.warm_up(compile=sys.argv[1] == 'compile')\n"
+        "d = kernels.cache_dir()\n"
+        "print(seconds > 0, 'numba' in sys.modules, d.exists() and any(p.name.startswith('complete-') for p in d.iterdir()))"
+    )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
 
     def run(mode: str) -> list[str]:

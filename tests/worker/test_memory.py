@@ -22,7 +22,9 @@ print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def probe(**env):
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env}, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**os.environ, **env}, check=True, capture_output=True, text=True
+    )
     on, faults = out.stdout.split()
     return on == "True", int(faults)
 

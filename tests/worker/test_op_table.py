@@ -54,8 +54,18 @@ def test_products_count_their_multiply_adds():
     def info(*shape):
         return ValueInfo(shape, np.dtype(np.float32))
 
-    shapes = {"a": info(8, 16), "w": info(16, 4), "y": info(8, 4), "x": info(2, 3, 10, 10), "k": info(5, 3, 3, 3),
-              "c": info(2, 5, 8, 8), "seq": info(7, 2, 3), "W": info(1, 12, 3), "R": info(1, 12, 4), "Y": info(7, 1, 2, 4)}
+    shapes = {
+        "a": info(8, 16),
+        "w": info(16, 4),
+        "y": info(8, 4),
+        "x": info(2, 3, 10, 10),
+        "k": info(5, 3, 3, 3),
+        "c": info(2, 5, 8, 8),
+        "seq": info(7, 2, 3),
+        "W": info(1, 12, 3),
+        "R": info(1, 12, 4),
+        "Y": info(7, 1, 2, 4),
+    }
     assert node_flops(Node("mm", "MatMul", ["a", "w"], ["y"]), shapes) == 2 * 8 * 4 * 16
     assert node_flops(Node("g", "Gemm", ["a", "w"], ["y"]), shapes) == 2 * 8 * 4 * 16
     assert node_flops(Node("conv", "Conv", ["x", "k"], ["c"]), shapes) == 2 * (2 * 5 * 8 * 8) * 27

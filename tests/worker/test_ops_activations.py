@@ -85,8 +85,10 @@ def test_domain_vjp(op):
     check_vjp(op, [DOMAIN[op]])
 
 
-@pytest.mark.parametrize("x_shape,slope_shape", [((4, 5), (5,)), ((2, 3, 4, 4), (3, 1, 1)), ((3, 4), (1,)),
-                                                 ((3, 4), (3, 4)), ((2, 3, 4), ())])
+@pytest.mark.parametrize(
+    "x_shape,slope_shape",
+    [((4, 5), (5,)), ((2, 3, 4, 4), (3, 1, 1)), ((3, 4), (1,)), ((3, 4), (3, 4)), ((2, 3, 4), ())],
+)
 def test_prelu_vjp(x_shape, slope_shape):
     x = away_from([0.0], x_shape)
     slope = np.random.default_rng(2).uniform(-0.5, 0.9, slope_shape)
@@ -130,8 +132,13 @@ TORCH = [
     ("Gelu", {"approximate": "tanh"}, lambda x: F.gelu(x, approximate="tanh")),
     ("Shrink", {"lambd": 0.5, "bias": 0.5}, lambda x: F.softshrink(x, 0.5)),
     ("Shrink", {"lambd": 0.7, "bias": 0.0}, lambda x: F.hardshrink(x, 0.7)),
-    ("Sin", {}, torch.sin), ("Cos", {}, torch.cos), ("Tan", {}, torch.tan), ("Atan", {}, torch.atan),
-    ("Sinh", {}, torch.sinh), ("Cosh", {}, torch.cosh), ("Asinh", {}, torch.asinh),
+    ("Sin", {}, torch.sin),
+    ("Cos", {}, torch.cos),
+    ("Tan", {}, torch.tan),
+    ("Atan", {}, torch.atan),
+    ("Sinh", {}, torch.sinh),
+    ("Cosh", {}, torch.cosh),
+    ("Asinh", {}, torch.asinh),
 ]
 
 
@@ -147,8 +154,15 @@ def test_forward_vs_torch(op, attrs, fn, dtype):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("op,fn,lo,hi", [("Asin", torch.asin, -1, 1), ("Acos", torch.acos, -1, 1),
-                                         ("Acosh", torch.acosh, 1, 9), ("Atanh", torch.atanh, -1, 1)])
+@pytest.mark.parametrize(
+    "op,fn,lo,hi",
+    [
+        ("Asin", torch.asin, -1, 1),
+        ("Acos", torch.acos, -1, 1),
+        ("Acosh", torch.acosh, 1, 9),
+        ("Atanh", torch.atanh, -1, 1),
+    ],
+)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_domain_forward_vs_torch(op, fn, lo, hi, dtype):
     x = np.random.default_rng(6).uniform(lo, hi, (5, 5)).astype(dtype)
@@ -209,11 +223,23 @@ def test_gelu_vjp_vs_torch(approximate):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("op,attrs", [
-    ("Mish", {}), ("Softsign", {}), ("Selu", {}), ("Elu", {"alpha": 0.5}), ("Celu", {"alpha": 0.5}),
-    ("ThresholdedRelu", {"alpha": 0.3}), ("Shrink", {"lambd": 0.3, "bias": 0.2}),
-    ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}), ("HardSwish", {}), ("Tan", {}), ("Gelu", {}),
-    ("Gelu", {"approximate": "tanh"})])
+@pytest.mark.parametrize(
+    "op,attrs",
+    [
+        ("Mish", {}),
+        ("Softsign", {}),
+        ("Selu", {}),
+        ("Elu", {"alpha": 0.5}),
+        ("Celu", {"alpha": 0.5}),
+        ("ThresholdedRelu", {"alpha": 0.3}),
+        ("Shrink", {"lambd": 0.3, "bias": 0.2}),
+        ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}),
+        ("HardSwish", {}),
+        ("Tan", {}),
+        ("Gelu", {}),
+        ("Gelu", {"approximate": "tanh"}),
+    ],
+)
 def test_forward_vs_onnx_reference(op, attrs, dtype):
     x = (np.random.default_rng(9).standard_normal((5, 6)) * 2).astype(dtype)
     got = fwd(op, [x], attrs)
@@ -222,8 +248,25 @@ def test_forward_vs_onnx_reference(op, attrs, dtype):
     np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
 
 
-@pytest.mark.parametrize("op", ["Elu", "Selu", "Celu", "HardSwish", "HardSigmoid", "Mish", "Gelu", "Softsign", "Sin",
-                                "Tan", "Acosh", "PRelu", "Shrink", "ThresholdedRelu"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "Elu",
+        "Selu",
+        "Celu",
+        "HardSwish",
+        "HardSigmoid",
+        "Mish",
+        "Gelu",
+        "Softsign",
+        "Sin",
+        "Tan",
+        "Acosh",
+        "PRelu",
+        "Shrink",
+        "ThresholdedRelu",
+    ],
+)
 def test_float32_stays_float32(op):
     x = np.random.default_rng(10).uniform(1.1, 2.0, (3, 4)).astype(np.float32)
     inputs = [x, np.full((4,), 0.25, np.float32)] if op == "PRelu" else [x]
@@ -261,8 +304,19 @@ def test_celu_alpha_zero_is_an_error():
 
 
 # -- ops without a derivative --------------------------------------------------------------------------------
-NO_VJP = ["Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot",
-          "BitShift"]
+NO_VJP = [
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "IsNaN",
+    "IsInf",
+    "BitwiseAnd",
+    "BitwiseOr",
+    "BitwiseXor",
+    "BitwiseNot",
+    "BitShift",
+]
 
 
 @pytest.mark.parametrize("op", NO_VJP)
@@ -283,8 +337,9 @@ def test_floor_ceil_round_sign():
     assert fwd("Sign", [ints]).dtype == np.int64
 
 
-@pytest.mark.parametrize("attrs", [{}, {"detect_negative": 0}, {"detect_positive": 0},
-                                   {"detect_negative": 0, "detect_positive": 0}])
+@pytest.mark.parametrize(
+    "attrs", [{}, {"detect_negative": 0}, {"detect_positive": 0}, {"detect_negative": 0, "detect_positive": 0}]
+)
 def test_isinf_isnan(attrs):
     x = np.array([np.inf, -np.inf, np.nan, 0.0, -1.0, 1e308], np.float64)
     got = fwd("IsInf", [x], attrs)
@@ -306,8 +361,10 @@ def test_bitwise_and_shift():
     s = np.array([1, 2, 3, 0], np.uint8)
     np.testing.assert_array_equal(fwd("BitShift", [a, s], {"direction": "LEFT"}), a << s)
     np.testing.assert_array_equal(fwd("BitShift", [a, s], {"direction": "RIGHT"}), a >> s)
-    np.testing.assert_array_equal(fwd("BitShift", [a, s], {"direction": "RIGHT"}),
-                                  onnx_reference("BitShift", [a, s], {"direction": "RIGHT"}, opset=20)[0])
+    np.testing.assert_array_equal(
+        fwd("BitShift", [a, s], {"direction": "RIGHT"}),
+        onnx_reference("BitShift", [a, s], {"direction": "RIGHT"}, opset=20)[0],
+    )
     with pytest.raises(Exception, match="direction"):
         fwd("BitShift", [a, s], {"direction": "UP"})
 
@@ -338,8 +395,9 @@ def test_mod_floats(dtype):
     np.testing.assert_allclose(got, torch.fmod(torch.from_numpy(a), torch.from_numpy(b)).numpy(), rtol=1e-6)
     np.testing.assert_allclose(got, onnx_reference("Mod", [a, b], {"fmod": 1}, opset=20)[0], rtol=1e-6)
     got0 = fwd("Mod", [a, b])
-    np.testing.assert_allclose(got0, torch.remainder(torch.from_numpy(a), torch.from_numpy(b)).numpy(), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        got0, torch.remainder(torch.from_numpy(a), torch.from_numpy(b)).numpy(), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("fmod,torch_fn", [(1, torch.fmod), (0, torch.remainder)])
@@ -358,8 +416,16 @@ def test_mod_gradients_vs_torch(fmod, torch_fn):
 
 
 # -- CastLike ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("src,dst", [(np.float32, np.float64), (np.float64, np.float32), (np.float32, np.int64),
-                                     (np.int32, np.float32), (np.float32, np.bool_)])
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        (np.float32, np.float64),
+        (np.float64, np.float32),
+        (np.float32, np.int64),
+        (np.int32, np.float32),
+        (np.float32, np.bool_),
+    ],
+)
 def test_castlike(src, dst):
     x = np.array([[1.7, -2.2, 0.0], [3.0, -0.5, 9.0]]).astype(src)
     like = np.zeros(2, dst)

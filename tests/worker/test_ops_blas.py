@@ -85,17 +85,20 @@ def _layouts(x: np.ndarray):
 
 @pytest.mark.parametrize("library", _libraries() + ["numpy"], indirect=True)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shapes", [
-    ((64, 70), (70, 80)),  # 2-D
-    ((3, 64, 70), (70, 80)),  # a stack times one matrix: folded into one product
-    ((3, 64, 70), (3, 70, 80)),  # batched
-    ((64, 70), (2, 3, 70, 80)),  # broadcast over a stack
-    ((1, 64, 70), (4, 70, 80)),
-    ((1, 64, 70), (1, 70, 80)),  # a stack of one
-    ((2, 1, 64, 70), (1, 3, 70, 80)),  # broadcast along different axes: no one stride per operand
-    ((2, 3, 64, 70), (2, 3, 70, 80)),  # two stack axes that flatten into one
-    ((4, 5), (5, 3)),  # small: numpy's
-])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((64, 70), (70, 80)),  # 2-D
+        ((3, 64, 70), (70, 80)),  # a stack times one matrix: folded into one product
+        ((3, 64, 70), (3, 70, 80)),  # batched
+        ((64, 70), (2, 3, 70, 80)),  # broadcast over a stack
+        ((1, 64, 70), (4, 70, 80)),
+        ((1, 64, 70), (1, 70, 80)),  # a stack of one
+        ((2, 1, 64, 70), (1, 3, 70, 80)),  # broadcast along different axes: no one stride per operand
+        ((2, 3, 64, 70), (2, 3, 70, 80)),  # two stack axes that flatten into one
+        ((4, 5), (5, 3)),  # small: numpy's
+    ],
+)
 def test_matmul_is_numpys_matmul(library, dtype, shapes):
     a0, b0 = (rng.standard_normal(s).astype(dtype) for s in shapes)
     want = np.matmul(a0.astype(np.float64), b0.astype(np.float64))
@@ -149,7 +152,9 @@ def test_switched_off_by_environment(monkeypatch):
         assert blas.backend().name == "numpy"
         assert not blas.available(np.float32)
         with pytest.raises(RuntimeError):
-            blas.gemm(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32), np.empty((2, 2), np.float32), accumulate=False)
+            blas.gemm(
+                np.ones((2, 2), np.float32), np.ones((2, 2), np.float32), np.empty((2, 2), np.float32), accumulate=False
+            )
     finally:
         monkeypatch.delenv("GRADSERVE_BLAS")
         blas._backend.cache_clear()
@@ -192,10 +197,16 @@ def test_products_of_the_ops_on_each_library(library, monkeypatch):
     images, kernel = rng.standard_normal((2, 16, 12, 12)), rng.standard_normal((16, 16, 3, 3))
     check_vjp("Conv", [images, kernel, rng.standard_normal(16)], {"pads": [1, 1, 1, 1]})
     want = torch.nn.functional.conv2d(torch.from_numpy(images), torch.from_numpy(kernel), padding=1).numpy()
-    np.testing.assert_allclose(run_op("Conv", [images, kernel], {"pads": [1, 1, 1, 1]})[0], want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        run_op("Conv", [images, kernel], {"pads": [1, 1, 1, 1]})[0], want, rtol=1e-10, atol=1e-10
+    )
     seq, hidden = rng.standard_normal((5, 8, 40)), 48
-    check_vjp("RNN", [seq, rng.standard_normal((1, hidden, 40)) * 0.1, rng.standard_normal((1, hidden, hidden)) * 0.1],
-              {"hidden_size": hidden}, n_outputs=2)
+    check_vjp(
+        "RNN",
+        [seq, rng.standard_normal((1, hidden, 40)) * 0.1, rng.standard_normal((1, hidden, hidden)) * 0.1],
+        {"hidden_size": hidden},
+        n_outputs=2,
+    )
     assert bool(calls) == (library != "numpy"), "the products reached the library asked for"
 
 

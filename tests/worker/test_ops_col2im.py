@@ -28,8 +28,10 @@ CASES_ASYMMETRIC = [
 
 def windows(image, block, dilations, pads, strides) -> int:
     n = len(image)
-    return math.prod((i + pads[d] + pads[n + d] - (k - 1) * dl - 1) // s + 1
-                     for d, (i, k, dl, s) in enumerate(zip(image, block, dilations, strides)))
+    return math.prod(
+        (i + pads[d] + pads[n + d] - (k - 1) * dl - 1) // s + 1
+        for d, (i, k, dl, s) in enumerate(zip(image, block, dilations, strides))
+    )
 
 
 def make(case, channels=3, batch=2, seed=0, dtype=np.float64):

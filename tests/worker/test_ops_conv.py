@@ -20,8 +20,14 @@ def torch_conv(x, w, b, attrs):
         pad_arg += [pads[d], pads[n + d]]
     tx = F.pad(tx, pad_arg)
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
-    return fn(tx, torch.from_numpy(w), None if b is None else torch.from_numpy(b),
-              stride=attrs.get("strides", 1), dilation=attrs.get("dilations", 1), groups=attrs.get("group", 1)).numpy()
+    return fn(
+        tx,
+        torch.from_numpy(w),
+        None if b is None else torch.from_numpy(b),
+        stride=attrs.get("strides", 1),
+        dilation=attrs.get("dilations", 1),
+        groups=attrs.get("group", 1),
+    ).numpy()
 
 
 # (C, M, kernel, attrs)
@@ -66,18 +72,24 @@ def test_conv_auto_pad(auto_pad, strides, dilations):
     attrs = {"auto_pad": auto_pad, "strides": strides, "dilations": dilations}
     check_vjp("Conv", [x, w], attrs)
     if dilations == [1, 1]:  # the ONNX reference ignores dilations when computing SAME pads
-        np.testing.assert_allclose(run_op("Conv", [x, w], attrs)[0], onnx_reference("Conv", [x, w], attrs)[0], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(
+            run_op("Conv", [x, w], attrs)[0], onnx_reference("Conv", [x, w], attrs)[0], rtol=1e-10, atol=1e-10
+        )
 
 
 def test_conv1d_and_conv3d():
     x1, w1 = rng.standard_normal((2, 3, 9)), rng.standard_normal((4, 3, 3))
     attrs1 = {"strides": [2], "pads": [1, 2], "dilations": [2]}
     check_vjp("Conv", [x1, w1, rng.standard_normal(4)], attrs1)
-    np.testing.assert_allclose(run_op("Conv", [x1, w1], attrs1)[0], torch_conv(x1, w1, None, attrs1), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        run_op("Conv", [x1, w1], attrs1)[0], torch_conv(x1, w1, None, attrs1), rtol=1e-10, atol=1e-10
+    )
     x3, w3 = rng.standard_normal((1, 2, 4, 5, 4)), rng.standard_normal((2, 1, 2, 3, 2))
     attrs3 = {"group": 2, "pads": [1, 1, 0, 0, 1, 1]}
     check_vjp("Conv", [x3, w3], attrs3)
-    np.testing.assert_allclose(run_op("Conv", [x3, w3], attrs3)[0], torch_conv(x3, w3, None, attrs3), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        run_op("Conv", [x3, w3], attrs3)[0], torch_conv(x3, w3, None, attrs3), rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"strides": [2, 2], "pads": [1, 0, 1, 0]}])
@@ -125,10 +137,16 @@ def test_conv_grads_match_torch_across_calls():
     from gradserve.worker.autodiff import backward, compile_program, forward
     from gradserve.worker.graph import Node
 
-    for shape, attrs in [((2, 3, 9, 8), {"pads": [1, 1, 1, 1]}), ((3, 3, 6, 7), {"pads": [1, 2, 0, 1]}),
-                         ((2, 3, 9, 8), {"pads": [1, 1, 1, 1]}), ((2, 3, 9, 8), {"strides": [2, 2], "pads": [1, 1, 1, 1]})]:
+    for shape, attrs in [
+        ((2, 3, 9, 8), {"pads": [1, 1, 1, 1]}),
+        ((3, 3, 6, 7), {"pads": [1, 2, 0, 1]}),
+        ((2, 3, 9, 8), {"pads": [1, 1, 1, 1]}),
+        ((2, 3, 9, 8), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ]:
         x, w, b = rng.standard_normal(shape), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
-        prog = compile_program([Node("c", "Conv", ["x", "w", "b"], ["y"], attrs)], ["x", "w", "b"], ["y"], ["x", "w", "b"])
+        prog = compile_program(
+            [Node("c", "Conv", ["x", "w", "b"], ["y"], attrs)], ["x", "w", "b"], ["y"], ["x", "w", "b"]
+        )
         tape = forward(prog, {"x": x, "w": w, "b": b})
         g = rng.standard_normal(tape.outputs["y"].shape)
         errs = backward(prog, tape, {"y": g})
@@ -186,11 +204,15 @@ def test_conv_1d_3d_auto_pad_all_paths(monkeypatch, path):
     x1, w1 = rng.standard_normal((2, 3, 9)), rng.standard_normal((4, 3, 3))
     for attrs1 in ({"strides": [2], "pads": [1, 2], "dilations": [2]}, {"pads": [2, 1], "dilations": [2]}):
         check_vjp("Conv", [x1, w1, rng.standard_normal(4)], attrs1)
-        np.testing.assert_allclose(run_op("Conv", [x1, w1], attrs1)[0], torch_conv(x1, w1, None, attrs1), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(
+            run_op("Conv", [x1, w1], attrs1)[0], torch_conv(x1, w1, None, attrs1), rtol=1e-10, atol=1e-10
+        )
     x3, w3 = rng.standard_normal((2, 2, 4, 5, 4)), rng.standard_normal((3, 2, 2, 3, 2))
     attrs3 = {"pads": [1, 1, 0, 0, 1, 1]}
     check_vjp("Conv", [x3, w3, rng.standard_normal(3)], attrs3)
-    np.testing.assert_allclose(run_op("Conv", [x3, w3], attrs3)[0], torch_conv(x3, w3, None, attrs3), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        run_op("Conv", [x3, w3], attrs3)[0], torch_conv(x3, w3, None, attrs3), rtol=1e-10, atol=1e-10
+    )
     x = rng.standard_normal((2, 2, 7, 8))
     w = rng.standard_normal((3, 2, 3, 2))
     for auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):

@@ -17,8 +17,13 @@ def torch_conv_transpose(x, w, b, attrs):
     n = x.ndim - 2
     group = attrs.get("group", 1)
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
-    y = fn(torch.from_numpy(x), torch.from_numpy(w), stride=attrs.get("strides", 1),
-           dilation=attrs.get("dilations", 1), groups=group).numpy()
+    y = fn(
+        torch.from_numpy(x),
+        torch.from_numpy(w),
+        stride=attrs.get("strides", 1),
+        dilation=attrs.get("dilations", 1),
+        groups=group,
+    ).numpy()
     y = np.pad(y, [(0, 0), (0, 0)] + [(0, p) for p in attrs.get("output_padding", [0] * n)])
     pads = attrs.get("pads", [0] * 2 * n)
     y = y[(slice(None), slice(None)) + tuple(slice(pads[d], y.shape[2 + d] - pads[n + d]) for d in range(n))]
@@ -31,7 +36,13 @@ CASES = {
     "stride2": (3, 4, (5, 4), (3, 3), {"strides": [2, 2]}),
     "stride2_pads_outpad": (3, 5, (4, 5), (3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}),
     "asym_pads": (2, 3, (4, 4), (3, 2), {"strides": [2, 1], "pads": [1, 0, 0, 1]}),
-    "group2_outpad": (4, 6, (5, 4), (3, 2), {"group": 2, "strides": [2, 2], "pads": [1, 0, 1, 1], "output_padding": [1, 0]}),
+    "group2_outpad": (
+        4,
+        6,
+        (5, 4),
+        (3, 2),
+        {"group": 2, "strides": [2, 2], "pads": [1, 0, 1, 1], "output_padding": [1, 0]},
+    ),
     "depthwise": (4, 4, (5, 5), (3, 3), {"group": 4, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     "dilation": (3, 4, (5, 4), (3, 3), {"dilations": [2, 1], "strides": [1, 2]}),
     "dilation_outpad": (2, 2, (4, 4), (2, 2), {"dilations": [3, 2], "output_padding": [2, 1]}),
@@ -48,10 +59,12 @@ def test_forward_matches_torch(name):
     x = rng.standard_normal((2, c) + spatial)
     w = rng.standard_normal((c, m // group) + kernel)
     b = rng.standard_normal(m)
-    np.testing.assert_allclose(run_op("ConvTranspose", [x, w, b], attrs)[0], torch_conv_transpose(x, w, b, attrs),
-                               rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(run_op("ConvTranspose", [x, w], attrs)[0], torch_conv_transpose(x, w, None, attrs),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        run_op("ConvTranspose", [x, w, b], attrs)[0], torch_conv_transpose(x, w, b, attrs), rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        run_op("ConvTranspose", [x, w], attrs)[0], torch_conv_transpose(x, w, None, attrs), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -81,7 +94,9 @@ def test_naive_loop():
                 for j in range(wd):
                     for a in range(3):
                         for e in range(2):
-                            full[:, ci // cg * mg + mi, i * s[0] + a * d[0], j * s[1] + e * d[1]] += x[:, ci, i, j] * w[ci, mi, a, e]
+                            full[:, ci // cg * mg + mi, i * s[0] + a * d[0], j * s[1] + e * d[1]] += (
+                                x[:, ci, i, j] * w[ci, mi, a, e]
+                            )
     np.testing.assert_allclose(y, full[:, :, p[0] : full.shape[2] - p[2], p[1] : full.shape[3] - p[3]], atol=1e-12)
 
 
@@ -92,7 +107,9 @@ def test_1d_3d(n_sp):
     x = rng.standard_normal((2, 4) + spatial)
     w = rng.standard_normal((4, 3) + kernel)
     b = rng.standard_normal(6)
-    np.testing.assert_allclose(run_op("ConvTranspose", [x, w, b], attrs)[0], torch_conv_transpose(x, w, b, attrs), atol=1e-12)
+    np.testing.assert_allclose(
+        run_op("ConvTranspose", [x, w, b], attrs)[0], torch_conv_transpose(x, w, b, attrs), atol=1e-12
+    )
     check_vjp("ConvTranspose", [x, w, b], attrs)
 
 

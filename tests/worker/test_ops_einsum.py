@@ -12,29 +12,29 @@ from gradserve.worker.autodiff import NodeError
 rng = np.random.default_rng(11)
 
 CASES = [
-    ("ij,jk->ik", [(2, 3), (3, 4)]),                       # matmul
-    ("bij,bjk->bik", [(2, 3, 4), (2, 4, 5)]),              # batched matmul
-    ("bhqd,bhkd->bhqk", [(2, 3, 4, 5), (2, 3, 6, 5)]),     # attention scores
-    ("i,j->ij", [(3,), (4,)]),                             # outer product
-    ("ii", [(4, 4)]),                                      # trace (implicit output: nothing)
-    ("ii->i", [(4, 4)]),                                   # diagonal
-    ("bii->bi", [(2, 3, 3)]),                              # batched diagonal
-    ("ij->ji", [(2, 3)]),                                  # transpose
-    ("ij->", [(2, 3)]),                                    # sum
-    ("ij->i", [(2, 3)]),                                   # row sums
-    ("ij,jk", [(2, 3), (3, 4)]),                           # implicit output: ik
-    ("ba,cb", [(3, 2), (4, 3)]),                           # implicit output sorts the letters: ac
-    ("Ab,bA", [(2, 3), (3, 2)]),                           # upper and lower case are distinct letters
-    ("...ij,...jk->...ik", [(1, 2, 3), (4, 3, 2)]),        # ellipsis; a leading size-1 dim broadcasts
-    ("...ij,jk", [(5, 2, 3), (3, 4)]),                     # implicit: ellipsis axes first
-    ("i...,i...->...", [(3, 1, 4), (3, 2, 1)]),            # ellipsis after letters, both broadcast
-    ("ij,jk,kl->il", [(2, 3), (3, 4), (4, 2)]),            # three operands
-    ("ij,ij,ij->j", [(3, 2), (3, 2), (3, 2)]),             # a letter shared by three operands
-    ("ij,jk,ki->", [(2, 3), (3, 4), (4, 2)]),              # a trace of a triple product
-    ("iij,jk->ki", [(3, 3, 2), (2, 4)]),                   # a diagonal inside a product
-    ("ij,k->ik", [(2, 3), (4,)]),                          # j is summed over its operand alone
-    ("bn,anm,bm->ba", [(2, 3), (4, 3, 5), (2, 5)]),        # bilinear
-    (" i j , j k -> i k ", [(2, 3), (3, 4)]),              # spaces are allowed
+    ("ij,jk->ik", [(2, 3), (3, 4)]),  # matmul
+    ("bij,bjk->bik", [(2, 3, 4), (2, 4, 5)]),  # batched matmul
+    ("bhqd,bhkd->bhqk", [(2, 3, 4, 5), (2, 3, 6, 5)]),  # attention scores
+    ("i,j->ij", [(3,), (4,)]),  # outer product
+    ("ii", [(4, 4)]),  # trace (implicit output: nothing)
+    ("ii->i", [(4, 4)]),  # diagonal
+    ("bii->bi", [(2, 3, 3)]),  # batched diagonal
+    ("ij->ji", [(2, 3)]),  # transpose
+    ("ij->", [(2, 3)]),  # sum
+    ("ij->i", [(2, 3)]),  # row sums
+    ("ij,jk", [(2, 3), (3, 4)]),  # implicit output: ik
+    ("ba,cb", [(3, 2), (4, 3)]),  # implicit output sorts the letters: ac
+    ("Ab,bA", [(2, 3), (3, 2)]),  # upper and lower case are distinct letters
+    ("...ij,...jk->...ik", [(1, 2, 3), (4, 3, 2)]),  # ellipsis; a leading size-1 dim broadcasts
+    ("...ij,jk", [(5, 2, 3), (3, 4)]),  # implicit: ellipsis axes first
+    ("i...,i...->...", [(3, 1, 4), (3, 2, 1)]),  # ellipsis after letters, both broadcast
+    ("ij,jk,kl->il", [(2, 3), (3, 4), (4, 2)]),  # three operands
+    ("ij,ij,ij->j", [(3, 2), (3, 2), (3, 2)]),  # a letter shared by three operands
+    ("ij,jk,ki->", [(2, 3), (3, 4), (4, 2)]),  # a trace of a triple product
+    ("iij,jk->ki", [(3, 3, 2), (2, 4)]),  # a diagonal inside a product
+    ("ij,k->ik", [(2, 3), (4,)]),  # j is summed over its operand alone
+    ("bn,anm,bm->ba", [(2, 3), (4, 3, 5), (2, 5)]),  # bilinear
+    (" i j , j k -> i k ", [(2, 3), (3, 4)]),  # spaces are allowed
 ]
 
 
@@ -45,7 +45,9 @@ def test_einsum(equation, shapes):
     want = torch.einsum(equation.replace(" ", ""), *map(torch.from_numpy, xs)).numpy()
     assert y.shape == want.shape and y.dtype == np.float64
     np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(y, onnx_reference("Einsum", xs, {"equation": equation}, opset=17)[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        y, onnx_reference("Einsum", xs, {"equation": equation}, opset=17)[0], rtol=1e-12, atol=1e-12
+    )
     check_vjp("Einsum", xs, {"equation": equation})
 
 

@@ -36,8 +36,10 @@ def test_gather_elements(axis):
     n = data.shape[axis]
     indices = rng.integers(-n, n, size=shape)  # negative indices count from the end
     # (onnx's reference mishandles axis=-1, so it gets the axis normalized)
-    np.testing.assert_array_equal(run_op("GatherElements", [data, indices], {"axis": axis})[0],
-                                  onnx_reference("GatherElements", [data, indices], {"axis": axis % 3})[0])
+    np.testing.assert_array_equal(
+        run_op("GatherElements", [data, indices], {"axis": axis})[0],
+        onnx_reference("GatherElements", [data, indices], {"axis": axis % 3})[0],
+    )
     check_vjp("GatherElements", [data, indices], {"axis": axis})
 
 
@@ -45,8 +47,9 @@ def test_gather_elements_duplicates_add():
     data = rng.standard_normal((2, 3))
     indices = I64([[1, 1, -2], [0, 2, 2]])  # -2 is 1 again
     g = np.ones((2, 3))
-    np.testing.assert_array_equal(input_error("GatherElements", [data, indices], g, {"axis": 1}),
-                                  [[0, 3, 0], [1, 0, 2]])
+    np.testing.assert_array_equal(
+        input_error("GatherElements", [data, indices], g, {"axis": 1}), [[0, 3, 0], [1, 0, 2]]
+    )
     check_vjp("GatherElements", [data, indices], {"axis": 1})
 
 
@@ -65,7 +68,7 @@ def test_gather_elements_smaller_indices_and_float32():
 # -- ScatterElements -------------------------------------------------------------------------------------
 def _distinct_along(shape, axis, n, rng):
     """Indices without duplicates along ``axis`` (a prefix of a permutation per line), some negative."""
-    idx = np.argsort(rng.random(shape[:axis] + (n,) + shape[axis + 1:]), axis=axis)
+    idx = np.argsort(rng.random(shape[:axis] + (n,) + shape[axis + 1 :]), axis=axis)
     idx = np.take(idx, np.arange(shape[axis]), axis=axis)
     return np.where(rng.random(idx.shape) < 0.5, idx - n, idx)
 
@@ -76,8 +79,11 @@ def test_scatter_elements_forward(reduction, axis):
     data = rng.standard_normal((4, 5))
     shape = [4, 5]
     shape[axis] = 3
-    indices = _distinct_along(tuple(shape), axis % 2, data.shape[axis], rng) if reduction == "none" else \
-        rng.integers(-data.shape[axis], data.shape[axis], size=shape)
+    indices = (
+        _distinct_along(tuple(shape), axis % 2, data.shape[axis], rng)
+        if reduction == "none"
+        else rng.integers(-data.shape[axis], data.shape[axis], size=shape)
+    )
     updates = rng.standard_normal(shape)
     attrs = {"axis": axis, "reduction": reduction}
     assert_matches_reference("ScatterElements", [data, indices, updates], attrs)
@@ -121,25 +127,30 @@ def test_scatter_elements_duplicates():
 def test_scatter_no_gradient_for_other_reductions(reduction):
     data, updates = rng.standard_normal((2, 3)), rng.standard_normal((2, 1))
     with pytest.raises(NodeError, match=f"no gradient for reduction '{reduction}'"):
-        input_error("ScatterElements", [data, I64([[0], [2]]), updates], np.ones((2, 3)), {"axis": 1, "reduction": reduction})
+        input_error(
+            "ScatterElements", [data, I64([[0], [2]]), updates], np.ones((2, 3)), {"axis": 1, "reduction": reduction}
+        )
     with pytest.raises(NodeError, match=f"no gradient for reduction '{reduction}'"):
         input_error("ScatterND", [data, I64([[0, 1]]), updates[0]], np.ones((2, 3)), {"reduction": reduction})
 
 
 # -- GatherND / ScatterND ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("data_shape,indices_shape,batch_dims", [
-    ((2, 3), (4, 2), 0),          # whole index tuples: elements
-    ((2, 3, 4), (5, 1), 0),       # a prefix: slices of rank 2
-    ((2, 3, 4), (2, 3, 2), 0),    # several leading index axes
-    ((2, 3, 4), (2, 1), 1),       # Example 5 of the spec
-    ((2, 3, 4), (2, 5, 2), 1),
-    ((2, 3, 4, 5), (2, 3, 4, 1), 2),
-    ((3, 4), (2,), 0),            # a rank-1 indices tensor: one tuple
-])
+@pytest.mark.parametrize(
+    "data_shape,indices_shape,batch_dims",
+    [
+        ((2, 3), (4, 2), 0),  # whole index tuples: elements
+        ((2, 3, 4), (5, 1), 0),  # a prefix: slices of rank 2
+        ((2, 3, 4), (2, 3, 2), 0),  # several leading index axes
+        ((2, 3, 4), (2, 1), 1),  # Example 5 of the spec
+        ((2, 3, 4), (2, 5, 2), 1),
+        ((2, 3, 4, 5), (2, 3, 4, 1), 2),
+        ((3, 4), (2,), 0),  # a rank-1 indices tensor: one tuple
+    ],
+)
 def test_gather_nd(data_shape, indices_shape, batch_dims):
     data = rng.standard_normal(data_shape)
     k = indices_shape[-1]
-    dims = np.array(data_shape[batch_dims:batch_dims + k])
+    dims = np.array(data_shape[batch_dims : batch_dims + k])
     indices = (rng.integers(0, 1 << 30, size=indices_shape) % dims) - dims * rng.integers(0, 2, size=indices_shape)
     attrs = {"batch_dims": batch_dims} if batch_dims else {}
     assert_matches_reference("GatherND", [data, indices], attrs)
@@ -166,13 +177,13 @@ def test_scatter_nd_forward(reduction):
 def test_scatter_nd_vjp(indices):
     data = rng.standard_normal((4, 3, 2))
     indices = I64(indices)
-    updates = rng.standard_normal(indices.shape[:-1] + data.shape[indices.shape[-1]:])
+    updates = rng.standard_normal(indices.shape[:-1] + data.shape[indices.shape[-1] :])
     assert_matches_reference("ScatterND", [data, indices, updates])
     check_vjp("ScatterND", [data, indices, updates])  # opset 13 form
     check_vjp("ScatterND", [data, indices, updates], {"reduction": "none"}, opset=16)
     check_vjp("ScatterND", [data, indices, updates], {"reduction": "add"}, opset=16)
     dup = np.concatenate([indices, indices[:1]])  # a repeated index tuple: add sums both
-    updates = rng.standard_normal(dup.shape[:-1] + data.shape[indices.shape[-1]:])
+    updates = rng.standard_normal(dup.shape[:-1] + data.shape[indices.shape[-1] :])
     assert_matches_reference("ScatterND", [data, dup, updates], {"reduction": "add"})
     check_vjp("ScatterND", [data, dup, updates], {"reduction": "add"}, opset=16)
     check_vjp("ScatterND", [data, dup, updates], {"reduction": "none"}, opset=16)  # the last one wins
@@ -229,10 +240,15 @@ def test_topk_ties_and_unsorted():
 
 
 # -- NonZero, OneHot ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("x", [
-    np.array([[1.0, 0.0], [0.0, -2.0], [3.0, 0.0]]), np.array([0, 2, 0, 4], np.int32),
-    np.zeros((2, 3), bool), np.array([[[True, False]], [[True, True]]]),
-])
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.array([[1.0, 0.0], [0.0, -2.0], [3.0, 0.0]]),
+        np.array([0, 2, 0, 4], np.int32),
+        np.zeros((2, 3), bool),
+        np.array([[[True, False]], [[True, True]]]),
+    ],
+)
 def test_nonzero(x):
     assert_matches_reference("NonZero", [x])
 

@@ -29,8 +29,13 @@ def test_softmax_cross_entropy(shape, reduction, weighted, ignore):
     check_vjp("SoftmaxCrossEntropyLoss", inputs, attrs, wrt=[0])
     check_vjp("SoftmaxCrossEntropyLoss", inputs, attrs, wrt=[0], n_outputs=2)  # error at log_prob too
     loss, log_prob = run_op("SoftmaxCrossEntropyLoss", inputs, attrs, n_outputs=2)
-    ref = F.cross_entropy(T(scores), T(labels), weight=None if weights is None else T(weights), reduction=reduction,
-                          ignore_index=-100 if ignore is None else ignore)
+    ref = F.cross_entropy(
+        T(scores),
+        T(labels),
+        weight=None if weights is None else T(weights),
+        reduction=reduction,
+        ignore_index=-100 if ignore is None else ignore,
+    )
     np.testing.assert_allclose(loss, ref.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(log_prob, F.log_softmax(T(scores), dim=1).numpy(), rtol=1e-12, atol=1e-12)
 
@@ -45,9 +50,16 @@ def test_negative_log_likelihood(shape, reduction, weighted, ignore):
     attrs = {"reduction": reduction} | ({} if ignore is None else {"ignore_index": ignore})
     inputs = [x, labels] + ([weights] if weighted else [])
     check_vjp("NegativeLogLikelihoodLoss", inputs, attrs, wrt=[0])
-    ref = F.nll_loss(T(x), T(labels), weight=None if weights is None else T(weights), reduction=reduction,
-                     ignore_index=-100 if ignore is None else ignore)
-    np.testing.assert_allclose(run_op("NegativeLogLikelihoodLoss", inputs, attrs)[0], ref.numpy(), rtol=1e-12, atol=1e-12)
+    ref = F.nll_loss(
+        T(x),
+        T(labels),
+        weight=None if weights is None else T(weights),
+        reduction=reduction,
+        ignore_index=-100 if ignore is None else ignore,
+    )
+    np.testing.assert_allclose(
+        run_op("NegativeLogLikelihoodLoss", inputs, attrs)[0], ref.numpy(), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_weighted_mean_divides_by_weights_of_kept_targets():

@@ -16,8 +16,13 @@ from gradcheck import check_vjp, onnx_reference, run_op
 rng = np.random.default_rng(0)
 
 
-LRN_ATTRS = [{"size": 1}, {"size": 2, "alpha": 0.3}, {"size": 3, "alpha": 0.3, "beta": 0.6, "bias": 1.5},
-             {"size": 5, "alpha": 0.5, "beta": 0.75, "bias": 2.0}, {"size": 9, "alpha": 0.2, "beta": 1.2}]
+LRN_ATTRS = [
+    {"size": 1},
+    {"size": 2, "alpha": 0.3},
+    {"size": 3, "alpha": 0.3, "beta": 0.6, "bias": 1.5},
+    {"size": 5, "alpha": 0.5, "beta": 0.75, "bias": 2.0},
+    {"size": 9, "alpha": 0.2, "beta": 1.2},
+]
 
 
 def lrn_loop(x, size, alpha=1e-4, beta=0.75, bias=1.0):
@@ -36,8 +41,13 @@ def test_lrn(attrs):
     y = run_op("LRN", [x], attrs)[0]
     np.testing.assert_allclose(y, lrn_loop(x, **attrs), rtol=1e-12, atol=1e-12)
     if attrs["size"] % 2:  # torch centres even windows the other way round
-        want = F.local_response_norm(torch.from_numpy(x), attrs["size"], alpha=attrs.get("alpha", 1e-4),
-                                     beta=attrs.get("beta", 0.75), k=attrs.get("bias", 1.0)).numpy()
+        want = F.local_response_norm(
+            torch.from_numpy(x),
+            attrs["size"],
+            alpha=attrs.get("alpha", 1e-4),
+            beta=attrs.get("beta", 0.75),
+            k=attrs.get("bias", 1.0),
+        ).numpy()
         np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
     check_vjp("LRN", [x], attrs, opset=13)
 
@@ -64,7 +74,9 @@ def test_groupnorm_per_channel(groups, spatial):
     want = F.group_norm(torch.from_numpy(x), groups, torch.from_numpy(s), torch.from_numpy(b), eps=1e-3).numpy()
     np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-10)
     # (the opset 21 reference takes its statistics in float32: stash_type 1)
-    np.testing.assert_allclose(y, onnx_reference("GroupNormalization", [x, s, b], attrs, opset=21)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        y, onnx_reference("GroupNormalization", [x, s, b], attrs, opset=21)[0], rtol=1e-5, atol=1e-5
+    )
     check_vjp("GroupNormalization", [x, s, b], attrs, opset=21)
 
 
@@ -76,10 +88,13 @@ def test_groupnorm_per_group(groups):
     attrs = {"num_groups": groups}
     y = run_op("GroupNormalization", [x, s, b], attrs)[0]
     rep = 6 // groups
-    want = F.group_norm(torch.from_numpy(x), groups, torch.from_numpy(np.repeat(s, rep)),
-                        torch.from_numpy(np.repeat(b, rep)), eps=1e-5).numpy()
+    want = F.group_norm(
+        torch.from_numpy(x), groups, torch.from_numpy(np.repeat(s, rep)), torch.from_numpy(np.repeat(b, rep)), eps=1e-5
+    ).numpy()
     np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(y, onnx_reference("GroupNormalization", [x, s, b], attrs, opset=18)[0], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        y, onnx_reference("GroupNormalization", [x, s, b], attrs, opset=18)[0], rtol=1e-10, atol=1e-10
+    )
     check_vjp("GroupNormalization", [x, s, b], attrs, opset=18)
 
 
@@ -136,7 +151,9 @@ def inception_float64(seed: int = 0) -> onnx.ModelProto:
             vi.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
     # the model's IR version lists every initializer among the graph inputs too
     listed = {vi.name for vi in g.input}
-    g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits if t.name not in listed)
+    g.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits if t.name not in listed
+    )
     return model
 
 

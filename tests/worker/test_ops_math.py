@@ -16,8 +16,9 @@ def vjp(op, inputs, g, wrt, attrs=None, n_outputs=1):
     """Run forward + backward of one node; return the errors of the inputs in ``wrt``."""
     names = [f"x{i}" if x is not None else "" for i, x in enumerate(inputs)]
     outs = [f"y{i}" for i in range(n_outputs)]
-    prog = compile_program([Node("n", op, names, outs, dict(attrs or {}))], [n for n in names if n], outs,
-                           [names[i] for i in wrt])
+    prog = compile_program(
+        [Node("n", op, names, outs, dict(attrs or {}))], [n for n in names if n], outs, [names[i] for i in wrt]
+    )
     tape = forward(prog, {n: x for n, x in zip(names, inputs) if n})
     errs = backward(prog, tape, {"y0": g})
     return [errs.get(names[i]) for i in wrt]
@@ -36,10 +37,21 @@ ANY = lambda s: rng.standard_normal(s)  # noqa: E731
 NONZERO = lambda s: away_from(rng.standard_normal(s), gap=0.3)  # noqa: E731
 
 UNARY = [
-    ("Sqrt", {}, POSITIVE), ("Log", {}, POSITIVE), ("Sigmoid", {}, ANY), ("Softplus", {}, ANY),
-    ("Abs", {}, NONZERO), ("Reciprocal", {}, NONZERO), ("LeakyRelu", {}, NONZERO),
-    ("LeakyRelu", {"alpha": 0.2}, NONZERO), ("LeakyRelu", {"alpha": -1.5}, NONZERO), ("Erf", {}, ANY),
-    ("Identity", {}, ANY), ("Exp", {}, ANY), ("Tanh", {}, ANY), ("Neg", {}, ANY), ("Relu", {}, NONZERO),
+    ("Sqrt", {}, POSITIVE),
+    ("Log", {}, POSITIVE),
+    ("Sigmoid", {}, ANY),
+    ("Softplus", {}, ANY),
+    ("Abs", {}, NONZERO),
+    ("Reciprocal", {}, NONZERO),
+    ("LeakyRelu", {}, NONZERO),
+    ("LeakyRelu", {"alpha": 0.2}, NONZERO),
+    ("LeakyRelu", {"alpha": -1.5}, NONZERO),
+    ("Erf", {}, ANY),
+    ("Identity", {}, ANY),
+    ("Exp", {}, ANY),
+    ("Tanh", {}, ANY),
+    ("Neg", {}, ANY),
+    ("Relu", {}, NONZERO),
 ]
 
 
@@ -70,8 +82,13 @@ def test_unary_forwards():
 
 def test_erf_matches_torch():
     torch = pytest.importorskip("torch")
-    x = np.concatenate([np.linspace(-7, 7, 20001), rng.standard_normal(2000) * 3,
-                        [0.46875, -0.46875, 4.0, -4.0, 1e-300, -0.0, 30.0, -30.0]])
+    x = np.concatenate(
+        [
+            np.linspace(-7, 7, 20001),
+            rng.standard_normal(2000) * 3,
+            [0.46875, -0.46875, 4.0, -4.0, 1e-300, -0.0, 30.0, -30.0],
+        ]
+    )
     want = torch.erf(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(run_op("Erf", [x])[0], want, rtol=1e-9, atol=1e-300)
     np.testing.assert_allclose(run_op("Erf", [x])[0], [math.erf(v) for v in x], rtol=2e-15, atol=1e-300)
@@ -179,8 +196,13 @@ def test_where(shapes):
 
 def test_comparisons_and_logic():
     a, b = rng.integers(0, 3, (3, 4)).astype(np.float32), rng.integers(0, 3, (4,)).astype(np.float32)
-    for op, fn in [("Equal", np.equal), ("Less", np.less), ("Greater", np.greater),
-                   ("LessOrEqual", np.less_equal), ("GreaterOrEqual", np.greater_equal)]:
+    for op, fn in [
+        ("Equal", np.equal),
+        ("Less", np.less),
+        ("Greater", np.greater),
+        ("LessOrEqual", np.less_equal),
+        ("GreaterOrEqual", np.greater_equal),
+    ]:
         (y,) = run_op(op, [a, b])
         assert y.dtype == np.bool_
         np.testing.assert_array_equal(y, fn(a, b))

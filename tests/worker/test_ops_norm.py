@@ -59,7 +59,9 @@ def test_batchnorm_inference_vjp_and_forward():
     check_vjp("BatchNormalization", inputs, {"epsilon": 1e-2})
     x, s, b, m, v = inputs
     ty = F.batch_norm(T(x), T(m), T(v), T(s), T(b), training=False, eps=1e-2)
-    np.testing.assert_allclose(run_op("BatchNormalization", inputs, {"epsilon": 1e-2})[0], ty.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        run_op("BatchNormalization", inputs, {"epsilon": 1e-2})[0], ty.numpy(), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_batchnorm_float32_dtypes_and_errors():
@@ -72,7 +74,12 @@ def test_batchnorm_float32_dtypes_and_errors():
 
 @pytest.mark.parametrize(
     "x_shape,axis,scale_shape,bias",
-    [((2, 3, 5), -1, (5,), True), ((2, 3, 5), 1, (3, 5), True), ((4, 6), -1, (6,), False), ((2, 3, 4), 1, (1, 4), True)],
+    [
+        ((2, 3, 5), -1, (5,), True),
+        ((2, 3, 5), 1, (3, 5), True),
+        ((4, 6), -1, (6,), False),
+        ((2, 3, 4), 1, (1, 4), True),
+    ],
 )
 def test_layernorm_vjp(x_shape, axis, scale_shape, bias):
     x = rng.standard_normal(x_shape)
@@ -104,8 +111,12 @@ def test_layernorm_float32():
 def test_instancenorm():
     x, s, b = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal(3), rng.standard_normal(3)
     check_vjp("InstanceNormalization", [x, s, b], {"epsilon": 1e-3})
-    np.testing.assert_allclose(run_op("InstanceNormalization", [x, s, b])[0],
-                               F.instance_norm(T(x), weight=T(s), bias=T(b)).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        run_op("InstanceNormalization", [x, s, b])[0],
+        F.instance_norm(T(x), weight=T(s), bias=T(b)).numpy(),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("offset", [0.0, 3.0, 30.0])
@@ -115,8 +126,10 @@ def test_batchnorm_training_float32_matches_torch_with_large_means(offset):
     from gradserve.worker.autodiff import backward, compile_program, forward
     from gradserve.worker.graph import Node
 
-    x = (rng.standard_normal((8, 4, 9, 7)) * np.array([1.0, 0.5, 2.0, 0.1]).reshape(1, 4, 1, 1)
-         + offset * np.array([1.0, -1.0, 0.5, 1.0]).reshape(1, 4, 1, 1)).astype(np.float32)
+    x = (
+        rng.standard_normal((8, 4, 9, 7)) * np.array([1.0, 0.5, 2.0, 0.1]).reshape(1, 4, 1, 1)
+        + offset * np.array([1.0, -1.0, 0.5, 1.0]).reshape(1, 4, 1, 1)
+    ).astype(np.float32)
     s, b = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
     rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
     attrs = {"epsilon": 1e-5, "momentum": 0.9, "training_mode": 1}
@@ -126,7 +139,9 @@ def test_batchnorm_training_float32_matches_torch_with_large_means(offset):
     g = rng.standard_normal(x.shape).astype(np.float32)
     errs = backward(prog, tape, {"y": g})
     tx, ts, tb = (T(a.astype(np.float64)).requires_grad_() for a in (x, s, b))
-    ty = F.batch_norm(tx, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), ts, tb, training=True, eps=1e-5)
+    ty = F.batch_norm(
+        tx, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), ts, tb, training=True, eps=1e-5
+    )
     ty.backward(T(g.astype(np.float64)))
     y = tape.outputs["y"]
     assert y.dtype == np.float32

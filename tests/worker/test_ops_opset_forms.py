@@ -14,8 +14,17 @@ rng = np.random.default_rng(7)
 I64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
 X = rng.standard_normal((3, 4, 5))
 
-REDUCTIONS = ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSumSquare", "ReduceL1",
-              "ReduceL2", "ReduceLogSumExp"]
+REDUCTIONS = [
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSumSquare",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSumExp",
+]
 AXES_FORMS = [
     ([X, I64([1])], {}),
     ([X, I64([-1, 0])], {"keepdims": 0}),
@@ -75,12 +84,15 @@ def test_pad_axes_and_wrap(case):
     check_vjp("Pad", inputs, attrs, opset=19)
 
 
-@pytest.mark.parametrize("op,attrs,shape", [
-    ("DepthToSpace", {"blocksize": 2}, (2, 8, 3, 2)),
-    ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, (2, 8, 3, 2)),
-    ("DepthToSpace", {"blocksize": 3, "mode": "DCR"}, (1, 9, 2, 2)),
-    ("SpaceToDepth", {"blocksize": 2}, (2, 3, 4, 6)),
-])
+@pytest.mark.parametrize(
+    "op,attrs,shape",
+    [
+        ("DepthToSpace", {"blocksize": 2}, (2, 8, 3, 2)),
+        ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, (2, 8, 3, 2)),
+        ("DepthToSpace", {"blocksize": 3, "mode": "DCR"}, (1, 9, 2, 2)),
+        ("SpaceToDepth", {"blocksize": 2}, (2, 3, 4, 6)),
+    ],
+)
 def test_pixel_shuffles(op, attrs, shape):
     """DepthToSpace (torch's PixelShuffle) and SpaceToDepth: forwards against onnx's reference."""
     x = rng.standard_normal(shape)
@@ -124,8 +136,9 @@ def test_det_gradient_of_a_singular_matrix_is_the_adjugate():
     n - 1. The oracle is the closed form from 2 x 2 minors: torch's own answer here depends on the
     CPU (zeros on an AMD EPYC, the adjugate on a Xeon), so it is no oracle at a singular point."""
     x = np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.5, -1.0, 2.0]])  # rank 2
-    cofactors = np.array([[(-1) ** (i + j) * np.linalg.det(np.delete(np.delete(x, i, 0), j, 1)) for j in range(3)]
-                          for i in range(3)])
+    cofactors = np.array(
+        [[(-1) ** (i + j) * np.linalg.det(np.delete(np.delete(x, i, 0), j, 1)) for j in range(3)] for i in range(3)]
+    )
     prog = compile_program([Node("n", "Det", ["x0"], ["y0"])], ["x0"], ["y0"], ["x0"])
     ours = backward(prog, forward(prog, {"x0": x}), {"y0": np.array(1.0)})["x0"]
     np.testing.assert_allclose(ours, cofactors, rtol=1e-10, atol=1e-12)

@@ -11,7 +11,10 @@ T = torch.from_numpy
 # attrs, and the matching torch call (kernel, stride, padding, dilation, ceil_mode) or None
 MAX_CASES = {
     "2x2_s2": ({"kernel_shape": [2, 2], "strides": [2, 2]}, (2, 2, 0, 1, False)),
-    "3x3_s2_p1_ceil": ({"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}, (3, 2, 1, 1, True)),
+    "3x3_s2_p1_ceil": (
+        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+        (3, 2, 1, 1, True),
+    ),
     "2x2_s2_ceil": ({"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, (2, 2, 0, 1, True)),
     "overlapping_s1": ({"kernel_shape": [3, 3]}, (3, 1, 0, 1, False)),
     "dilation2": ({"kernel_shape": [2, 2], "dilations": [2, 2], "pads": [1, 1, 1, 1]}, (2, 1, 1, 2, False)),
@@ -43,8 +46,10 @@ def test_maxpool_indices_storage_order_1_and_1d():
     np.testing.assert_array_equal(idx, h + w * 5 + np.arange(4).reshape(2, 2, 1, 1) * 20)
     x1 = rng.standard_normal((2, 3, 9))
     check_vjp("MaxPool", [x1], {"kernel_shape": [3], "strides": [2], "pads": [1, 1]})
-    np.testing.assert_array_equal(run_op("MaxPool", [x1], {"kernel_shape": [3], "strides": [2], "pads": [1, 1]})[0],
-                                  F.max_pool1d(T(x1), 3, 2, 1).numpy())
+    np.testing.assert_array_equal(
+        run_op("MaxPool", [x1], {"kernel_shape": [3], "strides": [2], "pads": [1, 1]})[0],
+        F.max_pool1d(T(x1), 3, 2, 1).numpy(),
+    )
 
 
 def test_maxpool_ties_route_each_error_once():
@@ -68,8 +73,14 @@ def test_maxpool_ties_route_each_error_once():
 AVG_CASES = {
     "2x2_s2": ({"kernel_shape": [2, 2], "strides": [2, 2]}, (2, 2, 0, False)),
     "3x3_s2_p1": ({"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, (3, 2, 1, False)),
-    "3x3_s2_p1_ceil": ({"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}, (3, 2, 1, True)),
-    "2x2_s2_p1_ceil_drop_last": ({"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}, (2, 2, 1, True)),
+    "3x3_s2_p1_ceil": (
+        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+        (3, 2, 1, True),
+    ),
+    "2x2_s2_p1_ceil_drop_last": (
+        {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+        (2, 2, 1, True),
+    ),
     "3x3_s2_ceil": ({"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, (3, 2, 0, True)),
     "overlapping_s1_p1": ({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, (3, 1, 1, False)),
     "asym_pads": ({"kernel_shape": [3, 2], "pads": [0, 1, 2, 0]}, None),
@@ -103,7 +114,10 @@ def test_averagepool_asymmetric_pads_divisor():
 
 def test_global_pools():
     x = rng.standard_normal((2, 3, 4, 5))
-    for op, ref in (("GlobalAveragePool", x.mean(axis=(2, 3), keepdims=True)), ("GlobalMaxPool", x.max(axis=(2, 3), keepdims=True))):
+    for op, ref in (
+        ("GlobalAveragePool", x.mean(axis=(2, 3), keepdims=True)),
+        ("GlobalMaxPool", x.max(axis=(2, 3), keepdims=True)),
+    ):
         check_vjp(op, [x])
         np.testing.assert_allclose(run_op(op, [x])[0], ref)
         check_vjp(op, [rng.standard_normal((2, 3, 5))])
@@ -111,9 +125,12 @@ def test_global_pools():
 
 def test_pool_float32_dtype():
     x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
-    for op, attrs in (("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
-                      ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
-                      ("GlobalAveragePool", {}), ("GlobalMaxPool", {})):
+    for op, attrs in (
+        ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+        ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+        ("GlobalAveragePool", {}),
+        ("GlobalMaxPool", {}),
+    ):
         assert run_op(op, [x], attrs)[0].dtype == np.float32
 
 

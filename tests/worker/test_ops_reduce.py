@@ -106,8 +106,9 @@ def test_reduce_l2_at_zero():
 
 def test_reduce_logsumexp_large():
     x = np.array([[1000.0, 1000.0], [-np.inf, -np.inf]])
-    np.testing.assert_allclose(run_op("ReduceLogSumExp", [x], {"axes": [1], "keepdims": 0})[0],
-                               [1000.0 + np.log(2.0), -np.inf])
+    np.testing.assert_allclose(
+        run_op("ReduceLogSumExp", [x], {"axes": [1], "keepdims": 0})[0], [1000.0 + np.log(2.0), -np.inf]
+    )
 
 
 @pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
@@ -141,8 +142,10 @@ def test_arg_reductions(op, fn, axis, keepdims, last):
         n = x.shape[axis]
         want = n - 1 - fn(np.flip(x, axis), axis=axis, keepdims=bool(keepdims))
         # the chosen index holds the extreme and no later index does
-        assert np.all(np.take_along_axis(x, want if keepdims else np.expand_dims(want, axis), axis)
-                      == (x.max(axis, keepdims=True) if op == "ArgMax" else x.min(axis, keepdims=True)))
+        assert np.all(
+            np.take_along_axis(x, want if keepdims else np.expand_dims(want, axis), axis)
+            == (x.max(axis, keepdims=True) if op == "ArgMax" else x.min(axis, keepdims=True))
+        )
     else:
         want = fn(x, axis=axis, keepdims=bool(keepdims))
     np.testing.assert_array_equal(y, want)

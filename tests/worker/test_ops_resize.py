@@ -15,8 +15,12 @@ UP_SCALES = np.array([1, 1, 2, 1.5], np.float32)
 DOWN_SCALES = np.array([1, 1, 0.25, 0.5], np.float32)  # exact in float32, as are the output sizes
 UP_SIZES = np.array([2, 3, 11, 9], np.int64)
 DOWN_SIZES = np.array([2, 3, 3, 4], np.int64)
-FORMS = {"up_scales": (UP_SCALES, None), "down_scales": (DOWN_SCALES, None),
-         "up_sizes": (None, UP_SIZES), "down_sizes": (None, DOWN_SIZES)}
+FORMS = {
+    "up_scales": (UP_SCALES, None),
+    "down_scales": (DOWN_SCALES, None),
+    "up_sizes": (None, UP_SIZES),
+    "down_sizes": (None, DOWN_SIZES),
+}
 COORDS = ["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel", "half_pixel_symmetric"]
 NEAREST = ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
 
@@ -43,8 +47,10 @@ def check(ins, attrs, opset=19, rtol=1e-12, check_shapes=True):
 @pytest.mark.parametrize("nearest_mode", NEAREST)
 def test_nearest(nearest_mode, coord, form):
     scales, sizes = FORMS[form]
-    check(inputs(X, None, scales, sizes), {"mode": "nearest", "coordinate_transformation_mode": coord,
-                                            "nearest_mode": nearest_mode})
+    check(
+        inputs(X, None, scales, sizes),
+        {"mode": "nearest", "coordinate_transformation_mode": coord, "nearest_mode": nearest_mode},
+    )
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -52,8 +58,10 @@ def test_nearest(nearest_mode, coord, form):
 @pytest.mark.parametrize("exclude_outside", [0, 1])
 def test_linear(coord, form, exclude_outside):
     scales, sizes = FORMS[form]
-    check(inputs(X, None, scales, sizes), {"mode": "linear", "coordinate_transformation_mode": coord,
-                                            "exclude_outside": exclude_outside})
+    check(
+        inputs(X, None, scales, sizes),
+        {"mode": "linear", "coordinate_transformation_mode": coord, "exclude_outside": exclude_outside},
+    )
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -61,8 +69,12 @@ def test_linear(coord, form, exclude_outside):
 @pytest.mark.parametrize("exclude_outside", [0, 1])
 def test_cubic(coord, form, exclude_outside):
     scales, sizes = FORMS[form]
-    attrs = {"mode": "cubic", "coordinate_transformation_mode": coord, "exclude_outside": exclude_outside,
-             "cubic_coeff_a": -0.5}
+    attrs = {
+        "mode": "cubic",
+        "coordinate_transformation_mode": coord,
+        "exclude_outside": exclude_outside,
+        "cubic_coeff_a": -0.5,
+    }
     # the reference computes the cubic weights in float32 (its cubic_coeff_a is a float32)
     check(inputs(X, None, scales, sizes), attrs, rtol=1e-5)
 
@@ -80,11 +92,16 @@ def test_fractional_output_width():
     scales = np.array([1, 1, 1, 0.5], np.float32)
     y = run_op("Resize", [x, None, scales], {"mode": "linear", "coordinate_transformation_mode": "align_corners"})[0]
     np.testing.assert_allclose(y.ravel(), [0, 3, 6])
-    y = run_op("Resize", [x, None, scales], {"mode": "linear", "coordinate_transformation_mode": "half_pixel_symmetric"})[0]
+    y = run_op(
+        "Resize", [x, None, scales], {"mode": "linear", "coordinate_transformation_mode": "half_pixel_symmetric"}
+    )[0]
     np.testing.assert_allclose(y.ravel(), [1, 3, 5])  # offset 0.5: x = 2 o + 1
     for coord in ("align_corners", "half_pixel_symmetric"):
-        check_vjp("Resize", [rng.standard_normal((2, 2, 5, 7)), None, np.array([1, 1, 0.7, 0.5], np.float32)],
-                  {"mode": "linear", "coordinate_transformation_mode": coord})
+        check_vjp(
+            "Resize",
+            [rng.standard_normal((2, 2, 5, 7)), None, np.array([1, 1, 0.7, 0.5], np.float32)],
+            {"mode": "linear", "coordinate_transformation_mode": coord},
+        )
 
 
 @pytest.mark.parametrize("policy", ["stretch", "not_larger", "not_smaller"])
@@ -96,8 +113,10 @@ def test_axes_and_aspect_ratio(policy):
     check(inputs(X, None, np.array([1.5, 0.5], np.float32)), {"mode": "linear", "axes": [3, 2]})
     # negative axes (which the reference does not take) mean the same
     sizes = np.array([11, 9], np.int64)
-    np.testing.assert_array_equal(run_op("Resize", [X, None, None, sizes], {**attrs, "axes": [-2, -1]})[0],
-                                  run_op("Resize", [X, None, None, sizes], attrs)[0])
+    np.testing.assert_array_equal(
+        run_op("Resize", [X, None, None, sizes], {**attrs, "axes": [-2, -1]})[0],
+        run_op("Resize", [X, None, None, sizes], attrs)[0],
+    )
 
 
 def test_opset13_forms():
@@ -142,7 +161,9 @@ def test_integer_input_and_float32():
     x32 = X.astype(np.float32)
     y = run_op("Resize", [x32, None, UP_SCALES], {"mode": "linear"})[0]
     assert y.dtype == np.float32
-    np.testing.assert_allclose(y, onnx_reference("Resize", [x32, None, UP_SCALES], {"mode": "linear"}, opset=19)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        y, onnx_reference("Resize", [x32, None, UP_SCALES], {"mode": "linear"}, opset=19)[0], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_antialias():
@@ -163,18 +184,30 @@ def test_refuses_bad_inputs():
 # -- against torch's F.interpolate ----------------------------------------------------------------------
 TORCH_CASES = {
     # name: (F.interpolate kwargs, Resize attrs)
-    "nearest": ({"mode": "nearest"}, {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
-                                      "nearest_mode": "floor"}),
-    "nearest_exact": ({"mode": "nearest-exact"}, {"mode": "nearest", "coordinate_transformation_mode": "half_pixel",
-                                                  "nearest_mode": "round_prefer_ceil"}),
-    "bilinear": ({"mode": "bilinear", "align_corners": False}, {"mode": "linear",
-                                                                "coordinate_transformation_mode": "pytorch_half_pixel"}),
-    "bilinear_align": ({"mode": "bilinear", "align_corners": True}, {"mode": "linear",
-                                                                     "coordinate_transformation_mode": "align_corners"}),
-    "bicubic": ({"mode": "bicubic", "align_corners": False}, {"mode": "cubic",
-                                                              "coordinate_transformation_mode": "pytorch_half_pixel"}),
-    "bicubic_align": ({"mode": "bicubic", "align_corners": True}, {"mode": "cubic",
-                                                                   "coordinate_transformation_mode": "align_corners"}),
+    "nearest": (
+        {"mode": "nearest"},
+        {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+    ),
+    "nearest_exact": (
+        {"mode": "nearest-exact"},
+        {"mode": "nearest", "coordinate_transformation_mode": "half_pixel", "nearest_mode": "round_prefer_ceil"},
+    ),
+    "bilinear": (
+        {"mode": "bilinear", "align_corners": False},
+        {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+    ),
+    "bilinear_align": (
+        {"mode": "bilinear", "align_corners": True},
+        {"mode": "linear", "coordinate_transformation_mode": "align_corners"},
+    ),
+    "bicubic": (
+        {"mode": "bicubic", "align_corners": False},
+        {"mode": "cubic", "coordinate_transformation_mode": "pytorch_half_pixel"},
+    ),
+    "bicubic_align": (
+        {"mode": "bicubic", "align_corners": True},
+        {"mode": "cubic", "coordinate_transformation_mode": "align_corners"},
+    ),
 }
 
 
@@ -192,12 +225,20 @@ def test_upsample():
     scales = np.array([1, 1, 2, 3], np.float32)
     for mode in ("nearest", "linear"):
         y = run_op("Upsample", [X, scales], {"mode": mode})[0]
-        want = F.interpolate(torch.from_numpy(X), scale_factor=(2, 3), mode="nearest" if mode == "nearest" else "bilinear",
-                             align_corners=None if mode == "nearest" else False).numpy()
+        want = F.interpolate(
+            torch.from_numpy(X),
+            scale_factor=(2, 3),
+            mode="nearest" if mode == "nearest" else "bilinear",
+            align_corners=None if mode == "nearest" else False,
+        ).numpy()
         if mode == "nearest":
             np.testing.assert_array_equal(y, want)
             np.testing.assert_array_equal(y, onnx_reference("Upsample", [X, scales], {"mode": mode}, opset=9)[0])
         else:  # asymmetric, not torch's half-pixel: compare with Resize itself
-            np.testing.assert_array_equal(y, run_op("Resize", [X, None, scales], {
-                "mode": "linear", "coordinate_transformation_mode": "asymmetric"})[0])
+            np.testing.assert_array_equal(
+                y,
+                run_op("Resize", [X, None, scales], {"mode": "linear", "coordinate_transformation_mode": "asymmetric"})[
+                    0
+                ],
+            )
         check_vjp("Upsample", [X, scales], {"mode": mode}, opset=9)

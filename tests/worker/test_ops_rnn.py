@@ -18,8 +18,21 @@ DIRECTIONS = ["forward", "reverse", "bidirectional"]
 LENS = np.array([2, 4, 1], np.int32)  # unequal, one full-length sample
 
 
-def make_inputs(op, direction="forward", layout=0, bias=True, lens=None, init=True, peep=True, seed=0,
-                dtype=np.float64, T=T_, B=B_, I=I_, H=H_):
+def make_inputs(
+    op,
+    direction="forward",
+    layout=0,
+    bias=True,
+    lens=None,
+    init=True,
+    peep=True,
+    seed=0,
+    dtype=np.float64,
+    T=T_,
+    B=B_,
+    I=I_,
+    H=H_,
+):
     """[X, W, R, B, sequence_lens, initial_h, (initial_c, P)] with None for omitted inputs."""
     rng = np.random.default_rng(seed)
     D = 2 if direction == "bidirectional" else 1
@@ -27,8 +40,14 @@ def make_inputs(op, direction="forward", layout=0, bias=True, lens=None, init=Tr
     r = lambda *s: (rng.standard_normal(s) * 0.7).astype(dtype)  # noqa: E731
     X = r(T, B, I) if layout == 0 else r(B, T, I)
     state = (lambda: r(D, B, H)) if layout == 0 else (lambda: r(B, D, H))
-    inputs = [X, r(D, G * H, I), r(D, G * H, H), r(D, 2 * G * H) if bias else None,
-              None if lens is None else np.asarray(lens, np.int32), state() if init else None]
+    inputs = [
+        X,
+        r(D, G * H, I),
+        r(D, G * H, H),
+        r(D, 2 * G * H) if bias else None,
+        None if lens is None else np.asarray(lens, np.int32),
+        state() if init else None,
+    ]
     if op == "LSTM":
         inputs += [state() if init else None, r(D, 3 * H) if peep else None]
     while inputs[-1] is None:  # trailing optional inputs are simply left off
@@ -49,8 +68,9 @@ ACT = {"Sigmoid": _sig, "Tanh": np.tanh, "Relu": lambda x: np.maximum(x, 0)}
 DEFAULT_ACTS = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}
 
 
-def naive(op, inputs, direction="forward", layout=0, activations=None, clip=None, linear_before_reset=0,
-          input_forget=0, **_):
+def naive(
+    op, inputs, direction="forward", layout=0, activations=None, clip=None, linear_before_reset=0, input_forget=0, **_
+):
     inputs = list(inputs) + [None] * (8 - len(inputs))
     X, W, R, Bias, lens, h0, c0, P = inputs
     if layout:
@@ -64,10 +84,10 @@ def naive(op, inputs, direction="forward", layout=0, activations=None, clip=None
     cl = (lambda v: v) if clip is None else (lambda v: np.clip(v, -clip, clip))
     Y, Yh, Yc = np.zeros((T, D, B, H)), np.zeros((D, B, H)), np.zeros((D, B, H))
     for d in range(D):
-        f, g, hf = ([ACT[a] for a in acts[d * n:(d + 1) * n]] + [None, None])[:3]
+        f, g, hf = ([ACT[a] for a in acts[d * n : (d + 1) * n]] + [None, None])[:3]
         Wg, Rg = np.split(W[d], GATES[op]), np.split(R[d], GATES[op])
         bs = np.split(np.zeros(2 * GATES[op] * H) if Bias is None else Bias[d], 2 * GATES[op])
-        Wb, Rb = bs[:GATES[op]], bs[GATES[op]:]
+        Wb, Rb = bs[: GATES[op]], bs[GATES[op] :]
         for b in range(B):
             L = T if lens is None else int(lens[b])
             steps = range(L - 1, -1, -1) if (direction == "reverse" or d == 1) else range(L)
@@ -96,7 +116,7 @@ def naive(op, inputs, direction="forward", layout=0, activations=None, clip=None
             Yh[d, b], Yc[d, b] = h, c
     if layout:
         Y, Yh, Yc = Y.transpose(2, 0, 1, 3), Yh.transpose(1, 0, 2), Yc.transpose(1, 0, 2)
-    return [Y, Yh, Yc][:N_OUT[op]]
+    return [Y, Yh, Yc][: N_OUT[op]]
 
 
 def assert_outputs(got, want, tol=1e-10):
@@ -114,7 +134,7 @@ def assert_outputs(got, want, tol=1e-10):
 def test_forward_matches_reference(op, direction, layout, full):
     inputs = make_inputs(op, direction, layout, bias=full, init=full, peep=full)
     attrs = attrs_for(direction, layout)
-    for lbr in ([0, 1] if op == "GRU" else [0]):
+    for lbr in [0, 1] if op == "GRU" else [0]:
         a = dict(attrs, linear_before_reset=lbr) if op == "GRU" else attrs
         got = run_op(op, inputs, a, n_outputs=N_OUT[op])
         assert_outputs(got, onnx_reference(op, inputs, a, N_OUT[op], opset=14))
@@ -148,7 +168,7 @@ def _torch_layer(op, inputs, nonlinearity="tanh"):
             getattr(layer, "weight_ih" + sfx).copy_(torch.from_numpy(W[d][rows]))
             getattr(layer, "weight_hh" + sfx).copy_(torch.from_numpy(R[d][rows]))
             getattr(layer, "bias_ih" + sfx).copy_(torch.from_numpy(B[d][: G * H][rows]))
-            getattr(layer, "bias_hh" + sfx).copy_(torch.from_numpy(B[d][G * H:][rows]))
+            getattr(layer, "bias_hh" + sfx).copy_(torch.from_numpy(B[d][G * H :][rows]))
     return layer
 
 
@@ -159,8 +179,11 @@ def test_forward_sequence_lens_matches_torch(op, direction):
     the reverse direction runs each sample reversed within its own length."""
     op, _, nl = op.partition("-")
     inputs = make_inputs(op, direction, lens=LENS, peep=False)
-    attrs = attrs_for(direction, activations=["Relu"] * (2 if direction == "bidirectional" else 1)) if nl \
+    attrs = (
+        attrs_for(direction, activations=["Relu"] * (2 if direction == "bidirectional" else 1))
+        if nl
         else attrs_for(direction)
+    )
     if op == "GRU":
         attrs["linear_before_reset"] = 1  # torch's GRU
     layer = _torch_layer(op, inputs, nl or "tanh")
@@ -184,11 +207,18 @@ def test_forward_options_match_naive(op, direction, layout):
     """sequence_lens with reverse / layout 1, clip, non-default activations, input_forget: not in
     the reference implementation, so against the per-sample oracle (itself checked above)."""
     D = 2 if direction == "bidirectional" else 1
-    acts = {"RNN": ["Relu", "Sigmoid"], "GRU": ["Tanh", "Relu", "Sigmoid", "Sigmoid"],
-            "LSTM": ["Tanh", "Sigmoid", "Relu", "Sigmoid", "Relu", "Tanh"]}[op]
+    acts = {
+        "RNN": ["Relu", "Sigmoid"],
+        "GRU": ["Tanh", "Relu", "Sigmoid", "Sigmoid"],
+        "LSTM": ["Tanh", "Sigmoid", "Relu", "Sigmoid", "Relu", "Tanh"],
+    }[op]
     inputs = make_inputs(op, direction, layout, lens=LENS, seed=3)
-    for extra in [{}, {"clip": 0.6}, {"activations": acts[: len(DEFAULT_ACTS[op]) * D]},
-                  {"input_forget": 1} if op == "LSTM" else {"linear_before_reset": 1}]:
+    for extra in [
+        {},
+        {"clip": 0.6},
+        {"activations": acts[: len(DEFAULT_ACTS[op]) * D]},
+        {"input_forget": 1} if op == "LSTM" else {"linear_before_reset": 1},
+    ]:
         attrs = attrs_for(direction, layout, **extra)
         assert_outputs(run_op(op, inputs, attrs, n_outputs=N_OUT[op]), naive(op, inputs, **attrs))
 
@@ -223,10 +253,18 @@ def wrt_of(inputs):
 @pytest.mark.parametrize("variant", ["bare", "full", "lens"])
 def test_vjp(op, direction, layout, variant):
     """bare: X, W, R only; full: every optional input; lens: full plus unequal sequence_lens."""
-    inputs = make_inputs(op, direction, layout, bias=variant != "bare", init=variant != "bare",
-                         peep=variant != "bare", lens=LENS if variant == "lens" else None, seed=1)
+    inputs = make_inputs(
+        op,
+        direction,
+        layout,
+        bias=variant != "bare",
+        init=variant != "bare",
+        peep=variant != "bare",
+        lens=LENS if variant == "lens" else None,
+        seed=1,
+    )
     attrs = attrs_for(direction, layout)
-    for lbr in ([0, 1] if op == "GRU" else [None]):
+    for lbr in [0, 1] if op == "GRU" else [None]:
         a = attrs if lbr is None else dict(attrs, linear_before_reset=lbr)
         check_vjp(op, inputs, a, wrt=wrt_of(inputs), n_outputs=N_OUT[op])
 
@@ -248,8 +286,11 @@ def test_vjp_single_output_errors(op, direction):
 def test_vjp_clip_and_activations(op, direction):
     D = 2 if direction == "bidirectional" else 1
     inputs = make_inputs(op, direction, lens=LENS, seed=4)
-    acts = {"RNN": ["Relu", "Sigmoid"], "GRU": ["Tanh", "Relu", "Sigmoid", "Sigmoid"],
-            "LSTM": ["Tanh", "Sigmoid", "Relu", "Sigmoid", "Relu", "Tanh"]}[op]
+    acts = {
+        "RNN": ["Relu", "Sigmoid"],
+        "GRU": ["Tanh", "Relu", "Sigmoid", "Sigmoid"],
+        "LSTM": ["Tanh", "Sigmoid", "Relu", "Sigmoid", "Relu", "Tanh"],
+    }[op]
     acts = acts[: len(DEFAULT_ACTS[op]) * D]
     for extra in [{"clip": 0.7}, {"activations": acts}, {"activations": acts, "clip": 0.9}]:
         attrs = attrs_for(direction, **extra)

@@ -19,10 +19,16 @@ def vjp(op, inputs, g, attrs=None):
     return backward(prog, forward(prog, {n: x for n, x in zip(names, inputs) if n}), {"y": g})["x0"]
 
 
-@pytest.mark.parametrize("shape,allowzero,want", [
-    ([4, -1], 0, (4, 6)), ([0, 0, -1], 0, (2, 3, 4)), ([-1], 0, (24,)), ([2, 0, 4], 0, (2, 3, 4)),
-    ([0, 12], 1, None),
-])
+@pytest.mark.parametrize(
+    "shape,allowzero,want",
+    [
+        ([4, -1], 0, (4, 6)),
+        ([0, 0, -1], 0, (2, 3, 4)),
+        ([-1], 0, (24,)),
+        ([2, 0, 4], 0, (2, 3, 4)),
+        ([0, 12], 1, None),
+    ],
+)
 def test_reshape(shape, allowzero, want):
     x = rng.standard_normal((2, 3, 4))
     attrs = {"allowzero": allowzero}
@@ -123,9 +129,15 @@ def test_squeeze_unsqueeze():
     check_vjp("Unsqueeze", [y, I64([0, -1])])
 
 
-@pytest.mark.parametrize("xs,shape,want", [
-    ((3, 1), [2, 3, 4], (2, 3, 4)), ((3, 4), [1, 1], (3, 4)), ((1, 4), [3, 1], (3, 4)), ((), [2, 2], (2, 2)),
-])
+@pytest.mark.parametrize(
+    "xs,shape,want",
+    [
+        ((3, 1), [2, 3, 4], (2, 3, 4)),
+        ((3, 4), [1, 1], (3, 4)),
+        ((1, 4), [3, 1], (3, 4)),
+        ((), [2, 2], (2, 2)),
+    ],
+)
 def test_expand(xs, shape, want):
     x = np.asarray(rng.standard_normal(xs))
     (y,) = run_op("Expand", [x, I64(shape)])
@@ -146,8 +158,9 @@ def test_gather(axis, ishape):
     data = rng.standard_normal((4, 5, 3))
     n = data.shape[axis]
     idx = rng.integers(-n, n, ishape)
-    np.testing.assert_array_equal(run_op("Gather", [data, idx], {"axis": axis})[0],
-                                  np.take(data, np.where(idx < 0, idx + n, idx), axis=axis))
+    np.testing.assert_array_equal(
+        run_op("Gather", [data, idx], {"axis": axis})[0], np.take(data, np.where(idx < 0, idx + n, idx), axis=axis)
+    )
     check_vjp("Gather", [data, idx], {"axis": axis})
 
 
@@ -173,7 +186,7 @@ def test_pad(mode, pads):
     if mode == "constant":
         inputs.append(np.array(0.7))
     (y,) = run_op("Pad", inputs, {"mode": mode})
-    crop = x[max(-pads[0], 0): 4 - max(-pads[2], 0), max(-pads[1], 0): 3 - max(-pads[3], 0)]
+    crop = x[max(-pads[0], 0) : 4 - max(-pads[2], 0), max(-pads[1], 0) : 3 - max(-pads[3], 0)]
     widths = [(max(pads[0], 0), max(pads[2], 0)), (max(pads[1], 0), max(pads[3], 0))]
     kw = {"constant_values": 0.7} if mode == "constant" else {}
     np.testing.assert_array_equal(y, np.pad(crop, widths, mode=mode, **kw))
@@ -198,8 +211,13 @@ def test_trilu(upper, k):
 
 def test_shape_and_size():
     x = np.zeros((2, 3, 4, 5))
-    for attrs, want in [({}, [2, 3, 4, 5]), ({"start": 1}, [3, 4, 5]), ({"end": -1}, [2, 3, 4]),
-                        ({"start": -2, "end": 10}, [4, 5]), ({"start": 3, "end": 1}, [])]:
+    for attrs, want in [
+        ({}, [2, 3, 4, 5]),
+        ({"start": 1}, [3, 4, 5]),
+        ({"end": -1}, [2, 3, 4]),
+        ({"start": -2, "end": 10}, [4, 5]),
+        ({"start": 3, "end": 1}, []),
+    ]:
         (y,) = run_op("Shape", [x], attrs)
         assert y.dtype == np.int64
         np.testing.assert_array_equal(y, want)
@@ -221,8 +239,12 @@ def test_constant():
     (y,) = run_op("Constant", [], {"value": t})
     np.testing.assert_array_equal(y, t)
     assert y.dtype == np.float32 and y is not t
-    for attrs, want, dtype in [({"value_float": 1.5}, 1.5, np.float32), ({"value_floats": [1.0, 2.5]}, [1.0, 2.5], np.float32),
-                               ({"value_int": 3}, 3, np.int64), ({"value_ints": [1, 2]}, [1, 2], np.int64)]:
+    for attrs, want, dtype in [
+        ({"value_float": 1.5}, 1.5, np.float32),
+        ({"value_floats": [1.0, 2.5]}, [1.0, 2.5], np.float32),
+        ({"value_int": 3}, 3, np.int64),
+        ({"value_ints": [1, 2]}, [1, 2], np.int64),
+    ]:
         (y,) = run_op("Constant", [], attrs)
         assert y.dtype == dtype
         np.testing.assert_array_equal(y, want)
@@ -230,7 +252,9 @@ def test_constant():
         run_op("Constant", [], {})
 
 
-@pytest.mark.parametrize("start,limit,delta", [(0, 5, 1), (10, 4, -3), (1, 1, 1), (3, 9, 2), (0.5, 2.0, 0.25), (1.0, -1.0, -0.3)])
+@pytest.mark.parametrize(
+    "start,limit,delta", [(0, 5, 1), (10, 4, -3), (1, 1, 1), (3, 9, 2), (0.5, 2.0, 0.25), (1.0, -1.0, -0.3)]
+)
 def test_range(start, limit, delta):
     dtype = np.int64 if isinstance(start, int) else np.float32
     (y,) = run_op("Range", [np.array(start, dtype), np.array(limit, dtype), np.array(delta, dtype)])
@@ -240,8 +264,14 @@ def test_range(start, limit, delta):
 
 def test_float32_preserved():
     x = rng.standard_normal((2, 3)).astype(np.float32)
-    for op, extra in [("Reshape", [I64([3, 2])]), ("Expand", [I64([2, 2, 3])]), ("Tile", [I64([2, 1])]),
-                      ("Pad", [I64([1, 1, 0, 0])]), ("Slice", [I64([1]), I64([3]), I64([1])]), ("Gather", [I64([1, 0])])]:
+    for op, extra in [
+        ("Reshape", [I64([3, 2])]),
+        ("Expand", [I64([2, 2, 3])]),
+        ("Tile", [I64([2, 1])]),
+        ("Pad", [I64([1, 1, 0, 0])]),
+        ("Slice", [I64([1]), I64([3]), I64([1])]),
+        ("Gather", [I64([1, 0])]),
+    ]:
         (y,) = run_op(op, [x] + extra)
         assert y.dtype == np.float32, op
         assert vjp(op, [x] + extra, np.ones_like(y)).dtype == np.float32, op

@@ -178,7 +178,9 @@ GROUPS = [  # torch optimizer, base arguments, then per group: its parameters, i
 @pytest.mark.parametrize("name, base, groups", GROUPS, ids=[g[0] for g in GROUPS])
 def test_param_groups_mapped_from_torch_give_torchs_weights(name, base, groups):
     def make(t: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
-        return getattr(torch.optim, name)([{"params": [t[n] for n in names.split()], **kw} for names, kw in groups], **base)
+        return getattr(torch.optim, name)(
+            [{"params": [t[n] for n in names.split()], **kw} for names, kw in groups], **base
+        )
 
     weights, grads = _weights(), _grads()
     theirs, _ = _torch_run(make, weights, grads)
@@ -198,7 +200,9 @@ def test_clipping_split_over_two_partitions_equals_torchs_whole(name):
     kwargs = {"lr": 0.05, "momentum": 0.9} if name == "SGD" else {"lr": 0.05}
     max_norm = float(np.median([np.sqrt(sum(np.sum(g**2) for g in step.values())) for step in grads]))
     theirs, norms = _torch_run(lambda t: getattr(torch.optim, name)(t.values(), **kwargs), weights, grads, max_norm)
-    ours, scales = _our_run(ParamGroups(OURS[name](**kwargs)), weights, grads, None, (("w", "b"), ("k", "big")), max_norm)
+    ours, scales = _our_run(
+        ParamGroups(OURS[name](**kwargs)), weights, grads, None, (("w", "b"), ("k", "big")), max_norm
+    )
     _assert_same(ours, theirs)
     assert any(s < 1 for s in scales) and any(s == 1 for s in scales)  # both sides of the threshold
     expected = [min(max_norm / (n + 1e-6), 1.0) for n in norms]
@@ -264,7 +268,9 @@ def test_lr_at_and_its_refusals():
 
 def test_from_torch_maps_named_optimizers_and_decoupled_adam():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1)).double()
-    opt = torch.optim.Adam(model.named_parameters(), lr=0.01, weight_decay=0.2, decoupled_weight_decay=True, foreach=True)
+    opt = torch.optim.Adam(
+        model.named_parameters(), lr=0.01, weight_decay=0.2, decoupled_weight_decay=True, foreach=True
+    )
     optimizer, overrides = from_torch(opt)  # the names the optimizer was built with
     assert optimizer == AdamW(lr=0.01, weight_decay=0.2) and overrides == {}
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": torch.tensor(0.5)}]
@@ -289,7 +295,11 @@ def test_from_torch_refuses_what_it_cannot_map():
         (torch.optim.LBFGS(model.parameters()), named, "cannot map torch.optim.lbfgs.LBFGS"),
         (_MySGD(model.parameters()), named, r"_MySGD: .* \(a subclass may change their step\)"),
         (torch.optim.SGD([model.weight]), named, "trainable parameter 'bias' is in none of the optimizer's param"),
-        (torch.optim.SGD(model.parameters()), {"weight": model.weight}, r"param group 0 holds a parameter of shape \(2,\)"),
+        (
+            torch.optim.SGD(model.parameters()),
+            {"weight": model.weight},
+            r"param group 0 holds a parameter of shape \(2,\)",
+        ),
         (torch.optim.SGD(model.parameters()), None, "give named_parameters"),
         (torch.optim.Adam(mixed), named, "disagree on decoupled_weight_decay"),
     ]

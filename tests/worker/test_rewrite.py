@@ -25,9 +25,11 @@ def cnn(pool_attrs, extra_reader=False, dtype=np.float64):
         Node("sum", "ReduceSum", ["s"], ["loss"], {"keepdims": 0}),
     ]
     if extra_reader:
-        nodes[-1:] = [Node("sum_p", "ReduceSum", ["s"], ["l1"], {"keepdims": 0}),
-                      Node("sum_r", "ReduceSum", ["r"], ["l2"], {"keepdims": 0}),
-                      Node("add", "Add", ["l1", "l2"], ["loss"])]
+        nodes[-1:] = [
+            Node("sum_p", "ReduceSum", ["s"], ["l1"], {"keepdims": 0}),
+            Node("sum_r", "ReduceSum", ["r"], ["l2"], {"keepdims": 0}),
+            Node("add", "Add", ["l1", "l2"], ["loss"]),
+        ]
     # integer-valued weights and inputs: many exact ties inside the pooling windows, and zeros
     w = rng.integers(-1, 2, (4, 3, 3, 3)).astype(dtype)
     model = Model(nodes, [InputSpec("x", np.dtype(dtype), (None, 3, 8, 8))], {"w": w}, "loss")
@@ -58,8 +60,10 @@ def test_relu_runs_after_maxpool_with_identical_gradients(pool_attrs, dtype):
     ops = [(n.name, n.op_type, n.inputs[0], n.outputs[0]) for n in job.nodes][:3]
     assert ops == [("conv", "Conv", "x", "c"), ("pool", "MaxPool", "c", "r"), ("relu", "Relu", "r", "p")]
     assert job.shapes["r"].shape == job.shapes["p"].shape  # r now holds the pooled values
-    assert job.rewrites == ("node 'relu' (Relu) runs after node 'pool' (MaxPool), on the pooled values "
-                            "(exact: the max of rectified values is the rectified max)",)
+    assert job.rewrites == (
+        "node 'relu' (Relu) runs after node 'pool' (MaxPool), on the pooled values "
+        "(exact: the max of rectified values is the rectified max)",
+    )
     assert "rewritten: node 'relu' (Relu) runs after node 'pool' (MaxPool)" in plan_job(job, model, 2).describe()
     result = InlineEngine().gradients(model, feeds)
     loss, grads = unrewritten(model, feeds)
@@ -94,8 +98,12 @@ def linear(dtype=np.float64, bias_shape=(5,), bias_first=False, extra_reader=Fal
         nodes.append(Node("bsum", "ReduceSum", ["x", "ax"], [b], {"keepdims": 1}))
     else:
         params[b] = rng.standard_normal(bias_shape).astype(dtype)
-    nodes += [Node("add", "Add", [b, h] if bias_first else [h, b], ["y"]), Node("act", "Tanh", ["y"], ["t"]),
-              Node("sq", "Mul", ["t", "t"], ["s"]), Node("sum", "ReduceSum", ["s"], ["l1"], {"keepdims": 0})]
+    nodes += [
+        Node("add", "Add", [b, h] if bias_first else [h, b], ["y"]),
+        Node("act", "Tanh", ["y"], ["t"]),
+        Node("sq", "Mul", ["t", "t"], ["s"]),
+        Node("sum", "ReduceSum", ["s"], ["l1"], {"keepdims": 0}),
+    ]
     if extra_reader:
         nodes += [Node("sum_h", "ReduceSum", [h], ["l2"], {"keepdims": 0}), Node("tot", "Add", ["l1", "l2"], ["loss"])]
     else:

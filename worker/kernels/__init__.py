@@ -52,10 +52,18 @@ MIN_SIZE = 1 << 14
 # float32 (and float16) erf: Eigen's / XLA's single-precision x P(x^2)/Q(x^2) on x clipped to
 # [-4, 4] (erf(4) rounds to 1 in float32), coefficients highest degree first. The one source for
 # the op's numpy path (ops/unary.py) and the compiled one (kernels/compiled.py).
-ERF32 = ((-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02),
-         (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02))
+ERF32 = (
+    (
+        -2.72614225801306e-10,
+        2.77068142495902e-08,
+        -2.10102402082508e-06,
+        -5.69250639462346e-05,
+        -7.34990630326855e-04,
+        -2.95459980854025e-03,
+        -1.60960333262415e-02,
+    ),
+    (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03, -1.42647390514189e-02),
+)
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
@@ -113,8 +121,10 @@ def get() -> ModuleType | None:
                 else:
                     _loaded = compiled
             if _failed is not None:
-                log.warning("compiled kernels off (%s): gradserve runs its numpy paths, slower on "
-                            "normalisation and pooling", _failed)
+                log.warning(
+                    "compiled kernels off (%s): gradserve runs its numpy paths, slower on normalisation and pooling",
+                    _failed,
+                )
     return _loaded
 
 
