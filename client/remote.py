@@ -21,25 +21,24 @@ functions, so running one twice is harmless. ``Client(address, retry=RetryPolicy
 ``retry=None`` turns it off (see :mod:`gradserve.client.retry`). Retries are for a server that is
 busy or restarting: until a client has had an answer from its server, a call that cannot connect
 is retried for ``connect_timeout`` seconds (2 by default) only, then raises :class:`Unavailable`
-saying "no gradserve server at HOST:PORT (connection refused)" -- or whatever gRPC found wrong.
+saying "no gradserve server at HOST:PORT (connection refused)" -- or whatever gRPC found wrong
+(the calls and their retries: :mod:`gradserve.client.calls`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
 from grpc.experimental import ChannelOptions
 
-from gradserve.client.connection import connect_failure, server_target
+from gradserve.client.calls import DEFAULT_RETRY, RetryingCalls
+from gradserve.client.connection import server_target
 
 # errors and job handles live in their own modules; their names stay importable from here
 from gradserve.client.errors import (  # noqa: F401
@@ -74,13 +73,7 @@ _MAX_MESSAGE = 64 << 20  # what this client accepts; servers send 1 MiB chunks a
 # Feeds up to this size go in one Compute request (far below the server's 16 MiB message limit, and
 # gRPC's 4 MiB default); bigger ones stream through Run.
 _COMPUTE_FEED_BYTES = chunks.CHUNK_BYTES
-_DEFAULT_RETRY = RetryPolicy()
-_WARN_AFTER = 10.0  # seconds of retrying one call after which a warning is logged (once per call)
 CONNECT_TIMEOUT = 2.0  # seconds a call retries a server this client has never reached
-# Codes a failed call can get without the server having answered it.
-_NOT_AN_ANSWER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
-
-log = logging.getLogger("gradserve.client")
 
 
 @dataclass(frozen=True)
@@ -97,7 +90,7 @@ class _Uploading:
 # -- the client ------------------------------------------------------------------------------------
 
 
-class Client:
+class Client(RetryingCalls):
     """A connection to a gradserve server at ``address``: "host:port", "host" or "[v6]" for port
     50051, or a gRPC target such as "unix:/path" (:func:`~gradserve.client.connection.server_target`;
     ValueError for a malformed one). Nothing is sent until the first call.
@@ -120,7 +113,7 @@ class Client:
         token_file: str | Path | None = None,
         ca_file: str | Path | None = None,
         timeout: float | None = None,
-        retry: RetryPolicy | None | bool = _DEFAULT_RETRY,
+        retry: RetryPolicy | None | bool = DEFAULT_RETRY,
         connect_timeout: float | None = CONNECT_TIMEOUT,
     ) -> None:
         address = server_target(address)
@@ -132,19 +125,8 @@ class Client:
             from gradserve.server.auth import read_token_file
 
             token = read_token_file(token_file)
-        self.address = address
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self._reached = False  # True once the server has answered a call (retries are for such servers)
-        if retry is True:
-            retry = _DEFAULT_RETRY
-        if retry is not None and retry is not False and not isinstance(retry, RetryPolicy):
-            raise TypeError("retry must be a RetryPolicy, or None to turn retries off")
-        self.retry: RetryPolicy = retry or NO_RETRY
-        self.retries = 0
-        self.retries_by_code: Counter[str] = Counter()
-        self._retry_lock = threading.Lock()
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        super().__init__(address, timeout, retry, connect_timeout, metadata)
         options = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -168,84 +150,7 @@ class Client:
         self._stub = service_pb2_grpc.GradientServiceStub(self._channel)
         self._compute = True  # False once the server said it has no Compute RPC
 
-    # -- plumbing ---------------------------------------------------------------------------------
-    def _timeout(self, timeout: float | None) -> float | None:
-        return timeout if timeout is not None else self.timeout
-
-    def _retrying(
-        self,
-        what: str,
-        attempt: Callable[[float | None], Any],
-        timeout: float | None,
-        policy: RetryPolicy | None = None,
-    ) -> Any:
-        """``attempt(seconds_left)`` under the retry policy (:meth:`RetryPolicy.call`); ``what``
-        names the call in the log. ``attempt`` must build its request afresh: a request stream
-        is consumed by the attempt that sends it."""
-        waited = 0.0
-        warned = False
-
-        def on_retry(exc: BaseException, n: int, delay: float) -> None:
-            nonlocal waited, warned
-            code = getattr(exc, "code", None)
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-            with self._retry_lock:
-                self.retries += 1
-                self.retries_by_code[name] += 1
-            waited += delay
-            level = logging.INFO
-            if waited >= _WARN_AFTER and not warned:
-                warned, level = True, logging.WARNING
-            log.log(
-                level,
-                "%s to %s: %s (%s); retry %d in %.2fs%s",
-                what,
-                self.address,
-                name,
-                exc,
-                n,
-                delay,
-                f", {waited:.0f}s of retrying so far" if level == logging.WARNING else "",
-            )
-
-        def guarded(left: float | None) -> Any:
-            try:
-                try:
-                    value = attempt(left)
-                except grpc.RpcError as err:  # raised by the call itself rather than by its reply stream
-                    raise remote_error(err) from None
-            except RemoteError as exc:
-                self._reached = self._reached or exc.code not in _NOT_AN_ANSWER
-                raise
-            self._reached = True
-            return value
-
-        def window(exc: BaseException) -> float | None:
-            return self.connect_timeout if self._unreached(exc) else None
-
-        try:
-            return (policy or self.retry).call(guarded, timeout, on_retry=on_retry, window=window)
-        except Unavailable as exc:
-            reason = self._unreached(exc)
-            if reason is None:
-                raise
-            log.debug("%s to %s: %s", what, self.address, exc.details)
-            raise Unavailable(exc.code, f"no gradserve server at {self.address} ({reason})") from None
-
-    def _unreached(self, exc: BaseException) -> str | None:
-        """Why the call could not connect, when ``exc`` says so and this client has never had an
-        answer from its server (a wrong address, or a server not up yet); else None."""
-        if self._reached or not isinstance(exc, Unavailable):
-            return None
-        return connect_failure(exc.details)
-
-    def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
-        name = getattr(method, "_method", b"")
-        name = name.decode().rsplit("/", 1)[-1] if isinstance(name, bytes) else str(name or "call")
-        return self._retrying(
-            name, lambda left: calling(method, request, metadata=self._metadata, timeout=left), self._timeout(timeout)
-        )
-
+    # -- plumbing (the calls and their retries: RetryingCalls) ------------------------------------
     def close(self) -> None:
         """Close the connection."""
         self._channel.close()
