@@ -17,11 +17,8 @@ client's 100 queued jobs delay another client's single job by at most one job pe
 it. A client is a connection: the gRPC
 peer address (``context.peer()``, e.g. ``ipv4:10.0.0.5:53412``), see :func:`client_of`.
 
-**Outcomes.** Every job that ends -- done, failed or cancelled, whether it ran or not -- is counted
-once in the server's metrics and logged in one INFO line (:meth:`JobRegistry._ended`): its id,
-model, partitions/micro-batches/replicas as run, seconds queued and running, and the status code.
-A failure the server handled (bad input, a limit, a cancel) gets that line only; a traceback is
-logged only for an unexpected error (:func:`gradserve.server.errors.status_for`).
+**Outcomes.** How an admitted job ends -- run to its outcome, which is recorded, counted and
+logged once -- and how its result is handed out: :mod:`gradserve.server.job_outcomes`.
 
 Each job carries a ``threading.Event`` handed to the engine as ``cancelled=``: setting it stops the
 job at the engine's next phase boundary. A finished job's result is kept until it has been fetched
@@ -44,20 +41,12 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import grpc
 import numpy as np
 
-from gradserve.server.errors import (
-    NotFound,
-    QueueFull,
-    ServiceError,
-    Unavailable,
-    WorkerLost,
-    status_for,
-)
+from gradserve.server.errors import NotFound, QueueFull, Unavailable, status_for
 from gradserve.server.fair_queue import FairQueue
 from gradserve.server.metrics import ServerMetrics
 from gradserve.server.planning.prepare import PreparedJob
 from gradserve.server.job import (
     CANCELLED,
-    DONE,
     FAILED,
     FINISHED,
     QUEUED,
@@ -67,6 +56,7 @@ from gradserve.server.job import (
     options_from_record,
     options_record,
 )
+from gradserve.server.job_outcomes import JobOutcomes
 from gradserve.server.result import Result
 from gradserve.worker.graph import Model
 
@@ -91,7 +81,7 @@ class RegistryCounts:
     retries: int
 
 
-class JobRegistry:
+class JobRegistry(JobOutcomes):
     """Runs jobs, at most ``max_concurrent`` at once and fairly between clients (module docs),
     and keeps their records.
 
@@ -148,12 +138,6 @@ class JobRegistry:
                 log.info("concurrent jobs: %d -> %d (the engine's capacity)", self.max_concurrent, value)
             self.max_concurrent = max(1, value)
         return self.max_concurrent
-
-    @property
-    def _state_dir(self) -> "StateDir":
-        """Where durable jobs are recorded (a job is durable only when there is a state directory)."""
-        assert self.state is not None
-        return self.state
 
     # -- submitting -------------------------------------------------------------------------------
     def submit(
@@ -309,97 +293,6 @@ class JobRegistry:
                 self._waiting.ended(job)
             self._dispatch()
 
-    def _compute(self, job: Job) -> None:
-        with job.cond:
-            if job.state != QUEUED:  # cancelled while queued
-                return
-            if job.cancelled.is_set():
-                self._finish(job, CANCELLED, error=(grpc.StatusCode.CANCELLED, "job cancelled before it started"))
-                ended = True
-            else:
-                ended = False
-                job.state = RUNNING
-                job.started = started = time.monotonic()
-                job.cond.notify_all()
-        if ended:
-            self._ended(job)
-            return
-        self.metrics.queue_seconds.observe(started - job.submitted)
-        log.debug("job %s running (queued %.3fs)", job.id, started - job.submitted)
-        try:
-            result = self._runner(job)
-        except BaseException as exc:  # noqa: BLE001 -- every failure is the job's, reported to its client
-            code, message = status_for(exc)  # logs a traceback for unexpected errors only
-            state = CANCELLED if code == grpc.StatusCode.CANCELLED else FAILED
-            self._count_retries(self._lost_worker_retries(exc))
-            self._keep(job, state, error=(code, message))
-            with job.cond:
-                self._finish(job, state, error=(code, message))
-        else:
-            self._count_retries(int((result.info or {}).get("retries", 0) or 0))
-            try:
-                self._keep(job, DONE, result=result)  # on disk before anyone can fetch it
-            except BaseException as exc:  # noqa: BLE001 -- e.g. the disk budget: the job fails, saying why
-                code, message = status_for(exc)
-                with job.cond:
-                    self._finish(job, FAILED, error=(code, message))
-            else:
-                with job.cond:
-                    self._finish(job, DONE, result=result)
-        self._ended(job)
-
-    def _keep(
-        self, job: Job, state: str, *, result: Result | None = None, error: tuple[grpc.StatusCode, str] | None = None
-    ) -> None:
-        """Write a durable job's end to the state directory -- except a cancel that comes from
-        shutting down: that job stays queued on disk, to run again at the next start."""
-        if not job.durable or (self._closed and state == CANCELLED):
-            return
-        if result is not None:
-            self._state_dir.save_result(job.id, result)
-        else:
-            self._state_dir.set_state(job.id, state, error[0].name if error else "", error[1] if error else "")
-
-    @staticmethod
-    def _lost_worker_retries(exc: BaseException) -> int:
-        """Retries behind a failure: a job that lost a worker on every run the engine allows fails
-        with :class:`WorkerLost` (the engine tells a lost worker from other failures, see
-        :func:`gradserve.server.ray_engine.is_worker_loss`), saying how often it ran again."""
-        return exc.retries if isinstance(exc, WorkerLost) else 0
-
-    def _count_retries(self, n: int) -> None:
-        if n > 0:
-            with self._lock:
-                self.retries += n
-            self.metrics.worker_retries.inc(n)
-
-    @staticmethod
-    def _finish(
-        job: Job, state: str, *, result: Result | None = None, error: tuple[grpc.StatusCode, str] | None = None
-    ) -> None:
-        # Caller holds job.cond, and calls _ended(job) once it has released it.
-        job.state, job.result, job.error = state, result, error
-        job.finished = time.monotonic()
-        if result is not None:
-            info = result.info or {}
-            job.ran_as = tuple(
-                info.get(k, getattr(job.options, k)) for k in ("partitions", "micro_batches", "replicas")
-            )
-        job.model = job.feeds = None  # the job no longer pins the model or the batch in memory
-        if job.on_finish is not None:
-            on_finish = job.on_finish
-            job.on_finish = None
-            on_finish()
-        job.cond.notify_all()
-
-    def _ended(self, job: Job) -> None:
-        """Count and log a job that has just ended: its one outcome line (see the module docs)."""
-        fields, text, ran = job.outcome()
-        with self._lock:
-            self.ended[fields["outcome"]] += 1
-        self.metrics.job_ended(fields["outcome"], fields["code"], ran)
-        log.info("%s", text, extra={"fields": fields})
-
     # -- looking up -------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
         """The job with this id; :class:`NotFound` for unknown or expired ids."""
@@ -424,35 +317,6 @@ class JobRegistry:
             self._ended(job)
         log.info("job %s: cancel requested (state %s)", job_id, job.state)
         return job
-
-    def take_result(self, job: Job) -> Result:
-        """The result of a finished job, handed out once; a failed job raises its failure."""
-        result = self.peek_result(job, stored=False)
-        self.release_result(job)
-        return result
-
-    def peek_result(self, job: Job, *, stored: bool = True) -> Result:
-        """The result of a finished job, kept for another fetch until :meth:`release_result`
-        (so a stream that breaks half-way loses nothing); a failed job raises its failure. For a
-        ``stored`` job (FetchResult) that failure is final: fetching again gives the same answer,
-        even an UNAVAILABLE one (a job that kept losing workers), which a synchronous caller
-        instead retries by running the job again."""
-        with job.cond:
-            if job.state != DONE:
-                code, message = job.error or (grpc.StatusCode.INTERNAL, f"job {job.id} has no result")
-                raise ServiceError(code, message, retry_after=-1.0 if stored else None)
-            if job.result is None and job.kept and not job.fetched:
-                return self._state_dir.load_result(job.id)  # finished before a restart: read from disk
-            if job.result is None:
-                raise NotFound(f"the result of job '{job.id}' was already fetched")
-            return job.result
-
-    def release_result(self, job: Job) -> None:
-        """Drop a result that was delivered whole: it can no longer be fetched."""
-        with job.cond:
-            job.result, job.fetched = None, True
-        if job.durable:
-            self._state_dir.forget_job(job.id)
 
     def remove(self, job_id: str) -> None:
         """Forget a job (its result included)."""

@@ -5,12 +5,10 @@ exceptions mapped to statuses, by :mod:`gradserve.server.rpc`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import grpc
@@ -20,7 +18,8 @@ from gradserve.proto.v1 import service_pb2
 from gradserve.server.engines import EngineRunner
 from gradserve.server.errors import BadRequest, LimitExceeded, ServiceError, status_for
 from gradserve.server.handlers import method_handler
-from gradserve.server.job import Job, JobSnapshot, client_of, one_line, parse_options
+from gradserve.server.job import Job, client_of, one_line, parse_options
+from gradserve.server.job_status import status_message
 from gradserve.server.jobs import JobRegistry
 from gradserve.server.limits import ByteBudget, Limits
 from gradserve.server.metrics import ServerMetrics
@@ -31,35 +30,18 @@ from gradserve.server.result import Result
 from gradserve.server.session_rpcs import SessionRPCs
 from gradserve.server.sessions import SessionRegistry
 from gradserve.server.rpc import checked, first, job_stream, lenient, rest, result_messages, rpc
+from gradserve.server.uploads import PartialUploads
 from gradserve.worker.graph import GraphError, graph_from_proto
 from gradserve.worker.validate import check_structure
 
 log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name  # gradserve.v1.GradientService
-_STATES = {
-    "queued": service_pb2.QUEUED,
-    "running": service_pb2.RUNNING,
-    "done": service_pb2.DONE,
-    "failed": service_pb2.FAILED,
-    "cancelled": service_pb2.CANCELLED,
-}
 _STOP_WAIT = 60.0  # seconds a cancelled synchronous job gets to stop before its call ends anyway
 _POLL = 0.5  # seconds between checks that a waiting streaming call's client is still there
-UPLOAD_TTL = 600.0  # seconds a broken upload's data is kept for a resume (GradientServicer.upload_ttl)
 
 
 # -- the servicer ----------------------------------------------------------------------------------
-
-
-@dataclass
-class _Partial:
-    """What a broken UploadModel stream delivered, kept for a resume (see ModelInfo.received_bytes)."""
-
-    asm: chunks.Assembler
-    manifest_key: bytes  # SHA-256 of the deterministic manifest: a resume must send the same one
-    held: int  # bytes reserved in the pending budget, released when dropped or completed
-    expires: float  # time.monotonic()
 
 
 class GradientServicer(SessionRPCs):
@@ -91,11 +73,8 @@ class GradientServicer(SessionRPCs):
             "jobs": 0,
             "uploads_resumed": 0,
         }
-        # Broken uploads kept for a resume, by model id (at most one each); their bytes stay
-        # reserved in self.pending. Expired ones are dropped by _sweep_partials.
-        self.upload_ttl = UPLOAD_TTL
-        self._partials: dict[str, _Partial] = {}
-        self._partials_lock = threading.Lock()
+        # Broken uploads kept for a resume; their bytes stay reserved in self.pending.
+        self.partial_uploads = PartialUploads(self.pending, store)
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -115,65 +94,13 @@ class GradientServicer(SessionRPCs):
         )
 
     # -- models -----------------------------------------------------------------------------------
-    def _sweep_partials(self) -> None:
-        """Drop the kept partial uploads that expired, releasing their pending bytes."""
-        now = time.monotonic()
-        with self._partials_lock:
-            expired = [(mid, p) for mid, p in self._partials.items() if p.expires <= now]
-            for mid, _ in expired:
-                del self._partials[mid]
-        for mid, p in expired:
-            self.pending.release(p.held)
-            log.info(
-                "partial upload of model %s expired: %d of %d bytes dropped",
-                mid[:16],
-                p.asm.received_bytes,
-                p.asm.total_bytes,
-            )
-
-    def _take_partial(self, model_id: str) -> _Partial | None:
-        """Remove and return the partial upload kept for ``model_id`` (the caller owns its bytes)."""
-        with self._partials_lock:
-            return self._partials.pop(model_id, None)
-
-    def _drop_partial(self, model_id: str) -> None:
-        partial = self._take_partial(model_id)
-        if partial is not None:
-            self.pending.release(partial.held)
-
-    def _keep_partial(self, model_id: str, partial: _Partial) -> None:
-        """Keep what a broken stream delivered (when it delivered anything and the model is not
-        stored meanwhile); of two broken streams of one model the one further along is kept."""
-        if partial.asm.received_bytes == 0 or self.store.has(model_id):
-            self.pending.release(partial.held)
-            return
-        partial.expires = time.monotonic() + self.upload_ttl
-        with self._partials_lock:
-            other = self._partials.get(model_id)
-            if other is not None and other.asm.received_bytes >= partial.asm.received_bytes:
-                drop: _Partial | None = partial
-            else:
-                self._partials[model_id], drop = partial, other
-        if drop is not None:
-            self.pending.release(drop.held)
-        if drop is not partial:
-            log.info(
-                "upload of model %s broke after %d of %d bytes: kept for %.0fs for a resume",
-                model_id[:16],
-                partial.asm.received_bytes,
-                partial.asm.total_bytes,
-                self.upload_ttl,
-            )
-
     @rpc
     def HasModel(self, request: service_pb2.ModelRef, context: grpc.ServicerContext) -> service_pb2.ModelInfo:
         self._count("has_model_calls")
-        self._sweep_partials()
+        self.partial_uploads.sweep()
         stored = self.store.info(request.model_id)
         if stored is None:
-            with self._partials_lock:
-                partial = self._partials.get(request.model_id)
-                received = partial.asm.received() if partial is not None else {}
+            received = self.partial_uploads.received(request.model_id)
             return service_pb2.ModelInfo(model_id=request.model_id, present=False, received_bytes=received)
         return service_pb2.ModelInfo(
             model_id=stored.model_id,
@@ -189,36 +116,21 @@ class GradientServicer(SessionRPCs):
         model_id = manifest.model_id
         if len(model_id) != 64 or any(c not in "0123456789abcdef" for c in model_id):
             raise BadRequest("UploadModel: model_id must be the model's SHA-256 fingerprint (64 lowercase hex digits)")
-        self._sweep_partials()
+        self.partial_uploads.sweep()
         if self.store.has(model_id):
             # Content-addressed: the same id is the same model, so nothing needs to be read.
-            self._drop_partial(model_id)
+            self.partial_uploads.drop(model_id)
             self._count("uploads_skipped")
             return service_pb2.UploadReply(model_id=model_id, already_present=True)
-        # A broken upload of this model kept here is resumed when the manifest is the same one;
-        # a different manifest (hence a wrong one, the id being the content hash) starts afresh.
         model = graph_from_proto(manifest.graph)
-        key = hashlib.sha256(manifest.SerializeToString(deterministic=True)).digest()
-        partial = self._take_partial(model_id)
-        if partial is not None and partial.manifest_key != key:
-            log.info(
-                "upload of model %s: the manifest differs from the partial upload kept, which is dropped", model_id[:16]
-            )
-            self.pending.release(partial.held)
-            partial = None
         params = [h.name for h in manifest.parameters]
         consts = [h.name for h in manifest.constants]
-        if partial is None:
-            asm = self._assembler("model", self.limits.max_model_bytes)
-            asm.declare(manifest.parameters, "parameter")
-            asm.declare(manifest.constants, "constant")
-            held = self.pending.reserve(asm.total_bytes, f"the upload of model {model_id[:16]}")
-            partial = _Partial(asm, key, held, 0.0)
-        else:
-            asm = partial.asm
-            asm.resume()
+        partial, resumed = self.partial_uploads.begin(
+            manifest, lambda: self._assembler("model", self.limits.max_model_bytes)
+        )
+        if resumed:
             self._count("uploads_resumed")
-            log.info("upload of model %s resumed at %d of %d bytes", model_id[:16], asm.received_bytes, asm.total_bytes)
+        asm = partial.asm
         start = asm.received_bytes
         arrays = None
         try:
@@ -232,7 +144,7 @@ class GradientServicer(SessionRPCs):
         finally:
             self.metrics.upload_bytes.labels("model").inc(asm.received_bytes - start)
             if arrays is None:  # the stream broke (or was bad): keep what it delivered, for a while
-                self._keep_partial(model_id, partial)
+                self.partial_uploads.keep(model_id, partial)
             else:
                 self.pending.release(partial.held)  # from here on the model store accounts for the bytes
         for name in consts:
@@ -248,7 +160,7 @@ class GradientServicer(SessionRPCs):
             )
         check_structure(model)  # unknown ops, dangling inputs... rejected now, naming the node
         stored = self.store.put(model_id, model)
-        self._drop_partial(model_id)  # another stream's broken upload of it is not needed any more
+        self.partial_uploads.drop(model_id)  # another stream's broken upload of it is not needed any more
         self._count("uploads")
         log.info(
             "model %s uploaded: %d parameters, %d bytes in %.3fs",
@@ -319,7 +231,7 @@ class GradientServicer(SessionRPCs):
         claim: bool,
         durable: bool,
     ) -> Job:
-        self._sweep_partials()  # expired partial uploads free the pending budget for these feeds
+        self.partial_uploads.sweep()  # expired partial uploads free the pending budget for these feeds
         stored = self.store.entry(opts.model_id)
         model = stored.model
         requested = parse_options(opts.partitions, opts.micro_batches, opts.replicas, opts.input_grads)
@@ -472,36 +384,6 @@ class GradientServicer(SessionRPCs):
         from gradserve.server.status import server_status
 
         return server_status(self)
-
-
-def status_message(snap: JobSnapshot) -> service_pb2.JobStatus:
-    """The wire form of a job snapshot."""
-    msg = service_pb2.JobStatus(
-        job_id=snap.job_id,
-        model_id=snap.model_id,
-        state=_STATES[snap.state],
-        events=snap.events,
-        steps_done=snap.steps_done,
-        steps_total=snap.steps_total,
-        error_code=snap.error_code,
-        message=snap.message,
-        queued_seconds=snap.queued_seconds,
-        running_seconds=snap.running_seconds,
-    )
-    if snap.event is not None:
-        e = snap.event.event
-        msg.event.CopyFrom(
-            service_pb2.ProgressEvent(
-                phase=e.phase,
-                partition=e.partition,
-                micro_batch=e.micro_batch,
-                replica=e.replica,
-                done=e.done,
-                node=e.node,
-                seconds=snap.event.seconds,
-            )
-        )
-    return msg
 
 
 def generic_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.job import QUEUED, RUNNING, Job
+from gradserve.server.job_status import status_message
 
 if TYPE_CHECKING:
     from gradserve.server.servicer import GradientServicer
@@ -82,8 +83,6 @@ def state(servicer: "GradientServicer") -> dict[str, Any]:
 
 def server_status(servicer: "GradientServicer") -> service_pb2.ServerStatus:
     """The reply of ``GetServerStatus``."""
-    from gradserve.server.servicer import status_message
-
     registry = servicer.registry
     counts = registry.counts()
     ended, retries = counts.ended, counts.retries

@@ -157,7 +157,7 @@ def test_the_next_upload_call_resumes_a_partial_left_by_an_earlier_one():
 def test_an_expired_partial_upload_is_dropped():
     model = big_model(4)
     with serving() as srv, Client(srv.address, timeout=30) as c:
-        srv.servicer.upload_ttl = 0.2
+        srv.servicer.partial_uploads.ttl = 0.2
         assert break_upload(srv, c._stub, model)
         assert srv.servicer.pending.used > 0
         time.sleep(0.3)
