@@ -6,7 +6,8 @@ calls (consecutive steps of a partition grouped into one call where that delays 
 worker to worker, errors flow back, and Ray starts each call as soon as its inputs exist. The driver
 holds references and metadata only; it waits on calls with ``fetch_local=False`` to report progress
 and fetches nothing but the loss and the final dL/dw (replicas sum theirs on the workers first);
-building and sending one job's calls is :mod:`.submit`'s. Parameters are placed in the object
+building and sending one job's calls is :mod:`.submit`'s; :mod:`.failed_runs` stops a run that failed
+and decides whether it runs again. Parameters are placed in the object
 store once per model (content hash) and plans are cached per (model, K, split); which actors a job runs on is decided per job by the
 scheduler (:mod:`.scheduler`): the least-loaded nodes, one job's partitions on distinct nodes, actors
 that already hold a stage first (they are not sent the weights again). A stage is loaded on more
@@ -28,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 import ray
 
-from gradserve.server.errors import WorkerLost
 from gradserve.server.events import JobCancelled, Progress
 from gradserve.server.planning import auto
 from gradserve.server.planning.auto import AUTO, Choice, Count, parse_count
@@ -38,7 +38,8 @@ from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.server.planning.timing import Costs
 from gradserve.server.ray_engine import costs as costs_module
 from gradserve.server.ray_engine.connect import connect
-from gradserve.server.ray_engine.placement import CONTROL_TIMEOUT, Placement, PlacedParams, answers
+from gradserve.server.ray_engine.failed_runs import abort, next_retry, unwrap
+from gradserve.server.ray_engine.placement import Placement, PlacedParams
 from gradserve.server.ray_engine.pool import NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.submit import (
     Deployment,
@@ -60,7 +61,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-_STEP_DRAIN_TIMEOUT = 300.0  # seconds for an actor to finish or skip a failed job's queued steps
 _INLINE_BYTES = 100 * 1024  # feeds up to this size travel inside the call (Ray's inline limit)
 
 
@@ -193,9 +193,9 @@ class RayEngine(Placement):
                     if not is_worker_loss(exc):
                         raise
                     # A worker died (its process or node, out of memory...). Its actors have left
-                    # the pool (_abort, _deploy); steps are pure functions of their inputs, so the
+                    # the pool (failed_runs.abort, _deploy); steps are pure functions of their inputs, so the
                     # job runs again from the start on workers the scheduler picks afresh.
-                    retries = self._next_retry(exc, job_id, retries, cancelled)
+                    retries = next_retry(exc, job_id, retries, self.max_retries, cancelled)
         finally:
             with self._lock:
                 placed.users -= 1
@@ -389,8 +389,8 @@ class RayEngine(Placement):
                 input_grads[key], values = _sum(values[: len(outs)]), values[len(outs) :]
             t3 = time.perf_counter()
         except BaseException as exc:
-            self._abort(job_id, dep, steps.refs)
-            raise _unwrap(exc) from None
+            abort(job_id, dep, steps.refs, self._drop_actors)
+            raise unwrap(exc) from None
         phases = [stage_seconds.get((i, p), {}) for i in range(r) for p in range(len(dep.specs))]
         return (
             loss,
@@ -417,75 +417,7 @@ class RayEngine(Placement):
                 for event in markers[ref]:
                     report(event)
 
-    def _abort(self, job_id: str, dep: Deployment, refs: list) -> None:
-        """Stop the job's queued steps and free its state on every actor it used; forget actors
-        that died, so the next job gets fresh ones. ``refs``: every result of the job's calls,
-        read here so that none holding an error is left for Ray to report as unhandled."""
-        actors = list({id(a): a for row in dep.actors for a in row}.values())
-        # Asking every actor, not only the one whose error surfaced, finds each that died: a job
-        # that read a lost result (an ObjectLostError) does not say whose it was.
-        cancels = [actor.cancel.remote(job_id) for actor in actors]  # takes effect at once
-        dead = [a for a, ref in zip(actors, cancels) if not answers(ref, CONTROL_TIMEOUT)]
-        alive = [a for a in actors if all(a is not d for d in dead)]
-        ends = [actor.end_job.remote(job_id) for actor in alive]  # runs after the skipped steps
-        dead += [a for a, ref in zip(alive, ends) if not answers(ref, _STEP_DRAIN_TIMEOUT)]
-        if dead:
-            self._drop_actors(dead)
-        # Every call has ended now (end_job ran after it, or its actor is dead or was just killed,
-        # which fails it at once): reading the results cannot wait long. Unread, the errors of the
-        # calls that needed a dead actor's results would be logged by Ray as unhandled tracebacks.
-        _drain(refs, CONTROL_TIMEOUT)
-        log.info(
-            "job %s aborted; per-job state freed on %d actors, %d gone", job_id, len(actors) - len(dead), len(dead)
-        )
-
-    def _next_retry(self, exc: BaseException, job_id: str, retries: int, cancelled: threading.Event | None) -> int:
-        """The retry count of the next run of a job whose run ``retries`` lost a worker (``exc``);
-        raises :class:`WorkerLost` once ``max_retries`` are spent, JobCancelled if the job was
-        cancelled meanwhile (no point placing it again)."""
-        if cancelled is not None and cancelled.is_set():
-            raise JobCancelled("job cancelled") from None
-        lines = str(exc).strip().splitlines()
-        what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-        if retries >= self.max_retries:
-            raise WorkerLost(
-                f"the job lost a Ray worker on each of its {retries + 1} runs (last: {what}); "
-                "the cluster is losing workers or nodes, try again later",
-                retries,
-            ) from exc
-        log.warning(
-            "job %s lost a worker (%s); running it again on fresh workers (%d/%d)",
-            job_id,
-            what,
-            retries + 1,
-            self.max_retries,
-        )
-        return retries + 1
-
 
 def _sum(values: list) -> np.ndarray | None:
     present = [v for v in values if v is not None]
     return sum(present[1:], present[0]) if present else None
-
-
-def _drain(refs: list, timeout: float) -> None:
-    """Read each of a failed job's ``refs`` that has finished within ``timeout`` seconds, ignoring
-    failures (the job's was reported already), so that Ray logs none as an unhandled error."""
-    unique = list(dict.fromkeys(refs))  # ray.wait takes each ref once, and at least one
-    if not unique:
-        return
-    finished, _ = ray.wait(unique, num_returns=len(unique), timeout=timeout, fetch_local=False)
-    for ref in finished:
-        try:
-            ray.get(ref, timeout=timeout)
-        except Exception:  # noqa: BLE001 -- a result that failed, or was lost with its node: nothing to report
-            pass
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The user-facing error inside a Ray task error (a GraphError naming the node, usually)."""
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = exc.cause
-        if isinstance(cause, BaseException):
-            return cause
-    return exc

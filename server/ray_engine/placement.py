@@ -1,7 +1,8 @@
 """Where a Ray job runs: its model's parameters placed in the object store once per content
-(:class:`PlacedParams`), its plan's stages (:class:`~.submit.PlanEntry`) loaded on the pool's actors
-the scheduler (:mod:`.scheduler`) picks, those actors counted busy while jobs run on them, and
-actors that died or stopped answering dropped from the pool and from the stages they held.
+(:class:`PlacedParams`; a training session's pinned for its life), its plan's stages
+(:class:`~.submit.PlanEntry`) loaded on the pool's actors the scheduler (:mod:`.scheduler`) picks,
+those actors counted busy while jobs run on them, and actors that died or stopped answering dropped
+from the pool and from the stages they held.
 
 :class:`Placement` is mixed into :class:`~.engine.RayEngine`, whose ``__init__`` makes the state
 these methods share under ``self._lock``: ``_pool`` (the worker actors), ``_params`` and ``_latest``
@@ -85,6 +86,30 @@ class Placement:
             self._params.move_to_end(key)
             placed.users += 1
             return key, placed
+
+    def _pin(self, key: str, params: Mapping[str, np.ndarray]) -> "PlacedParams":
+        """Place a training session's ``params`` under ``key`` (no other model shares it), in use
+        until :meth:`_unpin`: neither they nor their stages are evicted meanwhile."""
+        with self._lock:
+            placed = self._params[key] = PlacedParams.put(params)
+            placed.users += 1
+            return placed
+
+    def _drop_store_copies(self, placed: "PlacedParams") -> None:
+        """Let the object store's copies of ``placed`` go, once the stages loaded from them own
+        theirs (placing them again puts them anew)."""
+        with self._lock:
+            placed.refs.clear()
+            placed.views.clear()
+
+    def _unpin(self, key: str) -> None:
+        """Let go of what :meth:`_pin` placed: the parameters dropped, and their stages unloaded on
+        every actor holding them."""
+        with self._lock:
+            placed = self._params.get(key)
+            if placed is not None:
+                placed.users -= 1
+            self._forget(key)
 
     def _forget(self, key: str) -> None:
         """Drop a model's placed parameters and its plans' stages (caller holds the lock)."""

@@ -27,7 +27,6 @@ import ray
 from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.memory import ResourceExhausted, fmt_bytes
 from gradserve.server.planning.prepare import prepare
-from gradserve.server.ray_engine.placement import PlacedParams
 from gradserve.server.ray_engine.submit import Deployment, Training
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
@@ -111,9 +110,7 @@ class RaySession(Session):
     def _place(self, full, feeds) -> None:
         engine = self._engine
         choice = engine._choose(self.model, full, feeds, self._counts, None)
-        with engine._lock:
-            placed = engine._params[self._key] = PlacedParams.put(self.model.params)
-            placed.users += 1  # held until close: the session's stages are never evicted
+        placed = engine._pin(self._key, self.model.params)  # held until close: its stages are never evicted
         extra = self._check_memory(choice)
         dep = engine._deploy(choice.split.model, self._key, placed, choice.split.job, choice, None, extra=extra)
         holders: dict[str, list[int]] = {}
@@ -136,9 +133,7 @@ class RaySession(Session):
         except BaseException:
             engine._release(dep)
             raise
-        with engine._lock:  # the stages own copies now: the object store's go (a restore places anew)
-            placed.refs.clear()
-            placed.views.clear()
+        engine._drop_store_copies(placed)  # the stages own copies now (a restore places anew)
         self._dep, self._mr, self._split_model = dep, (choice.m, choice.r), choice.split.model
         self._start_states = None
         self._sharing = tuple(tuple(sorted({q for n in spec.params for q in holders[n]})) for spec in dep.specs)
@@ -216,11 +211,7 @@ class RaySession(Session):
         if self._dep is not None:
             engine._release(self._dep)
             self._dep = None
-        with engine._lock:
-            placed = engine._params.get(self._key)
-            if placed is not None:
-                placed.users -= 1
-            engine._forget(self._key)  # its stages unloaded on every actor holding them
+        engine._unpin(self._key)  # its stages unloaded on every actor holding them
 
     def replica_weights(self) -> list[dict[str, np.ndarray]]:
         """Every replica's copy of the weights (they are equal; tests check that they stay so)."""

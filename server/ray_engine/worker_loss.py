@@ -13,7 +13,7 @@ run again, from the start, on workers that are alive.
 Not losses: an actor whose constructor raised (``actor_init_failed``: a new one would raise too), an
 object freed or dropped by reference counting (a bug, which a retry would only hide), and
 :class:`~ray.exceptions.GetTimeoutError` (an actor that does not answer a control call in time is
-dropped where that happens, see the engine's ``_abort``; a job whose workers did not start within
+dropped where that happens, see :func:`.failed_runs.abort`; a job whose workers did not start within
 their time is a DEADLINE_EXCEEDED, not a loss).
 """
 
