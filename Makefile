@@ -10,7 +10,7 @@ PIP := $(BIN)/pip install --quiet --constraint $(LOCK)
 # The tests take it on every x86-64 CPU, so both BLAS paths are tested wherever CI runs.
 DEMO_SPEC := $(if $(shell grep -qs GenuineIntel /proc/cpuinfo && echo intel),.[mkl],.)
 
-.PHONY: demo test test-fast proto proto-check lock clean
+.PHONY: demo test test-fast format proto proto-check lock clean
 
 $(VENV)/.core: pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(VENV)/.test  ## the whole suite, slow multi-process tests included (what
 
 test-fast: $(VENV)/.test  ## skip the slow multi-process tests
 	$(BIN)/python -m pytest -q -m 'not slow' tests
+
+format: $(VENV)/.test  ## rewrite the code as the lint test wants it: ruff format, then ruff's safe fixes
+	$(BIN)/python -m ruff format .
+	$(BIN)/python -m ruff check --fix .
 
 proto: $(VENV)/.test  ## regenerate proto/v1/*_pb2*.py from the .proto files
 	$(BIN)/python -m gradserve.proto.generate
