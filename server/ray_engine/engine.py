@@ -32,7 +32,7 @@ import ray
 from gradserve.server.events import JobCancelled, Progress
 from gradserve.server.planning import auto
 from gradserve.server.planning.auto import AUTO, Choice, Count, parse_count
-from gradserve.server.planning.batching import split_batch
+from gradserve.server.planning.batching import Chunk, split_batch
 from gradserve.server.planning.partition import Plan
 from gradserve.server.planning.prepare import PreparedJob, prepare
 from gradserve.server.planning.timing import Costs
@@ -44,6 +44,7 @@ from gradserve.server.ray_engine.pool import NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.submit import (
     Deployment,
     PlanEntry,
+    RunOutcome,
     Submitted,
     Training,
     blas_threads,
@@ -122,7 +123,7 @@ class RayEngine(Placement):
         self._params: "OrderedDict[str, PlacedParams]" = OrderedDict()  # content key -> placed parameters
         self._latest: dict[str, list[str]] = {}  # structure fingerprint -> content keys placed for it
         self._plans: "OrderedDict[tuple, PlanEntry]" = OrderedDict()
-        self._choices: "OrderedDict[tuple, Choice]" = OrderedDict()  # see _choose
+        self._choices: "OrderedDict[tuple, Choice]" = OrderedDict()  # see choose
         self._inflight = 0  # gradients() calls in progress: the load auto sees (guarded by _lock)
         self._costs: tuple[Costs, float] = (Costs(), -math.inf)  # measured costs, when (see _cluster_costs)
         # stage key -> {id(actor): (actor, ref of its load call)}: which actors hold which stage
@@ -167,7 +168,7 @@ class RayEngine(Placement):
         """
         t0 = time.perf_counter()
         full = prepared or prepare(model, feeds, input_grads)
-        choice = self._choose(model, full, feeds, (partitions, micro_batches, replicas), split_at)
+        choice = self.choose(model, full, feeds, (partitions, micro_batches, replicas), split_at)
         m, r, split = choice.m, choice.r, choice.split
         # The chunks run with split.model: a fixed-batch export gets a symbolic batch axis there.
         chunks, job = split.chunks, split.job  # job: shapes of one micro-batch, for planning
@@ -180,30 +181,27 @@ class RayEngine(Placement):
                 job_id = name if retries == 0 else f"{name}.{retries}"
                 try:
                     # After a lost worker the nodes are read again: one that left is not chosen.
-                    deployment = self._deploy(split.model, key, placed, job, choice, split_at, refresh=retries > 0)
+                    deployment = self.deploy(split.model, key, placed, job, choice, split_at, refresh=retries > 0)
                     t1 = time.perf_counter()
                     try:
-                        loss, grads, input_grad_refs, seconds = self._run(
-                            job_id, deployment, job, chunks, m, r, progress, cancelled
-                        )
+                        outcome = self.run(job_id, deployment, job, chunks, m, r, progress, cancelled)
                     finally:
-                        self._release(deployment)
+                        self.release(deployment)
                     break
                 except Exception as exc:  # noqa: BLE001 -- only a lost worker is retried, the rest re-raised
                     if not is_worker_loss(exc):
                         raise
                     # A worker died (its process or node, out of memory...). Its actors have left
-                    # the pool (failed_runs.abort, _deploy); steps are pure functions of their inputs, so the
+                    # the pool (failed_runs.abort, deploy); steps are pure functions of their inputs, so the
                     # job runs again from the start on workers the scheduler picks afresh.
                     retries = next_retry(exc, job_id, retries, self.max_retries, cancelled)
         finally:
             with self._lock:
                 placed.users -= 1
-        params = {p: grads.get(p) if grads.get(p) is not None else np.zeros_like(model.params[p]) for p in job.params}
+        params = {p: _or_zeros(outcome.grads.get(p), model.params[p]) for p in job.params}
         inputs = {}
         for x in job.input_grads:
-            parts = [input_grad_refs.get((c, x)) for c in range(len(chunks))]  # fetched arrays
-            parts = [p if p is not None else np.zeros_like(ch.feeds[x]) for p, ch in zip(parts, chunks)]
+            parts = [_or_zeros(outcome.input_grads.get((c, x)), ch.feeds[x]) for c, ch in enumerate(chunks)]
             inputs[x] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
         info = {
             "engine": self.name,
@@ -213,9 +211,9 @@ class RayEngine(Placement):
             "placement": deployment.where,
             "auto": choice.reasons,
             "retries": retries,
-            "seconds": {"prepare_and_deploy": t1 - t0, **seconds},
+            "seconds": {"prepare_and_deploy": t1 - t0, **outcome.seconds},
         }
-        return Result(loss, params, inputs, info)
+        return Result(outcome.loss, params, inputs, info)
 
     def session(
         self,
@@ -237,13 +235,15 @@ class RayEngine(Placement):
 
     def plan(self, model: Model, feeds: Mapping[str, np.ndarray], partitions: Count | None = None) -> Plan:
         """The partition plan this engine would use for ``model`` on ``feeds`` (nothing is run)."""
-        return self._choose(model, prepare(model, feeds), feeds, (partitions, None, None), None).plan
+        return self.choose(model, prepare(model, feeds), feeds, (partitions, None, None), None).plan
 
-    def _choose(self, model: Model, full, feeds: Mapping[str, np.ndarray], asked: tuple, split_at) -> Choice:
+    def choose(self, model: Model, full, feeds: Mapping[str, np.ndarray], asked: tuple, split_at) -> Choice:
         """K, M and R for a job (numbers as asked, ``auto`` chosen from the job and the cluster's
         memory and free nodes, :func:`~gradserve.server.planning.auto.choose`); raises
         ResourceExhausted before anything runs when the job cannot fit. Cached per model
-        structure, batch shape, request and cluster state: planning runs once, not per job."""
+        structure, batch shape, request and cluster state: planning runs once, not per job.
+        Used by :meth:`gradients` and :meth:`plan`, and by a training session's first step
+        (:class:`~.session.RaySession`)."""
         defaults = (self.partitions, self.micro_batches, self.replicas)
         try:
             k, m, r = (parse_count(a if a is not None else d) for a, d in zip(asked, defaults))
@@ -330,22 +330,24 @@ class RayEngine(Placement):
         self.close()
 
     # -- one job -----------------------------------------------------------------------------------
-    def _run(
+    def run(
         self,
-        job_id,
+        job_id: str,
         dep: Deployment,
-        job,
-        chunks,
+        job: PreparedJob,
+        chunks: list[Chunk],
         m: int,
         r: int,
-        progress,
-        cancelled,
+        progress: Progress,
+        cancelled: threading.Event | None,
         training: Training | None = None,
         max_norm: float | None = None,
-    ):
-        """Submit one job's calls, wait for them, fetch the loss, dL/dw and dL/dx. A training
-        session's step (``training``) also updates the weights where they are, after clipping
-        dL/dw to ``max_norm`` when given (which waits for the norm before the updates go)."""
+    ) -> RunOutcome:
+        """Submit one job's calls on ``dep`` (from :meth:`deploy`), wait for them, fetch the loss,
+        dL/dw and dL/dx. A training session's step (``training``) also updates the weights where
+        they are, after clipping dL/dw to ``max_norm`` when given (which waits for the norm before
+        the updates go). Used by :meth:`gradients` for each run of a job, and by
+        :class:`~.session.RaySession` for each step."""
         report = progress or (lambda event: None)
         t0 = time.perf_counter()
         steps = Submitted()
@@ -392,7 +394,7 @@ class RayEngine(Placement):
             abort(job_id, dep, steps.refs, self._drop_actors)
             raise unwrap(exc) from None
         phases = [stage_seconds.get((i, p), {}) for i in range(r) for p in range(len(dep.specs))]
-        return (
+        return RunOutcome(
             loss,
             grads,
             input_grads,
@@ -416,6 +418,11 @@ class RayEngine(Placement):
             for ref in done:  # failures surface when the loss and gradients are fetched
                 for event in markers[ref]:
                     report(event)
+
+
+def _or_zeros(value: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    """``value``, or zeros shaped like ``like`` where no gradient flowed back."""
+    return value if value is not None else np.zeros_like(like)
 
 
 def _sum(values: list) -> np.ndarray | None:

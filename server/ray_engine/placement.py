@@ -9,6 +9,12 @@ these methods share under ``self._lock``: ``_pool`` (the worker actors), ``_para
 (placed parameters by content key, and the keys of each model structure), ``_plans`` (plan entries),
 ``_hosts`` (which actors hold which stage), ``_busy`` (running jobs per actor), ``_max`` and
 ``max_retries``. :meth:`Placement.status` shows it (read-only) to the server's status and metrics.
+
+Its public methods are the interface the engine's job path (:meth:`~.engine.RayEngine.gradients`)
+and a training session (:class:`~.session.RaySession`) place through: :meth:`Placement.deploy` and
+:meth:`Placement.release` around each run, :meth:`Placement.pin`, :meth:`Placement.unpin` and
+:meth:`Placement.drop_store_copies` for a session's own parameters, :meth:`Placement.nodes` for the
+cluster's nodes; the underscored ones are this module's and the engine's own.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 import ray
 
 from gradserve.server.planning.auto import Choice
+from gradserve.server.planning.memory import NodeInfo
 from gradserve.server.planning.partition import Plan
 from gradserve.server.planning.schedule import Links
 from gradserve.server.ray_engine import scheduler
@@ -87,24 +94,33 @@ class Placement:
             placed.users += 1
             return key, placed
 
-    def _pin(self, key: str, params: Mapping[str, np.ndarray]) -> "PlacedParams":
+    def nodes(self) -> list[NodeInfo]:
+        """The cluster's alive nodes with CPUs, as the pool last read them (every few seconds).
+        Used by :class:`~.session.RaySession` to check that a partition fits the largest node."""
+        with self._lock:  # the pool is not thread-safe
+            return self._pool.nodes()
+
+    def pin(self, key: str, params: Mapping[str, np.ndarray]) -> "PlacedParams":
         """Place a training session's ``params`` under ``key`` (no other model shares it), in use
-        until :meth:`_unpin`: neither they nor their stages are evicted meanwhile."""
+        until :meth:`unpin`: neither they nor their stages are evicted meanwhile. Used by
+        :class:`~.session.RaySession` when it places itself."""
         with self._lock:
             placed = self._params[key] = PlacedParams.put(params)
             placed.users += 1
             return placed
 
-    def _drop_store_copies(self, placed: "PlacedParams") -> None:
+    def drop_store_copies(self, placed: "PlacedParams") -> None:
         """Let the object store's copies of ``placed`` go, once the stages loaded from them own
-        theirs (placing them again puts them anew)."""
+        theirs (placing them again puts them anew). Used by :class:`~.session.RaySession` once its
+        stages became trainers."""
         with self._lock:
             placed.refs.clear()
             placed.views.clear()
 
-    def _unpin(self, key: str) -> None:
-        """Let go of what :meth:`_pin` placed: the parameters dropped, and their stages unloaded on
-        every actor holding them."""
+    def unpin(self, key: str) -> None:
+        """Let go of what :meth:`pin` placed: the parameters dropped, and their stages unloaded on
+        every actor holding them. Used by :class:`~.session.RaySession` when it lets go of its
+        placement (closed, or a lost worker)."""
         with self._lock:
             placed = self._params.get(key)
             if placed is not None:
@@ -162,7 +178,7 @@ class Placement:
             self._unload(self._plans.pop(plan_key))
         return entry
 
-    def _deploy(
+    def deploy(
         self,
         model: Model,
         fingerprint: str,
@@ -175,8 +191,10 @@ class Placement:
     ) -> Deployment:
         """Place one job: the scheduler picks an actor per (replica, partition), and each one not
         yet holding its stage loads it (parameters come from the object store: Ray moves each to
-        a node once). The chosen actors count as busy until :meth:`_release`. ``extra``: bytes
-        per partition beyond the plan's (a training session's weights and optimizer state)."""
+        a node once). The chosen actors count as busy until :meth:`release`. ``extra``: bytes
+        per partition beyond the plan's (a training session's weights and optimizer state).
+        Used by :meth:`~.engine.RayEngine.gradients` for each run of a job, and by
+        :class:`~.session.RaySession` once for its life (until a lost worker)."""
         with self._lock:
             entry = self._plan_entry(model, fingerprint, job, choice.plan)
             k, r = len(entry.specs), choice.r
@@ -240,7 +258,7 @@ class Placement:
                 for hosts in self._hosts.values():
                     for actor_id in [a for a, (_, ref) in hosts.items() if ref in failed]:
                         del hosts[actor_id]
-            self._release(dep)
+            self.release(dep)
             self._drop_dead(chosen)
             raise
         log.debug(
@@ -252,8 +270,10 @@ class Placement:
         )
         return dep
 
-    def _release(self, dep: Deployment) -> None:
-        """The job's actors are no longer busy with it."""
+    def release(self, dep: Deployment) -> None:
+        """The actors of ``dep`` (from :meth:`deploy`) are no longer busy with it. Used by
+        :meth:`~.engine.RayEngine.gradients` after each run, and by :class:`~.session.RaySession`
+        when it lets go of its placement."""
         with self._lock:
             for row in dep.actors:
                 for actor in row:

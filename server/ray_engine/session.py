@@ -27,7 +27,7 @@ import ray
 from gradserve.server.planning.batching import split_batch
 from gradserve.server.planning.memory import ResourceExhausted, fmt_bytes
 from gradserve.server.planning.prepare import prepare
-from gradserve.server.ray_engine.submit import Deployment, Training
+from gradserve.server.ray_engine.submit import Deployment, RunOutcome, Training
 from gradserve.server.ray_engine.worker_loss import is_worker_loss
 from gradserve.server.result import Result
 from gradserve.server.session import Checkpoint, Restored, Session
@@ -71,19 +71,22 @@ class RaySession(Session):
     def _step(self, feeds, number, lr, return_grads, progress):
         dep, job, chunks = self._job(feeds)
         training = Training(number, lr, return_grads, self._exchange, self._sharing)
-        loss, grads, _, seconds = self._run(dep, job, chunks, training, progress)
-        return loss, grads, {**self.placement, "seconds": seconds}
+        outcome = self._run(dep, job, chunks, training, progress)
+        return outcome.loss, outcome.grads, {**self.placement, "seconds": outcome.seconds}
 
     def _gradients(self, feeds) -> Result:
         dep, job, chunks = self._job(feeds)
-        loss, grads, _, seconds = self._run(dep, job, chunks, None)
-        grads = {p: grads[p] if p in grads else np.zeros_like(self.model.params[p]) for p in job.params}
-        return Result(loss, grads, {}, {"engine": self._engine.name, **self.placement, "seconds": seconds})
+        outcome = self._run(dep, job, chunks, None)
+        got = outcome.grads
+        grads = {p: got[p] if p in got else np.zeros_like(self.model.params[p]) for p in job.params}
+        return Result(
+            outcome.loss, grads, {}, {"engine": self._engine.name, **self.placement, "seconds": outcome.seconds}
+        )
 
-    def _run(self, dep: Deployment, job, chunks, training: Training | None, progress=None):
+    def _run(self, dep: Deployment, job, chunks, training: Training | None, progress=None) -> RunOutcome:
         m, r = self._mr
         try:
-            return self._engine._run(
+            return self._engine.run(
                 uuid.uuid4().hex[:12], dep, job, chunks, m, r, progress, None, training, self.max_norm
             )
         except Exception as exc:
@@ -109,10 +112,10 @@ class RaySession(Session):
 
     def _place(self, full, feeds) -> None:
         engine = self._engine
-        choice = engine._choose(self.model, full, feeds, self._counts, None)
-        placed = engine._pin(self._key, self.model.params)  # held until close: its stages are never evicted
+        choice = engine.choose(self.model, full, feeds, self._counts, None)
+        placed = engine.pin(self._key, self.model.params)  # held until close: its stages are never evicted
         extra = self._check_memory(choice)
-        dep = engine._deploy(choice.split.model, self._key, placed, choice.split.job, choice, None, extra=extra)
+        dep = engine.deploy(choice.split.model, self._key, placed, choice.split.job, choice, None, extra=extra)
         holders: dict[str, list[int]] = {}
         for p, spec in enumerate(dep.specs):
             for name in spec.params:
@@ -131,9 +134,9 @@ class RaySession(Session):
         try:
             ray.get(calls)
         except BaseException:
-            engine._release(dep)
+            engine.release(dep)
             raise
-        engine._drop_store_copies(placed)  # the stages own copies now (a restore places anew)
+        engine.drop_store_copies(placed)  # the stages own copies now (a restore places anew)
         self._dep, self._mr, self._split_model = dep, (choice.m, choice.r), choice.split.model
         self._start_states = None
         self._sharing = tuple(tuple(sorted({q for n in spec.params for q in holders[n]})) for spec in dep.specs)
@@ -148,7 +151,7 @@ class RaySession(Session):
         for part in plan.partitions:
             mine = {n: params[n] for n in part.params}
             extra.append(sum(p.nbytes for p in mine.values()) + self.groups.state_bytes(mine))
-        nodes = self._engine._pool.nodes()
+        nodes = self._engine.nodes()
         top = max((n.memory_bytes for n in nodes), default=0)
         job = [m.total for m in plan.memory] if plan.memory else [0] * len(extra)
         worst = max(range(len(extra)), key=lambda p: job[p] + extra[p])
@@ -209,9 +212,9 @@ class RaySession(Session):
         """Let go of the placement: stages unloaded on the actors that hold them, actors released."""
         engine = self._engine
         if self._dep is not None:
-            engine._release(self._dep)
+            engine.release(self._dep)
             self._dep = None
-        engine._unpin(self._key)  # its stages unloaded on every actor holding them
+        engine.unpin(self._key)  # its stages unloaded on every actor holding them
 
     def replica_weights(self) -> list[dict[str, np.ndarray]]:
         """Every replica's copy of the weights (they are equal; tests check that they stay so)."""

@@ -1,8 +1,9 @@
 """Submitting one job's actor calls: its plan's stages as loaded on actors (:class:`PlanEntry`,
 :class:`Deployment`), each replica's calls built from the schedule and sent
-(:func:`submit_replica`), the references they produce (:class:`Submitted`), and how many BLAS
-threads each step gets (:func:`blas_threads`). The engine (:mod:`.engine`) decides what runs where;
-this module turns one placed job into Ray calls, typed end to end (:mod:`gradserve.worker.protocol`)."""
+(:func:`submit_replica`), the references they produce (:class:`Submitted`), what a run fetched
+(:class:`RunOutcome`), and how many BLAS threads each step gets (:func:`blas_threads`). The engine
+(:mod:`.engine`) decides what runs where; this module turns one placed job into Ray calls, typed end
+to end (:mod:`gradserve.worker.protocol`)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,16 @@ class Submitted:
     root_keys: list = field(default_factory=list)  # (partition, replica) of each root
     input_grads: dict = field(default_factory=dict)  # (chunk, input) -> dL/dx parts to sum
     weights: dict = field(default_factory=dict)  # (replica, partition) -> ref of a non-root weight result
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What one run of a submitted job fetched (:meth:`~.engine.RayEngine.run`)."""
+
+    loss: float  # summed over the chunks, each weighted by its share of the batch
+    grads: dict[str, np.ndarray]  # dL/dw of the parameters that have one, summed over partitions
+    input_grads: dict[tuple[int, str], np.ndarray | None]  # (chunk, input) -> its dL/dx
+    seconds: dict[str, Any]  # submit, run, fetch, and per (replica, partition) stage compute
 
 
 def defer_weights(where: list[list[dict]], m: int, r: int) -> bool:
