@@ -35,6 +35,7 @@ __all__ = [
     "BadRequest",
     "Unavailable",
     "WorkerLost",
+    "WorkersCannotStart",
     "ServiceError",
     "status_for",
     "retry_after_for",
@@ -86,6 +87,21 @@ class WorkerLost(Unavailable):
         self.retries = retries
 
 
+class WorkersCannotStart(RuntimeError):
+    """The cluster's stage workers raise as they start (their constructor failed on ``node``:
+    gradserve missing or of another version there, a dependency missing, a kernel cache it cannot
+    write). FAILED_PRECONDITION: the job is fine but the cluster cannot run it, and a retry as it is
+    would fail the same way; ``reason`` is the constructor's error, "Type: message" on one line."""
+
+    def __init__(self, node: str, reason: str) -> None:
+        super().__init__(f"stage workers cannot start on node {node}: {reason}")
+        self.node = node
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:  # pickled with its two arguments, not the message alone
+        return type(self), (self.node, self.reason)
+
+
 class ServiceError(Exception):
     """An error that already carries its status code, e.g. a job's failure replayed to FetchResult.
     ``retry_after``: the retry hint to send with it (see :func:`retry_after_for`); when None, one
@@ -113,6 +129,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "deadline exceeded"
     if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, WorkersCannotStart):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request"
     log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)

@@ -14,6 +14,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gradserve.server.planning.memory import NodeInfo, fmt_bytes
+from gradserve.server.ray_engine.worker_loss import start_failure
 from gradserve.worker.actor import StageActor
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class WorkerPool:
 
     def spawn(self, node_ids: Sequence[str], memory: Sequence[int] | None = None) -> list[Any]:
         """Start one actor on each of ``node_ids`` ("" lets Ray choose), each reserving its entry of
-        ``memory`` (bytes) from Ray's ``memory`` resource, and wait until they run.
+        ``memory`` (bytes) from Ray's ``memory`` resource, and wait until they run (if one's
+        constructor raises: :class:`~gradserve.server.errors.WorkersCannotStart`, and none is kept).
 
         Pinned softly (NodeAffinitySchedulingStrategy with soft=True): if the node is full or gone,
         Ray places the actor elsewhere, and ``where`` records the node it really runs on.
@@ -83,7 +85,7 @@ class WorkerPool:
             new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env, **options).remote())
         address = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in self._nodes}
         cpus = {n["NodeID"]: int(n["Resources"]["CPU"]) for n in self._nodes}
-        for where, reserve in zip(ray.get([a.where.remote() for a in new], timeout=ACTOR_START_TIMEOUT), memory):
+        for where, reserve in zip(self._started(new), memory):
             where["ip"] = address.get(where["node_id"], where["ip"])  # the address Ray knows the node by
             where["cpus"] = cpus.get(where["node_id"], os.cpu_count() or 1)
             where["memory"] = int(reserve)
@@ -98,6 +100,21 @@ class WorkerPool:
             len({w["node_id"] for w in self.where}),
         )
         return new
+
+    def _started(self, new: list[Any]) -> list[dict]:
+        """Where each of ``new`` runs, once all have started. If one fails to, none joins the pool:
+        all are killed (those that did start would live on outside it), and a constructor that
+        raised fails the job at once as WorkersCannotStart (:func:`.worker_loss.start_failure`)."""
+        try:
+            return ray.get([a.where.remote() for a in new], timeout=ACTOR_START_TIMEOUT)
+        except Exception as exc:
+            for actor in new:
+                ray.kill(actor, no_restart=True)
+            failure = start_failure(exc)
+            if failure is None:
+                raise
+            log.warning("worker pool: %s; none of the %d new actors kept", failure, len(new))
+            raise failure from exc
 
     def where_of(self, actor: Any) -> dict:
         """Where a pool actor runs."""
