@@ -1,7 +1,12 @@
 """How a :class:`gradserve.Client` makes its calls: each under the client's retry policy (see
 :mod:`gradserve.client.retry`), its retries counted and logged, and a call to a server this client
 has never had an answer from given ``connect_timeout`` seconds only, then failing with
-"no gradserve server at HOST:PORT (reason)"."""
+"no gradserve server at HOST:PORT (reason)".
+
+A Client holds one :class:`RetryingCalls`, ``client.calls``: the Client and the client's own
+modules that speak for it (:class:`~gradserve.client.job.Job`,
+:class:`~gradserve.client.session.RemoteSession`, :func:`~gradserve.client.status.server_status`)
+make every call through it."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import grpc
 from gradserve.client.connection import connect_failure
 from gradserve.client.errors import RemoteError, Unavailable, calling, remote_error
 from gradserve.client.retry import NO_RETRY, RetryPolicy
+from gradserve.proto.v1.service_pb2_grpc import GradientServiceStub
 
 DEFAULT_RETRY = RetryPolicy()
 _WARN_AFTER = 10.0  # seconds of retrying one call after which a warning is logged (once per call)
@@ -24,47 +30,71 @@ _NOT_AN_ANSWER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLIN
 log = logging.getLogger("gradserve.client")
 
 
+def retry_policy(retry: RetryPolicy | None | bool) -> RetryPolicy:
+    """The policy ``Client(retry=...)`` asks for: a :class:`RetryPolicy` as it is, True the default
+    one, None or False :data:`~gradserve.client.retry.NO_RETRY`; TypeError for anything else."""
+    if retry is True:
+        return DEFAULT_RETRY
+    if retry is not None and retry is not False and not isinstance(retry, RetryPolicy):
+        raise TypeError("retry must be a RetryPolicy, or None to turn retries off")
+    return retry or NO_RETRY
+
+
 class RetryingCalls:
-    """The calls to the server at ``address`` under the ``retry`` policy, with the bearer
-    ``metadata`` and the default ``timeout``; :class:`~gradserve.client.remote.Client` is one and
-    documents the arguments. ``retries`` counts the retries made, ``retries_by_code`` them by
-    status code name."""
+    """The calls to the server at ``address``: each through ``stub`` (the service's gRPC stub) with
+    the bearer ``metadata``, under the ``retry`` policy, given ``timeout`` seconds unless the caller
+    says otherwise (None: no limit), and ``connect_timeout`` seconds while the server has never
+    answered (:class:`~gradserve.client.remote.Client` documents the arguments). ``retries``
+    counts the retries made, ``retries_by_code`` them by status code name."""
 
     def __init__(
         self,
         address: str,
-        timeout: float | None,
-        retry: RetryPolicy | None | bool,
-        connect_timeout: float | None,
+        stub: GradientServiceStub,
         metadata: tuple[tuple[str, str], ...],
+        timeout: float | None,
+        retry: RetryPolicy,
+        connect_timeout: float | None,
     ) -> None:
         self.address = address
+        self.stub = stub
+        self.metadata = metadata
         self.timeout = timeout
+        self.retry = retry
         self.connect_timeout = connect_timeout
-        self._reached = False  # True once the server has answered a call (retries are for such servers)
-        if retry is True:
-            retry = DEFAULT_RETRY
-        if retry is not None and retry is not False and not isinstance(retry, RetryPolicy):
-            raise TypeError("retry must be a RetryPolicy, or None to turn retries off")
-        self.retry: RetryPolicy = retry or NO_RETRY
         self.retries = 0
         self.retries_by_code: Counter[str] = Counter()
         self._retry_lock = threading.Lock()
-        self._metadata = metadata
+        self._reached = False  # True once the server has answered a call (retries are for such servers)
 
-    def _timeout(self, timeout: float | None) -> float | None:
+    def limit(self, timeout: float | None) -> float | None:
+        """The seconds a call may take: ``timeout``, or this client's default when it is None."""
         return timeout if timeout is not None else self.timeout
 
-    def _retrying(
+    def send(self, method: Callable, request: Any, seconds_left: float | None) -> Any:
+        """One attempt: ``method`` (a method of :attr:`stub`) called on ``request`` with this
+        client's :attr:`metadata` and ``seconds_left``; its reply, or a reply stream for a
+        server-streaming method. A failed call raises its :class:`RemoteError`."""
+        return calling(method, request, metadata=self.metadata, timeout=seconds_left)
+
+    def call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
+        """The reply of ``method``, a unary method of :attr:`stub`, to ``request``: retried under
+        the policy for up to ``timeout`` seconds (:meth:`limit`)."""
+        name = getattr(method, "_method", b"")
+        name = name.decode().rsplit("/", 1)[-1] if isinstance(name, bytes) else str(name or "call")
+        return self.retrying(name, lambda left: self.send(method, request, left), timeout)
+
+    def retrying(
         self,
         what: str,
         attempt: Callable[[float | None], Any],
-        timeout: float | None,
+        timeout: float | None = None,
         policy: RetryPolicy | None = None,
     ) -> Any:
-        """``attempt(seconds_left)`` under the retry policy (:meth:`RetryPolicy.call`); ``what``
-        names the call in the log. ``attempt`` must build its request afresh: a request stream
-        is consumed by the attempt that sends it."""
+        """``attempt(seconds_left)`` under ``policy`` (this client's by default; see
+        :meth:`RetryPolicy.call`) for up to ``timeout`` seconds (:meth:`limit`); ``what`` names the
+        call in the log. ``attempt`` makes its calls with :meth:`send`, and must build its request
+        afresh: a request stream is consumed by the attempt that sends it."""
         waited = 0.0
         warned = False
 
@@ -107,7 +137,7 @@ class RetryingCalls:
             return self.connect_timeout if self._unreached(exc) else None
 
         try:
-            return (policy or self.retry).call(guarded, timeout, on_retry=on_retry, window=window)
+            return (policy or self.retry).call(guarded, self.limit(timeout), on_retry=on_retry, window=window)
         except Unavailable as exc:
             reason = self._unreached(exc)
             if reason is None:
@@ -121,10 +151,3 @@ class RetryingCalls:
         if self._reached or not isinstance(exc, Unavailable):
             return None
         return connect_failure(exc.details)
-
-    def _call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
-        name = getattr(method, "_method", b"")
-        name = name.decode().rsplit("/", 1)[-1] if isinstance(name, bytes) else str(name or "call")
-        return self._retrying(
-            name, lambda left: calling(method, request, metadata=self._metadata, timeout=left), self._timeout(timeout)
-        )

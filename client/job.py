@@ -102,22 +102,19 @@ class Job:
 
     def status(self) -> JobStatus:
         """The job's state and latest progress now."""
-        msg = self.client._call(self.client._stub.GetStatus, service_pb2.JobRef(job_id=self.id))
-        return JobStatus.from_proto(msg)
+        calls = self.client.calls
+        return JobStatus.from_proto(calls.call(calls.stub.GetStatus, service_pb2.JobRef(job_id=self.id)))
 
     def watch(self, timeout: float | None = None) -> Iterator[JobStatus]:
         """Statuses as they happen (one per progress event and state change), ending with the
         final state. ``timeout`` bounds the whole watch (DeadlineExceeded)."""
+        calls = self.client.calls
 
         def open_watch(left: float | None) -> tuple[Any, Iterator]:
-            stream = streaming(
-                self.client._stub.Watch(
-                    service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata, timeout=left
-                )
-            )
+            stream = streaming(calls.send(calls.stub.Watch, service_pb2.JobRef(job_id=self.id), left))
             return next(stream, None), stream  # the first status comes at once: retried until it does
 
-        first, stream = self.client._retrying("Watch", open_watch, self.client._timeout(timeout))
+        first, stream = calls.retrying("Watch", open_watch, timeout)
         if first is None:
             return
         yield JobStatus.from_proto(first)
@@ -129,21 +126,18 @@ class Job:
         has been delivered whole, so a connection lost half-way is retried here -- once even with
         retries turned off -- and a later call can fetch it too). A failed job raises the error it
         failed with; a cancelled one raises :class:`Cancelled`."""
+        calls = self.client.calls
 
         def fetch(left: float | None) -> Result:
-            return read_result(
-                self.client._stub.FetchResult(
-                    service_pb2.JobRef(job_id=self.id), metadata=self.client._metadata, timeout=left
-                )
-            )
+            return read_result(calls.send(calls.stub.FetchResult, service_pb2.JobRef(job_id=self.id), left))
 
-        policy = self.client.retry if self.client.retry is not NO_RETRY else _REFETCH_ONCE
-        return self.client._retrying("FetchResult", fetch, self.client._timeout(timeout), policy)
+        policy = calls.retry if calls.retry is not NO_RETRY else _REFETCH_ONCE
+        return calls.retrying("FetchResult", fetch, timeout, policy)
 
     def cancel(self) -> JobStatus:
         """Ask the server to stop the job (at the engine's next phase boundary)."""
-        msg = self.client._call(self.client._stub.Cancel, service_pb2.JobRef(job_id=self.id))
-        return JobStatus.from_proto(msg)
+        calls = self.client.calls
+        return JobStatus.from_proto(calls.call(calls.stub.Cancel, service_pb2.JobRef(job_id=self.id)))
 
 
 def read_result(responses: Iterator[service_pb2.ResultChunk]) -> Result:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
@@ -37,7 +38,7 @@ import grpc
 import numpy as np
 from grpc.experimental import ChannelOptions
 
-from gradserve.client.calls import DEFAULT_RETRY, RetryingCalls
+from gradserve.client.calls import DEFAULT_RETRY, RetryingCalls, retry_policy
 from gradserve.client.connection import server_target
 
 # errors and job handles live in their own modules; their names stay importable from here
@@ -90,7 +91,7 @@ class _Uploading:
 # -- the client ------------------------------------------------------------------------------------
 
 
-class Client(RetryingCalls):
+class Client:
     """A connection to a gradserve server at ``address``: "host:port", "host" or "[v6]" for port
     50051, or a gRPC target such as "unix:/path" (:func:`~gradserve.client.connection.server_target`;
     ValueError for a malformed one). Nothing is sent until the first call.
@@ -104,6 +105,9 @@ class Client(RetryingCalls):
     connection attempt may take, and how long a call retries a server this client has never had an
     answer from before it raises :class:`Unavailable` ("no gradserve server at HOST:PORT (reason)");
     None: retry it like a server that went away, up to the call's timeout.
+
+    ``calls``: how the client makes its calls (:class:`~gradserve.client.calls.RetryingCalls`), for
+    the client's own modules that speak for it (:class:`Job`, sessions, the server's status).
     """
 
     def __init__(
@@ -126,7 +130,7 @@ class Client(RetryingCalls):
 
             token = read_token_file(token_file)
         metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        super().__init__(address, timeout, retry, connect_timeout, metadata)
+        policy = retry_policy(retry)  # a bad one is refused before a channel is opened
         options = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
             ("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -147,10 +151,41 @@ class Client(RetryingCalls):
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options)
         else:
             self._channel = grpc.insecure_channel(address, options)
-        self._stub = service_pb2_grpc.GradientServiceStub(self._channel)
+        stub = service_pb2_grpc.GradientServiceStub(self._channel)
+        self.calls = RetryingCalls(address, stub, metadata, timeout, policy, connect_timeout)
         self._compute = True  # False once the server said it has no Compute RPC
 
-    # -- plumbing (the calls and their retries: RetryingCalls) ------------------------------------
+    # -- plumbing (the calls and their retries: self.calls) ----------------------------------------
+    @property
+    def address(self) -> str:
+        """The server's gRPC target ("host:port", "unix:/path"...)."""
+        return self.calls.address
+
+    @property
+    def timeout(self) -> float | None:
+        """Default seconds for each call (None: no limit)."""
+        return self.calls.timeout
+
+    @property
+    def connect_timeout(self) -> float | None:
+        """Seconds a call retries a server this client has never had an answer from."""
+        return self.calls.connect_timeout
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """How calls are retried (:data:`~gradserve.client.retry.NO_RETRY`: never)."""
+        return self.calls.retry
+
+    @property
+    def retries(self) -> int:
+        """Retries made so far, by all of this client's calls."""
+        return self.calls.retries
+
+    @property
+    def retries_by_code(self) -> Counter[str]:
+        """:attr:`retries` by status code name (``"UNAVAILABLE"``, ``"RESOURCE_EXHAUSTED"``...)."""
+        return self.calls.retries_by_code
+
     def close(self) -> None:
         """Close the connection."""
         self._channel.close()
@@ -172,7 +207,7 @@ class Client(RetryingCalls):
     # -- models -----------------------------------------------------------------------------------
     def has_model(self, model_id: str) -> bool:
         """Whether the server has the model with this id."""
-        return self._call(self._stub.HasModel, service_pb2.ModelRef(model_id=model_id)).present
+        return self.calls.call(self.calls.stub.HasModel, service_pb2.ModelRef(model_id=model_id)).present
 
     def upload(self, model: Model, progress: bool = False) -> str:
         """Make sure the server has ``model``; return its id (the content hash). Sends nothing
@@ -181,7 +216,8 @@ class Client(RetryingCalls):
         restarted: the server keeps what arrived (ModelInfo.received_bytes) and the retry -- or the
         next upload of the model, within the server's keep time -- sends only the rest."""
         manifest, arrays = model_manifest(model)
-        info = self._call(self._stub.HasModel, service_pb2.ModelRef(model_id=manifest.model_id))
+        calls = self.calls
+        info = calls.call(calls.stub.HasModel, service_pb2.ModelRef(model_id=manifest.model_id))
         if info.present:
             return manifest.model_id
         from gradserve.client.progress import ProgressLine
@@ -204,20 +240,15 @@ class Client(RetryingCalls):
         def attempt(left: float | None) -> str:
             attempts[0] += 1
             if attempts[0] > 1:  # a retry: ask what the broken stream left on the server
-                again = calling(
-                    self._stub.HasModel,
-                    service_pb2.ModelRef(model_id=manifest.model_id),
-                    metadata=self._metadata,
-                    timeout=left,
-                )
+                again = calls.send(calls.stub.HasModel, service_pb2.ModelRef(model_id=manifest.model_id), left)
                 if again.present:
                     return manifest.model_id
                 held[0] = dict(again.received_bytes)
-            reply = calling(self._stub.UploadModel, messages(held[0]), metadata=self._metadata, timeout=left)
+            reply = calls.send(calls.stub.UploadModel, messages(held[0]), left)
             return reply.model_id
 
         try:
-            return self._retrying("UploadModel", attempt, self._timeout(None))
+            return calls.retrying("UploadModel", attempt)
         finally:
             if display is not None:
                 display.close()
@@ -279,13 +310,9 @@ class Client(RetryingCalls):
         the server to choose from the model, the batch and its cluster."""
         model_id = self._model_id(model_or_id)
         options, arrays = self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads)
-        handle = self._retrying(
-            "Submit",
-            lambda left: calling(  # a fresh request stream per attempt
-                self._stub.Submit, job_stream(options, arrays), metadata=self._metadata, timeout=left
-            ),
-            self._timeout(None),
-        )
+        calls = self.calls
+        # each attempt sends a fresh request stream
+        handle = calls.retrying("Submit", lambda left: calls.send(calls.stub.Submit, job_stream(options, arrays), left))
         return Job(self, handle.job_id, handle.model_id)
 
     def session(
@@ -323,11 +350,9 @@ class Client(RetryingCalls):
             max_norm=max_norm or 0.0,
         )
         # Not retried: a retry after a lost reply would open a second session.
-        info = self._retrying(
-            "OpenSession",
-            lambda left: calling(self._stub.OpenSession, request, metadata=self._metadata, timeout=left),
-            self._timeout(None),
-            NO_RETRY,
+        calls = self.calls
+        info = calls.retrying(
+            "OpenSession", lambda left: calls.send(calls.stub.OpenSession, request, left), policy=NO_RETRY
         )
         return RemoteSession(self, info, groups, schedule)
 
@@ -359,6 +384,7 @@ class Client(RetryingCalls):
         job (DeadlineExceeded, and the server cancels it). Feeds of up to 1 MiB go in one Compute
         request, bigger ones stream through Run (see proto/v1/service.proto)."""
         model_id = self._model_id(model_or_id, progress=progress)
+        calls = self.calls
         if not progress:
             options, arrays = self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads)
             small = sum(a.nbytes for a in arrays.values()) <= _COMPUTE_FEED_BYTES
@@ -370,18 +396,17 @@ class Client(RetryingCalls):
                     if request is None:  # a unary request can be sent again as it is
                         request = service_pb2.JobRequest(options=options, feeds=list(chunks.chunks(arrays)))
                     try:
-                        return read_result(self._stub.Compute(request, metadata=self._metadata, timeout=left))
+                        return read_result(calls.send(calls.stub.Compute, request, left))
                     except RemoteError as exc:
                         if exc.code != grpc.StatusCode.UNIMPLEMENTED:
                             raise
                         self._compute = False  # a server older than Compute: use Run from now on
-                stream = self._stub.Run(job_stream(options, arrays), metadata=self._metadata, timeout=left)
-                return read_result(stream)
+                return read_result(calls.send(calls.stub.Run, job_stream(options, arrays), left))
 
-            return self._retrying("Compute" if self._compute and small else "Run", attempt, self._timeout(timeout))
+            return calls.retrying("Compute" if self._compute and small else "Run", attempt, timeout)
         from gradserve.client.progress import ProgressLine
 
-        limit = self._timeout(timeout)
+        limit = calls.limit(timeout)
         deadline = None if limit is None else time.monotonic() + limit
         left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
         job = self.submit(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from gradserve.client.errors import calling, streaming
+from gradserve.client.errors import streaming
 from gradserve.client.job import read_result
 from gradserve.client.wire import wire_arrays
 from gradserve.proto import chunks
@@ -66,7 +66,8 @@ class RemoteSession:
         """Ask the server to checkpoint the session now (its weights and optimizer state, kept in
         its state directory: what it restarts from after losing a worker or a restart)."""
         self._check_open()
-        self.client._call(self.client._stub.CheckpointSession, service_pb2.SessionRef(session_id=self.id))
+        calls = self.client.calls
+        calls.call(calls.stub.CheckpointSession, service_pb2.SessionRef(session_id=self.id))
 
     def gradients(self, feeds: Mapping[str, Any]) -> Result:
         """The loss and dL/dw at the session's current weights, which stay as they are."""
@@ -84,21 +85,17 @@ class RemoteSession:
                 yield service_pb2.WeightsChunk(data=chunk)
 
         # Setting the same values again changes nothing: safe to retry.
-        self.client._retrying(
-            "SetWeights",
-            lambda left: calling(
-                self.client._stub.SetWeights, messages(), metadata=self.client._metadata, timeout=left
-            ),
-            self.client._timeout(None),
-        )
+        calls = self.client.calls
+        calls.retrying("SetWeights", lambda left: calls.send(calls.stub.SetWeights, messages(), left))
 
     def weights(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """The current weights (all, or those named), streamed from the server."""
         self._check_open()
         request = service_pb2.WeightsRequest(session_id=self.id, names=list(names or ()))
+        calls = self.client.calls
 
         def fetch(left: float | None) -> dict[str, np.ndarray]:
-            stream = streaming(self.client._stub.GetWeights(request, metadata=self.client._metadata, timeout=left))
+            stream = streaming(calls.send(calls.stub.GetWeights, request, left))
             head = next(stream, None)
             if head is None or head.WhichOneof("part") != "header":
                 raise GraphError("the server's weights stream does not start with a header")
@@ -109,13 +106,14 @@ class RemoteSession:
             arrays = asm.finish()
             return {name: arrays[name] for name in declared}
 
-        return self.client._retrying("GetWeights", fetch, self.client._timeout(None))
+        return calls.retrying("GetWeights", fetch)
 
     def close(self) -> None:
         """Close the session: the server frees its weights and optimizer state."""
         if not self.closed:
             self.closed = True
-            self.client._call(self.client._stub.CloseSession, service_pb2.SessionRef(session_id=self.id))
+            calls = self.client.calls
+            calls.call(calls.stub.CloseSession, service_pb2.SessionRef(session_id=self.id))
 
     def __enter__(self) -> "RemoteSession":
         return self
@@ -127,6 +125,7 @@ class RemoteSession:
         self._check_open()
         arrays = wire_arrays(feeds, "feed")
         options.feeds.extend(chunks.headers(arrays))
+        calls = self.client.calls
 
         def attempt(left: float | None) -> Result:  # a fresh request stream per attempt
             def messages() -> Iterator[service_pb2.StepChunk]:
@@ -134,9 +133,9 @@ class RemoteSession:
                 for chunk in chunks.chunks(arrays):
                     yield service_pb2.StepChunk(feed=chunk)
 
-            return read_result(self.client._stub.Step(messages(), metadata=self.client._metadata, timeout=left))
+            return read_result(calls.send(calls.stub.Step, messages(), left))
 
-        return self.client._retrying("Step", attempt, self.client._timeout(None))
+        return calls.retrying("Step", attempt)
 
     def _check_open(self) -> None:
         if self.closed:

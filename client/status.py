@@ -138,7 +138,7 @@ class ServerStatus:
 
 def server_status(client: "Client", timeout: float | None = None) -> ServerStatus:
     """The server's status (``GetServerStatus``), through ``client``'s connection and token."""
-    msg = client._call(client._stub.GetServerStatus, service_pb2.ServerStatusRequest(), timeout)  # noqa: SLF001
+    msg = client.calls.call(client.calls.stub.GetServerStatus, service_pb2.ServerStatusRequest(), timeout)
     return ServerStatus.from_proto(msg)
 
 

@@ -23,7 +23,7 @@ import hashlib
 import types
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import onnx
@@ -48,6 +48,9 @@ from gradserve.client.torch_export import (
 )
 from gradserve.client.torch_session import TorchSession, session
 from gradserve.worker.graph import Model
+
+if TYPE_CHECKING:
+    from gradserve.server.inline import InlineEngine
 
 __all__ = ["export", "backward", "session", "TorchMapping", "TorchSession"]
 
@@ -94,7 +97,7 @@ class _Entry:
 
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
-_INLINE: list[Any] = []
+_INLINE: "list[InlineEngine]" = []
 
 
 def backward(
@@ -123,7 +126,7 @@ def backward(
     if engine is not None and client is not None:
         raise ValueError("give engine= or client=, not both")
     entry = _entry(module, as_args(args), loss_fn, batch_axis)
-    runner = client if client is not None else engine if engine is not None else _inline()
+    runner = client if client is not None else engine if engine is not None else inline_engine()
     result = runner.gradients(entry.model, entry.mapping.feeds(args), **job_options)
     grads = entry.mapping.padding_rows_zeroed({k: g for k, g in result.grads.items() if k in entry.used})
     entry.mapping.accumulate(module, grads)
@@ -132,11 +135,13 @@ def backward(
     return float(result.loss)
 
 
-def _inline() -> Any:
+def inline_engine() -> "InlineEngine":
+    """The inline engine :func:`backward` and :func:`session` run on when given neither ``engine=``
+    nor ``client=``: one per process, made at first use."""
     if not _INLINE:
-        from gradserve.client.local import local
+        from gradserve.server.inline import InlineEngine
 
-        _INLINE.append(local())
+        _INLINE.append(InlineEngine())  # what gradserve.local() makes
     return _INLINE[0]
 
 

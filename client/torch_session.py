@@ -89,7 +89,7 @@ def session(
     follow the steps; put it in eval mode, or train with :func:`gradserve.torch.backward`) and
     ``nn.Embedding(padding_idx=...)`` weights (their padding row would train).
     """
-    from gradserve.client import torch as bridge  # the export cache
+    from gradserve.client import torch as bridge  # the export cache and the shared inline engine
 
     if engine is not None and client is not None:
         raise ValueError("give engine= or client=, not both")
@@ -102,7 +102,7 @@ def session(
             "train its padding row; use gradserve.torch.backward, or padding_idx=None"
         )
     groups = _groups(optimizer, module)
-    opener = client if client is not None else engine if engine is not None else bridge._inline()
+    opener = client if client is not None else engine if engine is not None else bridge.inline_engine()
     inner = opener.session(model, groups, max_norm=max_norm, schedule=schedule, **options)
     return TorchSession(module, mapping, inner)
 

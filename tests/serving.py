@@ -129,9 +129,11 @@ def counting_calls(client):
     """Record which job RPC each Client.gradients call makes."""
     calls = []
     for name in ("Compute", "Run"):
-        method = getattr(client._stub, name)
+        method = getattr(client.calls.stub, name)
         setattr(
-            client._stub, name, lambda *a, _method=method, _name=name, **kw: calls.append(_name) or _method(*a, **kw)
+            client.calls.stub,
+            name,
+            lambda *a, _method=method, _name=name, **kw: calls.append(_name) or _method(*a, **kw),
         )
     return calls
 

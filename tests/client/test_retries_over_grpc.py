@@ -163,7 +163,7 @@ def test_each_call_is_retried_with_a_fresh_request_stream(rpc):
     """The first attempt of ``rpc`` breaks after reading one request message; the retry must send
     the whole request again (a request stream is one-shot) and succeed."""
     with serving() as srv, Client(srv.address, timeout=30) as c:
-        real = getattr(c._stub, rpc)
+        real = getattr(c.calls.stub, rpc)
         calls = []
 
         def flaky(request, *args, **kwargs):
@@ -174,7 +174,7 @@ def test_each_call_is_retried_with_a_fresh_request_stream(rpc):
                 raise FakeRpcError()
             return real(request, *args, **kwargs)
 
-        setattr(c._stub, rpc, flaky)
+        setattr(c.calls.stub, rpc, flaky)
         model = mlp(5)
         feeds = batch(5, n=60000) if rpc == "Run" else batch(5)  # > 1 MiB of feeds go through Run
         if rpc == "Run":

@@ -123,7 +123,9 @@ def test_result_survives_a_stream_that_breaks_half_way(client):
     feeds = {"x": rng.standard_normal((4, 2500)).astype(np.float32)}
     job = client.submit(model, feeds)
     assert list(job.watch(timeout=30))[-1].state == "done"
-    stream = client._stub.FetchResult(service_pb2.JobRef(job_id=job.id), metadata=client._metadata, timeout=30)
+    stream = client.calls.stub.FetchResult(
+        service_pb2.JobRef(job_id=job.id), metadata=client.calls.metadata, timeout=30
+    )
     first = [next(stream), next(stream)]
     assert first[0].HasField("header") and first[1].HasField("data")
     stream.cancel()
@@ -208,13 +210,13 @@ def _job_parts(model_id, feeds, **options):
 def _compute(client, options, feed_chunks):
     stub = service_pb2_grpc.GradientServiceStub(client._channel)
     request = service_pb2.JobRequest(options=options, feeds=feed_chunks)
-    return list(stub.Compute(request, metadata=client._metadata, timeout=10))
+    return list(stub.Compute(request, metadata=client.calls.metadata, timeout=10))
 
 
 def _run(client, options, feed_chunks):
     stub = service_pb2_grpc.GradientServiceStub(client._channel)
     messages = [service_pb2.JobChunk(options=options)] + [service_pb2.JobChunk(feed=c) for c in feed_chunks]
-    return list(stub.Run(iter(messages), metadata=client._metadata, timeout=10))
+    return list(stub.Run(iter(messages), metadata=client.calls.metadata, timeout=10))
 
 
 def _by_rpc(rpc, client, options, feed_chunks):

@@ -252,7 +252,7 @@ def test_a_session_through_the_server_trains_as_the_local_one():
             assert session.weights().keys() == model.params.keys()  # and the session goes on
             session_id = session.id
         assert server.servicer.sessions.open_count() == 0  # closed by the with block
-        stub = client._stub
+        stub = client.calls.stub
         with pytest.raises(grpc.RpcError) as err:
             stub.GetWeights(service_pb2.WeightsRequest(session_id=session_id)).next()
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and session_id in err.value.details()
@@ -267,12 +267,12 @@ def test_a_step_sent_twice_is_applied_once():
     model, batches = mlp()
     with serving() as (server, client):
         session = client.session(model, SGD(lr=0.1))
-        first = list(client._stub.Step(iter(_step_request(session.id, 1, batches[0]))))
-        again = list(client._stub.Step(iter(_step_request(session.id, 1, batches[0]))))  # its reply was lost
+        first = list(client.calls.stub.Step(iter(_step_request(session.id, 1, batches[0]))))
+        again = list(client.calls.stub.Step(iter(_step_request(session.id, 1, batches[0]))))  # its reply was lost
         assert first[0].header.loss == again[0].header.loss
         assert server.servicer.sessions.get(session.id).session.steps == 1
         with pytest.raises(grpc.RpcError) as err:
-            list(client._stub.Step(iter(_step_request(session.id, 3, batches[1]))))
+            list(client.calls.stub.Step(iter(_step_request(session.id, 3, batches[1]))))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "the next one is 2" in err.value.details()
         expected = gradserve.local().session(model, SGD(lr=0.1))
         expected.step(batches[0])
@@ -302,7 +302,7 @@ def test_bad_session_requests_are_refused_naming_the_fault():
         model_id = client.upload(model)
         bad = service_pb2.SessionOptions(model_id=model_id, optimizer_json='{"optimizer": {"type": "LBFGS"}}')
         with pytest.raises(grpc.RpcError) as err:
-            client._stub.OpenSession(bad)
+            client.calls.stub.OpenSession(bad)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "LBFGS" in err.value.details()
         with pytest.raises(NotFound, match="not on this server"):
             client.session("0" * 64, SGD(lr=0.1))

@@ -103,7 +103,7 @@ def test_a_broken_upload_is_resumed_by_the_client_retry_with_only_the_remaining_
     assert sum(1 for _ in chunks.chunks(arrays)) == TOTAL_CHUNKS
     total_bytes = sum(a.nbytes for a in arrays.values())
     with serving() as srv, Client(srv.address, timeout=30) as c:
-        real = c._stub.UploadModel
+        real = c.calls.stub.UploadModel
         calls, kept = [], {}
 
         def flaky(request, *args, **kwargs):
@@ -111,13 +111,13 @@ def test_a_broken_upload_is_resumed_by_the_client_retry_with_only_the_remaining_
             if len(calls) == 1:  # the first stream really breaks, after BROKEN_AFTER chunks
                 with pytest.raises(grpc.RpcError):
                     real(broken(srv, request, BROKEN_AFTER), *args, **kwargs)
-                wait_for(lambda: partial_of(c._stub, manifest.model_id))
-                kept.update(partial_of(c._stub, manifest.model_id))
+                wait_for(lambda: partial_of(c.calls.stub, manifest.model_id))
+                kept.update(partial_of(c.calls.stub, manifest.model_id))
                 kept["pending"] = srv.servicer.pending.used
                 raise Unavailable()
             return real(request, *args, **kwargs)
 
-        c._stub.UploadModel = flaky
+        c.calls.stub.UploadModel = flaky
         before = srv.stats
         assert c.upload(model) == manifest.model_id
         after = srv.stats
@@ -128,7 +128,7 @@ def test_a_broken_upload_is_resumed_by_the_client_retry_with_only_the_remaining_
         assert after["upload_chunks"] - before["upload_chunks"] == TOTAL_CHUNKS
         assert after["uploads_resumed"] == before["uploads_resumed"] + 1
         assert after["uploads"] == before["uploads"] + 1
-        assert partial_of(c._stub, manifest.model_id) == {}  # dropped once completed
+        assert partial_of(c.calls.stub, manifest.model_id) == {}  # dropped once completed
         assert srv.servicer.pending.used == 0
         assert_same(c.gradients(manifest.model_id, feeds), REFERENCE.gradients(model, feeds))
 
@@ -137,8 +137,8 @@ def test_an_old_client_that_resends_everything_also_completes_the_kept_upload():
     model = big_model(2)
     manifest, arrays = model_manifest(model)
     with serving() as srv, Client(srv.address, timeout=30) as c:
-        assert break_upload(srv, c._stub, model)["w1"] == BROKEN_AFTER * MIB
-        reply = c._stub.UploadModel(upload_messages(manifest, arrays), timeout=10)  # from offset 0
+        assert break_upload(srv, c.calls.stub, model)["w1"] == BROKEN_AFTER * MIB
+        reply = c.calls.stub.UploadModel(upload_messages(manifest, arrays), timeout=10)  # from offset 0
         assert reply.model_id == manifest.model_id
         assert reply.bytes_received == sum(a.nbytes for a in arrays.values()) - BROKEN_AFTER * MIB
         assert c.has_model(manifest.model_id) and srv.servicer.pending.used == 0
@@ -147,7 +147,7 @@ def test_an_old_client_that_resends_everything_also_completes_the_kept_upload():
 def test_the_next_upload_call_resumes_a_partial_left_by_an_earlier_one():
     model, feeds = big_model(3), batch(3, n_in=N_IN)
     with serving() as srv, Client(srv.address, timeout=30) as c:
-        break_upload(srv, c._stub, model)
+        break_upload(srv, c.calls.stub, model)
         before = srv.stats
         c.upload(model)  # no retry involved: its first HasModel already reports the partial upload
         assert srv.stats["upload_chunks"] - before["upload_chunks"] == TOTAL_CHUNKS - BROKEN_AFTER
@@ -158,10 +158,10 @@ def test_an_expired_partial_upload_is_dropped():
     model = big_model(4)
     with serving() as srv, Client(srv.address, timeout=30) as c:
         srv.servicer.partial_uploads.ttl = 0.2
-        assert break_upload(srv, c._stub, model)
+        assert break_upload(srv, c.calls.stub, model)
         assert srv.servicer.pending.used > 0
         time.sleep(0.3)
-        assert partial_of(c._stub, model.fingerprint()) == {}
+        assert partial_of(c.calls.stub, model.fingerprint()) == {}
         assert srv.servicer.pending.used == 0  # the budget is free again
         before = srv.stats
         c.upload(model)  # from the start
@@ -173,7 +173,7 @@ def test_a_different_manifest_under_the_same_id_drops_the_partial_upload_and_sta
     model, other = big_model(5), big_model(6)
     manifest, _ = model_manifest(model)
     with serving() as srv, Client(srv.address, timeout=30) as c:
-        break_upload(srv, c._stub, model)
+        break_upload(srv, c.calls.stub, model)
         # Same id, different headers (the parameters in another order) and data: not a resume.
         forged, arrays = model_manifest(other)
         forged.model_id = manifest.model_id
@@ -181,14 +181,14 @@ def test_a_different_manifest_under_the_same_id_drops_the_partial_upload_and_sta
         arrays = dict(reversed(list(arrays.items())))
         before = srv.stats
         with pytest.raises(grpc.RpcError) as err:
-            c._stub.UploadModel(upload_messages(forged, arrays), timeout=10)
+            c.calls.stub.UploadModel(upload_messages(forged, arrays), timeout=10)
         # Assembled from scratch (every chunk taken, none refused as overlapping), then the
         # fingerprint check refuses it.
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "hashes to" in err.value.details()
         assert srv.stats["upload_chunks"] - before["upload_chunks"] == TOTAL_CHUNKS
         assert srv.stats["uploads_resumed"] == before["uploads_resumed"]
-        assert partial_of(c._stub, manifest.model_id) == {} and srv.servicer.pending.used == 0
+        assert partial_of(c.calls.stub, manifest.model_id) == {} and srv.servicer.pending.used == 0
         # The real model then uploads normally.
         c.upload(model)
         assert c.has_model(manifest.model_id)
