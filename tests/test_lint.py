@@ -4,6 +4,7 @@ undefined names, runaway lines, calls and values that do not fit the annotations
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import os
@@ -95,3 +96,53 @@ def test_mypy_finds_nothing():
     assert done.returncode == 0, (
         f"mypy found problems (fix them, or a narrow `# type: ignore[code]` saying why):\n{report}"
     )
+
+
+PACKAGE_DIRS = ("client", "server", "worker", "proto")
+
+
+def _private_names_defined(tree: ast.Module) -> set[str]:
+    """The private names a module defines: functions, methods, classes, and attributes it assigns
+    or annotates (``self._x = ...``, ``_x: int`` in a class body)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_module_uses_another_modules_private_names():
+    """``x._name`` in the package is the module's own ``_name`` (or a library's, read through its
+    module: ``ray._private``...): one module does not reach into another's internals (issue 23);
+    what a module offers others is public and documented."""
+    found = []
+    for path in sorted(p for d in PACKAGE_DIRS for p in (ROOT / d).rglob("*.py")):
+        if "_pb2" in path.name:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        own = _private_names_defined(tree)
+        libraries = {
+            alias.asname or alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            and not (isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("gradserve")))
+            for alias in node.names
+            if not (isinstance(node, ast.Import) and alias.name.startswith("gradserve"))
+        }
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            root = base.id if isinstance(base, ast.Name) else None
+            if root in ("self", "cls") and isinstance(node.value, ast.Name) or node.attr in own or root in libraries:
+                continue
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "private names of other modules used (make them public, with a docstring):\n" + "\n".join(found)
