@@ -22,7 +22,6 @@ from gradserve.client.cli_commands import cmd_demo, cmd_grad, cmd_job, cmd_plan,
 from gradserve.client.cli_inputs import CliError, memory_size, seconds, server_address, split_count
 from gradserve.worker.graph import GraphError
 
-log = logging.getLogger("gradserve")
 
 __all__ = ["CliError", "build_parser", "main"]
 

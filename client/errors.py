@@ -55,6 +55,11 @@ class Unavailable(RemoteError, ConnectionError):
     """The server cannot be reached (down, wrong address, TLS mismatch) or is shutting down."""
 
 
+class FailedPrecondition(RemoteError):
+    """The request is fine but the server cannot act on it in its present state (its stage workers
+    cannot start, a session's state forbids the step); the message says what to fix first."""
+
+
 class Internal(RemoteError):
     """The server failed unexpectedly; its log has the details."""
 
@@ -67,6 +72,7 @@ _ERRORS = {
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.INTERNAL: Internal,
 }
 

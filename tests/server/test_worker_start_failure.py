@@ -25,7 +25,7 @@ from ray import exceptions as rx
 import gradserve
 from borrowed import Borrowed
 from gradcheck import assert_same_result
-from gradserve.client.errors import RemoteError
+from gradserve.client.errors import FailedPrecondition
 from gradserve.server.errors import WorkersCannotStart, retry_after_for, status_for
 from gradserve.server.ray_engine import RayEngine, is_worker_loss, pool
 from gradserve.server.ray_engine.worker_loss import start_failure
@@ -196,7 +196,7 @@ def test_a_worker_that_cannot_import_the_actor_names_the_missing_module(engine, 
 def test_the_client_gets_failed_precondition_and_the_server_keeps_serving(engine, monkeypatch, tmp_path):
     monkeypatch.setattr(pool, "StageActor", raising_actor(tmp_path / "starts"))
     with serving(lambda: Borrowed(engine)) as srv, gradserve.Client(srv.address, timeout=120) as client:
-        with pytest.raises(RemoteError) as info:
+        with pytest.raises(FailedPrecondition) as info:
             client.gradients(mlp(5), batch(5), partitions=1)
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert info.value.details.startswith("stage workers cannot start on node ")
