@@ -123,7 +123,7 @@ def measure(run, jobs: int) -> tuple[dict, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10, help="jobs per plan per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all plans (medians reported)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds over all plans (medians reported, and the range of the workers ratio)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=512)
@@ -162,6 +162,15 @@ def main() -> None:
         return statistics.median(r.get(which, 0.0) for r in cpu[name])
 
     inline_total = med("inline", "driver")  # the inline engine's work: all of it in this process
+
+    def ratio_range(name: str) -> str:
+        """The workers' ratio to inline round by round (each against the same round's inline run):
+        how far the machine's drift moves it."""
+        ratios = [
+            (r["driver" if name == "inline" else "workers"]) / i["driver"] for r, i in zip(cpu[name], cpu["inline"])
+        ]
+        return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
     rows = []
     for name in plans:
         workers, driver, daemons = med(name, "workers"), med(name, "driver"), med(name, "ray daemons")
@@ -174,7 +183,7 @@ def main() -> None:
                 f"{workers * 1e3:.0f}",
                 f"{driver * 1e3:.0f}",
                 f"{daemons * 1e3:.0f}",
-                f"{workers / inline_total:.2f}",
+                f"{workers / inline_total:.2f} ({ratio_range(name)})",
                 f"{(driver + daemons) / inline_total:.2f}",
             )
         )
@@ -191,7 +200,7 @@ def main() -> None:
                 "workers CPU ms",
                 "driver CPU ms",
                 "ray daemons CPU ms",
-                "workers / inline",
+                "workers / inline (range over rounds)",
                 "driver+daemons / inline",
             ),
         )
