@@ -1,6 +1,6 @@
 """CPU-seconds per job, by process, for the inline engine and the Ray engine (issue: distributed engine).
 
-    .venv/bin/python benchmarks/cpu_per_job.py [--jobs 10] [--rounds 3] [--layers 4 --width 1024 --batch 512]
+    .venv/bin/python benchmarks/cpu_per_job.py [--jobs 10] [--rounds 7] [--layers 4 --width 1024 --batch 512]
 
 Wall-clock speed-ups on a 2-core machine say little: Ray's own processes take part of the same two
 cores. What holds on any machine is where the CPU goes. Around ``--jobs`` jobs of each plan this
@@ -123,7 +123,12 @@ def measure(run, jobs: int) -> tuple[dict, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10, help="jobs per plan per round")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds over all plans (medians reported, and the range of the workers ratio)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=7,
+        help="rounds over all plans (medians reported, and the range of the workers ratio)",
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=512)
