@@ -1,7 +1,5 @@
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,32 +64,8 @@ def ray_engine():
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     """A self-signed certificate for localhost and 127.0.0.1, and its key: (cert.pem, key.pem)."""
-    if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed")
+    from tls import self_signed  # a helper module at tests/: importable once sys.path has it (above)
+
     d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(d / "key.pem"),
-            "-out",
-            str(d / "cert.pem"),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    self_signed(d / "cert.pem", d / "key.pem", alt_names="DNS:localhost,IP:127.0.0.1")
     return d / "cert.pem", d / "key.pem"

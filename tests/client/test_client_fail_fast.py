@@ -27,6 +27,7 @@ from gradserve.client.retry import RetryPolicy
 from clusters import free_port
 from retry_fakes import FakeClock, Failure, failing
 from serving import REFERENCE, GatedEngine, _files, batch, mlp, same, serving
+from tls import self_signed
 
 FAST = 5.0  # seconds: what "fails fast" means here (it took 114 s before, `gradserve status` 8-23 s)
 
@@ -184,29 +185,7 @@ def test_tls_mismatches_fail_fast_naming_the_handshake(tls_files, tmp_path):
         with Client(plain.address, ca_file=cert, connect_timeout=0.5) as c:  # TLS to a plaintext server
             _fails_fast(c, "TLS handshake failed: the server does not speak TLS")
         other = tmp_path / "other.pem"
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                str(tmp_path / "other.key"),
-                "-out",
-                str(other),
-                "-days",
-                "1",
-                "-subj",
-                "/CN=other",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
+        self_signed(other, tmp_path / "other.key", name="other")
         with Client(tls.address, ca_file=other, connect_timeout=0.5) as c:  # a certificate the client does not trust
             _fails_fast(c, "TLS handshake failed: certificate verify failed: .+")
 
