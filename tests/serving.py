@@ -6,6 +6,7 @@ MLP job they send (``mlp(seed)``, ``batch(seed)``), the inline engine's answer t
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,6 +20,10 @@ from gradserve.server.events import ProgressEvent, check_cancelled
 from gradserve.server.inline import InlineEngine
 from gradserve.server.service import GradientServer
 from gradserve.worker.graph import Model
+
+# `gradserve serve` on the inline engine, in a subprocess of its own: the tests add the address,
+# state dir and the options under test.
+SERVE_INLINE = [sys.executable, "-m", "gradserve.client.cli", "serve", "--engine", "inline"]
 
 REFERENCE = InlineEngine()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,6 +16,7 @@ import pytest
 
 import gradserve
 from gradserve.client.remote import Client, Job
+from serving import SERVE_INLINE
 
 pytestmark = pytest.mark.slow  # several server processes
 
@@ -46,12 +46,7 @@ def _port() -> int:
 def _serve(address: str, state_dir, *args: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "gradserve.client.cli",
-            "serve",
-            "--engine",
-            "inline",
+            *SERVE_INLINE,
             "--address",
             address,
             "--state-dir",

@@ -33,7 +33,7 @@ from gradserve.client.remote import Client
 from gradserve.proto import chunks
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
 from gradserve.server.service import JsonLogFormatter
-from serving import batch, mlp, serving
+from serving import SERVE_INLINE, batch, mlp, serving
 
 N_JOBS = 1000
 COMPUTE = "/gradserve.v1.GradientService/Compute"
@@ -77,12 +77,7 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str, str, object]:
     err = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "gradserve.client.cli",
-            "serve",
-            "--engine",
-            "inline",
+            *SERVE_INLINE,
             "--address",
             "127.0.0.1:0",
             "--state-dir",

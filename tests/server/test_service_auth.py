@@ -7,7 +7,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 
 import grpc
 import pytest
@@ -20,7 +19,18 @@ from gradserve.client.remote import (
     Unauthenticated,
 )
 from gradserve.proto.v1 import service_pb2, service_pb2_grpc
-from serving import REFERENCE, SERVICE, _files, assert_same, assert_same_npz, batch, counting_calls, mlp, serving
+from serving import (
+    REFERENCE,
+    SERVE_INLINE,
+    SERVICE,
+    _files,
+    assert_same,
+    assert_same_npz,
+    batch,
+    counting_calls,
+    mlp,
+    serving,
+)
 
 # -- auth and TLS ----------------------------------------------------------------------------------
 
@@ -70,12 +80,7 @@ def test_cli_serve_with_token_file(tmp_path, capsys):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "gradserve.client.cli",
-            "serve",
-            "--engine",
-            "inline",
+            *SERVE_INLINE,
             "--address",
             "127.0.0.1:0",
             "--state-dir",
