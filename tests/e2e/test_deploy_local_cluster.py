@@ -40,6 +40,11 @@ def test_local_cluster_script_basics(tmp_path):
         [str(LOCAL_CLUSTER), "up", "--workers", "x"], env=env, capture_output=True, text=True, timeout=30
     )
     assert bad.returncode != 0 and bad.stdout == "" and "--workers" in bad.stderr
+    # port 0 would let the server pick one the script could not health-check or print
+    zero = subprocess.run(
+        [str(LOCAL_CLUSTER), "up", "--port", "0"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert zero.returncode != 0 and "--port must be a port number (1-65535), got 0" in zero.stderr
 
 
 def _pgrep(*args: str) -> list[int]:
