@@ -26,8 +26,9 @@ $(VENV)/.test: $(VENV)/.core
 demo: $(VENV)/.core  ## seed example + MLP through a local gRPC server on embedded Ray (no torch, no test tools)
 	$(BIN)/gradserve demo
 
+# --durations: the slowest tests, listed at the end, so a run says where the suite's time goes.
 test: $(VENV)/.test  ## the whole suite, slow multi-process tests included (what CI runs)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: $(VENV)/.test  ## skip the slow multi-process tests
 	$(BIN)/python -m pytest -q -m 'not slow' tests
