@@ -31,22 +31,29 @@ class PartialUpload:
     asm: chunks.Assembler
     manifest_key: bytes  # SHA-256 of the deterministic manifest: a resume must send the same one
     held: int  # bytes reserved in the pending budget, released when dropped or completed
-    expires: float  # time.monotonic()
+    expires: float  # on the PartialUploads' clock (time.monotonic)
 
 
 class PartialUploads:
     """Broken uploads kept for a resume, by model id (at most one each); their bytes stay reserved
     in ``pending`` until completed, dropped or expired (``ttl`` seconds after the stream broke).
-    ``store``: the models stored, whose broken uploads need not be kept."""
+    ``store``: the models stored, whose broken uploads need not be kept. ``clock``: seconds, for the
+    expiry (tests pass their own to expire an upload without waiting)."""
 
-    def __init__(self, pending: ByteBudget, store: ModelStore, ttl: float = UPLOAD_TTL) -> None:
-        self.pending, self.store, self.ttl = pending, store, ttl
+    def __init__(
+        self,
+        pending: ByteBudget,
+        store: ModelStore,
+        ttl: float = UPLOAD_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pending, self.store, self.ttl, self.clock = pending, store, ttl, clock
         self._kept: dict[str, PartialUpload] = {}
         self._lock = threading.Lock()
 
     def sweep(self) -> None:
         """Drop the kept partial uploads that expired, releasing their pending bytes."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             expired = [(mid, p) for mid, p in self._kept.items() if p.expires <= now]
             for mid, _ in expired:
@@ -115,7 +122,7 @@ class PartialUploads:
         if partial.asm.received_bytes == 0 or self.store.has(model_id):
             self.pending.release(partial.held)
             return
-        partial.expires = time.monotonic() + self.ttl
+        partial.expires = self.clock() + self.ttl
         with self._lock:
             other = self._kept.get(model_id)
             if other is not None and other.asm.received_bytes >= partial.asm.received_bytes:

@@ -157,10 +157,13 @@ def test_the_next_upload_call_resumes_a_partial_left_by_an_earlier_one():
 def test_an_expired_partial_upload_is_dropped():
     model = big_model(4)
     with serving() as srv, Client(srv.address, timeout=30) as c:
-        srv.servicer.partial_uploads.ttl = 0.2
+        kept, now = srv.servicer.partial_uploads, [0.0]
+        kept.clock = lambda: now[0]  # the server's own seconds, moved on by the test instead of slept
         assert break_upload(srv, c.calls.stub, model)
         assert srv.servicer.pending.used > 0
-        time.sleep(0.3)
+        now[0] = kept.ttl - 1  # not yet
+        assert partial_of(c.calls.stub, model.fingerprint()) != {}
+        now[0] = kept.ttl + 1
         assert partial_of(c.calls.stub, model.fingerprint()) == {}
         assert srv.servicer.pending.used == 0  # the budget is free again
         before = srv.stats
