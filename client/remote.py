@@ -279,18 +279,6 @@ class Client:
         )
         return options, arrays
 
-    def _job_messages(
-        self,
-        model_id: str,
-        feeds: Mapping[str, Any],
-        partitions: Count,
-        micro_batches: Count,
-        replicas: Count,
-        input_grads: Iterable[str],
-    ) -> Iterator[service_pb2.JobChunk]:
-        """A Run or Submit request stream: the options, then the feeds' chunks."""
-        return job_stream(*self._job_options(model_id, feeds, partitions, micro_batches, replicas, input_grads))
-
     def _model_id(self, model_or_id: Model | str, progress: bool = False) -> str:
         return model_or_id if isinstance(model_or_id, str) else self.upload(model_or_id, progress=progress)
 

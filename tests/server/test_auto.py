@@ -5,6 +5,7 @@ import pytest
 
 from gradserve.client.demo import mlp_example
 from gradserve.client.remote import Client
+from gradserve.client.wire import job_stream
 from gradserve.proto.v1 import service_pb2
 from gradserve.server.planning.auto import AUTO, choose, count_from_wire, count_to_wire, parse_count
 from gradserve.server.planning.memory import ACTOR_BASE_BYTES, ResourceExhausted, nodes_of
@@ -93,7 +94,7 @@ def test_wire_contract_round_trip():
     model, feeds = mlp_example()
     client = Client("127.0.0.1:1")  # no call is made: messages are only built
     try:
-        first = next(client._job_messages("id", feeds, "auto", 4, "auto", ()))
+        first = next(job_stream(*client._job_options("id", feeds, "auto", 4, "auto", ())))
     finally:
         client.close()
     wire = service_pb2.JobChunk.FromString(first.SerializeToString()).options
