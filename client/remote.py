@@ -45,6 +45,7 @@ from gradserve.client.connection import server_target
 from gradserve.client.errors import (  # noqa: F401
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
