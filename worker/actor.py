@@ -77,10 +77,11 @@ class StageHost:
         """A session stage's current parameters (all, or those of ``names`` it holds)."""
         return self.trainers[key].weights(names)
 
-    def run(self, call: StageCall, *refs: Any) -> Any:
+    def run(self, call: StageCall | tuple, *refs: Any) -> Any:
         """Run consecutive steps of one job on one stage, in one actor call (see
         :func:`gradserve.server.planning.schedule.calls`): ``call`` says what
-        (:class:`~gradserve.worker.protocol.StageCall`, its steps typed actions),
+        (:class:`~gradserve.worker.protocol.StageCall`, its steps typed actions, or its wire form,
+        :meth:`~gradserve.worker.protocol.StageCall.to_wire`, as the engine sends it),
         ``refs`` are the values that come as ObjectRefs (Ray resolves top-level arguments only).
 
         Returns the results only the driver reads as one object (a tuple, in order), then every
@@ -88,6 +89,8 @@ class StageHost:
         return. A step after a failed step of the same job raises that failure again, so an error
         nobody else reads still reaches the driver through the job's weight step.
         """
+        if not isinstance(call, StageCall):
+            call = StageCall.from_wire(call)
         job_id = call.job_id
         if job_id in self.failed:
             raise self.failed[job_id]
