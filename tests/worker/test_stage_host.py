@@ -104,7 +104,7 @@ def test_the_wire_form_is_msgpack_native_and_round_trips_every_action() -> None:
     to pickling it (~0.2 ms per call); unpacked as msgpack hands it back (lists), it is the same
     call, with arrays of any dtype and shape, an object array kept as an array, and every action."""
     msgpack = pytest.importorskip("msgpack")
-    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.asarray(1.0), np.array([True, False]), BY_REF)
+    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3).T, np.asarray(1.0), np.array([True, False]), BY_REF)
     steps = (
         Forward(0, 2),
         Backward(1, 1, True),
@@ -123,8 +123,9 @@ def test_the_wire_form_is_msgpack_native_and_round_trips_every_action() -> None:
             assert got is None
         else:
             assert got.dtype == sent.dtype and got.shape == sent.shape and np.array_equal(got, sent)
-    objects = StageCall("k", "j", (1, 1), (), ("o",), (np.array(["a", None], dtype=object),), 0)
-    assert isinstance(objects.to_wire()[5][0], np.ndarray)  # left to Ray's pickler, the one dtype bytes cannot carry
+    # Left to Ray's pickler: what a dtype string and bytes cannot carry (objects, a structured dtype's fields).
+    others = (np.array(["a", None], dtype=object), np.zeros(2, dtype=[("a", "<f8"), ("b", "<i4")]))
+    assert all(isinstance(v, np.ndarray) for v in StageCall("k", "j", (1, 1), (), ("o", "s"), others, 0).to_wire()[5])
 
 
 def test_a_call_in_wire_form_runs_like_the_call() -> None:
