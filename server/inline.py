@@ -73,7 +73,11 @@ class InlineEngine:
         report(ProgressEvent("backward", 0, total=2))
         grads = {p: errors[p] if p in errors else np.zeros_like(model.params[p]) for p in job.params}
         inputs = {x: errors[x] if x in errors else np.zeros_like(feeds[x]) for x in job.input_grads}
-        info = {"engine": self.name, "seconds": {"prepare": t1 - t0, "forward": t2 - t1, "backward": t3 - t2}}
+        info = {
+            "engine": self.name,
+            "seconds": {"prepare": t1 - t0, "forward": t2 - t1, "backward": t3 - t2},
+            "unreached": [p for p in job.params if p not in errors],
+        }
         return Result(float(loss.reshape(())), grads, inputs, info)
 
     def session(self, model: Model, optimizer, **options) -> "InlineSession":
@@ -113,8 +117,12 @@ class InlineSession(Session):
         scale = 1.0
         if self.max_norm is not None:
             scale = clip_scale(local_sq_norm(result.grads.values()), self.max_norm)
-        params = {name: self.model.params[name] for name in result.grads}
-        self.groups.step(params, result.grads, self._states, number, lr, scale)
+        # A parameter the loss does not reach is left alone (no decay, no momentum), as torch.optim
+        # leaves one whose .grad is None, and as the Ray engine's trainers do.
+        unreached = set(result.info["unreached"])
+        grads = {name: g for name, g in result.grads.items() if name not in unreached}
+        params = {name: self.model.params[name] for name in grads}
+        self.groups.step(params, grads, self._states, number, lr, scale)
         return result.loss, result.grads, result.info
 
     def _gradients(self, feeds) -> Result:

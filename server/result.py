@@ -13,7 +13,8 @@ class Result:
     """The loss and dL/dw for every parameter (and dL/dx for inputs the caller asked for).
 
     ``info`` carries what the engine wants to report about the run: timings, the plan, which node
-    ran which partition.
+    ran which partition, and ``info["unreached"]``: the parameters the loss does not depend on
+    (their dL/dw is zeros; torch would leave their ``.grad`` None, and an optimizer skips them).
     """
 
     loss: float

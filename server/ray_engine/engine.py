@@ -212,6 +212,7 @@ class RayEngine(Placement):
             "auto": choice.reasons,
             "retries": retries,
             "seconds": {"prepare_and_deploy": t1 - t0, **outcome.seconds},
+            "unreached": [p for p in job.params if p not in outcome.grads],
         }
         return Result(outcome.loss, params, inputs, info)
 

@@ -176,7 +176,17 @@ class RaySession(Session):
                 mine = {n: v for n, v in values.items() if n in self._dep.specs[p].params}
                 if mine:
                     calls.append(actor.set_weights.remote(self._dep.keys[p], mine))
+        held = self._held()
+        for name, value in values.items():
+            if name not in held:
+                np.copyto(self.model.params[name], value)
         ray.get(calls)
+
+    def _held(self) -> set[str]:
+        """The parameters some stage holds. The others, which the loss does not read, stay in the
+        session's own copy of the model: no step changes them, as torch.optim skips a parameter
+        whose .grad is None."""
+        return {name for spec in self._dep.specs for name in spec.params} if self._dep is not None else set()
 
     def _weights(self, names):
         if self._dep is None:
@@ -186,13 +196,14 @@ class RaySession(Session):
         for part in parts:
             for name, value in part.items():
                 out.setdefault(name, value)
-        return {name: out[name] for name in names}
+        return {name: out[name] if name in out else self.model.params[name].copy() for name in names}
 
     def _take_checkpoint(self):
         if self._dep is None:
             start = self._start_states or self.groups.init_state(self.model.params)
             return {n: p.copy() for n, p in self.model.params.items()}, start
-        weights: dict[str, np.ndarray] = {}
+        held = self._held()
+        weights = {n: p.copy() for n, p in self.model.params.items() if n not in held}
         states: dict[str, dict[str, np.ndarray]] = {}
         for part_weights, part_states in ray.get(
             [actor.checkpoint.remote(self._dep.keys[p]) for p, actor in enumerate(self._dep.actors[0])]
