@@ -29,6 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = ROOT / "deploy" / "local-cluster"
 
 
+# Why the Ray benchmarks run tens of untimed jobs per plan before timing any: every Ray process
+# page-faults each page of the object store the first time it writes or maps it, and the store's
+# allocator hands out fresh pages to a new process's objects for its first tens of jobs (an actor
+# returning the 4 x 1024 MLP's 16 MB of dL/dw faulted ~1,500 pages per job over jobs 6-25, ~220 over
+# jobs 21-40, at ~3-5 us a fault on this VM). A server lives for thousands of jobs: time that state.
+WARMUP_WHY = "Ray processes page-fault the object store's pages over their first tens of jobs"
+
+
 def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
     """Median wall time of ``fn`` over ``repeat`` runs after ``warmup`` untimed runs."""
     for _ in range(warmup):

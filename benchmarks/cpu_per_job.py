@@ -26,7 +26,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from common import cpu_model, mlp, mlp_feeds, table
+from common import WARMUP_WHY, cpu_model, mlp, mlp_feeds, table
 
 TICKS = os.sysconf("SC_CLK_TCK")
 RAY_DAEMONS = ("raylet", "gcs_server")
@@ -129,6 +129,12 @@ def main() -> None:
         default=7,
         help="rounds over all plans (medians reported, and the range of the workers ratio)",
     )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=40,
+        help=f"untimed jobs per plan first (default 40): {WARMUP_WHY}",
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=512)
@@ -155,8 +161,9 @@ def main() -> None:
             else (lambda opts=opts: engine.gradients(model, feeds, model_key=key, **opts))
             for name, opts in plans.items()
         }
-        for run in runs.values():  # warm-up: kernels loaded, actors deployed, parameters placed
-            run(), run()
+        for run in runs.values():  # warm-up: kernels loaded, actors deployed, parameters placed,
+            for _ in range(args.warmup):  # and the object store's pages mapped (common.WARMUP_WHY)
+                run()
         for _ in range(args.rounds):
             for name, run in runs.items():
                 by_role, seconds = measure(run, args.jobs)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 import gradserve
-from common import median_seconds, mlp, mlp_feeds, table
+from common import WARMUP_WHY, median_seconds, mlp, mlp_feeds, table
 from gradserve.server.ray_engine import RayEngine
 
 
@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads per Ray worker (default: all cores)")
     parser.add_argument("--skip-deep", action="store_true", help="skip the 8 x 2048 model")
     parser.add_argument(
+        "--warmup", type=int, default=40, help=f"untimed jobs per Ray plan first (default 40): {WARMUP_WHY}"
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=3,
@@ -86,6 +89,9 @@ def main() -> None:
             key = model.fingerprint()
             inline_times: list[float] = []
             ray_times: dict[str, list[float]] = {label: [] for label in PLANS}
+            for plan in PLANS.values():
+                for _ in range(args.warmup):
+                    engine.gradients(model, feeds, **plan, model_key=key)
             for _ in range(args.rounds):  # inline and ray alternate, so drift hits both alike
                 inline_times.append(median_seconds(lambda: inline.gradients(model, feeds), args.repeat))
                 for label, plan in PLANS.items():
