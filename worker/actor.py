@@ -26,7 +26,7 @@ from gradserve.worker import kernels
 from gradserve.worker.ops import blas
 from gradserve.worker.memory import keep_freed_memory
 from gradserve.worker.optim import ParamGroups
-from gradserve.worker.protocol import BY_REF, Backward, Forward, Norm, Reduce, StageCall, Update, Weights
+from gradserve.worker.protocol import BY_REF, FEED_GROUP, Backward, Forward, Norm, Reduce, StageCall, Update, Weights
 from gradserve.worker.stage import Stage, StageSpec
 from gradserve.worker.training import Trainer, sum_parts
 
@@ -114,7 +114,7 @@ class StageHost:
                             out += [None] * len(stage.spec.outputs)
                             continue
                         with _threads(call.threads[0]):
-                            out += stage.forward(job_id, mb, dict(zip(labels, args)))
+                            out += stage.forward(job_id, mb, _inputs(labels, args))
                     case Backward(micro_batch=mb, defer=defer):
                         if cancelled:
                             out += [None] * len(stage.spec.wrt_inputs)
@@ -207,6 +207,17 @@ def _threads(n: int) -> Iterator[None]:
     """A step's budget of threads (set by the engine), for BLAS and the compiled kernels alike."""
     with blas.limit(n), kernels.threads(n):
         yield
+
+
+def _inputs(labels: Sequence[str], args: Sequence[Any]) -> dict[str, Any]:
+    """A forward step's values by name, the feeds of a :data:`FEED_GROUP` value unpacked."""
+    inputs: dict[str, Any] = {}
+    for label, arg in zip(labels, args):
+        if label == FEED_GROUP:
+            inputs.update(arg)
+        else:
+            inputs[label] = arg
+    return inputs
 
 
 def _returns(call: StageCall, out: list) -> Any:

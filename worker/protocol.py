@@ -18,6 +18,9 @@ from typing import Any, Union
 import numpy as np
 
 BY_REF = None  # in StageCall.values: "the next ObjectRef argument of the call"
+FEED_GROUP = (
+    "\x00feeds"  # in StageCall.names: a value holding several feeds, {name: array} (no graph value has this name)
+)
 
 
 @dataclass(frozen=True, slots=True)

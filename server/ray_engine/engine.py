@@ -48,6 +48,7 @@ from gradserve.server.ray_engine.submit import (
     Submitted,
     Training,
     blas_threads,
+    place_feeds,
     submit_replica,
     submit_updates,
 )
@@ -61,8 +62,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from gradserve.server.ray_engine.session import RaySession
 
 log = logging.getLogger(__name__)
-
-_INLINE_BYTES = 100 * 1024  # feeds up to this size travel inside the call (Ray's inline limit)
 
 
 def _counted(method):
@@ -354,11 +353,10 @@ class RayEngine(Placement):
         steps = Submitted()
         try:
             # Large feeds go into the object store before taking the submission lock (other jobs
-            # need not wait for these copies); small ones travel inside the call, as Ray would
-            # put them there anyway (below its 100 KiB inline limit), without a put's round trip.
-            feeds = [
-                {k: v if v.nbytes <= _INLINE_BYTES else ray.put(v) for k, v in chunk.feeds.items()} for chunk in chunks
-            ]
+            # need not wait for these copies), those the same partitions read as one object; small
+            # ones travel inside the call, as Ray would put them there anyway (below its 100 KiB
+            # inline limit), without a put's round trip.
+            feeds = place_feeds(chunks, dep.specs)
             threads = blas_threads(dep.where, m, r, self.threads, dep.others)
             with self._submit:
                 for replica in range(r):

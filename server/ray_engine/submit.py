@@ -28,6 +28,7 @@ from gradserve.server.planning.schedule import (
 )
 from gradserve.worker.protocol import (
     BY_REF,
+    FEED_GROUP,
     Action,
     Backward,
     Forward,
@@ -40,6 +41,40 @@ from gradserve.worker.protocol import (
     Weights,
 )
 from gradserve.worker.stage import StageSpec
+
+
+INLINE_BYTES = 100 * 1024  # feeds up to this size travel inside the call (Ray's inline limit)
+
+
+@dataclass(frozen=True)
+class FeedGroup:
+    """Large feeds of one chunk that the same partitions read, put in the object store together
+    as one ``{name: array}`` object (each array still read zero-copy): one put and one object
+    for the driver and the raylet instead of one per feed."""
+
+    ref: Any  # ray.ObjectRef
+
+
+def place_feeds(chunks, specs: list[StageSpec]) -> list[dict[str, Any]]:
+    """Per chunk, each feed as the calls will carry it: a small one as is (inside the call), a large
+    one as the :class:`FeedGroup` of the feeds the same partitions read. A feed no partition reads
+    is not put at all."""
+    names = chunks[0].feeds if chunks else {}  # every chunk has the same feeds
+    readers = {name: tuple(p for p, spec in enumerate(specs) if name in spec.feeds) for name in names}
+    placed = []
+    for chunk in chunks:
+        out: dict[str, Any] = {}
+        groups: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        for name, value in chunk.feeds.items():
+            if value.nbytes <= INLINE_BYTES:
+                out[name] = value
+            elif readers[name]:
+                groups.setdefault(readers[name], {})[name] = value
+        for members in groups.values():
+            group = FeedGroup(ray.put(members))
+            out.update(dict.fromkeys(members, group))
+        placed.append(out)
+    return placed
 
 
 @dataclass
@@ -195,8 +230,15 @@ def submit_replica(
             c = first + step.micro_batch
             start = len(names)
             if step.phase == FORWARD:
+                sent: set[FeedGroup] = set()
                 for f in spec.feeds:
-                    take(f, feed_refs[c][f])
+                    value = feed_refs[c][f]
+                    if isinstance(value, FeedGroup):  # the group's feeds, once
+                        if value not in sent:
+                            sent.add(value)
+                            take(FEED_GROUP, value.ref)
+                    else:
+                        take(f, value)
                 for v in spec.inputs:
                     take(v, acts[c][v])
                 program.append(Forward(c, len(names) - start))

@@ -34,13 +34,13 @@ def _mlp() -> tuple[gradserve.Model, dict[str, np.ndarray]]:
     return model, feeds
 
 
-def _created_bytes() -> int:
-    """Bytes ever created in the object stores of the cluster's alive nodes."""
+def _created(what: str = "bytes") -> int:
+    """Bytes (or objects) ever created in the object stores of the cluster's alive nodes."""
     import ray
     from ray._private.internal_api import node_stats  # the raylet's own store counters
 
     return sum(
-        node_stats(n["NodeManagerAddress"], n["NodeManagerPort"]).store_stats.cumulative_created_bytes
+        getattr(node_stats(n["NodeManagerAddress"], n["NodeManagerPort"]).store_stats, f"cumulative_created_{what}")
         for n in ray.nodes()
         if n["Alive"]
     )
@@ -55,9 +55,9 @@ def test_a_job_moves_no_byte_beyond_the_minimum(ray_engine, k, m, r):
     plan = ray_engine.plan(model, feeds, partitions=k)
     assert len(plan.partitions) == k
 
-    before = _created_bytes()
+    before = _created()
     result = ray_engine.gradients(model, feeds, **options)
-    moved = _created_bytes() - before
+    moved = _created() - before
 
     feed_bytes = sum(v.nbytes for v in feeds.values())
     # each boundary activation once, and an error back from each stage that reads it (the plan's
@@ -70,3 +70,25 @@ def test_a_job_moves_no_byte_beyond_the_minimum(ray_engine, k, m, r):
         f"(feeds {feed_bytes}, boundaries {boundary_bytes}, dL/dw {grad_bytes})"
     )
     assert result.info["partitions"] == k and result.info["micro_batches"] == m and result.info["replicas"] == r
+
+
+def test_large_feeds_that_the_same_stage_reads_travel_as_one_object(ray_engine):
+    """K=1: x and y (512 KiB each) go to the one stage in one put; the other object the job
+    creates is the stage's result (loss and dL/dw, packed). An input the loss does not read is not
+    put at all."""
+    rng = np.random.default_rng(1)
+    m = gradserve.ModelBuilder()
+    x, y, side = (m.input(name, (None, WIDTH)) for name in ("x", "y", "side"))
+    w = m.param("w", (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32))
+    _dead_branch = m.tanh(side @ w)
+    model = m.loss(m.mse(m.tanh(x @ w), y))
+    feeds = {name: rng.standard_normal((BATCH, WIDTH)).astype(np.float32) for name in ("x", "y", "side")}
+    options = dict(model_key=model.fingerprint(), partitions=1, micro_batches=1, replicas=1)
+    ray_engine.gradients(model, feeds, **options)  # placed, deployed, loaded
+    objects, moved = _created("objects"), _created()
+    result = ray_engine.gradients(model, feeds, **options)
+    assert _created("objects") - objects == 2
+    assert _created() - moved <= feeds["x"].nbytes + feeds["y"].nbytes + model.params["w"].nbytes + SLACK
+    reference = gradserve.local().gradients(model, feeds)
+    np.testing.assert_allclose(result.grads["w"], reference.grads["w"], rtol=1e-5, atol=1e-7)
+    assert np.isclose(result.loss, reference.loss, rtol=1e-6)

@@ -9,7 +9,7 @@ import pytest
 import gradserve
 from gradserve.server.planning.partition import plan_model
 from gradserve.worker.actor import StageHost
-from gradserve.worker.protocol import BY_REF, Backward, Forward, Norm, Reduce, StageCall, Update, Weights
+from gradserve.worker.protocol import BY_REF, FEED_GROUP, Backward, Forward, Norm, Reduce, StageCall, Update, Weights
 from gradserve.worker.graph import GraphError
 from gradserve.worker.stage import StageSpec
 
@@ -133,4 +133,17 @@ def test_a_call_in_wire_form_runs_like_the_call() -> None:
     x = np.random.default_rng(2).standard_normal((4, 3))
     loss, (grads, _) = host.run(_whole_job("j", x, spec).to_wire())
     expected_loss, (expected, _) = host.run(_whole_job("k", x, spec))
+    assert loss == expected_loss and np.array_equal(grads["w"], expected["w"])
+
+
+def test_a_feed_group_value_is_unpacked_into_its_feeds() -> None:
+    """Large feeds the same stage reads arrive as one {name: array} value named FEED_GROUP."""
+    host, _, spec = _host()
+    x = np.random.default_rng(3).standard_normal((4, 3))
+    call = _whole_job("j", x, spec)
+    grouped = StageCall(
+        "s", "k", (1, 1), call.steps, (FEED_GROUP, spec.outputs[0]), (BY_REF, np.asarray(1.0)), 2, (0, 1)
+    )
+    loss, (grads, _) = host.run(grouped, {"x": x})
+    expected_loss, (expected, _) = host.run(call)
     assert loss == expected_loss and np.array_equal(grads["w"], expected["w"])
