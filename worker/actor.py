@@ -210,7 +210,8 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def _inputs(labels: Sequence[str], args: Sequence[Any]) -> dict[str, Any]:
-    """A forward step's values by name, the feeds of a :data:`FEED_GROUP` value unpacked."""
+    """A forward step's values by name, the feeds of a :data:`FEED_GROUP` value unpacked (a group
+    holds the feeds read on one set of nodes: the stage ignores those it does not read)."""
     inputs: dict[str, Any] = {}
     for label, arg in zip(labels, args):
         if label == FEED_GROUP:

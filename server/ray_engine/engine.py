@@ -353,10 +353,10 @@ class RayEngine(Placement):
         steps = Submitted()
         try:
             # Large feeds go into the object store before taking the submission lock (other jobs
-            # need not wait for these copies), those the same partitions read as one object; small
+            # need not wait for these copies), those read on the same nodes as one object; small
             # ones travel inside the call, as Ray would put them there anyway (below its 100 KiB
             # inline limit), without a put's round trip.
-            feeds = place_feeds(chunks, dep.specs)
+            feeds = place_feeds(chunks, dep, m)
             threads = blas_threads(dep.where, m, r, self.threads, dep.others)
             with self._submit:
                 for replica in range(r):

@@ -48,28 +48,29 @@ INLINE_BYTES = 100 * 1024  # feeds up to this size travel inside the call (Ray's
 
 @dataclass(frozen=True)
 class FeedGroup:
-    """Large feeds of one chunk that the same partitions read, put in the object store together
-    as one ``{name: array}`` object (each array still read zero-copy): one put and one object
-    for the driver and the raylet instead of one per feed."""
+    """Large feeds of one chunk that are read on the same nodes, put in the object store together as
+    one ``{name: array}`` object (each array still read zero-copy): one put and one object for the
+    driver and the raylets instead of one per feed, and no node pulls a feed it does not read."""
 
     ref: Any  # ray.ObjectRef
 
 
-def place_feeds(chunks, specs: list[StageSpec]) -> list[dict[str, Any]]:
-    """Per chunk, each feed as the calls will carry it: a small one as is (inside the call), a large
-    one as the :class:`FeedGroup` of the feeds the same partitions read. A feed no partition reads
-    is not put at all."""
+def place_feeds(chunks, dep: "Deployment", m: int) -> list[dict[str, Any]]:
+    """Per chunk (replica-major, ``m`` per replica), each feed as the calls will carry it: a small
+    one as is (inside the call), a large one as the :class:`FeedGroup` of the feeds read on the
+    same nodes (by the chunk's replica). A feed no partition reads is not put at all."""
     names = chunks[0].feeds if chunks else {}  # every chunk has the same feeds
-    readers = {name: tuple(p for p, spec in enumerate(specs) if name in spec.feeds) for name in names}
+    readers = {name: [p for p, spec in enumerate(dep.specs) if name in spec.feeds] for name in names}
     placed = []
-    for chunk in chunks:
+    for c, chunk in enumerate(chunks):
+        where = dep.where[c // m]
         out: dict[str, Any] = {}
-        groups: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        groups: dict[frozenset[str], dict[str, np.ndarray]] = {}
         for name, value in chunk.feeds.items():
             if value.nbytes <= INLINE_BYTES:
                 out[name] = value
             elif readers[name]:
-                groups.setdefault(readers[name], {})[name] = value
+                groups.setdefault(frozenset(where[p]["node_id"] for p in readers[name]), {})[name] = value
         for members in groups.values():
             group = FeedGroup(ray.put(members))
             out.update(dict.fromkeys(members, group))

@@ -72,10 +72,12 @@ def test_a_job_moves_no_byte_beyond_the_minimum(ray_engine, k, m, r):
     assert result.info["partitions"] == k and result.info["micro_batches"] == m and result.info["replicas"] == r
 
 
-def test_large_feeds_that_the_same_stage_reads_travel_as_one_object(ray_engine):
-    """K=1: x and y (512 KiB each) go to the one stage in one put; the other object the job
-    creates is the stage's result (loss and dL/dw, packed). An input the loss does not read is not
-    put at all."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_large_feeds_read_on_one_node_travel_as_one_object(ray_engine, k):
+    """x and y (512 KiB each) are read on one node (K=1: by the one stage; K=2 here: x by the first,
+    y by the second, both on this one-node Ray): one put. An input the loss does not read is not
+    put at all. The other objects: the result holding dL/dw of w (256 KiB); K=2's boundary value
+    and its error (the second stage holds no parameter: its small result travels inline)."""
     rng = np.random.default_rng(1)
     m = gradserve.ModelBuilder()
     x, y, side = (m.input(name, (None, WIDTH)) for name in ("x", "y", "side"))
@@ -83,12 +85,14 @@ def test_large_feeds_that_the_same_stage_reads_travel_as_one_object(ray_engine):
     _dead_branch = m.tanh(side @ w)
     model = m.loss(m.mse(m.tanh(x @ w), y))
     feeds = {name: rng.standard_normal((BATCH, WIDTH)).astype(np.float32) for name in ("x", "y", "side")}
-    options = dict(model_key=model.fingerprint(), partitions=1, micro_batches=1, replicas=1)
+    options = dict(model_key=model.fingerprint(), partitions=k, micro_batches=1, replicas=1)
     ray_engine.gradients(model, feeds, **options)  # placed, deployed, loaded
     objects, moved = _created("objects"), _created()
     result = ray_engine.gradients(model, feeds, **options)
-    assert _created("objects") - objects == 2
-    assert _created() - moved <= feeds["x"].nbytes + feeds["y"].nbytes + model.params["w"].nbytes + SLACK
+    assert result.info["partitions"] == k
+    boundary = 2 * BATCH * WIDTH * 4 * (k - 1)  # K=2: the activation at the cut and its error
+    assert _created("objects") - objects == {1: 2, 2: 4}[k]  # a put per feed, side too: 4 and 6
+    assert _created() - moved <= feeds["x"].nbytes + feeds["y"].nbytes + boundary + model.params["w"].nbytes + SLACK
     reference = gradserve.local().gradients(model, feeds)
     np.testing.assert_allclose(result.grads["w"], reference.grads["w"], rtol=1e-5, atol=1e-7)
     assert np.isclose(result.loss, reference.loss, rtol=1e-6)
