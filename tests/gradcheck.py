@@ -154,6 +154,13 @@ def assert_same_result(result, reference, rtol: float = 1e-10) -> None:
         assert np.abs(result.grads[name] - want).max() <= rtol * scale, name
 
 
+def assert_close(got: dict, want: dict, rtol=1e-9) -> None:
+    """Two dicts of arrays (weights, gradients) have the same names and agree to ``rtol``."""
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=1e-12, err_msg=name)
+
+
 def split_inline(model, feeds, parts):
     """Micro-batching without Ray: the loss and dL/dw of the chunks ``split_batch`` makes, each run
     inline on ``split.model`` and weighted."""
