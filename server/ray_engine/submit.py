@@ -55,10 +55,11 @@ class FeedGroup:
     ref: Any  # ray.ObjectRef
 
 
-def place_feeds(chunks, dep: "Deployment", m: int) -> list[dict[str, Any]]:
+def place_feeds(chunks, dep: "Deployment", m: int, put=ray.put) -> list[dict[str, Any]]:
     """Per chunk (replica-major, ``m`` per replica), each feed as the calls will carry it: a small
     one as is (inside the call), a large one as the :class:`FeedGroup` of the feeds read on the
-    same nodes (by the chunk's replica). A feed no partition reads is not put at all."""
+    same nodes (by the chunk's replica), ``put`` in the object store. A feed no partition reads is
+    not put at all."""
     names = chunks[0].feeds if chunks else {}  # every chunk has the same feeds
     readers = {name: [p for p, spec in enumerate(dep.specs) if name in spec.feeds] for name in names}
     placed = []
@@ -72,7 +73,7 @@ def place_feeds(chunks, dep: "Deployment", m: int) -> list[dict[str, Any]]:
             elif readers[name]:
                 groups.setdefault(frozenset(where[p]["node_id"] for p in readers[name]), {})[name] = value
         for members in groups.values():
-            group = FeedGroup(ray.put(members))
+            group = FeedGroup(put(members))
             out.update(dict.fromkeys(members, group))
         placed.append(out)
     return placed
