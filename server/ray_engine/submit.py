@@ -1,7 +1,8 @@
 """Submitting one job's actor calls: its plan's stages as loaded on actors (:class:`PlanEntry`,
 :class:`Deployment`), each replica's calls built from the schedule and sent
 (:func:`submit_replica`), the references they produce (:class:`Submitted`), what a run fetched
-(:class:`RunOutcome`), and how many BLAS threads each step gets (:func:`blas_threads`). The engine
+(:class:`RunOutcome`), how the feeds go to the object store (:func:`place_feeds`) and how many
+BLAS threads each step gets (:func:`blas_threads`). The engine
 (:mod:`.engine`) decides what runs where; this module turns one placed job into Ray calls, typed end
 to end (:mod:`gradserve.worker.protocol`)."""
 
