@@ -125,9 +125,10 @@ class RayEngine(Placement):
         self._choices: "OrderedDict[tuple, Choice]" = OrderedDict()  # see choose
         self._inflight = 0  # gradients() calls in progress: the load auto sees (guarded by _lock)
         self._costs: tuple[Costs, float] = (Costs(), -math.inf)  # measured costs, when (see _cluster_costs)
-        # stage key -> {id(actor): (actor, ref of its load call)}: which actors hold which stage
-        # (a load in flight counts: a second job waits on the same call instead of loading again)
-        self._hosts: dict[str, dict[int, tuple[Any, ray.ObjectRef]]] = {}
+        # stage key -> {id(actor): (actor, ref of its load call, None once a job saw it done)}: which
+        # actors hold which stage (a load in flight counts: a second job waits on the same call
+        # instead of loading again)
+        self._hosts: dict[str, dict[int, tuple[Any, ray.ObjectRef | None]]] = {}
         self._busy: Counter[int] = Counter()  # id(actor) -> slots of running jobs on it
         self._max = max_deployments
         self._capacity = (1, -NODES_TTL)  # (capacity(), when it was read)
