@@ -268,9 +268,9 @@ class Placement:
         if loads:
             with self._lock:  # known loaded: later jobs do not wait on these calls again (~50 us a job)
                 for stage_key, actor_id, ref in loads:
-                    held = self._hosts.get(stage_key, {}).get(actor_id)
-                    if held is not None and held[1] == ref:
-                        self._hosts[stage_key][actor_id] = (held[0], None)
+                    host = self._hosts.get(stage_key, {}).get(actor_id)
+                    if host is not None and host[1] == ref:
+                        self._hosts[stage_key][actor_id] = (host[0], None)
         log.debug(
             "model %s: %d partitions x %d replicas on nodes %s",
             fingerprint[:12],
