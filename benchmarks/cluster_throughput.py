@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import Cluster, mlp, mlp_feeds, table
+from common import Cluster, mlp, mlp_feeds, proc_cpu_seconds, table
 
 WIDTH, LAYERS, BATCH = 512, 4, 1024  # --model mlp
 IMAGES, CHANNELS = 64, (3, 32, 64, 64)  # --model cnn: batch, channels per conv layer
@@ -140,16 +140,15 @@ _KINDS = (
 def cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far by each kind of process on this machine (Linux /proc; the rest,
     other users of the machine included, is "other")."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds = proc_cpu_seconds(Path(f"/proc/{pid}/stat"))
         except OSError:
             continue  # gone meanwhile
         kind = next((name for key, name in _KINDS if key in cmd), "other")
-        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[kind] = out.get(kind, 0.0) + seconds
     return out
 
 

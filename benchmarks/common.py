@@ -37,6 +37,12 @@ LOCAL_CLUSTER = ROOT / "deploy" / "local-cluster"
 WARMUP_WHY = "Ray processes page-fault the object store's pages over their first tens of jobs"
 
 
+def proc_cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds from a ``/proc/PID/stat`` (or ``/proc/PID/task/TID/stat``) file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
     """Median wall time of ``fn`` over ``repeat`` runs after ``warmup`` untimed runs."""
     for _ in range(warmup):

@@ -26,9 +26,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from common import WARMUP_WHY, cpu_model, mlp, mlp_feeds, table
+from common import WARMUP_WHY, cpu_model, mlp, mlp_feeds, proc_cpu_seconds, table
 
-TICKS = os.sysconf("SC_CLK_TCK")
 RAY_DAEMONS = ("raylet", "gcs_server")
 SETTLE_SECONDS = 0.5
 
@@ -51,11 +50,6 @@ def role(pid: int, me: int) -> str | None:
     return None
 
 
-def _cpu_seconds(stat: Path) -> float:
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
-
-
 def cpu_by_role() -> dict:
     """CPU-seconds (user + system) every process has used so far, summed by :func:`role`; and for
     the workers' and the driver's processes, by thread: ``(role, pid, tid, name) -> seconds``."""
@@ -68,11 +62,11 @@ def cpu_by_role() -> dict:
         if which is None:
             continue
         try:
-            out[which] += _cpu_seconds(Path(f"/proc/{pid}/stat"))
+            out[which] += proc_cpu_seconds(Path(f"/proc/{pid}/stat"))
             if which in ("workers", "driver"):
                 for task in Path(f"/proc/{pid}/task").iterdir():
                     name = (task / "comm").read_text().strip()
-                    out[(which, pid, int(task.name), name)] += _cpu_seconds(task / "stat")
+                    out[(which, pid, int(task.name), name)] += proc_cpu_seconds(task / "stat")
         except OSError:
             continue  # gone meanwhile
     return out

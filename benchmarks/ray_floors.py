@@ -30,12 +30,11 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from common import cpu_model, table
+from common import cpu_model, proc_cpu_seconds, table
 from gradserve.client.demo import seed_example
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.ray_engine.engine import RayEngine
 
-TICKS = os.sysconf("SC_CLK_TCK")
 IDLE_SECONDS = 2.0
 
 
@@ -48,11 +47,6 @@ class Echo:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def main() -> None:
@@ -117,9 +111,9 @@ def main() -> None:
             ray.get(graph.execute(x))
             compiled.append(time.perf_counter() - t)
         pids = [ray.get(actor.pid.remote()) for actor in (a, b)]
-        before = [cpu_seconds(pid) for pid in pids]
+        before = [proc_cpu_seconds(Path(f"/proc/{pid}/stat")) for pid in pids]
         time.sleep(IDLE_SECONDS)
-        idle = [(cpu_seconds(pid) - b0) / IDLE_SECONDS for pid, b0 in zip(pids, before)]
+        idle = [(proc_cpu_seconds(Path(f"/proc/{pid}/stat")) - b0) / IDLE_SECONDS for pid, b0 in zip(pids, before)]
     finally:
         graph.teardown()
     engine.close()
