@@ -6,6 +6,11 @@ top-level arguments, so Ray resolves them worker to worker through the object st
 read-only on one node); the driver passes references and never touches the tensors. Outputs are
 returned as separate objects (``num_returns``) so each consumer fetches only the values it reads.
 
+A tiny job's stages call each other instead (:class:`~gradserve.worker.protocol.Relay`): the first
+stage's call makes the next stage's call and waits for it inside its own, so the job is one call
+from the driver plus one hop per further stage; such a call waits only for an actor later in the
+pool's order, so no two calls ever wait for each other.
+
 Steps run one at a time in submission order. :meth:`StageHost.cancel` runs in a separate
 concurrency group, so it takes effect at once: the job's queued steps then return placeholders
 instead of computing (Ray's own task cancellation would break the actor's in-order queue).
@@ -26,12 +31,29 @@ from gradserve.worker import kernels
 from gradserve.worker.ops import blas
 from gradserve.worker.memory import keep_freed_memory
 from gradserve.worker.optim import ParamGroups
-from gradserve.worker.protocol import BY_REF, FEED_GROUP, Backward, Forward, Norm, Reduce, StageCall, Update, Weights
+from gradserve.worker.protocol import (
+    BY_REF,
+    FEED_GROUP,
+    FROM_PEER,
+    Backward,
+    Forward,
+    Norm,
+    Reduce,
+    Relay,
+    StageCall,
+    Update,
+    Weights,
+)
 from gradserve.worker.stage import Stage, StageSpec
 from gradserve.worker.training import Trainer, sum_parts
 
 
 _ENDED_KEPT = 1024  # aborted job ids remembered per actor
+
+
+class PeerLost(RuntimeError):
+    """The actor a :class:`~gradserve.worker.protocol.Relay` calls has died and its name is gone
+    (a call to a dead actor already looked up fails with Ray's own ActorDiedError instead)."""
 
 
 class StageHost:
@@ -44,6 +66,7 @@ class StageHost:
         self.ended: OrderedDict[str, None] = OrderedDict()  # jobs aborted here lately: their late steps are no-ops
         self.kept: dict[tuple[str, str], tuple[dict, dict]] = {}  # (job, stage key) -> dL/dw awaiting a reduce
         self.trainers: dict[str, Trainer] = {}  # stage key -> its optimizer, for a training session's stages
+        self.peers: dict[str, Any] = {}  # pool actor name -> its handle, for relays
         keep_freed_memory()
         kernels.warm_up()  # compiled kernels loaded (or compiled, once per machine) before any job
         blas.backend()  # and the BLAS library chosen and loaded
@@ -132,6 +155,14 @@ class StageHost:
                             self.kept[job_id, call.key] = (grads, by_replica)
                         else:
                             out.append((grads, by_replica))
+                    case Relay(peer=peer, call=inner, sends=sends, errors=errors, gives=gives):
+                        if cancelled:
+                            given: Sequence[Any] = [None] * gives
+                        else:  # waits here: the peer is later in the pool's order (module docs)
+                            given = ray.get(self._peer(peer).run.remote(inner, *(out[i] for i in sends)))
+                        back = iter([given[i] for i in errors])
+                        values = [next(back) if _from_peer(v) else v for v in values]
+                        out += [g for i, g in enumerate(given) if i not in errors]
                     case Reduce():  # other replicas' results summed into the kept one
                         grads, by_replica = self.kept.pop((job_id, call.key), ({}, {}))
                         if not cancelled:
@@ -158,6 +189,15 @@ class StageHost:
             self.failed[job_id] = exc
             raise
         return _returns(call, out)
+
+    def _peer(self, name: str) -> Any:
+        """The pool actor called ``name`` (looked up once)."""
+        if name not in self.peers:
+            try:
+                self.peers[name] = ray.get_actor(name)
+            except ValueError as exc:  # Ray frees a dead actor's name: the worker was lost
+                raise PeerLost(f"stage actor {name} is gone: {exc}") from None
+        return self.peers[name]
 
     def _session_grads(self, job_id: str, key: str, parts: list) -> dict[str, np.ndarray]:
         """A session step's dL/dw for stage ``key``: the kept one, or ``parts`` (weight results)
@@ -221,10 +261,15 @@ def _inputs(labels: Sequence[str], args: Sequence[Any]) -> dict[str, Any]:
     return inputs
 
 
+def _from_peer(value: Any) -> bool:
+    return isinstance(value, str) and value == FROM_PEER
+
+
 def _returns(call: StageCall, out: list) -> Any:
-    """The call's results as Ray returns them: the driver's in one tuple first, then the others."""
-    driver = set(call.to_driver)
-    returns = ([tuple(out[i] for i in call.to_driver)] if driver else []) + [
+    """The call's results as Ray returns them: the caller's in one tuple first, then the others
+    (but those a relay sent on)."""
+    driver = set(call.to_driver) | call.sent
+    returns = ([tuple(out[i] for i in call.to_driver)] if call.to_driver else []) + [
         v for i, v in enumerate(out) if i not in driver
     ]
     if not returns:

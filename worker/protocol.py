@@ -1,10 +1,10 @@
 """What the engine asks of a stage actor, typed from the schedule to the actor and back.
 
 One actor call (:class:`StageCall`) runs consecutive steps of one job on one stage. Each step is an
-action -- :class:`Forward`, :class:`Backward`, :class:`Weights` or :class:`Reduce`, and in training
-sessions :class:`Norm` and :class:`Update` -- that reads the
-next ``reads`` of the call's values and gives results in a fixed order; :class:`Output` says what
-each result is and who reads it. No Ray here: the protocol is plain data, so the engine, the actor
+action -- :class:`Forward`, :class:`Backward`, :class:`Weights` or :class:`Reduce`, in training
+sessions :class:`Norm` and :class:`Update`, and in a tiny job's nested calls :class:`Relay` -- that
+reads the next ``reads`` of the call's values and gives results in a fixed order; :class:`Output`
+says what each result is and who reads it. No Ray here: the protocol is plain data, so the engine, the actor
 and their tests share it without a cluster.
 """
 
@@ -18,6 +18,7 @@ from typing import Any, Union
 import numpy as np
 
 BY_REF = None  # in StageCall.values: "the next ObjectRef argument of the call"
+FROM_PEER = "\x00peer"  # in StageCall.values: "the next error a Relay brought back" (no value is a bare str)
 FEED_GROUP = (
     "\x00feeds"  # in StageCall.names: a value holding several feeds, {name: array} (no graph value has this name)
 )
@@ -93,7 +94,30 @@ class Update:
     grads: bool
 
 
-Action = Union[Forward, Backward, Weights, Reduce, Norm, Update]
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """The next stage's whole call, made from this one and waited for (a tiny job's nested calls,
+    see :mod:`gradserve.server.ray_engine.nested`): ``call`` (in wire form) runs on the pool actor
+    named ``peer``, its :data:`BY_REF` values being this call's results at ``sends`` (which then
+    leave this call's results). It answers with its ``gives`` results in one tuple: those at
+    ``errors`` fill this call's :data:`FROM_PEER` values, in order (what the Backward after it
+    reads), the others are this step's results (the loss, the peer's dL/dw, passed on up).
+
+    The caller waits inside its own call, so a peer must come later in one order of the actors
+    that every relay follows: then no two calls can wait for each other."""
+
+    peer: str
+    call: tuple
+    sends: tuple[int, ...]
+    errors: tuple[int, ...]
+    gives: int
+
+    @property
+    def reads(self) -> int:
+        return 0
+
+
+Action = Union[Forward, Backward, Weights, Reduce, Norm, Update, Relay]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +125,11 @@ class StageCall:
     """What one actor call runs: consecutive ``steps`` of one job on the stage ``key``. Everything
     but the ObjectRefs travels in this one argument (Ray serialises every argument on its own).
 
-    ``values``: one per name, in order: a value carried here (small feeds, loss seeds) or
-    :data:`BY_REF`. ``threads``: BLAS threads for (forward/backward steps, the weight step).
-    ``results``: how many results the steps give (placeholders stand in for a skipped call);
-    ``to_driver``: positions of the results only the driver reads, returned together.
+    ``values``: one per name, in order: a value carried here (small feeds, loss seeds),
+    :data:`BY_REF` or :data:`FROM_PEER`. ``threads``: BLAS threads for (forward/backward steps, the
+    weight step). ``results``: how many results the steps give, those a :class:`Relay` sends
+    included (placeholders stand in for a skipped call); ``to_driver``: positions of the results
+    only the caller reads, returned together (the others, but those sent, are objects of their own).
     """
 
     key: str
@@ -115,6 +140,11 @@ class StageCall:
     values: tuple
     results: int
     to_driver: tuple[int, ...] = ()
+
+    @property
+    def sent(self) -> set[int]:
+        """Positions of the results that this call's relays hand to their peers (not returned)."""
+        return {i for step in self.steps if isinstance(step, Relay) for i in step.sends}
 
     def to_wire(self) -> tuple:
         """This call as msgpack-native data (tuples, strings, numbers, bytes), which is what the
@@ -133,7 +163,7 @@ class StageCall:
             key,
             job_id,
             tuple(threads),
-            tuple(_ACTIONS[name](*fields) for name, *fields in steps),
+            tuple(_ACTIONS[name](*(_tuple(f) for f in fields)) for name, *fields in steps),
             tuple(names),
             tuple(_array_from_wire(v) for v in values),
             results,
@@ -141,7 +171,13 @@ class StageCall:
         )
 
 
-_ACTIONS: dict[str, type] = {cls.__name__: cls for cls in (Forward, Backward, Weights, Reduce, Norm, Update)}
+_ACTIONS: dict[str, type] = {cls.__name__: cls for cls in (Forward, Backward, Weights, Reduce, Norm, Update, Relay)}
+
+
+def _tuple(field: Any) -> Any:
+    """An action's field as sent: msgpack hands tuples back as lists (a relayed call's nested
+    fields stay as they came: only the peer reads them, with :meth:`StageCall.from_wire`)."""
+    return tuple(field) if isinstance(field, list) else field
 
 
 def _array_to_wire(value: Any) -> Any:

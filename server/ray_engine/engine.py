@@ -39,6 +39,7 @@ from gradserve.server.planning.timing import Costs
 from gradserve.server.ray_engine import costs as costs_module
 from gradserve.server.ray_engine.connect import connect
 from gradserve.server.ray_engine.failed_runs import abort, next_retry, unwrap
+from gradserve.server.ray_engine.nested import nestable, submit_nested
 from gradserve.server.ray_engine.placement import Placement, PlacedParams
 from gradserve.server.ray_engine.pool import NODES_TTL, WorkerPool, cpu_nodes
 from gradserve.server.ray_engine.submit import (
@@ -211,6 +212,7 @@ class RayEngine(Placement):
             "placement": deployment.where,
             "auto": choice.reasons,
             "retries": retries,
+            "nested": outcome.nested,
             "seconds": {"prepare_and_deploy": t1 - t0, **outcome.seconds},
             "unreached": [p for p in job.params if p not in outcome.grads],
         }
@@ -359,8 +361,11 @@ class RayEngine(Placement):
             # inline limit), without a put's round trip.
             feeds = place_feeds(chunks, dep, m)
             threads = blas_threads(dep.where, m, r, self.threads, dep.others)
+            nested = nestable(dep, job.loss, feeds[0], m, r, training)
             with self._submit:
-                for replica in range(r):
+                if nested:  # a tiny job: one call, in which each stage calls the next
+                    submit_nested(steps, job_id, dep, job.loss, np.asarray(chunks[0].weight), feeds[0], threads)
+                for replica in range(r if not nested else 0):
                     submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, r, threads, training)
                 if training is not None and max_norm is None:  # each update right after its dL/dw
                     submit_updates(steps, job_id, dep, r, threads, training, 1.0)
@@ -405,6 +410,7 @@ class RayEngine(Placement):
                 "stage_compute": [sum(s.values()) for s in phases],  # per (replica, partition): seconds inside ops
                 "stage_phases": phases,  # the same, split into forward / backward / weights
             },
+            nested,
         )
 
     def _watch(self, markers: dict, report, cancelled: threading.Event | None) -> None:

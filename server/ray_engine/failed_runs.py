@@ -67,11 +67,10 @@ def next_retry(
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """The user-facing error inside a Ray task error (a GraphError naming the node, usually)."""
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = exc.cause
-        if isinstance(cause, BaseException):
-            return cause
+    """The user-facing error inside a Ray task error (a GraphError naming the node, usually),
+    through every task it went through (a nested call's error reaches the driver wrapped twice)."""
+    while isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
     return exc
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any, Sequence
 
 import ray
@@ -33,8 +34,10 @@ def cpu_nodes() -> list[dict]:
 
 class WorkerPool:
     """Stage actors started on the nodes the scheduler picks; ``where[i]`` says where
-    ``actors[i]`` runs (node id, ip, cpus, pid, the memory it reserved); ``started`` counts the
-    actors ever started. Not thread-safe: the engine calls it under its lock."""
+    ``actors[i]`` runs (node id, ip, cpus, pid, the memory it reserved) and what it is called: a
+    unique ``name``, by which actors find each other for relays, and ``seq``, its place in the
+    order of starting, which relays follow (:class:`~gradserve.worker.protocol.Relay`);
+    ``started`` counts the actors ever started. Not thread-safe: the engine calls it under its lock."""
 
     def __init__(self) -> None:
         self.actors: list[Any] = []
@@ -65,7 +68,7 @@ class WorkerPool:
             return []
         memory = list(memory) if memory is not None else [0] * len(node_ids)
         known = {n["NodeID"]: n for n in self._nodes}
-        new = []
+        new, names = [], []
         for node_id, reserve in zip(node_ids, memory):
             node = known.get(node_id)
             # BLAS threads: the CPUs Ray gives that node (a pod's limit on Kubernetes, not the
@@ -82,11 +85,15 @@ class WorkerPool:
             }
             strategy = NodeAffinitySchedulingStrategy(node_id, soft=True) if node else "DEFAULT"
             options = {"memory": int(reserve)} if reserve else {}
-            new.append(StageActor.options(scheduling_strategy=strategy, runtime_env=env, **options).remote())
+            names.append(f"gradserve-stage-{uuid.uuid4().hex}")
+            new.append(
+                StageActor.options(name=names[-1], scheduling_strategy=strategy, runtime_env=env, **options).remote()
+            )
         address = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in self._nodes}
         cpus = {n["NodeID"]: int(n["Resources"]["CPU"]) for n in self._nodes}
-        for where, reserve in zip(self._started(new), memory):
+        for i, (where, reserve, name) in enumerate(zip(self._started(new), memory, names)):
             where["ip"] = address.get(where["node_id"], where["ip"])  # the address Ray knows the node by
+            where["name"], where["seq"] = name, self.started + i
             where["cpus"] = cpus.get(where["node_id"], os.cpu_count() or 1)
             where["memory"] = int(reserve)
             self.where.append(where)

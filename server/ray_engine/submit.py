@@ -151,6 +151,7 @@ class RunOutcome:
     grads: dict[str, np.ndarray]  # dL/dw of the parameters that have one, summed over partitions
     input_grads: dict[tuple[int, str], np.ndarray | None]  # (chunk, input) -> its dL/dx
     seconds: dict[str, Any]  # submit, run, fetch, and per (replica, partition) stage compute
+    nested: bool = False  # ran as one nested call (a tiny job, :mod:`.nested`), not the driver's calls
 
 
 def defer_weights(where: list[list[dict]], m: int, r: int) -> bool:

@@ -7,7 +7,9 @@ while Ray cannot tell yet), a call that read one of its results fails with a
 :class:`~ray.exceptions.RayTaskError` whose cause is that error, a result stored on a node that went
 away is an :class:`~ray.exceptions.ObjectLostError` (:class:`~ray.exceptions.OwnerDiedError`,
 :class:`~ray.exceptions.ObjectReconstructionFailedError`, ...), and a worker or node that crashed
-gives :class:`~ray.exceptions.WorkerCrashedError` or :class:`~ray.exceptions.NodeDiedError`.
+gives :class:`~ray.exceptions.WorkerCrashedError` or :class:`~ray.exceptions.NodeDiedError`; a
+stage that calls another (a tiny job's nested calls) whose name Ray has already freed raises
+:class:`~gradserve.worker.actor.PeerLost`.
 Every one of them means the same for a job: its steps are pure functions of their inputs, so it can
 run again, from the start, on workers that are alive.
 
@@ -30,10 +32,11 @@ from typing import Iterator
 from ray import exceptions as rx
 
 from gradserve.server.errors import WorkerLost, WorkersCannotStart
+from gradserve.worker.actor import PeerLost
 
 __all__ = ["is_worker_loss", "start_failure"]
 
-_LOSSES = (rx.RayActorError, rx.ObjectLostError, rx.WorkerCrashedError, rx.NodeDiedError, WorkerLost)
+_LOSSES = (rx.RayActorError, rx.ObjectLostError, rx.WorkerCrashedError, rx.NodeDiedError, WorkerLost, PeerLost)
 _NOT_LOSSES = (rx.ObjectFreedError, rx.ReferenceCountingAssertionError)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task's name in its messages

@@ -9,7 +9,18 @@ import pytest
 import gradserve
 from gradserve.server.planning.partition import plan_model
 from gradserve.worker.actor import StageHost
-from gradserve.worker.protocol import BY_REF, FEED_GROUP, Backward, Forward, Norm, Reduce, StageCall, Update, Weights
+from gradserve.worker.protocol import (
+    BY_REF,
+    FEED_GROUP,
+    Backward,
+    Forward,
+    Norm,
+    Reduce,
+    Relay,
+    StageCall,
+    Update,
+    Weights,
+)
 from gradserve.worker.graph import GraphError
 from gradserve.worker.stage import StageSpec
 
@@ -123,6 +134,12 @@ def test_the_wire_form_is_msgpack_native_and_round_trips_every_action() -> None:
             assert got is None
         else:
             assert got.dtype == sent.dtype and got.shape == sent.shape and np.array_equal(got, sent)
+    # A relay carries the peer's whole call in wire form, which the peer unpacks itself.
+    inner = StageCall("key/1", "job", (1, 1), (Forward(0, 1),), ("h",), (BY_REF,), 1, (0,))
+    relay = StageCall("key/0", "job", (1, 1), (Relay("peer", inner.to_wire(), (0,), (1,), 3),), (), (), 1, (0,))
+    (back_relay,) = StageCall.from_wire(msgpack.unpackb(msgpack.packb(relay.to_wire()), use_list=True)).steps
+    assert (back_relay.peer, back_relay.sends, back_relay.errors, back_relay.gives) == ("peer", (0,), (1,), 3)
+    assert StageCall.from_wire(back_relay.call) == inner and relay.sent == {0}
     # Left to Ray's pickler: what a dtype string and bytes cannot carry (objects, a structured dtype's fields).
     others = (np.array(["a", None], dtype=object), np.zeros(2, dtype=[("a", "<f8"), ("b", "<i4")]))
     assert all(isinstance(v, np.ndarray) for v in StageCall("k", "j", (1, 1), (), ("o", "s"), others, 0).to_wire()[5])
