@@ -6,11 +6,16 @@ One embedded single-node Ray, one process. Rounds alternate, so the machine's dr
 
 - ``one actor call``: a small array to an actor and a small array back (K=1's floor: the engine
   runs a K=1 job as one call);
-- ``three chained calls``: actor A, then B on A's result, then A on B's (K=2 M=1's shape: forward
-  of partition 0; forward, backward and dL/dw of partition 1; backward and dL/dw of partition 0),
-  submitted by the driver as the engine does;
+- ``three chained calls``: actor A, then B on A's result, then A on B's (K=2 M=1's shape through
+  the driver: forward of partition 0; forward, backward and dL/dw of partition 1; backward and
+  dL/dw of partition 0), submitted by the driver;
+- ``a call that makes another``: A, which calls B (found by its name, once) and waits for its
+  answer inside its own call (a tiny K=2 job's shape: the engine nests its calls,
+  ``server/ray_engine/nested.py``);
 - ``engine K=1`` / ``engine K=2``: the Ray engine on the seed example (z = w x + b, sigmoid, squared
-  error, batch 4), prepared and with a model key, as a server hands it over;
+  error, batch 4), prepared and with a model key, as a server hands it over; K=2 nests its calls,
+  and ``engine K=2, the driver's calls`` is the same job with nesting turned off (the path every
+  job too large to nest takes);
 - ``compiled graph``: the three chained calls as a Ray compiled graph (``ray.dag``), then each of
   its two actors' CPU while the graph sits idle for 2 s: its actors poll their input channels, so
   an idle graph keeps a core busy per actor.
@@ -22,10 +27,13 @@ targets (through gRPC, which adds the server's own ~1-2 ms): K=1 <= 3 ms, K=2 <=
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 import ray
@@ -33,6 +41,7 @@ import ray
 from common import cpu_model, proc_cpu_seconds, table
 from gradserve.client.demo import seed_example
 from gradserve.server.planning.prepare import prepare
+from gradserve.server.ray_engine import engine as engine_module
 from gradserve.server.ray_engine.engine import RayEngine
 
 IDLE_SECONDS = 2.0
@@ -42,8 +51,17 @@ IDLE_SECONDS = 2.0
 class Echo:
     """Returns a small array, as a stage returns a boundary value or a loss."""
 
+    def __init__(self) -> None:
+        self.peers: dict[str, Any] = {}
+
     def step(self, *values: np.ndarray) -> np.ndarray:
         return np.zeros(4)
+
+    def relay(self, peer: str, value: np.ndarray) -> np.ndarray:
+        """Calls the actor named ``peer`` and waits for it, as a stage's Relay step does."""
+        if peer not in self.peers:
+            self.peers[peer] = ray.get_actor(peer)
+        return ray.get(self.peers[peer].step.remote(value)) + 1
 
     def pid(self) -> int:
         return os.getpid()
@@ -57,7 +75,7 @@ def main() -> None:
     engine = RayEngine()  # starts the embedded Ray
     model, feeds = seed_example()
     prepared = prepare(model, feeds)
-    a, b = Echo.remote(), Echo.remote()
+    a, b = Echo.remote(), Echo.options(name=f"ray-floors-{os.getpid()}").remote()
     x = np.ones(4)
 
     def one_call() -> object:
@@ -70,12 +88,18 @@ def main() -> None:
         ray.wait([third], fetch_local=False)
         return ray.get(third)
 
-    def engine_job(k: int):
+    def nested_call() -> object:
+        return ray.get(a.relay.remote(f"ray-floors-{os.getpid()}", x))
+
+    def engine_job(k: int, nested: bool = True):
         def job() -> object:
-            result = engine.gradients(
-                model, feeds, partitions=k, micro_batches=1, replicas=1, prepared=prepared, model_key="seed"
-            )
-            assert np.isfinite(result.loss)
+            with contextlib.ExitStack() as stack:
+                if not nested:  # the same job through the driver's calls, as a larger one would go
+                    stack.enter_context(mock.patch.object(engine_module, "nestable", lambda *args: False))
+                result = engine.gradients(
+                    model, feeds, partitions=k, micro_batches=1, replicas=1, prepared=prepared, model_key="seed"
+                )
+            assert np.isfinite(result.loss) and result.info["nested"] == (k > 1 and nested)
             return result
 
         return job
@@ -83,8 +107,10 @@ def main() -> None:
     rows = {
         "one actor call": one_call,
         "three chained calls": chained_calls,
+        "a call that makes another": nested_call,
         "engine K=1": engine_job(1),
         "engine K=2": engine_job(2),
+        "engine K=2, the driver's calls": engine_job(2, nested=False),
     }
     times: dict[str, list[float]] = {name: [] for name in rows}
     for fn in rows.values():  # warm-up: actors started, stages loaded
@@ -119,7 +145,11 @@ def main() -> None:
     engine.close()
 
     p50 = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-    own = {"engine K=1": p50["one actor call"], "engine K=2": p50["three chained calls"]}
+    own = {
+        "engine K=1": p50["one actor call"],
+        "engine K=2": p50["a call that makes another"],
+        "engine K=2, the driver's calls": p50["three chained calls"],
+    }
     print(
         f"tiny job floors, one embedded Ray; {args.rounds} rounds x {args.calls} per row, alternating; "
         f"{os.cpu_count()} cores, {cpu_model()}"
