@@ -1,8 +1,8 @@
 """Placement that survives failures, on a real 3-worker cluster (deploy/local-cluster) behind a
 gradserve server: a partition worker is killed mid-job six times in a row; every job completes
 with the inline engine's gradients, and afterwards a 3-partition job still runs on 3 distinct
-nodes (replacements go where the lost workers were, not all onto one node), and concurrent jobs
-run on different nodes."""
+nodes (replacements go where the lost workers were, not all onto one node), a tiny one nests its
+calls across them, and concurrent jobs run on different nodes."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def _model():
         h = m.tanh(h @ m.param(f"w{i}", rng.standard_normal((384, 384)) / 20))
     model = m.loss((h * h).mean())
     return model, {"x": rng.standard_normal((2048, 384))}
+
+
+def _tiny_chain():
+    """Three tanh layers of width 8: what travels between stages fits inside the calls."""
+    rng = np.random.default_rng(4)
+    m = gradserve.ModelBuilder()
+    h = m.input("x", (None, 8), np.float64)
+    for i in range(3):
+        h = m.tanh(h @ m.param(f"v{i}", rng.standard_normal((8, 8)) / 3))
+    return m.loss((h * h).mean()), {"x": rng.standard_normal((4, 8))}
 
 
 def _nodes(result) -> list[str]:
@@ -64,6 +74,10 @@ def test_killed_workers_are_replaced_on_their_nodes(cluster):
             assert victim["pid"] not in [w["pid"] for w in placement]
             assert len(set(_nodes(result))) == 3, f"kill {i}: partitions share a node: {placement}"
         after = client.gradients(model, feeds, **options)
+        # A tiny chain across the three nodes nests its calls, stage to stage, when its workers
+        # come in the pool's order (they do on a pool of one idle worker per node).
+        tiny, tiny_feeds = _tiny_chain()
+        nested = client.gradients(tiny, tiny_feeds, partitions=3, micro_batches=1, replicas=1)
         # Concurrent single-partition jobs spread over the idle nodes instead of queueing on one.
         # The first round starts the actors for the new stage (one at a time, a second or two each,
         # so a job may end before the last is placed); the second places all three at once.
@@ -72,6 +86,10 @@ def test_killed_workers_are_replaced_on_their_nodes(cluster):
             concurrent = [job.result(timeout=300) for job in jobs]
     assert_same_result(after, reference)
     assert after.info["retries"] == 0
+    assert_same_result(nested, gradserve.local().gradients(tiny, tiny_feeds))
+    seqs = [w["seq"] for w in nested.info["placement"][0]]
+    assert nested.info["nested"] == (seqs == sorted(set(seqs))), nested.info["placement"]
+    assert len(set(_nodes(nested))) == 3, nested.info["placement"]
     assert len(set(_nodes(after))) == 3, after.info["placement"]
     for result in concurrent:
         assert_same_result(result, reference)
