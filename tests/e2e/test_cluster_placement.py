@@ -19,25 +19,16 @@ from gradcheck import assert_same_result
 pytestmark = pytest.mark.slow
 
 
-def _model():
-    """About a second of work per job on three 1-CPU nodes: long enough to kill a worker mid-way."""
-    rng = np.random.default_rng(3)
+def _model(width: int = 384, layers: int = 6, batch: int = 2048, seed: int = 3):
+    """A tanh MLP; by default about a second of work per job on three 1-CPU nodes: long enough to
+    kill a worker mid-way."""
+    rng = np.random.default_rng(seed)
     m = gradserve.ModelBuilder()
-    h = m.input("x", (None, 384), np.float64)
-    for i in range(6):
-        h = m.tanh(h @ m.param(f"w{i}", rng.standard_normal((384, 384)) / 20))
+    h = m.input("x", (None, width), np.float64)
+    for i in range(layers):
+        h = m.tanh(h @ m.param(f"w{i}", rng.standard_normal((width, width)) / np.sqrt(width)))
     model = m.loss((h * h).mean())
-    return model, {"x": rng.standard_normal((2048, 384))}
-
-
-def _tiny_chain():
-    """Three tanh layers of width 8: what travels between stages fits inside the calls."""
-    rng = np.random.default_rng(4)
-    m = gradserve.ModelBuilder()
-    h = m.input("x", (None, 8), np.float64)
-    for i in range(3):
-        h = m.tanh(h @ m.param(f"v{i}", rng.standard_normal((8, 8)) / 3))
-    return m.loss((h * h).mean()), {"x": rng.standard_normal((4, 8))}
+    return model, {"x": rng.standard_normal((batch, width))}
 
 
 def _nodes(result) -> list[str]:
@@ -76,7 +67,7 @@ def test_killed_workers_are_replaced_on_their_nodes(cluster):
         after = client.gradients(model, feeds, **options)
         # A tiny chain across the three nodes nests its calls, stage to stage, when its workers
         # come in the pool's order (they do on a pool of one idle worker per node).
-        tiny, tiny_feeds = _tiny_chain()
+        tiny, tiny_feeds = _model(width=8, layers=3, batch=4)  # moves a few KiB
         nested = client.gradients(tiny, tiny_feeds, partitions=3, micro_batches=1, replicas=1)
         # Concurrent single-partition jobs spread over the idle nodes instead of queueing on one.
         # The first round starts the actors for the new stage (one at a time, a second or two each,
