@@ -99,9 +99,12 @@ def _call(
         inner, given = _call(p + 1, job_id, dep, loss, seed, feeds, threads)
         sends = tuple(spec.outputs.index(v) for v in dep.specs[p + 1].inputs)
         sent.update(sends)
-        back = [i for i, (res, q) in enumerate(given) if res.kind is Kind.ERROR and res.value in spec.outputs]
-        errors = {given[i][0].value for i in back}
-        program.append(Relay(dep.where[0][p + 1]["name"], inner, sends, tuple(back), len(given)))
+        error_at = {
+            res.value: i for i, (res, _) in enumerate(given) if res.kind is Kind.ERROR and res.value in spec.outputs
+        }
+        back = tuple(error_at[v] for v in spec.outputs if v in error_at)  # in the order the backward reads them
+        errors = set(error_at)
+        program.append(Relay(dep.where[0][p + 1]["name"], inner, sends, back, len(given)))
         out += [g for i, g in enumerate(given) if i not in back]
     start = len(names)
     for v in spec.outputs:  # as the stage's backward reads them: a seed for the loss, errors

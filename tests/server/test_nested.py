@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gradserve
+from gradserve.server.planning.partition import plan_model
 from gradcheck import assert_same_result
 
 pytestmark = pytest.mark.slow  # needs Ray worker processes
@@ -47,6 +48,22 @@ def test_a_tiny_chain_nests_and_matches_the_inline_engine(ray_engine, k):
     assert [(e.phase, e.partition) for e in events] == [("forward", p) for p in range(k)] + [
         ("backward", p) for p in reversed(range(k))
     ]
+
+
+def test_two_values_crossing_between_the_stages_each_get_their_error(ray_engine):
+    rng = np.random.default_rng(8)
+    m = gradserve.ModelBuilder()
+    x = m.input("x", (None, 4), np.float64)
+    a = m.sigmoid(x @ m.param("w", rng.standard_normal((4, 3))))
+    z = m.tanh(x @ m.param("v", rng.standard_normal((4, 3))))
+    crossing = m.op("MatMul", z, m.param("u", rng.standard_normal((3, 3))), name="second_stage")
+    model = m.loss((m.tanh(a) * crossing).sum())
+    feeds = {"x": rng.standard_normal((5, 4))}
+    assert len(plan_model(model, feeds, 2, split_at=["second_stage"]).boundaries) == 2
+    options = dict(partitions=2, micro_batches=1, replicas=1, split_at=["second_stage"], input_grads=["x"])
+    result = ray_engine.gradients(model, feeds, **options)
+    assert result.info["nested"]
+    assert_same_result(result, INLINE.gradients(model, feeds, input_grads=["x"]))
 
 
 @pytest.mark.parametrize(
