@@ -361,13 +361,14 @@ class RayEngine(Placement):
             # inline limit), without a put's round trip.
             feeds = place_feeds(chunks, dep, m)
             threads = blas_threads(dep.where, m, r, self.threads, dep.others)
-            nested = nestable(dep, job.loss, feeds[0], m, r, training)
+            nested = nestable(dep, job.loss, feeds[0], m, r, training, max_norm is not None)
             with self._submit:
                 if nested:  # a tiny job: one call, in which each stage calls the next
-                    submit_nested(steps, job_id, dep, job.loss, np.asarray(chunks[0].weight), feeds[0], threads)
+                    seed = np.asarray(chunks[0].weight)
+                    submit_nested(steps, job_id, dep, job.loss, seed, feeds[0], threads, training)
                 for replica in range(r if not nested else 0):
                     submit_replica(steps, job_id, dep, job, chunks, feeds, replica, m, r, threads, training)
-                if training is not None and max_norm is None:  # each update right after its dL/dw
+                if training is not None and max_norm is None and not nested:  # each update right after its dL/dw
                     submit_updates(steps, job_id, dep, r, threads, training, 1.0)
             if training is not None and max_norm is not None:  # one norm over all stages first
                 norms = ray.get(submit_updates(steps, job_id, dep, r, threads, training, None)[: len(dep.specs)])

@@ -8,8 +8,8 @@ first), each a round trip from the driver; nested, it is one call from the drive
 "K=1 plus one hop" (issue 20). Measured with bare Ray actors on the 2-core machine of
 ``benchmarks/README.md``: three chained calls 2.4 ms, the same work nested 1.9 ms.
 
-When (:func:`nestable`): one micro-batch, one replica, a gradients job (not a session's step),
-partitions in a chain (each reads only the one before it; the loss in the last), every feed
+When (:func:`nestable`): one micro-batch, one replica (a training session's step too, unless its
+stages exchange dL/dw or clip by the global norm), partitions in a chain (each reads only the one before it; the loss in the last), every feed
 inside the call and everything the job moves between stages small enough to travel inside the
 calls too (:data:`INLINE_BYTES`: no object store at all), and the chain's actors in the pool's
 order (``seq``): a call waits only for a later actor, so no two calls can wait for each other
@@ -26,17 +26,39 @@ import ray
 
 from gradserve.server.events import ProgressEvent
 from gradserve.server.planning.schedule import BACKWARD, FORWARD, Links
-from gradserve.server.ray_engine.submit import INLINE_BYTES, Deployment, FeedGroup, Submitted, weights_result
-from gradserve.worker.protocol import BY_REF, FROM_PEER, Backward, Forward, Kind, Output, Relay, StageCall, Weights
+from gradserve.server.ray_engine.submit import (
+    INLINE_BYTES,
+    Deployment,
+    FeedGroup,
+    Submitted,
+    Training,
+    weights_result,
+)
+from gradserve.worker.protocol import (
+    BY_REF,
+    FROM_PEER,
+    Backward,
+    Forward,
+    Kind,
+    Output,
+    Relay,
+    StageCall,
+    Update,
+    Weights,
+)
 
 __all__ = ["nestable", "submit_nested"]
 
 
-def nestable(dep: Deployment, loss: str, feeds: dict[str, Any], m: int, r: int, training: object) -> bool:
+def nestable(
+    dep: Deployment, loss: str, feeds: dict[str, Any], m: int, r: int, training: Training | None, clipped: bool
+) -> bool:
     """Whether the job's calls can nest (module docs); ``feeds``: its one chunk's feeds as the
-    calls would carry them (:func:`.submit.place_feeds`)."""
+    calls would carry them (:func:`.submit.place_feeds`). A training session's step nests too
+    when each stage can update its own weights right after its dL/dw: no dL/dw exchanged between
+    workers, no global norm to clip by first (``clipped``)."""
     k = len(dep.specs)
-    if k < 2 or m != 1 or r != 1 or training is not None:
+    if k < 2 or m != 1 or r != 1 or (training is not None and (training.exchange or clipped)):
         return False
     if dep.entry.links != Links.chain(k) or any(loss in spec.outputs for spec in dep.specs[:-1]):
         return False
@@ -52,13 +74,22 @@ def nestable(dep: Deployment, loss: str, feeds: dict[str, Any], m: int, r: int, 
 
 
 def submit_nested(
-    steps: Submitted, job_id: str, dep: Deployment, loss: str, seed: Any, feeds: dict[str, Any], threads
+    steps: Submitted,
+    job_id: str,
+    dep: Deployment,
+    loss: str,
+    seed: Any,
+    feeds: dict[str, Any],
+    threads,
+    training: Training | None = None,
 ) -> None:
     """Submit the job as one nested call to its first stage; record its one reference in
     ``steps`` (every result travels back in it, in order). ``seed``: the loss's weight in the
     total (the one chunk's); ``threads``: per (replica, partition), as :func:`.submit.blas_threads`
-    gives them."""
-    wire, gives = _call(0, job_id, dep, loss, seed, feeds, threads[0])
+    gives them; ``training``: a session's step, whose stages each update their weights at the end
+    of their call (the update's result stands for the stage's dL/dw, as
+    :func:`.submit.submit_updates` books it)."""
+    wire, gives = _call(0, job_id, dep, loss, seed, feeds, threads[0], training)
     ref = dep.actors[0][0].run.remote(wire)
     k = len(dep.specs)
     steps.markers[ref] = [
@@ -79,7 +110,7 @@ def submit_nested(
 
 
 def _call(
-    p: int, job_id: str, dep: Deployment, loss: str, seed: Any, feeds: dict[str, Any], threads
+    p: int, job_id: str, dep: Deployment, loss: str, seed: Any, feeds: dict[str, Any], threads, training
 ) -> tuple[tuple, list[tuple[Output, int]]]:
     """Stage ``p``'s call, with the calls of the stages after it nested in it (wire form), and
     what it gives back to its caller, in order: (result, partition that made it)."""
@@ -96,7 +127,7 @@ def _call(
     out += [(Output(Kind.ACTIVATION, 0, v, v == loss), p) for v in spec.outputs]
     errors: set[str] = set()  # outputs whose error the next stage sends back
     if p + 1 < len(dep.specs):
-        inner, given = _call(p + 1, job_id, dep, loss, seed, feeds, threads)
+        inner, given = _call(p + 1, job_id, dep, loss, seed, feeds, threads, training)
         sends = tuple(spec.outputs.index(v) for v in dep.specs[p + 1].inputs)
         sent.update(sends)
         error_at = {
@@ -116,7 +147,10 @@ def _call(
             values.append(FROM_PEER)
     program.append(Backward(0, len(names) - start, False))
     out += [(Output(Kind.ERROR, 0, v, v not in spec.inputs), p) for v in spec.wrt_inputs]
-    program.append(Weights(0, False))
+    if training is None:
+        program.append(Weights(0, False))
+    else:  # dL/dw kept for the update, which gives the result
+        program += [Weights(0, True), Update(0, 0, training.step, training.lr, 1.0, training.grads)]
     out.append((Output(Kind.WEIGHTS, -1, "", True), p))
     up = [i for i in range(len(out)) if i not in sent]
     call = StageCall(dep.keys[p], job_id, threads[p], tuple(program), tuple(names), tuple(values), len(out), tuple(up))

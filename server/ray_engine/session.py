@@ -72,7 +72,7 @@ class RaySession(Session):
         dep, job, chunks = self._job(feeds)
         training = Training(number, lr, return_grads, self._exchange, self._sharing)
         outcome = self._run(dep, job, chunks, training, progress)
-        return outcome.loss, outcome.grads, {**self.placement, "seconds": outcome.seconds}
+        return outcome.loss, outcome.grads, {**self.placement, "nested": outcome.nested, "seconds": outcome.seconds}
 
     def _gradients(self, feeds) -> Result:
         dep, job, chunks = self._job(feeds)

@@ -149,3 +149,28 @@ def test_concurrent_nested_and_driver_jobs_all_finish(ray_engine):
         for result in results[i]:
             assert_same_result(result, reference)
     assert any(r.info["nested"] for runs in results.values() for r in runs)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_tiny_sessions_steps_nest_and_train_as_the_inline_one(ray_engine, k):
+    """Each stage updates its weights at the end of its own call (no global norm to wait for)."""
+    from gradserve.worker.optim import Adam
+
+    model, feeds = tiny_mlp(seed=30 + k)
+    rng = np.random.default_rng(k)
+    batches = [{name: rng.standard_normal(v.shape) for name, v in feeds.items()} for _ in range(4)]
+    options = dict(schedule=[(1, 0.02), (3, 0.01)])
+    reference = gradserve.local().session(model, Adam(lr=0.02, weight_decay=0.1), **options)
+    with ray_engine.session(
+        model, Adam(lr=0.02, weight_decay=0.1), partitions=k, micro_batches=1, replicas=1, **options
+    ) as session:
+        for i, batch in enumerate(batches):
+            want = reference.step(batch, return_grads=i == 2)
+            got = session.step(batch, return_grads=i == 2)
+            assert got.info["nested"] and got.loss == pytest.approx(want.loss, rel=1e-12)
+            if i == 2:
+                for name, g in want.grads.items():
+                    np.testing.assert_allclose(got.grads[name], g, rtol=1e-10, atol=1e-14)
+        weights = session.weights()
+    for name, value in reference.weights().items():
+        np.testing.assert_allclose(weights[name], value, rtol=1e-10, atol=1e-14)
