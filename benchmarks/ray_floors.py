@@ -16,6 +16,9 @@ One embedded single-node Ray, one process. Rounds alternate, so the machine's dr
   error, batch 4), prepared and with a model key, as a server hands it over; K=2 nests its calls,
   and ``engine K=2, the driver's calls`` is the same job with nesting turned off (the path every
   job too large to nest takes);
+- ``session step K=2``: a training session's step on the same model (SGD), whose stages update
+  their weights at the end of their nested calls, and the same step through the driver's calls
+  (its job's three calls, then an update call per stage);
 - ``compiled graph``: the three chained calls as a Ray compiled graph (``ray.dag``), then each of
   its two actors' CPU while the graph sits idle for 2 s: its actors poll their input channels, so
   an idle graph keeps a core busy per actor.
@@ -43,6 +46,7 @@ from gradserve.client.demo import seed_example
 from gradserve.server.planning.prepare import prepare
 from gradserve.server.ray_engine import engine as engine_module
 from gradserve.server.ray_engine.engine import RayEngine
+from gradserve.worker.optim import SGD
 
 IDLE_SECONDS = 2.0
 
@@ -91,11 +95,13 @@ def main() -> None:
     def nested_call() -> object:
         return ray.get(a.relay.remote(f"ray-floors-{os.getpid()}", x))
 
+    def driver_calls(nested: bool) -> contextlib.AbstractContextManager:
+        """Nesting turned off: the same job through the driver's calls, as a larger one would go."""
+        return contextlib.nullcontext() if nested else mock.patch.object(engine_module, "nestable", lambda *a: False)
+
     def engine_job(k: int, nested: bool = True):
         def job() -> object:
-            with contextlib.ExitStack() as stack:
-                if not nested:  # the same job through the driver's calls, as a larger one would go
-                    stack.enter_context(mock.patch.object(engine_module, "nestable", lambda *args: False))
+            with driver_calls(nested):
                 result = engine.gradients(
                     model, feeds, partitions=k, micro_batches=1, replicas=1, prepared=prepared, model_key="seed"
                 )
@@ -104,6 +110,17 @@ def main() -> None:
 
         return job
 
+    session = engine.session(model, SGD(lr=0.01), partitions=2, micro_batches=1, replicas=1)
+
+    def session_step(nested: bool = True):
+        def step() -> object:
+            with driver_calls(nested):
+                result = session.step(feeds)
+            assert np.isfinite(result.loss) and result.info["nested"] == nested
+            return result
+
+        return step
+
     rows = {
         "one actor call": one_call,
         "three chained calls": chained_calls,
@@ -111,6 +128,8 @@ def main() -> None:
         "engine K=1": engine_job(1),
         "engine K=2": engine_job(2),
         "engine K=2, the driver's calls": engine_job(2, nested=False),
+        "session step K=2 (SGD)": session_step(),
+        "session step K=2, the driver's calls": session_step(nested=False),
     }
     times: dict[str, list[float]] = {name: [] for name in rows}
     for fn in rows.values():  # warm-up: actors started, stages loaded
@@ -142,6 +161,7 @@ def main() -> None:
         idle = [(proc_cpu_seconds(Path(f"/proc/{pid}/stat")) - b0) / IDLE_SECONDS for pid, b0 in zip(pids, before)]
     finally:
         graph.teardown()
+    session.close()
     engine.close()
 
     p50 = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
