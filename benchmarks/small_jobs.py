@@ -9,7 +9,8 @@ small float32 tanh MLPs with a mean-squared-error loss: 5 x 32 (21 KB of paramet
 changes both the model and K. The first job of each pair is "cold" (its plan is made, its stages are
 loaded on the actors); every later job is "warm". Reports the cold jobs, the warm jobs' p50/p90/max,
 and the worker processes started after the cold jobs: the server's log lines of actors started and
-retired, and the worker pids seen in the results' placement. Every result is checked against the
+retired, and the worker pids seen in the results' placement; and how many warm K>1 jobs nested
+their calls (``info["nested"]``). Every result is checked against the
 inline engine. Target (issue 19): every warm job < 50 ms, no worker started once warm.
 """
 
@@ -57,6 +58,7 @@ class _Jobs:
         self.expected = {name: inline.gradients(models[name], feeds[name]) for name in models}
         self.ids = {name: client.upload(model) for name, model in models.items()}
         self.pids: set[int] = set()  # worker processes the results name
+        self.nested: dict[int, int] = {}  # per K: jobs whose calls nested (server/ray_engine/nested.py)
 
     def run(self, name: str, k: int) -> float:
         t = time.perf_counter()
@@ -64,6 +66,7 @@ class _Jobs:
         seconds = time.perf_counter() - t
         _check(result, self.expected[name])
         self.pids |= {w["pid"] for row in result.info["placement"] for w in row}
+        self.nested[k] = self.nested.get(k, 0) + bool(result.info.get("nested"))
         return seconds
 
 
@@ -86,6 +89,7 @@ def main() -> None:
             jobs = _Jobs(client, models, feeds)
             cold = [(name, k, jobs.run(name, k)) for name, k in PAIRS]
             cold_pids, warm_from = set(jobs.pids), Path(log.name).stat().st_size
+            jobs.nested.clear()
             for _ in range(args.rounds):
                 for name, k in PAIRS:
                     warm[k].append(jobs.run(name, k))
@@ -94,11 +98,17 @@ def main() -> None:
         server.wait(30)
     text = Path(log.name).read_text()
     log.close()
-    _report(cold, warm, _pool_lines(text[:warm_from]), _pool_lines(text[warm_from:]), len(jobs.pids - cold_pids))
+    pools = _pool_lines(text[:warm_from]), _pool_lines(text[warm_from:])
+    _report(cold, warm, *pools, len(jobs.pids - cold_pids), jobs.nested)
 
 
 def _report(
-    cold: list, warm: dict[int, list[float]], cold_pool: tuple[int, int], warm_pool: tuple[int, int], new_pids: int
+    cold: list,
+    warm: dict[int, list[float]],
+    cold_pool: tuple[int, int],
+    warm_pool: tuple[int, int],
+    new_pids: int,
+    nested: dict[int, int],
 ) -> None:
     ms = sorted(t * 1e3 for times in warm.values() for t in times)
     p50, p90 = statistics.median(ms), ms[int(0.9 * len(ms))]
@@ -119,7 +129,8 @@ def _report(
     )
     print(
         f"once warm: actors started {warm_pool[0]}, retired {warm_pool[1]}; "
-        f"worker processes not seen in the cold jobs: {new_pids}"
+        f"worker processes not seen in the cold jobs: {new_pids}; calls nested: "
+        + ", ".join(f"K={k} {nested.get(k, 0)}/{len(times)}" for k, times in warm.items() if k > 1)
     )
 
 
