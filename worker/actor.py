@@ -49,6 +49,7 @@ from gradserve.worker.training import Trainer, sum_parts
 
 
 _ENDED_KEPT = 1024  # aborted job ids remembered per actor
+_PEERS_KEPT = 256  # handles of other pool actors kept per actor (the pool replaces dead ones: names are new)
 
 
 class PeerLost(RuntimeError):
@@ -66,7 +67,7 @@ class StageHost:
         self.ended: OrderedDict[str, None] = OrderedDict()  # jobs aborted here lately: their late steps are no-ops
         self.kept: dict[tuple[str, str], tuple[dict, dict]] = {}  # (job, stage key) -> dL/dw awaiting a reduce
         self.trainers: dict[str, Trainer] = {}  # stage key -> its optimizer, for a training session's stages
-        self.peers: dict[str, Any] = {}  # pool actor name -> its handle, for relays
+        self.peers: OrderedDict[str, Any] = OrderedDict()  # pool actor name -> its handle, for relays
         keep_freed_memory()
         kernels.warm_up()  # compiled kernels loaded (or compiled, once per machine) before any job
         blas.backend()  # and the BLAS library chosen and loaded
@@ -192,12 +193,16 @@ class StageHost:
 
     def _peer(self, name: str) -> Any:
         """The pool actor called ``name`` (looked up once)."""
-        if name not in self.peers:
-            try:
-                self.peers[name] = ray.get_actor(name)
-            except ValueError as exc:  # Ray frees a dead actor's name: the worker was lost
-                raise PeerLost(f"stage actor {name} is gone: {exc}") from None
-        return self.peers[name]
+        if name in self.peers:
+            self.peers.move_to_end(name)
+            return self.peers[name]
+        try:
+            self.peers[name] = handle = ray.get_actor(name)
+        except ValueError as exc:  # Ray frees a dead actor's name: the worker was lost
+            raise PeerLost(f"stage actor {name} is gone: {exc}") from None
+        while len(self.peers) > _PEERS_KEPT:
+            self.peers.popitem(last=False)
+        return handle
 
     def _session_grads(self, job_id: str, key: str, parts: list) -> dict[str, np.ndarray]:
         """A session step's dL/dw for stage ``key``: the kept one, or ``parts`` (weight results)

@@ -164,3 +164,26 @@ def test_a_feed_group_value_is_unpacked_into_its_feeds() -> None:
     loss, (grads, _) = host.run(grouped, {"x": x})
     expected_loss, (expected, _) = host.run(call)
     assert loss == expected_loss and np.array_equal(grads["w"], expected["w"])
+
+
+def test_peers_are_looked_up_once_kept_in_bounds_and_a_freed_name_is_a_lost_worker(monkeypatch) -> None:
+    """A relay finds its peer by pool name (Ray's named actors, faked here): once per name, at
+    most _PEERS_KEPT kept, and a name Ray no longer knows (its actor died) is a lost worker."""
+    from gradserve.worker import actor as actor_module
+
+    looked: list[str] = []
+
+    def get_actor(name: str) -> str:
+        if name == "gone":
+            raise ValueError("Failed to look up actor with name 'gone'")
+        looked.append(name)
+        return f"handle of {name}"
+
+    monkeypatch.setattr(actor_module.ray, "get_actor", get_actor)
+    host, _, _ = _host()
+    assert host._peer("a") == host._peer("a") == "handle of a" and looked == ["a"]
+    for i in range(actor_module._PEERS_KEPT + 5):
+        host._peer(f"p{i}")
+    assert len(host.peers) == actor_module._PEERS_KEPT and "a" not in host.peers  # the oldest went first
+    with pytest.raises(actor_module.PeerLost, match="gone"):
+        host._peer("gone")
