@@ -4,7 +4,8 @@
 
 Brings up a real 3-worker-node Ray cluster on this machine with ``deploy/local-cluster`` (1 CPU per
 node, the head has none, its own state dir and ports, a gradserve server in front), then runs
-``--jobs`` jobs of a ``--layers`` x ``--width`` tanh MLP (float32), alternating K=3 M=4 and K=1 R=3,
+``--jobs`` jobs of a ``--layers`` x ``--width`` tanh MLP (float32), alternating K=3 M=4 and K=1 R=3
+(``--plans``: also K=3 M=1, whose calls nest when the model is tiny),
 and the three ways a job reaches the server in turn: Compute (``Client.gradients`` with feeds of up
 to 1 MiB: the batch is cut to fit), Run (``Client.gradients`` with bigger feeds: they stream) and
 Submit (``Client.submit(...).result()``). During each job one stage worker process of the cluster
@@ -42,7 +43,10 @@ NODES = 3
 PLANS = {
     "K=3 M=4": dict(partitions=3, micro_batches=4, replicas=1),
     "K=1 R=3": dict(partitions=1, micro_batches=1, replicas=3),
+    # With a tiny model (e.g. --layers 3 --width 8 --batch 4), the calls nest: stage to stage.
+    "K=3 M=1": dict(partitions=3, micro_batches=1, replicas=1),
 }
+DEFAULT_PLANS = "K=3 M=4,K=1 R=3"
 WAYS = ("compute", "run", "submit")
 COMPUTE_BYTES = 1 << 20  # feeds up to this size go in one Compute request (client/remote.py's _COMPUTE_FEED_BYTES)
 
@@ -60,6 +64,7 @@ class Outcome:
     killed_during: bool = False  # a kill happened before the job ended
     seconds: float = 0.0
     retries: int = 0
+    nested: bool = False  # the job's calls nested (a tiny job: server/ray_engine/nested.py)
     error: str = ""  # what reached the client, or why the result is wrong
     raised: bool = False  # the error reached the client as an exception
 
@@ -108,6 +113,7 @@ class Prober:
             feeds = mlp_feeds(batch, args.width, seed=batch)
             self.cases[batch] = (feeds, gradserve.local().gradients(self.model, feeds))
         self.typical: dict[tuple[str, str], float] = {}  # (plan, way) -> seconds of a job without a kill
+        self.plans = args.plans
 
     def job(self, plan: str, way: str):
         """One job as the client sends it ``way``: its Result; raises whatever the client raises."""
@@ -119,7 +125,7 @@ class Prober:
     def warm_up(self) -> None:
         """Every (plan, way) three times without a kill: actors started and their stages loaded,
         and the median time of the last two runs, which the kills' moments are drawn from."""
-        for plan in PLANS:
+        for plan in self.plans:
             for way in WAYS:
                 times = []
                 for _ in range(3):
@@ -138,7 +144,7 @@ class Prober:
         """Job ``index`` with ``--kills`` stage workers SIGKILLed at random moments of it: the first
         within the job's usual time, each further one 0.2-3 s later (while the job, now running
         again, places its stages on fresh workers), the victim chosen among the workers alive then."""
-        plan, way = list(PLANS)[index % len(PLANS)], WAYS[index % len(WAYS)]
+        plan, way = self.plans[index % len(self.plans)], WAYS[index % len(WAYS)]
         out = Outcome(index, plan, way, self.batches[way])
         moments = [self.rng.uniform(0.05, 0.8) * self.typical[plan, way]]
         moments += [self.rng.uniform(0.2, 3.0) for _ in range(self.args.kills - 1)]
@@ -165,6 +171,7 @@ class Prober:
             out.error = f"{type(box['error']).__name__}: {(str(box['error']).splitlines() or [''])[0]}"
         else:
             out.retries = int(box["result"].info.get("retries", 0))
+            out.nested = bool(box["result"].info.get("nested"))
             out.error = check(box["result"], self.cases[out.batch][1])
         return out
 
@@ -193,7 +200,7 @@ class Prober:
         from gradserve.client.status import server_status
 
         try:
-            self.job("K=3 M=4", "compute")
+            self.job(self.plans[0], "compute")
         except Exception as exc:  # noqa: BLE001 -- reported; the pool counts as not spread
             print(f"the last job, without a kill, failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return {}
@@ -219,7 +226,17 @@ def parse_args() -> argparse.Namespace:
         help="stage workers killed per job (default 1; more: the later ones hit the job's rerun)",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a job may take (default 600)")
+    parser.add_argument(
+        "--plans",
+        default=DEFAULT_PLANS,
+        help=f"comma-separated plans the jobs alternate (default {DEFAULT_PLANS!r}; also 'K=3 M=1', which "
+        "a tiny model runs as nested calls)",
+    )
     args = parser.parse_args()
+    args.plans = [p.strip() for p in args.plans.split(",")]
+    unknown = [p for p in args.plans if p not in PLANS]
+    if unknown:
+        parser.error(f"--plans: unknown {unknown}; known: {', '.join(PLANS)}")
     for name in ("jobs", "layers", "width", "batch", "kills"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -240,6 +257,7 @@ def report(args: argparse.Namespace, outcomes: list[Outcome], spread: dict[str, 
             " ".join(f"{t * 1e3:.0f}" for t in o.kills_at),
             "yes" if o.killed_during else "no",
             o.retries,
+            "yes" if o.nested else "no",
             f"{o.seconds:.2f}",
             o.error or "correct",
         )
@@ -250,7 +268,22 @@ def report(args: argparse.Namespace, outcomes: list[Outcome], spread: dict[str, 
         f"{args.kills} stage worker(s) SIGKILLed per job (seed {args.seed}); {os.cpu_count()} cores, {cpu_model()}"
     )
     print(
-        table(rows, ("job", "plan", "way", "batch", "killed pids", "at ms", "mid-job", "retries", "seconds", "result"))
+        table(
+            rows,
+            (
+                "job",
+                "plan",
+                "way",
+                "batch",
+                "killed pids",
+                "at ms",
+                "mid-job",
+                "retries",
+                "nested",
+                "seconds",
+                "result",
+            ),
+        )
     )
     good = sum(not o.error for o in outcomes)
     during = sum(o.killed_during for o in outcomes)
