@@ -9,11 +9,11 @@ first), each a round trip from the driver; nested, it is one call from the drive
 ``benchmarks/README.md``: three chained calls 2.4 ms, the same work nested 1.9 ms.
 
 When (:func:`nestable`): one micro-batch, one replica (a training session's step too, unless its
-stages exchange dL/dw or clip by the global norm), partitions in a chain (each reads only the one before it; the loss in the last), every feed
-inside the call and everything the job moves between stages small enough to travel inside the
-calls too (:data:`INLINE_BYTES`: no object store at all), and the chain's actors in the pool's
-order (``seq``): a call waits only for a later actor, so no two calls can wait for each other
-whatever other jobs run. Other jobs take the driver's calls (:func:`.submit.submit_replica`),
+stages exchange dL/dw or clip by the global norm), partitions in a chain (each reads only the one
+before it; the loss in the last), every feed inside the call and everything the job moves between
+stages small enough to travel inside the calls too (:data:`INLINE_BYTES`: no object store at
+all), and the chain's actors in the pool's order (``seq``): a call waits only for a later actor,
+so no two calls can wait for each other whatever other jobs run. Other jobs take the driver's calls (:func:`.submit.submit_replica`),
 which keep their stages free between steps for other jobs, report progress step by step and
 never pass a large result through another stage.
 """
