@@ -1,5 +1,6 @@
 """A tiny job's calls nest (server/ray_engine/nested.py): the driver calls the first stage, which
-calls the next and waits for it. The same loss, dL/dw and dL/dx as the inline engine; the jobs the
+calls the next and waits for it. The same loss, dL/dw and dL/dx as the inline engine (and as
+PyTorch autograd); the jobs the
 lane is not for keep the driver's calls; a lost worker, whether the caller or the called, is a retry.
 """
 
@@ -34,13 +35,35 @@ def tiny_mlp(seed: int, width: int = 6, dtype=np.float64):
     return model, feeds
 
 
+def torch_mlp_gradients(params: dict, feeds: dict):
+    """Loss, dL/dw and dL/dx of :func:`tiny_mlp` by PyTorch autograd (float64)."""
+    import torch
+
+    w = {n: torch.tensor(v, requires_grad=True) for n, v in params.items()}
+    x = torch.tensor(feeds["x"], requires_grad=True)
+    layers = len(w) // 2
+    h = x
+    for i in range(layers):
+        h = h @ w[f"w{i}"] + w[f"b{i}"]
+        h = torch.tanh(h) if i < layers - 1 else h
+    loss = torch.nn.functional.mse_loss(h, torch.tensor(feeds["y"]))
+    loss.backward()
+    return loss.item(), {n: t.grad.numpy() for n, t in w.items()}, x.grad.numpy()
+
+
 @pytest.mark.parametrize("k", [2, 3])
-def test_a_tiny_chain_nests_and_matches_the_inline_engine(ray_engine, k):
+def test_a_tiny_chain_nests_and_matches_the_inline_engine_and_torch(ray_engine, k):
     model, feeds = tiny_mlp(seed=k)
     options = dict(partitions=k, micro_batches=1, replicas=1, input_grads=["x"])
     result = ray_engine.gradients(model, feeds, **options)
     assert result.info["nested"] and result.info["partitions"] == k
     assert_same_result(result, INLINE.gradients(model, feeds, input_grads=["x"]))
+    # and against PyTorch autograd on the same MLP
+    loss, grads, dx = torch_mlp_gradients(model.params, feeds)
+    assert result.loss == pytest.approx(loss, rel=1e-12)
+    for name, g in grads.items():
+        np.testing.assert_allclose(result.grads[name], g, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(result.input_grads["x"], dx, rtol=1e-10, atol=1e-14)
     events = []
     again = ray_engine.gradients(model, feeds, progress=events.append, **options)
     assert_same_result(again, result)
